@@ -1,0 +1,213 @@
+"""The application registry: id -> upstream agent, credentials, allowed origins, limits.
+
+`APPS_FILE` is TOML with one `[apps.<applicationId>]` table per frontend. Without it the
+registry holds one application, `demo`, served by the built-in demo agent in the same process.
+Every problem found while loading is collected, so one start reports all of them.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+APP_ID_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+_ENV_REF_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+# Header names an application may not configure: the gateway owns or forbids them.
+_RESERVED_HEADERS = frozenset(
+    {
+        "host",
+        "content-length",
+        "transfer-encoding",
+        "connection",
+        "cookie",
+        "x-agent-thread-id",
+        "x-application-id",
+        "x-request-id",
+    }
+)
+_HEADER_NAME_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+
+DEMO_APP_ID = "demo"
+# Marker upstream meaning "the built-in demo agent in this process".
+BUILTIN_DEMO_UPSTREAM = "builtin:demo"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AppConfig:
+    """One frontend application and its upstream agent service."""
+
+    app_id: str
+    upstream: str
+    headers: Mapping[str, str] = field(default_factory=dict)
+    allowed_origins: frozenset[str] = frozenset()
+    forward_authorization: bool = False
+    connect_timeout_seconds: float = 5.0
+    idle_timeout_seconds: float = 120.0
+    max_body_bytes: int = 1_048_576
+
+    @property
+    def is_builtin_demo(self) -> bool:
+        return self.upstream == BUILTIN_DEMO_UPSTREAM
+
+
+def default_apps() -> dict[str, AppConfig]:
+    """The registry used when no `APPS_FILE` is set: `demo` only, on the built-in agent."""
+    return {DEMO_APP_ID: AppConfig(app_id=DEMO_APP_ID, upstream=BUILTIN_DEMO_UPSTREAM)}
+
+
+def load_apps_file(path: str, environ: Mapping[str, str]) -> tuple[dict[str, AppConfig], list[str]]:
+    """Read and validate `APPS_FILE`; returns (apps, problems). Problems name app and field."""
+    try:
+        with open(path, "rb") as fh:
+            raw = tomllib.load(fh)
+    except OSError as err:
+        return {}, [f"APPS_FILE={path!r} cannot be read ({err.strerror}): fix the path or unset it"]
+    except tomllib.TOMLDecodeError as err:
+        return {}, [f"APPS_FILE={path!r} is not valid TOML ({err}): fix the file"]
+    tables = raw.get("apps")
+    if not isinstance(tables, dict) or not tables:
+        return {}, [f"APPS_FILE={path!r} defines no [apps.<applicationId>] table: add one"]
+    apps: dict[str, AppConfig] = {}
+    problems: list[str] = []
+    for app_id, table in tables.items():
+        where = f"APPS_FILE {path!r} [apps.{app_id}]"
+        if not APP_ID_RE.match(app_id):
+            problems.append(f"{where}: application id must match {APP_ID_RE.pattern}: rename it")
+            continue
+        if not isinstance(table, dict):
+            problems.append(f"{where}: must be a table")
+            continue
+        app, app_problems = _parse_app(app_id, table, environ, where)
+        problems.extend(app_problems)
+        if app is not None:
+            apps[app_id] = app
+    return apps, problems
+
+
+def _parse_app(
+    app_id: str, table: dict[str, Any], environ: Mapping[str, str], where: str
+) -> tuple[AppConfig | None, list[str]]:
+    problems: list[str] = []
+    known = {
+        "upstream",
+        "headers",
+        "allowed_origins",
+        "forward_authorization",
+        "connect_timeout_seconds",
+        "idle_timeout_seconds",
+        "max_body_bytes",
+    }
+    for unknown in sorted(set(table) - known):
+        problems.append(f"{where}: unknown field {unknown!r}: remove it (known: {sorted(known)})")
+
+    upstream = table.get("upstream")
+    if not isinstance(upstream, str) or not upstream:
+        problems.append(f"{where}: field 'upstream' is required (an http:// or https:// base URL)")
+        upstream = ""
+    elif upstream != BUILTIN_DEMO_UPSTREAM:
+        upstream = _expand(upstream, environ, f"{where} field 'upstream'", problems)
+        parts = urlsplit(upstream)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            problems.append(
+                f"{where}: field 'upstream' must be an http:// or https:// URL with a host"
+            )
+        elif parts.query or parts.fragment or parts.username or parts.password:
+            problems.append(
+                f"{where}: field 'upstream' must not carry a query, fragment or credentials "
+                "(put credentials in 'headers')"
+            )
+        upstream = upstream.rstrip("/")
+
+    headers: dict[str, str] = {}
+    raw_headers = table.get("headers", {})
+    if not isinstance(raw_headers, dict):
+        problems.append(f"{where}: field 'headers' must be a table of strings")
+    else:
+        for name, value in raw_headers.items():
+            label = f"{where} field 'headers.{name}'"
+            if not isinstance(value, str):
+                problems.append(f"{label}: must be a string")
+            elif not _HEADER_NAME_RE.match(name) or name.lower() in _RESERVED_HEADERS:
+                problems.append(f"{label}: not a header name the gateway may send; remove it")
+            else:
+                expanded = _expand(value, environ, label, problems)
+                if any(c in expanded for c in "\r\n\0"):
+                    problems.append(f"{label}: value contains CR, LF or NUL")
+                headers[name] = expanded
+
+    origins = table.get("allowed_origins", [])
+    if not isinstance(origins, list) or not all(isinstance(o, str) for o in origins):
+        problems.append(f"{where}: field 'allowed_origins' must be a list of origins")
+        origins = []
+    for origin in origins:
+        parts = urlsplit(origin)
+        if parts.scheme not in ("http", "https") or not parts.netloc or parts.path:
+            problems.append(
+                f"{where}: field 'allowed_origins' entry {origin!r} must look like "
+                "'https://host[:port]' (no path)"
+            )
+
+    forward_auth = table.get("forward_authorization", False)
+    if not isinstance(forward_auth, bool):
+        problems.append(f"{where}: field 'forward_authorization' must be true or false")
+        forward_auth = False
+
+    connect_timeout = _positive_number(table, "connect_timeout_seconds", 5.0, where, problems)
+    idle_timeout = _positive_number(table, "idle_timeout_seconds", 120.0, where, problems)
+    max_body = table.get("max_body_bytes", 1_048_576)
+    if isinstance(max_body, bool) or not isinstance(max_body, int) or max_body <= 0:
+        problems.append(f"{where}: field 'max_body_bytes' must be a positive integer")
+        max_body = 1_048_576
+
+    if problems:
+        return None, problems
+    return (
+        AppConfig(
+            app_id=app_id,
+            upstream=upstream,
+            headers=headers,
+            allowed_origins=frozenset(o.rstrip("/").lower() for o in origins),
+            forward_authorization=forward_auth,
+            connect_timeout_seconds=connect_timeout,
+            idle_timeout_seconds=idle_timeout,
+            max_body_bytes=max_body,
+        ),
+        [],
+    )
+
+
+def _positive_number(
+    table: dict[str, Any], name: str, default: float, where: str, problems: list[str]
+) -> float:
+    value = table.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        problems.append(f"{where}: field {name!r} must be a positive number of seconds")
+        return default
+    return float(value)
+
+
+def _expand(value: str, environ: Mapping[str, str], label: str, problems: list[str]) -> str:
+    """Replace `${VAR}` with the environment's value; a missing variable is a problem."""
+
+    def repl(match: re.Match[str]) -> str:
+        name = match.group(1)
+        if name not in environ:
+            problems.append(f"{label}: environment variable ${{{name}}} is not set: set it")
+            return ""
+        return environ[name]
+
+    return _ENV_REF_RE.sub(repl, value)
+
+
+def resolve_apps(
+    apps_file: str | None, environ: Mapping[str, str] = os.environ
+) -> tuple[dict[str, AppConfig], list[str]]:
+    """The registry for this process: the file's applications, or the built-in default."""
+    if not apps_file:
+        return default_apps(), []
+    return load_apps_file(apps_file, environ)

@@ -1,0 +1,258 @@
+"""Settings: read once at start from the environment plus an optional `.env` file.
+
+`Settings.from_env` collects every problem into one `ConfigError`, so a bad deployment learns
+all of its mistakes from one start. `python -m app` prints them one per line and exits 2
+before binding a port. Passwords in `REDIS_URL` are never echoed back (see `redact_url`).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+from urllib.parse import urlsplit, urlunsplit
+
+from dotenv import dotenv_values
+
+from app.applications import AppConfig, resolve_apps
+
+StoreKind = Literal["memory", "redis"]
+SecureMode = Literal["auto", "true", "false"]
+SameSite = Literal["Lax", "Strict", "None"]
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+_SECURE_MODES: dict[str, SecureMode] = {"auto": "auto", "true": "true", "false": "false"}
+_SAMESITES: dict[str, SameSite] = {"Lax": "Lax", "Strict": "Strict", "None": "None"}
+_LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+class ConfigError(Exception):
+    """Raised with every configuration problem found; each names the variable and the fix."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Settings:
+    """Everything the process needs, validated. Build with `Settings.from_env`."""
+
+    host: str = "0.0.0.0"
+    port: int = 8080
+    session_store: StoreKind = "memory"
+    session_ttl_seconds: int = 3600
+    redis_url: str | None = None
+    redis_prefix: str = "agent:sess:"
+    apps_file: str | None = None
+    apps: Mapping[str, AppConfig] = field(default_factory=dict)
+    cookie_name: str = "agent_sid"
+    cookie_secure: SecureMode = "auto"
+    cookie_samesite: SameSite = "Lax"
+    session_max_bytes: int = 65536
+    trusted_proxies: tuple[IPNetwork, ...] = ()
+    shutdown_timeout_seconds: float = 30.0
+    log_level: str = "info"
+    log_format: Literal["text", "json"] = "text"
+    # Redis budget: a dead or frozen Redis must answer within about two seconds.
+    redis_op_timeout_seconds: float = 2.0
+    redis_socket_timeout_seconds: float = 0.5
+    redis_connect_timeout_seconds: float = 0.5
+    redis_max_connections: int = 50
+    redis_pool_timeout_seconds: float = 1.0
+    redis_startup_timeout_seconds: float = 5.0
+    redis_health_check_seconds: int = 10
+    # Memory store bounds.
+    memory_max_sessions: int = 100_000
+    memory_sweep_interval_seconds: float = 60.0
+    # Agent proxy.
+    sse_keepalive_seconds: float = 15.0
+    upstream_pool_size: int = 1000
+    demo_token_delay_seconds: float = 0.05
+
+    @classmethod
+    def from_env(
+        cls, environ: Mapping[str, str] | None = None, *, dotenv_path: str | None = ".env"
+    ) -> Settings:
+        """Merge `.env` (if present) under `environ` (which wins) and validate everything."""
+        env: dict[str, str] = {}
+        if dotenv_path and os.path.isfile(dotenv_path):
+            env.update({k: v for k, v in dotenv_values(dotenv_path).items() if v is not None})
+        env.update(os.environ if environ is None else environ)
+        return _parse(env)
+
+
+def redact_url(url: str) -> str:
+    """`url` with any password replaced by `***`, safe for logs and error messages."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable URL>"
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    netloc = f"{user}:***@{host}" + (f":{port}" if port else "")
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+class _Reader:
+    """Reads typed values from the environment, recording a problem instead of raising."""
+
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self.env = env
+        self.problems: list[str] = []
+
+    def text(self, name: str, default: str) -> str:
+        return self.env.get(name, default).strip() or default
+
+    def choice(self, name: str, default: str, choices: tuple[str, ...]) -> str:
+        value = self.env.get(name, default).strip() or default
+        for choice in choices:
+            if value.lower() == choice.lower():
+                return choice
+        self.problems.append(f"{name}={value!r} is not valid: use one of {', '.join(choices)}")
+        return default
+
+    def positive_int(self, name: str, default: int, *, maximum: int | None = None) -> int:
+        raw = self.env.get(name, "").strip()
+        if not raw:
+            return default
+        try:
+            value = int(raw)
+        except ValueError:
+            value = 0
+        if value <= 0 or (maximum is not None and value > maximum):
+            limit = f" no larger than {maximum}" if maximum is not None else ""
+            self.problems.append(f"{name}={raw!r} is not valid: use a positive integer{limit}")
+            return default
+        return value
+
+    def positive_float(self, name: str, default: float) -> float:
+        raw = self.env.get(name, "").strip()
+        if not raw:
+            return default
+        try:
+            value = float(raw)
+        except ValueError:
+            value = 0.0
+        if not value > 0 or value == float("inf"):
+            self.problems.append(f"{name}={raw!r} is not valid: use a positive number of seconds")
+            return default
+        return value
+
+
+def _parse(env: Mapping[str, str]) -> Settings:
+    r = _Reader(env)
+    store = r.choice("SESSION_STORE", "memory", ("memory", "redis"))
+    redis_url = env.get("REDIS_URL", "").strip() or None
+    if store == "redis":
+        if redis_url is None:
+            r.problems.append(
+                "REDIS_URL is required when SESSION_STORE=redis: set it, e.g. "
+                "REDIS_URL=redis://localhost:6379"
+            )
+        else:
+            _check_redis_url(redis_url, r.problems)
+    prefix = env.get("REDIS_PREFIX", "agent:sess:")
+    if not prefix or any(c.isspace() for c in prefix) or any(c in prefix for c in "*?[]"):
+        r.problems.append(
+            f"REDIS_PREFIX={prefix!r} is not valid: use a non-empty prefix without spaces or "
+            "glob characters, e.g. agent:sess:"
+        )
+    cookie_name = r.text("SESSION_COOKIE_NAME", "agent_sid")
+    if not all(c.isalnum() or c in "_-." for c in cookie_name):
+        r.problems.append(
+            f"SESSION_COOKIE_NAME={cookie_name!r} is not valid: use letters, digits, _ - ."
+        )
+    secure = r.choice("SESSION_COOKIE_SECURE", "auto", ("auto", "true", "false"))
+    samesite = r.choice("SESSION_COOKIE_SAMESITE", "Lax", ("Lax", "Strict", "None"))
+    if samesite == "None" and secure == "false":
+        r.problems.append(
+            "SESSION_COOKIE_SAMESITE=None requires Secure cookies: set "
+            "SESSION_COOKIE_SECURE=true (or auto behind HTTPS), or use Lax"
+        )
+    trusted = _parse_networks(env.get("TRUSTED_PROXIES", ""), r.problems)
+    apps_file = env.get("APPS_FILE", "").strip() or None
+    apps, app_problems = resolve_apps(apps_file, env)
+    r.problems.extend(app_problems)
+    port = r.positive_int("PORT", 8080, maximum=65535)
+    settings = Settings(
+        host=r.text("HOST", "0.0.0.0"),
+        port=port,
+        session_store="redis" if store == "redis" else "memory",
+        session_ttl_seconds=r.positive_int("SESSION_TTL_SECONDS", 3600),
+        redis_url=redis_url,
+        redis_prefix=prefix,
+        apps_file=apps_file,
+        apps=apps,
+        cookie_name=cookie_name,
+        cookie_secure="true" if secure == "true" else "false" if secure == "false" else "auto",
+        cookie_samesite="Strict"
+        if samesite == "Strict"
+        else "None"
+        if samesite == "None"
+        else "Lax",
+        session_max_bytes=r.positive_int("SESSION_MAX_BYTES", 65536),
+        trusted_proxies=trusted,
+        shutdown_timeout_seconds=r.positive_float("SHUTDOWN_TIMEOUT_SECONDS", 30.0),
+        log_level=r.choice("LOG_LEVEL", "info", _LOG_LEVELS),
+        log_format="json" if r.choice("LOG_FORMAT", "text", ("text", "json")) == "json" else "text",
+        redis_op_timeout_seconds=r.positive_float("REDIS_OP_TIMEOUT_SECONDS", 2.0),
+        redis_socket_timeout_seconds=r.positive_float("REDIS_SOCKET_TIMEOUT_SECONDS", 0.5),
+        redis_connect_timeout_seconds=r.positive_float("REDIS_CONNECT_TIMEOUT_SECONDS", 0.5),
+        redis_max_connections=r.positive_int("REDIS_MAX_CONNECTIONS", 50),
+        redis_pool_timeout_seconds=r.positive_float("REDIS_POOL_TIMEOUT_SECONDS", 1.0),
+        redis_startup_timeout_seconds=r.positive_float("REDIS_STARTUP_TIMEOUT_SECONDS", 5.0),
+        redis_health_check_seconds=r.positive_int("REDIS_HEALTH_CHECK_SECONDS", 10),
+        memory_max_sessions=r.positive_int("MEMORY_MAX_SESSIONS", 100_000),
+        memory_sweep_interval_seconds=r.positive_float("MEMORY_SWEEP_INTERVAL_SECONDS", 60.0),
+        sse_keepalive_seconds=r.positive_float("SSE_KEEPALIVE_SECONDS", 15.0),
+        upstream_pool_size=r.positive_int("UPSTREAM_POOL_SIZE", 1000),
+        demo_token_delay_seconds=r.positive_float("DEMO_TOKEN_DELAY_SECONDS", 0.05),
+    )
+    if r.problems:
+        raise ConfigError(r.problems)
+    return settings
+
+
+def _check_redis_url(url: str, problems: list[str]) -> None:
+    safe = redact_url(url)
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError:
+        problems.append(f"REDIS_URL={safe!r} is not a valid URL: use redis://host:6379/0")
+        return
+    if parts.scheme not in ("redis", "rediss"):
+        problems.append(
+            f"REDIS_URL={safe!r} has scheme {parts.scheme!r}: use redis:// or rediss:// (TLS)"
+        )
+    elif not parts.hostname:
+        problems.append(f"REDIS_URL={safe!r} names no host: use redis://host:6379/0")
+    db = parts.path.lstrip("/")
+    if db and not db.isdigit():
+        problems.append(f"REDIS_URL={safe!r} has database {db!r}: use a number, e.g. /0")
+
+
+def _parse_networks(raw: str, problems: list[str]) -> tuple[IPNetwork, ...]:
+    networks: list[IPNetwork] = []
+    for item in raw.replace(";", ",").split(","):
+        item = item.strip()
+        if not item:
+            continue
+        try:
+            networks.append(ipaddress.ip_network(item, strict=False))
+        except ValueError:
+            problems.append(
+                f"TRUSTED_PROXIES entry {item!r} is not an IP or CIDR: use e.g. 10.0.0.0/8,::1"
+            )
+    return tuple(networks)

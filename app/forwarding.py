@@ -1,0 +1,80 @@
+"""What the client really is: forwarding headers are believed only from `TRUSTED_PROXIES`.
+
+A peer outside the trusted networks cannot claim HTTPS, another client address or another
+host through `Forwarded`/`X-Forwarded-*` (ASVS 5 §4.1.3: intermediary headers cannot be set by
+the end user).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Sequence
+
+from aiohttp import web
+
+from app.config import IPNetwork
+
+
+def peer_ip(request: web.BaseRequest) -> str:
+    """The address of the TCP peer (a proxy, or the browser itself)."""
+    return request.remote or ""
+
+
+def peer_is_trusted(request: web.BaseRequest, trusted: Sequence[IPNetwork]) -> bool:
+    if not trusted:
+        return False
+    try:
+        address = ipaddress.ip_address(peer_ip(request).split("%", 1)[0])
+    except ValueError:
+        return False
+    return any(address in network for network in trusted)
+
+
+def _first(value: str | None) -> str | None:
+    if not value:
+        return None
+    return value.split(",", 1)[0].strip() or None
+
+
+def client_scheme(request: web.BaseRequest, trusted: Sequence[IPNetwork]) -> str:
+    """`https` or `http` as the browser used it."""
+    if peer_is_trusted(request, trusted):
+        proto = _first(request.headers.get("X-Forwarded-Proto"))
+        if proto and proto.lower() in ("http", "https"):
+            return proto.lower()
+    return "https" if request.transport is not None and _is_tls(request) else "http"
+
+
+def _is_tls(request: web.BaseRequest) -> bool:
+    transport = request.transport
+    return transport is not None and transport.get_extra_info("sslcontext") is not None
+
+
+def client_host(request: web.BaseRequest, trusted: Sequence[IPNetwork]) -> str:
+    """The Host the browser asked for."""
+    if peer_is_trusted(request, trusted):
+        host = _first(request.headers.get("X-Forwarded-Host"))
+        if host:
+            return host
+    return request.headers.get("Host", "")
+
+
+def client_ip(request: web.BaseRequest, trusted: Sequence[IPNetwork]) -> str:
+    """The browser's address: the last untrusted hop of `X-Forwarded-For` behind our proxies."""
+    ip = peer_ip(request)
+    if not peer_is_trusted(request, trusted):
+        return ip
+    chain = [h.strip() for h in request.headers.get("X-Forwarded-For", "").split(",") if h.strip()]
+    for hop in reversed(chain):
+        try:
+            address = ipaddress.ip_address(hop)
+        except ValueError:
+            return ip
+        if not any(address in network for network in trusted):
+            return hop
+    return chain[0] if chain else ip
+
+
+def own_origin(request: web.BaseRequest, trusted: Sequence[IPNetwork]) -> str:
+    """The gateway's own origin as the browser sees it, e.g. `http://localhost:8080`."""
+    return f"{client_scheme(request, trusted)}://{client_host(request, trusted)}".lower()

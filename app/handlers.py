@@ -1,0 +1,100 @@
+"""Thin handlers for health, readiness and the browser-visible session API."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from aiohttp import web
+
+from app.errors import ApiError
+from app.lifecycle import LIFECYCLE_KEY
+from app.sessions.backend import StoreUnavailable
+from app.sessions.middleware import SESSION_KEY, STORAGE_KEY, commit_session, get_session
+from app.sessions.storage import DATA, GATEWAY
+from app.state import BACKEND_KEY, SETTINGS_KEY
+
+NO_STORE = {"Cache-Control": "no-store"}
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """Liveness: the process answers. Touches nothing."""
+    return web.json_response({"status": "ok"}, headers=NO_STORE)
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """Readiness: 200 when the store answers and the process is not shutting down."""
+    if request.app[LIFECYCLE_KEY].shutting_down:
+        return web.json_response({"status": "shutting_down"}, status=503, headers=NO_STORE)
+    try:
+        await request.app[BACKEND_KEY].ping()
+    except StoreUnavailable:
+        return web.json_response(
+            {"status": "session_store_unavailable"}, status=503, headers=NO_STORE
+        )
+    return web.json_response({"status": "ready"}, headers=NO_STORE)
+
+
+def _data_of(mapping: Any) -> dict[str, Any]:
+    data = mapping.get(DATA) if mapping else None
+    return data if isinstance(data, dict) else {}
+
+
+async def get_session_data(request: web.Request) -> web.Response:
+    """`{"data": {...}}`; `{}` without a session. A read slides the TTL, never creates."""
+    session = await get_session(request)
+    return web.json_response({"data": _data_of(session)}, headers=NO_STORE)
+
+
+async def patch_session_data(request: web.Request) -> web.Response:
+    """Merge a JSON object into `data` (`null` removes a key); creates the session if needed."""
+    patch = await _json_object(request)
+    session = await get_session(request)
+    current = _data_of(session)
+    merged = dict(current)
+    for key, value in patch.items():
+        if value is None:
+            merged.pop(key, None)
+        else:
+            merged[key] = value
+    response = web.json_response({"data": merged}, headers=NO_STORE)
+    if merged != current or (session.new and merged):
+        session[DATA] = merged
+        session.setdefault(GATEWAY, {})
+        await commit_session(request, response)
+    return response
+
+
+async def delete_session(request: web.Request) -> web.Response:
+    """Logout: delete the stored session and expire the cookie. 204 even without a session.
+
+    Only the id matters here, so nothing is read first: one `DEL`.
+    """
+    session = request[STORAGE_KEY].session_for_logout(request)
+    request[SESSION_KEY] = session
+    response = web.Response(status=204, headers=NO_STORE)
+    session.invalidate()
+    await commit_session(request, response)
+    return response
+
+
+async def _json_object(request: web.Request) -> dict[str, Any]:
+    cap = request.app[SETTINGS_KEY].session_max_bytes * 2
+    # A PATCH can never yield a session over SESSION_MAX_BYTES, so reading more than twice
+    # that (JSON escaping slack) is pointless: refuse early, nothing changed.
+    if request.content_length is not None and request.content_length > cap:
+        raise ApiError(413, "body_too_large", "The request body is too large.")
+    raw = await request.content.read(cap + 1)
+    if len(raw) > cap:
+        raise ApiError(413, "body_too_large", "The request body is too large.")
+    try:
+        value = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:
+        raise ApiError(400, "invalid_json", "The body must be a JSON object.") from err
+    if not isinstance(value, dict):
+        raise ApiError(400, "invalid_json", "The body must be a JSON object.")
+    return value
+
+
+async def method_not_allowed(request: web.Request) -> web.Response:
+    raise web.HTTPMethodNotAllowed(request.method, ["GET", "PATCH", "DELETE"])

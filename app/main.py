@@ -1,0 +1,113 @@
+"""`create_app`: the only wiring place. Synchronous; all I/O lives in cleanup contexts."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable
+
+from aiohttp import web
+
+from app.config import Settings, redact_url
+from app.lifecycle import LIFECYCLE_KEY, Lifecycle, drain_on_shutdown
+from app.middlewares import (
+    add_response_headers,
+    csrf_middleware,
+    error_middleware,
+    setup_application,
+    setup_origin,
+    setup_request_id,
+)
+from app.routes import setup_routes
+from app.sessions.backend import SessionBackend, StoreUnavailable
+from app.sessions.memory import MemoryBackend
+from app.sessions.middleware import setup_sessions
+from app.sessions.redis import RedisBackend, RedisOptions, make_client
+from app.sessions.storage import GatewayStorage
+from app.state import BACKEND_KEY, SETTINGS_KEY, STORAGE_APP_KEY
+
+log = logging.getLogger(__name__)
+
+TROUBLESHOOTING = (
+    "verify Redis is running and reachable, check REDIS_URL is correct, and ensure no "
+    "firewall blocks the connection (README: Troubleshooting)"
+)
+
+
+class StoreStartupError(Exception):
+    """The session store could not be reached at start; `python -m app` exits 1."""
+
+
+def create_app(settings: Settings, *, backend: SessionBackend | None = None) -> web.Application:
+    """The gateway application. `backend` replaces the configured store (tests)."""
+    lifecycle = Lifecycle(shutdown_timeout=settings.shutdown_timeout_seconds)
+    # Order matters, outermost first: the request id exists before anything can fail; errors
+    # are enveloped for everything inside; the application is resolved before origin/CSRF
+    # checks (which depend on it); the session is loaded last, only for requests that passed.
+    middlewares = [
+        setup_request_id(lifecycle),
+        error_middleware,
+        setup_application(settings),
+        setup_origin(settings),
+        csrf_middleware,
+        setup_sessions(),
+    ]
+    app = web.Application(middlewares=middlewares)
+    app[SETTINGS_KEY] = settings
+    app[LIFECYCLE_KEY] = lifecycle
+    app.cleanup_ctx.append(session_store_ctx(settings, backend))
+    app.on_shutdown.append(drain_on_shutdown)
+    add_response_headers(app)
+    setup_routes(app)
+    return app
+
+
+def session_store_ctx(
+    settings: Settings, backend: SessionBackend | None
+) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        store = backend if backend is not None else await open_store(settings)
+        app[BACKEND_KEY] = store
+        app[STORAGE_APP_KEY] = GatewayStorage(store, settings)
+        yield
+        await store.close()
+
+    return ctx
+
+
+async def open_store(settings: Settings) -> SessionBackend:
+    """The configured backend, checked: Redis must answer PING within the startup timeout."""
+    if settings.session_store == "memory":
+        log.warning(
+            "SESSION_STORE=memory: sessions live in this process only; they do not survive a "
+            "restart or span replicas. Use SESSION_STORE=redis for several instances."
+        )
+        memory = MemoryBackend(max_entries=settings.memory_max_sessions)
+        memory.start_sweeping(settings.memory_sweep_interval_seconds)
+        return memory
+    assert settings.redis_url is not None
+    options = RedisOptions(
+        url=settings.redis_url,
+        op_timeout=settings.redis_op_timeout_seconds,
+        socket_timeout=settings.redis_socket_timeout_seconds,
+        connect_timeout=settings.redis_connect_timeout_seconds,
+        max_connections=settings.redis_max_connections,
+        pool_timeout=settings.redis_pool_timeout_seconds,
+        health_check_interval=settings.redis_health_check_seconds,
+    )
+    redis_backend = RedisBackend(make_client(options), op_timeout=options.op_timeout)
+    try:
+        version = await redis_backend.check_server(settings.redis_startup_timeout_seconds)
+    except StoreUnavailable as err:
+        await redis_backend.close()
+        raise StoreStartupError(
+            f"cannot use Redis at REDIS_URL={redact_url(settings.redis_url)} ({err}): "
+            + TROUBLESHOOTING
+        ) from err
+    log.info(
+        "session store: Redis %s at %s, prefix %r, TTL %ss",
+        version,
+        redact_url(settings.redis_url),
+        settings.redis_prefix,
+        settings.session_ttl_seconds,
+    )
+    return redis_backend

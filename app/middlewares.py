@@ -1,0 +1,153 @@
+"""Cross-cutting request handling. The order is fixed in `main.MIDDLEWARE_ORDER`.
+
+- `request_id_middleware`: keeps a sane inbound `X-Request-Id` or mints one; echoes it.
+- `error_middleware`: our failures become the JSON envelope; never a bare 500 page.
+- `application_middleware`: `/apps/{applicationId}/...` -> 400 malformed, 404 unknown, before
+  anything touches the store.
+- `origin_middleware`: CORS preflights and the Origin allowlist (403 before anything runs).
+- `csrf_middleware`: state-changing `/apps/` requests need `X-CSRF: 1` (403 otherwise).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import secrets
+
+from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
+
+from app.applications import APP_ID_RE, AppConfig
+from app.config import Settings
+from app.errors import REQUEST_ID_KEY, ApiError, error_response, store_unavailable
+from app.forwarding import own_origin
+from app.lifecycle import Lifecycle
+from app.sessions.backend import StoreUnavailable
+from app.sessions.storage import APP_ID_KEY
+
+log = logging.getLogger(__name__)
+
+APP_CONFIG_KEY = web.RequestKey("app_config", AppConfig)
+_REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+STATE_CHANGING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+CORS_ALLOW_HEADERS = "Content-Type, X-CSRF, Accept, Last-Event-ID, X-Request-Id, Authorization"
+CORS_ALLOW_METHODS = "GET, POST, PUT, PATCH, DELETE, OPTIONS"
+SECURITY_HEADERS = {
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
+
+
+CORS_ORIGIN_KEY = web.RequestKey("cors_origin", str)
+
+
+def _on_prepare_headers(request: web.Request, response: web.StreamResponse) -> None:
+    response.headers["X-Request-Id"] = request[REQUEST_ID_KEY]
+    for name, value in SECURITY_HEADERS.items():
+        response.headers.setdefault(name, value)
+    origin = request.get(CORS_ORIGIN_KEY)
+    if origin is not None:
+        response.headers["Access-Control-Allow-Origin"] = origin
+        response.headers["Access-Control-Allow-Credentials"] = "true"
+        response.headers["Access-Control-Expose-Headers"] = "X-Request-Id"
+        response.headers.add("Vary", "Origin")
+
+
+def setup_request_id(lifecycle: Lifecycle) -> Middleware:
+    @web.middleware
+    async def request_id_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        inbound = request.headers.get("X-Request-Id", "")
+        request[REQUEST_ID_KEY] = (
+            inbound if _REQUEST_ID_RE.match(inbound) else secrets.token_hex(16)
+        )
+        async with lifecycle.track():
+            return await handler(request)
+
+    return request_id_middleware
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except ApiError as err:
+        return error_response(request, err.status, err.code, err.message, headers=err.headers)
+    except StoreUnavailable as err:
+        log.warning("session store unavailable: %s", err)
+        unavailable = store_unavailable()
+        return error_response(
+            request, 503, unavailable.code, unavailable.message, headers=unavailable.headers
+        )
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = re.sub(r"[^a-z0-9]+", "_", (exc.reason or "error").lower()).strip("_")
+        headers = {k: v for k, v in exc.headers.items() if k.lower() in ("allow", "retry-after")}
+        return error_response(request, exc.status, code, exc.reason, headers=headers)
+
+
+def setup_application(settings: Settings) -> Middleware:
+    @web.middleware
+    async def application_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        app_id = request.match_info.get("applicationId")
+        if app_id is None:
+            return await handler(request)
+        if not APP_ID_RE.match(app_id):
+            raise ApiError(400, "invalid_application_id", "The application id is malformed.")
+        app_config = settings.apps.get(app_id)
+        if app_config is None:
+            raise ApiError(404, "unknown_application", "No such application.")
+        request[APP_ID_KEY] = app_id
+        request[APP_CONFIG_KEY] = app_config
+        return await handler(request)
+
+    return application_middleware
+
+
+def setup_origin(settings: Settings) -> Middleware:
+    """Origin allowlist + CORS for `/apps/` routes (requests without Origin are allowed)."""
+
+    @web.middleware
+    async def origin_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        app_config = request.get(APP_CONFIG_KEY)
+        origin = request.headers.get("Origin")
+        if app_config is None or origin is None:
+            return await handler(request)
+        normalized = origin.rstrip("/").lower()
+        allowed = normalized in app_config.allowed_origins
+        if not allowed and normalized != own_origin(request, settings.trusted_proxies):
+            raise ApiError(403, "origin_not_allowed", "This origin may not call this application.")
+        if allowed:
+            request[CORS_ORIGIN_KEY] = origin
+        if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
+            response = web.Response(status=204)
+            response.headers["Access-Control-Allow-Methods"] = CORS_ALLOW_METHODS
+            response.headers["Access-Control-Allow-Headers"] = CORS_ALLOW_HEADERS
+            response.headers["Access-Control-Max-Age"] = "600"
+            return response
+        return await handler(request)
+
+    return origin_middleware
+
+
+@web.middleware
+async def csrf_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    if (
+        request.method in STATE_CHANGING
+        and request.get(APP_CONFIG_KEY) is not None
+        and request.headers.get("X-CSRF") != "1"
+    ):
+        raise ApiError(
+            403, "csrf_header_missing", "State-changing requests must carry the header X-CSRF: 1."
+        )
+    return await handler(request)
+
+
+def add_response_headers(app: web.Application) -> None:
+    """Every response, streams included, gets `X-Request-Id` and the security headers."""
+
+    async def on_prepare(request: web.Request, response: web.StreamResponse) -> None:
+        if REQUEST_ID_KEY in request:
+            _on_prepare_headers(request, response)
+
+    app.on_response_prepare.append(on_prepare)

@@ -1,0 +1,18 @@
+"""`setup_routes`: the whole URL map on one screen."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from app import handlers
+
+
+def setup_routes(app: web.Application) -> None:
+    app.router.add_get("/healthz", handlers.healthz, allow_head=True)
+    app.router.add_get("/readyz", handlers.readyz, allow_head=True)
+    session = "/apps/{applicationId}/session"
+    app.router.add_get(session, handlers.get_session_data, allow_head=False)
+    app.router.add_patch(session, handlers.patch_session_data)
+    app.router.add_delete(session, handlers.delete_session)
+    # OPTIONS is routed so CORS preflights reach the origin middleware (which answers them).
+    app.router.add_route("OPTIONS", session, handlers.method_not_allowed)

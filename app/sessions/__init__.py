@@ -1,0 +1,1 @@
+"""Browser sessions: an aiohttp-session storage over a memory or Redis backend."""
