@@ -44,7 +44,8 @@ class Settings:
     port: int = 8080
     session_store: StoreKind = "memory"
     session_ttl_seconds: int = 3600
-    redis_url: str | None = None
+    # Kept out of repr(): it may carry the Redis password.
+    redis_url: str | None = field(default=None, repr=False)
     redis_prefix: str = "agent:sess:"
     apps_file: str | None = None
     apps: Mapping[str, AppConfig] = field(default_factory=dict)
@@ -85,23 +86,32 @@ class Settings:
 
 
 def redact_url(url: str) -> str:
-    """`url` with any password replaced by `***`, safe for logs and error messages."""
+    """`url` with any password replaced by `***`, safe for logs and error messages.
+
+    Both places redis-py reads a password from are redacted: the userinfo and `?password=`.
+    """
     try:
         parts = urlsplit(url)
     except ValueError:
         return "<unparseable URL>"
-    if parts.password is None:
+    query = "&".join(
+        f"{item.partition('=')[0]}=***" if item.partition("=")[0].lower() == "password" else item
+        for item in parts.query.split("&")
+    )
+    if parts.password is None and query == parts.query:
         return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    try:
-        port = parts.port
-    except ValueError:
-        port = None
-    netloc = f"{user}:***@{host}" + (f":{port}" if port else "")
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+    netloc = parts.netloc
+    if parts.password is not None:
+        user = parts.username or ""
+        host = parts.hostname or ""
+        if ":" in host:
+            host = f"[{host}]"
+        try:
+            port = parts.port
+        except ValueError:
+            port = None
+        netloc = f"{user}:***@{host}" + (f":{port}" if port else "")
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
 class _Reader:
