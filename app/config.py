@@ -57,6 +57,8 @@ class Settings:
     shutdown_timeout_seconds: float = 30.0
     log_level: str = "info"
     log_format: Literal["text", "json"] = "text"
+    # Salt of the session hash in access lines; empty: random per process (app/logs.py).
+    log_salt: str = field(default="", repr=False)
     # Redis budget: a dead or frozen Redis must answer within about two seconds.
     redis_op_timeout_seconds: float = 2.0
     redis_socket_timeout_seconds: float = 0.5
@@ -216,6 +218,7 @@ def _parse(env: Mapping[str, str]) -> Settings:
         shutdown_timeout_seconds=r.positive_float("SHUTDOWN_TIMEOUT_SECONDS", 30.0),
         log_level=r.choice("LOG_LEVEL", "info", _LOG_LEVELS),
         log_format="json" if r.choice("LOG_FORMAT", "text", ("text", "json")) == "json" else "text",
+        log_salt=env.get("LOG_SALT", ""),
         redis_op_timeout_seconds=r.positive_float("REDIS_OP_TIMEOUT_SECONDS", 2.0),
         redis_socket_timeout_seconds=r.positive_float("REDIS_SOCKET_TIMEOUT_SECONDS", 0.5),
         redis_connect_timeout_seconds=r.positive_float("REDIS_CONNECT_TIMEOUT_SECONDS", 0.5),

@@ -9,6 +9,7 @@ from aiohttp import web
 
 from app.config import Settings, redact_url
 from app.lifecycle import LIFECYCLE_KEY, Lifecycle, drain_on_shutdown
+from app.metrics import instrument_backend, setup_metrics
 from app.middlewares import (
     add_response_headers,
     csrf_middleware,
@@ -58,6 +59,7 @@ def create_app(settings: Settings, *, backend: SessionBackend | None = None) -> 
     app.on_shutdown.append(drain_on_shutdown)
     add_response_headers(app)
     setup_routes(app)
+    setup_metrics(app)
     return app
 
 
@@ -67,7 +69,7 @@ def session_store_ctx(
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         store = backend if backend is not None else await open_store(settings)
         app[BACKEND_KEY] = store
-        app[STORAGE_APP_KEY] = GatewayStorage(store, settings)
+        app[STORAGE_APP_KEY] = GatewayStorage(instrument_backend(app, store), settings)
         yield
         await store.close()
 
