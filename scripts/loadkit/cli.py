@@ -1,0 +1,369 @@
+"""`scripts/loadgen.py`: command line, target checks, progress line, outputs, exit code.
+
+Exit codes: 0 the run passed its thresholds; 1 a threshold was violated (including lost
+sessions, default limit 0); 2 bad usage (including a non-loopback URL without
+`--allow-remote`); 3 the target did not answer at all before the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ipaddress
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TextIO
+from urllib.parse import urlsplit
+
+import aiohttp
+
+from loadkit.report import Thresholds, build_report, format_summary
+from loadkit.runner import DEFAULT_MIX, MIX_KINDS, LoadConfig, Recorder, classify, run_load
+
+EXIT_OK, EXIT_THRESHOLDS, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
+
+
+class TargetRefused(ValueError):
+    """The URL is not loopback and `--allow-remote` was not given (or it is malformed)."""
+
+
+def check_target(url: str, *, allow_remote: bool) -> None:
+    """Accept `http(s)://` URLs on 127.0.0.0/8, ::1 or `localhost` unless `allow_remote`.
+
+    Host names other than `localhost` are refused without resolving them: nothing is sent
+    anywhere before the target is known to be this machine.
+    """
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise TargetRefused(f"--url {url!r} must be an http:// or https:// URL with a host")
+    if parts.query or parts.fragment:
+        raise TargetRefused(f"--url {url!r} must not carry a query or fragment")
+    if allow_remote:
+        return
+    host = parts.hostname
+    if host == "localhost" or host.endswith(".localhost"):
+        return
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        raise TargetRefused(
+            f"--url {url!r} is not a loopback address (127.0.0.0/8, ::1, localhost); "
+            "load only machines you own: add --allow-remote to proceed"
+        )
+
+
+def parse_mix(text: str) -> dict[str, float]:
+    """`read=60,write=20,stream=20` -> weights; kinds left out get 0."""
+    mix = dict.fromkeys(MIX_KINDS, 0.0)
+    for item in text.split(","):
+        if not item.strip():
+            continue
+        name, sep, value = item.partition("=")
+        name = name.strip()
+        if not sep or name not in mix:
+            raise argparse.ArgumentTypeError(
+                f"mix entry {item!r}: use kind=weight with kind in {', '.join(MIX_KINDS)}"
+            )
+        try:
+            weight = float(value)
+        except ValueError:
+            weight = -1.0
+        if weight < 0:
+            raise argparse.ArgumentTypeError(f"mix weight {value!r} must be a number >= 0")
+        mix[name] = weight
+    if sum(mix.values()) <= 0:
+        raise argparse.ArgumentTypeError("the mix needs at least one positive weight")
+    return mix
+
+
+def parse_rate(text: str) -> float:
+    """`0.01` or `1%` -> 0.01."""
+    try:
+        value = float(text[:-1]) / 100 if text.endswith("%") else float(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: use a fraction (0.01) or a percentage (1%)"
+        ) from err
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be between 0 and 1 (0% and 100%)")
+    return value
+
+
+def parse_limit(text: str) -> int | None:
+    if text.lower() in ("none", "off"):
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: use a count >= 0, or 'none'")
+    return value
+
+
+def positive(kind: Callable[[str], float]) -> Callable[[str], float]:
+    def check(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from err
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"{text!r} must be > 0")
+        return value
+
+    return check
+
+
+def non_negative(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from err
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be >= 0")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="loadgen.py",
+        description=(
+            "Session-aware load generator for agent-bff: virtual users with their own cookies "
+            "create, read and write sessions and run streamed agent requests."
+        ),
+        epilog="Exit codes: 0 passed, 1 threshold violated, 2 usage, 3 target unreachable.",
+    )
+    target = p.add_argument_group("target")
+    target.add_argument("--url", default="http://127.0.0.1:8080", help="gateway or LB base URL")
+    target.add_argument("--app", default="demo", help="application id (default demo)")
+    target.add_argument(
+        "--allow-remote", action="store_true", help="allow a URL that is not loopback"
+    )
+    target.add_argument(
+        "-H",
+        "--header",
+        action="append",
+        default=[],
+        metavar="'NAME: VALUE'",
+        help="extra request header (repeatable), e.g. an Origin",
+    )
+    load = p.add_argument_group("load shape")
+    load.add_argument("-c", "--concurrency", type=positive(int), default=10, help="virtual users")
+    load.add_argument("-d", "--duration", type=positive(float), default=10.0, help="seconds")
+    load.add_argument("--ramp-up", type=non_negative, default=0.0, help="seconds to start all")
+    load.add_argument("-n", "--requests", type=positive(int), default=None, help="request cap")
+    load.add_argument(
+        "--mix",
+        type=parse_mix,
+        default=dict(DEFAULT_MIX),
+        help="weights of read, write, stream (default read=60,write=20,stream=20)",
+    )
+    load.add_argument("--think-ms", type=non_negative, default=0.0, help="pause between requests")
+    load.add_argument("--payload-bytes", type=int, default=64, help="bytes each user stores")
+    load.add_argument("--seed", type=int, default=None, help="seed for the request mix")
+    stream = p.add_argument_group("streams")
+    stream.add_argument("--agent-path", default="stream", help="path under /apps/<app>/agent/")
+    stream.add_argument(
+        "--stream-body", default='{"input": "hello"}', help="JSON body of each agent request"
+    )
+    stream.add_argument(
+        "--end-event",
+        default="done",
+        help="SSE event type that ends a complete stream ('' = a clean end is complete)",
+    )
+    timing = p.add_argument_group("timeouts")
+    timing.add_argument("--timeout", type=positive(float), default=10.0, help="per request (s)")
+    timing.add_argument(
+        "--stream-idle-timeout", type=positive(float), default=30.0, help="silence in a stream"
+    )
+    timing.add_argument(
+        "--grace", type=non_negative, default=5.0, help="after --duration, for in-flight requests"
+    )
+    timing.add_argument(
+        "--no-verify", action="store_true", help="skip each user's final session check"
+    )
+    out = p.add_argument_group("output")
+    out.add_argument(
+        "--json",
+        nargs="?",
+        const="-",
+        default=None,
+        metavar="PATH",
+        help="JSON report to PATH, or stdout without PATH (summary then goes to stderr)",
+    )
+    out.add_argument("--html", default=None, metavar="PATH", help="HTML report with plots")
+    progress = out.add_mutually_exclusive_group()
+    progress.add_argument("--progress", action="store_true", default=None, help="progress line")
+    progress.add_argument("--no-progress", dest="progress", action="store_false")
+    out.add_argument("-q", "--quiet", action="store_true", help="no human summary")
+    limits = p.add_argument_group("thresholds (violations exit 1)")
+    limits.add_argument(
+        "--max-p99-ms", type=positive(float), default=None, help="create/read/write"
+    )
+    limits.add_argument("--max-ttfe-p99-ms", type=positive(float), default=None, help="streams")
+    limits.add_argument("--max-error-rate", type=parse_rate, default=None, help="0.01 or 1%%")
+    limits.add_argument(
+        "--max-lost-sessions", type=parse_limit, default=0, help="lost+stale (default 0; 'none')"
+    )
+    return p
+
+
+def parse_headers(values: Sequence[str], parser: argparse.ArgumentParser) -> dict[str, str]:
+    headers: dict[str, str] = {}
+    for value in values:
+        name, sep, rest = value.partition(":")
+        if not sep or not name.strip() or any(c in value for c in "\r\n"):
+            parser.error(f"--header {value!r}: use 'Name: value'")
+        headers[name.strip()] = rest.strip()
+    return headers
+
+
+class Progress:
+    """The live line on stderr: rewritten in place on a terminal, one line a second otherwise."""
+
+    def __init__(self, stream: TextIO, config: LoadConfig) -> None:
+        self.stream = stream
+        self.config = config
+        self.tty = stream.isatty()
+        self.last_total = 0
+        self.last_t = 0.0
+
+    def __call__(self, rec: Recorder) -> None:
+        now = rec.now()
+        total = rec.total
+        rate = (total - self.last_total) / max(now - self.last_t, 1e-9)
+        self.last_total, self.last_t = total, now
+        p99 = rec.latency["read"].percentile_ms(99) if rec.latency["read"].count else 0.0
+        line = (
+            f"[{now:6.1f}s/{self.config.duration:g}s] users {rec.active_users}/"
+            f"{self.config.concurrency}  requests {total} ({rate:.0f}/s)  "
+            f"errors {rec.total_errors}  lost {rec.lost + rec.stale}  "
+            f"streams {rec.streams_completed}/{rec.count['stream']}  read p99 {p99:.1f} ms"
+        )
+        if self.tty:
+            self.stream.write("\r\x1b[2K" + line)
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.tty:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+async def preflight(url: str, seconds: float) -> str | None:
+    """None when something answers at `url` (any HTTP status), else why not."""
+    try:
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(
+                url.rstrip("/") + "/healthz", timeout=aiohttp.ClientTimeout(total=seconds)
+            ) as resp,
+        ):
+            await resp.read()
+    except (aiohttp.ClientError, TimeoutError, OSError) as err:
+        return f"{classify(err)}: {err}"
+    return None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        check_target(args.url, allow_remote=args.allow_remote)
+    except TargetRefused as err:
+        print(f"loadgen: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        json.loads(args.stream_body)
+    except ValueError:
+        parser.error("--stream-body must be JSON")
+    if args.payload_bytes < 0 or args.payload_bytes > 60_000:
+        parser.error("--payload-bytes must be 0..60000 (sessions are capped by the gateway)")
+    if args.html is not None:
+        try:
+            import loadkit.htmlreport  # noqa: F401 - fail now, not after the run
+        except ImportError as err:
+            print(
+                f"loadgen: --html needs matplotlib ({err}); pip install 'agent-bff[load]'",
+                file=sys.stderr,
+            )
+            return EXIT_USAGE
+    config = LoadConfig(
+        url=args.url.rstrip("/"),
+        app=args.app,
+        concurrency=int(args.concurrency),
+        duration=args.duration,
+        ramp_up=args.ramp_up,
+        max_requests=int(args.requests) if args.requests is not None else None,
+        mix=args.mix,
+        think_time=args.think_ms / 1000,
+        timeout=args.timeout,
+        stream_idle_timeout=args.stream_idle_timeout,
+        agent_path=args.agent_path,
+        stream_body=args.stream_body.encode(),
+        end_event=args.end_event,
+        payload_bytes=args.payload_bytes,
+        grace=args.grace,
+        verify_at_end=not args.no_verify,
+        headers=parse_headers(args.header, parser),
+        seed=args.seed,
+    )
+    thresholds = Thresholds(
+        max_p99_ms=args.max_p99_ms,
+        max_ttfe_p99_ms=args.max_ttfe_p99_ms,
+        max_error_rate=args.max_error_rate,
+        max_lost_sessions=args.max_lost_sessions,
+    )
+    show_progress = sys.stderr.isatty() if args.progress is None else args.progress
+    progress = Progress(sys.stderr, config) if show_progress else None
+    return _run(config, thresholds, args, progress)
+
+
+def _run(
+    config: LoadConfig, thresholds: Thresholds, args: argparse.Namespace, progress: Progress | None
+) -> int:
+    async def go() -> tuple[Recorder | None, str | None]:
+        why = await preflight(config.url, min(config.timeout, 5.0))
+        if why is not None:
+            return None, why
+        return await run_load(config, progress=progress), None
+
+    cpu0 = time.process_time()
+    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        recorder, why = runner.run(go())
+    cpu = time.process_time() - cpu0
+    if progress is not None:
+        progress.close()
+    if recorder is None:
+        print(f"loadgen: nothing answers at {config.url} ({why})", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    report = build_report(recorder, config, thresholds, client_cpu_seconds=cpu)
+    summary_to = sys.stdout
+    if args.json == "-":
+        json.dump(report, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        summary_to = sys.stderr
+    elif args.json is not None:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    if args.html is not None:
+        from loadkit.htmlreport import write_html
+
+        write_html(report, Path(args.html))
+    if not args.quiet:
+        print(format_summary(report), file=summary_to)
+    return EXIT_OK if report["passed"] else EXIT_THRESHOLDS
+
+
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
