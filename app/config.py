@@ -17,6 +17,7 @@ from urllib.parse import urlsplit, urlunsplit
 from dotenv import dotenv_values
 
 from app.applications import AppConfig, resolve_apps
+from app.sessions.redis import RedisUrlError, parse_redis_url
 
 StoreKind = Literal["memory", "redis"]
 SecureMode = Literal["auto", "true", "false"]
@@ -67,6 +68,12 @@ class Settings:
     redis_pool_timeout_seconds: float = 1.0
     redis_startup_timeout_seconds: float = 5.0
     redis_health_check_seconds: int = 10
+    # TLS for rediss:// (verification on unless REDIS_TLS_VERIFY=false) and Sentinel AUTH.
+    redis_tls_ca_file: str | None = None
+    redis_tls_cert_file: str | None = None
+    redis_tls_key_file: str | None = None
+    redis_tls_verify: bool = True
+    redis_sentinel_password: str | None = field(default=None, repr=False)
     # Memory store bounds.
     memory_max_sessions: int = 100_000
     memory_sweep_interval_seconds: float = 60.0
@@ -91,7 +98,13 @@ def redact_url(url: str) -> str:
     """`url` with any password replaced by `***`, safe for logs and error messages.
 
     Both places redis-py reads a password from are redacted: the userinfo and `?password=`.
+    The userinfo ends at the *last* `@`, as in `parse_redis_url`: that also covers multi-host
+    Sentinel/Cluster URLs and passwords holding an unescaped `/`, `?` or `#`.
     """
+    scheme, sep, rest = url.partition("://")
+    userinfo, at, location = rest.rpartition("@")
+    if sep and at and ":" in userinfo:
+        url = f"{scheme}://{userinfo.partition(':')[0]}:***@{location}"
     try:
         parts = urlsplit(url)
     except ValueError:
@@ -100,20 +113,9 @@ def redact_url(url: str) -> str:
         f"{item.partition('=')[0]}=***" if item.partition("=")[0].lower() == "password" else item
         for item in parts.query.split("&")
     )
-    if parts.password is None and query == parts.query:
+    if query == parts.query:
         return url
-    netloc = parts.netloc
-    if parts.password is not None:
-        user = parts.username or ""
-        host = parts.hostname or ""
-        if ":" in host:
-            host = f"[{host}]"
-        try:
-            port = parts.port
-        except ValueError:
-            port = None
-        netloc = f"{user}:***@{host}" + (f":{port}" if port else "")
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+    return urlunsplit((parts.scheme, parts.netloc, parts.path, query, parts.fragment))
 
 
 class _Reader:
@@ -174,6 +176,7 @@ def _parse(env: Mapping[str, str]) -> Settings:
             )
         else:
             _check_redis_url(redis_url, r.problems)
+    tls = _redis_tls_settings(env, r, redis_url if store == "redis" else None)
     prefix = env.get("REDIS_PREFIX", "agent:sess:")
     if not prefix or any(c.isspace() for c in prefix) or any(c in prefix for c in "*?[]"):
         r.problems.append(
@@ -226,6 +229,11 @@ def _parse(env: Mapping[str, str]) -> Settings:
         redis_pool_timeout_seconds=r.positive_float("REDIS_POOL_TIMEOUT_SECONDS", 1.0),
         redis_startup_timeout_seconds=r.positive_float("REDIS_STARTUP_TIMEOUT_SECONDS", 5.0),
         redis_health_check_seconds=r.positive_int("REDIS_HEALTH_CHECK_SECONDS", 10),
+        redis_tls_ca_file=tls.ca_file,
+        redis_tls_cert_file=tls.cert_file,
+        redis_tls_key_file=tls.key_file,
+        redis_tls_verify=tls.verify,
+        redis_sentinel_password=tls.sentinel_password,
         memory_max_sessions=r.positive_int("MEMORY_MAX_SESSIONS", 100_000),
         memory_sweep_interval_seconds=r.positive_float("MEMORY_SWEEP_INTERVAL_SECONDS", 60.0),
         sse_keepalive_seconds=r.positive_float("SSE_KEEPALIVE_SECONDS", 15.0),
@@ -240,20 +248,67 @@ def _parse(env: Mapping[str, str]) -> Settings:
 def _check_redis_url(url: str, problems: list[str]) -> None:
     safe = redact_url(url)
     try:
-        parts = urlsplit(url)
-        parts.port  # noqa: B018 - raises ValueError on a bad port
-    except ValueError:
-        problems.append(f"REDIS_URL={safe!r} is not a valid URL: use redis://host:6379/0")
-        return
-    if parts.scheme not in ("redis", "rediss"):
-        problems.append(
-            f"REDIS_URL={safe!r} has scheme {parts.scheme!r}: use redis:// or rediss:// (TLS)"
+        parse_redis_url(url)
+    except RedisUrlError as err:
+        problems.append(f"REDIS_URL={safe!r} {err}: use e.g. {err.example}")
+
+
+@dataclass(frozen=True, slots=True)
+class _RedisExtras:
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    verify: bool = True
+    sentinel_password: str | None = None
+
+
+def _redis_tls_settings(env: Mapping[str, str], r: _Reader, url: str | None) -> _RedisExtras:
+    """REDIS_TLS_* (only with rediss://) and REDIS_SENTINEL_PASSWORD (only with Sentinel).
+
+    Checked only for SESSION_STORE=redis with a parseable REDIS_URL; a setting that the URL's
+    scheme would silently ignore is a problem, because it usually means TLS is not in use."""
+    try:
+        target = parse_redis_url(url) if url else None
+    except RedisUrlError:
+        target = None
+    if target is None:
+        return _RedisExtras()
+    files: dict[str, str | None] = {}
+    for name in ("REDIS_TLS_CA_FILE", "REDIS_TLS_CERT_FILE", "REDIS_TLS_KEY_FILE"):
+        path = env.get(name, "").strip() or None
+        files[name] = path
+        if path is None:
+            continue
+        if not target.tls:
+            r.problems.append(
+                f"{name} is set but REDIS_URL is not rediss://: use a rediss:// URL for TLS, "
+                f"or unset {name}"
+            )
+        elif not os.path.isfile(path) or not os.access(path, os.R_OK):
+            r.problems.append(f"{name}={path!r} is not a readable file: give the PEM file path")
+    if files["REDIS_TLS_KEY_FILE"] and not files["REDIS_TLS_CERT_FILE"]:
+        r.problems.append(
+            "REDIS_TLS_KEY_FILE is set without REDIS_TLS_CERT_FILE: set both for a client "
+            "certificate"
         )
-    elif not parts.hostname:
-        problems.append(f"REDIS_URL={safe!r} names no host: use redis://host:6379/0")
-    db = parts.path.lstrip("/")
-    if db and not db.isdigit():
-        problems.append(f"REDIS_URL={safe!r} has database {db!r}: use a number, e.g. /0")
+    verify_raw = env.get("REDIS_TLS_VERIFY", "").strip()
+    verify = r.choice("REDIS_TLS_VERIFY", "true", ("true", "false")) == "true"
+    if verify_raw and not target.tls:
+        r.problems.append(
+            "REDIS_TLS_VERIFY is set but REDIS_URL is not rediss://: unset it or use rediss://"
+        )
+    sentinel_password = env.get("REDIS_SENTINEL_PASSWORD") or None
+    if sentinel_password is not None and target.topology != "sentinel":
+        r.problems.append(
+            "REDIS_SENTINEL_PASSWORD is set but REDIS_URL is not redis+sentinel://: unset it"
+        )
+    return _RedisExtras(
+        ca_file=files["REDIS_TLS_CA_FILE"],
+        cert_file=files["REDIS_TLS_CERT_FILE"],
+        key_file=files["REDIS_TLS_KEY_FILE"],
+        verify=verify,
+        sentinel_password=sentinel_password,
+    )
 
 
 def _parse_networks(raw: str, problems: list[str]) -> tuple[IPNetwork, ...]:

@@ -95,6 +95,11 @@ async def open_store(settings: Settings) -> SessionBackend:
         max_connections=settings.redis_max_connections,
         pool_timeout=settings.redis_pool_timeout_seconds,
         health_check_interval=settings.redis_health_check_seconds,
+        tls_ca_file=settings.redis_tls_ca_file,
+        tls_cert_file=settings.redis_tls_cert_file,
+        tls_key_file=settings.redis_tls_key_file,
+        tls_verify=settings.redis_tls_verify,
+        sentinel_password=settings.redis_sentinel_password,
     )
     redis_backend = RedisBackend(make_client(options), op_timeout=options.op_timeout)
     try:

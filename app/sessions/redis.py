@@ -1,34 +1,199 @@
-"""Redis session backend: one `redis.asyncio` pool per process, every parameter explicit.
+"""Redis session backend: one client per process for any topology, every parameter explicit.
+
+`REDIS_URL` picks the topology (`parse_redis_url`):
+- `redis://` / `rediss://` (TLS): one server, a bounded blocking pool.
+- `redis+sentinel://[user:password@]host1:26379,host2:26379/<master-name>/<db>`: the primary
+  is looked up through Sentinel on every new connection, so a failover is followed without a
+  restart. `READONLY` from a demoted primary disconnects that connection and is retried
+  (redis-py's `SentinelManagedConnection` turns it into a `ConnectionError`), so the next
+  attempt asks Sentinel again.
+- `redis+cluster://[user:password@]host1:7000,host2:7001`: `RedisCluster` follows
+  `MOVED`/`ASK` and refreshes its slot map; a primary that is down fails only the keys of its
+  slots.
 
 redis-py's defaults changed across 5.x-8.x (retries, timeouts, pool size, protocol), so none is
-relied on. Budget: `Retry` with exponential backoff and 3 retries (the spec: at most 3 retries
-per request; sleeps <= 0.1, 0.2, 0.4 s), short socket and connect timeouts, and an overall
-deadline per operation (`op_timeout`) around the nested retry loops, so a dead or frozen Redis
-answers `StoreUnavailable` in about two seconds instead of hanging the request.
+relied on. Budget, the same for every topology: 3 retries (the spec: at most 3 retries per
+request; single/Sentinel back off <= 0.1, 0.2, 0.4 s; the cluster client re-discovers the slot
+map between attempts instead), short socket and connect timeouts, and an overall deadline per
+operation (`op_timeout`) around the nested retry loops, so a dead or frozen Redis answers
+`StoreUnavailable` in about two seconds instead of hanging the request.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import ssl
 from collections.abc import Awaitable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
+from urllib.parse import unquote
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.connection import Connection, SSLConnection
 from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialWithJitterBackoff
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
+from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import ReadOnlyError, RedisClusterException, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from app.sessions.backend import StoreUnavailable
 
+log = logging.getLogger(__name__)
+
 T = TypeVar("T")
 
 # Failures that mean "the store is not answering right now": retried by redis-py where safe,
-# and answered 503 by the gateway. ReadOnlyError / OutOfMemoryError are ResponseErrors.
-_UNAVAILABLE = (RedisError, OSError, TimeoutError)
+# and answered 503 by the gateway. ReadOnlyError / OutOfMemoryError are ResponseErrors;
+# RedisClusterException (no reachable node, slot not covered) is not even a RedisError.
+_UNAVAILABLE = (RedisError, RedisClusterException, OSError, TimeoutError)
 MIN_REDIS_VERSION = (6, 2)  # GETEX
+CLUSTER_SLOTS = 16384
+
+Topology = Literal["single", "sentinel", "cluster"]
+RedisClient = aioredis.Redis | RedisCluster
+
+_SCHEMES: dict[str, tuple[Topology, bool]] = {
+    "redis": ("single", False),
+    "rediss": ("single", True),
+    "redis+sentinel": ("sentinel", False),
+    "redis+cluster": ("cluster", False),
+}
+_DEFAULT_PORT: dict[Topology, int] = {"single": 6379, "sentinel": 26379, "cluster": 6379}
+EXAMPLES: dict[Topology, str] = {
+    "single": "redis://host:6379/0 (or rediss://host:6380/0 for TLS)",
+    "sentinel": "redis+sentinel://host1:26379,host2:26379/<master-name>/0",
+    "cluster": "redis+cluster://host1:7000,host2:7001",
+}
+_HOST_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-_")
+
+
+class RedisUrlError(ValueError):
+    """`REDIS_URL` is malformed. The message never contains the password; it says what is
+    wrong (the caller adds the redacted URL and the variable name); `example` is a correct
+    URL of the scheme that was meant."""
+
+    example: str = EXAMPLES["single"]
+
+
+@dataclass(frozen=True, slots=True)
+class RedisTarget:
+    """What a `REDIS_URL` names: a topology, its seed addresses, credentials, database."""
+
+    topology: Topology
+    tls: bool
+    nodes: tuple[tuple[str, int], ...]
+    username: str | None = None
+    password: str | None = None
+    db: int = 0
+    service_name: str | None = None  # the Sentinel master name
+
+
+def parse_redis_url(url: str) -> RedisTarget:
+    """Parse any supported `REDIS_URL`; raise `RedisUrlError` naming the problem.
+
+    Query-string options are refused (redis-py would let them override the explicit retry and
+    timeout budget, or switch off TLS verification): use the `REDIS_*` settings instead.
+    """
+    try:
+        return _parse_redis_url(url)
+    except RedisUrlError as err:
+        scheme = url.partition("://")[0].lower()
+        meant: Topology = (
+            "sentinel" if "sentinel" in scheme else "cluster" if "cluster" in scheme else "single"
+        )
+        err.example = EXAMPLES[meant]
+        raise
+
+
+def _parse_redis_url(url: str) -> RedisTarget:
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        raise RedisUrlError("is not a URL")
+    scheme = scheme.lower()
+    if scheme in ("rediss+sentinel", "rediss+cluster"):
+        raise RedisUrlError(
+            f"uses {scheme}://, which is not supported: TLS works with a single server "
+            "(rediss://); Sentinel and Cluster run over plain TCP here"
+        )
+    if scheme not in _SCHEMES:
+        raise RedisUrlError(
+            f"has scheme {scheme!r}: use redis://, rediss:// (TLS), redis+sentinel:// or "
+            "redis+cluster://"
+        )
+    topology, tls = _SCHEMES[scheme]
+    # Credentials end at the last '@' (a password may contain '/', '?', '#' or '@').
+    userinfo, at, location = rest.rpartition("@")
+    username = password = None
+    if at:
+        user, colon, secret = userinfo.partition(":")
+        username = unquote(user) or None
+        password = unquote(secret) if colon and secret else None
+    if "?" in location or "#" in location:
+        raise RedisUrlError(
+            "has a query string or fragment: options go in the REDIS_* settings (see README)"
+        )
+    hosts, slash, path = location.partition("/")
+    nodes = tuple(_parse_node(item, _DEFAULT_PORT[topology]) for item in hosts.split(","))
+    if topology == "single" and len(nodes) != 1:
+        raise RedisUrlError(
+            "names several hosts: redis:// takes one; use redis+sentinel:// or "
+            "redis+cluster:// for several"
+        )
+    segments = [unquote(s) for s in path.split("/")] if slash else []
+    while segments and segments[-1] == "":
+        segments.pop()
+    db = 0
+    service_name = None
+    if topology == "sentinel":
+        if not segments or not segments[0]:
+            raise RedisUrlError("names no Sentinel master: add /<master-name> after the hosts")
+        service_name = segments[0]
+        if any(c.isspace() for c in service_name):
+            raise RedisUrlError("has a master name with spaces")
+        segments = segments[1:]
+    if len(segments) > 1:
+        raise RedisUrlError("has an unexpected path: only a database number may follow")
+    if segments:
+        if not segments[0].isdigit():
+            raise RedisUrlError(f"has database {segments[0]!r}: use a number, e.g. /0")
+        db = int(segments[0])
+    if topology == "cluster" and db != 0:
+        raise RedisUrlError(f"asks for database {db}: Redis Cluster has only database 0")
+    return RedisTarget(
+        topology=topology,
+        tls=tls,
+        nodes=nodes,
+        username=username,
+        password=password,
+        db=db,
+        service_name=service_name,
+    )
+
+
+def _parse_node(item: str, default_port: int) -> tuple[str, int]:
+    if not item:
+        raise RedisUrlError("names no host (or has an empty entry in its host list)")
+    if item.startswith("["):  # [IPv6]:port
+        host, bracket, tail = item[1:].partition("]")
+        if not bracket or not host or any(c not in "0123456789abcdefABCDEF:." for c in host):
+            raise RedisUrlError(f"has an invalid IPv6 host {item!r}")
+        if tail and not tail.startswith(":"):
+            raise RedisUrlError(f"has an invalid host {item!r}")
+        port_text = tail[1:] if tail else ""
+    else:
+        host, colon, port_text = item.partition(":")
+        if not host or any(c not in _HOST_CHARS for c in host):
+            raise RedisUrlError(f"has an invalid host {host!r}")
+        if colon and not port_text:
+            raise RedisUrlError(f"has an empty port after {host!r}")
+    if not port_text:
+        return host, default_port
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise RedisUrlError(f"has an invalid port {port_text!r}: use 1-65535")
+    return host, int(port_text)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -42,36 +207,134 @@ class RedisOptions:
     health_check_interval: int = 10
     retries: int = 3
     client_name: str = "agent-bff"
+    # TLS (rediss://): verification is on unless `tls_verify` is False; `tls_ca_file` None
+    # means the system's CA store.
+    tls_ca_file: str | None = None
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+    tls_verify: bool = True
+    # AUTH for the Sentinel processes themselves (the URL's password is the data nodes').
+    sentinel_password: str | None = None
 
 
-def make_client(options: RedisOptions) -> aioredis.Redis:
-    """A client owning a bounded blocking pool; `await client.aclose()` closes both."""
-    retry_errors = (RedisConnectionError, RedisTimeoutError)
-    pool = aioredis.BlockingConnectionPool.from_url(
-        options.url,
+class _BlockingSentinelPool(SentinelConnectionPool, aioredis.BlockingConnectionPool):
+    """Sentinel-discovered primary behind a *blocking* bounded pool: when every connection is
+    busy a request waits up to `timeout` seconds (then 503) instead of failing at once."""
+
+
+def _retry(options: RedisOptions) -> Retry:
+    # The asyncio Retry class (redis.retry.Retry is the sync one, redis-py #4262).
+    return Retry(
+        ExponentialWithJitterBackoff(base=0.05, cap=0.5),
+        options.retries,
+        supported_errors=(RedisConnectionError, RedisTimeoutError),
+    )
+
+
+def _common_kwargs(options: RedisOptions, target: RedisTarget) -> dict[str, Any]:
+    """Connection parameters every topology's data connections share."""
+    return {
+        "socket_timeout": options.socket_timeout,
+        "socket_connect_timeout": options.connect_timeout,
+        "socket_keepalive": True,
+        "health_check_interval": options.health_check_interval,
+        "client_name": options.client_name,
+        "username": target.username,
+        "password": target.password,
+        "decode_responses": False,
+        # RESP2: the same behaviour on redis-py 5.x-8.x, no HELLO / maintenance notifications.
+        "protocol": 2,
+    }
+
+
+def _tls_kwargs(options: RedisOptions) -> dict[str, Any]:
+    if not options.tls_verify:
+        log.warning(
+            "REDIS_TLS_VERIFY=false: the Redis server certificate is NOT verified; anyone on "
+            "the path can impersonate Redis. Use REDIS_TLS_CA_FILE instead."
+        )
+    return {
+        "ssl_ca_certs": options.tls_ca_file,
+        "ssl_certfile": options.tls_cert_file,
+        "ssl_keyfile": options.tls_key_file,
+        "ssl_cert_reqs": "required" if options.tls_verify else "none",
+        "ssl_check_hostname": options.tls_verify,
+    }
+
+
+def make_client(options: RedisOptions) -> RedisClient:
+    """The client for `options.url`'s topology; `RedisBackend.close()` releases everything.
+
+    Raises `RedisUrlError` for a malformed URL (settings validation catches that first).
+    """
+    target = parse_redis_url(options.url)
+    common = _common_kwargs(options, target)
+    retry_errors = [RedisConnectionError, RedisTimeoutError]
+    if target.topology == "cluster":
+        return RedisCluster(
+            startup_nodes=[ClusterNode(host, port) for host, port in target.nodes],
+            # Only the count is used by the cluster client: between attempts it re-reads the
+            # slot map (CLUSTER SLOTS) rather than sleeping.
+            retry=_retry(options),
+            retry_on_error=list(retry_errors),
+            # Per node; a node's pool does not block: exhausted -> MaxConnectionsError -> 503.
+            max_connections=options.max_connections,
+            # A hole in the slot map must fail only its keys, not every refresh of the map;
+            # `check_server` insists on full coverage at start instead.
+            require_full_coverage=False,
+            **common,
+        )
+    if target.topology == "sentinel":
+        assert target.service_name is not None
+        sentinel = Sentinel(  # type: ignore[no-untyped-call]  # redis-py leaves it unannotated
+            target.nodes,
+            sentinel_kwargs={
+                "socket_timeout": options.socket_timeout,
+                "socket_connect_timeout": options.connect_timeout,
+                "socket_keepalive": True,
+                "password": options.sentinel_password,
+                "client_name": options.client_name,
+                "protocol": 2,
+                # Several Sentinels already give redundancy: one quick retry covers a stale
+                # pooled connection after a Sentinel restart; a dead one is skipped at once.
+                "retry": Retry(NoBackoff(), 1),
+                "max_connections": 8,
+            },
+        )
+        client: aioredis.Redis = sentinel.master_for(
+            target.service_name,
+            connection_pool_class=_BlockingSentinelPool,
+            max_connections=options.max_connections,
+            timeout=options.pool_timeout,
+            db=target.db,
+            retry=_retry(options),
+            retry_on_error=list(retry_errors),
+            **common,
+        )
+        return client
+    connection: dict[str, Any] = {"connection_class": Connection}
+    if target.tls:
+        connection = {"connection_class": SSLConnection, **_tls_kwargs(options)}
+    host, port = target.nodes[0]
+    pool = aioredis.BlockingConnectionPool(
+        host=host,
+        port=port,
+        db=target.db,
         max_connections=options.max_connections,
         timeout=options.pool_timeout,
-        socket_timeout=options.socket_timeout,
-        socket_connect_timeout=options.connect_timeout,
-        socket_keepalive=True,
-        health_check_interval=options.health_check_interval,
-        retry=Retry(
-            ExponentialWithJitterBackoff(base=0.05, cap=0.5),
-            options.retries,
-            supported_errors=retry_errors,
-        ),
+        retry=_retry(options),
         retry_on_error=list(retry_errors),
-        client_name=options.client_name,
-        decode_responses=False,
-        protocol=2,
+        **common,
+        **connection,
     )
     return aioredis.Redis.from_pool(pool)
 
 
 class RedisBackend:
-    """Session operations, each one Redis command under the per-operation deadline."""
+    """Session operations, each one single-key Redis command under the per-operation
+    deadline. Works on a single server, a Sentinel-managed primary, or a Redis Cluster."""
 
-    def __init__(self, client: aioredis.Redis, *, op_timeout: float = 2.0) -> None:
+    def __init__(self, client: RedisClient, *, op_timeout: float = 2.0) -> None:
         self.client = client
         self._op_timeout = op_timeout
 
@@ -79,11 +342,33 @@ class RedisBackend:
         try:
             async with asyncio.timeout(self._op_timeout):
                 return await awaitable
+        except ReadOnlyError as err:
+            # A demoted primary (failover behind a DNS name or proxy): drop the idle
+            # connections so the next request connects afresh and finds the new primary.
+            await self._drop_idle_connections()
+            raise StoreUnavailable(f"ReadOnlyError: {err}") from err
         except _UNAVAILABLE as err:
-            raise StoreUnavailable(f"{type(err).__name__}: {err}") from err
+            raise StoreUnavailable(_describe(err)) from err
+
+    async def _drop_idle_connections(self) -> None:
+        pool = getattr(self.client, "connection_pool", None)
+        if isinstance(pool, aioredis.ConnectionPool):
+            try:
+                await pool.disconnect(inuse_connections=False)
+            except _UNAVAILABLE:  # best effort: a broken socket is dropped either way
+                log.debug("disconnecting idle Redis connections failed", exc_info=True)
 
     async def get_and_touch(self, key: str, ttl: int) -> bytes | None:
-        value: Any = await self._run(self.client.getex(key, ex=ttl))
+        try:
+            value: Any = await self._run(self.client.getex(key, ex=ttl))
+        except StoreUnavailable as err:
+            if not _is_wrong_type(err.__cause__):
+                raise
+            # A non-string key under our prefix is not a session: like a corrupt value it
+            # counts as none and is removed (otherwise every request would answer 503).
+            log.warning("session key of the wrong Redis type removed")
+            await self.delete(key)
+            return None
         return bytes(value) if value is not None else None
 
     async def create(self, key: str, value: bytes, ttl: int) -> bool:
@@ -96,21 +381,100 @@ class RedisBackend:
         await self._run(self.client.delete(key))
 
     async def ping(self) -> None:
-        await self._run(self.client.ping())
+        """Readiness. Single / Sentinel: PING the (current) primary. Cluster: ready when at
+        least one primary answers, because the gateway still serves every slot whose primary
+        is up; taking all replicas out of the load balancer would turn a partial outage into
+        a total one. Keys of a dead primary's slots answer 503 on their own."""
+        if isinstance(self.client, RedisCluster):
+            await self._run(self._cluster_ping_any(self.client))
+        else:
+            await self._run(self.client.ping())
+
+    @staticmethod
+    async def _cluster_ping_any(client: RedisCluster) -> None:
+        await client.initialize()
+        pings = [
+            asyncio.ensure_future(client.execute_command("PING", target_nodes=node))
+            for node in client.get_primaries()
+        ]
+        errors: list[BaseException] = []
+        try:
+            for done in asyncio.as_completed(pings):
+                try:
+                    await done
+                    return
+                except _UNAVAILABLE as err:
+                    errors.append(err)
+        finally:
+            for task in pings:
+                task.cancel()
+            await asyncio.gather(*pings, return_exceptions=True)
+        raise errors[0] if errors else RedisClusterException("no primary in the slot map")
 
     async def check_server(self, deadline: float) -> str:
-        """Fail-fast start check: PING, then require Redis >= 6.2. Returns the version."""
+        """Fail-fast start check: PING, then require Redis >= 6.2. Returns the version.
+
+        Cluster: the slot map must cover all 16384 slots and every primary must answer and be
+        new enough, so a broken cluster is caught at deploy time (at runtime, a dead primary
+        only fails its own slots). Sentinel: the primary Sentinel names must answer.
+        """
         try:
             async with asyncio.timeout(deadline):
-                await self.client.ping()
-                info: dict[str, Any] = await self.client.info("server")
+                if isinstance(self.client, RedisCluster):
+                    infos = await self._cluster_infos(self.client)
+                else:
+                    await self.client.ping()
+                    infos = [await self.client.info("server")]
         except _UNAVAILABLE as err:
-            raise StoreUnavailable(f"{type(err).__name__}: {err}") from err
-        version = str(info.get("redis_version", "0"))
-        numbers = tuple(int(p) for p in version.split(".")[:2] if p.isdigit())
-        if numbers < MIN_REDIS_VERSION:
-            raise StoreUnavailable(f"Redis {version} is too old: 6.2 or newer is needed (GETEX)")
-        return version
+            raise StoreUnavailable(_describe(err)) from err
+        versions = [str(info.get("redis_version", "0")) for info in infos]
+        for version in versions:
+            numbers = tuple(int(p) for p in version.split(".")[:2] if p.isdigit())
+            if numbers < MIN_REDIS_VERSION:
+                raise StoreUnavailable(
+                    f"Redis {version} is too old: 6.2 or newer is needed (GETEX)"
+                )
+        return min(versions)
+
+    @staticmethod
+    async def _cluster_infos(client: RedisCluster) -> list[dict[str, Any]]:
+        await client.initialize()
+        covered = len(client.nodes_manager.slots_cache)
+        if covered < CLUSTER_SLOTS:
+            raise RedisClusterException(
+                f"the cluster covers {covered} of {CLUSTER_SLOTS} hash slots: assign every "
+                "slot (redis-cli --cluster fix) before starting"
+            )
+        primaries = client.get_primaries()
+        await asyncio.gather(
+            *(client.execute_command("PING", target_nodes=node) for node in primaries)
+        )
+        results = await asyncio.gather(
+            *(client.execute_command("INFO", "server", target_nodes=node) for node in primaries)
+        )
+        return [dict(r) for r in results]
 
     async def close(self) -> None:
+        pool = getattr(self.client, "connection_pool", None)
         await self.client.aclose()
+        sentinel = getattr(pool, "sentinel_manager", None)
+        if isinstance(sentinel, Sentinel):
+            await sentinel.aclose()
+
+
+def _is_wrong_type(err: BaseException | None) -> bool:
+    return isinstance(err, ResponseError) and str(err).startswith("WRONGTYPE")
+
+
+def _describe(err: BaseException) -> str:
+    """`Type: message`, with a hint when the cause is a failed TLS handshake."""
+    text = f"{type(err).__name__}: {err}"
+    cause: BaseException | None = err
+    while cause is not None:
+        if isinstance(cause, ssl.SSLError) or "CERTIFICATE_VERIFY_FAILED" in str(cause):
+            return (
+                f"{text} (TLS: check that REDIS_TLS_CA_FILE holds the CA that signed the "
+                "server certificate and that the certificate names the host in REDIS_URL)"
+            )
+        cause = cause.__cause__ or cause.__context__
+    return text
