@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import fakeredis
 import pytest
@@ -236,7 +236,8 @@ async def gateway_factory(
             raw = MemoryRaw(store)
         elif kind == "fakeredis":
             assert isinstance(store, RedisBackend)
-            raw = RedisRaw(store.client)
+            # The fakeredis client the test built (typed as the backend's client union).
+            raw = RedisRaw(cast(aioredis.Redis, store.client))
         else:
             assert settings.redis_url is not None
             direct = aioredis.Redis.from_url(settings.redis_url, decode_responses=False)

@@ -1,0 +1,244 @@
+"""One contract for every session backend: memory, fakeredis, and a real redis-server.
+
+The contract (app/sessions/backend.py): `get_and_touch` returns the value and slides its TTL
+(GETEX EX), `create` only when absent (SET NX EX), `update` only when present (SET XX EX, so a
+write racing a logout never resurrects), `delete` is idempotent, entries expire after their TTL.
+The memory store is also bounded: LRU eviction and an expiry sweep.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+
+import fakeredis
+import pytest
+import redis.asyncio as aioredis
+
+from app.sessions.backend import SessionBackend
+from app.sessions.memory import MemoryBackend
+from app.sessions.redis import RedisBackend, RedisOptions, make_client
+from tests.conftest import STORE_KINDS, MemoryRaw, RawStore, RedisRaw
+from tests.redis_server import RedisServer
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@dataclass
+class Store:
+    kind: str
+    backend: SessionBackend
+    raw: RawStore
+    # Let `seconds` pass for the store (a fake clock for memory, real time for Redis).
+    advance: Callable[[float], Awaitable[None]]
+
+
+@pytest.fixture(params=STORE_KINDS)
+async def store(request: pytest.FixtureRequest) -> AsyncIterator[Store]:
+    kind: str = request.param
+    if kind == "memory":
+        clock = FakeClock()
+        memory = MemoryBackend(max_entries=1000, clock=clock)
+
+        async def advance_clock(seconds: float) -> None:
+            clock.now += seconds
+
+        yield Store(kind, memory, MemoryRaw(memory), advance_clock)
+        await memory.close()
+        return
+
+    async def sleep(seconds: float) -> None:
+        await asyncio.sleep(seconds)
+
+    if kind == "fakeredis":
+        fake = fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer())
+        backend = RedisBackend(fake, op_timeout=1.0)
+        yield Store(kind, backend, RedisRaw(fake), sleep)
+        await backend.close()
+        return
+    server: RedisServer = request.getfixturevalue("shared_redis")
+    # The production client (pool, retries, timeouts), as `open_store` builds it.
+    real = RedisBackend(make_client(RedisOptions(url=server.url, op_timeout=1.0)), op_timeout=1.0)
+    direct = aioredis.Redis.from_url(server.url)
+    yield Store(kind, real, RedisRaw(direct), sleep)
+    await real.close()
+    await direct.aclose()
+
+
+KEY = "agent:sess:demo:" + "A" * 43
+
+
+async def test_get_missing_is_none(store: Store) -> None:
+    assert await store.backend.get_and_touch(KEY, 10) is None
+    assert await store.raw.keys() == []
+
+
+async def test_create_only_when_absent(store: Store) -> None:
+    assert await store.backend.create(KEY, b"one", 60) is True
+    assert await store.backend.create(KEY, b"two", 60) is False
+    assert await store.raw.get(KEY) == b"one"
+    assert await store.backend.get_and_touch(KEY, 60) == b"one"
+
+
+async def test_create_sets_the_ttl(store: Store) -> None:
+    await store.backend.create(KEY, b"v", 60)
+    ttl = await store.raw.ttl(KEY)
+    assert ttl is not None and 55 < ttl <= 60
+
+
+async def test_update_only_when_present(store: Store) -> None:
+    assert await store.backend.update(KEY, b"new", 60) is False
+    assert await store.raw.get(KEY) is None
+    await store.backend.create(KEY, b"old", 10)
+    assert await store.backend.update(KEY, b"new", 60) is True
+    assert await store.raw.get(KEY) == b"new"
+    ttl = await store.raw.ttl(KEY)
+    assert ttl is not None and 55 < ttl <= 60  # every save sets the TTL again
+
+
+async def test_update_after_delete_does_not_resurrect(store: Store) -> None:
+    await store.backend.create(KEY, b"v", 60)
+    await store.backend.delete(KEY)
+    assert await store.backend.update(KEY, b"late write", 60) is False
+    assert await store.raw.get(KEY) is None
+    assert await store.backend.get_and_touch(KEY, 60) is None
+
+
+async def test_delete_is_idempotent(store: Store) -> None:
+    await store.backend.delete(KEY)  # absent: no error
+    await store.backend.create(KEY, b"v", 60)
+    await store.backend.delete(KEY)
+    await store.backend.delete(KEY)
+    assert await store.raw.get(KEY) is None
+
+
+async def test_delete_touches_only_its_key(store: Store) -> None:
+    other = KEY.replace("demo", "shop")
+    await store.backend.create(KEY, b"a", 60)
+    await store.backend.create(other, b"b", 60)
+    await store.backend.delete(KEY)
+    assert await store.raw.get(other) == b"b"
+
+
+async def test_get_and_touch_slides_the_ttl(store: Store) -> None:
+    await store.backend.create(KEY, b"v", 10)
+    assert await store.backend.get_and_touch(KEY, 600) == b"v"
+    ttl = await store.raw.ttl(KEY)
+    assert ttl is not None and 590 < ttl <= 600
+
+
+async def test_get_and_touch_keeps_an_entry_alive_past_its_first_ttl(store: Store) -> None:
+    # Timings leave room for fakeredis, whose GETEX truncates the new deadline to whole seconds.
+    await store.backend.create(KEY, b"v", 2)
+    await store.advance(1.5)
+    assert await store.backend.get_and_touch(KEY, 2) == b"v"
+    await store.advance(0.8)  # 2.3 s after create (past its first TTL), 0.8 s after the touch
+    assert await store.backend.get_and_touch(KEY, 2) == b"v"
+
+
+async def test_entries_expire(store: Store) -> None:
+    await store.backend.create(KEY, b"v", 1)
+    await store.advance(1.2)
+    assert await store.backend.get_and_touch(KEY, 1) is None
+    assert await store.backend.update(KEY, b"late", 60) is False
+    assert await store.raw.get(KEY) is None
+    # An expired key is absent: it can be created again.
+    assert await store.backend.create(KEY, b"again", 60) is True
+
+
+async def test_values_are_opaque_bytes(store: Store) -> None:
+    value = bytes(range(256))
+    await store.backend.create(KEY, value, 60)
+    assert await store.backend.get_and_touch(KEY, 60) == value
+
+
+async def test_ping(store: Store) -> None:
+    await store.backend.ping()
+
+
+async def test_a_key_of_another_type_is_no_session_and_removed(store: Store) -> None:
+    """Someone else's non-string key under our prefix must not turn into a 503 forever."""
+    if store.kind == "memory":
+        return  # the memory store holds only bytes
+    assert isinstance(store.raw, RedisRaw)
+    await store.raw.client.hset(KEY, "field", "value")
+    assert await store.backend.get_and_touch(KEY, 60) is None
+    assert await store.raw.get(KEY) is None
+
+
+# -- memory only: bounded -------------------------------------------------------------------
+
+
+async def test_memory_store_is_bounded_lru() -> None:
+    clock = FakeClock()
+    memory = MemoryBackend(max_entries=3, clock=clock)
+    for name in "abc":
+        assert await memory.create(name, name.encode(), 60)
+    # Reading `a` makes it the most recently used: `b` is evicted next.
+    assert await memory.get_and_touch("a", 60) == b"a"
+    assert await memory.create("d", b"d", 60)
+    assert len(memory) == 3
+    assert memory.evictions == 1
+    assert await memory.get_and_touch("b", 60) is None
+    for name in "acd":
+        assert await memory.get_and_touch(name, 60) == name.encode()
+    # An update also counts as use.
+    assert await memory.update("a", b"a2", 60)
+    assert await memory.create("e", b"e", 60)
+    assert await memory.get_and_touch("c", 60) is None
+    assert await memory.get_and_touch("a", 60) == b"a2"
+    assert len(memory) == 3
+
+
+async def test_memory_flood_stays_bounded() -> None:
+    memory = MemoryBackend(max_entries=100)
+    for i in range(5000):
+        await memory.create(f"k{i}", b"x", 60)
+    assert len(memory) == 100
+    assert memory.evictions == 4900
+
+
+async def test_memory_sweep_drops_expired_entries() -> None:
+    clock = FakeClock()
+    memory = MemoryBackend(max_entries=100, clock=clock)
+    await memory.create("short", b"s", 10)
+    await memory.create("long", b"l", 100)
+    assert memory.sweep() == 0
+    clock.now += 11
+    assert len(memory) == 2  # expired but not yet swept
+    assert memory.sweep() == 1
+    assert len(memory) == 1
+    assert await memory.get_and_touch("long", 100) == b"l"
+
+
+async def test_memory_sweeps_in_the_background_until_closed() -> None:
+    clock = FakeClock()
+    memory = MemoryBackend(max_entries=100, clock=clock)
+    for i in range(10):
+        await memory.create(f"k{i}", b"x", 5)
+    memory.start_sweeping(0.01)
+    clock.now += 6
+    async with asyncio.timeout(5):
+        while len(memory):
+            await asyncio.sleep(0.01)
+    await memory.close()
+    # Closed: the sweeper task is gone.
+    with contextlib.suppress(AttributeError):
+        assert memory._sweeper is None
+
+
+async def test_memory_expired_entry_is_invisible_before_any_sweep() -> None:
+    clock = FakeClock()
+    memory = MemoryBackend(clock=clock)
+    await memory.create("k", b"v", 10)
+    clock.now += 10  # exactly at the deadline: gone, like Redis
+    assert await memory.get_and_touch("k", 10) is None
+    assert await memory.ttl("k") is None
