@@ -29,7 +29,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
@@ -276,11 +276,17 @@ class _StoreCollector:
     def collect(self) -> Iterator[Metric]:
         client: aioredis.Redis | None = getattr(self._backend, "client", None)
         if client is not None:
-            pool = client.connection_pool
+            pool = getattr(client, "connection_pool", None)
             # redis-py keeps these as plain attributes on its pools (4.x through 8.x); read
             # defensively so a future rename costs a series, not a scrape.
             in_use = len(getattr(pool, "_in_use_connections", ()))
             idle = len(getattr(pool, "_available_connections", ()))
+            max_connections = getattr(pool, "max_connections", 0) or 0
+            if pool is None:  # RedisCluster: one small pool per node, summed (issue 5)
+                nodes: list[Any] = getattr(client, "get_nodes", list)()
+                idle = sum(len(getattr(n, "_free", ())) for n in nodes)
+                in_use = sum(len(getattr(n, "_connections", ())) for n in nodes) - idle
+                max_connections = sum(getattr(n, "max_connections", 0) for n in nodes)
             connections = GaugeMetricFamily(
                 f"{NAMESPACE}_redis_pool_connections",
                 "Redis connections in this process's pool, by state.",
@@ -292,7 +298,7 @@ class _StoreCollector:
             yield GaugeMetricFamily(
                 f"{NAMESPACE}_redis_pool_max_connections",
                 "The pool's bound (REDIS_MAX_CONNECTIONS).",
-                value=float(getattr(pool, "max_connections", 0) or 0),
+                value=float(max_connections),
             )
         elif hasattr(self._backend, "__len__"):
             yield GaugeMetricFamily(
