@@ -166,7 +166,9 @@ def check_thresholds(report: dict[str, Any], limits: Thresholds) -> list[str]:
 
 
 def _ms(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2f}"
+    if value is None:
+        return "-"
+    return f"{value:.3f}" if value < 1 else f"{value:.2f}"
 
 
 def format_summary(report: dict[str, Any]) -> str:

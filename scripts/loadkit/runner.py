@@ -193,15 +193,22 @@ class VirtualUser:
 
     def check(self, data: Any) -> None:
         """Compare what the gateway returned with what this VU wrote."""
-        self.rec.checks += 1
         if not isinstance(data, dict) or data.get("lg_token") != self.token:
-            self.rec.lost += 1
+            self.lose()
         elif data.get("lg_n") != self.n or data.get("lg_pad") != self.pad:
+            self.lose(stale=True)
+        else:
+            self.rec.checks += 1
+
+    def lose(self, *, stale: bool = False) -> None:
+        """Count a failed continuity check; the next step re-creates (rewrites) the session."""
+        self.rec.checks += 1
+        if stale:
             self.rec.stale += 1
         else:
-            return
+            self.rec.lost += 1
         self.rec.users_with_loss.add(self.index)
-        self.has_session = False  # re-create (rewrite everything) on the next step
+        self.has_session = False
 
     # -- requests -----------------------------------------------------------------------------
 
@@ -229,6 +236,10 @@ class VirtualUser:
                 elapsed = time.perf_counter() - t
                 if resp.status != 200:
                     self.rec.failure(kind, started, f"status_{resp.status}")
+                    if resp.status == 409 and _error_code(raw) == "session_ended":
+                        # The gateway refused to resurrect a session deleted meanwhile: for a
+                        # user that never logs out, that session was lost.
+                        self.lose()
                     return None
         except (TimeoutError, aiohttp.ClientError, OSError) as err:
             self.rec.failure(kind, started, classify(err))
@@ -268,7 +279,10 @@ class VirtualUser:
             self.has_session = False
 
     async def stream(self, http: aiohttp.ClientSession) -> None:
-        """One agent request read as SSE: TTFE, gaps, completion (the end event), errors."""
+        """One agent request read as SSE: TTFE, gaps, completion (the end event), errors.
+
+        Nothing is recorded for a stream cancelled at the hard deadline (it is `aborted`).
+        """
         rec = self.rec
         headers = {
             **self.config.headers,
@@ -277,69 +291,107 @@ class VirtualUser:
             "Accept": "text/event-stream",
         }
         started = rec.now()
-        t = time.perf_counter()
         timeout = aiohttp.ClientTimeout(
             total=None,
             connect=self.config.timeout,
             sock_connect=self.config.timeout,
             sock_read=self.config.stream_idle_timeout,
         )
-        parser = SSEParser()
-        events = 0
-        data_events = 0
-        last: float | None = None
-        end_seen = False
-        announced: int | None = None
-        stream_error = False
-        header_phase = True
+        read = StreamRead(self.config.end_event, t0=time.perf_counter())
         try:
             async with http.post(
                 self.agent_url, data=self.config.stream_body, headers=headers, timeout=timeout
             ) as resp:
-                header_phase = False
                 if resp.status != 200:
                     await resp.read()
                     rec.failure("stream", started, f"status_{resp.status}")
                     return
-                rec.streams_started += 1
+                read.began = True
                 async for chunk in resp.content.iter_any():
-                    rec.stream_bytes += len(chunk)
-                    for event in parser.feed(chunk):
-                        now = time.perf_counter()
-                        events += 1
-                        if last is None:
-                            rec.ttfe.record(now - t)
-                            rec.timeline.record("ttfe", started, now - t)
-                        else:
-                            rec.gaps.record(now - last)
-                        last = now
-                        if event.type == "error":
-                            stream_error = True
-                        elif self.config.end_event and event.type == self.config.end_event:
-                            end_seen = True
-                            announced = _announced_count(event.data)
-                        else:
-                            data_events += 1
-                elapsed = time.perf_counter() - t
+                    read.feed(chunk)
+                elapsed = time.perf_counter() - read.t0
         except (TimeoutError, aiohttp.ClientError, OSError) as err:
             kind = classify(err)
-            if not header_phase and kind in ("reset", "client_error"):
+            if read.began and kind in ("reset", "client_error"):
                 kind = "truncated" if isinstance(err, aiohttp.ClientPayloadError) else "reset"
+            read.record(rec, started)
             rec.failure("stream", started, kind)
             return
-        finally:
-            rec.stream_events += events
-            rec.keepalive_comments += parser.comments
-        if stream_error:
-            rec.failure("stream", started, "stream_error")
-        elif (
-            self.config.end_event
-            and (not end_seen or (announced is not None and announced != data_events))
-        ) or parser.pending:
-            rec.failure("stream", started, "truncated")
+        read.record(rec, started)
+        error = read.error()
+        if error is not None:
+            rec.failure("stream", started, error)
         else:
             rec.streams_completed += 1
             rec.success("stream", started, elapsed)
+
+
+class StreamRead:
+    """What one stream delivered: events with their arrival times, end marker, errors."""
+
+    def __init__(self, end_event: str, *, t0: float) -> None:
+        self.end_event = end_event
+        self.t0 = t0
+        self.began = False
+        self.parser = SSEParser()
+        self.arrivals: list[float] = []
+        self.data_events = 0
+        self.bytes = 0
+        self.end_seen = False
+        self.announced: int | None = None
+        self.error_event = False
+
+    def feed(self, chunk: bytes) -> None:
+        self.bytes += len(chunk)
+        events = self.parser.feed(chunk)
+        if not events:
+            return
+        now = time.perf_counter()
+        for event in events:
+            self.arrivals.append(now)
+            if event.type == "error":
+                self.error_event = True
+            elif self.end_event and event.type == self.end_event:
+                self.end_seen = True
+                self.announced = _announced_count(event.data)
+            else:
+                self.data_events += 1
+
+    def record(self, rec: Recorder, started: float) -> None:
+        """Add this stream's figures (once its outcome is known)."""
+        if self.began:
+            rec.streams_started += 1
+        rec.stream_bytes += self.bytes
+        rec.stream_events += len(self.arrivals)
+        rec.keepalive_comments += self.parser.comments
+        if self.arrivals:
+            first = self.arrivals[0] - self.t0
+            rec.ttfe.record(first)
+            rec.timeline.record("ttfe", started, first)
+            for before, after in zip(self.arrivals, self.arrivals[1:], strict=False):
+                rec.gaps.record(after - before)
+
+    def error(self) -> str | None:
+        """None for a complete stream, else its error kind."""
+        if self.error_event:
+            return "stream_error"
+        if self.end_event and not self.end_seen:
+            return "truncated"
+        if self.announced is not None and self.announced != self.data_events:
+            return "truncated"
+        if self.parser.pending:
+            return "truncated"
+        return None
+
+
+def _error_code(raw: bytes) -> str | None:
+    """The `code` of the gateway's JSON error envelope, if that is what `raw` is."""
+    try:
+        value = json.loads(raw)
+        code = value["error"]["code"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    return code if isinstance(code, str) else None
 
 
 def _announced_count(data: str) -> int | None:
