@@ -25,6 +25,7 @@ from app.sessions.middleware import setup_sessions
 from app.sessions.redis import RedisBackend, RedisOptions, make_client
 from app.sessions.storage import GatewayStorage
 from app.state import BACKEND_KEY, SETTINGS_KEY, STORAGE_APP_KEY
+from app.upstream import upstream_ctx
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,9 @@ def create_app(settings: Settings, *, backend: SessionBackend | None = None) -> 
     app[SETTINGS_KEY] = settings
     app[LIFECYCLE_KEY] = lifecycle
     app.cleanup_ctx.append(session_store_ctx(settings, backend))
+    # After the store: contexts clean up in reverse, so the upstream client (and the demo
+    # agent) close before Redis, which closes last.
+    app.cleanup_ctx.append(upstream_ctx(settings))
     app.on_shutdown.append(drain_on_shutdown)
     add_response_headers(app)
     setup_routes(app)

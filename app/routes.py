@@ -5,6 +5,8 @@ from __future__ import annotations
 from aiohttp import web
 
 from app import handlers
+from app.demo_agent import STATIC_DIR, demo_page
+from app.proxy import agent_proxy
 
 
 def setup_routes(app: web.Application) -> None:
@@ -16,3 +18,8 @@ def setup_routes(app: web.Application) -> None:
     app.router.add_delete(session, handlers.delete_session)
     # OPTIONS is routed so CORS preflights reach the origin middleware (which answers them).
     app.router.add_route("OPTIONS", session, handlers.method_not_allowed)
+    # Every method (OPTIONS included, so preflights reach the origin middleware) goes upstream.
+    app.router.add_route("*", "/apps/{applicationId}/agent/{path:.*}", agent_proxy)
+    # The demo chat page and its assets (talks to application `demo`).
+    app.router.add_get("/", demo_page)
+    app.router.add_static("/static", STATIC_DIR, append_version=False)

@@ -1,0 +1,592 @@
+"""The agent proxy: every method on `/apps/{applicationId}/agent/{path}` streamed to the
+application's upstream, byte for byte, with the session bound to the conversation.
+
+Contract, in request order:
+- WebSocket upgrades: 501 `websocket_not_supported` (never half-proxied). While shutting down:
+  503 `shutting_down`.
+- The upstream URL is `{upstream}/{path}?{query}` from the *raw* request path. A segment that is
+  `.`/`..`, contains `/`, `\\`, `@` or a control character (after percent-decoding, repeatedly),
+  or is empty (`//`), is 400 `invalid_path`: nothing in the request can reach another host or a
+  path outside the upstream base.
+- A declared `Content-Length` over the application's `max_body_bytes` is 413 `body_too_large`
+  before the upstream is contacted; a chunked body is cut off (and 413) once it exceeds the cap.
+  Bodies stream upstream, they are never buffered whole.
+- The session is loaded (which slides its TTL). The first agent request of a session mints the
+  conversation id (`gw.conversation_id`, random, unrelated to the session id) and creates the
+  session; the session is saved *before* the upstream is contacted and before the response
+  starts, so a streaming response can never lose it or its cookie.
+- Upstream request headers: see `upstream_request_headers`. Response headers: see
+  `browser_response_headers`. Redirects are not followed; every status passes through.
+- Upstream refused/unreachable: 502 `upstream_unavailable`. No response headers within
+  `connect_timeout_seconds`: 504 `upstream_timeout`.
+- Streaming: chunks are relayed as they arrive (bounded reads; `await write()` applies the
+  browser's backpressure to the upstream read). Event streams get SSE comment keep-alives after
+  `SSE_KEEPALIVE_SECONDS` of upstream silence, but only between events and only while the
+  browser is reading (the transport is not above its high-water mark).
+- Failure after the response started (upstream reset or truncated body, no bytes for
+  `idle_timeout_seconds`, shutdown timeout): an event stream that stands between two events gets
+  one `event: error` (`data: {"code": ..., "message": ..., "request_id": ...}`) and closes; any
+  other response (or an event stream cut mid-event, where an injected event would be corrupt)
+  is aborted, so the browser sees a truncated body, never a clean end.
+- The browser disconnecting cancels the upstream request within `DISCONNECT_POLL_SECONDS`, also
+  while the upstream is silent (`web.run_app` does not cancel handlers on disconnect, so the
+  transport is watched here).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import re
+import secrets
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from urllib.parse import unquote
+
+import aiohttp
+from aiohttp import web
+from aiohttp_session import Session
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
+
+from app.applications import AppConfig
+from app.config import Settings
+from app.errors import REQUEST_ID_KEY, error_response
+from app.forwarding import client_host, client_scheme, peer_ip, peer_is_trusted
+from app.lifecycle import LIFECYCLE_KEY, Lifecycle
+from app.middlewares import APP_CONFIG_KEY
+from app.sessions.middleware import commit_session, get_session
+from app.sessions.storage import DATA, GATEWAY
+from app.state import SETTINGS_KEY
+from app.upstream import UPSTREAM_KEY
+
+log = logging.getLogger(__name__)
+
+CONVERSATION_FIELD = "conversation_id"
+THREAD_HEADER = "X-Agent-Thread-Id"
+APPLICATION_HEADER = "X-Application-Id"
+# How often an open exchange checks that the browser is still connected.
+DISCONNECT_POLL_SECONDS = 0.25
+# Largest single read from the upstream; bounds what one relay step holds in memory.
+READ_CHUNK_BYTES = 64 * 1024
+KEEPALIVE_COMMENT = b": keep-alive\n\n"
+
+# RFC 9110 §7.6.1 (plus the legacy Proxy-Connection and Keep-Alive): never forwarded, in either
+# direction, together with every header the Connection header names.
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "proxy-connection",
+        "keep-alive",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "proxy-authenticate",
+        "proxy-authorization",
+    }
+)
+# Request headers the gateway owns: the browser's copies never reach the upstream. `Host` comes
+# from the upstream URL; `Expect` was already answered by this server.
+_GATEWAY_OWNED_REQUEST = frozenset(
+    {"host", "cookie", "expect", "x-agent-thread-id", "x-application-id", "x-request-id"}
+)
+_FORWARDING = frozenset({"forwarded", "x-real-ip"})
+_REAUTHORED = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"})
+# Auto headers aiohttp would invent: the upstream sees what the browser sent, nothing else.
+_SKIP_AUTO_HEADERS = frozenset({"Accept", "Accept-Encoding", "User-Agent", "Content-Type"})
+
+# RFC 3986 pchar, minus `@` (userinfo tricks are refused outright).
+_SEGMENT_RE = re.compile(r"^(?:[A-Za-z0-9\-._~!$&'()*+,;=:]|%[0-9A-Fa-f]{2})+$")
+_CONVERSATION_RE = re.compile(r"^[A-Za-z0-9_-]{22,86}$")
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+
+
+class InvalidPath(ValueError):
+    """The agent path could escape the upstream base; answered 400 `invalid_path`."""
+
+
+# -- pure helpers ---------------------------------------------------------------------------
+
+
+def build_upstream_url(base: URL, raw_tail: str, raw_query: str) -> URL:
+    """`{base}/{raw_tail}?{raw_query}`, refusing anything that could leave `base`.
+
+    `raw_tail` is the still percent-encoded path after `/agent/`; it is forwarded as is (no
+    re-encoding), after every segment was checked in its decoded forms.
+    """
+    segments = raw_tail.split("/")
+    for index, segment in enumerate(segments):
+        if segment == "":
+            if index == len(segments) - 1:
+                continue  # `agent/` (the base itself) or a trailing slash
+            raise InvalidPath("empty path segment")
+        if not _SEGMENT_RE.match(segment):
+            raise InvalidPath("characters not allowed in a path segment")
+        # Decode until stable (bounded): a double-encoded `%252e%252e` is still `..` to an
+        # upstream that decodes twice. Invalid UTF-8 decodes to U+FFFD, which is harmless here.
+        decoded = segment
+        for _ in range(4):
+            again = unquote(decoded, errors="replace")
+            if again == decoded:
+                break
+            decoded = again
+        else:
+            raise InvalidPath("percent-encoded more than three times")
+        if decoded in (".", "..") or any(c in decoded for c in "/\\@"):
+            raise InvalidPath("dot segment, slash, backslash or @ in a path segment")
+        if _CONTROL_RE.search(decoded):
+            raise InvalidPath("control character in a path segment")
+    base_path = base.raw_path.rstrip("/")
+    target = URL(
+        f"{base.scheme}://{base.raw_authority}{base_path}/{raw_tail}"
+        + (f"?{raw_query}" if raw_query else ""),
+        encoded=True,
+    )
+    if (
+        (target.scheme, target.raw_host, target.port) != (base.scheme, base.raw_host, base.port)
+        or target.user is not None
+        or not target.raw_path.startswith(base_path + "/")
+    ):
+        raise InvalidPath("the path leaves the upstream base")
+    return target
+
+
+def _connection_tokens(headers: CIMultiDictProxy[str]) -> set[str]:
+    """Lower-cased names listed in `Connection` (each of them is hop-by-hop too)."""
+    values = headers.getall("Connection", [])
+    return {token.strip().lower() for value in values for token in value.split(",")} - {""}
+
+
+def _accepts_event_stream(headers: CIMultiDictProxy[str]) -> bool:
+    return any("text/event-stream" in v.lower() for v in headers.getall("Accept", []))
+
+
+def upstream_request_headers(
+    request: web.Request, app: AppConfig, settings: Settings, conversation_id: str
+) -> CIMultiDict[str]:
+    """The headers sent upstream for `request`.
+
+    Dropped: hop-by-hop headers and every header named in `Connection`; `Cookie`; `Host`;
+    `Authorization` unless `forward_authorization`; `Forwarded`, `X-Forwarded-*`, `X-Real-IP`
+    unless the peer is in `TRUSTED_PROXIES`; inbound copies of the gateway's own headers.
+    Set: `X-Forwarded-For` (the trusted chain plus the peer), `-Proto`, `-Host`,
+    `X-Request-Id`, `X-Application-Id`, `X-Agent-Thread-Id`; `Accept-Encoding: identity` when
+    the browser asks for an event stream (event streams are never compressed). Last, the
+    application's configured `headers`, which win over anything the browser sent.
+    """
+    inbound = request.headers
+    named = _connection_tokens(inbound)
+    trusted = peer_is_trusted(request, settings.trusted_proxies)
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in inbound.items():
+        lower = name.lower()
+        if lower in HOP_BY_HOP or lower in named or lower in _GATEWAY_OWNED_REQUEST:
+            continue
+        if lower == "authorization" and not app.forward_authorization:
+            continue
+        forwarding = lower in _FORWARDING or lower.startswith("x-forwarded-")
+        if forwarding and (not trusted or lower in _REAUTHORED):
+            continue
+        out.add(name, value)
+    chain = [v.strip() for v in inbound.getall("X-Forwarded-For", []) if v.strip()]
+    peer = peer_ip(request)
+    hops = (chain if trusted else []) + ([peer] if peer else [])
+    if hops:
+        out["X-Forwarded-For"] = ", ".join(hops)
+    out["X-Forwarded-Proto"] = client_scheme(request, settings.trusted_proxies)
+    host = client_host(request, settings.trusted_proxies)
+    if host:
+        out["X-Forwarded-Host"] = host
+    out["X-Request-Id"] = request[REQUEST_ID_KEY]
+    out[APPLICATION_HEADER] = app.app_id
+    out[THREAD_HEADER] = conversation_id
+    if _accepts_event_stream(inbound):
+        out["Accept-Encoding"] = "identity"
+    for name, value in app.headers.items():
+        out.popall(name, None)
+        out[name] = value
+    return out
+
+
+def browser_response_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
+    """The upstream's response headers minus what must never reach the browser.
+
+    Dropped: hop-by-hop headers and those named in `Connection`; `Set-Cookie` (the gateway's
+    session cookie is the only cookie on this origin path); `Access-Control-*` (the gateway
+    answers CORS for its own origin allowlist, an upstream's `*` must not widen it).
+    """
+    named = _connection_tokens(upstream)
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in upstream.items():
+        lower = name.lower()
+        if (
+            lower in HOP_BY_HOP
+            or lower in named
+            or lower in ("set-cookie", "set-cookie2")
+            or lower.startswith("access-control-")
+        ):
+            continue
+        out.add(name, value)
+    return out
+
+
+def is_event_stream(headers: CIMultiDictProxy[str]) -> bool:
+    """An uncompressed SSE response: the only kind the gateway may add events to."""
+    content_type = headers.get("Content-Type", "").split(";", 1)[0].strip().lower()
+    encoding = headers.get("Content-Encoding", "identity").strip().lower()
+    return content_type == "text/event-stream" and encoding in ("", "identity")
+
+
+def is_websocket_upgrade(headers: CIMultiDictProxy[str]) -> bool:
+    return any(
+        token.strip().lower() == "websocket"
+        for value in headers.getall("Upgrade", [])
+        for token in value.split(",")
+    )
+
+
+def ensure_conversation(session: Session) -> str:
+    """The session's conversation id, minted (and the session marked changed) if absent."""
+    gateway = session.get(GATEWAY)
+    fields = dict(gateway) if isinstance(gateway, dict) else {}
+    current = fields.get(CONVERSATION_FIELD)
+    if isinstance(current, str) and _CONVERSATION_RE.match(current):
+        return current
+    conversation_id = secrets.token_urlsafe(24)
+    fields[CONVERSATION_FIELD] = conversation_id
+    session[GATEWAY] = fields
+    if DATA not in session:
+        session[DATA] = {}
+    return conversation_id
+
+
+class _SseBoundary:
+    """Tracks whether the bytes sent so far end between two SSE events.
+
+    An event (`event: error` or a keep-alive comment) may only be added there: injected into a
+    half-written event it would corrupt both.
+    """
+
+    __slots__ = ("tail",)
+    _ENDS = (b"\n\n", b"\r\r", b"\n\r", b"\r\n\r\n", b"\r\r\n")
+
+    def __init__(self) -> None:
+        self.tail = b"\n\n"
+
+    def feed(self, chunk: bytes) -> None:
+        self.tail = (self.tail + chunk)[-4:]
+
+    @property
+    def at_boundary(self) -> bool:
+        return self.tail.endswith(self._ENDS)
+
+
+# -- the exchange ---------------------------------------------------------------------------
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+@dataclass(slots=True)
+class _Exchange:
+    """State shared by the handler, its relay task and the disconnect watcher."""
+
+    request: web.Request
+    app: AppConfig
+    settings: Settings
+    lifecycle: Lifecycle
+    response: web.StreamResponse | None = None
+    client_gone: bool = False
+    body_too_large: bool = False
+
+    @property
+    def request_id(self) -> str:
+        return self.request[REQUEST_ID_KEY]
+
+    def error(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        *,
+        headers: Mapping[str, str] | None = None,
+    ) -> web.Response:
+        """Our JSON error, carrying any session cookie already set on the stream response."""
+        response = error_response(self.request, status, code, message, headers=headers)
+        if self.response is not None:
+            for name, morsel in self.response.cookies.items():
+                response.cookies[name] = morsel
+        return response
+
+    async def body(self, cap: int) -> AsyncIterator[bytes]:
+        received = 0
+        async for chunk in self.request.content.iter_any():
+            received += len(chunk)
+            if received > cap:
+                self.body_too_large = True
+                raise _BodyTooLarge
+            yield chunk
+
+
+async def agent_proxy(request: web.Request) -> web.StreamResponse:
+    """Handler for every method on `/apps/{applicationId}/agent/{path:.*}`."""
+    exchange = _Exchange(
+        request=request,
+        app=request[APP_CONFIG_KEY],
+        settings=request.app[SETTINGS_KEY],
+        lifecycle=request.app[LIFECYCLE_KEY],
+    )
+    inner = asyncio.create_task(_proxy(exchange))
+    watcher = asyncio.create_task(_watch_disconnect(exchange, inner))
+    try:
+        return await inner
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if not exchange.client_gone or (task is not None and task.cancelling()):
+            raise
+        log.info(
+            "browser disconnected; upstream request cancelled (app %s, request %s)",
+            exchange.app.app_id,
+            exchange.request_id,
+        )
+        if exchange.response is not None and exchange.response.prepared:
+            return exchange.response
+        return web.Response(status=499)  # nginx's "client closed request", for the access log
+    finally:
+        watcher.cancel()
+
+
+async def _watch_disconnect(exchange: _Exchange, inner: asyncio.Task[web.StreamResponse]) -> None:
+    while not inner.done():
+        await asyncio.sleep(DISCONNECT_POLL_SECONDS)
+        transport = exchange.request.transport
+        if (transport is None or transport.is_closing()) and not inner.done():
+            exchange.client_gone = True
+            inner.cancel()
+            return
+
+
+def _closing(response: web.Response) -> web.Response:
+    """`response`, with the connection closed after it: a refused request may leave an unread
+    body (or an upgrade attempt) that must not be parsed as the next request."""
+    response.force_close()
+    return response
+
+
+async def _proxy(exchange: _Exchange) -> web.StreamResponse:
+    request, app, lifecycle = exchange.request, exchange.app, exchange.lifecycle
+    if is_websocket_upgrade(request.headers):
+        return _closing(
+            exchange.error(
+                501,
+                "websocket_not_supported",
+                "WebSocket upgrades are not proxied; use HTTP (SSE).",
+            )
+        )
+    if lifecycle.shutting_down:
+        return _closing(
+            exchange.error(
+                503,
+                "shutting_down",
+                "This instance is shutting down; retry.",
+                headers={"Retry-After": "1"},
+            )
+        )
+
+    prefix = f"/apps/{app.app_id}/agent/"
+    raw_path = request.rel_url.raw_path
+    upstream = request.app[UPSTREAM_KEY]
+    try:
+        if not raw_path.startswith(prefix):
+            raise InvalidPath("the path is not under the agent prefix")
+        url = build_upstream_url(
+            upstream.base_url(app), raw_path[len(prefix) :], request.rel_url.raw_query_string
+        )
+    except InvalidPath:
+        return exchange.error(400, "invalid_path", "The agent path is not allowed.")
+    if request.content_length is not None and request.content_length > app.max_body_bytes:
+        return _closing(exchange.error(413, "body_too_large", "The request body is too large."))
+
+    # Load (and slide) the session; mint the conversation on the first agent request and save
+    # the session now, before the upstream sees the id and before the response starts.
+    session = await get_session(request)
+    conversation_id = ensure_conversation(session)
+    response = web.StreamResponse()
+    exchange.response = response
+    await commit_session(request, response)
+
+    timeout = app.connect_timeout_seconds
+    try:
+        async with asyncio.timeout(timeout):
+            upstream_response = await upstream.session.request(
+                request.method,
+                url,
+                headers=upstream_request_headers(request, app, exchange.settings, conversation_id),
+                data=exchange.body(app.max_body_bytes) if request.body_exists else None,
+                allow_redirects=False,
+                skip_auto_headers=_SKIP_AUTO_HEADERS,
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=timeout),
+            )
+    except (TimeoutError, aiohttp.ClientError, OSError) as err:
+        if exchange.body_too_large:
+            return _closing(exchange.error(413, "body_too_large", "The request body is too large."))
+        if isinstance(err, TimeoutError):
+            log.warning(
+                "upstream timeout: no response headers within %ss (app %s, request %s)",
+                timeout,
+                app.app_id,
+                exchange.request_id,
+            )
+            return exchange.error(
+                504, "upstream_timeout", "The agent service did not answer in time."
+            )
+        log.warning(
+            "upstream unavailable: %s (app %s, request %s)",
+            type(err).__name__,
+            app.app_id,
+            exchange.request_id,
+        )
+        return exchange.error(502, "upstream_unavailable", "The agent service is unavailable.")
+
+    try:
+        await _relay(exchange, response, upstream_response)
+    finally:
+        # After a complete body this only returns the connection to the pool; otherwise it
+        # closes it, which is how the upstream learns the request was abandoned.
+        if upstream_response.content.at_eof() and not exchange.client_gone:
+            upstream_response.release()
+        else:
+            upstream_response.close()
+    return response
+
+
+async def _relay(
+    exchange: _Exchange, response: web.StreamResponse, upstream: aiohttp.ClientResponse
+) -> None:
+    request = exchange.request
+    response.set_status(upstream.status, upstream.reason)
+    response.headers.extend(browser_response_headers(upstream.headers))
+    sse = is_event_stream(upstream.headers)
+    if sse or "Content-Length" not in upstream.headers:
+        # Streamed answers must not sit in an nginx buffer (X-Accel-Buffering is nginx's
+        # per-response switch for proxy_buffering).
+        response.headers["X-Accel-Buffering"] = "no"
+    if sse:
+        response.headers.setdefault("Cache-Control", "no-cache")
+    try:
+        await response.prepare(request)
+    except ConnectionError:
+        exchange.client_gone = True
+        return
+
+    loop = asyncio.get_running_loop()
+    boundary = _SseBoundary()
+    idle_timeout = exchange.app.idle_timeout_seconds
+    keepalive = exchange.settings.sse_keepalive_seconds
+    stop = asyncio.ensure_future(exchange.lifecycle.stop_streams.wait())
+    read: asyncio.Future[bytes] | None = None
+    last_data = last_write = loop.time()
+    try:
+        while True:
+            if read is None:
+                read = asyncio.ensure_future(upstream.content.read(READ_CHUNK_BYTES))
+            now = loop.time()
+            wait = last_data + idle_timeout - now
+            if sse:
+                wait = min(wait, last_write + keepalive - now)
+            done, _ = await asyncio.wait(
+                (read, stop), timeout=max(wait, 0.0), return_when=asyncio.FIRST_COMPLETED
+            )
+            if read in done:
+                try:
+                    chunk = read.result()
+                except (aiohttp.ClientError, OSError) as err:
+                    code = "body_too_large" if exchange.body_too_large else "upstream_stream_error"
+                    await _fail(exchange, response, sse, boundary, code, type(err).__name__)
+                    return
+                read = None
+                if not chunk:
+                    break
+                if not await _write(exchange, response, chunk):
+                    return
+                boundary.feed(chunk)
+                last_data = last_write = loop.time()
+                continue
+            if stop in done:
+                await _fail(exchange, response, sse, boundary, "shutting_down", "shutdown timeout")
+                return
+            now = loop.time()
+            if now >= last_data + idle_timeout:
+                await _fail(
+                    exchange, response, sse, boundary, "upstream_idle_timeout", "idle timeout"
+                )
+                return
+            if sse and now >= last_write + keepalive:
+                # Not while the browser is not reading: the comment would only pile up in
+                # the write buffer (and a stalled reader needs no keep-alive).
+                if boundary.at_boundary and not request.protocol.writing_paused:
+                    if not await _write(exchange, response, KEEPALIVE_COMMENT):
+                        return
+                    boundary.feed(KEEPALIVE_COMMENT)
+                last_write = now
+        with contextlib.suppress(ConnectionError):
+            await response.write_eof()
+    finally:
+        for future in (read, stop):
+            if future is not None and not future.done():
+                future.cancel()
+
+
+async def _write(exchange: _Exchange, response: web.StreamResponse, data: bytes) -> bool:
+    """Write (awaiting drain: the browser's pace); False when the browser is gone."""
+    try:
+        await response.write(data)
+    except ConnectionError:
+        exchange.client_gone = True
+        return False
+    return True
+
+
+_ERROR_MESSAGES = {
+    "upstream_stream_error": "The agent service stream broke off.",
+    "upstream_idle_timeout": "The agent service sent nothing for too long.",
+    "shutting_down": "This instance is shutting down; retry.",
+    "body_too_large": "The request body is too large.",
+}
+
+
+async def _fail(
+    exchange: _Exchange,
+    response: web.StreamResponse,
+    sse: bool,
+    boundary: _SseBoundary,
+    code: str,
+    detail: str,
+) -> None:
+    """End a started response so the browser can tell it from a normal end."""
+    log.warning(
+        "agent stream ended early: %s (%s; app %s, request %s)",
+        code,
+        detail,
+        exchange.app.app_id,
+        exchange.request_id,
+    )
+    response.force_close()
+    if sse and boundary.at_boundary:
+        payload = {
+            "code": code,
+            "message": _ERROR_MESSAGES.get(code, code),
+            "request_id": exchange.request_id,
+        }
+        event = f"event: error\ndata: {json.dumps(payload)}\n\n".encode()
+        if await _write(exchange, response, event):
+            with contextlib.suppress(ConnectionError):
+                await response.write_eof()
+        return
+    transport = exchange.request.transport
+    if transport is not None:
+        transport.abort()

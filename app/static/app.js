@@ -1,0 +1,186 @@
+// The agent-bff demo page: chat with application `demo` through the gateway.
+// POST /apps/demo/agent/chat answers an SSE stream (event: token | done | error), read here with
+// fetch() + ReadableStream so tokens render as they arrive. No inline script (strict CSP).
+"use strict";
+
+(() => {
+  const AGENT_URL = "/apps/demo/agent/chat";
+  const SESSION_URL = "/apps/demo/session";
+  // Every state-changing call under /apps/ carries this header (the gateway's CSRF defence).
+  const CSRF_HEADERS = { "X-CSRF": "1" };
+
+  const form = document.getElementById("composer");
+  const input = document.getElementById("message");
+  const sendButton = document.getElementById("send");
+  const resetButton = document.getElementById("reset");
+  const transcript = document.getElementById("transcript");
+  const status = document.getElementById("status");
+
+  function addMessage(kind, text) {
+    const item = document.createElement("li");
+    item.className = `msg ${kind}`;
+    item.textContent = text;
+    transcript.append(item);
+    item.scrollIntoView({ block: "end" });
+    return item;
+  }
+
+  function setBusy(busy) {
+    sendButton.disabled = busy;
+    resetButton.disabled = busy;
+    input.disabled = busy;
+  }
+
+  // A minimal EventSource-compatible parser (WHATWG HTML "event stream interpretation"):
+  // lines end in CRLF, LF or CR; "event:" sets the type, "data:" lines join with "\n", a blank
+  // line dispatches, lines starting with ":" (keep-alive comments) are ignored.
+  class SseParser {
+    constructor(onEvent) {
+      this.onEvent = onEvent;
+      this.buffer = "";
+      this.type = "";
+      this.data = [];
+    }
+
+    push(text) {
+      this.buffer += text;
+      const lineEnd = /\r\n|\r|\n/;
+      for (;;) {
+        const match = lineEnd.exec(this.buffer);
+        if (match === null) return;
+        // A trailing CR may be the first half of a CRLF split across chunks: wait for more.
+        if (match[0] === "\r" && match.index === this.buffer.length - 1) return;
+        const line = this.buffer.slice(0, match.index);
+        this.buffer = this.buffer.slice(match.index + match[0].length);
+        this.line(line);
+      }
+    }
+
+    line(line) {
+      if (line === "") {
+        if (this.data.length > 0) this.onEvent(this.type || "message", this.data.join("\n"));
+        this.type = "";
+        this.data = [];
+        return;
+      }
+      if (line.startsWith(":")) return;
+      const colon = line.indexOf(":");
+      const field = colon < 0 ? line : line.slice(0, colon);
+      let value = colon < 0 ? "" : line.slice(colon + 1);
+      if (value.startsWith(" ")) value = value.slice(1);
+      if (field === "event") this.type = value;
+      else if (field === "data") this.data.push(value);
+    }
+  }
+
+  async function describeHttpError(response) {
+    try {
+      const body = await response.json();
+      if (body && body.error) {
+        const id = body.error.request_id ? ` (request ${body.error.request_id})` : "";
+        return `${response.status} ${body.error.code}: ${body.error.message}${id}`;
+      }
+    } catch (_) {
+      // not our JSON envelope: fall through
+    }
+    return `HTTP ${response.status} ${response.statusText}`.trim();
+  }
+
+  async function sendMessage(text) {
+    addMessage("user", text);
+    const reply = addMessage("agent", "");
+    reply.dataset.state = "waiting";
+    reply.dataset.tokens = "0";
+    status.textContent = "Waiting for the agent…";
+    let tokens = 0;
+    let done = false;
+    let streamError = null;
+    try {
+      const response = await fetch(AGENT_URL, {
+        method: "POST",
+        credentials: "same-origin",
+        cache: "no-store",
+        headers: {
+          ...CSRF_HEADERS,
+          "Content-Type": "application/json",
+          Accept: "text/event-stream",
+        },
+        body: JSON.stringify({ message: text }),
+      });
+      if (!response.ok) throw new Error(await describeHttpError(response));
+      const type = response.headers.get("Content-Type") || "";
+      if (!type.startsWith("text/event-stream")) throw new Error(`unexpected response type ${type}`);
+
+      reply.dataset.state = "streaming";
+      const parser = new SseParser((event, data) => {
+        if (event === "token") {
+          reply.textContent += JSON.parse(data).text;
+          tokens += 1;
+          reply.dataset.tokens = String(tokens);
+          status.textContent = `Streaming… ${tokens} token${tokens === 1 ? "" : "s"}`;
+        } else if (event === "done") {
+          done = true;
+        } else if (event === "error") {
+          let detail = {};
+          try {
+            detail = JSON.parse(data);
+          } catch (_) {
+            detail = { message: data };
+          }
+          streamError = `${detail.code || "error"}: ${detail.message || "the stream failed"}`;
+        }
+      });
+      const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+      for (;;) {
+        const { value, done: ended } = await reader.read();
+        if (ended) break;
+        parser.push(value);
+        if (done || streamError) break;
+      }
+      if (streamError) throw new Error(streamError);
+      if (!done) throw new Error("the stream ended before the agent finished");
+      reply.dataset.state = "done";
+      status.textContent = `Done: ${tokens} token${tokens === 1 ? "" : "s"}.`;
+    } catch (err) {
+      reply.dataset.state = "failed";
+      const message = err instanceof TypeError ? `connection lost (${err.message})` : err.message;
+      addMessage("error", `Error: ${message}`);
+      status.textContent = "The reply failed.";
+    }
+  }
+
+  form.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    const text = input.value.trim();
+    if (!text) return;
+    input.value = "";
+    setBusy(true);
+    try {
+      await sendMessage(text);
+    } finally {
+      setBusy(false);
+      input.focus();
+    }
+  });
+
+  resetButton.addEventListener("click", async () => {
+    setBusy(true);
+    try {
+      const response = await fetch(SESSION_URL, {
+        method: "DELETE",
+        credentials: "same-origin",
+        headers: CSRF_HEADERS,
+      });
+      if (!response.ok) throw new Error(await describeHttpError(response));
+      transcript.replaceChildren();
+      status.textContent = "New conversation: the gateway ended the session.";
+    } catch (err) {
+      addMessage("error", `Error: ${err.message}`);
+    } finally {
+      setBusy(false);
+      input.focus();
+    }
+  });
+
+  input.focus();
+})();
