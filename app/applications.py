@@ -76,7 +76,7 @@ def load_apps_file(path: str, environ: Mapping[str, str]) -> tuple[dict[str, App
     problems: list[str] = []
     for app_id, table in tables.items():
         where = f"APPS_FILE {path!r} [apps.{app_id}]"
-        if not APP_ID_RE.match(app_id):
+        if not APP_ID_RE.fullmatch(app_id):  # `$` would accept a trailing newline
             problems.append(f"{where}: application id must match {APP_ID_RE.pattern}: rename it")
             continue
         if not isinstance(table, dict):

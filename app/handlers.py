@@ -84,11 +84,18 @@ async def _json_object(request: web.Request) -> dict[str, Any]:
     # that (JSON escaping slack) is pointless: refuse early, nothing changed.
     if request.content_length is not None and request.content_length > cap:
         raise ApiError(413, "body_too_large", "The request body is too large.")
-    raw = await request.content.read(cap + 1)
+    # `read(n)` returns whatever has arrived (up to n), not the whole body: a chunked or
+    # slow body comes in pieces, so read until the end or just past the cap.
+    raw = bytearray()
+    while len(raw) <= cap:
+        piece = await request.content.read(cap + 1 - len(raw))
+        if not piece:
+            break
+        raw += piece
     if len(raw) > cap:
         raise ApiError(413, "body_too_large", "The request body is too large.")
     try:
-        value = json.loads(raw.decode("utf-8"))
+        value = json.loads(bytes(raw).decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as err:
         raise ApiError(400, "invalid_json", "The body must be a JSON object.") from err
     if not isinstance(value, dict):

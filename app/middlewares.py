@@ -58,7 +58,7 @@ def setup_request_id(lifecycle: Lifecycle) -> Middleware:
     async def request_id_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         inbound = request.headers.get("X-Request-Id", "")
         request[REQUEST_ID_KEY] = (
-            inbound if _REQUEST_ID_RE.match(inbound) else secrets.token_hex(16)
+            inbound if _REQUEST_ID_RE.fullmatch(inbound) else secrets.token_hex(16)
         )
         async with lifecycle.track():
             return await handler(request)
@@ -92,7 +92,7 @@ def setup_application(settings: Settings) -> Middleware:
         app_id = request.match_info.get("applicationId")
         if app_id is None:
             return await handler(request)
-        if not APP_ID_RE.match(app_id):
+        if not APP_ID_RE.fullmatch(app_id):  # fullmatch: `$` accepts a trailing \n
             raise ApiError(400, "invalid_application_id", "The application id is malformed.")
         app_config = settings.apps.get(app_id)
         if app_config is None:

@@ -318,6 +318,7 @@ def test_apps_file_replaces_the_default_demo(tmp_path: Path) -> None:
         ("", "[apps."),
         ('[apps."Not Valid"]\nupstream = "builtin:demo"\n', "application id"),
         ('[apps."-dash"]\nupstream = "builtin:demo"\n', "application id"),
+        ('[apps."demo\\n"]\nupstream = "builtin:demo"\n', "application id"),
         ("[apps]\ndemo = 1\n", "table"),
         ("[apps.demo]\nheaders = {}\n", "upstream"),
         ('[apps.demo]\nupstream = "builtin:demo"\nfrobnicate = true\n', "frobnicate"),

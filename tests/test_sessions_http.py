@@ -6,9 +6,11 @@ the real server the exact Redis commands each request costs).
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import re
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from http.cookies import SimpleCookie
 from pathlib import Path
 from typing import Any
@@ -546,7 +548,8 @@ async def test_a_body_that_is_not_a_json_object_is_400(gateway: Gateway, body: b
 
 
 @pytest.mark.parametrize(
-    "app_id", ["Demo", "-demo", "_demo", "a" * 64, "de.mo", "de%20mo", "d%C3%A9mo", "demo!"]
+    "app_id",
+    ["Demo", "-demo", "_demo", "a" * 64, "de.mo", "de%20mo", "d%C3%A9mo", "demo!", "demo%0A"],
 )
 async def test_a_malformed_application_id_is_400(gateway: Gateway, app_id: str) -> None:
     for method in ("GET", "PATCH", "DELETE"):
@@ -794,3 +797,56 @@ async def test_a_streaming_response_saves_the_session_and_sets_the_cookie(
     assert SID_RE.match(value) and attrs["path"] == "/apps/demo"
     resp = await client.get("/apps/demo/session")
     assert await resp.json() == {"data": {"streamed": True}}
+
+
+# -- bodies that arrive in pieces ----------------------------------------------------------
+
+
+async def test_a_body_arriving_in_pieces_is_read_whole(gateway: Gateway) -> None:
+    """A chunked or slow body is read to its end, not just its first chunk."""
+    body = json.dumps({"text": "y" * 3000, "n": 1}).encode()
+
+    async def pieces() -> AsyncIterator[bytes]:
+        for start in range(0, len(body), 1000):
+            yield body[start : start + 1000]
+            await asyncio.sleep(0.02)  # let each piece arrive on its own
+
+    resp = await gateway.client.patch(
+        "/apps/demo/session",
+        data=pieces(),
+        headers={**CSRF, "Content-Type": "application/json"},
+    )
+    assert resp.status == 200, await resp.text()
+    assert (await resp.json())["data"]["n"] == 1
+
+
+async def test_a_chunked_body_over_the_cap_is_413(memory_gateway: Gateway) -> None:
+    cap = memory_gateway.settings.session_max_bytes * 2
+
+    async def pieces() -> AsyncIterator[bytes]:
+        yield b'{"a": "'
+        for _ in range(cap // 1000 + 2):
+            yield b"z" * 1000
+            await asyncio.sleep(0)
+        yield b'"}'
+
+    resp = await memory_gateway.client.patch(
+        "/apps/demo/session",
+        data=pieces(),
+        headers={**CSRF, "Content-Type": "application/json"},
+    )
+    assert resp.status == 413
+    assert await memory_gateway.raw.keys() == []
+
+
+# -- start-up notices ------------------------------------------------------------------------
+
+
+async def test_memory_store_warns_that_it_is_per_process(
+    gateway_factory: GatewayFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING):
+        await gateway_factory("memory")
+    text = " ".join(r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING)
+    assert "SESSION_STORE=memory" in text
+    assert "restart" in text and "replica" in text

@@ -93,7 +93,7 @@ class GatewayStorage(AbstractStorage):
     def load_cookie(self, request: web.Request) -> str | None:
         """The session id from the cookie, or None when absent or malformed."""
         value = request.cookies.get(self.cookie_name)
-        if value is None or not SESSION_ID_RE.match(value):
+        if value is None or not SESSION_ID_RE.fullmatch(value):
             return None
         return value
 
