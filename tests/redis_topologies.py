@@ -5,6 +5,8 @@
   takes its own slots down. `url` is the gateway's `redis+cluster://` REDIS_URL.
 - `SentinelTopology`: 1 primary, 1 replica, 3 Sentinels (`redis-server <conf> --sentinel`) with
   a small `down-after-milliseconds` so a failover takes seconds. `url` is `redis+sentinel://`.
+- `GatewayHttp`: a tiny async HTTP client for a gateway process that handles the session
+  cookie by hand, so one client can drive many independent sessions.
 - `TlsFiles` / `make_tls_files`: a throwaway CA (plus a second, unrelated CA), a server
   certificate for 127.0.0.1/localhost and a client certificate, made with the `openssl` CLI.
   `tls_redis_server()` starts a `RedisServer` that also listens with TLS on `tls_port`.
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -28,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import redis
 from redis.crc import key_slot
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -177,8 +181,11 @@ class RedisClusterTopology:
 class SentinelProcess:
     """One `redis-server <dir>/sentinel.conf --sentinel` on a free port (config in its dir)."""
 
-    def __init__(self, config: str, port: int | None = None) -> None:
+    def __init__(self, config: str, port: int | None = None, password: str | None = None) -> None:
         self.port = port or free_port()
+        self.password = password
+        if password:
+            config += f"requirepass {password}\n"
         self.dir = Path(tempfile.mkdtemp(prefix="sentinel-test-"))
         self.config_path = self.dir / "sentinel.conf"
         self.config_path.write_text(
@@ -195,6 +202,7 @@ class SentinelProcess:
         return redis.Redis(
             host="127.0.0.1",
             port=self.port,
+            password=self.password,
             socket_timeout=socket_timeout,
             socket_connect_timeout=socket_timeout,
             protocol=2,
@@ -242,6 +250,7 @@ class SentinelTopology:
     """A primary, one replica, and `sentinels` Sentinels watching them as `master_name`.
 
     `down_after_ms` and `failover_timeout_ms` are small so a failover takes seconds.
+    `password` protects the data nodes (and is in `url`); `sentinel_password` the Sentinels.
     """
 
     def __init__(
@@ -252,8 +261,10 @@ class SentinelTopology:
         down_after_ms: int = 500,
         failover_timeout_ms: int = 2000,
         password: str | None = None,
+        sentinel_password: str | None = None,
     ) -> None:
         self.master_name = master_name
+        self.sentinel_password = sentinel_password
         self.password = password
         auth = ["--masterauth", password] if password else []
         self.primary = RedisServer(password=password, extra_args=auth)
@@ -298,7 +309,12 @@ class SentinelTopology:
         )
         if self.password:
             config += f"sentinel auth-pass {name} {self.password}\n"
-        self.sentinels = [SentinelProcess(config) for _ in range(self._sentinel_count)]
+        if self.sentinel_password:  # Sentinels authenticate to each other too
+            config += f"sentinel sentinel-pass {self.sentinel_password}\n"
+        self.sentinels = [
+            SentinelProcess(config, password=self.sentinel_password)
+            for _ in range(self._sentinel_count)
+        ]
         for sentinel in self.sentinels:
             sentinel.start()
         wait_until(self._sentinels_ready, 30, "the Sentinels to find each other and the replica")
@@ -473,3 +489,90 @@ def tls_redis_server(
     )  # fmt: skip
     with server:
         yield server, tls_port
+
+
+# -- HTTP to a gateway ----------------------------------------------------------------------
+
+
+@dataclass
+class Reply:
+    """One gateway answer: status, JSON body (or {}), headers, wall time, session cookie."""
+
+    status: int
+    body: dict[str, Any]
+    headers: dict[str, str]
+    seconds: float
+    sid: str | None
+    started: float
+
+    @property
+    def error_code(self) -> str | None:
+        error = self.body.get("error")
+        return str(error.get("code")) if isinstance(error, dict) else None
+
+
+class GatewayHttp:
+    """`async with GatewayHttp(url) as http: reply = await http.patch({"a": 1})`.
+
+    No cookie jar: pass `sid` explicitly, so many sessions can be driven from one client;
+    `Reply.sid` is the session cookie the gateway set (if any).
+    """
+
+    def __init__(self, base_url: str, *, app: str = "demo", cookie_name: str = "agent_sid") -> None:
+        self.base_url = base_url.rstrip("/")
+        self.app = app
+        self.cookie_name = cookie_name
+        self._session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> GatewayHttp:
+        self._session = aiohttp.ClientSession(
+            cookie_jar=aiohttp.DummyCookieJar(), timeout=aiohttp.ClientTimeout(total=15)
+        )
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    async def request(
+        self, method: str, path: str, *, sid: str | None = None, payload: Any = None
+    ) -> Reply:
+        assert self._session is not None, "use `async with GatewayHttp(...)`"
+        headers = {"X-CSRF": "1"}
+        if sid is not None:
+            headers["Cookie"] = f"{self.cookie_name}={sid}"
+        started = time.monotonic()
+        async with self._session.request(
+            method, self.base_url + path, json=payload, headers=headers
+        ) as resp:
+            raw = await resp.read()
+            seconds = time.monotonic() - started
+            try:
+                body = _json_object(raw)
+            except ValueError:
+                body = {}
+            morsel = resp.cookies.get(self.cookie_name)
+            return Reply(
+                status=resp.status,
+                body=body,
+                headers=dict(resp.headers),
+                seconds=seconds,
+                sid=morsel.value if morsel is not None and morsel.value else None,
+                started=started,
+            )
+
+    async def patch(self, data: dict[str, Any], sid: str | None = None) -> Reply:
+        return await self.request("PATCH", f"/apps/{self.app}/session", sid=sid, payload=data)
+
+    async def get(self, sid: str | None) -> Reply:
+        return await self.request("GET", f"/apps/{self.app}/session", sid=sid)
+
+    async def ready(self) -> int:
+        return (await self.request("GET", "/readyz")).status
+
+
+def _json_object(raw: bytes) -> dict[str, Any]:
+    value = json.loads(raw) if raw else {}
+    if not isinstance(value, dict):
+        raise ValueError("not a JSON object")
+    return value

@@ -33,7 +33,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.connection import Connection, SSLConnection
 from redis.asyncio.retry import Retry
-from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
+from redis.asyncio.sentinel import MasterNotFoundError, Sentinel, SentinelConnectionPool
 from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ReadOnlyError, RedisClusterException, RedisError, ResponseError
@@ -467,8 +467,18 @@ def _is_wrong_type(err: BaseException | None) -> bool:
 
 
 def _describe(err: BaseException) -> str:
-    """`Type: message`, with a hint when the cause is a failed TLS handshake."""
+    """`Type: message`, short and with a hint for the usual causes (TLS, Sentinel, deadline)."""
     text = f"{type(err).__name__}: {err}"
+    if isinstance(err, MasterNotFoundError):
+        # redis-py appends the repr of every Sentinel client (hundreds of characters).
+        head = str(err).split(" : ", 1)[0]
+        return (
+            f"{type(err).__name__}: {head} (no Sentinel in REDIS_URL answered, or none knows a "
+            "healthy primary by that name; check the hosts, the master name and "
+            "REDIS_SENTINEL_PASSWORD)"
+        )
+    if isinstance(err, TimeoutError) and not str(err):
+        return f"{type(err).__name__}: no answer within the deadline"
     cause: BaseException | None = err
     while cause is not None:
         if isinstance(cause, ssl.SSLError) or "CERTIFICATE_VERIFY_FAILED" in str(cause):
