@@ -2,8 +2,8 @@
 application's upstream, byte for byte, with the session bound to the conversation.
 
 Contract, in request order:
-- WebSocket upgrades: 501 `websocket_not_supported` (never half-proxied). While shutting down:
-  503 `shutting_down`.
+- WebSocket upgrades: 501 `websocket_not_supported` (never half-proxied). Once open streams
+  were told to stop (shutdown timeout passed): 503 `shutting_down`.
 - The upstream URL is `{upstream}/{path}?{query}` from the *raw* request path. A segment that is
   `.`/`..`, contains `/`, `\\`, `@` or a control character (after percent-decoding, repeatedly),
   or is empty (`//`), is 400 `invalid_path`: nothing in the request can reach another host or a
@@ -387,7 +387,9 @@ async def _proxy(exchange: _Exchange) -> web.StreamResponse:
                 "WebSocket upgrades are not proxied; use HTTP (SSE).",
             )
         )
-    if lifecycle.shutting_down:
+    if lifecycle.stop_streams.is_set():
+        # Past the shutdown timeout: a stream started now would be cut at once. (Before it, a
+        # last request on a kept-alive connection is still served, with `Connection: close`.)
         return _closing(
             exchange.error(
                 503,

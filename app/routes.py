@@ -19,7 +19,9 @@ def setup_routes(app: web.Application) -> None:
     # OPTIONS is routed so CORS preflights reach the origin middleware (which answers them).
     app.router.add_route("OPTIONS", session, handlers.method_not_allowed)
     # Every method (OPTIONS included, so preflights reach the origin middleware) goes upstream.
-    app.router.add_route("*", "/apps/{applicationId}/agent/{path:.*}", agent_proxy)
+    # `[\s\S]*`, not `.*`: an encoded newline in the path must reach the proxy's path check
+    # (a clear 400 `invalid_path`), not fall through to a 404.
+    app.router.add_route("*", r"/apps/{applicationId}/agent/{path:[\s\S]*}", agent_proxy)
     # The demo chat page and its assets (talks to application `demo`).
     app.router.add_get("/", demo_page)
     app.router.add_static("/static", STATIC_DIR, append_version=False)
