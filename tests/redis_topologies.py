@@ -395,7 +395,8 @@ class SentinelTopology:
 
 @dataclass(frozen=True)
 class TlsFiles:
-    """PEM files: `ca` signed `server_*` and `client_*`; `other_ca` signed nothing we use."""
+    """PEM files: `ca` signed `server_*` (for 127.0.0.1 and localhost), `client_*` and
+    `misnamed_*` (a server certificate for another name); `other_ca` signed nothing we use."""
 
     dir: Path
     ca: Path
@@ -404,6 +405,8 @@ class TlsFiles:
     server_key: Path
     client_cert: Path
     client_key: Path
+    misnamed_cert: Path
+    misnamed_key: Path
     other_ca: Path
 
 
@@ -458,6 +461,13 @@ def make_tls_files(directory: Path) -> TlsFiles:
     client_cert, client_key = _make_leaf(
         directory, "client", "ca", "basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n"
     )
+    misnamed_cert, misnamed_key = _make_leaf(
+        directory,
+        "misnamed",
+        "ca",
+        "basicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n"
+        "subjectAltName=DNS:redis.elsewhere.invalid\n",
+    )
     return TlsFiles(
         dir=directory,
         ca=ca,
@@ -466,23 +476,36 @@ def make_tls_files(directory: Path) -> TlsFiles:
         server_key=server_key,
         client_cert=client_cert,
         client_key=client_key,
+        misnamed_cert=misnamed_cert,
+        misnamed_key=misnamed_key,
         other_ca=other_ca,
     )
 
 
 @contextlib.contextmanager
 def tls_redis_server(
-    files: TlsFiles, *, require_client_cert: bool = False
+    files: TlsFiles,
+    *,
+    require_client_cert: bool = False,
+    password: str | None = None,
+    misnamed: bool = False,
 ) -> Iterator[tuple[RedisServer, int]]:
     """A `RedisServer` that also listens with TLS: yields (server, tls_port). The plain port
-    stays open for the test's own assertions (`server.client()`)."""
+    stays open for the test's own assertions (`server.client()`). `misnamed` serves the
+    certificate made out to another host name."""
     tls_port = free_port()
+    cert, key = (
+        (files.misnamed_cert, files.misnamed_key)
+        if misnamed
+        else (files.server_cert, files.server_key)
+    )
     server = RedisServer(
         port=free_port(),
+        password=password,
         extra_args=[
             "--tls-port", str(tls_port),
-            "--tls-cert-file", str(files.server_cert),
-            "--tls-key-file", str(files.server_key),
+            "--tls-cert-file", str(cert),
+            "--tls-key-file", str(key),
             "--tls-ca-cert-file", str(files.ca),
             "--tls-auth-clients", "yes" if require_client_cert else "no",
         ],
