@@ -1,0 +1,1062 @@
+"""The benchmark suite: the gateway beside its peers, measured in one run, as ratios.
+
+    .venv/bin/python scripts/bench.py              # the full run (about 8 minutes)
+    .venv/bin/python scripts/bench.py --smoke      # every row once, briefly (about 30 s)
+
+Layout (2+ cores): every server under test (gateway, peers, nginx, and the upstream stub)
+pinned to CPU 0 with `taskset`; wrk, Redis, the kit and this script on CPU 1. The SSE rows
+therefore put the stub on CPU 0 beside the proxy (gateway or nginx) and beside nothing for the
+direct row. Rows run interleaved (row 1..N, then again) so drift hits every row alike; each
+figure is the median of the repetitions with min and max beside it.
+
+Rows: session read (`GET`) and write (`PATCH`, which also reads) through the gateway on Redis
+and on the memory store; the same on aiohttp-session's stock `RedisStorage`; a no-session
+aiohttp handler and one doing one raw redis-py `GET` (ceilings); SSE relay of 50 events of 200
+bytes direct / through the gateway (session on) / through nginx (`proxy_buffering off`). Then:
+Redis commands per request (`INFO commandstats`), time to first event added by each proxy,
+RSS of the memory store holding 100k sessions, RSS before/after a mixed run with the kit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import atexit
+import contextlib
+import json
+import os
+import platform
+import secrets
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import redis
+
+from loadkit.sse import SSEParser
+from loadkit.wrk import WrkResult, run_wrk, write_script, wrk_binary
+
+SCRIPTS = Path(__file__).resolve().parent.parent
+REPO_ROOT = SCRIPTS.parent
+SESSION_PATH = "/apps/demo/session"
+AGENT_PATH = "/apps/demo/agent/stream"
+# Commands that observe or keep connections alive, not session work.
+_OVERHEAD_COMMANDS = frozenset(
+    {
+        "info",
+        "config",
+        "config|resetstat",
+        "config|get",
+        "ping",
+        "client",
+        "client|setname",
+        "client|setinfo",
+        "hello",
+        "select",
+    }
+)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Options:
+    reps: int = 3
+    seconds: float = 8.0
+    warmup: float = 2.0
+    connections: int = 64
+    sse_connections: int = 32
+    sessions: int = 1000
+    ttfe_streams: int = 300
+    memory_sessions: int = 100_000
+    mixed_warmup: float = 10.0
+    mixed_seconds: float = 60.0
+    mixed_users: int = 50
+    server_cpu: int | None = 0
+    client_cpu: int | None = 1
+    rows: tuple[str, ...] = ()
+    log_level_row: bool = True
+
+    @classmethod
+    def smoke(cls) -> Options:
+        return cls(
+            reps=1,
+            seconds=1.0,
+            warmup=0.0,
+            connections=16,
+            sse_connections=8,
+            sessions=20,
+            ttfe_streams=10,
+            memory_sessions=2000,
+            mixed_warmup=0.5,
+            mixed_seconds=1.0,
+            mixed_users=8,
+            log_level_row=False,
+        )
+
+
+# -- processes ------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+_LIVE: list[Proc] = []
+
+
+class Proc:
+    """A child process this script started; stopped by its PID only."""
+
+    def __init__(
+        self,
+        name: str,
+        command: Sequence[str],
+        *,
+        cpu: int | None,
+        env: dict[str, str] | None = None,
+        cwd: Path | None = None,
+        log: Path,
+    ) -> None:
+        self.name = name
+        if cpu is not None and shutil.which("taskset"):
+            command = ["taskset", "-c", str(cpu), *command]
+        with log.open("wb") as out:
+            self.popen = subprocess.Popen(
+                list(command),
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=cwd,
+                start_new_session=True,
+            )
+        self.log = log
+        _LIVE.append(self)
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def rss_mb(self) -> float:
+        """Resident set size of the process (and of its children: nginx's worker)."""
+        total_kb = 0
+        for pid in [self.pid, *_children(self.pid)]:
+            with contextlib.suppress(OSError):
+                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                    if line.startswith("VmRSS:"):
+                        total_kb += int(line.split()[1])
+        return total_kb / 1024
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def stop(self) -> None:
+        if self.popen.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGTERM)
+            try:
+                self.popen.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self.pid, signal.SIGKILL)
+                self.popen.wait(timeout=10)
+        with contextlib.suppress(ValueError):
+            _LIVE.remove(self)
+
+    def tail(self, lines: int = 15) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return []
+    return [int(p) for p in text.split()]
+
+
+@atexit.register
+def _stop_all() -> None:
+    for proc in list(reversed(_LIVE)):
+        proc.stop()
+
+
+def wait_http(url: str, proc: Proc, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        if not proc.alive():
+            raise RuntimeError(f"{proc.name} exited at start:\n{proc.tail()}")
+        try:
+            with urllib.request.urlopen(url, timeout=1):  # noqa: S310 - loopback only
+                return
+        except urllib.error.HTTPError:
+            return  # it answers
+        except (urllib.error.URLError, OSError):
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{proc.name} did not answer at {url}:\n{proc.tail()}")
+        time.sleep(0.05)
+
+
+# -- the environment ------------------------------------------------------------------------
+
+
+@dataclass
+class Lab:
+    """Every process of one bench run and where it listens."""
+
+    options: Options
+    tmp: Path
+    redis_port: int = 0
+    stub_port: int = 0
+    urls: dict[str, str] = field(default_factory=dict)
+    procs: dict[str, Proc] = field(default_factory=dict)
+    cookies: dict[str, Path] = field(default_factory=dict)
+    pending: list[tuple[str, Proc]] = field(default_factory=list)
+
+    @property
+    def redis_url(self) -> str:
+        return f"redis://127.0.0.1:{self.redis_port}/0"
+
+    def redis(self) -> redis.Redis:
+        return redis.Redis(port=self.redis_port, socket_timeout=5, protocol=2)
+
+    def start(self, name: str, command: Sequence[str], *, cpu: int | None, **kw: Any) -> Proc:
+        proc = Proc(name, command, cpu=cpu, log=self.tmp / f"{name}.log", **kw)
+        self.procs[name] = proc
+        return proc
+
+    def start_redis(self) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError("redis-server is not installed (scripts/system-deps)")
+        self.redis_port = free_port()
+        # Redis beside the load generator on the client CPU (the issue's layout).
+        proc = self.start(
+            "redis",
+            [
+                binary,
+                "--port",
+                str(self.redis_port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.tmp),
+            ],
+            cpu=self.options.client_cpu,
+        )
+        client = self.redis()
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.RedisError:
+                if time.monotonic() > deadline or not proc.alive():
+                    raise RuntimeError(f"redis-server did not start:\n{proc.tail()}") from None
+                time.sleep(0.05)
+        client.close()
+
+    def start_stub(self) -> None:
+        self.stub_port = free_port()
+        proc = self.start(
+            "stub",
+            [
+                sys.executable,
+                str(SCRIPTS / "upstream_stub.py"),
+                "--port",
+                str(self.stub_port),
+                "--events",
+                "50",
+                "--size",
+                "200",
+            ],
+            cpu=self.options.server_cpu,
+        )
+        self.urls["stub"] = f"http://127.0.0.1:{self.stub_port}"
+        wait_http(self.urls["stub"] + "/healthz", proc)
+
+    def wait_all(self) -> None:
+        """Wait for every server started with `wait=False` (they start in parallel)."""
+        while self.pending:
+            url, proc = self.pending.pop(0)
+            wait_http(url, proc)
+
+    def start_gateway(self, name: str, store: str, *, wait: bool = True, **env: str) -> None:
+        port = free_port()
+        apps = self.tmp / "apps.toml"
+        apps.write_text(f'[apps.demo]\nupstream = "http://127.0.0.1:{self.stub_port}/base"\n')
+        workdir = self.tmp / name
+        workdir.mkdir(exist_ok=True)  # no stray .env is read from here
+        full = {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "PYTHONPATH": str(REPO_ROOT),
+            "HOST": "127.0.0.1",
+            "PORT": str(port),
+            "SESSION_STORE": store,
+            "APPS_FILE": str(apps),
+            **env,
+        }
+        if store == "redis":
+            full["REDIS_URL"] = self.redis_url
+        proc = self.start(
+            name, [sys.executable, "-m", "app"], cpu=self.options.server_cpu, env=full, cwd=workdir
+        )
+        self.urls[name] = f"http://127.0.0.1:{port}"
+        self.pending.append((self.urls[name] + "/healthz", proc))
+        if wait:
+            self.wait_all()
+
+    def start_peer(self, name: str, kind: str) -> None:
+        port = free_port()
+        env = {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "PYTHONPATH": f"{SCRIPTS}{os.pathsep}{REPO_ROOT}",
+        }
+        proc = self.start(
+            name,
+            [
+                sys.executable,
+                "-m",
+                "loadkit.peers",
+                "--kind",
+                kind,
+                "--port",
+                str(port),
+                "--redis",
+                self.redis_url,
+            ],
+            cpu=self.options.server_cpu,
+            env=env,
+        )
+        self.urls[name] = f"http://127.0.0.1:{port}"
+        self.pending.append((self.urls[name] + SESSION_PATH, proc))
+
+    def start_nginx(self) -> bool:
+        binary = shutil.which("nginx") or (
+            "/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None
+        )
+        if binary is None:
+            return False
+        port = free_port()
+        prefix = self.tmp / "nginx"
+        (prefix / "logs").mkdir(parents=True, exist_ok=True)
+        conf = prefix / "nginx.conf"
+        user = "user root;" if os.geteuid() == 0 else ""
+        conf.write_text(
+            f"""{user}
+worker_processes 1;
+daemon off;
+pid {prefix}/nginx.pid;
+error_log {prefix}/logs/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  client_body_temp_path {prefix}/body;
+  proxy_temp_path {prefix}/proxy;
+  fastcgi_temp_path {prefix}/fastcgi;
+  uwsgi_temp_path {prefix}/uwsgi;
+  scgi_temp_path {prefix}/scgi;
+  upstream stub {{ server 127.0.0.1:{self.stub_port}; keepalive 256; }}
+  server {{
+    listen 127.0.0.1:{port};
+    location /apps/demo/agent/ {{
+      proxy_pass http://stub/base/;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_buffering off;
+    }}
+    location = /healthz {{ return 200 "ok"; }}
+  }}
+}}
+"""
+        )
+        proc = self.start(
+            "nginx", [binary, "-p", str(prefix), "-c", str(conf)], cpu=self.options.server_cpu
+        )
+        self.urls["nginx"] = f"http://127.0.0.1:{port}"
+        wait_http(self.urls["nginx"] + "/healthz", proc)
+        return True
+
+    def stop(self) -> None:
+        for proc in reversed(list(self.procs.values())):
+            proc.stop()
+
+
+async def create_sessions(base: str, count: int) -> list[str]:
+    """`count` sessions created through `PATCH` (cookie-less, one each): `name=value` lines."""
+    lines: list[str] = []
+    sem = asyncio.Semaphore(32)
+
+    async def one(http: aiohttp.ClientSession, i: int) -> None:
+        async with (
+            sem,
+            http.patch(
+                base + SESSION_PATH,
+                json={"user": i, "pad": "x" * 100},
+                headers={"X-CSRF": "1"},
+            ) as resp,
+        ):
+            await resp.read()
+            if resp.status != 200:
+                raise RuntimeError(f"creating a session at {base}: HTTP {resp.status}")
+            for name, morsel in resp.cookies.items():
+                lines.append(f"{name}={morsel.value}")
+
+    jar = aiohttp.DummyCookieJar()  # every request cookie-less: a new session each
+    async with aiohttp.ClientSession(cookie_jar=jar) as http:
+        await asyncio.gather(*(one(http, i) for i in range(count)))
+    if len(lines) != count:
+        raise RuntimeError(f"{base}: expected {count} session cookies, got {len(lines)}")
+    return lines
+
+
+def raw_sessions(lab: Lab, count: int) -> list[str]:
+    """Keys for the raw-GET ceiling, stored directly: the same value shape as the gateway's."""
+    client = lab.redis()
+    lines = []
+    with client.pipeline(transaction=False) as pipe:
+        for i in range(count):
+            sid = secrets.token_urlsafe(32)
+            value = {"v": 1, "data": {"user": i, "pad": "x" * 100}, "gw": {}}
+            pipe.set(f"bench:raw:{sid}", json.dumps(value), ex=3600)
+            lines.append(f"sid={sid}")
+        pipe.execute()
+    client.close()
+    return lines
+
+
+# -- rows -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    key: str
+    label: str
+    server: str  # a key of Lab.urls
+    path: str
+    method: str = "GET"
+    cookies: str | None = None  # a key of Lab.cookies
+    redis: bool = False
+    sse: bool = False
+
+
+def all_rows(options: Options, has_nginx: bool) -> list[Row]:
+    rows = [
+        Row(
+            "gw_redis_read",
+            "gateway, Redis store: read",
+            "gw_redis",
+            SESSION_PATH,
+            cookies="gw_redis",
+            redis=True,
+        ),
+        Row(
+            "gw_redis_write",
+            "gateway, Redis store: write (PATCH)",
+            "gw_redis",
+            SESSION_PATH,
+            "PATCH",
+            cookies="gw_redis",
+            redis=True,
+        ),
+        Row("gw_mem_read", "gateway, memory store: read", "gw_mem", SESSION_PATH, cookies="gw_mem"),
+        Row(
+            "gw_mem_write",
+            "gateway, memory store: write (PATCH)",
+            "gw_mem",
+            SESSION_PATH,
+            "PATCH",
+            cookies="gw_mem",
+        ),
+        Row(
+            "stock_read",
+            "stock aiohttp-session RedisStorage: read",
+            "stock",
+            SESSION_PATH,
+            cookies="stock",
+            redis=True,
+        ),
+        Row(
+            "stock_write",
+            "stock aiohttp-session RedisStorage: write",
+            "stock",
+            SESSION_PATH,
+            "PATCH",
+            cookies="stock",
+            redis=True,
+        ),
+        Row("nosession", "aiohttp handler, no session (ceiling)", "nosession", SESSION_PATH),
+        Row(
+            "rawget",
+            "aiohttp + one redis-py GET (ceiling)",
+            "rawget",
+            SESSION_PATH,
+            cookies="rawget",
+            redis=True,
+        ),
+        Row(
+            "sse_direct",
+            "SSE 50x200 B: direct to the stub",
+            "stub",
+            "/base/stream",
+            "POST",
+            sse=True,
+        ),
+        Row(
+            "sse_gateway",
+            "SSE 50x200 B: via gateway (Redis session)",
+            "gw_redis",
+            AGENT_PATH,
+            "POST",
+            cookies="gw_redis",
+            redis=True,
+            sse=True,
+        ),
+    ]
+    if has_nginx:
+        rows.append(
+            Row(
+                "sse_nginx",
+                "SSE 50x200 B: via nginx (proxy_buffering off)",
+                "nginx",
+                AGENT_PATH,
+                "POST",
+                sse=True,
+            )
+        )
+    if options.log_level_row:
+        rows.insert(
+            1,
+            Row(
+                "gw_redis_read_quiet",
+                "gateway, Redis store: read, LOG_LEVEL=warning",
+                "gw_redis_quiet",
+                SESSION_PATH,
+                cookies="gw_redis_quiet",
+                redis=True,
+            ),
+        )
+    if options.rows:
+        rows = [r for r in rows if r.key in options.rows]
+    return rows
+
+
+@dataclass
+class RowResult:
+    row: Row
+    runs: list[WrkResult] = field(default_factory=list)
+    redis_commands: list[float] = field(default_factory=list)
+    commands: dict[str, float] = field(default_factory=dict)
+
+    def median(self, get: Callable[[WrkResult], float]) -> float:
+        return statistics.median(get(r) for r in self.runs) if self.runs else 0.0
+
+    def summary(self) -> dict[str, Any]:
+        rps = [r.rps for r in self.runs]
+        return {
+            "label": self.row.label,
+            "rps_median": round(statistics.median(rps), 1) if rps else None,
+            "rps_min": round(min(rps), 1) if rps else None,
+            "rps_max": round(max(rps), 1) if rps else None,
+            "p50_ms": round(self.median(lambda r: r.p50_ms), 3),
+            "p99_ms": round(self.median(lambda r: r.p99_ms), 3),
+            "p99_ms_max": round(max((r.p99_ms for r in self.runs), default=0.0), 3),
+            "errors": sum(r.errors for r in self.runs),
+            "requests": sum(r.requests for r in self.runs),
+            "redis_commands_per_request": round(statistics.median(self.redis_commands), 3)
+            if self.redis_commands
+            else None,
+            "redis_commands_by_name": self.commands,
+            "runs": [r.as_dict() for r in self.runs],
+        }
+
+
+def session_commands(client: redis.Redis) -> dict[str, int]:
+    info: dict[str, Any] = client.info("commandstats")
+    calls: dict[str, int] = {}
+    for name, stats in info.items():
+        command = name.removeprefix("cmdstat_").lower()
+        if command not in _OVERHEAD_COMMANDS and isinstance(stats, dict):
+            calls[command] = int(stats["calls"])
+    return calls
+
+
+def run_row(lab: Lab, row: Row, script: Path, seconds: float, result: RowResult | None) -> None:
+    o = lab.options
+    client = lab.redis() if row.redis else None
+    if client is not None:
+        client.config_resetstat()
+    res = run_wrk(
+        lab.urls[row.server] + row.path,
+        script=script,
+        method=row.method,
+        cookie_file=lab.cookies.get(row.cookies) if row.cookies else None,
+        connections=o.sse_connections if row.sse else o.connections,
+        seconds=seconds,
+        cpu=o.client_cpu,
+    )
+    if client is not None:
+        calls = session_commands(client)
+        client.close()
+        if result is not None and res.requests:
+            result.redis_commands.append(sum(calls.values()) / res.requests)
+            result.commands = {k: round(v / res.requests, 3) for k, v in sorted(calls.items())}
+    if result is not None:
+        result.runs.append(res)
+
+
+# -- time to first event --------------------------------------------------------------------
+
+
+async def ttfe_samples(
+    targets: dict[str, tuple[str, str | None]], count: int
+) -> dict[str, list[float]]:
+    """Sequential streams, one connection per target, interleaved: first-event times (ms)."""
+    out: dict[str, list[float]] = {name: [] for name in targets}
+    sessions = {
+        name: aiohttp.ClientSession(
+            headers={"Cookie": cookie} if cookie else None,
+            cookie_jar=aiohttp.DummyCookieJar(),
+            connector=aiohttp.TCPConnector(limit=1),
+        )
+        for name, (_, cookie) in targets.items()
+    }
+    headers = {"X-CSRF": "1", "Content-Type": "application/json", "Accept": "text/event-stream"}
+    try:
+        for i in range(count + 3):  # the first 3 warm the connections up
+            for name, (url, _) in targets.items():
+                parser = SSEParser()
+                first: float | None = None
+                t0 = time.perf_counter()
+                async with sessions[name].post(url, data=b'{"input":"hi"}', headers=headers) as r:
+                    if r.status != 200:
+                        raise RuntimeError(f"TTFE {name}: HTTP {r.status}")
+                    async for chunk in r.content.iter_any():
+                        if first is None and parser.feed(chunk):
+                            first = time.perf_counter() - t0
+                if first is not None and i >= 3:
+                    out[name].append(first * 1000)
+    finally:
+        for http in sessions.values():
+            await http.close()
+    return out
+
+
+# -- memory ---------------------------------------------------------------------------------
+
+
+def memory_fill(lab: Lab, script: Path) -> dict[str, Any]:
+    """RSS of a fresh memory-store gateway before and after `memory_sessions` sessions."""
+    o = lab.options
+    lab.start_gateway("gw_mem_fill", "memory", LOG_LEVEL="warning")
+    proc = lab.procs["gw_mem_fill"]
+    time.sleep(0.5)
+    before = proc.rss_mb()
+    res = run_wrk(
+        lab.urls["gw_mem_fill"] + SESSION_PATH,
+        script=script,
+        method="PATCH",
+        connections=o.connections,
+        seconds=max(10.0, o.memory_sessions / 1000),
+        max_requests=o.memory_sessions,
+        cpu=o.client_cpu,
+    )
+    time.sleep(0.5)
+    after = proc.rss_mb()
+    proc.stop()
+    created = res.requests - res.errors
+    return {
+        "sessions_created": created,
+        "value_bytes_approx": len(
+            json.dumps({"v": 1, "data": {"p": "x" * 180, "n": 12345}, "gw": {"created_at": 0}})
+        ),
+        "rss_before_mb": round(before, 1),
+        "rss_after_mb": round(after, 1),
+        "bytes_per_session": round((after - before) * 1024 * 1024 / created) if created else None,
+        "errors": res.errors,
+    }
+
+
+def mixed_run(lab: Lab) -> dict[str, Any]:
+    """RSS of a memory-store gateway after a warm-up and after a steady mixed run (the kit)."""
+    o = lab.options
+    lab.start_gateway("gw_mem_steady", "memory", LOG_LEVEL="warning")
+    proc = lab.procs["gw_mem_steady"]
+    url = lab.urls["gw_mem_steady"]
+
+    def kit(seconds: float) -> dict[str, Any]:
+        command = [
+            sys.executable,
+            str(SCRIPTS / "loadgen.py"),
+            "--url",
+            url,
+            "-c",
+            str(o.mixed_users),
+            "-d",
+            str(seconds),
+            "--json",
+            "--no-progress",
+            "-q",
+            "--think-ms",
+            "2",
+        ]
+        if o.client_cpu is not None and shutil.which("taskset"):
+            command = ["taskset", "-c", str(o.client_cpu), *command]
+        done = subprocess.run(command, capture_output=True, timeout=seconds + 60, check=False)
+        try:
+            report: dict[str, Any] = json.loads(done.stdout)
+        except ValueError as err:
+            raise RuntimeError(f"loadgen failed: {done.stderr.decode()[-2000:]}") from err
+        return report
+
+    start = proc.rss_mb()
+    warm = kit(o.mixed_warmup)
+    before = proc.rss_mb()
+    steady = kit(o.mixed_seconds)
+    after = proc.rss_mb()
+    proc.stop()
+    return {
+        "rss_start_mb": round(start, 1),
+        "rss_after_warmup_mb": round(before, 1),
+        "rss_after_run_mb": round(after, 1),
+        "growth_mb": round(after - before, 1),
+        "warmup_requests": warm["requests"],
+        "run_requests": steady["requests"],
+        "run_rps": steady["rps"],
+        "run_errors": steady["errors"],
+        "run_lost_sessions": steady["sessions"]["lost"] + steady["sessions"]["stale"],
+        "run_seconds": o.mixed_seconds,
+    }
+
+
+# -- the run --------------------------------------------------------------------------------
+
+
+def machine() -> dict[str, Any]:
+    model = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+
+    def version(command: list[str]) -> str:
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, timeout=10, check=False)
+        except OSError:
+            return "-"
+        text = (done.stdout + done.stderr).strip().splitlines()
+        return text[0] if text else "-"
+
+    import aiohttp as aiohttp_module
+    import redis as redis_module
+
+    return {
+        "date": time.strftime("%Y-%m-%d %H:%M %Z"),
+        "host": platform.node(),
+        "cpu": model,
+        "cpus": os.cpu_count(),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "aiohttp": aiohttp_module.__version__,
+        "redis_py": redis_module.__version__,
+        "redis_server": version(["redis-server", "--version"]),
+        "nginx": version(["nginx", "-v"]),
+        "wrk": version([wrk_binary(), "-v"]),
+    }
+
+
+def run(options: Options, *, log: Callable[[str], None]) -> dict[str, Any]:
+    """The whole suite; returns the results (also what `--json` writes)."""
+    cpus = os.cpu_count() or 1
+    if cpus < 2:
+        log("bench: fewer than 2 CPUs: no pinning, figures are not comparable to the targets")
+        options = replace(options, server_cpu=None, client_cpu=None)
+    if options.client_cpu is not None:
+        os.sched_setaffinity(0, {options.client_cpu})
+    wrk_binary()
+    tmp = Path(tempfile.mkdtemp(prefix="agent-bff-bench-"))
+    lab = Lab(options, tmp)
+    results: dict[str, Any] = {"machine": machine(), "options": asdict(options)}
+    try:
+        log("bench: starting redis, the stub, gateways, peers, nginx ...")
+        lab.start_redis()
+        lab.start_stub()
+        lab.start_gateway("gw_redis", "redis", wait=False)
+        lab.start_gateway("gw_mem", "memory", wait=False)
+        if options.log_level_row:
+            lab.start_gateway("gw_redis_quiet", "redis", wait=False, LOG_LEVEL="warning")
+        lab.start_peer("stock", "stock")
+        lab.start_peer("nosession", "nosession")
+        lab.start_peer("rawget", "rawget")
+        has_nginx = lab.start_nginx()
+        lab.wait_all()
+        if not has_nginx:
+            log("bench: nginx not installed: its SSE row is skipped")
+        for name in ("gw_redis", "gw_mem", "stock", "gw_redis_quiet"):
+            if name in lab.urls:
+                lines = asyncio.run(create_sessions(lab.urls[name], options.sessions))
+                lab.cookies[name] = tmp / f"{name}.cookies"
+                lab.cookies[name].write_text("\n".join(lines) + "\n")
+        lab.cookies["rawget"] = tmp / "rawget.cookies"
+        lab.cookies["rawget"].write_text("\n".join(raw_sessions(lab, options.sessions)) + "\n")
+        script = write_script(tmp)
+        rows = all_rows(options, has_nginx)
+        row_results = {row.key: RowResult(row) for row in rows}
+        if options.warmup > 0:
+            log(f"bench: warm-up, {options.warmup:g} s per row")
+            for row in rows:
+                run_row(lab, row, script, options.warmup, None)
+        for rep in range(options.reps):
+            for row in rows:
+                run_row(lab, row, script, options.seconds, row_results[row.key])
+                last = row_results[row.key].runs[-1]
+                log(
+                    f"bench: rep {rep + 1}/{options.reps} {row.key:<20} {last.rps:>9.0f} req/s "
+                    f"p99 {last.p99_ms:.2f} ms errors {last.errors}"
+                )
+        results["rows"] = {key: r.summary() for key, r in row_results.items()}
+        targets = {
+            "direct": (lab.urls["stub"] + "/base/stream", None),
+            "gateway": (
+                lab.urls["gw_redis"] + AGENT_PATH,
+                lab.cookies["gw_redis"].read_text().splitlines()[0],
+            ),
+        }
+        if has_nginx:
+            targets["nginx"] = (lab.urls["nginx"] + AGENT_PATH, None)
+        log(f"bench: time to first event, {options.ttfe_streams} sequential streams per target")
+        samples = asyncio.run(ttfe_samples(targets, options.ttfe_streams))
+        results["ttfe_ms"] = {
+            name: {
+                "median": round(statistics.median(v), 3),
+                "p90": round(sorted(v)[int(0.9 * (len(v) - 1))], 3),
+                "min": round(min(v), 3),
+                "count": len(v),
+            }
+            for name, v in samples.items()
+        }
+        log(f"bench: memory store filled with {options.memory_sessions} sessions")
+        results["memory_fill"] = memory_fill(lab, script)
+        log(f"bench: mixed run with the kit, {options.mixed_seconds:g} s")
+        results["memory_steady"] = mixed_run(lab)
+    finally:
+        lab.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+    results["ratios"] = ratios(results)
+    return results
+
+
+def _rps(results: dict[str, Any], key: str) -> float | None:
+    row = results["rows"].get(key)
+    return None if row is None else row["rps_median"]
+
+
+def ratios(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each target of the issue: measured value, target, verdict."""
+    out: list[dict[str, Any]] = []
+
+    def ratio(name: str, num: str, den: str, target: float, *, higher: bool = True) -> None:
+        a, b = _rps(results, num), _rps(results, den)
+        if a is None or b is None or not b:
+            return
+        value = a / b
+        met = value >= target if higher else value <= target
+        out.append(
+            {
+                "name": name,
+                "value": round(value, 3),
+                "target": target,
+                "op": ">=" if higher else "<=",
+                "met": met,
+            }
+        )
+
+    ratio("gateway Redis read / stock RedisStorage read", "gw_redis_read", "stock_read", 2.0)
+    ratio("gateway Redis write / stock RedisStorage write", "gw_redis_write", "stock_write", 1.5)
+    ratio("gateway memory read / no-session handler", "gw_mem_read", "nosession", 0.85)
+    ratio("gateway memory write / no-session handler", "gw_mem_write", "nosession", 0.85)
+    ratio("(ceiling) one redis-py GET / no-session handler", "rawget", "nosession", 0.0)
+    ratio("(peer) stock RedisStorage read / one redis-py GET", "stock_read", "rawget", 0.0)
+    ratio("gateway Redis read / one redis-py GET", "gw_redis_read", "rawget", 0.0)
+    rows = results["rows"]
+    for kind in ("read", "write"):
+        gw, stock = rows.get(f"gw_redis_{kind}"), rows.get(f"stock_{kind}")
+        if gw and stock and stock["p99_ms"]:
+            value = gw["p99_ms"] / stock["p99_ms"]
+            out.append(
+                {
+                    "name": f"gateway Redis {kind} p99 / stock p99",
+                    "value": round(value, 3),
+                    "target": 1.0,
+                    "op": "<=",
+                    "met": value <= 1.0,
+                }
+            )
+    direct = _rps(results, "sse_direct")
+    gw, nginx = _rps(results, "sse_gateway"), _rps(results, "sse_nginx")
+    if direct and gw:
+        target = (nginx / direct) if nginx else 0.0
+        out.append(
+            {
+                "name": "SSE streams/s: gateway / direct (target: nginx / direct)",
+                "value": round(gw / direct, 3),
+                "target": round(target, 3),
+                "op": ">=",
+                "met": gw / direct >= target,
+            }
+        )
+    ttfe = results.get("ttfe_ms", {})
+    if "direct" in ttfe and "gateway" in ttfe:
+        added = ttfe["gateway"]["median"] - ttfe["direct"]["median"]
+        name = "added time to first event, gateway (median, ms)"
+        out.append(
+            {"name": name, "value": round(added, 3), "target": 0.5, "op": "<=", "met": added <= 0.5}
+        )
+        if "nginx" in ttfe:
+            added_nginx = ttfe["nginx"]["median"] - ttfe["direct"]["median"]
+            name = "(peer) added time to first event, nginx (median, ms)"
+            out.append(
+                {
+                    "name": name,
+                    "value": round(added_nginx, 3),
+                    "target": 0.0,
+                    "op": "info",
+                    "met": True,
+                }
+            )
+    fill = results.get("memory_fill")
+    if fill:
+        scale = 100_000 / max(fill["sessions_created"], 1)
+        projected = fill["rss_before_mb"] + (fill["rss_after_mb"] - fill["rss_before_mb"]) * scale
+        out.append(
+            {
+                "name": "memory store RSS with 100k sessions (MB, projected if fewer)",
+                "value": round(projected, 1),
+                "target": 100.0,
+                "op": "<=",
+                "met": projected <= 100.0,
+            }
+        )
+    steady = results.get("memory_steady")
+    if steady:
+        growth = steady["growth_mb"]
+        out.append(
+            {
+                "name": "RSS growth over the steady mixed run (MB)",
+                "value": growth,
+                "target": 5.0,
+                "op": "<=",
+                "met": growth <= 5.0,
+            }
+        )
+    return out
+
+
+def format_results(results: dict[str, Any]) -> str:
+    m = results["machine"]
+    lines = [
+        f"agent-bff benchmark, {m['date']} on {m['host']}: {m['cpu']} ({m['cpus']} CPUs), "
+        f"Linux {m['kernel']}, Python {m['python']}, aiohttp {m['aiohttp']}, "
+        f"redis-py {m['redis_py']}",
+        f"  {m['redis_server']}; {m['nginx']}; {m['wrk']}",
+        f"  servers on CPU {results['options']['server_cpu']}, wrk/Redis/kit on CPU "
+        f"{results['options']['client_cpu']}; {results['options']['reps']} interleaved "
+        f"repetitions of {results['options']['seconds']:g} s, wrk -t1 -c"
+        f"{results['options']['connections']} (SSE -c{results['options']['sse_connections']})",
+        "",
+        f"  {'row':<48}{'req/s median':>13}{'[min - max]':>19}{'p50 ms':>9}{'p99 ms':>9}"
+        f"{'errors':>8}{'redis/req':>10}",
+    ]
+    for row in results["rows"].values():
+        cmds = row["redis_commands_per_request"]
+        rng = f"[{row['rps_min']:,.0f} - {row['rps_max']:,.0f}]"
+        lines.append(
+            f"  {row['label']:<48}{row['rps_median']:>13,.0f}{rng:>19}{row['p50_ms']:>9.2f}"
+            f"{row['p99_ms']:>9.2f}{row['errors']:>8}{'-' if cmds is None else f'{cmds:.2f}':>10}"
+        )
+    ttfe = results.get("ttfe_ms", {})
+    if ttfe:
+        lines += [
+            "",
+            "  time to first event (sequential streams, ms): "
+            + "; ".join(
+                f"{name} median {v['median']:.3f} p90 {v['p90']:.3f}" for name, v in ttfe.items()
+            ),
+        ]
+    fill = results.get("memory_fill")
+    if fill:
+        lines.append(
+            f"  memory store: {fill['sessions_created']} sessions of "
+            f"~{fill['value_bytes_approx']} B: "
+            f"RSS {fill['rss_before_mb']} -> {fill['rss_after_mb']} MB "
+            f"({fill['bytes_per_session']} B/session)"
+        )
+    steady = results.get("memory_steady")
+    if steady:
+        lines.append(
+            f"  steady mixed run ({steady['run_seconds']:g} s, {steady['run_rps']:.0f} req/s, "
+            f"{steady['run_errors']} errors, {steady['run_lost_sessions']} lost): RSS "
+            f"{steady['rss_start_mb']} (start) -> {steady['rss_after_warmup_mb']} (warm) -> "
+            f"{steady['rss_after_run_mb']} MB"
+        )
+    lines += ["", f"  {'ratio / figure':<62}{'measured':>10}{'target':>12}  verdict"]
+    for r in results["ratios"]:
+        target = "" if r["op"] == "info" or not r["target"] else f"{r['op']} {r['target']:g}"
+        verdict = "" if not target else ("met" if r["met"] else "MISSED")
+        lines.append(f"  {r['name']:<62}{r['value']:>10.3f}{target:>12}  {verdict}")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bench.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="every row once, briefly")
+    parser.add_argument("--reps", type=int, help="interleaved repetitions (3)")
+    parser.add_argument("--seconds", type=float, help="seconds per measured run (8)")
+    parser.add_argument("--connections", type=int, help="wrk connections for session rows (64)")
+    parser.add_argument("--rows", default="", help="comma-separated row keys (default: all)")
+    parser.add_argument("--json", default=None, metavar="PATH", help="write results as JSON")
+    args = parser.parse_args(argv)
+    options = Options.smoke() if args.smoke else Options()
+    overrides: dict[str, Any] = {}
+    if args.reps:
+        overrides["reps"] = args.reps
+    if args.seconds:
+        overrides["seconds"] = args.seconds
+    if args.connections:
+        overrides["connections"] = args.connections
+    if args.rows:
+        overrides["rows"] = tuple(r.strip() for r in args.rows.split(",") if r.strip())
+    if overrides:
+        options = replace(options, **overrides)
+    try:
+        results = run(options, log=lambda line: print(line, file=sys.stderr, flush=True))
+    except RuntimeError as err:
+        print(f"bench: {err}", file=sys.stderr)
+        return 1
+    print(format_results(results))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    return 0

@@ -1,0 +1,52 @@
+"""`scripts/bench.py --smoke`: every benchmark row runs once, briefly, and reports sanely.
+
+Figures are not asserted (a smoke run is too short to mean anything); what is asserted is
+that every server started, every row served requests without errors, and the Redis rows
+counted their commands.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.gateway_process import REPO_ROOT
+
+BENCH = REPO_ROOT / "scripts" / "bench.py"
+
+
+def test_bench_smoke_runs_every_row(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, str(BENCH), "--smoke", "--json", str(out)],
+        capture_output=True,
+        timeout=110,
+        check=False,
+    )
+    stderr = proc.stderr.decode(errors="replace")
+    assert proc.returncode == 0, stderr[-3000:]
+    results = json.loads(out.read_text())
+    rows = results["rows"]
+    expected = {
+        "gw_redis_read", "gw_redis_write", "gw_mem_read", "gw_mem_write", "stock_read",
+        "stock_write", "nosession", "rawget", "sse_direct", "sse_gateway", "sse_nginx",
+    }  # fmt: skip
+    assert set(rows) == expected
+    for key, row in rows.items():
+        assert row["requests"] > 0, key
+        assert row["errors"] == 0, key
+    # A read through the gateway is one Redis command (GETEX); a changed write is two.
+    assert 0.95 <= rows["gw_redis_read"]["redis_commands_per_request"] <= 1.1
+    assert rows["gw_redis_read"]["redis_commands_by_name"].keys() == {"getex"}
+    assert 1.9 <= rows["gw_redis_write"]["redis_commands_per_request"] <= 2.1
+    assert rows["stock_read"]["redis_commands_by_name"].keys() == {"get"}
+    assert set(results["ttfe_ms"]) == {"direct", "gateway", "nginx"}
+    assert results["memory_fill"]["sessions_created"] >= 2000
+    assert results["memory_steady"]["run_lost_sessions"] == 0
+    names = [r["name"] for r in results["ratios"]]
+    assert "gateway Redis read / stock RedisStorage read" in names
+    table = proc.stdout.decode()
+    assert "gateway, Redis store: read" in table
+    assert "ratio / figure" in table
