@@ -18,13 +18,14 @@ import pytest
 
 from app.sessions.storage import session_key
 from tests.conftest import GatewayProcessFactory
-from tests.gateway_process import run_gateway_to_exit
+from tests.gateway_process import PROCESS_TEST_ENV, run_gateway_to_exit
 from tests.redis_server import RedisServer
 from tests.redis_topologies import GatewayHttp, RedisClusterTopology, command
 
 pytestmark = pytest.mark.redis_server
 
 PREFIX = "agent:sess:"
+OP_TIMEOUT = float(PROCESS_TEST_ENV["REDIS_OP_TIMEOUT_SECONDS"])
 SESSIONS = 60  # P(some primary gets none of 60 uniform keys) = 3 * (2/3)**60 ~ 1e-10
 
 
@@ -54,6 +55,15 @@ async def create_sessions(http: GatewayHttp, count: int) -> dict[str, int]:
         assert reply.sid is not None
         sessions[reply.sid] = n
     return sessions
+
+
+def sessions_by_node(
+    cluster: RedisClusterTopology, sessions: dict[str, int]
+) -> dict[RedisServer, set[str]]:
+    result: dict[RedisServer, set[str]] = {node: set() for node in cluster.nodes}
+    for sid in sessions:
+        result[cluster.node_for_key(session_key(PREFIX, "demo", sid))].add(sid)
+    return result
 
 
 async def test_sessions_spread_over_all_primaries_and_read_back_through_a_second_process(
@@ -138,13 +148,10 @@ async def test_a_dead_primary_fails_only_its_slots_and_the_gateway_recovers(
     gateway = gateway_process(env_for(cluster.url))
     async with GatewayHttp(gateway.url) as http:
         sessions = await create_sessions(http, 30)
-        victim = cluster.nodes[0]
-        on_victim = {
-            sid
-            for sid in sessions
-            if cluster.node_for_key(session_key(PREFIX, "demo", sid)) is victim
-        }
-        assert on_victim and len(on_victim) < len(sessions)
+        victim, on_victim = max(
+            sessions_by_node(cluster, sessions).items(), key=lambda item: len(item[1])
+        )
+        assert len(on_victim) < len(sessions)
 
         victim.kill()
         for sid, n in sessions.items():
@@ -168,6 +175,34 @@ async def test_a_dead_primary_fails_only_its_slots_and_the_gateway_recovers(
         for sid in on_victim:
             assert (await http.get(sid)).body == {"data": {"n": sessions[sid]}}
     assert gateway.returncode is None  # the same process throughout
+
+
+async def test_a_frozen_primary_answers_503_within_the_deadline_for_its_slots_only(
+    cluster: RedisClusterTopology, gateway_process: GatewayProcessFactory
+) -> None:
+    """SIGSTOP: connections hang instead of failing; the per-operation deadline still holds."""
+    gateway = gateway_process(env_for(cluster.url))
+    async with GatewayHttp(gateway.url) as http:
+        sessions = await create_sessions(http, 20)
+        # The primary holding the fewest (but some) of them: each of those waits out a deadline.
+        victim, on_victim = min(
+            ((node, sids) for node, sids in sessions_by_node(cluster, sessions).items() if sids),
+            key=lambda item: len(item[1]),
+        )
+        assert len(on_victim) < len(sessions)
+        victim.pause()
+        try:
+            for sid, n in sessions.items():
+                reply = await http.get(sid)
+                assert reply.seconds < OP_TIMEOUT + 1.0, reply
+                if sid in on_victim:
+                    assert reply.status == 503, reply
+                else:
+                    assert reply.status == 200 and reply.body == {"data": {"n": n}}, reply
+        finally:
+            victim.resume()
+        for sid, n in sessions.items():
+            assert (await http.get(sid)).body == {"data": {"n": n}}
 
 
 def test_start_fails_fast_when_a_primary_is_down(cluster: RedisClusterTopology) -> None:
