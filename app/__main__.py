@@ -1,22 +1,31 @@
 """`python -m app`: read settings, configure logging, serve. Exit 2 on bad configuration,
-1 when the session store cannot be reached at start, 0 after a clean shutdown."""
+1 when the session store cannot be reached at start (or the port cannot be bound), 0 after a
+clean shutdown on SIGTERM or SIGINT.
+
+Serving is spelled out (instead of `web.run_app`) to control the shutdown order that
+zero-downtime restarts behind a load balancer need; see `app/lifecycle.py`: mark not ready
+and close connections after their current response, close the listener, drain in-flight
+requests and idle keep-alive connections, then let aiohttp clean up (Redis closes last).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import os
+import signal
 import sys
 
 from aiohttp import web
 
 from app.config import ConfigError, Settings
+from app.lifecycle import LIFECYCLE_KEY
 from app.logs import AccessLogger, configure_logging
 from app.main import StoreStartupError, create_app
 
 log = logging.getLogger("app")
 
-# After on_shutdown has drained requests and told streams to stop, this is how long aiohttp
+# After the drain has finished requests and told streams to stop, this is how long aiohttp
 # waits for the last handlers to return before cancelling them.
 _FINAL_GRACE_SECONDS = 5.0
 
@@ -32,6 +41,44 @@ def _new_loop() -> asyncio.AbstractEventLoop:
     return asyncio.new_event_loop()
 
 
+class ListenError(Exception):
+    """The port could not be bound; `python -m app` exits 1."""
+
+
+async def serve(app: web.Application, settings: Settings) -> None:
+    """Serve `app` until SIGTERM/SIGINT, then shut down gracefully. Raises
+    `StoreStartupError` (store unreachable) or `ListenError` (port unavailable) at start."""
+    runner = web.AppRunner(
+        app,
+        handle_signals=False,
+        access_log_class=AccessLogger,
+        shutdown_timeout=_FINAL_GRACE_SECONDS,
+    )
+    # Startup (the session store's PING) runs before the port is bound: a replica accepts
+    # connections only once it can serve them.
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, settings.host, settings.port)
+        try:
+            await site.start()
+        except OSError as err:
+            raise ListenError(f"cannot listen on {settings.host}:{settings.port} ({err})") from err
+        log.info("listening on http://%s:%s", settings.host, settings.port)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        log.info("signal received: shutting down")
+        lifecycle = app[LIFECYCLE_KEY]
+        lifecycle.begin_shutdown()
+        await site.stop()  # the listener closes now: new connections are refused
+        server = runner.server
+        await lifecycle.drain(lambda: len(server.connections) if server is not None else 0)
+    finally:
+        await runner.cleanup()
+
+
 def main() -> int:
     try:
         settings = Settings.from_env()
@@ -39,20 +86,15 @@ def main() -> int:
         for problem in err.problems:
             print(f"agent-bff: configuration error: {problem}", file=sys.stderr)
         return 2
-    configure_logging(settings.log_level, settings.log_format)
-    loop = _new_loop()
+    configure_logging(settings.log_level, settings.log_format, salt=settings.log_salt)
     try:
-        web.run_app(
-            create_app(settings),
-            host=settings.host,
-            port=settings.port,
-            shutdown_timeout=_FINAL_GRACE_SECONDS,
-            access_log_class=AccessLogger,
-            print=lambda msg: log.info("listening on http://%s:%s", settings.host, settings.port),
-            loop=loop,
-        )
+        with asyncio.Runner(loop_factory=_new_loop) as runner:
+            runner.run(serve(create_app(settings), settings))
     except StoreStartupError as err:
         print(f"agent-bff: startup error: {err}", file=sys.stderr)
+        return 1
+    except ListenError as err:
+        print(f"agent-bff: startup error: {err}: is another process using PORT?", file=sys.stderr)
         return 1
     return 0
 

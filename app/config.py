@@ -56,6 +56,8 @@ class Settings:
     session_max_bytes: int = 65536
     trusted_proxies: tuple[IPNetwork, ...] = ()
     shutdown_timeout_seconds: float = 30.0
+    # After SIGTERM, idle keep-alive connections stay open this long (app/lifecycle.py).
+    shutdown_idle_grace_seconds: float = 5.0
     log_level: str = "info"
     log_format: Literal["text", "json"] = "text"
     # Salt of the session hash in access lines; empty: random per process (app/logs.py).
@@ -219,6 +221,7 @@ def _parse(env: Mapping[str, str]) -> Settings:
         session_max_bytes=r.positive_int("SESSION_MAX_BYTES", 65536),
         trusted_proxies=trusted,
         shutdown_timeout_seconds=r.positive_float("SHUTDOWN_TIMEOUT_SECONDS", 30.0),
+        shutdown_idle_grace_seconds=r.positive_float("SHUTDOWN_IDLE_GRACE_SECONDS", 5.0),
         log_level=r.choice("LOG_LEVEL", "info", _LOG_LEVELS),
         log_format="json" if r.choice("LOG_FORMAT", "text", ("text", "json")) == "json" else "text",
         log_salt=env.get("LOG_SALT", ""),

@@ -8,7 +8,12 @@ from collections.abc import AsyncIterator, Callable
 from aiohttp import web
 
 from app.config import Settings, redact_url
-from app.lifecycle import LIFECYCLE_KEY, Lifecycle, drain_on_shutdown
+from app.lifecycle import (
+    LIFECYCLE_KEY,
+    Lifecycle,
+    close_connections_when_draining,
+    drain_on_shutdown,
+)
 from app.metrics import instrument_backend, setup_metrics
 from app.middlewares import (
     add_response_headers,
@@ -41,7 +46,10 @@ class StoreStartupError(Exception):
 
 def create_app(settings: Settings, *, backend: SessionBackend | None = None) -> web.Application:
     """The gateway application. `backend` replaces the configured store (tests)."""
-    lifecycle = Lifecycle(shutdown_timeout=settings.shutdown_timeout_seconds)
+    lifecycle = Lifecycle(
+        shutdown_timeout=settings.shutdown_timeout_seconds,
+        idle_grace=settings.shutdown_idle_grace_seconds,
+    )
     # Order matters, outermost first: the request id exists before anything can fail; errors
     # are enveloped for everything inside; the application is resolved before origin/CSRF
     # checks (which depend on it); the session is loaded last, only for requests that passed.
@@ -61,6 +69,7 @@ def create_app(settings: Settings, *, backend: SessionBackend | None = None) -> 
     # agent) close before Redis, which closes last.
     app.cleanup_ctx.append(upstream_ctx(settings))
     app.on_shutdown.append(drain_on_shutdown)
+    app.on_response_prepare.append(close_connections_when_draining)
     add_response_headers(app)
     setup_routes(app)
     setup_metrics(app)
