@@ -29,7 +29,6 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
@@ -46,9 +45,6 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 
 from app.sessions.backend import SessionBackend, StoreUnavailable
 from app.sessions.storage import APP_ID_KEY
-
-if TYPE_CHECKING:
-    import redis.asyncio as aioredis
 
 NAMESPACE = "agent_bff"
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
@@ -264,6 +260,28 @@ class InstrumentedBackend:
         await self.backend.close()
 
 
+def _pool_usage(client: object) -> tuple[float, float, float]:
+    """(in use, idle, bound) of a redis-py asyncio client's connections.
+
+    redis-py keeps these as plain attributes (4.x through 8.x): one pool for a standalone or
+    Sentinel client, one connection list per node for a cluster. Read defensively, so a
+    future rename costs a series, not a scrape.
+    """
+    pool = getattr(client, "connection_pool", None)
+    if pool is not None:
+        in_use = len(getattr(pool, "_in_use_connections", ()))
+        idle = len(getattr(pool, "_available_connections", ()))
+        return in_use, idle, float(getattr(pool, "max_connections", 0) or 0)
+    total_in_use = total_idle = total_bound = 0.0
+    get_nodes = getattr(client, "get_nodes", None)
+    for node in get_nodes() if callable(get_nodes) else ():
+        idle = len(getattr(node, "_free", ()))
+        total_idle += idle
+        total_in_use += max(len(getattr(node, "_connections", ())) - idle, 0)
+        total_bound += float(getattr(node, "max_connections", 0) or 0)
+    return total_in_use, total_idle, total_bound
+
+
 class _StoreCollector:
     """Scrape-time gauges of the store: Redis pool usage, or memory-store entries."""
 
@@ -274,22 +292,12 @@ class _StoreCollector:
         return list(self.collect())
 
     def collect(self) -> Iterator[Metric]:
-        client: aioredis.Redis | None = getattr(self._backend, "client", None)
+        client = getattr(self._backend, "client", None)
         if client is not None:
-            pool = getattr(client, "connection_pool", None)
-            # redis-py keeps these as plain attributes on its pools (4.x through 8.x); read
-            # defensively so a future rename costs a series, not a scrape.
-            in_use = len(getattr(pool, "_in_use_connections", ()))
-            idle = len(getattr(pool, "_available_connections", ()))
-            max_connections = getattr(pool, "max_connections", 0) or 0
-            if pool is None:  # RedisCluster: one small pool per node, summed (issue 5)
-                nodes: list[Any] = getattr(client, "get_nodes", list)()
-                idle = sum(len(getattr(n, "_free", ())) for n in nodes)
-                in_use = sum(len(getattr(n, "_connections", ())) for n in nodes) - idle
-                max_connections = sum(getattr(n, "max_connections", 0) for n in nodes)
+            in_use, idle, bound = _pool_usage(client)
             connections = GaugeMetricFamily(
                 f"{NAMESPACE}_redis_pool_connections",
-                "Redis connections in this process's pool, by state.",
+                "Redis connections held by this process, by state (all cluster nodes summed).",
                 labels=["state"],
             )
             connections.add_metric(["in_use"], in_use)
@@ -297,8 +305,8 @@ class _StoreCollector:
             yield connections
             yield GaugeMetricFamily(
                 f"{NAMESPACE}_redis_pool_max_connections",
-                "The pool's bound (REDIS_MAX_CONNECTIONS).",
-                value=float(max_connections),
+                "The pool's bound (REDIS_MAX_CONNECTIONS; per node for a cluster, summed).",
+                value=bound,
             )
         elif hasattr(self._backend, "__len__"):
             yield GaugeMetricFamily(

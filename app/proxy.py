@@ -56,6 +56,7 @@ from app.config import Settings
 from app.errors import REQUEST_ID_KEY, error_response
 from app.forwarding import client_host, client_scheme, peer_ip, peer_is_trusted
 from app.lifecycle import LIFECYCLE_KEY, Lifecycle
+from app.metrics import record_upstream_error
 from app.middlewares import APP_CONFIG_KEY
 from app.sessions.middleware import commit_session, get_session
 from app.sessions.storage import DATA, GATEWAY
@@ -443,6 +444,7 @@ async def _proxy(exchange: _Exchange) -> web.StreamResponse:
                 app.app_id,
                 exchange.request_id,
             )
+            record_upstream_error(request, "timeout")
             return exchange.error(
                 504, "upstream_timeout", "The agent service did not answer in time."
             )
@@ -452,6 +454,7 @@ async def _proxy(exchange: _Exchange) -> web.StreamResponse:
             app.app_id,
             exchange.request_id,
         )
+        record_upstream_error(request, "unavailable")
         return exchange.error(502, "upstream_unavailable", "The agent service is unavailable.")
 
     try:
@@ -570,6 +573,8 @@ async def _fail(
     detail: str,
 ) -> None:
     """End a started response so the browser can tell it from a normal end."""
+    if code.startswith("upstream_"):
+        record_upstream_error(exchange.request, code.removeprefix("upstream_"))
     log.warning(
         "agent stream ended early: %s (%s; app %s, request %s)",
         code,
