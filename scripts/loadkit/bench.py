@@ -45,6 +45,7 @@ from typing import Any
 import aiohttp
 import redis
 
+from loadkit import profiles
 from loadkit.sse import SSEParser
 from loadkit.wrk import WrkResult, run_wrk, write_script, wrk_binary
 
@@ -86,6 +87,7 @@ class Options:
     client_cpu: int | None = 1
     rows: tuple[str, ...] = ()
     log_level_row: bool = True
+    profile: tuple[str, ...] = ()  # row keys to sample with py-spy after the measured runs
 
     @classmethod
     def smoke(cls) -> Options:
@@ -627,6 +629,31 @@ def run_row(lab: Lab, row: Row, script: Path, seconds: float, result: RowResult 
         result.runs.append(res)
 
 
+def profile_rows(
+    lab: Lab, rows: list[Row], script: Path, keys: Sequence[str], log: Callable[[str], None]
+) -> dict[str, Any]:
+    """An extra, unmeasured run of each row in `keys` while py-spy samples its server."""
+    out: dict[str, Any] = {}
+    if profiles.py_spy() is None:
+        log("bench: --profile needs py-spy (pip install py-spy): skipped")
+        return out
+    for row in rows:
+        if row.key not in keys:
+            continue
+        proc = lab.procs.get(row.server)
+        if proc is None:
+            continue
+        raw = lab.tmp / f"profile-{row.key}.raw"
+        seconds = max(4.0, lab.options.seconds)
+        sampler = profiles.record(proc.pid, seconds - 1, raw)
+        run_row(lab, row, script, seconds, None)
+        sampler.wait(timeout=60)
+        if raw.exists():
+            out[row.key] = profiles.fold(raw)
+            log(f"bench: profiled {row.key} ({out[row.key]['samples']} samples)")
+    return out
+
+
 # -- time to first event --------------------------------------------------------------------
 
 
@@ -785,6 +812,8 @@ def machine() -> dict[str, Any]:
         "redis_server": version(["redis-server", "--version"]),
         "nginx": version(["nginx", "-v"]),
         "wrk": version([wrk_binary(), "-v"]),
+        # Other work on the machine skews single figures (ratios hold better): say so.
+        "loadavg_start": [round(x, 2) for x in os.getloadavg()],
     }
 
 
@@ -838,6 +867,8 @@ def run(options: Options, *, log: Callable[[str], None]) -> dict[str, Any]:
                     f"p99 {last.p99_ms:.2f} ms errors {last.errors}"
                 )
         results["rows"] = {key: r.summary() for key, r in row_results.items()}
+        if options.profile:
+            results["profiles"] = profile_rows(lab, rows, script, options.profile, log)
         targets = {
             "direct": (lab.urls["stub"] + "/base/stream", None),
             "gateway": (
@@ -865,6 +896,7 @@ def run(options: Options, *, log: Callable[[str], None]) -> dict[str, Any]:
     finally:
         lab.stop()
         shutil.rmtree(tmp, ignore_errors=True)
+    results["machine"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     results["ratios"] = ratios(results)
     return results
 
@@ -982,6 +1014,7 @@ def format_results(results: dict[str, Any]) -> str:
         f"Linux {m['kernel']}, Python {m['python']}, aiohttp {m['aiohttp']}, "
         f"redis-py {m['redis_py']}",
         f"  {m['redis_server']}; {m['nginx']}; {m['wrk']}",
+        f"  load average at start {m['loadavg_start']}, at end {m.get('loadavg_end')}",
         f"  servers on CPU {results['options']['server_cpu']}, wrk/Redis/kit on CPU "
         f"{results['options']['client_cpu']}; {results['options']['reps']} interleaved "
         f"repetitions of {results['options']['seconds']:g} s, wrk -t1 -c"
@@ -1022,6 +1055,14 @@ def format_results(results: dict[str, Any]) -> str:
             f"{steady['rss_start_mb']} (start) -> {steady['rss_after_warmup_mb']} (warm) -> "
             f"{steady['rss_after_run_mb']} MB"
         )
+    for key, prof in results.get("profiles", {}).items():
+        lines += [
+            "",
+            f"  profile of {key}: {prof['samples']} samples, busy {prof['busy_share']:.0%} "
+            "(shares of busy samples; inclusive | self)",
+        ]
+        pairs = zip(prof["inclusive"][:18], prof["self"][:18], strict=False)
+        lines += [f"    {a[0]:5.1f}% {a[1]:<58.58} {b[0]:5.1f}% {b[1]}" for a, b in pairs]
     lines += ["", f"  {'ratio / figure':<62}{'measured':>10}{'target':>12}  verdict"]
     for r in results["ratios"]:
         target = "" if r["op"] == "info" or not r["target"] else f"{r['op']} {r['target']:g}"
@@ -1036,8 +1077,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, help="interleaved repetitions (3)")
     parser.add_argument("--seconds", type=float, help="seconds per measured run (8)")
     parser.add_argument("--connections", type=int, help="wrk connections for session rows (64)")
+    parser.add_argument("--ttfe-streams", type=int, help="sequential streams per TTFE target")
     parser.add_argument("--rows", default="", help="comma-separated row keys (default: all)")
     parser.add_argument("--json", default=None, metavar="PATH", help="write results as JSON")
+    parser.add_argument(
+        "--profile",
+        default="",
+        metavar="ROWS",
+        help="comma-separated row keys to sample with py-spy in an extra run (needs py-spy)",
+    )
     args = parser.parse_args(argv)
     options = Options.smoke() if args.smoke else Options()
     overrides: dict[str, Any] = {}
@@ -1047,6 +1095,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         overrides["seconds"] = args.seconds
     if args.connections:
         overrides["connections"] = args.connections
+    if args.ttfe_streams:
+        overrides["ttfe_streams"] = args.ttfe_streams
+    if args.profile:
+        overrides["profile"] = tuple(r.strip() for r in args.profile.split(",") if r.strip())
     if args.rows:
         overrides["rows"] = tuple(r.strip() for r in args.rows.split(",") if r.strip())
     if overrides:
