@@ -39,9 +39,12 @@ SECURITY_HEADERS = {
 
 
 CORS_ORIGIN_KEY = web.RequestKey("cors_origin", str)
+# Set once a response for the request has started (headers sent): too late for an error body.
+RESPONSE_STARTED_KEY = web.RequestKey("response_started", bool)
 
 
 def _on_prepare_headers(request: web.Request, response: web.StreamResponse) -> None:
+    request[RESPONSE_STARTED_KEY] = True
     response.headers["X-Request-Id"] = request[REQUEST_ID_KEY]
     for name, value in SECURITY_HEADERS.items():
         response.headers.setdefault(name, value)
@@ -84,6 +87,12 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         code = re.sub(r"[^a-z0-9]+", "_", (exc.reason or "error").lower()).strip("_")
         headers = {k: v for k, v in exc.headers.items() if k.lower() in ("allow", "retry-after")}
         return error_response(request, exc.status, code, exc.reason, headers=headers)
+    except Exception:
+        if request.get(RESPONSE_STARTED_KEY):
+            raise  # a stream already started: aiohttp ends the connection
+        # A bug: still our envelope (never aiohttp's text/plain page), details only in the log.
+        log.exception("unhandled error: %s %s", request.method, request.path)
+        return error_response(request, 500, "internal_error", "Internal error.")
 
 
 def setup_application(settings: Settings) -> Middleware:

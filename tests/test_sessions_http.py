@@ -15,6 +15,7 @@ from http.cookies import SimpleCookie
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import ClientResponse, web
 from aiohttp.test_utils import TestClient
@@ -850,3 +851,29 @@ async def test_memory_store_warns_that_it_is_per_process(
     text = " ".join(r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING)
     assert "SESSION_STORE=memory" in text
     assert "restart" in text and "replica" in text
+
+
+async def test_an_unexpected_failure_is_a_500_envelope(aiohttp_client: AiohttpClient) -> None:
+    app = create_app(make_settings())
+
+    async def bug(request: web.Request) -> web.Response:
+        raise RuntimeError("secret internals")
+
+    async def late_bug(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()
+        await response.prepare(request)
+        await response.write(b"partial")
+        raise RuntimeError("after the headers")
+
+    app.router.add_get("/apps/{applicationId}/test-bug", bug)
+    app.router.add_get("/apps/{applicationId}/test-late-bug", late_bug)
+    client = await aiohttp_client(app)
+    resp = await client.get("/apps/demo/test-bug")
+    assert resp.status == 500
+    assert_envelope(resp, await resp.json(), "internal_error")
+    assert "secret internals" not in await resp.text()
+    # Once a stream has started there is no second response: the connection is cut.
+    resp = await client.get("/apps/demo/test-late-bug")
+    assert resp.status == 200
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await resp.read()
