@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from aiohttp import ClientResponse
@@ -177,3 +177,29 @@ async def test_store_down_at_start_fails_fast_with_a_redacted_message() -> None:
     assert "hunter2" not in message
     assert "***" in message
     assert "Troubleshooting" in message or "troubleshooting" in message.lower()
+
+
+class StubRedis:
+    """Answers PING and `INFO server` with a chosen version (fakeredis has no INFO)."""
+
+    def __init__(self, version: str) -> None:
+        self.version = version
+
+    async def ping(self) -> bool:
+        return True
+
+    async def info(self, section: str) -> dict[str, str]:
+        return {"redis_version": self.version}
+
+    async def aclose(self) -> None:
+        return None
+
+
+@pytest.mark.parametrize(("version", "ok"), [("6.0.16", False), ("6.2.0", True), ("7.0.15", True)])
+async def test_start_check_requires_redis_6_2_for_getex(version: str, ok: bool) -> None:
+    backend = RedisBackend(cast(Any, StubRedis(version)))
+    if ok:
+        assert await backend.check_server(1) == version
+    else:
+        with pytest.raises(StoreUnavailable, match=r"6\.2"):
+            await backend.check_server(1)
