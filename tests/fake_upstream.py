@@ -149,7 +149,13 @@ class RunningGateway:
     app: web.Application
     url: URL
     client: aiohttp.ClientSession
+    runner: web.AppRunner
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def connections(self) -> list[web.RequestHandler]:
+        """The server side of the browser connections open right now."""
+        server = self.runner.server
+        return [] if server is None else list(server.connections)
 
     @property
     def port(self) -> int:
@@ -171,7 +177,7 @@ async def run_gateway(settings: Settings) -> AsyncIterator[RunningGateway]:
         url = URL.build(scheme="http", host=host, port=port)
         jar = aiohttp.CookieJar(unsafe=True)  # cookies for an IP-address host
         async with aiohttp.ClientSession(base_url=url, cookie_jar=jar) as client:
-            yield RunningGateway(app=app, url=url, client=client)
+            yield RunningGateway(app=app, url=url, client=client, runner=runner)
     finally:
         await runner.cleanup()
 

@@ -208,6 +208,41 @@ async def test_keepalive_comments_during_upstream_silence(upstream: ServedUpstre
     assert len(events) >= 4
 
 
+async def test_no_keepalive_while_the_browser_is_not_reading(upstream: ServedUpstream) -> None:
+    send_b, send_c = asyncio.Event(), asyncio.Event()
+    a, b, c = sse("a", {}), sse("b", {}), sse("c", {})
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        response = await start_sse(request)
+        await response.write(a)
+        await send_b.wait()
+        await response.write(b)
+        await send_c.wait()
+        await response.write(c)
+        await response.write_eof()
+        return response
+
+    upstream.fake.on("/v1/chat", chat)
+    settings = app_settings(upstream.base, {"SSE_KEEPALIVE_SECONDS": "0.05"})
+    async with run_gateway(settings) as gw, gw.client.post(f"{AGENT}/chat", headers=CSRF) as resp:
+        got = await read_until(resp.content, b"\n\n")
+        # What the transport does when the browser stops reading and the write buffer passes
+        # its high-water mark: the protocol is paused. Simulated so the test needs no
+        # megabytes in flight (the buffer sizes differ from machine to machine).
+        [connection] = gw.connections()
+        connection.pause_writing()
+        await asyncio.sleep(0.5)  # ten keep-alive periods
+        send_b.set()
+        got += await read_until(resp.content, b"event: b")
+        connection.resume_writing()
+        got += await read_until(resp.content, KEEPALIVE_COMMENT, count=2)  # resumed
+        send_c.set()
+        got += await resp.content.read()
+    paused_window = got[got.index(a) + len(a) : got.index(b"event: b")]
+    assert paused_window.count(KEEPALIVE_COMMENT) <= 1, paused_window  # at most one raced in
+    assert got.endswith(c)
+
+
 async def test_no_keepalive_inside_a_half_written_event(upstream: ServedUpstream) -> None:
     release = asyncio.Event()
     head, tail = b'event: token\ndata: {"text": "hal', b'f"}\n\n'
