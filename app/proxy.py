@@ -18,7 +18,8 @@ Contract, in request order:
 - Upstream request headers: see `upstream_request_headers`. Response headers: see
   `browser_response_headers`. Redirects are not followed; every status passes through.
 - Upstream refused/unreachable: 502 `upstream_unavailable`. No response headers within
-  `connect_timeout_seconds`: 504 `upstream_timeout`.
+  `connect_timeout_seconds` (counted from the start of the upstream request, so it includes
+  sending the body and waiting for a pooled connection): 504 `upstream_timeout`.
 - Streaming: chunks are relayed as they arrive (bounded reads; `await write()` applies the
   browser's backpressure to the upstream read). Event streams get SSE comment keep-alives after
   `SSE_KEEPALIVE_SECONDS` of upstream silence, but only between events and only while the
