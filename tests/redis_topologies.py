@@ -74,13 +74,20 @@ def wait_until(check: Callable[[], bool], timeout: float, what: str, step: float
 
 
 class RedisClusterTopology:
-    """`primaries` cluster nodes (no replicas) forming one cluster over all 16384 slots."""
+    """`primaries` cluster nodes forming one cluster over all 16384 slots, each with
+    `replicas` replicas (which Redis promotes when their primary fails)."""
 
     def __init__(
-        self, primaries: int = 3, *, node_timeout_ms: int = 1000, appendonly: bool = False
+        self,
+        primaries: int = 3,
+        *,
+        replicas: int = 0,
+        node_timeout_ms: int = 1000,
+        appendonly: bool = False,
     ) -> None:
+        self.replicas = replicas
         self.nodes: list[RedisServer] = []
-        for _ in range(primaries):
+        for _ in range(primaries * (1 + replicas)):
             args = [
                 "--cluster-enabled",
                 "yes",
@@ -111,7 +118,15 @@ class RedisClusterTopology:
             raise RuntimeError("redis-cli is not installed: run scripts/system-deps")
         addresses = [f"127.0.0.1:{n.port}" for n in self.nodes]
         done = subprocess.run(
-            [cli, "--cluster", "create", *addresses, "--cluster-yes"],
+            [
+                cli,
+                "--cluster",
+                "create",
+                *addresses,
+                "--cluster-replicas",
+                str(self.replicas),
+                "--cluster-yes",
+            ],
             capture_output=True,
             timeout=60,
             check=False,
@@ -127,6 +142,30 @@ class RedisClusterTopology:
                 info: dict[str, Any] = client.cluster("INFO")
                 if info.get("cluster_state") != "ok" or int(info["cluster_known_nodes"]) != len(
                     self.nodes
+                ):
+                    return False
+                replication: dict[str, Any] = client.info("replication")
+                if replication.get("role") == "slave" and (
+                    replication.get("master_link_status") != "up"
+                ):
+                    return False
+        return True
+
+    def replicas_caught_up(self) -> bool:
+        """True when every replica has acknowledged its primary's whole replication stream."""
+        for node in self.nodes:
+            if not node.running:
+                continue
+            with contextlib.closing(node.client(socket_timeout=0.5)) as client:
+                info: dict[str, Any] = client.info("replication")
+            if info.get("role") != "master":
+                continue
+            offset = int(info["master_repl_offset"])
+            for name, value in info.items():
+                if (
+                    name.startswith("slave")
+                    and isinstance(value, dict)
+                    and int(value["offset"]) < offset
                 ):
                     return False
         return True

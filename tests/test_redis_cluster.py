@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import time
@@ -20,7 +21,7 @@ from app.sessions.storage import session_key
 from tests.conftest import GatewayProcessFactory
 from tests.gateway_process import PROCESS_TEST_ENV, run_gateway_to_exit
 from tests.redis_server import RedisServer
-from tests.redis_topologies import GatewayHttp, RedisClusterTopology, command
+from tests.redis_topologies import GatewayHttp, RedisClusterTopology, Reply, command, wait_until
 
 pytestmark = pytest.mark.redis_server
 
@@ -203,6 +204,48 @@ async def test_a_frozen_primary_answers_503_within_the_deadline_for_its_slots_on
             victim.resume()
         for sid, n in sessions.items():
             assert (await http.get(sid)).body == {"data": {"n": n}}
+
+
+async def test_a_replica_takes_over_a_dead_primary_and_the_gateway_follows(
+    gateway_process: GatewayProcessFactory,
+) -> None:
+    """3 primaries with a replica each: Redis promotes the replica of a killed primary after
+    `cluster-node-timeout` (1 s here); the same gateway process picks the new slot owner up."""
+    with RedisClusterTopology(3, replicas=1) as cluster:
+        gateway = gateway_process(env_for(cluster.url))
+        async with GatewayHttp(gateway.url) as http:
+            sessions = await create_sessions(http, 30)
+            wait_until(cluster.replicas_caught_up, 10, "the replicas to catch up")
+            victim, on_victim = max(
+                sessions_by_node(cluster, sessions).items(), key=lambda item: len(item[1])
+            )
+            killed_at = time.monotonic()
+            victim.kill()
+            failures: list[Reply] = []
+            while True:
+                replies = [await http.get(sid) for sid in on_victim]
+                failures += [r for r in replies if r.status != 200]
+                if all(r.status == 200 for r in replies):
+                    break
+                assert time.monotonic() - killed_at < 30, "no replica took over"
+                await asyncio.sleep(0.05)
+            window = max((r.started + r.seconds for r in failures), default=killed_at) - killed_at
+            print(
+                f"\nCluster replica promotion after SIGKILL of a primary: error window "
+                f"{window:.2f}s for {len(on_victim)} sessions on it, {len(failures)} failed "
+                f"requests, slowest {max((r.seconds for r in failures), default=0):.2f}s"
+            )
+            for reply in failures:
+                assert reply.status == 503 and reply.error_code == "session_store_unavailable"
+                assert reply.seconds < OP_TIMEOUT + 1.0, reply
+            for sid, n in sessions.items():
+                reply = await http.get(sid)
+                assert reply.status == 200 and reply.body == {"data": {"n": n}}, reply
+            assert all(
+                cluster.node_for_key(session_key(PREFIX, "demo", sid)) is not victim
+                for sid in on_victim
+            )
+        assert gateway.returncode is None
 
 
 def test_start_fails_fast_when_a_primary_is_down(cluster: RedisClusterTopology) -> None:
