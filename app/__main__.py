@@ -63,9 +63,14 @@ async def serve(app: web.Application, settings: Settings) -> None:
             await site.start()
         except OSError as err:
             raise ListenError(f"cannot listen on {settings.host}:{settings.port} ({err})") from err
-        log.info("listening on http://%s:%s", settings.host, settings.port)
-        stop = asyncio.Event()
         loop = asyncio.get_running_loop()
+        log.info(
+            "listening on http://%s:%s (event loop: %s)",
+            settings.host,
+            settings.port,
+            type(loop).__module__.split(".")[0],
+        )
+        stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
