@@ -877,3 +877,17 @@ async def test_an_unexpected_failure_is_a_500_envelope(aiohttp_client: AiohttpCl
     assert resp.status == 200
     with pytest.raises(aiohttp.ClientPayloadError):
         await resp.read()
+
+
+async def test_memory_store_stays_bounded_under_a_flood(gateway_factory: GatewayFactory) -> None:
+    gateway = await gateway_factory("memory", MEMORY_MAX_SESSIONS="5")
+    sids = []
+    for i in range(12):
+        gateway.client.session.cookie_jar.clear()
+        resp = await patch(gateway.client, {"i": i})
+        assert resp.status == 200
+        sids.append(gateway.session_id())
+    keys = await gateway.raw.keys()
+    assert len(keys) == 5
+    # The least recently used went first; the newest are still there.
+    assert sorted(keys) == sorted(gateway.key(sid) for sid in sids[-5:] if sid)
