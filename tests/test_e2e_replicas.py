@@ -27,8 +27,12 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 
+from tests.fake_upstream import FakeUpstream, sse, sse_events, start_sse
 from tests.gateway_process import REPO_ROOT
+from tests.redis_server import free_port
 
 pytestmark = pytest.mark.redis_server
 
@@ -72,11 +76,13 @@ class Cluster:
     def __init__(self, directory: Path) -> None:
         self.dir = directory
         self.state: dict[str, Any] = {}
+        self.env = dict(GATEWAY_ENV)
+        self.upstream_port = 0
 
     def run(self, *args: str, timeout: float = CLUSTER_TIMEOUT * 3) -> str:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("SESSION_", "REDIS_"))}
         env.pop("APPS_FILE", None)
-        env.update(GATEWAY_ENV)
+        env.update(self.env)
         argv = [sys.executable, str(REPO_ROOT / "scripts" / "cluster.py"), "--dir", str(self.dir)]
         argv += ["--timeout", str(CLUSTER_TIMEOUT), "--grace", str(CLUSTER_TIMEOUT), *args]
         done = subprocess.run(
@@ -118,6 +124,14 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
     topology = Cluster(tmp_path / "cluster")
     workdir = tmp_path / "work"  # no stray .env is read by the gateways
     workdir.mkdir()
+    # Application `shop` proxies to an upstream the test may serve on `upstream_port`.
+    topology.upstream_port = free_port()
+    apps = workdir / "apps.toml"
+    apps.write_text(
+        '[apps.demo]\nupstream = "builtin:demo"\n\n'
+        f'[apps.shop]\nupstream = "http://127.0.0.1:{topology.upstream_port}/v1"\n'
+    )
+    topology.env["APPS_FILE"] = str(apps)
     topology.run(
         "up", "--replicas", str(REPLICAS), "--port", "0", "--workdir", str(workdir), "--quiet"
     )
@@ -306,6 +320,12 @@ async def test_a_session_created_through_the_lb_is_the_same_on_every_replica(
                 f"{cluster.replica_url(index)}/apps/{APP}/session", cookies={COOKIE: session_id}
             ) as response:
                 assert await response.json() == {"data": {"cart": ["book"], "step": 3}}
+        # /metrics is scraped on each replica, never published through the LB.
+        async with http.get(f"{cluster.url}/metrics") as response:
+            assert response.status == 404
+        async with http.get(f"{cluster.replica_url(2)}/metrics") as response:
+            assert response.status == 200
+            assert "agent_bff_http_requests_total" in await response.text()
         # Straight to a replica, the LB's origin is a foreign one: the trust is nginx's alone.
         async with http.patch(
             f"{cluster.replica_url(0)}/apps/{APP}/session",
@@ -371,3 +391,37 @@ async def test_a_replica_killed_under_load_loses_no_session(cluster: Cluster) ->
     # Service went on without the killed replica.
     assert load.successes_between(recovered_at, recovered_at + SETTLE) > 0
     await assert_sessions_everywhere(cluster, load)
+
+
+async def test_streams_pass_through_nginx_unbuffered(cluster: Cluster) -> None:
+    """The first event reaches the browser while the upstream still holds the stream open:
+    with nginx buffering the response this test would wait until the timeout."""
+    upstream = FakeUpstream()
+    release = asyncio.Event()
+
+    async def stream(request: web.Request) -> web.StreamResponse:
+        response = await start_sse(request)
+        await response.write(sse("token", {"text": "first"}))
+        await release.wait()
+        await response.write(sse("done", {}))
+        return response
+
+    upstream.on("/v1/chat", stream)
+    server = TestServer(upstream.app, host="127.0.0.1", port=cluster.upstream_port)
+    await server.start_server()
+    try:
+        timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT)
+        async with (
+            aiohttp.ClientSession(timeout=timeout) as http,
+            http.post(f"{cluster.url}/apps/shop/agent/chat", json={}, headers=CSRF) as response,
+        ):
+            assert response.status == 200
+            assert response.headers["Content-Type"].startswith("text/event-stream")
+            first = await response.content.readuntil(b"\n\n")
+            assert sse_events(first.decode()) == [("token", '{"text": "first"}')]
+            release.set()
+            rest = await response.content.read()
+        assert sse_events(rest.decode()) == [("done", "{}")]
+    finally:
+        release.set()
+        await server.close()
