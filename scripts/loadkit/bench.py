@@ -118,6 +118,7 @@ def free_port() -> int:
 
 
 _LIVE: list[Proc] = []
+_CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
 class Proc:
@@ -162,6 +163,16 @@ class Proc:
                     if line.startswith("VmRSS:"):
                         total_kb += int(line.split()[1])
         return total_kb / 1024
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU time used so far by the process (and its children: nginx's
+        worker), from /proc: unaffected by how long other work kept it waiting."""
+        ticks = 0
+        for pid in [self.pid, *_children(self.pid)]:
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                ticks += int(fields[11]) + int(fields[12])  # utime, stime
+        return ticks / _CLK_TCK
 
     def alive(self) -> bool:
         return self.popen.poll() is None
@@ -571,6 +582,7 @@ class RowResult:
     runs: list[WrkResult] = field(default_factory=list)
     redis_commands: list[float] = field(default_factory=list)
     commands: dict[str, float] = field(default_factory=dict)
+    cpu_us: list[float] = field(default_factory=list)  # server CPU per request, per run
 
     def median(self, get: Callable[[WrkResult], float]) -> float:
         return statistics.median(get(r) for r in self.runs) if self.runs else 0.0
@@ -591,6 +603,8 @@ class RowResult:
             if self.redis_commands
             else None,
             "redis_commands_by_name": self.commands,
+            "cpu_us_per_request": round(statistics.median(self.cpu_us), 1) if self.cpu_us else None,
+            "cpu_us_runs": [round(x, 1) for x in self.cpu_us],
             "runs": [r.as_dict() for r in self.runs],
         }
 
@@ -610,6 +624,12 @@ def run_row(lab: Lab, row: Row, script: Path, seconds: float, result: RowResult 
     client = lab.redis() if row.redis else None
     if client is not None:
         client.config_resetstat()
+    # Every process on the server CPU that works for this row: the server, and the stub
+    # behind a proxy in the SSE rows.
+    servers = [lab.procs[row.server]] if row.server in lab.procs else []
+    if row.sse and row.server != "stub":
+        servers.append(lab.procs["stub"])
+    cpu_before = sum(p.cpu_seconds() for p in servers)
     res = run_wrk(
         lab.urls[row.server] + row.path,
         script=script,
@@ -619,6 +639,9 @@ def run_row(lab: Lab, row: Row, script: Path, seconds: float, result: RowResult 
         seconds=seconds,
         cpu=o.client_cpu,
     )
+    cpu_used = sum(p.cpu_seconds() for p in servers) - cpu_before
+    if result is not None and res.requests:
+        result.cpu_us.append(cpu_used * 1e6 / res.requests)
     if client is not None:
         calls = session_commands(client)
         client.close()
@@ -906,6 +929,13 @@ def _rps(results: dict[str, Any], key: str) -> float | None:
     return None if row is None else row["rps_median"]
 
 
+def _cpu_ratio(results: dict[str, Any], cheap: str, costly: str) -> float | None:
+    a, b = results["rows"].get(cheap), results["rows"].get(costly)
+    if not a or not b or not a.get("cpu_us_per_request") or not b.get("cpu_us_per_request"):
+        return None
+    return round(a["cpu_us_per_request"] / b["cpu_us_per_request"], 3)
+
+
 def _paired_ratios(results: dict[str, Any], num: str, den: str) -> list[float]:
     a, b = results["rows"].get(num), results["rows"].get(den)
     if a is None or b is None:
@@ -926,9 +956,13 @@ def ratios(results: dict[str, Any]) -> list[dict[str, Any]]:
         # ratio of medians.
         value = statistics.median(per_rep)
         met = value >= target if higher else value <= target
+        cpu_a = results["rows"][num].get("cpu_us_per_request")
+        cpu_b = results["rows"][den].get("cpu_us_per_request")
         out.append(
             {
                 "name": name,
+                # Throughput per CPU-second of the server: robust to other work on the box.
+                "by_cpu": round(cpu_b / cpu_a, 3) if cpu_a and cpu_b else None,
                 "value": round(value, 3),
                 "min": round(min(per_rep), 3),
                 "max": round(max(per_rep), 3),
@@ -967,6 +1001,7 @@ def ratios(results: dict[str, Any]) -> list[dict[str, Any]]:
         out.append(
             {
                 "name": "SSE streams/s: gateway / direct (target: nginx / direct)",
+                "by_cpu": _cpu_ratio(results, "sse_direct", "sse_gateway"),
                 "value": round(value, 3),
                 "min": round(min(gw_direct), 3),
                 "max": round(max(gw_direct), 3),
@@ -1022,6 +1057,10 @@ def ratios(results: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:,.0f}"
+
+
 def format_results(results: dict[str, Any]) -> str:
     m = results["machine"]
     lines = [
@@ -1036,7 +1075,7 @@ def format_results(results: dict[str, Any]) -> str:
         f"{results['options']['connections']} (SSE -c{results['options']['sse_connections']})",
         "",
         f"  {'row':<48}{'req/s median':>13}{'[min - max]':>19}{'p50 ms':>9}{'p99 ms':>9}"
-        f"{'errors':>8}{'redis/req':>10}",
+        f"{'errors':>8}{'redis/req':>10}{'CPU us/req':>11}",
     ]
     for row in results["rows"].values():
         cmds = row["redis_commands_per_request"]
@@ -1044,6 +1083,7 @@ def format_results(results: dict[str, Any]) -> str:
         lines.append(
             f"  {row['label']:<48}{row['rps_median']:>13,.0f}{rng:>19}{row['p50_ms']:>9.2f}"
             f"{row['p99_ms']:>9.2f}{row['errors']:>8}{'-' if cmds is None else f'{cmds:.2f}':>10}"
+            f"{_num(row.get('cpu_us_per_request')):>11}"
         )
     ttfe = results.get("ttfe_ms", {})
     if ttfe:
@@ -1081,13 +1121,16 @@ def format_results(results: dict[str, Any]) -> str:
     lines += [
         "",
         f"  {'ratio / figure (ratios: median of per-repetition ratios)':<62}{'measured':>10}"
-        f"{'[min - max]':>17}{'target':>10}  verdict",
+        f"{'[min - max]':>17}{'by CPU':>8}{'target':>10}  verdict",
     ]
     for r in results["ratios"]:
         target = "" if r["op"] == "info" or not r["target"] else f"{r['op']} {r['target']:g}"
         verdict = "" if not target else ("met" if r["met"] else "MISSED")
         spread = f"[{r['min']:.2f} - {r['max']:.2f}]" if "min" in r else ""
-        lines.append(f"  {r['name']:<62}{r['value']:>10.3f}{spread:>17}{target:>10}  {verdict}")
+        by_cpu = f"{r['by_cpu']:.3f}" if r.get("by_cpu") is not None else ""
+        lines.append(
+            f"  {r['name']:<62}{r['value']:>10.3f}{spread:>17}{by_cpu:>8}{target:>10}  {verdict}"
+        )
     return "\n".join(lines)
 
 
