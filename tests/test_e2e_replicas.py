@@ -50,6 +50,8 @@ CLIENTS = int(os.environ.get("E2E_CLIENTS", "6"))
 # A client starts a new session every this many writes, so sessions are created during the
 # restarts too.
 WRITES_PER_SESSION = int(os.environ.get("E2E_WRITES_PER_SESSION", "40"))
+# Rolling restarts in a row (raise it to soak: E2E_ROLLING_ROUNDS=6).
+ROLLING_ROUNDS = int(os.environ.get("E2E_ROLLING_ROUNDS", "1"))
 # How long after a SIGKILL a failed request still counts as "in flight on the killed replica".
 KILL_WINDOW = _env_float("E2E_KILL_WINDOW_SECONDS", 2.0)
 
@@ -344,16 +346,22 @@ async def test_rolling_restart_under_load_fails_nothing_and_loses_no_session(
     windows: list[tuple[float, float]] = []
     try:
         await asyncio.sleep(WARMUP)
-        for index in range(REPLICAS):
-            old_pid = cluster.replica_pid(index)
-            started = time.monotonic()
-            finished = await run_cluster(cluster, "restart", str(index))
-            windows.append((started, finished))
-            assert cluster.replica_pid(index) != old_pid
-            await asyncio.sleep(SETTLE)
+        for _ in range(ROLLING_ROUNDS):
+            for index in range(REPLICAS):
+                old_pid = cluster.replica_pid(index)
+                started = time.monotonic()
+                finished = await run_cluster(cluster, "restart", str(index))
+                windows.append((started, finished))
+                assert cluster.replica_pid(index) != old_pid
+                await asyncio.sleep(SETTLE)
     finally:
         load.stop()
         await runner
+    print(
+        f"rolling restart: {len(windows)} restarts "
+        f"({', '.join(f'{end - start:.1f}s' for start, end in windows)}), "
+        f"{load.ok} requests ok, {len(load.failures)} failed, {len(load.sessions)} sessions"
+    )
     assert not load.failures, (
         f"{len(load.failures)} failed requests of {load.ok + len(load.failures)}:\n"
         + "\n".join(f"{f.method} {f.detail}" for f in load.failures[:20])
@@ -382,6 +390,11 @@ async def test_a_replica_killed_under_load_loses_no_session(cluster: Cluster) ->
     finally:
         load.stop()
         await runner
+    print(
+        f"SIGKILL under load: {len(load.failures)} failed "
+        f"({', '.join(sorted({f.method for f in load.failures})) or '-'}), "
+        f"{load.ok} requests ok, {len(load.sessions)} sessions"
+    )
     # Only requests in flight on the killed replica may fail: at most one per client, right
     # at the kill, and only writes (nginx retries an idempotent GET on another replica).
     assert len(load.failures) <= load.clients, load.failures
