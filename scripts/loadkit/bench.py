@@ -933,7 +933,7 @@ def _cpu_ratio(results: dict[str, Any], cheap: str, costly: str) -> float | None
     a, b = results["rows"].get(cheap), results["rows"].get(costly)
     if not a or not b or not a.get("cpu_us_per_request") or not b.get("cpu_us_per_request"):
         return None
-    return round(a["cpu_us_per_request"] / b["cpu_us_per_request"], 3)
+    return round(float(a["cpu_us_per_request"]) / float(b["cpu_us_per_request"]), 3)
 
 
 def _paired_ratios(results: dict[str, Any], num: str, den: str) -> list[float]:
