@@ -37,6 +37,55 @@ DEMO_APP_ID = "demo"
 BUILTIN_DEMO_UPSTREAM = "builtin:demo"
 
 
+_RATE_RE = re.compile(r"^\s*(\d+)\s*/\s*(\d*)\s*([a-z]+)\s*$")
+_PERIODS = {
+    "s": 1,
+    "sec": 1,
+    "second": 1,
+    "seconds": 1,
+    "m": 60,
+    "min": 60,
+    "minute": 60,
+    "minutes": 60,
+    "h": 3600,
+    "hour": 3600,
+    "hours": 3600,
+    "d": 86400,
+    "day": 86400,
+    "days": 86400,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimit:
+    """`count` requests per `period_seconds`: a token bucket that holds `count` tokens and
+    refills at `count / period_seconds` per second (see app/ratelimit.py)."""
+
+    count: int
+    period_seconds: int
+
+    def __str__(self) -> str:
+        return f"{self.count}/{self.period_seconds}s"
+
+
+def parse_rate_limit(text: str) -> RateLimit:
+    """`"30/minute"`, `"600/min"`, `"5/10s"`, `"1000/hour"`, `"10/second"`, `"50000/day"`.
+
+    Raises ValueError with a message saying what is wrong.
+    """
+    match = _RATE_RE.fullmatch(text.lower())
+    if match is None or match.group(3) not in _PERIODS:
+        raise ValueError("use '<count>/<period>', e.g. '30/minute', '600/hour' or '5/10s'")
+    count = int(match.group(1))
+    multiplier = int(match.group(2)) if match.group(2) else 1
+    if count <= 0 or multiplier <= 0:
+        raise ValueError("count and period must be positive")
+    period = multiplier * _PERIODS[match.group(3)]
+    if period > 7 * 86400:
+        raise ValueError("the period may be at most a week")
+    return RateLimit(count=count, period_seconds=period)
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class AppConfig:
     """One frontend application and its upstream agent service."""
@@ -49,6 +98,9 @@ class AppConfig:
     connect_timeout_seconds: float = 5.0
     idle_timeout_seconds: float = 120.0
     max_body_bytes: int = 1_048_576
+    # Agent requests allowed per session and per application (None: unlimited); app/ratelimit.py.
+    rate_limit_per_session: RateLimit | None = None
+    rate_limit_per_app: RateLimit | None = None
 
     @property
     def is_builtin_demo(self) -> bool:
@@ -101,6 +153,8 @@ def _parse_app(
         "connect_timeout_seconds",
         "idle_timeout_seconds",
         "max_body_bytes",
+        "rate_limit_per_session",
+        "rate_limit_per_app",
     }
     for unknown in sorted(set(table) - known):
         problems.append(f"{where}: unknown field {unknown!r}: remove it (known: {sorted(known)})")
@@ -164,6 +218,20 @@ def _parse_app(
         problems.append(f"{where}: field 'max_body_bytes' must be a positive integer")
         max_body = 1_048_576
 
+    limits: dict[str, RateLimit | None] = {}
+    for name in ("rate_limit_per_session", "rate_limit_per_app"):
+        raw_limit = table.get(name)
+        limits[name] = None
+        if raw_limit is None:
+            continue
+        if not isinstance(raw_limit, str):
+            problems.append(f"{where}: field {name!r} must be a string like '30/minute'")
+            continue
+        try:
+            limits[name] = parse_rate_limit(raw_limit)
+        except ValueError as err:
+            problems.append(f"{where}: field {name!r} = {raw_limit!r} is not valid: {err}")
+
     if problems:
         return None, problems
     return (
@@ -176,6 +244,8 @@ def _parse_app(
             connect_timeout_seconds=connect_timeout,
             idle_timeout_seconds=idle_timeout,
             max_body_bytes=max_body,
+            rate_limit_per_session=limits["rate_limit_per_session"],
+            rate_limit_per_app=limits["rate_limit_per_app"],
         ),
         [],
     )

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 from urllib.parse import urlsplit, urlunsplit
 
+from cryptography.fernet import Fernet
 from dotenv import dotenv_values
 
 from app.applications import AppConfig, resolve_apps
@@ -45,9 +46,15 @@ class Settings:
     port: int = 8080
     session_store: StoreKind = "memory"
     session_ttl_seconds: int = 3600
+    # Absolute lifetime from creation, however active the session (OWASP/ASVS 7.3.2).
+    session_absolute_seconds: int = 43200
+    # Fernet keys: the first encrypts, all decrypt (app/sessions/codec.py). Never in repr().
+    session_encryption_keys: tuple[str, ...] = field(default=(), repr=False)
     # Kept out of repr(): it may carry the Redis password.
     redis_url: str | None = field(default=None, repr=False)
     redis_prefix: str = "agent:sess:"
+    # Keys that are not sessions (rate-limit buckets): never under `redis_prefix`.
+    redis_aux_prefix: str = "agent:aux:"
     apps_file: str | None = None
     apps: Mapping[str, AppConfig] = field(default_factory=dict)
     cookie_name: str = "agent_sid"
@@ -185,6 +192,23 @@ def _parse(env: Mapping[str, str]) -> Settings:
             f"REDIS_PREFIX={prefix!r} is not valid: use a non-empty prefix without spaces or "
             "glob characters, e.g. agent:sess:"
         )
+    aux_prefix = env.get("REDIS_AUX_PREFIX", "agent:aux:")
+    if (
+        not aux_prefix
+        or any(c.isspace() for c in aux_prefix)
+        or any(c in aux_prefix for c in "*?[]{}")
+    ):
+        r.problems.append(
+            f"REDIS_AUX_PREFIX={aux_prefix!r} is not valid: use a non-empty prefix without "
+            "spaces, braces or glob characters, e.g. agent:aux:"
+        )
+    elif prefix and (aux_prefix.startswith(prefix) or prefix.startswith(aux_prefix)):
+        r.problems.append(
+            f"REDIS_AUX_PREFIX={aux_prefix!r} and REDIS_PREFIX={prefix!r} overlap (one is a "
+            "prefix of the other), so an application id could collide with a rate-limit key: "
+            "use disjoint prefixes, e.g. agent:sess: and agent:aux:"
+        )
+    encryption_keys = _encryption_keys(env.get("SESSION_ENCRYPTION_KEYS", ""), r.problems)
     cookie_name = r.text("SESSION_COOKIE_NAME", "agent_sid")
     if not all(c.isalnum() or c in "_-." for c in cookie_name):
         r.problems.append(
@@ -207,8 +231,11 @@ def _parse(env: Mapping[str, str]) -> Settings:
         port=port,
         session_store="redis" if store == "redis" else "memory",
         session_ttl_seconds=r.positive_int("SESSION_TTL_SECONDS", 3600),
+        session_absolute_seconds=r.positive_int("SESSION_ABSOLUTE_SECONDS", 43200),
+        session_encryption_keys=encryption_keys,
         redis_url=redis_url,
         redis_prefix=prefix,
+        redis_aux_prefix=aux_prefix,
         apps_file=apps_file,
         apps=apps,
         cookie_name=cookie_name,
@@ -312,6 +339,31 @@ def _redis_tls_settings(env: Mapping[str, str], r: _Reader, url: str | None) -> 
         verify=verify,
         sentinel_password=sentinel_password,
     )
+
+
+def _encryption_keys(raw: str, problems: list[str]) -> tuple[str, ...]:
+    """`SESSION_ENCRYPTION_KEYS`: comma-separated Fernet keys (32 random bytes, URL-safe
+    base64). A bad entry is reported by position, never echoed (it is a secret)."""
+    keys: list[str] = []
+    entries = [item.strip() for item in raw.split(",")] if raw.strip() else []
+    for position, item in enumerate(entries, start=1):
+        try:
+            Fernet(item.encode("ascii"))
+        except (ValueError, UnicodeEncodeError):
+            problems.append(
+                f"SESSION_ENCRYPTION_KEYS entry {position} of {len(entries)} is not a valid key: "
+                "each key is 32 random bytes in URL-safe base64 (44 characters); generate one "
+                "with: python -c 'from cryptography.fernet import Fernet; "
+                "print(Fernet.generate_key().decode())'"
+            )
+            continue
+        if item in keys:
+            problems.append(
+                f"SESSION_ENCRYPTION_KEYS entry {position} repeats an earlier key: remove it"
+            )
+            continue
+        keys.append(item)
+    return tuple(keys)
 
 
 def _parse_networks(raw: str, problems: list[str]) -> tuple[IPNetwork, ...]:

@@ -6,11 +6,19 @@ import json
 from typing import Any
 
 from aiohttp import web
+from aiohttp_session import Session
 
 from app.errors import ApiError
 from app.lifecycle import LIFECYCLE_KEY
 from app.sessions.backend import StoreUnavailable
-from app.sessions.middleware import SESSION_KEY, STORAGE_KEY, commit_session, get_session
+from app.sessions.middleware import (
+    SESSION_KEY,
+    STORAGE_KEY,
+    commit_session,
+    get_session,
+    rotate_session,
+    update_session,
+)
 from app.sessions.storage import DATA, GATEWAY
 from app.state import BACKEND_KEY, SETTINGS_KEY
 
@@ -40,29 +48,72 @@ def _data_of(mapping: Any) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
+def _json_body(response: web.Response, body: dict[str, Any]) -> web.Response:
+    response.text = json.dumps(body)
+    return response
+
+
 async def get_session_data(request: web.Request) -> web.Response:
-    """`{"data": {...}}`; `{}` without a session. A read slides the TTL, never creates."""
-    session = await get_session(request)
-    return web.json_response({"data": _data_of(session)}, headers=NO_STORE)
+    """`{"data": {...}}`; `{}` without a session. A read slides the TTL, never creates.
+
+    `?slide=0`: a status read for frontends that poll. Nothing slides; the answer adds the
+    whole seconds left before the session expires idle (`idle_expires_in`) and before its
+    absolute deadline (`absolute_expires_in`), both `null` without a session. One round trip.
+    """
+    slide = request.query.get("slide", "1")
+    if slide not in ("0", "1"):
+        raise ApiError(400, "invalid_parameter", "slide must be 0 or 1.")
+    if slide == "1":
+        session = await get_session(request)
+        return web.json_response({"data": _data_of(session)}, headers=NO_STORE)
+    status = await request[STORAGE_KEY].peek_session(request)
+    request[SESSION_KEY] = status.session  # unchanged: nothing is saved
+    return web.json_response(
+        {
+            "data": _data_of(status.session),
+            "idle_expires_in": status.idle_expires_in,
+            "absolute_expires_in": status.absolute_expires_in,
+        },
+        headers=NO_STORE,
+    )
 
 
 async def patch_session_data(request: web.Request) -> web.Response:
-    """Merge a JSON object into `data` (`null` removes a key); creates the session if needed."""
+    """Merge a JSON object into `data` (`null` removes a key); creates the session if needed.
+
+    Concurrent PATCHes of one session (even on different replicas) never lose each other's
+    keys: the merge is re-applied to the fresh value when another write got in first.
+    """
     patch = await _json_object(request)
-    session = await get_session(request)
-    current = _data_of(session)
-    merged = dict(current)
-    for key, value in patch.items():
-        if value is None:
-            merged.pop(key, None)
-        else:
-            merged[key] = value
-    response = web.json_response({"data": merged}, headers=NO_STORE)
-    if merged != current or (session.new and merged):
-        session[DATA] = merged
-        session.setdefault(GATEWAY, {})
-        await commit_session(request, response)
-    return response
+
+    def merge(session: Session) -> None:
+        current = _data_of(session)
+        merged = dict(current)
+        for key, value in patch.items():
+            if value is None:
+                merged.pop(key, None)
+            else:
+                merged[key] = value
+        if merged != current or (session.new and merged):
+            session[DATA] = merged
+            session.setdefault(GATEWAY, {})
+
+    response = web.Response(content_type="application/json", headers=NO_STORE)
+    session = await update_session(request, response, merge)
+    return _json_body(response, {"data": _data_of(session)})
+
+
+async def rotate_session_id(request: web.Request) -> web.Response:
+    """`POST .../session/rotate`: a new session id for the same data (call it after a
+    privilege change such as a login); the old id is dead before this answers.
+
+    `{"data": {...}, "rotated": true}`, the new cookie set; without a session nothing is
+    created and `rotated` is false.
+    """
+    response = web.Response(content_type="application/json", headers=NO_STORE)
+    session = await rotate_session(request, response)
+    rotated = not session.new and session.identity is not None
+    return _json_body(response, {"data": _data_of(session), "rotated": rotated})
 
 
 async def delete_session(request: web.Request) -> web.Response:

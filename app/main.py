@@ -23,6 +23,7 @@ from app.middlewares import (
     setup_origin,
     setup_request_id,
 )
+from app.ratelimit import rate_limit_ctx
 from app.routes import setup_routes
 from app.sessions.backend import SessionBackend, StoreUnavailable
 from app.sessions.memory import MemoryBackend
@@ -65,6 +66,8 @@ def create_app(settings: Settings, *, backend: SessionBackend | None = None) -> 
     app[SETTINGS_KEY] = settings
     app[LIFECYCLE_KEY] = lifecycle
     app.cleanup_ctx.append(session_store_ctx(settings, backend))
+    # Rate-limit buckets live in the session store (Redis: shared by every replica).
+    app.cleanup_ctx.append(rate_limit_ctx(settings))
     # After the store: contexts clean up in reverse, so the upstream client (and the demo
     # agent) close before Redis, which closes last.
     app.cleanup_ctx.append(upstream_ctx(settings))

@@ -43,7 +43,7 @@ from prometheus_client import (
 from prometheus_client.aiohttp import make_aiohttp_handler
 from prometheus_client.core import GaugeMetricFamily, Metric
 
-from app.sessions.backend import SessionBackend, StoreUnavailable
+from app.sessions.backend import CasResult, SessionBackend, StoreUnavailable
 from app.sessions.storage import APP_ID_KEY
 
 NAMESPACE = "agent_bff"
@@ -244,9 +244,21 @@ class InstrumentedBackend:
         with self._observe("create"):
             return await self.backend.create(key, value, ttl)
 
-    async def update(self, key: str, value: bytes, ttl: int) -> bool:
-        with self._observe("update"):
-            return await self.backend.update(key, value, ttl)
+    async def peek(self, key: str) -> tuple[bytes, float | None] | None:
+        with self._observe("peek"):
+            return await self.backend.peek(key)
+
+    async def expire(self, key: str, ttl: int) -> None:
+        with self._observe("expire"):
+            await self.backend.expire(key, ttl)
+
+    async def compare_and_set(self, key: str, expected: str, value: bytes, ttl: int) -> CasResult:
+        with self._observe("compare_and_set"):
+            return await self.backend.compare_and_set(key, expected, value, ttl)
+
+    async def delete_if_revision(self, key: str, expected: str) -> CasResult:
+        with self._observe("delete_if_revision"):
+            return await self.backend.delete_if_revision(key, expected)
 
     async def delete(self, key: str) -> None:
         with self._observe("delete"):

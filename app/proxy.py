@@ -11,10 +11,13 @@ Contract, in request order:
 - A declared `Content-Length` over the application's `max_body_bytes` is 413 `body_too_large`
   before the upstream is contacted; a chunked body is cut off (and 413) once it exceeds the cap.
   Bodies stream upstream, they are never buffered whole.
-- The session is loaded (which slides its TTL). The first agent request of a session mints the
+- The session is loaded (which slides its TTL), then the application's rate limits are checked
+  (429 `rate_limited`, see `app.ratelimit`). The first agent request of a session mints the
   conversation id (`gw.conversation_id`, random, unrelated to the session id) and creates the
   session; the session is saved *before* the upstream is contacted and before the response
   starts, so a streaming response can never lose it or its cookie.
+- An upstream response with `X-Session-Rotate: 1` rotates the session id (new id, same data and
+  conversation, old id deleted) before the response starts; the header is not relayed.
 - Upstream request headers: see `upstream_request_headers`. Response headers: see
   `browser_response_headers`. Redirects are not followed; every status passes through.
 - Upstream refused/unreachable: 502 `upstream_unavailable`. No response headers within
@@ -59,7 +62,8 @@ from app.forwarding import client_host, client_scheme, peer_ip, peer_is_trusted
 from app.lifecycle import LIFECYCLE_KEY, Lifecycle
 from app.metrics import record_upstream_error
 from app.middlewares import APP_CONFIG_KEY
-from app.sessions.middleware import commit_session, get_session
+from app.ratelimit import enforce_rate_limits
+from app.sessions.middleware import get_session, rotate_session, update_session
 from app.sessions.storage import DATA, GATEWAY
 from app.state import SETTINGS_KEY
 from app.upstream import UPSTREAM_KEY
@@ -68,6 +72,8 @@ log = logging.getLogger(__name__)
 
 CONVERSATION_FIELD = "conversation_id"
 THREAD_HEADER = "X-Agent-Thread-Id"
+# An upstream response carrying `X-Session-Rotate: 1` gets the session a new id (see `_proxy`).
+ROTATE_HEADER = "X-Session-Rotate"
 APPLICATION_HEADER = "X-Application-Id"
 # How often an open exchange checks that the browser is still connected.
 DISCONNECT_POLL_SECONDS = 0.25
@@ -218,7 +224,8 @@ def browser_response_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str
 
     Dropped: hop-by-hop headers and those named in `Connection`; `Set-Cookie` (the gateway's
     session cookie is the only cookie on this origin path); `Access-Control-*` (the gateway
-    answers CORS for its own origin allowlist, an upstream's `*` must not widen it).
+    answers CORS for its own origin allowlist, an upstream's `*` must not widen it);
+    `X-Session-Rotate` (a signal to the gateway, acted on in `_proxy`).
     """
     named = _connection_tokens(upstream)
     out: CIMultiDict[str] = CIMultiDict()
@@ -227,7 +234,7 @@ def browser_response_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str
         if (
             lower in HOP_BY_HOP
             or lower in named
-            or lower in ("set-cookie", "set-cookie2")
+            or lower in ("set-cookie", "set-cookie2", "x-session-rotate")
             or lower.startswith("access-control-")
         ):
             continue
@@ -415,13 +422,16 @@ async def _proxy(exchange: _Exchange) -> web.StreamResponse:
     if request.content_length is not None and request.content_length > app.max_body_bytes:
         return _closing(exchange.error(413, "body_too_large", "The request body is too large."))
 
-    # Load (and slide) the session; mint the conversation on the first agent request and save
-    # the session now, before the upstream sees the id and before the response starts.
+    # Load (and slide) the session; check the rate limits (before anything is created); mint
+    # the conversation on the first agent request and save the session now, before the
+    # upstream sees the id and before the response starts. `update_session` re-reads and
+    # re-applies on a concurrent write, so racing first requests agree on one conversation.
     session = await get_session(request)
-    conversation_id = ensure_conversation(session)
+    await enforce_rate_limits(request, session)
     response = web.StreamResponse()
     exchange.response = response
-    await commit_session(request, response)
+    session = await update_session(request, response, ensure_conversation)
+    conversation_id = ensure_conversation(session)  # already there: changes nothing
 
     timeout = app.connect_timeout_seconds
     try:
@@ -458,6 +468,14 @@ async def _proxy(exchange: _Exchange) -> web.StreamResponse:
         record_upstream_error(request, "unavailable")
         return exchange.error(502, "upstream_unavailable", "The agent service is unavailable.")
 
+    if upstream_response.headers.get(ROTATE_HEADER, "").strip() == "1":
+        # The upstream asks for a new session id (e.g. after a login step behind the agent):
+        # rotate before the browser sees any of the answer; the old id is dead before then.
+        try:
+            await rotate_session(request, response)
+        except BaseException:
+            upstream_response.close()
+            raise
     try:
         await _relay(exchange, response, upstream_response)
     finally:

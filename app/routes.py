@@ -18,6 +18,8 @@ def setup_routes(app: web.Application) -> None:
     app.router.add_delete(session, handlers.delete_session)
     # OPTIONS is routed so CORS preflights reach the origin middleware (which answers them).
     app.router.add_route("OPTIONS", session, handlers.method_not_allowed)
+    app.router.add_post(f"{session}/rotate", handlers.rotate_session_id)
+    app.router.add_route("OPTIONS", f"{session}/rotate", handlers.method_not_allowed)
     # Every method (OPTIONS included, so preflights reach the origin middleware) goes upstream.
     # `[\s\S]*`, not `.*`: an encoded newline in the path must reach the proxy's path check
     # (a clear 400 `invalid_path`), not fall through to a 404.

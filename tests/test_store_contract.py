@@ -1,8 +1,10 @@
 """One contract for every session backend: memory, fakeredis, and a real redis-server.
 
 The contract (app/sessions/backend.py): `get_and_touch` returns the value and slides its TTL
-(GETEX EX), `create` only when absent (SET NX EX), `update` only when present (SET XX EX, so a
-write racing a logout never resurrects), `delete` is idempotent, entries expire after their TTL.
+(GETEX EX), `peek` reads value and TTL without sliding, `create` only when absent (SET NX EX),
+`compare_and_set` only when present *and* at the expected revision (a script doing SET XX EX:
+a write racing a logout never resurrects, a write racing another write never overwrites it),
+`delete_if_revision` likewise, `delete` is idempotent, entries expire after their TTL.
 The memory store is also bounded: LRU eviction and an expiry sweep.
 """
 
@@ -17,7 +19,7 @@ import fakeredis
 import pytest
 import redis.asyncio as aioredis
 
-from app.sessions.backend import SessionBackend
+from app.sessions.backend import SessionBackend, revision_of
 from app.sessions.memory import MemoryBackend
 from app.sessions.redis import RedisBackend, RedisOptions, make_client
 from tests.conftest import STORE_KINDS, MemoryRaw, RawStore, RedisRaw
@@ -94,22 +96,95 @@ async def test_create_sets_the_ttl(store: Store) -> None:
     assert ttl is not None and 55 < ttl <= 60
 
 
-async def test_update_only_when_present(store: Store) -> None:
-    assert await store.backend.update(KEY, b"new", 60) is False
+def rev(n: int, rest: str = '"data":{}}') -> bytes:
+    """A stored value at revision `n` (the prefix the revision is read from)."""
+    return f'{{"v":1,"r":{n},{rest}'.encode()
+
+
+async def test_compare_and_set_only_when_present(store: Store) -> None:
+    assert await store.backend.compare_and_set(KEY, "0", b"new", 60) == "missing"
     assert await store.raw.get(KEY) is None
-    await store.backend.create(KEY, b"old", 10)
-    assert await store.backend.update(KEY, b"new", 60) is True
-    assert await store.raw.get(KEY) == b"new"
+    await store.backend.create(KEY, b"old", 10)  # no revision prefix: revision 0
+    assert await store.backend.compare_and_set(KEY, "0", rev(1), 60) == "ok"
+    assert await store.raw.get(KEY) == rev(1)
     ttl = await store.raw.ttl(KEY)
     assert ttl is not None and 55 < ttl <= 60  # every save sets the TTL again
 
 
-async def test_update_after_delete_does_not_resurrect(store: Store) -> None:
-    await store.backend.create(KEY, b"v", 60)
+async def test_compare_and_set_only_at_the_expected_revision(store: Store) -> None:
+    await store.backend.create(KEY, rev(7), 60)
+    assert await store.backend.compare_and_set(KEY, "6", rev(8, '"x":1}'), 60) == "conflict"
+    assert await store.backend.compare_and_set(KEY, "0", rev(8, '"x":1}'), 60) == "conflict"
+    assert await store.backend.compare_and_set(KEY, "70", rev(8, '"x":1}'), 60) == "conflict"
+    assert await store.raw.get(KEY) == rev(7), "a refused write changed the value"
+    assert await store.backend.compare_and_set(KEY, "7", rev(8, '"x":2}'), 60) == "ok"
+    assert await store.raw.get(KEY) == rev(8, '"x":2}')
+    # The next writer must now expect 8: the one that also loaded 7 loses.
+    assert await store.backend.compare_and_set(KEY, "7", rev(8, '"x":3}'), 60) == "conflict"
+    assert await store.raw.get(KEY) == rev(8, '"x":2}')
+
+
+@pytest.mark.parametrize(
+    ("value", "revision"),
+    [
+        (b'{"v":1,"r":42,"data":{}}', "42"),
+        (b'{"v":1,"r":123456789012345678901234567890,"enc":"x"}', "123456789012345678901234567890"),
+        (b'{"v": 1, "r": 42, "data": {}}', "0"),  # not the canonical prefix
+        (b'{"r":42,"v":1,"data":{}}', "0"),
+        (b'{"v":1,"data":{},"gw":{}}', "0"),  # written before revisions existed
+        (b"\xff\xfe garbage", "0"),
+        (b"", "0"),
+    ],
+)
+async def test_the_store_reads_revisions_like_python(
+    store: Store, value: bytes, revision: str
+) -> None:
+    """The Lua pattern and `revision_of` agree on every value (else every CAS would loop)."""
+    assert revision_of(value) == revision
+    await store.raw.set(KEY, value, 60)
+    wrong = "1" if revision != "1" else "2"
+    assert await store.backend.compare_and_set(KEY, wrong, b"x", 60) == "conflict"
+    assert await store.backend.compare_and_set(KEY, revision, b"x", 60) == "ok"
+
+
+async def test_compare_and_set_after_delete_does_not_resurrect(store: Store) -> None:
+    await store.backend.create(KEY, rev(1), 60)
     await store.backend.delete(KEY)
-    assert await store.backend.update(KEY, b"late write", 60) is False
+    assert await store.backend.compare_and_set(KEY, "1", rev(2), 60) == "missing"
     assert await store.raw.get(KEY) is None
     assert await store.backend.get_and_touch(KEY, 60) is None
+
+
+async def test_delete_if_revision(store: Store) -> None:
+    assert await store.backend.delete_if_revision(KEY, "0") == "missing"
+    await store.backend.create(KEY, rev(3), 60)
+    assert await store.backend.delete_if_revision(KEY, "2") == "conflict"
+    assert await store.raw.get(KEY) == rev(3)
+    assert await store.backend.delete_if_revision(KEY, "3") == "ok"
+    assert await store.raw.get(KEY) is None
+
+
+async def test_peek_reads_without_sliding(store: Store) -> None:
+    assert await store.backend.peek(KEY) is None
+    await store.backend.create(KEY, b"v", 60)
+    await store.advance(1.1)
+    found = await store.backend.peek(KEY)
+    assert found is not None
+    value, left = found
+    assert value == b"v"
+    assert left is not None and 57 < left < 59.5
+    ttl = await store.raw.ttl(KEY)
+    assert ttl is not None and ttl < 59.5, "peek slid the TTL"
+
+
+async def test_expire_sets_the_ttl_of_an_existing_key_only(store: Store) -> None:
+    await store.backend.expire(KEY, 30)  # absent: nothing happens
+    assert await store.raw.get(KEY) is None
+    await store.backend.create(KEY, b"v", 600)
+    await store.backend.expire(KEY, 30)
+    ttl = await store.raw.ttl(KEY)
+    assert ttl is not None and 25 < ttl <= 30
+    assert await store.raw.get(KEY) == b"v"
 
 
 async def test_delete_is_idempotent(store: Store) -> None:
@@ -148,7 +223,7 @@ async def test_entries_expire(store: Store) -> None:
     await store.backend.create(KEY, b"v", 1)
     await store.advance(1.2)
     assert await store.backend.get_and_touch(KEY, 1) is None
-    assert await store.backend.update(KEY, b"late", 60) is False
+    assert await store.backend.compare_and_set(KEY, "0", b"late", 60) == "missing"
     assert await store.raw.get(KEY) is None
     # An expired key is absent: it can be created again.
     assert await store.backend.create(KEY, b"again", 60) is True
@@ -191,7 +266,7 @@ async def test_memory_store_is_bounded_lru() -> None:
     for name in "acd":
         assert await memory.get_and_touch(name, 60) == name.encode()
     # An update also counts as use.
-    assert await memory.update("a", b"a2", 60)
+    assert await memory.compare_and_set("a", "0", b"a2", 60) == "ok"
     assert await memory.create("e", b"e", 60)
     assert await memory.get_and_touch("c", 60) is None
     assert await memory.get_and_touch("a", 60) == b"a2"

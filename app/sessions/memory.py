@@ -14,6 +14,8 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 
+from app.sessions.backend import CasResult, revision_of
+
 
 class MemoryBackend:
     """An LRU dict of `key -> (value, expires_at)` with Redis-like TTL semantics."""
@@ -62,10 +64,43 @@ class MemoryBackend:
         return True
 
     async def update(self, key: str, value: bytes, ttl: int) -> bool:
+        """Unconditional `SET XX EX` (not used by the gateway, which writes with
+        `compare_and_set`)."""
         if self._live(key) is None:
             return False
         self._put(key, value, ttl)
         return True
+
+    async def compare_and_set(self, key: str, expected: str, value: bytes, ttl: int) -> CasResult:
+        # No await between the check and the write: atomic on the event loop, like the script.
+        current = self._live(key)
+        if current is None:
+            return "missing"
+        if revision_of(current) != expected:
+            return "conflict"
+        self._put(key, value, ttl)
+        return "ok"
+
+    async def delete_if_revision(self, key: str, expected: str) -> CasResult:
+        current = self._live(key)
+        if current is None:
+            return "missing"
+        if revision_of(current) != expected:
+            return "conflict"
+        del self._entries[key]
+        return "ok"
+
+    async def peek(self, key: str) -> tuple[bytes, float | None] | None:
+        """The value and its seconds left, without sliding (nor counting as use)."""
+        value = self._live(key)
+        if value is None:
+            return None
+        return value, self._entries[key][1] - self._clock()
+
+    async def expire(self, key: str, ttl: int) -> None:
+        value = self._live(key)
+        if value is not None:
+            self._entries[key] = (value, self._clock() + ttl)
 
     async def delete(self, key: str) -> None:
         self._entries.pop(key, None)

@@ -1,27 +1,53 @@
-"""Session middleware that also saves on streaming responses.
+"""Session middleware that also saves on streaming responses, and the update helpers.
 
 aiohttp-session's own middleware silently skips anything that is not a plain `web.Response`,
 and a prepared response can no longer take a cookie. Here the session is saved after the
-handler for ordinary responses, and streaming handlers call `commit_session` before
-`prepare()`, so the session, its cookie and its TTL refresh are never lost on a stream.
+handler for ordinary responses, and streaming handlers call `commit_session` (or
+`update_session`) before `prepare()`, so the session, its cookie and its TTL refresh are never
+lost on a stream.
+
+No lost updates: a save is a compare-and-set on the revision the session was loaded at.
+`update_session(request, response, mutate)` applies `mutate` to the session and saves it; when
+another request (another replica) wrote in between, it re-reads the session and applies
+`mutate` again, up to `CAS_ATTEMPTS` times, then answers 409 `session_conflict`. A handler that
+changes the session without it gets 409 `session_conflict` on a lost race (nothing written).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 from aiohttp_session import Session
 
 from app.errors import ApiError, error_response
-from app.sessions.storage import GatewayStorage, SessionEnded, SessionTooLarge
+from app.sessions.storage import (
+    GatewaySession,
+    GatewayStorage,
+    SessionConflict,
+    SessionEnded,
+    SessionTooLarge,
+)
 from app.state import STORAGE_APP_KEY
 
 log = logging.getLogger(__name__)
 
 STORAGE_KEY = web.RequestKey("session_storage", GatewayStorage)
 SESSION_KEY = web.RequestKey("session", Session)
+
+# Attempts of one update under contention (each: one read, one compare-and-set).
+CAS_ATTEMPTS = 5
+
+
+def _conflict() -> ApiError:
+    return ApiError(
+        409,
+        "session_conflict",
+        "The session kept changing under concurrent requests; retry.",
+        headers={"Retry-After": "1"},
+    )
 
 
 async def get_session(request: web.Request) -> Session:
@@ -33,6 +59,13 @@ async def get_session(request: web.Request) -> Session:
     return session
 
 
+async def reload_session(request: web.Request) -> Session:
+    """Read the session again (after a lost compare-and-set), replacing the request's copy."""
+    session = await request[STORAGE_KEY].load_session(request)
+    request[SESSION_KEY] = session
+    return session
+
+
 def peek_session(request: web.Request) -> Session | None:
     """The session if this request already loaded it."""
     return request.get(SESSION_KEY)
@@ -41,7 +74,8 @@ def peek_session(request: web.Request) -> Session | None:
 async def commit_session(request: web.Request, response: web.StreamResponse) -> None:
     """Save the session now if it changed (call before `prepare()` on a stream).
 
-    Raises `ApiError` 413 (too large, nothing written) or 409 (deleted meanwhile), and
+    Raises `ApiError` 413 (too large, nothing written), `SessionConflict` (changed by another
+    request meanwhile, nothing written), `SessionEnded` (deleted meanwhile) and
     `StoreUnavailable`.
     """
     session = request.get(SESSION_KEY)
@@ -53,6 +87,54 @@ async def commit_session(request: web.Request, response: web.StreamResponse) -> 
     except SessionTooLarge as err:
         raise ApiError(413, "session_too_large", str(err)) from err
     session._changed = False
+
+
+async def update_session(
+    request: web.Request,
+    response: web.StreamResponse,
+    mutate: Callable[[Session], object],
+) -> Session:
+    """Apply `mutate` to the session and save it if that changed it; on a concurrent write,
+    re-read and re-apply (bounded). Returns the saved session.
+
+    `mutate` must be a pure function of the session's current content (it may run several
+    times). Raises `ApiError` 409 `session_conflict` after `CAS_ATTEMPTS` lost races, and
+    whatever `commit_session` raises.
+    """
+    session = await get_session(request)
+    existed = not session.new
+    for _ in range(CAS_ATTEMPTS):
+        mutate(session)
+        try:
+            await commit_session(request, response)
+            return session
+        except SessionConflict:
+            session = await reload_session(request)
+            if existed and session.new:
+                raise SessionEnded("the session ended while this request was running") from None
+    raise _conflict()
+
+
+async def rotate_session(request: web.Request, response: web.StreamResponse) -> Session:
+    """Give the request's session a new id (cookie set on `response`); the old id is dead
+    when this returns. Pending changes are saved first. Without a stored session nothing
+    happens (the next write mints a fresh id anyway).
+
+    Raises `SessionEnded` (the session is gone), `ApiError` 409 after `CAS_ATTEMPTS` lost races,
+    `StoreUnavailable` (the old id then stays valid unless its delete went through).
+    """
+    session = await get_session(request)
+    await commit_session(request, response)
+    storage = request[STORAGE_KEY]
+    for _ in range(CAS_ATTEMPTS):
+        if session.new or session.identity is None or not isinstance(session, GatewaySession):
+            return session
+        if await storage.rotate(request, response, session):
+            return session
+        session = await reload_session(request)
+        if session.new:
+            raise SessionEnded("the session ended while it was being rotated")
+    raise _conflict()
 
 
 def setup_sessions() -> Middleware:
@@ -75,5 +157,10 @@ def setup_sessions() -> Middleware:
             )
             storage.expire_cookie(request, response)
             return response
+        except SessionConflict:
+            conflict = _conflict()
+            return error_response(
+                request, conflict.status, conflict.code, conflict.message, headers=conflict.headers
+            )
 
     return session_middleware

@@ -13,8 +13,9 @@
 
 redis-py's defaults changed across 5.x-8.x (retries, timeouts, pool size, protocol), so none is
 relied on. Budget, the same for every topology: 3 retries (the spec: at most 3 retries per
-request; single/Sentinel back off <= 0.1, 0.2, 0.4 s; the cluster client re-discovers the slot
-map between attempts instead), short socket and connect timeouts, and an overall deadline per
+request; single/Sentinel back off 0.125-0.25, 0.25-0.5, 0.5-1 s, so a Redis restart or
+LOADING of up to ~0.9 s is always waited out; the cluster client re-discovers the slot map
+between attempts instead), short socket and connect timeouts, and an overall deadline per
 operation (`op_timeout`) around the nested retry loops, so a dead or frozen Redis answers
 `StoreUnavailable` in about two seconds instead of hanging the request.
 """
@@ -22,6 +23,7 @@ operation (`op_timeout`) around the nested retry loops, so a dead or frozen Redi
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import ssl
 from collections.abc import Awaitable
@@ -34,12 +36,19 @@ from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.connection import Connection, SSLConnection
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import MasterNotFoundError, Sentinel, SentinelConnectionPool
-from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
+from redis.backoff import EqualJitterBackoff, NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ReadOnlyError, RedisClusterException, RedisError, ResponseError
+from redis.exceptions import (
+    NoScriptError,
+    ReadOnlyError,
+    RedisClusterException,
+    RedisError,
+    ResponseError,
+)
+from redis.exceptions import OutOfMemoryError as RedisOutOfMemoryError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from app.sessions.backend import StoreUnavailable
+from app.sessions.backend import CasResult, StoreFull, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -223,9 +232,12 @@ class _BlockingSentinelPool(SentinelConnectionPool, aioredis.BlockingConnectionP
 
 
 def _retry(options: RedisOptions) -> Retry:
-    # The asyncio Retry class (redis.retry.Retry is the sync one, redis-py #4262).
+    # The asyncio Retry class (redis.retry.Retry is the sync one, redis-py #4262). Equal
+    # jitter (half fixed, half random), not full jitter: with full jitter the three sleeps can
+    # all be ~0, so the budget that waits out a short Redis restart was random (a 0.3 s
+    # restart gave 503s). The op deadline still bounds the total.
     return Retry(
-        ExponentialWithJitterBackoff(base=0.05, cap=0.5),
+        EqualJitterBackoff(base=0.125, cap=1.0),
         options.retries,
         supported_errors=(RedisConnectionError, RedisTimeoutError),
     )
@@ -330,9 +342,62 @@ def make_client(options: RedisOptions) -> RedisClient:
     return aioredis.Redis.from_pool(pool)
 
 
+@dataclass(frozen=True, slots=True)
+class LuaScript:
+    """A Lua script run with `EVALSHA`, falling back to `EVAL` (which also caches it on that
+    server) when the server does not know it yet (`NOSCRIPT`: first use, restart, failover,
+    another cluster node). One round trip in the steady state."""
+
+    source: str
+    sha: str
+
+    @classmethod
+    def of(cls, source: str) -> LuaScript:
+        return cls(source, hashlib.sha1(source.encode("utf-8"), usedforsecurity=False).hexdigest())
+
+    async def run(self, client: RedisClient, keys: list[str], args: list[Any]) -> Any:
+        try:
+            return await client.evalsha(self.sha, len(keys), *keys, *args)
+        except NoScriptError:
+            return await client.eval(self.source, len(keys), *keys, *args)
+
+
+# The revision of a stored value: keep in sync with `app.sessions.backend.REVISION_RE`.
+_REVISION_PATTERN = '^{"v":%d+,"r":(%d+),'
+
+# KEYS[1] session key; ARGV[1] expected revision, ARGV[2] new value, ARGV[3] TTL (seconds).
+# Revisions are compared as strings (no float rounding of large numbers in Lua).
+COMPARE_AND_SET = LuaScript.of(
+    f"""local current = redis.call('GET', KEYS[1])
+if not current then return 'missing' end
+local revision = string.match(current, '{_REVISION_PATTERN}') or '0'
+if revision ~= ARGV[1] then return 'conflict' end
+redis.call('SET', KEYS[1], ARGV[2], 'XX', 'EX', ARGV[3])
+return 'ok'"""
+)
+
+# KEYS[1] session key; ARGV[1] expected revision.
+DELETE_IF_REVISION = LuaScript.of(
+    f"""local current = redis.call('GET', KEYS[1])
+if not current then return 'missing' end
+local revision = string.match(current, '{_REVISION_PATTERN}') or '0'
+if revision ~= ARGV[1] then return 'conflict' end
+redis.call('DEL', KEYS[1])
+return 'ok'"""
+)
+
+_CAS_RESULTS: dict[bytes, CasResult] = {b"ok": "ok", b"conflict": "conflict", b"missing": "missing"}
+
+
+def _cas_result(reply: Any) -> CasResult:
+    value = reply.encode() if isinstance(reply, str) else bytes(reply)
+    return _CAS_RESULTS[value]
+
+
 class RedisBackend:
-    """Session operations, each one single-key Redis command under the per-operation
-    deadline. Works on a single server, a Sentinel-managed primary, or a Redis Cluster."""
+    """Session operations, each one Redis round trip on one key under the per-operation
+    deadline. Works on a single server, a Sentinel-managed primary, or a Redis Cluster
+    (scripts touch one key, so they never cross a hash slot)."""
 
     def __init__(self, client: RedisClient, *, op_timeout: float = 2.0) -> None:
         self.client = client
@@ -347,6 +412,10 @@ class RedisBackend:
             # connections so the next request connects afresh and finds the new primary.
             await self._drop_idle_connections()
             raise StoreUnavailable(f"ReadOnlyError: {err}") from err
+        except RedisOutOfMemoryError as err:
+            # maxmemory reached with `noeviction`: writes are refused (never retried), reads
+            # and deletes still work.
+            raise StoreFull(f"OutOfMemoryError: {err}") from err
         except _UNAVAILABLE as err:
             raise StoreUnavailable(_describe(err)) from err
 
@@ -375,10 +444,43 @@ class RedisBackend:
         return bool(await self._run(self.client.set(key, value, ex=ttl, nx=True)))
 
     async def update(self, key: str, value: bytes, ttl: int) -> bool:
+        """Unconditional `SET XX EX` (the gateway itself writes with `compare_and_set`)."""
         return bool(await self._run(self.client.set(key, value, ex=ttl, xx=True)))
 
     async def delete(self, key: str) -> None:
         await self._run(self.client.delete(key))
+
+    async def peek(self, key: str) -> tuple[bytes, float | None] | None:
+        """`GET` + `PTTL` in one pipelined round trip; nothing slides."""
+
+        async def both() -> list[Any]:
+            async with self.client.pipeline(transaction=False) as pipe:
+                pipe.get(key)
+                pipe.pttl(key)
+                result: list[Any] = await pipe.execute(raise_on_error=False)
+                return result
+
+        value, pttl = await self._run(both())
+        if _is_wrong_type(value):
+            log.warning("session key of the wrong Redis type removed")
+            await self.delete(key)
+            return None
+        if isinstance(value, BaseException):
+            raise StoreUnavailable(_describe(value)) from value
+        if value is None:
+            return None
+        left = int(pttl) / 1000 if isinstance(pttl, int) and pttl >= 0 else None
+        return bytes(value), left
+
+    async def expire(self, key: str, ttl: int) -> None:
+        await self._run(self.client.expire(key, ttl))
+
+    async def compare_and_set(self, key: str, expected: str, value: bytes, ttl: int) -> CasResult:
+        reply = await self._run(COMPARE_AND_SET.run(self.client, [key], [expected, value, ttl]))
+        return _cas_result(reply)
+
+    async def delete_if_revision(self, key: str, expected: str) -> CasResult:
+        return _cas_result(await self._run(DELETE_IF_REVISION.run(self.client, [key], [expected])))
 
     async def ping(self) -> None:
         """Readiness. Single / Sentinel: PING the (current) primary. Cluster: ready when at

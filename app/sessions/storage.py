@@ -1,25 +1,41 @@
-"""The aiohttp-session storage: cookie, session id, key format, stored value, TTL policy.
+"""The aiohttp-session storage: cookie, session id, key format, stored value, lifetimes.
 
 - Redis key: `{prefix}{applicationId}:{sessionId}`; one string value per session.
 - Session id: `secrets.token_urlsafe(32)` (256 bits, 43 URL-safe characters), validated against
   `SESSION_ID_RE` before any store call; a malformed, oversized or unknown id is "no session".
-- Stored value: JSON `{"v": 1, "data": {...}, "gw": {...}}`. `data` is what the browser may read
-  and write; `gw` holds the gateway's own fields (conversation id, timestamps). A value that is
-  not valid UTF-8 JSON of that shape, or has an unknown version, counts as no session and is
-  deleted.
-- TTL: loading is one `get_and_touch` (GETEX ... EX), so every request that uses the session
-  slides its idle lifetime; each save sets it again. Nothing is written when nothing changed.
+- Stored value: see `app.sessions.codec` (JSON `{"v":1,"r":<revision>,"data":{...},"gw":{...}}`,
+  or its encrypted form). `data` is what the browser may read and write; `gw` holds the
+  gateway's own fields (conversation id, `created_at`). A value that is corrupt, of an unknown
+  version, or refused by the codec (tampered, retired key, plaintext while encryption is on)
+  counts as no session and is deleted.
+- Idle lifetime (`SESSION_TTL_SECONDS`): loading is one `get_and_touch` (GETEX ... EX), so
+  every request that uses the session slides it; each save sets it again. Nothing is written
+  when nothing changed.
+- Absolute lifetime (`SESSION_ABSOLUTE_SECONDS`) counts from `gw.created_at`: past it the value
+  is deleted on load and the session is gone, however active. Every TTL the gateway sets is
+  `min(idle TTL, time left before the absolute deadline)`; a read's GETEX slides to the idle
+  TTL, so in the last idle-TTL's worth of a session's life a read adds one `EXPIRE` pulling the
+  key's TTL back to the deadline (earlier, the read stays one command).
+- Updates are compare-and-set on the revision loaded with the session (`SessionConflict` when
+  another request wrote first; the caller re-reads and re-applies, see
+  `app.sessions.middleware.update_session`); a session deleted meanwhile is never resurrected.
+- Rotation (`rotate`): the data moves to a fresh id (`SET NX`), then the old key is deleted
+  only if nobody wrote it meanwhile; the old id is dead before the response goes out. Two
+  single-key operations, so it works on Redis Cluster. `created_at` is kept: rotating never
+  extends the absolute lifetime.
 - Cookie: one per application, `Path=/apps/{applicationId}`, HttpOnly, SameSite per setting,
   Secure per setting (`auto`: when the browser used HTTPS), no Domain, no Max-Age.
 """
 
 from __future__ import annotations
 
-import json
 import logging
+import math
 import re
 import secrets
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
@@ -27,24 +43,50 @@ from aiohttp_session import AbstractStorage, Session
 
 from app.config import Settings
 from app.forwarding import client_scheme
-from app.sessions.backend import SessionBackend
+from app.sessions.backend import SessionBackend, revision_of
+from app.sessions.codec import (
+    CREATED_AT,
+    DATA,
+    FORMAT_VERSION,
+    GATEWAY,
+    SessionCodec,
+    SessionTooLarge,
+)
 
 log = logging.getLogger(__name__)
 
 SESSION_ID_RE = re.compile(r"^[A-Za-z0-9_-]{43}$")
-FORMAT_VERSION = 1
-DATA = "data"
-GATEWAY = "gw"
 
 APP_ID_KEY = web.RequestKey("application_id", str)
 
-
-class SessionTooLarge(Exception):
-    """The serialized session would exceed `SESSION_MAX_BYTES`; nothing was written."""
+__all__ = [
+    "APP_ID_KEY",
+    "DATA",
+    "FORMAT_VERSION",
+    "GATEWAY",
+    "SESSION_ID_RE",
+    "GatewaySession",
+    "GatewayStorage",
+    "SessionConflict",
+    "SessionEnded",
+    "SessionTooLarge",
+    "new_session_id",
+    "session_key",
+]
 
 
 class SessionEnded(Exception):
     """The session was deleted (logout elsewhere) while this request held it; not resurrected."""
+
+
+class SessionConflict(Exception):
+    """Another request changed the session since it was loaded; nothing was written."""
+
+
+class GatewaySession(Session):
+    """An aiohttp-session `Session` plus the stored revision it was loaded at."""
+
+    revision: str = "0"
 
 
 def new_session_id() -> str:
@@ -56,29 +98,41 @@ def session_key(prefix: str, app_id: str, session_id: str) -> str:
     return f"{prefix}{app_id}:{session_id}"
 
 
-def encode_value(mapping: dict[str, Any]) -> bytes:
-    value = {"v": FORMAT_VERSION, DATA: mapping.get(DATA, {}), GATEWAY: mapping.get(GATEWAY, {})}
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+def _empty() -> GatewaySession:
+    return GatewaySession(None, data=None, new=True, max_age=None)
 
 
-def decode_value(raw: bytes) -> dict[str, Any] | None:
-    """The session mapping, or None when the stored value is corrupt or of an unknown version."""
-    try:
-        value = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError):
-        return None
-    if not isinstance(value, dict) or value.get("v") != FORMAT_VERSION:
-        return None
-    data, gateway = value.get(DATA), value.get(GATEWAY)
-    if not isinstance(data, dict) or not isinstance(gateway, dict):
-        return None
-    return {DATA: data, GATEWAY: gateway}
+def _loaded(session_id: str, mapping: dict[str, Any], revision: str) -> GatewaySession:
+    session = GatewaySession(
+        session_id,
+        data={"created": int(mapping[GATEWAY][CREATED_AT]), "session": mapping},
+        new=False,
+        max_age=None,
+    )
+    session.revision = revision
+    return session
+
+
+@dataclass(frozen=True, slots=True)
+class SessionStatus:
+    """A session read without sliding, with its remaining lifetimes in whole seconds
+    (`None` without a session)."""
+
+    session: GatewaySession
+    idle_expires_in: int | None
+    absolute_expires_in: int | None
 
 
 class GatewayStorage(AbstractStorage):
     """aiohttp-session storage keyed per application, over any `SessionBackend`."""
 
-    def __init__(self, backend: SessionBackend, settings: Settings) -> None:
+    def __init__(
+        self,
+        backend: SessionBackend,
+        settings: Settings,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         super().__init__(
             cookie_name=settings.cookie_name,
             max_age=None,
@@ -87,6 +141,11 @@ class GatewayStorage(AbstractStorage):
         )
         self.backend = backend
         self.settings = settings
+        self.codec = SessionCodec(
+            settings.session_encryption_keys, max_bytes=settings.session_max_bytes
+        )
+        # Wall clock (created_at is a Unix time shared by every replica); tests may move it.
+        self.clock = clock
 
     # -- identity ---------------------------------------------------------------------------
 
@@ -100,76 +159,223 @@ class GatewayStorage(AbstractStorage):
     def key_for(self, request: web.Request, session_id: str) -> str:
         return session_key(self.settings.redis_prefix, request[APP_ID_KEY], session_id)
 
+    @staticmethod
+    def binding(request: web.Request, session_id: str) -> str:
+        """What an encrypted value is bound to: its application and session id."""
+        return f"{request[APP_ID_KEY]}:{session_id}"
+
+    # -- lifetimes --------------------------------------------------------------------------
+
+    def absolute_left(self, created_at: int) -> float:
+        """Seconds until the absolute deadline of a session created at `created_at`."""
+        return created_at + self.settings.session_absolute_seconds - self.clock()
+
+    def ttl_for(self, created_at: int) -> int:
+        """The TTL to store with: the idle TTL, cut to the absolute deadline (0: past it)."""
+        left = self.absolute_left(created_at)
+        if left <= 0:
+            return 0
+        return min(self.settings.session_ttl_seconds, math.ceil(left))
+
     # -- load -------------------------------------------------------------------------------
+
+    async def _decode(
+        self, request: web.Request, session_id: str, key: str, raw: bytes
+    ) -> dict[str, Any] | None:
+        """The mapping in `raw`, or None after removing a refused or expired value."""
+        decoded = self.codec.decode(raw, self.binding(request, session_id))
+        if decoded.mapping is None:
+            log.warning(
+                "session value removed: %s (application %s)", decoded.problem, request[APP_ID_KEY]
+            )
+            await self.backend.delete(key)
+            return None
+        if self.absolute_left(decoded.mapping[GATEWAY][CREATED_AT]) <= 0:
+            log.info("session reached its absolute lifetime (application %s)", request[APP_ID_KEY])
+            await self.backend.delete(key)
+            return None
+        return decoded.mapping
 
     async def load_session(self, request: web.Request) -> Session:
         """Load and slide; a read never creates anything. Raises `StoreUnavailable`."""
         session_id = self.load_cookie(request)
         if session_id is None:
-            return Session(None, data=None, new=True, max_age=None)
+            return _empty()
         key = self.key_for(request, session_id)
-        raw = await self.backend.get_and_touch(key, self.settings.session_ttl_seconds)
+        idle = self.settings.session_ttl_seconds
+        raw = await self.backend.get_and_touch(key, idle)
         if raw is None:
-            return Session(None, data=None, new=True, max_age=None)
-        mapping = decode_value(raw)
+            return _empty()
+        mapping = await self._decode(request, session_id, key, raw)
         if mapping is None:
-            log.warning("corrupt session value removed (application %s)", request[APP_ID_KEY])
-            await self.backend.delete(key)
-            return Session(None, data=None, new=True, max_age=None)
-        created = mapping[GATEWAY].get("created_at")
-        return Session(
-            session_id,
-            data={"created": int(created) if isinstance(created, int) else 0, "session": mapping},
-            new=False,
-            max_age=None,
+            return _empty()
+        ttl = self.ttl_for(mapping[GATEWAY][CREATED_AT])
+        if ttl < idle:
+            # GETEX just slid the key to the idle TTL, past the absolute deadline.
+            await self.backend.expire(key, max(ttl, 1))
+        return _loaded(session_id, mapping, revision_of(raw))
+
+    async def peek_session(self, request: web.Request) -> SessionStatus:
+        """The session without sliding it, with its remaining idle and absolute lifetimes.
+
+        One round trip (`peek`); a value past its absolute deadline is deleted (a second one).
+        """
+        session_id = self.load_cookie(request)
+        if session_id is None:
+            return SessionStatus(_empty(), None, None)
+        key = self.key_for(request, session_id)
+        found = await self.backend.peek(key)
+        if found is None:
+            return SessionStatus(_empty(), None, None)
+        raw, ttl_left = found
+        mapping = await self._decode(request, session_id, key, raw)
+        if mapping is None:
+            return SessionStatus(_empty(), None, None)
+        absolute = self.absolute_left(mapping[GATEWAY][CREATED_AT])
+        idle = absolute if ttl_left is None else min(ttl_left, absolute)
+        return SessionStatus(
+            _loaded(session_id, mapping, revision_of(raw)),
+            max(int(idle), 0),
+            max(int(absolute), 0),
         )
 
     def session_for_logout(self, request: web.Request) -> Session:
         """A handle on the cookie's session without reading it (logout needs only the id)."""
         session_id = self.load_cookie(request)
         if session_id is None:
-            return Session(None, data=None, new=True, max_age=None)
-        return Session(session_id, data={"session": {}}, new=False, max_age=None)
+            return _empty()
+        return GatewaySession(session_id, data={"session": {}}, new=False, max_age=None)
 
     # -- save -------------------------------------------------------------------------------
 
-    def encode(self, session: Session) -> bytes:
-        """The stored bytes for `session`; raises `SessionTooLarge` over the limit."""
-        encoded = encode_value(dict(session))
-        if len(encoded) > self.settings.session_max_bytes:
-            raise SessionTooLarge(
-                f"session is {len(encoded)} bytes; the limit is {self.settings.session_max_bytes}"
-            )
-        return encoded
+    def _prepare(self, session: Session) -> int:
+        """Fill in the envelope fields of a session about to be written; its `created_at`."""
+        gateway = session.get(GATEWAY)
+        if not isinstance(gateway, dict):
+            gateway = {}
+            session[GATEWAY] = gateway
+        created = gateway.get(CREATED_AT)
+        if not isinstance(created, int) or isinstance(created, bool):
+            created = int(self.clock())
+            gateway[CREATED_AT] = created
+        session.setdefault(DATA, {})
+        return created
 
     async def save_session(
         self, request: web.Request, response: web.StreamResponse, session: Session
     ) -> None:
         """Write a changed session; delete an invalidated one. Raises `SessionTooLarge`,
-        `SessionEnded` (deleted meanwhile: not resurrected) or `StoreUnavailable`."""
-        ttl = self.settings.session_ttl_seconds
+        `SessionConflict` (changed meanwhile: nothing written), `SessionEnded` (deleted
+        meanwhile, or past its absolute deadline: not resurrected) or `StoreUnavailable`."""
         if session.empty:
             if session.identity is not None:
                 await self.backend.delete(self.key_for(request, session.identity))
             self.expire_cookie(request, response)
             return
-        if GATEWAY not in session:
-            session[GATEWAY] = {}
-        session[GATEWAY].setdefault("created_at", int(time.time()))
-        session.setdefault(DATA, {})
-        encoded = self.encode(session)
+        created = self._prepare(session)
+        ttl = self.ttl_for(created)
         if session.identity is not None and not session.new:
-            if not await self.backend.update(self.key_for(request, session.identity), encoded, ttl):
+            key = self.key_for(request, session.identity)
+            if ttl <= 0:
+                await self.backend.delete(key)
+                raise SessionEnded("the session reached its absolute lifetime")
+            expected = session.revision if isinstance(session, GatewaySession) else "0"
+            revision = int(expected) + 1
+            encoded = self.codec.encode(
+                dict(session), revision, self.binding(request, session.identity)
+            )
+            result = await self.backend.compare_and_set(key, expected, encoded, ttl)
+            if result == "missing":
                 raise SessionEnded("the session was deleted while this request was running")
+            if result == "conflict":
+                raise SessionConflict("the session changed while this request was running")
+            if isinstance(session, GatewaySession):
+                session.revision = str(revision)
             return
+        if ttl <= 0:  # a brand-new session cannot be past its deadline unless the clock jumped
+            raise SessionEnded("the session reached its absolute lifetime")
+        await self._create(request, response, session, ttl, revision=1)
+
+    async def _create(
+        self,
+        request: web.Request,
+        response: web.StreamResponse,
+        session: Session,
+        ttl: int,
+        *,
+        revision: int,
+    ) -> None:
+        """Store `session` under a fresh id and set the cookie (SET NX: never overwrites)."""
+        mapping = dict(session)
         for _ in range(3):
             session_id = new_session_id()
+            encoded = self.codec.encode(mapping, revision, self.binding(request, session_id))
             if await self.backend.create(self.key_for(request, session_id), encoded, ttl):
                 session._identity = session_id
                 session._new = False
+                if isinstance(session, GatewaySession):
+                    session.revision = str(revision)
                 self.set_cookie(request, response, session_id)
                 return
         raise RuntimeError("could not allocate a unique session id")  # 2**-256 odds
+
+    async def rotate(
+        self, request: web.Request, response: web.StreamResponse, session: GatewaySession
+    ) -> bool:
+        """Move a stored, unchanged `session` to a fresh id and kill the old one.
+
+        True when done (new cookie set on `response`); False when the session changed since it
+        was loaded (the new key is removed again; the caller re-reads and retries). Raises
+        `SessionEnded` when the old session is gone, `StoreUnavailable` (the old id then
+        stays valid unless its delete went through).
+        """
+        old_id = session.identity
+        assert isinstance(old_id, str) and not session.new
+        old_key = self.key_for(request, old_id)
+        ttl = self.ttl_for(self._prepare(session))
+        if ttl <= 0:
+            await self.backend.delete(old_key)
+            raise SessionEnded("the session reached its absolute lifetime")
+        expected = session.revision
+        new_revision = int(expected) + 1
+        cookie_before = response.cookies.get(self.cookie_name)
+        cookie_before = cookie_before.copy() if cookie_before is not None else None
+
+        def restore_cookie() -> None:
+            if cookie_before is None:
+                response.cookies.pop(self.cookie_name, None)
+            else:
+                response.cookies[self.cookie_name] = cookie_before
+
+        moved = _empty()
+        moved.update(dict(session))
+        await self._create(request, response, moved, ttl, revision=new_revision)
+        new_id = moved.identity
+        assert isinstance(new_id, str)
+        new_key = self.key_for(request, new_id)
+        try:
+            result = await self.backend.delete_if_revision(old_key, expected)
+        except BaseException:
+            await self._discard(new_key)
+            restore_cookie()
+            raise
+        if result != "ok":
+            await self._discard(new_key)
+            restore_cookie()
+            if result == "missing":
+                raise SessionEnded("the session was deleted while it was being rotated")
+            return False
+        session._identity = new_id
+        session.revision = str(new_revision)
+        session._changed = False
+        return True
+
+    async def _discard(self, key: str) -> None:
+        """Best effort: remove a key this request created but must not keep."""
+        try:
+            await self.backend.delete(key)
+        except Exception:  # its TTL removes it anyway
+            log.warning("could not remove an abandoned rotated session key", exc_info=True)
 
     # -- cookie -----------------------------------------------------------------------------
 

@@ -1,0 +1,140 @@
+"""The stored value of a session: JSON with a format version and a revision, optionally
+encrypted and authenticated.
+
+Plaintext (no `SESSION_ENCRYPTION_KEYS`)::
+
+    {"v":1,"r":<revision>,"data":{...},"gw":{...}}
+
+Encrypted::
+
+    {"v":1,"r":<revision>,"enc":"<Fernet token>"}
+
+where the token decrypts to `{"k":"<applicationId>:<sessionId>","data":{...},"gw":{...}}`.
+
+- `r` always comes second, right after `v`: the compare-and-set script reads it with a pattern
+  on the first bytes (`app.sessions.backend.revision_of`), never by parsing (or decrypting)
+  the value. A value without `r` (written before revisions existed) has revision 0.
+- Encryption is `cryptography`'s `MultiFernet`: the first key encrypts, every key decrypts, so
+  keys rotate by prepending a new one. Fernet is AES-128-CBC with a random IV plus
+  HMAC-SHA256 (encrypt-then-MAC) under a 256-bit key: a Redis dump reveals nothing but sizes
+  and revisions, and a changed byte fails the MAC. Chosen over AES-GCM because a random
+  96-bit GCM nonce caps one key at about 2**32 writes before nonce reuse becomes a risk (a
+  busy gateway reaches that in weeks), Fernet has no such cliff, and "first encrypts, all
+  decrypt" is exactly MultiFernet.
+- `k` binds the ciphertext to its own key: someone who can write to Redis cannot copy one
+  session's (valid) ciphertext under another session id, e.g. their own.
+- With keys set, a plaintext value is refused (a forged plaintext value would otherwise
+  bypass the authentication); a token no key opens (tampered, a retired key, or encryption
+  switched off) is refused too. Refused values count as no session and are removed, exactly
+  like corrupt ones.
+- `SESSION_MAX_BYTES` limits the plaintext serialization (what the browser controls), so
+  turning encryption on does not change which writes are accepted; the stored ciphertext is
+  about 4/3 of it plus ~100 bytes.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from cryptography.fernet import Fernet, InvalidToken, MultiFernet
+
+FORMAT_VERSION = 1
+DATA = "data"
+GATEWAY = "gw"
+CREATED_AT = "created_at"
+
+
+class SessionTooLarge(Exception):
+    """The serialized session would exceed `SESSION_MAX_BYTES`; nothing was written."""
+
+
+@dataclass(frozen=True, slots=True)
+class Decoded:
+    """A stored value, read: the session mapping (`data`, `gw`), or why it was refused."""
+
+    mapping: dict[str, Any] | None
+    problem: str = ""
+
+
+def _dumps(value: object) -> bytes:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def _loads_object(raw: bytes) -> dict[str, Any] | None:
+    try:
+        value = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _session_mapping(data: Any, gateway: Any) -> dict[str, Any] | None:
+    if not isinstance(data, dict) or not isinstance(gateway, dict):
+        return None
+    created = gateway.get(CREATED_AT)
+    # Every value this gateway writes carries created_at (the absolute lifetime counts from
+    # it): a value without one was not written by us.
+    if not isinstance(created, int) or isinstance(created, bool):
+        return None
+    return {DATA: data, GATEWAY: gateway}
+
+
+class SessionCodec:
+    """Encodes and decodes stored session values (see the module docstring)."""
+
+    def __init__(self, encryption_keys: Sequence[str] = (), *, max_bytes: int = 65536) -> None:
+        self._fernet = (
+            MultiFernet([Fernet(key.encode("ascii")) for key in encryption_keys])
+            if encryption_keys
+            else None
+        )
+        self.max_bytes = max_bytes
+
+    @property
+    def encrypted(self) -> bool:
+        return self._fernet is not None
+
+    def encode(self, mapping: Mapping[str, Any], revision: int, binding: str) -> bytes:
+        """The stored bytes of `mapping` at `revision`, bound to `binding` when encrypted.
+
+        Raises `SessionTooLarge` when the plaintext serialization exceeds `max_bytes`.
+        """
+        data, gateway = mapping.get(DATA, {}), mapping.get(GATEWAY, {})
+        plain = _dumps({"v": FORMAT_VERSION, "r": revision, DATA: data, GATEWAY: gateway})
+        if len(plain) > self.max_bytes:
+            raise SessionTooLarge(f"session is {len(plain)} bytes; the limit is {self.max_bytes}")
+        if self._fernet is None:
+            return plain
+        token = self._fernet.encrypt(_dumps({"k": binding, DATA: data, GATEWAY: gateway}))
+        return _dumps({"v": FORMAT_VERSION, "r": revision, "enc": token.decode("ascii")})
+
+    def decode(self, raw: bytes, binding: str) -> Decoded:
+        """The session mapping in `raw`, or `Decoded(None, why)` for a value that must count as
+        no session (corrupt, unknown version, refused plaintext, undecryptable, misplaced)."""
+        value = _loads_object(raw)
+        if value is None or value.get("v") != FORMAT_VERSION:
+            return Decoded(None, "corrupt value or unknown format version")
+        token = value.get("enc")
+        if token is None:
+            if self._fernet is not None:
+                return Decoded(None, "plaintext value refused: SESSION_ENCRYPTION_KEYS is set")
+            mapping = _session_mapping(value.get(DATA), value.get(GATEWAY))
+            return Decoded(mapping, "" if mapping else "corrupt value")
+        if self._fernet is None:
+            return Decoded(None, "encrypted value, but SESSION_ENCRYPTION_KEYS is not set")
+        try:
+            if not isinstance(token, str):
+                raise InvalidToken
+            inner_raw = self._fernet.decrypt(token.encode("ascii"))
+        except (InvalidToken, UnicodeEncodeError):
+            return Decoded(None, "value cannot be decrypted (tampered, or a retired key)")
+        inner = _loads_object(inner_raw)
+        if inner is None:
+            return Decoded(None, "corrupt encrypted value")
+        if inner.get("k") != binding:
+            return Decoded(None, "encrypted value belongs to another session (copied)")
+        mapping = _session_mapping(inner.get(DATA), inner.get(GATEWAY))
+        return Decoded(mapping, "" if mapping else "corrupt encrypted value")
