@@ -65,6 +65,11 @@ class Settings:
     shutdown_timeout_seconds: float = 30.0
     # After SIGTERM, idle keep-alive connections stay open this long (app/lifecycle.py).
     shutdown_idle_grace_seconds: float = 5.0
+    # A client connection must deliver a whole request head within this long of opening (or
+    # of its previous response); an idle keep-alive connection is closed after it too.
+    # Bounds slowloris; keep it above the load balancer's upstream keep-alive (4 s in
+    # deploy/nginx.conf) so the balancer, not the gateway, closes idle connections.
+    header_timeout_seconds: float = 15.0
     log_level: str = "info"
     log_format: Literal["text", "json"] = "text"
     # Salt of the session hash in access lines; empty: random per process (app/logs.py).
@@ -249,6 +254,7 @@ def _parse(env: Mapping[str, str]) -> Settings:
         trusted_proxies=trusted,
         shutdown_timeout_seconds=r.positive_float("SHUTDOWN_TIMEOUT_SECONDS", 30.0),
         shutdown_idle_grace_seconds=r.positive_float("SHUTDOWN_IDLE_GRACE_SECONDS", 5.0),
+        header_timeout_seconds=r.positive_float("HEADER_TIMEOUT_SECONDS", 15.0),
         log_level=r.choice("LOG_LEVEL", "info", _LOG_LEVELS),
         log_format="json" if r.choice("LOG_FORMAT", "text", ("text", "json")) == "json" else "text",
         log_salt=env.get("LOG_SALT", ""),
@@ -345,7 +351,7 @@ def _encryption_keys(raw: str, problems: list[str]) -> tuple[str, ...]:
     """`SESSION_ENCRYPTION_KEYS`: comma-separated Fernet keys (32 random bytes, URL-safe
     base64). A bad entry is reported by position, never echoed (it is a secret)."""
     keys: list[str] = []
-    entries = [item.strip() for item in raw.split(",")] if raw.strip() else []
+    entries = [item.strip() for item in raw.split(",") if item.strip()]
     for position, item in enumerate(entries, start=1):
         try:
             Fernet(item.encode("ascii"))

@@ -1,0 +1,296 @@
+"""Encryption at rest (`SESSION_ENCRYPTION_KEYS`): what the store holds reveals nothing, a
+tampered or copied value is no session, keys rotate (first encrypts, all decrypt), and the
+documented transitions (plaintext before the key was set, a retired key) behave as the README
+says. Memory store, fakeredis and a real redis-server; several gateways share one store.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aiohttp
+import fakeredis
+import pytest
+from cryptography.fernet import Fernet
+from pytest_aiohttp import AiohttpClient
+
+from app.config import ConfigError, Settings
+from app.main import create_app
+from app.sessions.memory import MemoryBackend
+from app.sessions.redis import RedisBackend
+from app.state import BACKEND_KEY
+from tests.conftest import (
+    CSRF,
+    STORE_KINDS,
+    Gateway,
+    GatewayFactory,
+    MemoryRaw,
+    RedisRaw,
+    make_settings,
+)
+from tests.gateway_process import run_gateway_to_exit
+from tests.test_sessions_http import UNKNOWN_SID, patch, set_cookie_headers
+
+K1 = Fernet.generate_key().decode()
+K2 = Fernet.generate_key().decode()
+SECRET = "s3cr3t-Zoë"
+
+MakeGateway = Callable[..., Awaitable[Gateway]]
+
+
+@pytest.fixture(params=STORE_KINDS)
+async def gateways(
+    request: pytest.FixtureRequest,
+    gateway_factory: GatewayFactory,
+    aiohttp_client: AiohttpClient,
+) -> MakeGateway:
+    """`await gateways(SESSION_ENCRYPTION_KEYS=...)`: gateways that all share ONE store (as
+    replicas, or one replica across a restart with new settings, would)."""
+    kind: str = request.param
+    if kind == "redis":
+
+        async def on_redis(**env: str) -> Gateway:
+            return await gateway_factory("redis", **env)
+
+        return on_redis
+    if kind == "memory":
+        memory = MemoryBackend()
+
+        async def on_memory(**env: str) -> Gateway:
+            settings = make_settings(env, SESSION_STORE="memory")
+            client = await aiohttp_client(create_app(settings, backend=memory))
+            return Gateway(kind=kind, client=client, raw=MemoryRaw(memory))
+
+        return on_memory
+    server = fakeredis.FakeServer()
+
+    async def on_fakeredis(**env: str) -> Gateway:
+        environ = {"REDIS_URL": "redis://fakeredis.invalid:6379/0", **env}
+        settings = make_settings(environ, SESSION_STORE="redis")
+        fake = fakeredis.FakeAsyncRedis(server=server)
+        client = await aiohttp_client(create_app(settings, backend=RedisBackend(fake)))
+        assert isinstance(client.app[BACKEND_KEY], RedisBackend)
+        return Gateway(kind=kind, client=client, raw=RedisRaw(fake))
+
+    return on_fakeredis
+
+
+async def with_sid(
+    gateway: Gateway, method: str, path: str, sid: str | None, body: Any = None
+) -> tuple[int, Any, str | None]:
+    """One request carrying only `sid` (no cookie jar): (status, JSON, the new cookie)."""
+    headers = {**CSRF, **({"Cookie": f"agent_sid={sid}"} if sid else {})}
+    async with (
+        aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as session,
+        session.request(method, gateway.client.make_url(path), json=body, headers=headers) as resp,
+    ):
+        payload = await resp.json() if resp.content_type == "application/json" else None
+        morsel = resp.cookies.get("agent_sid")
+        return resp.status, payload, morsel.value if morsel is not None else None
+
+
+async def new_session(gateway: Gateway, data: dict[str, Any]) -> str:
+    status, _, sid = await with_sid(gateway, "PATCH", "/apps/demo/session", None, data)
+    assert status == 200 and sid
+    return sid
+
+
+async def read(gateway: Gateway, sid: str) -> Any:
+    status, body, _ = await with_sid(gateway, "GET", "/apps/demo/session", sid)
+    assert status == 200
+    return body["data"]
+
+
+def token_of(raw: bytes) -> bytes:
+    value = json.loads(raw)
+    assert set(value) == {"v", "r", "enc"}, value
+    return str(value["enc"]).encode()
+
+
+# -- what the store holds ------------------------------------------------------------------
+
+
+async def test_the_store_holds_only_ciphertext(gateways: MakeGateway) -> None:
+    gw = await gateways(SESSION_ENCRYPTION_KEYS=K1)
+    await patch(gw.client, {"secret": SECRET, "card": "4111111111111111"})
+    # The demo agent: the gateway stores a conversation id in the session.
+    resp = await gw.client.post("/apps/demo/agent/chat", json={"message": "hi"}, headers=CSRF)
+    assert resp.status == 200
+    await resp.read()
+    sid = gw.session_id()
+    assert sid is not None
+    raw = await gw.raw.get(gw.key(sid))
+    assert raw is not None
+    hidden = [SECRET.encode(), b"s3cr3t", b"4111", b"created_at", b"conversation", b"data"]
+    for plain in hidden:
+        assert plain not in raw, plain
+    token = token_of(raw)
+    assert Fernet(K1.encode()).decrypt(token)  # really Fernet under the configured key
+    assert json.loads(raw)["v"] == 1
+    assert await read(gw, sid) == {"secret": SECRET, "card": "4111111111111111"}
+
+
+async def test_a_tampered_value_is_no_session_and_removed(gateways: MakeGateway) -> None:
+    gw = await gateways(SESSION_ENCRYPTION_KEYS=K1)
+    sid = await new_session(gw, {"role": "guest"})
+    key = gw.key(sid)
+    raw = await gw.raw.get(key)
+    assert raw is not None
+    value = json.loads(raw)
+    token = bytearray(base64.urlsafe_b64decode(value["enc"]))
+    token[40] ^= 0x01  # one bit of the ciphertext
+    value["enc"] = base64.urlsafe_b64encode(bytes(token)).decode()
+    await gw.raw.set(key, json.dumps(value, separators=(",", ":")).encode(), 600)
+    assert await read(gw, sid) == {}
+    assert await gw.raw.get(key) is None
+    # A write with that cookie starts a fresh session, never a 500.
+    status, body, new_sid = await with_sid(gw, "PATCH", "/apps/demo/session", sid, {"a": 1})
+    assert (status, body) == (200, {"data": {"a": 1}})
+    assert new_sid is not None and new_sid != sid
+
+
+async def test_a_ciphertext_copied_to_another_session_is_refused(gateways: MakeGateway) -> None:
+    """With write access to Redis one could paste an admin's (valid) value under one's own
+    id; the value is bound to its own application and session id."""
+    gw = await gateways(SESSION_ENCRYPTION_KEYS=K1)
+    admin = await new_session(gw, {"role": "admin"})
+    mine = await new_session(gw, {"role": "guest"})
+    admin_raw = await gw.raw.get(gw.key(admin))
+    assert admin_raw is not None
+    await gw.raw.set(gw.key(mine), admin_raw, 600)
+    assert await read(gw, mine) == {}
+    assert await gw.raw.get(gw.key(mine)) is None
+    assert await read(gw, admin) == {"role": "admin"}
+
+
+async def test_updates_and_rotation_keep_working_encrypted(gateways: MakeGateway) -> None:
+    gw = await gateways(SESSION_ENCRYPTION_KEYS=K1)
+    await patch(gw.client, {"a": 1})
+    await patch(gw.client, {"b": 2})
+    resp = await gw.client.post("/apps/demo/session/rotate", headers=CSRF)
+    assert (await resp.json()) == {"data": {"a": 1, "b": 2}, "rotated": True}
+    await patch(gw.client, {"c": 3})
+    assert await (await gw.client.get("/apps/demo/session")).json() == {
+        "data": {"a": 1, "b": 2, "c": 3}
+    }
+    (key,) = await gw.raw.keys()
+    raw = await gw.raw.get(key)
+    assert raw is not None
+    assert json.loads(raw)["r"] == 4  # create, update, rotate, update
+    token_of(raw)
+
+
+# -- keys rotate -----------------------------------------------------------------------------
+
+
+async def test_keys_rotate_first_encrypts_all_decrypt(gateways: MakeGateway) -> None:
+    old = await gateways(SESSION_ENCRYPTION_KEYS=K1)
+    sid = await new_session(old, {"a": 1})
+    untouched = await new_session(old, {"b": 2})
+
+    # Step 1 of a key rotation: the new key first, the old one still listed.
+    both = await gateways(SESSION_ENCRYPTION_KEYS=f"{K2}, {K1}")
+    assert await read(both, sid) == {"a": 1}
+    status, _, _ = await with_sid(both, "PATCH", "/apps/demo/session", sid, {"a": 2})
+    assert status == 200
+    raw = await both.raw.get(both.key(sid))
+    assert raw is not None
+    Fernet(K2.encode()).decrypt(token_of(raw))  # re-encrypted under the new key on write
+
+    # Step 2: the old key retired. Sessions written since step 1 read; the others are gone.
+    new = await gateways(SESSION_ENCRYPTION_KEYS=K2)
+    assert await read(new, sid) == {"a": 2}
+    assert await read(new, untouched) == {}
+    assert await new.raw.get(new.key(untouched)) is None
+
+
+async def test_plaintext_sessions_are_refused_once_encryption_is_on(
+    gateways: MakeGateway,
+) -> None:
+    """Documented choice: a plaintext value could be forged by anyone who can write to
+    Redis, so with keys set it is no session (and removed); users get a new session."""
+    plain = await gateways()
+    sid = await new_session(plain, {"a": 1})
+    encrypted = await gateways(SESSION_ENCRYPTION_KEYS=K1)
+    assert await read(encrypted, sid) == {}
+    assert await encrypted.raw.get(encrypted.key(sid)) is None
+
+
+async def test_encrypted_sessions_are_no_session_without_keys(gateways: MakeGateway) -> None:
+    encrypted = await gateways(SESSION_ENCRYPTION_KEYS=K1)
+    sid = await new_session(encrypted, {"a": 1})
+    plain = await gateways()
+    assert await read(plain, sid) == {}
+    assert await plain.raw.get(plain.key(sid)) is None
+
+
+async def test_the_size_limit_applies_to_the_plaintext(gateway_factory: GatewayFactory) -> None:
+    gw = await gateway_factory("memory", SESSION_ENCRYPTION_KEYS=K1, SESSION_MAX_BYTES="300")
+    resp = await patch(gw.client, {"text": "x" * 200})
+    assert resp.status == 200
+    sid = gw.session_id()
+    assert sid is not None
+    raw = await gw.raw.get(gw.key(sid))
+    assert raw is not None and len(raw) > 300  # the ciphertext may be larger
+    resp = await patch(gw.client, {"text": "x" * 300})
+    assert resp.status == 413
+    assert set_cookie_headers(resp) == []
+
+
+async def test_junk_in_the_envelope_is_no_session(gateways: MakeGateway) -> None:
+    gw = await gateways(SESSION_ENCRYPTION_KEYS=K1)
+    key = gw.key(UNKNOWN_SID)
+    for junk in (
+        b'{"v":1,"r":1,"enc":42}',
+        b'{"v":1,"r":1,"enc":"not a token"}',
+        b'{"v":1,"r":1,"enc":"\xc3\xa9t\xc3\xa9"}',
+        b'{"v":1,"r":1,"enc":""}',
+        (
+            "{" + '"v":1,"r":1,"enc":"' + Fernet(K1.encode()).encrypt(b"[1]").decode() + '"}'
+        ).encode(),
+        ("{" + '"v":1,"r":1,"enc":"' + Fernet(K1.encode()).encrypt(b"{").decode() + '"}').encode(),
+    ):
+        await gw.raw.set(key, junk, 600)
+        assert await read(gw, UNKNOWN_SID) == {}, junk
+        assert await gw.raw.get(key) is None, junk
+
+
+# -- configuration ---------------------------------------------------------------------------
+
+
+def test_keys_are_parsed_in_order_and_kept_out_of_repr() -> None:
+    settings = make_settings(SESSION_ENCRYPTION_KEYS=f" {K2} ,{K1},")
+    assert settings.session_encryption_keys == (K2, K1)
+    assert K1 not in repr(settings) and K2 not in repr(settings)
+    assert make_settings().session_encryption_keys == ()
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "not-a-key",
+        "A" * 43,
+        base64.urlsafe_b64encode(b"x" * 16).decode(),
+        f"{K1},short",
+        f"{K1},{K1}",
+        "clé-é" * 9,
+    ],
+)
+def test_a_bad_key_is_a_config_error_naming_the_variable(value: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env({"SESSION_ENCRYPTION_KEYS": value}, dotenv_path=None)
+    (problem,) = info.value.problems
+    assert problem.startswith("SESSION_ENCRYPTION_KEYS entry ")
+    for part in value.split(","):
+        if len(part) > 8:
+            assert part not in problem, "a key was echoed"
+
+
+def test_a_bad_key_stops_the_process_with_exit_2() -> None:
+    code, stderr, _ = run_gateway_to_exit({"SESSION_ENCRYPTION_KEYS": f"{K1},nope-not-a-key"})
+    assert code == 2, stderr
+    assert "SESSION_ENCRYPTION_KEYS entry 2 of 2 is not a valid key" in stderr
+    assert K1 not in stderr and "nope-not-a-key" not in stderr
