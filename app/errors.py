@@ -51,6 +51,16 @@ def error_response(
     return response
 
 
+def store_full(retry_after: int = 1) -> ApiError:
+    """The session store refused a write for lack of memory: 503, the old value is kept."""
+    return ApiError(
+        503,
+        "session_store_full",
+        "The session store is full; the session was not changed.",
+        headers={"Retry-After": str(retry_after)},
+    )
+
+
 def store_unavailable(retry_after: int = 1) -> ApiError:
     """The session store did not answer in time: 503, the cookie is kept."""
     return ApiError(

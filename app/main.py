@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 from aiohttp import web
 
@@ -62,7 +63,7 @@ def create_app(settings: Settings, *, backend: SessionBackend | None = None) -> 
         csrf_middleware,
         setup_sessions(),
     ]
-    app = web.Application(middlewares=middlewares)
+    app = web.Application(middlewares=middlewares, handler_args=server_options(settings))
     app[SETTINGS_KEY] = settings
     app[LIFECYCLE_KEY] = lifecycle
     app.cleanup_ctx.append(session_store_ctx(settings, backend))
@@ -77,6 +78,21 @@ def create_app(settings: Settings, *, backend: SessionBackend | None = None) -> 
     setup_routes(app)
     setup_metrics(app)
     return app
+
+
+def server_options(settings: Settings) -> dict[str, Any]:
+    """aiohttp server (connection handler) options; every runner of this app applies them,
+    `python -m app` and the tests' servers alike.
+
+    - `keepalive_timeout` = `HEADER_TIMEOUT_SECONDS`: aiohttp arms this timer when a connection
+      opens and after each response, and only a complete request head stops it, so it bounds
+      a slowloris head (and an idle keep-alive connection); aiohttp 3.14's default is 3630 s.
+    - `auto_decompress=False`: request bodies are never decompressed here. The proxy relays
+      them upstream byte for byte with their own `Content-Encoding` (decompressing them
+      relabelled plain bytes as gzip and cut them to the compressed length), and a compressed
+      bomb cannot expand inside the gateway; the session API only takes plain JSON.
+    """
+    return {"keepalive_timeout": settings.header_timeout_seconds, "auto_decompress": False}
 
 
 def session_store_ctx(

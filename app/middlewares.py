@@ -19,10 +19,10 @@ from aiohttp.typedefs import Handler, Middleware
 
 from app.applications import APP_ID_RE, AppConfig
 from app.config import Settings
-from app.errors import REQUEST_ID_KEY, ApiError, error_response, store_unavailable
+from app.errors import REQUEST_ID_KEY, ApiError, error_response, store_full, store_unavailable
 from app.forwarding import own_origin
 from app.lifecycle import Lifecycle
-from app.sessions.backend import StoreUnavailable
+from app.sessions.backend import StoreFull, StoreUnavailable
 from app.sessions.storage import APP_ID_KEY
 
 log = logging.getLogger(__name__)
@@ -77,7 +77,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return error_response(request, err.status, err.code, err.message, headers=err.headers)
     except StoreUnavailable as err:
         log.warning("session store unavailable: %s", err)
-        unavailable = store_unavailable()
+        unavailable = store_full() if isinstance(err, StoreFull) else store_unavailable()
         return error_response(
             request, 503, unavailable.code, unavailable.message, headers=unavailable.headers
         )
