@@ -48,6 +48,7 @@ from app.errors import ApiError
 from app.middlewares import APP_CONFIG_KEY
 from app.sessions.backend import StoreUnavailable
 from app.sessions.redis import LuaScript, RedisBackend, RedisClient
+from app.sessions.storage import GatewayStorage
 from app.state import BACKEND_KEY, SETTINGS_KEY
 
 log = logging.getLogger(__name__)
@@ -210,22 +211,19 @@ _last_fail_open_log = -math.inf
 
 async def enforce_rate_limits(request: web.Request, session: Session) -> None:
     """429 `rate_limited` (with `Retry-After`) when the request's session or application is
-    over its limit; counts the request otherwise. Call before contacting the upstream.
-
-    A session not stored yet (the browser's first agent request) is counted only against its
-    application.
-    """
+    over its limit; counts the request otherwise. Call before contacting the upstream and
+    before saving the session (a new session gets its id reserved here)."""
     global _last_fail_open_log
     app_config = request[APP_CONFIG_KEY]
     per_session, per_app = app_config.rate_limit_per_session, app_config.rate_limit_per_app
     if per_session is None and per_app is None:
         return
     limiter = request.app[RATE_LIMITER_KEY]
-    session_id = session.identity if not session.new else None
+    # A browser's first agent request counts against its session too: the id the session will
+    # be created under is reserved now (nothing is stored if the request is refused).
+    session_id = GatewayStorage.reserve_id(session) if per_session is not None else None
     app_key, session_key = bucket_keys(
-        request.app[SETTINGS_KEY].redis_aux_prefix,
-        app_config.app_id,
-        session_id if isinstance(session_id, str) else None,
+        request.app[SETTINGS_KEY].redis_aux_prefix, app_config.app_id, session_id
     )
     buckets: list[Bucket] = []
     if per_session is not None and session_key is not None:

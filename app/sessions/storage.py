@@ -305,10 +305,17 @@ class GatewayStorage(AbstractStorage):
         *,
         revision: int,
     ) -> None:
-        """Store `session` under a fresh id and set the cookie (SET NX: never overwrites)."""
+        """Store `session` under a fresh id and set the cookie (SET NX: never overwrites).
+
+        A new session may carry an id chosen in advance by the gateway (`reserve_id`); it is
+        tried first."""
         mapping = dict(session)
-        for _ in range(3):
-            session_id = new_session_id()
+        reserved = session.identity if session.new else None
+        for attempt in range(3):
+            if attempt == 0 and isinstance(reserved, str):
+                session_id = reserved
+            else:
+                session_id = new_session_id()
             encoded = self.codec.encode(mapping, revision, self.binding(request, session_id))
             if await self.backend.create(self.key_for(request, session_id), encoded, ttl):
                 session._identity = session_id
@@ -318,6 +325,16 @@ class GatewayStorage(AbstractStorage):
                 self.set_cookie(request, response, session_id)
                 return
         raise RuntimeError("could not allocate a unique session id")  # 2**-256 odds
+
+    @staticmethod
+    def reserve_id(session: Session) -> str | None:
+        """The id a new session will be stored under (minted now, by the gateway), so that
+        something keyed by it (a rate-limit bucket) can be used before it is created; the id
+        of a stored session; None for a session already cleared."""
+        if session.new and session.identity is None:
+            session.set_new_identity(new_session_id())
+        identity = session.identity
+        return identity if isinstance(identity, str) else None
 
     async def rotate(
         self, request: web.Request, response: web.StreamResponse, session: GatewaySession
