@@ -119,6 +119,10 @@ def redact_url(url: str) -> str:
     userinfo, at, location = rest.rpartition("@")
     if sep and at and ":" in userinfo:
         url = f"{scheme}://{userinfo.partition(':')[0]}:***@{location}"
+    elif at or (not sep and "@" in url):
+        # A userinfo without `:` may still be a password written in the wrong place, and a
+        # malformed URL (`redis:/:pw@host`) has no reliable structure: hide all of it.
+        url = f"{scheme}://***@{location}" if sep else "***@" + url.rpartition("@")[2]
     try:
         parts = urlsplit(url)
     except ValueError:

@@ -336,3 +336,23 @@ def test_unreadable_apps_file(tmp_path: Path) -> None:
     problems = problems_of({"APPS_FILE": str(tmp_path)})  # a directory cannot be read
     assert len(problems) == 1
     assert "APPS_FILE" in problems[0]
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis:/:s3cret@localhost:6379",
+        "redis:s3cret@localhost:6379",
+        "s3cret@localhost",
+    ],
+)
+def test_a_malformed_redis_url_never_shows_its_password(url: str) -> None:
+    assert "s3cret" not in redact_url(url)
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env({"SESSION_STORE": "redis", "REDIS_URL": url}, dotenv_path=None)
+    assert "s3cret" not in str(info.value)
+    assert any("REDIS_URL" in problem for problem in info.value.problems)
+
+
+def test_a_userinfo_without_colon_is_hidden_too() -> None:
+    assert redact_url("redis://s3cret@localhost:6379/0") == "redis://***@localhost:6379/0"
