@@ -22,7 +22,9 @@ Contract, in request order:
   `browser_response_headers`. Redirects are not followed; every status passes through.
 - Upstream refused/unreachable: 502 `upstream_unavailable`. No response headers within
   `connect_timeout_seconds` (counted from the start of the upstream request, so it includes
-  sending the body and waiting for a pooled connection): 504 `upstream_timeout`.
+  sending the body and waiting for a pooled connection): 504 `upstream_timeout`. An answer
+  that is not valid HTTP (status line, framing, header limits, a control character in a
+  header): 502 `upstream_protocol_error`.
 - Streaming: chunks are relayed as they arrive (bounded reads; `await write()` applies the
   browser's backpressure to the upstream read). Event streams get SSE comment keep-alives after
   `SSE_KEEPALIVE_SECONDS` of upstream silence, but only between events and only while the
@@ -110,6 +112,8 @@ _SKIP_AUTO_HEADERS = frozenset({"Accept", "Accept-Encoding", "User-Agent", "Cont
 _SEGMENT_RE = re.compile(r"^(?:[A-Za-z0-9\-._~!$&'()*+,;=:]|%[0-9A-Fa-f]{2})+$")
 _CONVERSATION_RE = re.compile(r"^[A-Za-z0-9_-]{22,86}$")
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+# Control characters a header field may not carry (HTAB is allowed, RFC 9110 §5.5).
+_HEADER_CONTROL_RE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 
 class InvalidPath(ValueError):
@@ -240,6 +244,21 @@ def browser_response_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str
             continue
         out.add(name, value)
     return out
+
+
+def has_invalid_header(upstream: aiohttp.ClientResponse) -> bool:
+    """True when the upstream's reason phrase or a header carries a control character.
+
+    aiohttp's client parser lets some through (e.g. `\\x01` in a value); its server refuses to
+    send them (`ValueError` while the response is being prepared, too late for our error
+    envelope), so such an answer is refused as a whole: 502 `upstream_protocol_error`.
+    """
+    if _HEADER_CONTROL_RE.search(upstream.reason or ""):
+        return True
+    return any(
+        _HEADER_CONTROL_RE.search(name) or _HEADER_CONTROL_RE.search(value)
+        for name, value in upstream.headers.items()
+    )
 
 
 def is_event_stream(headers: CIMultiDictProxy[str]) -> bool:
@@ -459,6 +478,10 @@ async def _proxy(exchange: _Exchange) -> web.StreamResponse:
             return exchange.error(
                 504, "upstream_timeout", "The agent service did not answer in time."
             )
+        if isinstance(err, aiohttp.ClientResponseError):
+            # An answer that is not valid HTTP (status line, framing, header limits): the
+            # upstream is broken, not unreachable.
+            return _protocol_error(exchange, type(err).__name__)
         log.warning(
             "upstream unavailable: %s (app %s, request %s)",
             type(err).__name__,
@@ -468,6 +491,9 @@ async def _proxy(exchange: _Exchange) -> web.StreamResponse:
         record_upstream_error(request, "unavailable")
         return exchange.error(502, "upstream_unavailable", "The agent service is unavailable.")
 
+    if has_invalid_header(upstream_response):
+        upstream_response.close()
+        return _protocol_error(exchange, "control character in a response header")
     if upstream_response.headers.get(ROTATE_HEADER, "").strip() == "1":
         # The upstream asks for a new session id (e.g. after a login step behind the agent):
         # rotate before the browser sees any of the answer; the old id is dead before then.
@@ -486,6 +512,19 @@ async def _proxy(exchange: _Exchange) -> web.StreamResponse:
         else:
             upstream_response.close()
     return response
+
+
+def _protocol_error(exchange: _Exchange, detail: str) -> web.Response:
+    log.warning(
+        "upstream protocol error: %s (app %s, request %s)",
+        detail,
+        exchange.app.app_id,
+        exchange.request_id,
+    )
+    record_upstream_error(exchange.request, "protocol_error")
+    return exchange.error(
+        502, "upstream_protocol_error", "The agent service sent an invalid response."
+    )
 
 
 async def _relay(
@@ -528,7 +567,10 @@ async def _relay(
             if read in done:
                 try:
                     chunk = read.result()
-                except (aiohttp.ClientError, OSError) as err:
+                # RuntimeError: aiohttp's C response parser, on bad chunk framing mid-body,
+                # drops the connection without failing the payload; the next read raises
+                # RuntimeError("Connection closed.").
+                except (aiohttp.ClientError, OSError, RuntimeError) as err:
                     code = "body_too_large" if exchange.body_too_large else "upstream_stream_error"
                     await _fail(exchange, response, sse, boundary, code, type(err).__name__)
                     return

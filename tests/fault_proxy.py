@@ -16,7 +16,7 @@ applies to the bytes that pass *after* the change, on every open and future conn
 - `refuse`: new connections are reset at once (as a port nothing listens on, seen from the
   client after `connect()` succeeded).
 - `reset_all()` resets every open connection now (a dropped TCP session, `CLIENT KILL` from
-  the network's point of view).
+  the network's point of view); `close_all()` closes them cleanly (FIN) instead.
 - `hold_if(chunk) -> bool`: a client->server chunk for which it is true is held (not dropped)
   until `release()`; `held` is set once something is held. Makes "this write arrives late"
   deterministic (e.g. hold a replica's `SET` while another replica logs the session out).
@@ -153,6 +153,13 @@ class FaultProxy:
         links = list(self._links)
         for link in links:
             self._close_link(link, rst=True)
+        return len(links)
+
+    def close_all(self) -> int:
+        """Close every open connection cleanly (FIN, both sides); returns how many."""
+        links = list(self._links)
+        for link in links:
+            self._close_link(link, rst=False)
         return len(links)
 
     @property
