@@ -114,6 +114,8 @@ _CONVERSATION_RE = re.compile(r"^[A-Za-z0-9_-]{22,86}$")
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 # Control characters a header field may not carry (HTAB is allowed, RFC 9110 §5.5).
 _HEADER_CONTROL_RE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+# What the gateway forwards in a request header value: HTAB and visible ASCII (and space).
+_UNSENDABLE_RE = re.compile(r"[^\t\x20-\x7e]")
 
 
 class InvalidPath(ValueError):
@@ -221,6 +223,19 @@ def upstream_request_headers(
         out.popall(name, None)
         out[name] = value
     return out
+
+
+def forwardable_headers(headers: CIMultiDictProxy[str]) -> bool:
+    """False when a header value (other than `Cookie`, which is never forwarded) has a
+    character outside HTAB and visible ASCII.
+
+    aiohttp's two request parsers disagree on such values (obs-text): the C parser passes
+    them on, the pure-Python one yields strings its client then refuses to send (a 500). The
+    gateway refuses them the same way with either: 400 `invalid_header`, nothing sent.
+    """
+    return not any(
+        _UNSENDABLE_RE.search(value) for name, value in headers.items() if name.lower() != "cookie"
+    )
 
 
 def browser_response_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
@@ -440,6 +455,10 @@ async def _proxy(exchange: _Exchange) -> web.StreamResponse:
         return exchange.error(400, "invalid_path", "The agent path is not allowed.")
     if request.content_length is not None and request.content_length > app.max_body_bytes:
         return _closing(exchange.error(413, "body_too_large", "The request body is too large."))
+    if not forwardable_headers(request.headers):
+        return exchange.error(
+            400, "invalid_header", "A request header has characters that cannot be forwarded."
+        )
 
     # Load (and slide) the session; check the rate limits (before anything is created); mint
     # the conversation on the first agent request and save the session now, before the
