@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import base64
 import json
+import subprocess
+import sys
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -294,3 +297,17 @@ def test_a_bad_key_stops_the_process_with_exit_2() -> None:
     assert code == 2, stderr
     assert "SESSION_ENCRYPTION_KEYS entry 2 of 2 is not a valid key" in stderr
     assert K1 not in stderr and "nope-not-a-key" not in stderr
+
+
+def test_the_cost_script_runs() -> None:
+    """scripts/session_crypto_cost.py (the README's numbers), codec part, briefly."""
+    script = Path(__file__).resolve().parent.parent / "scripts" / "session_crypto_cost.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--codec-only", "--iterations", "5"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "encrypted" in done.stdout and "60 KB" in done.stdout
