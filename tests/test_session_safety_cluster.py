@@ -78,6 +78,13 @@ async def test_rotation_updates_and_limits_on_a_cluster(
         data = (await b.get(sid)).body["data"]
         assert all(data.get(f"{p}{i}") == 1 for p in "ab" for i in range(10)), data
 
+        # The status read (GET + PTTL pipelined to the key's node).
+        status = await a.request("GET", "/apps/demo/session?slide=0", sid=sid)
+        assert status.status == 200, status
+        assert status.body["data"] == data
+        assert 0 < status.body["idle_expires_in"] <= 3600
+        assert 0 < status.body["absolute_expires_in"] <= 43200
+
         # Rate limits: one session's bucket is shared by both processes.
         statuses = []
         for http in (a, b, a, b):

@@ -15,7 +15,9 @@ changes the session without it gets 409 `session_conflict` on a lost race (nothi
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import random
 from collections.abc import Callable
 
 from aiohttp import web
@@ -37,8 +39,11 @@ log = logging.getLogger(__name__)
 STORAGE_KEY = web.RequestKey("session_storage", GatewayStorage)
 SESSION_KEY = web.RequestKey("session", Session)
 
-# Attempts of one update under contention (each: one read, one compare-and-set).
+# Attempts of one update under contention (each: one read, one compare-and-set), and the
+# random pause before a retry (up to CAS_JITTER_SECONDS x the attempt number), so requests
+# that lost together do not collide again in lockstep.
 CAS_ATTEMPTS = 5
+CAS_JITTER_SECONDS = 0.005
 
 
 def _conflict() -> ApiError:
@@ -103,12 +108,15 @@ async def update_session(
     """
     session = await get_session(request)
     existed = not session.new
-    for _ in range(CAS_ATTEMPTS):
+    for attempt in range(1, CAS_ATTEMPTS + 1):
         mutate(session)
         try:
             await commit_session(request, response)
             return session
         except SessionConflict:
+            if attempt == CAS_ATTEMPTS:
+                break
+            await asyncio.sleep(random.uniform(0, CAS_JITTER_SECONDS * attempt))
             session = await reload_session(request)
             if existed and session.new:
                 raise SessionEnded("the session ended while this request was running") from None
@@ -126,11 +134,14 @@ async def rotate_session(request: web.Request, response: web.StreamResponse) -> 
     session = await get_session(request)
     await commit_session(request, response)
     storage = request[STORAGE_KEY]
-    for _ in range(CAS_ATTEMPTS):
+    for attempt in range(1, CAS_ATTEMPTS + 1):
         if session.new or session.identity is None or not isinstance(session, GatewaySession):
             return session
         if await storage.rotate(request, response, session):
             return session
+        if attempt == CAS_ATTEMPTS:
+            break
+        await asyncio.sleep(random.uniform(0, CAS_JITTER_SECONDS * attempt))
         session = await reload_session(request)
         if session.new:
             raise SessionEnded("the session ended while it was being rotated")
