@@ -37,11 +37,14 @@ def test_bench_smoke_runs_every_row(tmp_path: Path) -> None:
     for key, row in rows.items():
         assert row["requests"] > 0, key
         assert row["errors"] == 0, key
-    # A read through the gateway is one Redis command (GETEX); a changed write is two.
+    # Redis commands are counted per row (the gateway's own budget is asserted by its
+    # command-count tests; here only that the bench sees it): a read is one GETEX, a write
+    # more than that, the stock peer's read one GET.
     assert 0.95 <= rows["gw_redis_read"]["redis_commands_per_request"] <= 1.1
     assert rows["gw_redis_read"]["redis_commands_by_name"].keys() == {"getex"}
-    assert 1.9 <= rows["gw_redis_write"]["redis_commands_per_request"] <= 2.1
+    assert rows["gw_redis_write"]["redis_commands_per_request"] > 1.5
     assert rows["stock_read"]["redis_commands_by_name"].keys() == {"get"}
+    assert all(row["cpu_us_per_request"] > 0 for row in rows.values())
     assert set(results["ttfe_ms"]) == {"direct", "gateway", "nginx"}
     assert results["memory_fill"]["sessions_created"] >= 2000
     assert results["memory_steady"]["run_lost_sessions"] == 0
