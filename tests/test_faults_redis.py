@@ -14,10 +14,15 @@ import asyncio
 import contextlib
 import json
 import random
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 import redis.asyncio as aioredis
 from aiohttp import ClientResponse, web
@@ -26,9 +31,10 @@ from pytest_aiohttp import AiohttpServer
 from app.lifecycle import LIFECYCLE_KEY
 from app.sessions.redis import RedisBackend, RedisOptions, make_client
 from app.state import BACKEND_KEY
-from tests.conftest import CSRF, Gateway, GatewayFactory
+from tests.conftest import CSRF, Gateway, GatewayFactory, GatewayProcessFactory
 from tests.fake_upstream import app_settings, run_gateway, serve_upstream, sse, start_sse
 from tests.fault_proxy import FaultProxy
+from tests.gateway_process import REPO_ROOT
 from tests.redis_server import RedisServer
 from tests.test_redis_outage import PRODUCTION_BUDGET, assert_unavailable, timed
 
@@ -694,3 +700,80 @@ async def test_R20_a_replayed_cookie_after_logout_is_no_session_and_never_revive
     with contextlib.closing(redis_server.client()) as admin:
         assert admin.exists(gateway.key(sid)) == 0
     await settle(gateway)
+
+
+# -- R21: SIGTERM under load leaves nothing unclosed ----------------------------------------
+
+
+async def test_R21_sigterm_with_streams_and_sessions_in_flight_leaves_nothing_unclosed(
+    gateway_process: GatewayProcessFactory, redis_server: RedisServer
+) -> None:
+    """Shutdown order under load, on a real process: open streams end with `shutting_down`,
+    sessions written before are intact, exit 0, Redis connections closed last, and no
+    "Unclosed ..." / "Task was destroyed" / traceback in the output (ResourceWarnings shown)."""
+    proc = gateway_process(
+        {
+            "SESSION_STORE": "redis",
+            "REDIS_URL": redis_server.url,
+            "SHUTDOWN_TIMEOUT_SECONDS": "1",
+            "DEMO_TOKEN_DELAY_SECONDS": "0.3",
+            "PYTHONWARNINGS": "always::ResourceWarning",
+        }
+    )
+    jar = aiohttp.CookieJar(unsafe=True)
+    async with aiohttp.ClientSession(proc.url, cookie_jar=jar) as http:
+        async with http.patch(SESSION, json={"a": 1}, headers=CSRF) as resp:
+            assert resp.status == 200
+        sid = next(m.value for m in jar if m.key == "agent_sid")
+        streams = [
+            await http.post("/apps/demo/agent/chat", headers=CSRF, json={"message": "hi " * 50})
+            for _ in range(3)
+        ]
+        for stream in streams:
+            assert stream.status == 200
+            await stream.content.readuntil(b"\n\n")
+        proc.signal(signal.SIGTERM)
+        bodies = [await stream.read() for stream in streams]
+        for stream in streams:
+            stream.release()
+    for body in bodies:
+        assert b"shutting_down" in body.rsplit(b"event: error", 1)[-1]
+    assert await asyncio.to_thread(proc.wait, 15) == 0
+    stderr = proc.stderr
+    for bad in ("Unclosed", "unclosed", "Task was destroyed", "Traceback", "ResourceWarning"):
+        assert bad not in stderr, stderr[-3000:]
+    assert "agent-bff" not in redis_server.client_names(), "Redis connections left open"
+    with contextlib.closing(redis_server.client()) as admin:
+        raw = admin.get(f"agent:sess:demo:{sid}")
+    assert raw is not None and json.loads(raw)["data"] == {"a": 1}
+
+
+# -- R22: the memory store with several replicas ---------------------------------------------
+
+
+def test_R22_the_local_cluster_refuses_several_replicas_on_the_memory_store(
+    tmp_path: Path,
+) -> None:
+    """Sessions in process memory cannot be shared: `scripts/cluster up` refuses N > 1 with
+    the memory store before starting anything (a single process warns at start:
+    test_sessions_http.py::test_memory_store_warns_that_it_is_per_process)."""
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(REPO_ROOT / "scripts" / "cluster.py"),
+            "--dir",
+            str(tmp_path / "cluster"),
+            "up",
+            "--replicas",
+            "2",
+            "--store",
+            "memory",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode != 0
+    assert "memory" in (done.stdout + done.stderr).lower()
+    assert not (tmp_path / "cluster" / "state.json").exists(), "something was started"

@@ -325,7 +325,7 @@ MALFORMED: dict[str, bytes] = {
 
 
 @pytest.mark.parametrize("case", MALFORMED)
-async def test_U07_malformed_upstream_http_is_a_502_protocol_error(
+async def test_U07_U08_malformed_upstream_http_is_a_502_protocol_error(
     raw_upstream: RawUpstream, case: str
 ) -> None:
     settings = app_settings(f"http://127.0.0.1:{raw_upstream.port}/v1")
