@@ -22,6 +22,7 @@ from tests.conftest import CSRF, STORE_KINDS, Gateway, GatewayFactory, GatewayPr
 from tests.fake_upstream import ServedUpstream, serve_upstream
 from tests.redis_server import RedisServer
 from tests.redis_topologies import GatewayHttp
+from tests.test_metrics import scrape, value
 from tests.test_sessions_http import assert_envelope, patch, stored
 
 KEY = Fernet.generate_key().decode()
@@ -244,3 +245,14 @@ async def test_racing_first_agent_requests_agree_on_the_conversation(
     value: dict[str, Any] = await stored(gateway, sid, "shop")
     assert value["gw"]["conversation_id"] in threads
     assert value["data"] == {"a": 1}
+
+
+async def test_store_metrics_name_the_new_operations(gateway: Gateway) -> None:
+    await patch(gateway.client, {"a": 1})
+    await patch(gateway.client, {"a": 2})
+    await gateway.client.get("/apps/demo/session?slide=0")
+    await gateway.client.post("/apps/demo/session/rotate", headers=CSRF)
+    samples = await scrape(gateway.client)
+    ops = "agent_bff_session_store_operations_total"
+    for operation in ("create", "compare_and_set", "peek", "delete_if_revision"):
+        assert value(samples, ops, operation=operation, result="ok") >= 1, operation
