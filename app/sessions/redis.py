@@ -12,12 +12,22 @@
   slots.
 
 redis-py's defaults changed across 5.x-8.x (retries, timeouts, pool size, protocol), so none is
-relied on. Budget, the same for every topology: 3 retries (the spec: at most 3 retries per
-request; single/Sentinel back off 0.125-0.25, 0.25-0.5, 0.5-1 s, so a Redis restart or
-LOADING of up to ~0.9 s is always waited out; the cluster client re-discovers the slot map
-between attempts instead), short socket and connect timeouts, and an overall deadline per
-operation (`op_timeout`) around the nested retry loops, so a dead or frozen Redis answers
-`StoreUnavailable` in about two seconds instead of hanging the request.
+relied on. Budget, the same for every topology (the spec: "at most 3 retries per request"):
+
+- redis-py retries nothing. Its retry object is consulted by several nested loops (8.1: the
+  connect loop in `get_connection`/`connect()`, `call_with_retry` around each command or
+  pipeline, the reconnect inside `send_packed_command`, the health-check PING, the Sentinel
+  connect loop), so a `Retry(…, 3)` multiplied into up to 16 connection attempts per
+  operation. Every data connection, and every Sentinel connection, gets `Retry(NoBackoff(), 0)`;
+  `RedisCluster` gets it too (its node connections are built with 0 retries by redis-py
+  itself), so its own loop makes exactly one attempt.
+- `RedisBackend._run` is the only retry loop: one operation is at most 1 + 3 attempts, each
+  making at most one new connection, with equal-jitter exponential backoff between them
+  (0.125-0.25, 0.25-0.5, 0.5-1 s: a Redis restart or LOADING of up to ~0.9 s is always waited
+  out), all inside one deadline per operation (`op_timeout`), so a dead or frozen Redis answers
+  `StoreUnavailable` within it, naming the real error and the number of attempts. On a
+  cluster, the slot map is refreshed before a retry (as redis-py's own loop would).
+- Short socket and connect timeouts bound each attempt.
 """
 
 from __future__ import annotations
@@ -25,8 +35,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import random
 import ssl
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 from urllib.parse import unquote
@@ -36,15 +47,19 @@ from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.connection import Connection, SSLConnection
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import MasterNotFoundError, Sentinel, SentinelConnectionPool
-from redis.backoff import EqualJitterBackoff, NoBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.backoff import NoBackoff
 from redis.exceptions import (
+    AuthenticationError,
+    AuthorizationError,
+    ClusterDownError,
+    MaxConnectionsError,
     NoScriptError,
     ReadOnlyError,
     RedisClusterException,
     RedisError,
     ResponseError,
 )
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import OutOfMemoryError as RedisOutOfMemoryError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -58,6 +73,23 @@ T = TypeVar("T")
 # and answered 503 by the gateway. ReadOnlyError / OutOfMemoryError are ResponseErrors;
 # RedisClusterException (no reachable node, slot not covered) is not even a RedisError.
 _UNAVAILABLE = (RedisError, RedisClusterException, OSError, TimeoutError)
+# Of those, the ones another attempt may cure (`_retryable`): the connection failed or timed
+# out (this includes `BusyLoadingError`: a restarted server still loading its data; Sentinel's
+# `MasterNotFoundError`; and a demoted primary's READONLY, which redis-py's Sentinel-managed
+# connection turns into "The previous master is now a slave"), or the cluster is reconfiguring
+# (`CLUSTERDOWN`). Never a ResponseError such as WRONGTYPE, OOM or READONLY on a plain URL.
+_TRANSIENT = (RedisConnectionError, RedisTimeoutError, ClusterDownError)
+# Connection errors that are final: a wrong password or ACL, or no free connection in our own
+# pool (the blocking pool already waited `pool_timeout` for one; a cluster node pool is full).
+_FINAL = (AuthenticationError, AuthorizationError, MaxConnectionsError)
+_POOL_EXHAUSTED = "No connection available."  # BlockingConnectionPool.get_connection
+_MAXCLIENTS = "max number of clients"  # the server refuses new connections (maxclients)
+# The spec: "Maximum 3 retries per request". Equal jitter (half fixed, half random), not full
+# jitter: with full jitter the three sleeps can all be ~0, so the budget that waits out a
+# short Redis restart would be random.
+RETRIES = 3
+BACKOFF_BASE = 0.125  # the first sleep is 0.125-0.25 s, then 0.25-0.5 s, then 0.5-1 s
+BACKOFF_CAP = 1.0
 MIN_REDIS_VERSION = (6, 2)  # GETEX
 CLUSTER_SLOTS = 16384
 
@@ -214,7 +246,6 @@ class RedisOptions:
     max_connections: int = 50
     pool_timeout: float = 1.0
     health_check_interval: int = 10
-    retries: int = 3
     client_name: str = "agent-bff"
     # TLS (rediss://): verification is on unless `tls_verify` is False; `tls_ca_file` None
     # means the system's CA store.
@@ -231,16 +262,11 @@ class _BlockingSentinelPool(SentinelConnectionPool, aioredis.BlockingConnectionP
     busy a request waits up to `timeout` seconds (then 503) instead of failing at once."""
 
 
-def _retry(options: RedisOptions) -> Retry:
-    # The asyncio Retry class (redis.retry.Retry is the sync one, redis-py #4262). Equal
-    # jitter (half fixed, half random), not full jitter: with full jitter the three sleeps can
-    # all be ~0, so the budget that waits out a short Redis restart was random (a 0.3 s
-    # restart gave 503s). The op deadline still bounds the total.
-    return Retry(
-        EqualJitterBackoff(base=0.125, cap=1.0),
-        options.retries,
-        supported_errors=(RedisConnectionError, RedisTimeoutError),
-    )
+def _no_retry() -> Retry:
+    """redis-py's retry object for every connection: one try at each of its nested loops.
+    (The asyncio class: redis.retry.Retry is the sync one, redis-py #4262.) The retries live in
+    `RedisBackend._run`, once per operation."""
+    return Retry(NoBackoff(), 0)
 
 
 def _common_kwargs(options: RedisOptions, target: RedisTarget) -> dict[str, Any]:
@@ -281,14 +307,13 @@ def make_client(options: RedisOptions) -> RedisClient:
     """
     target = parse_redis_url(options.url)
     common = _common_kwargs(options, target)
-    retry_errors = [RedisConnectionError, RedisTimeoutError]
     if target.topology == "cluster":
         return RedisCluster(
             startup_nodes=[ClusterNode(host, port) for host, port in target.nodes],
-            # Only the count is used by the cluster client: between attempts it re-reads the
-            # slot map (CLUSTER SLOTS) rather than sleeping.
-            retry=_retry(options),
-            retry_on_error=list(retry_errors),
+            # The cluster client reads only the count (its node connections always get 0
+            # retries from redis-py): 0 = one attempt per call; `RedisBackend._run` retries,
+            # refreshing the slot map first.
+            retry=_no_retry(),
             # Per node; a node's pool does not block: exhausted -> MaxConnectionsError -> 503.
             max_connections=options.max_connections,
             # A hole in the slot map must fail only its keys, not every refresh of the map;
@@ -307,9 +332,10 @@ def make_client(options: RedisOptions) -> RedisClient:
                 "password": options.sentinel_password,
                 "client_name": options.client_name,
                 "protocol": 2,
-                # Several Sentinels already give redundancy: one quick retry covers a stale
-                # pooled connection after a Sentinel restart; a dead one is skipped at once.
-                "retry": Retry(NoBackoff(), 1),
+                # Several Sentinels already give redundancy: one that is dead (or reached
+                # through a stale pooled connection after its restart) is skipped at once
+                # for the next; the operation's retry asks them all again.
+                "retry": _no_retry(),
                 "max_connections": 8,
             },
         )
@@ -319,8 +345,7 @@ def make_client(options: RedisOptions) -> RedisClient:
             max_connections=options.max_connections,
             timeout=options.pool_timeout,
             db=target.db,
-            retry=_retry(options),
-            retry_on_error=list(retry_errors),
+            retry=_no_retry(),
             **common,
         )
         return client
@@ -334,8 +359,7 @@ def make_client(options: RedisOptions) -> RedisClient:
         db=target.db,
         max_connections=options.max_connections,
         timeout=options.pool_timeout,
-        retry=_retry(options),
-        retry_on_error=list(retry_errors),
+        retry=_no_retry(),
         **common,
         **connection,
     )
@@ -394,19 +418,84 @@ def _cas_result(reply: Any) -> CasResult:
     return _CAS_RESULTS[value]
 
 
-class RedisBackend:
-    """Session operations, each one Redis round trip on one key under the per-operation
-    deadline. Works on a single server, a Sentinel-managed primary, or a Redis Cluster
-    (scripts touch one key, so they never cross a hash slot)."""
+def _retryable(err: BaseException) -> bool:
+    """Whether another attempt of the same operation may succeed (see `_TRANSIENT`)."""
+    if isinstance(err, _FINAL):
+        return False
+    if isinstance(err, RedisConnectionError) and str(err) == _POOL_EXHAUSTED:
+        return False
+    if isinstance(err, ResponseError) and str(err).startswith(_MAXCLIENTS):
+        # A cluster node's "max number of clients + cluster connections reached" (Redis 7+),
+        # which redis-py leaves a ResponseError (it maps only the exact plain-server text).
+        return True
+    if isinstance(err, RedisClusterException):
+        # "Redis Cluster cannot be connected": no seed answered CLUSTER SLOTS (but not a
+        # SlotNotCoveredError: the slot map has a hole that another try would find again).
+        return isinstance(err.__cause__, (RedisConnectionError, RedisTimeoutError))
+    return isinstance(err, _TRANSIENT)
 
-    def __init__(self, client: RedisClient, *, op_timeout: float = 2.0) -> None:
+
+def backoff_delay(failures: int, *, base: float = BACKOFF_BASE, cap: float = BACKOFF_CAP) -> float:
+    """Seconds to sleep after the `failures`-th failed attempt: equal jitter over
+    `min(cap, base * 2**failures)` (half of it fixed, half random), so the sleeps grow
+    0.125-0.25, 0.25-0.5, 0.5-1 s with the defaults."""
+    ceiling = min(cap, base * 2.0**failures)
+    return ceiling / 2 + random.uniform(0, ceiling / 2)
+
+
+@dataclass(slots=True)
+class _Attempts:
+    """What one operation's retry loop did, for the message when it fails."""
+
+    count: int = 0
+    last: BaseException | None = None  # the last retryable failure
+    out_of_time: bool = False  # stopped early: the next sleep would pass the deadline
+
+
+class RedisBackend:
+    """Session operations, each one Redis round trip on one key, with the retry budget and the
+    per-operation deadline. Works on a single server, a Sentinel-managed primary, or a Redis
+    Cluster (scripts touch one key, so they never cross a hash slot).
+
+    Retries (`_run`): at most `retries` (3) after the first attempt, only for `_retryable`
+    errors, sleeping `backoff_delay` between attempts, all within `op_timeout`; a retry that
+    could not finish in time is not started. Every command we send is safe to repeat when a
+    reply was lost: `GETEX … EX`, `SET … NX|XX EX`, `DEL`, `EXPIRE`, `GET`/`PTTL`. The
+    compare-and-set scripts are checked, not blind: a retry after a lost reply whose write did
+    land sees its own new revision and answers "conflict" (the gateway re-reads and re-applies
+    the change, which is then a no-op merge) or, for `delete_if_revision`, "missing" (a
+    rotation then reports the session as ended; the new id is removed). A lost `SET NX` reply
+    leaves an orphan key that its TTL removes. The rate-limit script may count a request
+    twice in that case (the limit errs on the strict side).
+    """
+
+    def __init__(
+        self,
+        client: RedisClient,
+        *,
+        op_timeout: float = 2.0,
+        retries: int = RETRIES,
+        backoff_base: float = BACKOFF_BASE,
+        backoff_cap: float = BACKOFF_CAP,
+    ) -> None:
         self.client = client
         self._op_timeout = op_timeout
+        self._retries = retries
+        self._backoff_base = backoff_base
+        self._backoff_cap = backoff_cap
 
-    async def _run(self, awaitable: Awaitable[T]) -> T:
+    async def _run(
+        self, operation: Callable[[], Awaitable[T]], *, budget: float | None = None
+    ) -> T:
+        """Run `operation()` (a fresh awaitable per attempt) with the retry budget, within
+        `budget` (default `op_timeout`) seconds overall. Raises `StoreFull` (OOM: never
+        retried), or `StoreUnavailable` naming the real error and the number of attempts."""
+        budget = self._op_timeout if budget is None else budget
+        attempts = _Attempts()
+        scope = asyncio.timeout(budget)
         try:
-            async with asyncio.timeout(self._op_timeout):
-                return await awaitable
+            async with scope:
+                return await self._attempts(operation, attempts, scope)
         except ReadOnlyError as err:
             # A demoted primary (failover behind a DNS name or proxy): drop the idle
             # connections so the next request connects afresh and finds the new primary.
@@ -417,7 +506,42 @@ class RedisBackend:
             # and deletes still work.
             raise StoreFull(f"OutOfMemoryError: {err}") from err
         except _UNAVAILABLE as err:
-            raise StoreUnavailable(_describe(err)) from err
+            if isinstance(err, TimeoutError) and scope.expired():
+                raise StoreUnavailable(_deadline_message(budget, attempts)) from err
+            raise StoreUnavailable(_failure_message(err, attempts, budget)) from err
+
+    async def _attempts(
+        self, operation: Callable[[], Awaitable[T]], attempts: _Attempts, scope: asyncio.Timeout
+    ) -> T:
+        loop = asyncio.get_running_loop()
+        while True:
+            attempts.count += 1
+            try:
+                if attempts.last is not None:
+                    await self._before_retry(attempts.last)
+                return await operation()
+            except _UNAVAILABLE as err:
+                if not _retryable(err):
+                    raise
+                attempts.last = err
+                if attempts.count > self._retries:
+                    raise
+                delay = backoff_delay(
+                    attempts.count, base=self._backoff_base, cap=self._backoff_cap
+                )
+                deadline = scope.when()
+                if deadline is not None and loop.time() + delay >= deadline:
+                    attempts.out_of_time = True
+                    raise
+            await asyncio.sleep(delay)
+
+    async def _before_retry(self, failure: BaseException) -> None:
+        """Cluster: refresh the slot map before the next attempt, asking the node that just
+        failed last (what redis-py's own cluster retry loop does, minus its missing sleep)."""
+        if isinstance(self.client, RedisCluster):
+            node = getattr(failure, "last_failed_node_name", None)
+            if isinstance(node, str):
+                await self.client.initialize(last_failed_node_name=node)
 
     async def _drop_idle_connections(self) -> None:
         pool = getattr(self.client, "connection_pool", None)
@@ -429,7 +553,7 @@ class RedisBackend:
 
     async def get_and_touch(self, key: str, ttl: int) -> bytes | None:
         try:
-            value: Any = await self._run(self.client.getex(key, ex=ttl))
+            value: Any = await self._run(lambda: self.client.getex(key, ex=ttl))
         except StoreUnavailable as err:
             if not _is_wrong_type(err.__cause__):
                 raise
@@ -441,14 +565,14 @@ class RedisBackend:
         return bytes(value) if value is not None else None
 
     async def create(self, key: str, value: bytes, ttl: int) -> bool:
-        return bool(await self._run(self.client.set(key, value, ex=ttl, nx=True)))
+        return bool(await self._run(lambda: self.client.set(key, value, ex=ttl, nx=True)))
 
     async def update(self, key: str, value: bytes, ttl: int) -> bool:
         """Unconditional `SET XX EX` (the gateway itself writes with `compare_and_set`)."""
-        return bool(await self._run(self.client.set(key, value, ex=ttl, xx=True)))
+        return bool(await self._run(lambda: self.client.set(key, value, ex=ttl, xx=True)))
 
     async def delete(self, key: str) -> None:
-        await self._run(self.client.delete(key))
+        await self._run(lambda: self.client.delete(key))
 
     async def peek(self, key: str) -> tuple[bytes, float | None] | None:
         """`GET` + `PTTL` in one pipelined round trip; nothing slides."""
@@ -458,9 +582,12 @@ class RedisBackend:
                 pipe.get(key)
                 pipe.pttl(key)
                 result: list[Any] = await pipe.execute(raise_on_error=False)
-                return result
+            for item in result:  # a reply lost mid-pipeline comes back as a value: retry it
+                if isinstance(item, BaseException) and _retryable(item):
+                    raise item
+            return result
 
-        value, pttl = await self._run(both())
+        value, pttl = await self._run(both)
         if _is_wrong_type(value):
             log.warning("session key of the wrong Redis type removed")
             await self.delete(key)
@@ -473,24 +600,28 @@ class RedisBackend:
         return bytes(value), left
 
     async def expire(self, key: str, ttl: int) -> None:
-        await self._run(self.client.expire(key, ttl))
+        await self._run(lambda: self.client.expire(key, ttl))
 
     async def compare_and_set(self, key: str, expected: str, value: bytes, ttl: int) -> CasResult:
-        reply = await self._run(COMPARE_AND_SET.run(self.client, [key], [expected, value, ttl]))
+        reply = await self._run(
+            lambda: COMPARE_AND_SET.run(self.client, [key], [expected, value, ttl])
+        )
         return _cas_result(reply)
 
     async def delete_if_revision(self, key: str, expected: str) -> CasResult:
-        return _cas_result(await self._run(DELETE_IF_REVISION.run(self.client, [key], [expected])))
+        reply = await self._run(lambda: DELETE_IF_REVISION.run(self.client, [key], [expected]))
+        return _cas_result(reply)
 
     async def ping(self) -> None:
         """Readiness. Single / Sentinel: PING the (current) primary. Cluster: ready when at
         least one primary answers, because the gateway still serves every slot whose primary
         is up; taking all replicas out of the load balancer would turn a partial outage into
         a total one. Keys of a dead primary's slots answer 503 on their own."""
-        if isinstance(self.client, RedisCluster):
-            await self._run(self._cluster_ping_any(self.client))
+        client = self.client
+        if isinstance(client, RedisCluster):
+            await self._run(lambda: self._cluster_ping_any(client))
         else:
-            await self._run(self.client.ping())
+            await self._run(client.ping)
 
     @staticmethod
     async def _cluster_ping_any(client: RedisCluster) -> None:
@@ -519,16 +650,17 @@ class RedisBackend:
         Cluster: the slot map must cover all 16384 slots and every primary must answer and be
         new enough, so a broken cluster is caught at deploy time (at runtime, a dead primary
         only fails its own slots). Sentinel: the primary Sentinel names must answer.
+        The same retry budget as any operation, within `deadline` seconds.
         """
-        try:
-            async with asyncio.timeout(deadline):
-                if isinstance(self.client, RedisCluster):
-                    infos = await self._cluster_infos(self.client)
-                else:
-                    await self.client.ping()
-                    infos = [await self.client.info("server")]
-        except _UNAVAILABLE as err:
-            raise StoreUnavailable(_describe(err)) from err
+        client = self.client
+
+        async def infos_of_every_server() -> list[dict[str, Any]]:
+            if isinstance(client, RedisCluster):
+                return await self._cluster_infos(client)
+            await client.ping()
+            return [await client.info("server")]
+
+        infos = await self._run(infos_of_every_server, budget=deadline)
         versions = [str(info.get("redis_version", "0")) for info in infos]
         for version in versions:
             numbers = tuple(int(p) for p in version.split(".")[:2] if p.isdigit())
@@ -566,6 +698,29 @@ class RedisBackend:
 
 def _is_wrong_type(err: BaseException | None) -> bool:
     return isinstance(err, ResponseError) and str(err).startswith("WRONGTYPE")
+
+
+def _plural(count: int) -> str:
+    return f"{count} attempt" if count == 1 else f"{count} attempts"
+
+
+def _failure_message(err: BaseException, attempts: _Attempts, budget: float) -> str:
+    """The real error, and how many attempts it took: `ConnectionError: … after 4 attempts`."""
+    if not _retryable(err):
+        text = _describe(err)
+        return text if attempts.count == 1 else f"{text} (attempt {attempts.count})"
+    text = f"{_describe(err)} after {_plural(attempts.count)}"
+    if attempts.out_of_time:
+        text += f" (no time left for another within the {budget:g} s deadline)"
+    return text
+
+
+def _deadline_message(budget: float, attempts: _Attempts) -> str:
+    """The deadline cut an attempt short: say so, and what the attempt before it met."""
+    text = f"TimeoutError: no answer within the {budget:g} s deadline ({_plural(attempts.count)}"
+    if attempts.last is not None:
+        text += f"; the one before failed with {_describe(attempts.last)}"
+    return text + ")"
 
 
 def _describe(err: BaseException) -> str:
