@@ -146,12 +146,46 @@ async def _json_object(request: web.Request) -> dict[str, Any]:
     if len(raw) > cap:
         raise ApiError(413, "body_too_large", "The request body is too large.")
     try:
-        value = json.loads(bytes(raw).decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as err:
+        value = json.loads(bytes(raw).decode("utf-8"), parse_constant=_reject_constant)
+        if _depth_exceeds(value, MAX_JSON_DEPTH):
+            raise ValueError(f"nested deeper than {MAX_JSON_DEPTH} levels")
+        # A lone surrogate (`"\ud800"`) parses but has no UTF-8 form: it could be neither
+        # stored nor echoed. Refuse it here, not as a 500 when the session is encoded.
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except (UnicodeError, ValueError, RecursionError) as err:
         raise ApiError(400, "invalid_json", "The body must be a JSON object.") from err
     if not isinstance(value, dict):
         raise ApiError(400, "invalid_json", "The body must be a JSON object.")
     return value
+
+
+# Deeper JSON is refused (400): no real session value needs it, and encoding very deep values
+# later would hit the interpreter's recursion limit (a 500) instead.
+MAX_JSON_DEPTH = 64
+
+
+def _reject_constant(name: str) -> Any:
+    """`NaN`, `Infinity`, `-Infinity`: Python's json accepts them, JSON (and the browser's
+    `JSON.parse`) does not."""
+    raise ValueError(f"{name} is not JSON")
+
+
+def _depth_exceeds(value: Any, limit: int) -> bool:
+    """True when containers in `value` nest more than `limit` levels (iterative: no
+    recursion limit of its own)."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children: Any = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children)
+    return False
 
 
 async def method_not_allowed(request: web.Request) -> web.Response:

@@ -562,7 +562,27 @@ async def test_csrf_refusal_reaches_no_store(redis_gateway: Gateway) -> None:
 
 @pytest.mark.parametrize(
     "body",
-    [b"[1, 2]", b'"text"', b"42", b"null", b"true", b"{", b"", b"\xff\xfe{}", b"{'a': 1}"],
+    [
+        b"[1, 2]",
+        b'"text"',
+        b"42",
+        b"null",
+        b"true",
+        b"{",
+        b"",
+        b"\xff\xfe{}",
+        b"{'a': 1}",
+        # A lone surrogate parses in Python but has no UTF-8 form (it used to be a 500).
+        b'{"a":"\\ud800"}',
+        b'{"\\udfff":1}',
+        # Not JSON, though Python's json accepts them (they used to be stored and echoed).
+        b'{"a":NaN}',
+        b'{"a":[Infinity]}',
+        b'{"a":{"b":-Infinity}}',
+        # Deeper than the 64-level limit; 974 levels used to be a 500 (RecursionError).
+        b'{"a":' + b"[" * 64 + b"]" * 64 + b"}",
+        b'{"a":' + b"[" * 974 + b"]" * 974 + b"}",
+    ],
 )
 async def test_a_body_that_is_not_a_json_object_is_400(gateway: Gateway, body: bytes) -> None:
     await patch(gateway.client, {"a": 1})
@@ -578,6 +598,15 @@ async def test_a_body_that_is_not_a_json_object_is_400(gateway: Gateway, body: b
     assert_envelope(resp, await resp.json(), "invalid_json")
     assert await gateway.raw.get(gateway.key(sid)) == before
     assert await gateway.raw.keys() == [gateway.key(sid)]
+
+
+async def test_json_nested_64_levels_is_accepted(memory_gateway: Gateway) -> None:
+    nested: object = 1
+    for _ in range(63):
+        nested = [nested]
+    resp = await memory_gateway.client.patch("/apps/demo/session", json={"a": nested}, headers=CSRF)
+    assert resp.status == 200
+    assert (await resp.json())["data"] == {"a": nested}
 
 
 # -- application ids ------------------------------------------------------------------------
