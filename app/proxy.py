@@ -5,9 +5,9 @@ Contract, in request order:
 - WebSocket upgrades: 501 `websocket_not_supported` (never half-proxied). Once open streams
   were told to stop (shutdown timeout passed): 503 `shutting_down`.
 - The upstream URL is `{upstream}/{path}?{query}` from the *raw* request path. A segment that is
-  `.`/`..`, contains `/`, `\\`, `@` or a control character (after percent-decoding, repeatedly),
-  or is empty (`//`), is 400 `invalid_path`: nothing in the request can reach another host or a
-  path outside the upstream base.
+  `.`/`..` (also with path parameters: `..;x`), contains `/`, `\\`, `@` or a control character
+  (after percent-decoding, repeatedly), or is empty (`//`), is 400 `invalid_path`: nothing in
+  the request can reach another host or a path outside the upstream base.
 - A declared `Content-Length` over the application's `max_body_bytes` is 413 `body_too_large`
   before the upstream is contacted; a chunked body is cut off (and 413) once it exceeds the cap.
   Bodies stream upstream, they are never buffered whole.
@@ -149,7 +149,10 @@ def build_upstream_url(base: URL, raw_tail: str, raw_query: str) -> URL:
             decoded = again
         else:
             raise InvalidPath("percent-encoded more than three times")
-        if decoded in (".", "..") or any(c in decoded for c in "/\\@"):
+        # Servlet containers (Tomcat, Jetty) strip path parameters before resolving dot
+        # segments: `..;x` is `..` to them. So the part before the first `;` is what counts.
+        head = decoded.split(";", 1)[0]
+        if head in (".", "..") or any(c in decoded for c in "/\\@"):
             raise InvalidPath("dot segment, slash, backslash or @ in a path segment")
         if _CONTROL_RE.search(decoded):
             raise InvalidPath("control character in a path segment")

@@ -60,6 +60,7 @@ def error_code(body: bytes) -> str:
         ("", "/v1/"),
         ("?q=1", "/v1/?q=1"),
         ("..data/x..y/.well-known", "/v1/..data/x..y/.well-known"),
+        ("a;v=1/..x;y/...;z", "/v1/a;v=1/..x;y/...;z"),
     ],
 )
 async def test_paths_and_queries_reach_the_upstream_exactly(
@@ -99,6 +100,15 @@ async def test_paths_and_queries_reach_the_upstream_exactly(
         "a%0d%0aX-Injected:%20yes",
         "a%7fb",
         "a%zz",
+        # Path parameters on dot segments: `..` to Tomcat/Jetty/Spring upstreams.
+        "..;/x",
+        ".;/x",
+        "..;jsessionid=1/x",
+        "a/..;/..;/admin",
+        "%2e%2e;/x",
+        ".%2e;x=1/y",
+        "..%3b/x",
+        "%252e%252e%253b/x",
         'a"b',
         "a<b>",
     ],
