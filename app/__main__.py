@@ -54,10 +54,11 @@ async def serve(app: web.Application, settings: Settings) -> None:
         access_log_class=AccessLogger,
         shutdown_timeout=_FINAL_GRACE_SECONDS,
     )
-    # Startup (the session store's PING) runs before the port is bound: a replica accepts
-    # connections only once it can serve them.
-    await runner.setup()
     try:
+        # Startup (the session store's PING) runs before the port is bound: a replica accepts
+        # connections only once it can serve them. Inside the `try`: when a later startup step
+        # fails, `cleanup()` still exits the contexts already entered (Redis pool, sweeper).
+        await runner.setup()
         site = web.TCPSite(runner, settings.host, settings.port)
         try:
             await site.start()

@@ -10,14 +10,21 @@ import contextlib
 import signal
 import socket
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
 import pytest
+from aiohttp import web
 from pytest_aiohttp import AiohttpClient
 
+from app.__main__ import serve
 from app.lifecycle import LIFECYCLE_KEY, drain_on_shutdown
 from app.main import create_app
+from app.sessions.backend import SessionBackend
+from app.sessions.memory import MemoryBackend
+from app.sessions.redis import RedisBackend
+from app.state import BACKEND_KEY
 from tests.conftest import CSRF, GatewayFactory, GatewayProcessFactory, make_settings
 from tests.gateway_process import GatewayProcess, run_gateway_to_exit
 from tests.redis_server import RedisServer, free_port
@@ -275,6 +282,37 @@ async def test_redis_connections_are_closed_at_cleanup(
     async with asyncio.timeout(5):
         while "agent-bff" in redis_server.client_names():
             await asyncio.sleep(0.02)
+
+
+@pytest.mark.parametrize("store", ["memory", "redis"])
+async def test_a_startup_failure_after_the_store_opened_closes_the_store(
+    redis_server: RedisServer, store: str
+) -> None:
+    """A later startup step failing (upstream client, demo agent...) must still close what
+    opened before it: the Redis pool, the memory sweeper task."""
+    settings = make_settings(SESSION_STORE=store, REDIS_URL=redis_server.url, PORT=str(free_port()))
+    app = create_app(settings)
+    opened: list[SessionBackend] = []
+
+    async def failing_step(app: web.Application) -> AsyncIterator[None]:
+        backend = app[BACKEND_KEY]
+        if isinstance(backend, RedisBackend):
+            await backend.ping()  # a pooled connection exists now
+            assert "agent-bff" in redis_server.client_names()
+        opened.append(backend)
+        raise RuntimeError("a later startup step failed")
+        yield
+
+    app.cleanup_ctx.append(failing_step)
+    with pytest.raises(RuntimeError, match="later startup step failed"):
+        await serve(app, settings)
+    [backend] = opened
+    if isinstance(backend, MemoryBackend):
+        assert backend._sweeper is None  # cancelled and awaited by close()
+    else:
+        async with asyncio.timeout(5):
+            while "agent-bff" in redis_server.client_names():
+                await asyncio.sleep(0.02)
 
 
 @pytest.mark.parametrize("store", ["memory", "redis"])
