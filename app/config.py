@@ -46,8 +46,9 @@ class Settings:
     port: int = 8080
     session_store: StoreKind = "memory"
     session_ttl_seconds: int = 3600
-    # Absolute lifetime from creation, however active the session (OWASP/ASVS 7.3.2).
-    session_absolute_seconds: int = 43200
+    # Absolute lifetime from creation, however active the session (OWASP/ASVS 7.3.2). 0: off,
+    # the default, because the spec keeps active sessions valid as long as they are used.
+    session_absolute_seconds: int = 0
     # Fernet keys: the first encrypts, all decrypt (app/sessions/codec.py). Never in repr().
     session_encryption_keys: tuple[str, ...] = field(default=(), repr=False)
     # Kept out of repr(): it may carry the Redis password.
@@ -168,6 +169,20 @@ class _Reader:
             return default
         return value
 
+    def non_negative_int(self, name: str, default: int) -> int:
+        """A whole number of at least 0 (empty: `default`); 0 usually means "off"."""
+        raw = self.env.get(name, "").strip()
+        if not raw:
+            return default
+        try:
+            value = int(raw)
+        except ValueError:
+            value = -1
+        if value < 0:
+            self.problems.append(f"{name}={raw!r} is not valid: use 0 (off) or a positive integer")
+            return default
+        return value
+
     def positive_float(self, name: str, default: float) -> float:
         raw = self.env.get(name, "").strip()
         if not raw:
@@ -240,7 +255,7 @@ def _parse(env: Mapping[str, str]) -> Settings:
         port=port,
         session_store="redis" if store == "redis" else "memory",
         session_ttl_seconds=r.positive_int("SESSION_TTL_SECONDS", 3600),
-        session_absolute_seconds=r.positive_int("SESSION_ABSOLUTE_SECONDS", 43200),
+        session_absolute_seconds=r.non_negative_int("SESSION_ABSOLUTE_SECONDS", 0),
         session_encryption_keys=encryption_keys,
         redis_url=redis_url,
         redis_prefix=prefix,

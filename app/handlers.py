@@ -58,7 +58,8 @@ async def get_session_data(request: web.Request) -> web.Response:
 
     `?slide=0`: a status read for frontends that poll. Nothing slides; the answer adds the
     whole seconds left before the session expires idle (`idle_expires_in`) and before its
-    absolute deadline (`absolute_expires_in`), both `null` without a session. One round trip.
+    absolute deadline (`absolute_expires_in`), both `null` without a session
+    (`absolute_expires_in` also when `SESSION_ABSOLUTE_SECONDS` is 0, off). One round trip.
     """
     slide = request.query.get("slide", "1")
     if slide not in ("0", "1"):

@@ -29,6 +29,8 @@ def test_defaults_without_any_variable() -> None:
     s = parse({})
     assert s.session_store == "memory"
     assert s.session_ttl_seconds == 3600
+    # Off: the spec keeps active sessions valid as long as they are used.
+    assert s.session_absolute_seconds == 0
     assert s.redis_url is None
     assert s.redis_prefix == "agent:sess:"
     assert s.apps_file is None
@@ -133,6 +135,11 @@ def test_empty_values_mean_default() -> None:
     assert (s.session_ttl_seconds, s.session_store, s.port) == (3600, "memory", 8080)
 
 
+@pytest.mark.parametrize(("raw", "expected"), [("", 0), (" ", 0), ("0", 0), ("43200", 43200)])
+def test_absolute_lifetime_is_off_unless_set(raw: str, expected: int) -> None:
+    assert parse({"SESSION_ABSOLUTE_SECONDS": raw}).session_absolute_seconds == expected
+
+
 def test_dotenv_file_is_read_and_the_environment_wins(tmp_path: Path) -> None:
     dotenv = tmp_path / ".env"
     dotenv.write_text(
@@ -178,6 +185,8 @@ BAD_VALUES: list[tuple[str, dict[str, str]]] = [
     ("SESSION_TTL_SECONDS", {"SESSION_TTL_SECONDS": "-5"}),
     ("SESSION_TTL_SECONDS", {"SESSION_TTL_SECONDS": "1.5"}),
     ("SESSION_TTL_SECONDS", {"SESSION_TTL_SECONDS": "an hour"}),
+    ("SESSION_ABSOLUTE_SECONDS", {"SESSION_ABSOLUTE_SECONDS": "-1"}),
+    ("SESSION_ABSOLUTE_SECONDS", {"SESSION_ABSOLUTE_SECONDS": "12h"}),
     ("REDIS_URL", {"SESSION_STORE": "redis"}),
     ("REDIS_URL", {"SESSION_STORE": "redis", "REDIS_URL": "http://localhost:6379"}),
     ("REDIS_URL", {"SESSION_STORE": "redis", "REDIS_URL": "redis://"}),

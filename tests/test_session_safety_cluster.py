@@ -42,6 +42,7 @@ async def test_rotation_updates_and_limits_on_a_cluster(
         "REDIS_URL": cluster.url,
         "REDIS_PREFIX": PREFIX,
         "APPS_FILE": str(apps),
+        "SESSION_ABSOLUTE_SECONDS": "43200",
     }
     one, two = gateway_process(env), gateway_process(env)
     async with GatewayHttp(one.url) as a, GatewayHttp(two.url) as b:

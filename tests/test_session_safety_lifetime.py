@@ -62,8 +62,33 @@ async def store_ttl(gateway: Gateway, sid: str) -> float:
 # -- absolute lifetime ----------------------------------------------------------------------
 
 
-def test_default_absolute_lifetime_is_12_hours() -> None:
-    assert make_settings().session_absolute_seconds == 43200
+def test_the_absolute_lifetime_is_off_by_default() -> None:
+    assert make_settings().session_absolute_seconds == 0
+
+
+async def test_without_an_absolute_lifetime_an_active_session_lives_on(
+    gateway_factory: GatewayFactory, kind: str
+) -> None:
+    """The spec: active sessions remain valid as long as they are being used."""
+    gateway = await gateway_factory(kind, SESSION_TTL_SECONDS="600")
+    clock = frozen_clock(gateway)
+    await patch(gateway.client, {"a": 1})
+    sid = gateway.session_id()
+    assert sid is not None
+    created = (await stored(gateway, sid))[GATEWAY][CREATED_AT]
+    clock.now = created + 10 * 365 * 86400  # ten years of activity later
+    resp = await gateway.client.get("/apps/demo/session")
+    assert await resp.json() == {"data": {"a": 1}}
+    assert 590 < await store_ttl(gateway, sid) <= 600
+    assert (await patch(gateway.client, {"b": 2})).status == 200
+    assert gateway.session_id() == sid
+    assert 590 < await store_ttl(gateway, sid) <= 600
+    body = await (await gateway.client.get("/apps/demo/session?slide=0")).json()
+    assert body["data"] == {"a": 1, "b": 2}
+    assert 590 < body["idle_expires_in"] <= 600
+    assert body["absolute_expires_in"] is None
+    rotated = await gateway.client.post("/apps/demo/session/rotate", headers={"X-CSRF": "1"})
+    assert (await rotated.json())["rotated"] is True
 
 
 async def test_an_active_session_ends_at_its_absolute_deadline(
@@ -132,10 +157,12 @@ async def test_new_sessions_get_the_absolute_lifetime_when_it_is_shorter(
     assert 55 < await store_ttl(gateway, sid) <= 60
 
 
-async def test_near_the_deadline_a_read_costs_one_extra_expire(redis_gateway: Gateway) -> None:
-    server = redis_gateway.redis_server
+async def test_near_the_deadline_a_read_costs_one_extra_expire(
+    gateway_factory: GatewayFactory,
+) -> None:
+    gateway = await gateway_factory("redis", SESSION_ABSOLUTE_SECONDS="43200")
+    server = gateway.redis_server
     assert server is not None
-    gateway = redis_gateway
     settings_ttl = gateway.settings.session_ttl_seconds
     clock = frozen_clock(gateway)
     await patch(gateway.client, {"a": 1})

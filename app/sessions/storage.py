@@ -11,11 +11,12 @@
 - Idle lifetime (`SESSION_TTL_SECONDS`): loading is one `get_and_touch` (GETEX ... EX), so
   every request that uses the session slides it; each save sets it again. Nothing is written
   when nothing changed.
-- Absolute lifetime (`SESSION_ABSOLUTE_SECONDS`) counts from `gw.created_at`: past it the value
-  is deleted on load and the session is gone, however active. Every TTL the gateway sets is
-  `min(idle TTL, time left before the absolute deadline)`; a read's GETEX slides to the idle
-  TTL, so in the last idle-TTL's worth of a session's life a read adds one `EXPIRE` pulling the
-  key's TTL back to the deadline (earlier, the read stays one command).
+- Absolute lifetime (`SESSION_ABSOLUTE_SECONDS`, off by default: 0) counts from
+  `gw.created_at`: past it the value is deleted on load and the session is gone, however active.
+  Every TTL the gateway sets is `min(idle TTL, time left before the absolute deadline)`; a
+  read's GETEX slides to the idle TTL, so in the last idle-TTL's worth of a session's life a
+  read adds one `EXPIRE` pulling the key's TTL back to the deadline (earlier, the read stays
+  one command).
 - Updates are compare-and-set on the revision loaded with the session (`SessionConflict` when
   another request wrote first; the caller re-reads and re-applies, see
   `app.sessions.middleware.update_session`); a session deleted meanwhile is never resurrected.
@@ -167,7 +168,10 @@ class GatewayStorage(AbstractStorage):
     # -- lifetimes --------------------------------------------------------------------------
 
     def absolute_left(self, created_at: int) -> float:
-        """Seconds until the absolute deadline of a session created at `created_at`."""
+        """Seconds until the absolute deadline of a session created at `created_at`;
+        `math.inf` when the absolute lifetime is off (`SESSION_ABSOLUTE_SECONDS=0`)."""
+        if self.settings.session_absolute_seconds <= 0:
+            return math.inf
         return created_at + self.settings.session_absolute_seconds - self.clock()
 
     def ttl_for(self, created_at: int) -> int:
@@ -175,7 +179,9 @@ class GatewayStorage(AbstractStorage):
         left = self.absolute_left(created_at)
         if left <= 0:
             return 0
-        return min(self.settings.session_ttl_seconds, math.ceil(left))
+        if left >= self.settings.session_ttl_seconds:
+            return self.settings.session_ttl_seconds
+        return math.ceil(left)
 
     # -- load -------------------------------------------------------------------------------
 
@@ -235,8 +241,8 @@ class GatewayStorage(AbstractStorage):
         idle = absolute if ttl_left is None else min(ttl_left, absolute)
         return SessionStatus(
             _loaded(session_id, mapping, revision_of(raw)),
-            max(int(idle), 0),
-            max(int(absolute), 0),
+            None if math.isinf(idle) else max(int(idle), 0),
+            None if math.isinf(absolute) else max(int(absolute), 0),
         )
 
     def session_for_logout(self, request: web.Request) -> Session:
