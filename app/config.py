@@ -71,6 +71,10 @@ class Settings:
     # Bounds slowloris; keep it above the load balancer's upstream keep-alive (4 s in
     # deploy/nginx.conf) so the balancer, not the gateway, closes idle connections.
     header_timeout_seconds: float = 15.0
+    # A request body must arrive within this long: the whole body of a session-API request;
+    # on agent uploads, the longest pause between body bytes (a slow but moving upload is
+    # fine). Past it: 408 `body_timeout`, nothing changed or forwarded further.
+    body_timeout_seconds: float = 30.0
     log_level: str = "info"
     log_format: Literal["text", "json"] = "text"
     # Salt of the session hash in access lines; empty: random per process (app/logs.py).
@@ -274,6 +278,7 @@ def _parse(env: Mapping[str, str]) -> Settings:
         shutdown_timeout_seconds=r.positive_float("SHUTDOWN_TIMEOUT_SECONDS", 30.0),
         shutdown_idle_grace_seconds=r.positive_float("SHUTDOWN_IDLE_GRACE_SECONDS", 5.0),
         header_timeout_seconds=r.positive_float("HEADER_TIMEOUT_SECONDS", 15.0),
+        body_timeout_seconds=r.positive_float("BODY_TIMEOUT_SECONDS", 30.0),
         log_level=r.choice("LOG_LEVEL", "info", _LOG_LEVELS),
         log_format="json" if r.choice("LOG_FORMAT", "text", ("text", "json")) == "json" else "text",
         log_salt=env.get("LOG_SALT", ""),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -131,7 +132,31 @@ async def delete_session(request: web.Request) -> web.Response:
 
 
 async def _json_object(request: web.Request) -> dict[str, Any]:
-    cap = request.app[SETTINGS_KEY].session_max_bytes * 2
+    """The body as a JSON object. 413 over the cap, 400 `invalid_json`, 408 `body_timeout`
+    when the whole body has not arrived within `BODY_TIMEOUT_SECONDS` (nothing changed)."""
+    settings = request.app[SETTINGS_KEY]
+    try:
+        async with asyncio.timeout(settings.body_timeout_seconds):
+            raw = await _read_body(request, settings.session_max_bytes * 2)
+    except TimeoutError as err:
+        # A stalled body must not hold the handler (and a shutdown) forever; the unread rest
+        # makes the connection unusable, so aiohttp closes it after this answer.
+        raise ApiError(408, "body_timeout", "The request body did not arrive in time.") from err
+    try:
+        value = json.loads(bytes(raw).decode("utf-8"), parse_constant=_reject_constant)
+        if _depth_exceeds(value, MAX_JSON_DEPTH):
+            raise ValueError(f"nested deeper than {MAX_JSON_DEPTH} levels")
+        # A lone surrogate (`"\ud800"`) parses but has no UTF-8 form: it could be neither
+        # stored nor echoed. Refuse it here, not as a 500 when the session is encoded.
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except (UnicodeError, ValueError, RecursionError) as err:
+        raise ApiError(400, "invalid_json", "The body must be a JSON object.") from err
+    if not isinstance(value, dict):
+        raise ApiError(400, "invalid_json", "The body must be a JSON object.")
+    return value
+
+
+async def _read_body(request: web.Request, cap: int) -> bytearray:
     # A PATCH can never yield a session over SESSION_MAX_BYTES, so reading more than twice
     # that (JSON escaping slack) is pointless: refuse early, nothing changed.
     if request.content_length is not None and request.content_length > cap:
@@ -146,18 +171,7 @@ async def _json_object(request: web.Request) -> dict[str, Any]:
         raw += piece
     if len(raw) > cap:
         raise ApiError(413, "body_too_large", "The request body is too large.")
-    try:
-        value = json.loads(bytes(raw).decode("utf-8"), parse_constant=_reject_constant)
-        if _depth_exceeds(value, MAX_JSON_DEPTH):
-            raise ValueError(f"nested deeper than {MAX_JSON_DEPTH} levels")
-        # A lone surrogate (`"\ud800"`) parses but has no UTF-8 form: it could be neither
-        # stored nor echoed. Refuse it here, not as a 500 when the session is encoded.
-        json.dumps(value, ensure_ascii=False).encode("utf-8")
-    except (UnicodeError, ValueError, RecursionError) as err:
-        raise ApiError(400, "invalid_json", "The body must be a JSON object.") from err
-    if not isinstance(value, dict):
-        raise ApiError(400, "invalid_json", "The body must be a JSON object.")
-    return value
+    return raw
 
 
 # Deeper JSON is refused (400): no real session value needs it, and encoding very deep values

@@ -42,6 +42,7 @@ def test_defaults_without_any_variable() -> None:
     assert s.session_max_bytes == 65536
     assert s.trusted_proxies == ()
     assert s.shutdown_timeout_seconds == 30.0
+    assert s.body_timeout_seconds == 30.0
     assert s.log_level == "info"
     assert s.host == "0.0.0.0"
     assert s.port == 8080
@@ -67,6 +68,7 @@ def test_every_variable_is_read() -> None:
             "SESSION_MAX_BYTES": "1024",
             "TRUSTED_PROXIES": "10.0.0.0/8, ::1",
             "SHUTDOWN_TIMEOUT_SECONDS": "2.5",
+            "BODY_TIMEOUT_SECONDS": "7.5",
             "LOG_LEVEL": "debug",
             "LOG_FORMAT": "json",
             "REDIS_OP_TIMEOUT_SECONDS": "1.5",
@@ -94,6 +96,7 @@ def test_every_variable_is_read() -> None:
         ipaddress.ip_network("::1"),
     )
     assert s.shutdown_timeout_seconds == 2.5
+    assert s.body_timeout_seconds == 7.5
     assert s.log_level == "debug"
     assert s.log_format == "json"
     assert s.redis_op_timeout_seconds == 1.5
@@ -186,6 +189,7 @@ BAD_VALUES: list[tuple[str, dict[str, str]]] = [
     ("SESSION_TTL_SECONDS", {"SESSION_TTL_SECONDS": "1.5"}),
     ("SESSION_TTL_SECONDS", {"SESSION_TTL_SECONDS": "an hour"}),
     ("SESSION_ABSOLUTE_SECONDS", {"SESSION_ABSOLUTE_SECONDS": "-1"}),
+    ("BODY_TIMEOUT_SECONDS", {"BODY_TIMEOUT_SECONDS": "0"}),
     ("SESSION_ABSOLUTE_SECONDS", {"SESSION_ABSOLUTE_SECONDS": "12h"}),
     ("REDIS_URL", {"SESSION_STORE": "redis"}),
     ("REDIS_URL", {"SESSION_STORE": "redis", "REDIS_URL": "http://localhost:6379"}),

@@ -904,6 +904,36 @@ async def test_a_chunked_body_over_the_cap_is_413(memory_gateway: Gateway) -> No
     assert await memory_gateway.raw.keys() == []
 
 
+async def test_a_stalled_body_is_408_and_changes_nothing(gateway_factory: GatewayFactory) -> None:
+    """A PATCH whose body stops arriving must not hold its handler (and a shutdown) forever."""
+    gateway = await gateway_factory("memory", BODY_TIMEOUT_SECONDS="0.5")
+    await patch(gateway.client, {"a": 1})
+    sid = gateway.session_id()
+    assert sid is not None
+    before = await gateway.raw.get(gateway.key(sid))
+    server = gateway.client.server
+    reader, writer = await asyncio.open_connection(server.host, server.port)
+    try:
+        writer.write(
+            b"PATCH /apps/demo/session HTTP/1.1\r\n"
+            + f"Host: {server.host}:{server.port}\r\n".encode()
+            + f"Cookie: agent_sid={sid}\r\n".encode()
+            + b"X-CSRF: 1\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+            + b'{"a":'  # and nothing more
+        )
+        await writer.drain()
+        async with asyncio.timeout(10):  # generous: the deadline is 0.5 s
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)
+            assert length is not None, head
+            body = await reader.readexactly(int(length.group(1)))
+    finally:
+        writer.close()
+    assert head.startswith(b"HTTP/1.1 408 "), head
+    assert json.loads(body)["error"]["code"] == "body_timeout"
+    assert await gateway.raw.get(gateway.key(sid)) == before
+
+
 # -- start-up notices ------------------------------------------------------------------------
 
 
