@@ -21,8 +21,11 @@ Contract, in request order:
 - Upstream request headers: see `upstream_request_headers`. Response headers: see
   `browser_response_headers`. Redirects are not followed; every status passes through.
 - Upstream refused/unreachable: 502 `upstream_unavailable`. No response headers within
-  `connect_timeout_seconds` (counted from the start of the upstream request, so it includes
-  sending the body and waiting for a pooled connection): 504 `upstream_timeout`. An answer
+  `connect_timeout_seconds`: 504 `upstream_timeout`. The timer counts from the start of the
+  upstream request (a pooled connection included) but is paused while the gateway waits for
+  the browser's body bytes: it restarts after each chunk was passed on, so after the whole
+  body. A browser body that pauses longer than `BODY_TIMEOUT_SECONDS` before the upstream
+  answered: 408 `body_timeout`. An answer
   that is not valid HTTP (status line, framing, header limits, a control character in a
   header): 502 `upstream_protocol_error`.
 - Streaming: chunks are relayed as they arrive (bounded reads; `await write()` applies the
@@ -337,6 +340,10 @@ class _BodyTooLarge(Exception):
     pass
 
 
+class _BodyStalled(Exception):
+    pass
+
+
 @dataclass(slots=True)
 class _Exchange:
     """State shared by the handler, its relay task and the disconnect watcher."""
@@ -348,6 +355,9 @@ class _Exchange:
     response: web.StreamResponse | None = None
     client_gone: bool = False
     body_too_large: bool = False
+    body_stalled: bool = False
+    # The timer of the upstream's response headers while it runs (see `body`).
+    header_deadline: asyncio.Timeout | None = None
 
     @property
     def request_id(self) -> str:
@@ -369,13 +379,40 @@ class _Exchange:
         return response
 
     async def body(self, cap: int) -> AsyncIterator[bytes]:
+        """The browser's body, streamed upstream: cut at `cap` (413 `body_too_large`) and at
+        a pause over `BODY_TIMEOUT_SECONDS` (408 `body_timeout`).
+
+        While it waits for the browser, the upstream's header timer (`connect_timeout`) is
+        paused: a slow upload is the browser's doing, never a 504. Each chunk handed over (and
+        the end of the body) restarts it in full, so it runs while the upstream reads (or
+        does not) and after the whole body was sent.
+        """
+        loop = asyncio.get_running_loop()
+        chunks = self.request.content.iter_any()
         received = 0
-        async for chunk in self.request.content.iter_any():
+        while True:
+            self._set_header_deadline(None)
+            try:
+                async with asyncio.timeout(self.settings.body_timeout_seconds):
+                    chunk = await anext(chunks, b"")
+            except TimeoutError:
+                self.body_stalled = True
+                raise _BodyStalled from None
+            finally:
+                self._set_header_deadline(loop.time() + self.app.connect_timeout_seconds)
+            if not chunk:
+                return
             received += len(chunk)
             if received > cap:
                 self.body_too_large = True
                 raise _BodyTooLarge
             yield chunk
+
+    def _set_header_deadline(self, when: float | None) -> None:
+        deadline = self.header_deadline
+        # Once the headers arrived (or the timer fired) the upload may go on: leave it be.
+        if deadline is not None and not deadline.expired():
+            deadline.reschedule(when)
 
 
 async def agent_proxy(request: web.Request) -> web.StreamResponse:
@@ -476,19 +513,35 @@ async def _proxy(exchange: _Exchange) -> web.StreamResponse:
 
     timeout = app.connect_timeout_seconds
     try:
-        async with asyncio.timeout(timeout):
-            upstream_response = await upstream.session.request(
-                request.method,
-                url,
-                headers=upstream_request_headers(request, app, exchange.settings, conversation_id),
-                data=exchange.body(app.max_body_bytes) if request.body_exists else None,
-                allow_redirects=False,
-                skip_auto_headers=_SKIP_AUTO_HEADERS,
-                timeout=aiohttp.ClientTimeout(total=None, sock_connect=timeout),
-            )
+        async with asyncio.timeout(timeout) as deadline:
+            exchange.header_deadline = deadline  # paused while the browser uploads
+            try:
+                upstream_response = await upstream.session.request(
+                    request.method,
+                    url,
+                    headers=upstream_request_headers(
+                        request, app, exchange.settings, conversation_id
+                    ),
+                    data=exchange.body(app.max_body_bytes) if request.body_exists else None,
+                    allow_redirects=False,
+                    skip_auto_headers=_SKIP_AUTO_HEADERS,
+                    timeout=aiohttp.ClientTimeout(total=None, sock_connect=timeout),
+                )
+            finally:
+                exchange.header_deadline = None
     except (TimeoutError, aiohttp.ClientError, OSError) as err:
         if exchange.body_too_large:
             return _closing(exchange.error(413, "body_too_large", "The request body is too large."))
+        if exchange.body_stalled:
+            log.info(
+                "browser body stalled for %ss (app %s, request %s)",
+                exchange.settings.body_timeout_seconds,
+                app.app_id,
+                exchange.request_id,
+            )
+            return _closing(
+                exchange.error(408, "body_timeout", "The request body did not arrive in time.")
+            )
         if isinstance(err, TimeoutError):
             log.warning(
                 "upstream timeout: no response headers within %ss (app %s, request %s)",

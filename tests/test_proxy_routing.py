@@ -3,7 +3,9 @@ refusal, status pass-through, body cap, and the browser rules (Origin, CORS, CSR
 
 from __future__ import annotations
 
+import asyncio
 import json
+import re
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -251,6 +253,51 @@ async def test_a_chunked_body_is_cut_off_at_the_cap(
     async with gw.client.post(f"{AGENT}/chat", headers=CSRF, data=chunks(10)) as resp:
         assert resp.status == 200
         assert (await resp.json())["body_bytes"] == 1000
+
+
+async def test_an_upload_slower_than_connect_timeout_is_not_an_upstream_timeout(
+    upstream: ServedUpstream,
+) -> None:
+    """The 504 timer is the upstream's: it does not run while the browser is still sending."""
+    settings = app_settings(
+        upstream.base, {"BODY_TIMEOUT_SECONDS": "10"}, connect_timeout_seconds=0.3
+    )
+
+    async def slow_chunks() -> AsyncIterator[bytes]:
+        for _ in range(5):
+            yield b"y" * 100
+            await asyncio.sleep(0.2)  # the upload takes ~1 s, over the 0.3 s connect timeout
+
+    async with run_gateway(settings) as gateway:
+        resp = await gateway.client.post(f"{AGENT}/chat", headers=CSRF, data=slow_chunks())
+        assert resp.status == 200, await resp.read()
+        assert (await resp.json())["body_bytes"] == 500
+
+
+async def test_a_stalled_upload_is_408_body_timeout(upstream: ServedUpstream) -> None:
+    settings = app_settings(
+        upstream.base, {"BODY_TIMEOUT_SECONDS": "0.5"}, connect_timeout_seconds=0.2
+    )
+    async with run_gateway(settings) as gateway:
+        url = gateway.url
+        assert url.host is not None and url.port is not None
+        reader, writer = await asyncio.open_connection(url.host, url.port)
+        try:
+            writer.write(
+                f"POST {AGENT}/chat HTTP/1.1\r\nHost: {url.host}:{url.port}\r\n".encode()
+                + b"X-CSRF: 1\r\nContent-Length: 100\r\n\r\n"
+                + b"x" * 10  # and nothing more
+            )
+            await writer.drain()
+            async with asyncio.timeout(10):  # generous: the body deadline is 0.5 s
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)
+                assert length is not None, head
+                body = await reader.readexactly(int(length.group(1)))
+        finally:
+            writer.close()
+    assert head.startswith(b"HTTP/1.1 408 "), head
+    assert error_code(body) == "body_timeout"
 
 
 # -- Origin, CORS, CSRF on the agent route --------------------------------------------------
