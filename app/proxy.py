@@ -62,12 +62,13 @@ from yarl import URL
 
 from app.applications import AppConfig
 from app.config import Settings
-from app.errors import REQUEST_ID_KEY, error_response
+from app.errors import REQUEST_ID_KEY, ApiError, error_response, store_full, store_unavailable
 from app.forwarding import client_host, client_scheme, peer_ip, peer_is_trusted
 from app.lifecycle import LIFECYCLE_KEY, Lifecycle
 from app.metrics import record_upstream_error
 from app.middlewares import APP_CONFIG_KEY
 from app.ratelimit import enforce_rate_limits
+from app.sessions.backend import StoreFull, StoreUnavailable
 from app.sessions.middleware import get_session, rotate_session, update_session
 from app.sessions.storage import DATA, GATEWAY
 from app.state import SETTINGS_KEY
@@ -574,6 +575,15 @@ async def _proxy(exchange: _Exchange) -> web.StreamResponse:
         # rotate before the browser sees any of the answer; the old id is dead before then.
         try:
             await rotate_session(request, response)
+        except (StoreUnavailable, ApiError) as err:
+            upstream_response.close()
+            # Through `exchange.error`, which keeps the cookie already set on `response`: when
+            # this request created the session, that session still exists (the rotated copy
+            # was removed) and the browser must learn its id, or the key would be orphaned.
+            if isinstance(err, StoreUnavailable):
+                log.warning("session store unavailable during a rotation: %s", err)
+                err = store_full() if isinstance(err, StoreFull) else store_unavailable()
+            return exchange.error(err.status, err.code, err.message, headers=err.headers)
         except BaseException:
             upstream_response.close()
             raise

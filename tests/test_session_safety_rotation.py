@@ -325,6 +325,39 @@ async def test_upstream_rotate_on_the_first_agent_request(
     assert await gw.raw.keys() == [gw.key(sid, "shop")]
 
 
+async def test_a_failed_rotation_on_the_first_agent_request_keeps_the_cookie(
+    agent_gateway: Gateway, upstream: ServedUpstream
+) -> None:
+    """The request created the session, then the rotation failed: the error must still set
+    the cookie of the session that exists, or that key would be orphaned (and the upstream
+    has already acted on its conversation)."""
+    gw = agent_gateway
+    storage = gw.app[STORAGE_APP_KEY]
+
+    async def nothing(key: str) -> None:
+        return None
+
+    racing = RacingBackend(storage.backend, nothing)
+    racing.fail_delete = True
+    storage.backend = racing
+    resp = await gw.client.post("/apps/shop/agent/login", headers=CSRF)
+    assert resp.status == 503
+    assert_envelope(resp, await resp.json(), "session_store_unavailable")
+    (header,) = set_cookie_headers(resp)
+    _, sid, attrs = parse_set_cookie(header)
+    assert attrs["path"] == "/apps/shop"
+    # Only the session this request created; the rotated copy was removed again.
+    assert await gw.raw.keys() == [gw.key(sid, "shop")]
+    thread = upstream.fake.last.headers[THREAD_HEADER]
+    assert (await stored(gw, sid, "shop"))[GATEWAY]["conversation_id"] == thread
+
+    racing.fail_delete = False
+    resp = await gw.client.post("/apps/shop/agent/chat", headers=CSRF)
+    assert resp.status == 200
+    assert upstream.fake.last.headers[THREAD_HEADER] == thread
+    assert gw.session_id("shop") == sid
+
+
 @pytest.mark.parametrize("value", ["0", "true", "yes", ""])
 async def test_other_rotate_header_values_do_nothing(
     agent_gateway: Gateway, upstream: ServedUpstream, value: str
