@@ -5,6 +5,13 @@ status, duration, and `session`: a salted hash of the session id, `sha256(salt |
 16 hex characters, so the lines of one session can be correlated without the log revealing
 the id, a cookie or a token. The salt is `LOG_SALT` (set the same value on every replica to
 correlate across them) or, by default, random per process.
+
+Cost: the access line is on every request's path, so when the only handler that would see it is
+the one `configure_logging` installed, `AccessLogger` formats the line itself (same text and
+JSON layout as the formatters, no `LogRecord`/`Formatter` round trip, the timestamp prefix
+formatted once per second, the session hash computed once per session) and writes it straight
+to that handler's stream. Any other logging setup (tests' `caplog`, extra handlers, filters)
+gets the ordinary `logger.info` path.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ import json
 import logging
 import secrets
 import sys
+import time
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
@@ -23,17 +31,29 @@ from app.sessions.middleware import SESSION_KEY
 from app.sessions.storage import APP_ID_KEY
 
 _salt: bytes = secrets.token_bytes(32)
+# session id -> its hash under the current salt; cleared with the salt and when it grows past
+# `_HASH_CACHE_MAX` (a flood of one-shot ids cannot grow it without bound).
+_hash_cache: dict[str, str] = {}
+_HASH_CACHE_MAX = 65_536
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 def set_log_salt(salt: str | None) -> None:
     """Use `salt` for session hashes; empty or None means a fresh random one (per process)."""
     global _salt
     _salt = salt.encode("utf-8") if salt else secrets.token_bytes(32)
+    _hash_cache.clear()
 
 
 def session_hash(session_id: str) -> str:
     """`sha256(salt || session_id)`, first 16 hex characters: correlates, never reveals."""
-    return hashlib.sha256(_salt + session_id.encode("utf-8")).hexdigest()[:16]
+    cached = _hash_cache.get(session_id)
+    if cached is None:
+        cached = hashlib.sha256(_salt + session_id.encode("utf-8")).hexdigest()[:16]
+        if len(_hash_cache) >= _HASH_CACHE_MAX:
+            _hash_cache.clear()
+        _hash_cache[session_id] = cached
+    return cached
 
 
 class JsonFormatter(logging.Formatter):
@@ -52,16 +72,62 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(line, default=str)
 
 
+class _GatewayHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """The handler `configure_logging` installs; `json` says which layout it writes."""
+
+    def __init__(self, json_lines: bool) -> None:
+        super().__init__(sys.stderr)
+        self.json_lines = json_lines
+
+
 def configure_logging(level: str, fmt: str, *, salt: str | None = None) -> None:
     set_log_salt(salt)
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _GatewayHandler(fmt == "json")
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(logging.Formatter(TEXT_FORMAT))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+
+
+def _sole_handler(logger: logging.Logger) -> _GatewayHandler | None:
+    """Our handler, when it is the only place an INFO record of `logger` would go and nothing
+    (a filter, a level) would change or drop it; otherwise None."""
+    found: _GatewayHandler | None = None
+    current: logging.Logger | None = logger
+    while current is not None:
+        if current.filters:
+            return None
+        for handler in current.handlers:
+            if found is not None or not isinstance(handler, _GatewayHandler):
+                return None
+            if handler.filters or handler.level > logging.INFO:
+                return None
+            found = handler
+        if not current.propagate:
+            break
+        current = current.parent
+    return found
+
+
+class _Clock:
+    """`%(asctime)s` (local time, `,mmm`) with the per-second part formatted once."""
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._prefix = ""
+
+    def asctime(self, now: float) -> str:
+        second = int(now)
+        if second != self._second:
+            self._second = second
+            self._prefix = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
+        return "%s,%03d" % (self._prefix, int((now - second) * 1000))  # noqa: UP031
+
+
+_clock = _Clock()
 
 
 class AccessLogger(AbstractAccessLogger):
@@ -70,26 +136,75 @@ class AccessLogger(AbstractAccessLogger):
     def log(self, request: web.BaseRequest, response: web.StreamResponse, duration: float) -> None:
         session = request.get(SESSION_KEY)
         identity = session.identity if session is not None else None
+        request_id = request.get(REQUEST_ID_KEY, "")
+        app_id = request.get(APP_ID_KEY, "")
+        method = request.method
+        path = request.rel_url.path
+        status = response.status
+        hashed = session_hash(identity) if isinstance(identity, str) else ""
+        handler = _sole_handler(self.logger)
+        if handler is not None:
+            self._write(handler, request_id, app_id, method, path, status, duration, hashed)
+            return
         fields = {
-            "request_id": request.get(REQUEST_ID_KEY, ""),
-            "application_id": request.get(APP_ID_KEY, ""),
-            "method": request.method,
-            "path": request.rel_url.path,
-            "status": response.status,
+            "request_id": request_id,
+            "application_id": app_id,
+            "method": method,
+            "path": path,
+            "status": status,
             "duration_ms": round(duration * 1000, 2),
-            "session": session_hash(identity) if isinstance(identity, str) else "",
+            "session": hashed,
         }
         self.logger.info(
             "%s %s %s %.1fms request_id=%s app=%s session=%s",
-            request.method,
-            request.rel_url.path,
-            response.status,
+            method,
+            path,
+            status,
             duration * 1000,
-            fields["request_id"],
-            fields["application_id"] or "-",
-            fields["session"] or "-",
+            request_id,
+            app_id or "-",
+            hashed or "-",
             extra={"fields": fields},
         )
+
+    def _write(
+        self,
+        handler: _GatewayHandler,
+        request_id: str,
+        app_id: str,
+        method: str,
+        path: str,
+        status: int,
+        duration: float,
+        hashed: str,
+    ) -> None:
+        # The same bytes the formatters would produce for this record.
+        now = time.time()
+        msg = (
+            f"{method} {path} {status} {duration * 1000:.1f}ms request_id={request_id} "
+            f"app={app_id or '-'} session={hashed or '-'}"
+        )
+        if handler.json_lines:
+            dumps = json.dumps
+            line = (
+                f'{{"ts": {round(now, 3)!r}, "level": "info", "logger": {dumps(self.logger.name)}, '
+                f'"msg": {dumps(msg)}, "request_id": {dumps(request_id)}, '
+                f'"application_id": {dumps(app_id)}, "method": {dumps(method)}, '
+                f'"path": {dumps(path)}, "status": {status}, '
+                f'"duration_ms": {round(duration * 1000, 2)!r}, "session": "{hashed}"}}\n'
+            )
+        else:
+            line = f"{_clock.asctime(now)} INFO {self.logger.name}: {msg}\n"
+        stream = handler.stream
+        handler.acquire()
+        try:
+            stream.write(line)
+            if not getattr(stream, "line_buffering", False):
+                stream.flush()
+        except Exception:  # as StreamHandler.emit: a broken stderr must not fail the request
+            handler.handleError(logging.makeLogRecord({"msg": line}))
+        finally:
+            handler.release()
 
     @property
     def enabled(self) -> bool:
