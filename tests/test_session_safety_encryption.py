@@ -136,7 +136,9 @@ async def test_the_store_holds_only_ciphertext(gateways: MakeGateway) -> None:
     assert await read(gw, sid) == {"secret": SECRET, "card": "4111111111111111"}
 
 
-async def test_a_tampered_value_is_no_session_and_removed(gateways: MakeGateway) -> None:
+async def test_a_tampered_value_is_no_session(gateways: MakeGateway) -> None:
+    """No key opens it: Fernet cannot tell a tampered token from one under a key this replica
+    lacks (which another replica may read), so it is left to its TTL, never used."""
     gw = await gateways(SESSION_ENCRYPTION_KEYS=K1)
     sid = await new_session(gw, {"role": "guest"})
     key = gw.key(sid)
@@ -146,9 +148,10 @@ async def test_a_tampered_value_is_no_session_and_removed(gateways: MakeGateway)
     token = bytearray(base64.urlsafe_b64decode(value["enc"]))
     token[40] ^= 0x01  # one bit of the ciphertext
     value["enc"] = base64.urlsafe_b64encode(bytes(token)).decode()
-    await gw.raw.set(key, json.dumps(value, separators=(",", ":")).encode(), 600)
+    tampered = json.dumps(value, separators=(",", ":")).encode()
+    await gw.raw.set(key, tampered, 600)
     assert await read(gw, sid) == {}
-    assert await gw.raw.get(key) is None
+    assert await gw.raw.get(key) == tampered
     # A write with that cookie starts a fresh session, never a 500.
     status, body, new_sid = await with_sid(gw, "PATCH", "/apps/demo/session", sid, {"a": 1})
     assert (status, body) == (200, {"data": {"a": 1}})
@@ -203,31 +206,84 @@ async def test_keys_rotate_first_encrypts_all_decrypt(gateways: MakeGateway) -> 
     assert raw is not None
     Fernet(K2.encode()).decrypt(token_of(raw))  # re-encrypted under the new key on write
 
-    # Step 2: the old key retired. Sessions written since step 1 read; the others are gone.
+    # Step 2: the old key retired. Sessions written since step 1 read; the others are no
+    # session here (left in place: a replica still listing the old key can read them).
     new = await gateways(SESSION_ENCRYPTION_KEYS=K2)
     assert await read(new, sid) == {"a": 2}
     assert await read(new, untouched) == {}
-    assert await new.raw.get(new.key(untouched)) is None
+    assert await read(both, untouched) == {"b": 2}
 
 
-async def test_plaintext_sessions_are_refused_once_encryption_is_on(
-    gateways: MakeGateway,
-) -> None:
-    """Documented choice: a plaintext value could be forged by anyone who can write to
-    Redis, so with keys set it is no session (and removed); users get a new session."""
+async def test_switching_encryption_on_keeps_plaintext_sessions(gateways: MakeGateway) -> None:
+    """Sessions stored before `SESSION_ENCRYPTION_KEYS` was set stay valid: read, and
+    re-encrypted at once (a read) or on the write."""
     plain = await gateways()
-    sid = await new_session(plain, {"a": 1})
+    read_first = await new_session(plain, {"a": 1})
+    written_first = await new_session(plain, {"b": 1})
     encrypted = await gateways(SESSION_ENCRYPTION_KEYS=K1)
-    assert await read(encrypted, sid) == {}
-    assert await encrypted.raw.get(encrypted.key(sid)) is None
+
+    assert await read(encrypted, read_first) == {"a": 1}
+    raw = await encrypted.raw.get(encrypted.key(read_first))
+    assert raw is not None and b'"a"' not in raw
+    Fernet(K1.encode()).decrypt(token_of(raw))  # re-encrypted by the read
+    assert json.loads(raw)["r"] == 2
+    assert await read(encrypted, read_first) == {"a": 1}
+
+    status, body, cookie = await with_sid(
+        encrypted, "PATCH", "/apps/demo/session", written_first, {"c": 2}
+    )
+    assert (status, body, cookie) == (200, {"data": {"b": 1, "c": 2}}, None)  # same id
+    raw = await encrypted.raw.get(encrypted.key(written_first))
+    assert raw is not None
+    Fernet(K1.encode()).decrypt(token_of(raw))
+    assert await read(encrypted, written_first) == {"b": 1, "c": 2}
 
 
 async def test_encrypted_sessions_are_no_session_without_keys(gateways: MakeGateway) -> None:
+    """A replica without keys (encryption being switched off, or on and not yet deployed
+    there) cannot read them, and leaves them to the replicas that can."""
     encrypted = await gateways(SESSION_ENCRYPTION_KEYS=K1)
     sid = await new_session(encrypted, {"a": 1})
     plain = await gateways()
     assert await read(plain, sid) == {}
-    assert await plain.raw.get(plain.key(sid)) is None
+    assert await read(encrypted, sid) == {"a": 1}
+
+
+async def test_a_rolling_key_change_logs_nobody_out(gateways: MakeGateway) -> None:
+    """The documented rollout, replicas on two configurations at every step sharing one
+    store: add the new key second, deploy; move it first, deploy; drop the old one."""
+    old = await gateways(SESSION_ENCRYPTION_KEYS=K1)
+    sid = await new_session(old, {"n": 0})
+
+    # Step 1: some replicas list `K1,K2` (still encrypting with K1), others only K1.
+    step1 = await gateways(SESSION_ENCRYPTION_KEYS=f"{K1},{K2}")
+    for n, (writer, reader) in enumerate([(step1, old), (old, step1)], start=1):
+        status, _, _ = await with_sid(writer, "PATCH", "/apps/demo/session", sid, {"n": n})
+        assert status == 200
+        assert await read(reader, sid) == {"n": n}
+
+    # Step 2: some replicas encrypt with K2 (`K2,K1`), the others still list both.
+    step2 = await gateways(SESSION_ENCRYPTION_KEYS=f"{K2},{K1}")
+    untouched = await new_session(step1, {"u": 1})  # under K1
+    for n, (writer, reader) in enumerate([(step2, step1), (step1, step2), (step2, step1)], 3):
+        status, _, _ = await with_sid(writer, "PATCH", "/apps/demo/session", sid, {"n": n})
+        assert status == 200
+        assert await read(reader, sid) == {"n": n}
+    raw = await step2.raw.get(step2.key(sid))
+    assert raw is not None
+    Fernet(K2.encode()).decrypt(token_of(raw))
+
+    # A replica that lacks the key a value was written with: no session, but nothing
+    # deleted (e.g. an old-config replica during a rollout that skipped step 1).
+    assert await read(old, sid) == {}
+    assert await read(step2, sid) == {"n": 5}
+
+    # Step 3: K1 dropped. Values still under K1 are no session there, yet kept for the
+    # replicas that still list K1 until they are rewritten or expire.
+    step3 = await gateways(SESSION_ENCRYPTION_KEYS=K2)
+    assert await read(step3, sid) == {"n": 5}
+    assert await read(step3, untouched) == {}
+    assert await read(step2, untouched) == {"u": 1}
 
 
 async def test_the_size_limit_applies_to_the_plaintext(gateway_factory: GatewayFactory) -> None:

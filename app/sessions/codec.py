@@ -14,19 +14,26 @@ where the token decrypts to `{"k":"<applicationId>:<sessionId>","data":{...},"gw
 - `r` always comes second, right after `v`: the compare-and-set script reads it with a pattern
   on the first bytes (`app.sessions.backend.revision_of`), never by parsing (or decrypting)
   the value. A value without `r` (written before revisions existed) has revision 0.
-- Encryption is `cryptography`'s `MultiFernet`: the first key encrypts, every key decrypts, so
-  keys rotate by prepending a new one. Fernet is AES-128-CBC with a random IV plus
-  HMAC-SHA256 (encrypt-then-MAC) under a 256-bit key: a Redis dump reveals nothing but sizes
-  and revisions, and a changed byte fails the MAC. Chosen over AES-GCM because a random
-  96-bit GCM nonce caps one key at about 2**32 writes before nonce reuse becomes a risk (a
-  busy gateway reaches that in weeks), Fernet has no such cliff, and "first encrypts, all
-  decrypt" is exactly MultiFernet.
+- Encryption is `cryptography`'s `MultiFernet`: the first key encrypts, every key decrypts.
+  Keys change in three deploys (README: Security): add the new key second everywhere, then
+  move it first, then drop the old one; so no replica meets a value it cannot read. Fernet
+  is AES-128-CBC with a random IV plus HMAC-SHA256 (encrypt-then-MAC) under a 256-bit key: a
+  Redis dump reveals nothing but sizes and revisions, and a changed byte fails the MAC.
+  Chosen over AES-GCM because a random 96-bit GCM nonce caps one key at about 2**32 writes
+  before nonce reuse becomes a risk (a busy gateway reaches that in weeks), Fernet has no
+  such cliff, and "first encrypts, all decrypt" is exactly MultiFernet.
 - `k` binds the ciphertext to its own key: someone who can write to Redis cannot copy one
   session's (valid) ciphertext under another session id, e.g. their own.
-- With keys set, a plaintext value is refused (a forged plaintext value would otherwise
-  bypass the authentication); a token no key opens (tampered, a retired key, or encryption
-  switched off) is refused too. Refused values count as no session and are removed, exactly
-  like corrupt ones.
+- Rollout without logging anyone out: with keys set, a plaintext value (stored before
+  encryption was switched on) is still read, flagged `stale` so the storage re-encrypts it at
+  once (and any write encrypts it anyway). A well-formed token that no key of this gateway
+  opens (a key only other replicas have yet, a retired key, or a tampered token: Fernet cannot
+  tell them apart), or a token while encryption is off here, counts as no session but is
+  `kept`: another replica may read it, and its TTL removes it otherwise. Values that are
+  corrupt (a malformed token included) or bound to another session are removed.
+  The price of reading plaintext: someone who can write to Redis can plant a plaintext
+  session (with encryption on, a forged token is refused). Redis write access is needed for
+  that, which already allows deleting or replaying any session.
 - `SESSION_MAX_BYTES` limits the plaintext serialization (what the browser controls), so
   turning encryption on does not change which writes are accepted; the stored ciphertext is
   about 4/3 of it plus ~100 bytes.
@@ -34,6 +41,8 @@ where the token decrypts to `{"k":"<applicationId>:<sessionId>","data":{...},"gw
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -57,6 +66,10 @@ class Decoded:
 
     mapping: dict[str, Any] | None
     problem: str = ""
+    # Refused here, but possibly readable by another replica: count as no session, keep it.
+    keep: bool = False
+    # Read, but stored in plaintext while keys are set: re-encrypt it.
+    stale: bool = False
 
 
 def _dumps(value: object) -> bytes:
@@ -80,6 +93,20 @@ def _session_mapping(data: Any, gateway: Any) -> dict[str, Any] | None:
     if not isinstance(created, int) or isinstance(created, bool):
         return None
     return {DATA: data, GATEWAY: gateway}
+
+
+# A Fernet token: version byte 0x80, 8-byte timestamp, 16-byte IV, AES-CBC blocks, 32-byte HMAC.
+_FERNET_OVERHEAD = 1 + 8 + 16 + 32
+
+
+def _well_formed_token(token: str) -> bool:
+    """True when `token` has a Fernet token's shape (whatever key made it)."""
+    try:
+        raw = base64.urlsafe_b64decode(token.encode("ascii"))
+    except (UnicodeEncodeError, binascii.Error, ValueError):
+        return False
+    body = len(raw) - _FERNET_OVERHEAD
+    return raw[:1] == b"\x80" and body >= 16 and body % 16 == 0
 
 
 class SessionCodec:
@@ -119,18 +146,25 @@ class SessionCodec:
             return Decoded(None, "corrupt value or unknown format version")
         token = value.get("enc")
         if token is None:
-            if self._fernet is not None:
-                return Decoded(None, "plaintext value refused: SESSION_ENCRYPTION_KEYS is set")
             mapping = _session_mapping(value.get(DATA), value.get(GATEWAY))
-            return Decoded(mapping, "" if mapping else "corrupt value")
+            if mapping is None:
+                return Decoded(None, "corrupt value")
+            return Decoded(mapping, stale=self._fernet is not None)
+        if not isinstance(token, str) or not _well_formed_token(token):
+            return Decoded(None, "corrupt value: malformed token")
         if self._fernet is None:
-            return Decoded(None, "encrypted value, but SESSION_ENCRYPTION_KEYS is not set")
+            return Decoded(
+                None, "encrypted value, but SESSION_ENCRYPTION_KEYS is not set here", keep=True
+            )
         try:
-            if not isinstance(token, str):
-                raise InvalidToken
             inner_raw = self._fernet.decrypt(token.encode("ascii"))
-        except (InvalidToken, UnicodeEncodeError):
-            return Decoded(None, "value cannot be decrypted (tampered, or a retired key)")
+        except InvalidToken:
+            return Decoded(
+                None,
+                "no key of this gateway opens the value (a key it lacks, a retired key, "
+                "or tampered); left in place",
+                keep=True,
+            )
         inner = _loads_object(inner_raw)
         if inner is None:
             return Decoded(None, "corrupt encrypted value")

@@ -6,8 +6,10 @@
 - Stored value: see `app.sessions.codec` (JSON `{"v":1,"r":<revision>,"data":{...},"gw":{...}}`,
   or its encrypted form). `data` is what the browser may read and write; `gw` holds the
   gateway's own fields (conversation id, `created_at`). A value that is corrupt, of an unknown
-  version, or refused by the codec (tampered, retired key, plaintext while encryption is on)
-  counts as no session and is deleted.
+  version, or bound to another session counts as no session and is deleted. One this gateway
+  cannot decrypt (a key only other replicas have, a retired key, tampered) counts as no session
+  and is left in place for the replicas that can; a plaintext value while encryption is on is
+  read and re-encrypted at once (see `app.sessions.codec`).
 - Idle lifetime (`SESSION_TTL_SECONDS`): loading is one `get_and_touch` (GETEX ... EX), so
   every request that uses the session slides it; each save sets it again. Nothing is written
   when nothing changed.
@@ -44,12 +46,13 @@ from aiohttp_session import AbstractStorage, Session
 
 from app.config import Settings
 from app.forwarding import client_scheme
-from app.sessions.backend import SessionBackend, revision_of
+from app.sessions.backend import SessionBackend, StoreUnavailable, revision_of
 from app.sessions.codec import (
     CREATED_AT,
     DATA,
     FORMAT_VERSION,
     GATEWAY,
+    Decoded,
     SessionCodec,
     SessionTooLarge,
 )
@@ -187,10 +190,18 @@ class GatewayStorage(AbstractStorage):
 
     async def _decode(
         self, request: web.Request, session_id: str, key: str, raw: bytes
-    ) -> dict[str, Any] | None:
-        """The mapping in `raw`, or None after removing a refused or expired value."""
+    ) -> Decoded | None:
+        """`raw` decoded, or None after removing a refused or expired value (a value another
+        replica may be able to read is left in place)."""
         decoded = self.codec.decode(raw, self.binding(request, session_id))
         if decoded.mapping is None:
+            if decoded.keep:
+                log.info(
+                    "session value not readable here: %s (application %s)",
+                    decoded.problem,
+                    request[APP_ID_KEY],
+                )
+                return None
             log.warning(
                 "session value removed: %s (application %s)", decoded.problem, request[APP_ID_KEY]
             )
@@ -200,7 +211,28 @@ class GatewayStorage(AbstractStorage):
             log.info("session reached its absolute lifetime (application %s)", request[APP_ID_KEY])
             await self.backend.delete(key)
             return None
-        return decoded.mapping
+        return decoded
+
+    async def _reencrypt(
+        self,
+        request: web.Request,
+        session_id: str,
+        key: str,
+        mapping: dict[str, Any],
+        revision: str,
+        ttl: int,
+    ) -> str:
+        """Best effort: store a plaintext value encrypted (compare-and-set, so a write that got
+        in first wins). The revision the session now has."""
+        new_revision = int(revision) + 1
+        try:
+            encoded = self.codec.encode(mapping, new_revision, self.binding(request, session_id))
+            result = await self.backend.compare_and_set(key, revision, encoded, ttl)
+        except (SessionTooLarge, StoreUnavailable) as err:
+            # The next write encrypts it (or answers the error itself).
+            log.info("plaintext session not re-encrypted now: %s", err)
+            return revision
+        return str(new_revision) if result == "ok" else revision
 
     async def load_session(self, request: web.Request) -> Session:
         """Load and slide; a read never creates anything. Raises `StoreUnavailable`."""
@@ -212,14 +244,21 @@ class GatewayStorage(AbstractStorage):
         raw = await self.backend.get_and_touch(key, idle)
         if raw is None:
             return _empty()
-        mapping = await self._decode(request, session_id, key, raw)
-        if mapping is None:
+        decoded = await self._decode(request, session_id, key, raw)
+        if decoded is None or decoded.mapping is None:
             return _empty()
+        mapping = decoded.mapping
+        revision = revision_of(raw)
         ttl = self.ttl_for(mapping[GATEWAY][CREATED_AT])
-        if ttl < idle:
+        if decoded.stale:
+            # Stored before encryption was switched on: encrypt it now (sets the TTL too).
+            revision = await self._reencrypt(
+                request, session_id, key, mapping, revision, max(ttl, 1)
+            )
+        elif ttl < idle:
             # GETEX just slid the key to the idle TTL, past the absolute deadline.
             await self.backend.expire(key, max(ttl, 1))
-        return _loaded(session_id, mapping, revision_of(raw))
+        return _loaded(session_id, mapping, revision)
 
     async def peek_session(self, request: web.Request) -> SessionStatus:
         """The session without sliding it, with its remaining idle and absolute lifetimes.
@@ -234,9 +273,10 @@ class GatewayStorage(AbstractStorage):
         if found is None:
             return SessionStatus(_empty(), None, None)
         raw, ttl_left = found
-        mapping = await self._decode(request, session_id, key, raw)
-        if mapping is None:
+        decoded = await self._decode(request, session_id, key, raw)
+        if decoded is None or decoded.mapping is None:
             return SessionStatus(_empty(), None, None)
+        mapping = decoded.mapping
         absolute = self.absolute_left(mapping[GATEWAY][CREATED_AT])
         idle = absolute if ttl_left is None else min(ttl_left, absolute)
         return SessionStatus(
