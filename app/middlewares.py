@@ -6,6 +6,10 @@
   anything touches the store.
 - `origin_middleware`: CORS preflights and the Origin allowlist (403 before anything runs).
 - `csrf_middleware`: state-changing `/apps/` requests need `X-CSRF: 1` (403 otherwise).
+
+`setup_gateway` is all five in one middleware (one coroutine frame per request instead of five),
+with the same order and behaviour; `main.create_app` uses it, the separate ones stay for
+composing in tests.
 """
 
 from __future__ import annotations
@@ -73,26 +77,35 @@ def setup_request_id(lifecycle: Lifecycle) -> Middleware:
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
-    except ApiError as err:
-        return error_response(request, err.status, err.code, err.message, headers=err.headers)
-    except StoreUnavailable as err:
-        log.warning("session store unavailable: %s", err)
-        unavailable = store_full() if isinstance(err, StoreFull) else store_unavailable()
+    except Exception as exc:
+        response = _envelope(request, exc)
+        if response is None:
+            raise
+        return response
+
+
+def _envelope(request: web.Request, exc: Exception) -> web.StreamResponse | None:
+    """The JSON envelope for `exc` raised while handling `request`, or None: re-raise it (a
+    redirect or other non-error `HTTPException`, or a failure after a stream started)."""
+    if isinstance(exc, ApiError):
+        return error_response(request, exc.status, exc.code, exc.message, headers=exc.headers)
+    if isinstance(exc, StoreUnavailable):
+        log.warning("session store unavailable: %s", exc)
+        unavailable = store_full() if isinstance(exc, StoreFull) else store_unavailable()
         return error_response(
             request, 503, unavailable.code, unavailable.message, headers=unavailable.headers
         )
-    except web.HTTPException as exc:
+    if isinstance(exc, web.HTTPException):
         if exc.status < 400:
-            raise
+            return None
         code = re.sub(r"[^a-z0-9]+", "_", (exc.reason or "error").lower()).strip("_")
         headers = {k: v for k, v in exc.headers.items() if k.lower() in ("allow", "retry-after")}
         return error_response(request, exc.status, code, exc.reason, headers=headers)
-    except Exception:
-        if request.get(RESPONSE_STARTED_KEY):
-            raise  # a stream already started: aiohttp ends the connection
-        # A bug: still our envelope (never aiohttp's text/plain page), details only in the log.
-        log.exception("unhandled error: %s %s", request.method, request.path)
-        return error_response(request, 500, "internal_error", "Internal error.")
+    if request.get(RESPONSE_STARTED_KEY):
+        return None  # a stream already started: aiohttp ends the connection
+    # A bug: still our envelope (never aiohttp's text/plain page), details only in the log.
+    log.error("unhandled error: %s %s", request.method, request.path, exc_info=exc)
+    return error_response(request, 500, "internal_error", "Internal error.")
 
 
 def setup_application(settings: Settings) -> Middleware:
@@ -160,3 +173,65 @@ def add_response_headers(app: web.Application) -> None:
             _on_prepare_headers(request, response)
 
     app.on_response_prepare.append(on_prepare)
+
+
+def setup_gateway(settings: Settings, lifecycle: Lifecycle) -> Middleware:
+    """Request id -> errors -> application -> origin -> CSRF, folded into one middleware: each
+    step behaves exactly as its separate middleware above, in that order."""
+
+    @web.middleware
+    async def gateway_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        inbound = request.headers.get("X-Request-Id", "")
+        request[REQUEST_ID_KEY] = (
+            inbound if _REQUEST_ID_RE.fullmatch(inbound) else secrets.token_hex(16)
+        )
+        async with lifecycle.track():
+            try:
+                app_id = request.match_info.get("applicationId")
+                if app_id is None:
+                    return await handler(request)
+                # -- application
+                if not APP_ID_RE.fullmatch(app_id):  # fullmatch: `$` accepts a trailing \n
+                    raise ApiError(
+                        400, "invalid_application_id", "The application id is malformed."
+                    )
+                app_config = settings.apps.get(app_id)
+                if app_config is None:
+                    raise ApiError(404, "unknown_application", "No such application.")
+                request[APP_ID_KEY] = app_id
+                request[APP_CONFIG_KEY] = app_config
+                # -- origin
+                origin = request.headers.get("Origin")
+                if origin is not None:
+                    normalized = origin.rstrip("/").lower()
+                    allowed = normalized in app_config.allowed_origins
+                    if not allowed and normalized != own_origin(request, settings.trusted_proxies):
+                        raise ApiError(
+                            403, "origin_not_allowed", "This origin may not call this application."
+                        )
+                    if allowed:
+                        request[CORS_ORIGIN_KEY] = origin
+                    if (
+                        request.method == "OPTIONS"
+                        and "Access-Control-Request-Method" in request.headers
+                    ):
+                        response = web.Response(status=204)
+                        response.headers["Access-Control-Allow-Methods"] = CORS_ALLOW_METHODS
+                        response.headers["Access-Control-Allow-Headers"] = CORS_ALLOW_HEADERS
+                        response.headers["Access-Control-Max-Age"] = "600"
+                        return response
+                # -- CSRF
+                if request.method in STATE_CHANGING and request.headers.get("X-CSRF") != "1":
+                    raise ApiError(
+                        403,
+                        "csrf_header_missing",
+                        "State-changing requests must carry the header X-CSRF: 1.",
+                    )
+                return await handler(request)
+            except Exception as exc:
+                envelope = _envelope(request, exc)
+                if envelope is None:
+                    raise
+                return envelope
+
+    return gateway_middleware
