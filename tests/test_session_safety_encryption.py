@@ -10,6 +10,7 @@ import base64
 import json
 import subprocess
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from app.config import ConfigError, Settings
 from app.main import create_app
 from app.sessions.memory import MemoryBackend
 from app.sessions.redis import RedisBackend
-from app.state import BACKEND_KEY
+from app.state import BACKEND_KEY, STORAGE_APP_KEY
 from tests.conftest import (
     CSRF,
     STORE_KINDS,
@@ -212,6 +213,34 @@ async def test_keys_rotate_first_encrypts_all_decrypt(gateways: MakeGateway) -> 
     assert await read(new, sid) == {"a": 2}
     assert await read(new, untouched) == {}
     assert await read(both, untouched) == {"b": 2}
+
+
+async def test_a_session_only_read_moves_to_the_new_key_after_one_idle_ttl(
+    gateways: MakeGateway,
+) -> None:
+    """After the first key changed, a session nobody writes is re-encrypted by a read once its
+    token is one idle TTL old (so dropping the old key later logs nobody out); a fresher
+    token is left alone (replicas on `K1,K2` and `K2,K1` during a deploy would otherwise
+    rewrite it back and forth on every read)."""
+    old = await gateways(SESSION_ENCRYPTION_KEYS=K1)
+    sid = await new_session(old, {"a": 1})
+    new = await gateways(SESSION_ENCRYPTION_KEYS=f"{K2},{K1}")
+    key = new.key(sid)
+    before = await new.raw.get(key)
+    assert await read(new, sid) == {"a": 1}
+    assert await new.raw.get(key) == before, "a fresh older-key token was rewritten"
+
+    ttl = new.settings.session_ttl_seconds
+    storage = new.app[STORAGE_APP_KEY]
+    storage.clock = lambda: time.time() + ttl + 1  # the token is now one idle TTL old
+    assert await read(new, sid) == {"a": 1}
+    raw = await new.raw.get(key)
+    assert raw is not None and raw != before
+    Fernet(K2.encode()).decrypt(token_of(raw))  # under the new key now, by a read
+    assert json.loads(raw)["r"] == json.loads(before or b"{}")["r"] + 1
+
+    only_new = await gateways(SESSION_ENCRYPTION_KEYS=K2)
+    assert await read(only_new, sid) == {"a": 1}
 
 
 async def test_switching_encryption_on_keeps_plaintext_sessions(gateways: MakeGateway) -> None:

@@ -26,11 +26,14 @@ where the token decrypts to `{"k":"<applicationId>:<sessionId>","data":{...},"gw
   session's (valid) ciphertext under another session id, e.g. their own.
 - Rollout without logging anyone out: with keys set, a plaintext value (stored before
   encryption was switched on) is still read, flagged `stale` so the storage re-encrypts it at
-  once (and any write encrypts it anyway). A well-formed token that no key of this gateway
-  opens (a key only other replicas have yet, a retired key, or a tampered token: Fernet cannot
-  tell them apart), or a token while encryption is off here, counts as no session but is
-  `kept`: another replica may read it, and its TTL removes it otherwise. Values that are
-  corrupt (a malformed token included) or bound to another session are removed.
+  once (and any write encrypts it anyway). So is a token only an older key opens, once it is
+  one idle TTL old (see `SessionCodec.__init__`): after the first key changed, every active
+  session moves to it within two idle TTLs, written or only read. A well-formed token that
+  no key of this gateway opens (a key only other replicas have yet, a retired key, or a
+  tampered token: Fernet cannot tell them apart), or a token while encryption is off here,
+  counts as no session but is `kept`: another replica may read it, and its TTL removes it
+  otherwise. Values that are corrupt (a malformed token included) or bound to another
+  session are removed.
   The price of reading plaintext: someone who can write to Redis can plant a plaintext
   session (with encryption on, a forged token is refused). Redis write access is needed for
   that, which already allows deleting or replaying any session.
@@ -44,7 +47,8 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,7 +72,8 @@ class Decoded:
     problem: str = ""
     # Refused here, but possibly readable by another replica: count as no session, keep it.
     keep: bool = False
-    # Read, but stored in plaintext while keys are set: re-encrypt it.
+    # Read, but stored in plaintext while keys are set, or under an older key for longer than
+    # `refresh_after` seconds: re-encrypt it (under the first key).
     stale: bool = False
 
 
@@ -112,12 +117,25 @@ def _well_formed_token(token: str) -> bool:
 class SessionCodec:
     """Encodes and decodes stored session values (see the module docstring)."""
 
-    def __init__(self, encryption_keys: Sequence[str] = (), *, max_bytes: int = 65536) -> None:
-        self._fernet = (
-            MultiFernet([Fernet(key.encode("ascii")) for key in encryption_keys])
-            if encryption_keys
-            else None
-        )
+    def __init__(
+        self,
+        encryption_keys: Sequence[str] = (),
+        *,
+        max_bytes: int = 65536,
+        refresh_after: float = 3600.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        fernets = [Fernet(key.encode("ascii")) for key in encryption_keys]
+        self._fernet = MultiFernet(fernets) if fernets else None
+        # The first key alone, and the older ones: a token only an older key opens is read and
+        # flagged `stale` once it is `refresh_after` seconds old (the idle TTL), so after a key
+        # rotation every active session moves to the new key within two idle TTLs, even one
+        # that is only read. Fresher tokens are not rewritten: during a rolling deploy, replicas
+        # whose first keys differ would otherwise re-encrypt the same session back and forth.
+        self._first = fernets[0] if fernets else None
+        self._older = MultiFernet(fernets[1:]) if len(fernets) > 1 else None
+        self._refresh_after = refresh_after
+        self._clock = clock
         self.max_bytes = max_bytes
 
     @property
@@ -156,19 +174,37 @@ class SessionCodec:
             return Decoded(
                 None, "encrypted value, but SESSION_ENCRYPTION_KEYS is not set here", keep=True
             )
-        try:
-            inner_raw = self._fernet.decrypt(token.encode("ascii"))
-        except InvalidToken:
+        opened = self._decrypt(token.encode("ascii"))
+        if opened is None:
             return Decoded(
                 None,
                 "no key of this gateway opens the value (a key it lacks, a retired key, "
                 "or tampered); left in place",
                 keep=True,
             )
+        inner_raw, stale = opened
         inner = _loads_object(inner_raw)
         if inner is None:
             return Decoded(None, "corrupt encrypted value")
         if inner.get("k") != binding:
             return Decoded(None, "encrypted value belongs to another session (copied)")
         mapping = _session_mapping(inner.get(DATA), inner.get(GATEWAY))
-        return Decoded(mapping, "" if mapping else "corrupt encrypted value")
+        if mapping is None:
+            return Decoded(None, "corrupt encrypted value")
+        return Decoded(mapping, stale=stale)
+
+    def _decrypt(self, token: bytes) -> tuple[bytes, bool] | None:
+        """(plaintext, stale) for a token one of the keys opens, else None."""
+        assert self._first is not None
+        try:
+            return self._first.decrypt(token), False
+        except InvalidToken:
+            if self._older is None:
+                return None
+        try:
+            plain = self._older.decrypt(token)
+        except InvalidToken:
+            return None
+        # Bytes 1-8 of a Fernet token: its creation time (authenticated by the MAC just checked).
+        written = int.from_bytes(base64.urlsafe_b64decode(token)[1:9], "big")
+        return plain, self._clock() - written >= self._refresh_after

@@ -146,7 +146,10 @@ class GatewayStorage(AbstractStorage):
         self.backend = backend
         self.settings = settings
         self.codec = SessionCodec(
-            settings.session_encryption_keys, max_bytes=settings.session_max_bytes
+            settings.session_encryption_keys,
+            max_bytes=settings.session_max_bytes,
+            refresh_after=settings.session_ttl_seconds,
+            clock=lambda: self.clock(),
         )
         # Wall clock (created_at is a Unix time shared by every replica); tests may move it.
         self.clock = clock
@@ -222,15 +225,15 @@ class GatewayStorage(AbstractStorage):
         revision: str,
         ttl: int,
     ) -> str:
-        """Best effort: store a plaintext value encrypted (compare-and-set, so a write that got
-        in first wins). The revision the session now has."""
+        """Best effort: store a stale value encrypted under the first key (compare-and-set, so
+        a write that got in first wins). The revision the session now has."""
         new_revision = int(revision) + 1
         try:
             encoded = self.codec.encode(mapping, new_revision, self.binding(request, session_id))
             result = await self.backend.compare_and_set(key, revision, encoded, ttl)
         except (SessionTooLarge, StoreUnavailable) as err:
             # The next write encrypts it (or answers the error itself).
-            log.info("plaintext session not re-encrypted now: %s", err)
+            log.info("stale session value not re-encrypted now: %s", err)
             return revision
         return str(new_revision) if result == "ok" else revision
 
@@ -251,7 +254,8 @@ class GatewayStorage(AbstractStorage):
         revision = revision_of(raw)
         ttl = self.ttl_for(mapping[GATEWAY][CREATED_AT])
         if decoded.stale:
-            # Stored before encryption was switched on: encrypt it now (sets the TTL too).
+            # Plaintext while encryption is on, or under an older key for a while: encrypt it
+            # under the first key now (sets the TTL too).
             revision = await self._reencrypt(
                 request, session_id, key, mapping, revision, max(ttl, 1)
             )
