@@ -1,24 +1,53 @@
 """In-process session backend with the same contract as Redis, bounded.
 
 Entries expire `ttl` seconds after their last touch, like Redis keys with `EX`. The store holds
-at most `max_entries`: a new entry beyond that evicts the least recently used one, so a flood of
-anonymous requests cannot grow memory without limit. A background sweep drops expired entries.
-Sessions here are per process: they do not survive a restart or span replicas.
+at most `max_entries`; a background sweep drops expired entries. Sessions here are per process:
+they do not survive a restart or span replicas.
+
+Eviction is a segmented LRU, so a flood of one-shot sessions (cookieless agent calls, scanners)
+cannot push out the sessions people use: a new entry starts in the *probation* segment; when it
+is used again (read, or updated) it moves to the *protected* segment, which holds at most
+`PROTECTED_SHARE` of the store (beyond that its least recently used entries drop back to
+probation). When the store is full, the least recently used probation entries go first, and
+protected ones only when probation is empty. A session that was created and never used again is
+still the first to go.
+
+Memory: each entry is one key in a plain insertion-ordered dict (no `OrderedDict` nodes), the
+key stored as ASCII bytes (16 bytes less than a `str` object), and as value the session bytes
+prefixed with their expiry as a 4-byte count of 1/16 s since the store started (no tuple, no
+float object; an entry may expire up to 1/16 s early, never late): about 50 bytes per entry over
+the key and value themselves. Plain dicts get slow at removing
+their oldest entries one by one (each lookup of the oldest skips the slots freed before it), so
+the store evicts and demotes in batches of `max_entries // 100` (at least 1) and scans once per
+batch.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
+import struct
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 
 from app.sessions.backend import CasResult, revision_of
 
+PROTECTED_SHARE = 0.8
+_TICKS = 16  # expiry resolution: 1/16 s
+_EXPIRY = struct.Struct("<i")  # ticks since the store's epoch: +-4 years
+_MAX_TICKS = 2**31 - 1
+_pack_ticks = _EXPIRY.pack
+_unpack_ticks = _EXPIRY.unpack_from
+_EXPIRY_BYTES = _EXPIRY.size
+
+
+def _b(key: str) -> bytes:
+    return key.encode("utf-8", "surrogatepass")
+
 
 class MemoryBackend:
-    """An LRU dict of `key -> (value, expires_at)` with Redis-like TTL semantics."""
+    """A segmented LRU of `key -> expiry + value` with Redis-like TTL semantics."""
 
     def __init__(
         self,
@@ -26,91 +55,160 @@ class MemoryBackend:
         max_entries: int = 100_000,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._entries: OrderedDict[str, tuple[bytes, float]] = OrderedDict()
+        # Oldest first in both dicts (insertion order; a use re-inserts at the end).
+        self._probation: dict[bytes, bytes] = {}
+        self._protected: dict[bytes, bytes] = {}
         self._max_entries = max_entries
+        self._protected_max = int(max_entries * PROTECTED_SHARE)
+        self._batch = max(1, max_entries // 100)
         self._clock = clock
+        self._epoch = clock() - 1.0
         self._sweeper: asyncio.Task[None] | None = None
         self.evictions = 0
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._probation) + len(self._protected)
+
+    @property
+    def _entries(self) -> list[str]:
+        """Every key (live or not yet swept), least recently used first per segment."""
+        return [k.decode("utf-8", "surrogatepass") for k in (*self._probation, *self._protected)]
+
+    def _pack(self, ttl: float, value: bytes) -> bytes:
+        # Rounded down: an entry may expire up to one tick early, never late.
+        ticks = int((self._clock() + ttl - self._epoch) * _TICKS)
+        return _pack_ticks(max(-_MAX_TICKS, min(ticks, _MAX_TICKS))) + value
+
+    def _expiry(self, raw: bytes) -> float:
+        ticks: int = _unpack_ticks(raw)[0]
+        return self._epoch + ticks / _TICKS
+
+    def _raw(self, k: bytes) -> bytes | None:
+        """The stored `expiry + value` of a live entry; an expired one is dropped."""
+        raw = self._protected.get(k)
+        if raw is None:
+            raw = self._probation.get(k)
+            if raw is None:
+                return None
+        if self._expiry(raw) <= self._clock():
+            self._remove(k)
+            return None
+        return raw
 
     def _live(self, key: str) -> bytes | None:
-        entry = self._entries.get(key)
-        if entry is None:
-            return None
-        if entry[1] <= self._clock():
-            del self._entries[key]
-            return None
-        return entry[0]
+        raw = self._raw(_b(key))
+        return None if raw is None else raw[_EXPIRY_BYTES:]
+
+    def _remove(self, k: bytes) -> None:
+        if self._protected.pop(k, None) is None:
+            self._probation.pop(k, None)
 
     def _put(self, key: str, value: bytes, ttl: int) -> None:
-        self._entries[key] = (value, self._clock() + ttl)
-        self._entries.move_to_end(key)
-        while len(self._entries) > self._max_entries:
-            self._entries.popitem(last=False)
-            self.evictions += 1
+        self._store(_b(key), value, ttl)
+
+    def _store(self, k: bytes, value: bytes, ttl: float) -> None:
+        """Store `value` for `ttl` seconds as a *new* entry (probation) unless `k` is already
+        stored, in which case this is a use: it moves to the protected segment's end."""
+        raw = self._pack(ttl, value)
+        if self._protected.pop(k, None) is not None or self._probation.pop(k, None) is not None:
+            self._protected[k] = raw
+            overflow = len(self._protected) - self._protected_max
+            if overflow > 0:
+                for old in self._oldest(self._protected, max(overflow, self._batch)):
+                    self._probation[old] = self._protected.pop(old)
+        else:
+            self._probation[k] = raw
+        excess = len(self._probation) + len(self._protected) - self._max_entries
+        if excess > 0:
+            self._evict(max(excess, self._batch))
+
+    @staticmethod
+    def _oldest(segment: dict[bytes, bytes], count: int) -> list[bytes]:
+        return list(itertools.islice(segment, count))
+
+    def _evict(self, count: int) -> None:
+        for segment in (self._probation, self._protected):
+            for k in self._oldest(segment, count):
+                del segment[k]
+                count -= 1
+                self.evictions += 1
+            if count <= 0:
+                return
 
     async def get_and_touch(self, key: str, ttl: int) -> bytes | None:
-        value = self._live(key)
-        if value is not None:
-            self._put(key, value, ttl)
+        k = _b(key)
+        raw = self._raw(k)
+        if raw is None:
+            return None
+        value = raw[_EXPIRY_BYTES:]
+        self._store(k, value, ttl)
         return value
 
     async def create(self, key: str, value: bytes, ttl: int) -> bool:
-        if self._live(key) is not None:
+        k = _b(key)
+        if self._raw(k) is not None:
             return False
-        self._put(key, value, ttl)
+        self._store(k, value, ttl)
         return True
 
     async def update(self, key: str, value: bytes, ttl: int) -> bool:
         """Unconditional `SET XX EX` (not used by the gateway, which writes with
         `compare_and_set`)."""
-        if self._live(key) is None:
+        k = _b(key)
+        if self._raw(k) is None:
             return False
-        self._put(key, value, ttl)
+        self._store(k, value, ttl)
         return True
 
     async def compare_and_set(self, key: str, expected: str, value: bytes, ttl: int) -> CasResult:
         # No await between the check and the write: atomic on the event loop, like the script.
-        current = self._live(key)
-        if current is None:
+        k = _b(key)
+        raw = self._raw(k)
+        if raw is None:
             return "missing"
-        if revision_of(current) != expected:
+        if revision_of(raw[_EXPIRY_BYTES:]) != expected:
             return "conflict"
-        self._put(key, value, ttl)
+        self._store(k, value, ttl)
         return "ok"
 
     async def delete_if_revision(self, key: str, expected: str) -> CasResult:
-        current = self._live(key)
-        if current is None:
+        k = _b(key)
+        raw = self._raw(k)
+        if raw is None:
             return "missing"
-        if revision_of(current) != expected:
+        if revision_of(raw[_EXPIRY_BYTES:]) != expected:
             return "conflict"
-        del self._entries[key]
+        self._remove(k)
         return "ok"
 
     async def peek(self, key: str) -> tuple[bytes, float | None] | None:
         """The value and its seconds left, without sliding (nor counting as use)."""
-        value = self._live(key)
-        if value is None:
+        raw = self._raw(_b(key))
+        if raw is None:
             return None
-        return value, self._entries[key][1] - self._clock()
+        return raw[_EXPIRY_BYTES:], self._expiry(raw) - self._clock()
 
     async def expire(self, key: str, ttl: int) -> None:
-        value = self._live(key)
-        if value is not None:
-            self._entries[key] = (value, self._clock() + ttl)
+        # A new deadline in place: not a use (the entry keeps its segment and position).
+        k = _b(key)
+        raw = self._raw(k)
+        if raw is not None:
+            segment = self._protected if k in self._protected else self._probation
+            segment[k] = self._pack(ttl, raw[_EXPIRY_BYTES:])
 
     async def delete(self, key: str) -> None:
-        self._entries.pop(key, None)
+        self._remove(_b(key))
 
     async def ttl(self, key: str) -> float | None:
         """Seconds left for `key` (None when absent); for tests and the status endpoint."""
-        entry = self._entries.get(key)
-        if entry is None or entry[1] <= self._clock():
+        k = _b(key)
+        raw = self._protected.get(k)
+        if raw is None:
+            raw = self._probation.get(k)
+        if raw is None:
             return None
-        return entry[1] - self._clock()
+        left = self._expiry(raw) - self._clock()
+        return left if left > 0 else None
 
     async def ping(self) -> None:
         return None
@@ -118,10 +216,15 @@ class MemoryBackend:
     def sweep(self) -> int:
         """Drop every expired entry; returns how many were dropped."""
         now = self._clock()
-        expired = [k for k, (_, expires_at) in self._entries.items() if expires_at <= now]
-        for key in expired:
-            del self._entries[key]
-        return len(expired)
+        dropped = 0
+        # Compared in ticks: one decode per entry, not a float conversion.
+        limit = int((now - self._epoch) * _TICKS)
+        for segment in (self._probation, self._protected):
+            expired = [k for k, raw in segment.items() if _unpack_ticks(raw)[0] <= limit]
+            for k in expired:
+                del segment[k]
+            dropped += len(expired)
+        return dropped
 
     def start_sweeping(self, interval: float) -> None:
         async def loop() -> None:
@@ -137,4 +240,5 @@ class MemoryBackend:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sweeper
             self._sweeper = None
-        self._entries.clear()
+        self._probation.clear()
+        self._protected.clear()
