@@ -11,6 +11,9 @@ Fixtures (all function-scoped unless noted):
 - `gateway`: parametrized over all three kinds; `memory_gateway`, `fakeredis_gateway`,
   `redis_gateway` for one kind.
 - `gateway_process(env)`: a started `python -m app` (`GatewayProcess`), stopped at teardown.
+- `upstream`: a fake upstream agent (`tests.fake_upstream.ServedUpstream`); `gw`: the gateway
+  (`RunningGateway`, served as `python -m app` serves it) whose only app, `shop`, points at it.
+  Modules needing other app settings or routes override either fixture.
 """
 
 from __future__ import annotations
@@ -18,14 +21,14 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import fakeredis
 import pytest
 import redis.asyncio as aioredis
 from aiohttp import web
 from aiohttp.test_utils import TestClient
-from pytest_aiohttp import AiohttpClient
+from pytest_aiohttp import AiohttpClient, AiohttpServer
 
 from app.config import Settings
 from app.main import create_app
@@ -36,6 +39,9 @@ from app.sessions.storage import session_key
 from app.state import BACKEND_KEY, SETTINGS_KEY
 from tests.gateway_process import GatewayProcess
 from tests.redis_server import RedisServer
+
+if TYPE_CHECKING:
+    from tests.fake_upstream import RunningGateway, ServedUpstream
 
 # Short timeouts so failure paths stay fast; a test overrides any of them.
 TEST_ENV: dict[str, str] = {
@@ -299,3 +305,25 @@ def gateway_process() -> Iterator[GatewayProcessFactory]:
     for proc in procs:
         with contextlib.suppress(Exception):
             proc.close()
+
+
+# -- a fake upstream agent and an in-process gateway in front of it ---------------------------
+
+
+@pytest.fixture
+async def upstream(aiohttp_server: AiohttpServer) -> ServedUpstream:
+    """A fake upstream agent (`tests.fake_upstream.FakeUpstream`) on a free loopback port."""
+    # Imported here: tests.fake_upstream imports this module (make_settings).
+    from tests.fake_upstream import serve_upstream
+
+    return await serve_upstream(aiohttp_server)
+
+
+@pytest.fixture
+async def gw(upstream: ServedUpstream) -> AsyncIterator[RunningGateway]:
+    """The gateway, served as `python -m app` serves it, whose only app `shop` points at
+    `upstream` with default app settings."""
+    from tests.fake_upstream import app_settings, run_gateway
+
+    async with run_gateway(app_settings(upstream.base)) as gateway:
+        yield gateway

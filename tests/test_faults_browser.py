@@ -31,7 +31,6 @@ from tests.fake_upstream import (
     ServedUpstream,
     app_settings,
     run_gateway,
-    serve_upstream,
 )
 from tests.redis_server import RedisServer
 
@@ -105,11 +104,6 @@ def stored_keys(server: RedisServer) -> list[bytes]:
     with contextlib.closing(server.client()) as client:
         keys = [k if isinstance(k, bytes) else k.encode() for k in client.keys("agent:sess:*")]
     return sorted(keys)
-
-
-@pytest.fixture
-async def upstream(aiohttp_server: AiohttpServer) -> ServedUpstream:
-    return await serve_upstream(aiohttp_server)
 
 
 @pytest.fixture

@@ -13,7 +13,6 @@ from collections.abc import AsyncIterator
 import aiohttp
 import pytest
 from aiohttp import web
-from pytest_aiohttp import AiohttpServer
 
 from app.lifecycle import LIFECYCLE_KEY
 from tests.conftest import CSRF, GatewayProcessFactory
@@ -22,7 +21,6 @@ from tests.fake_upstream import (
     ServedUpstream,
     app_settings,
     run_gateway,
-    serve_upstream,
     sse,
     sse_events,
     start_sse,
@@ -31,11 +29,6 @@ from tests.redis_server import free_port
 
 AGENT = "/apps/shop/agent"
 FIRST = sse("token", {"text": "first"})
-
-
-@pytest.fixture
-async def upstream(aiohttp_server: AiohttpServer) -> ServedUpstream:
-    return await serve_upstream(aiohttp_server)
 
 
 @pytest.fixture

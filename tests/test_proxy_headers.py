@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator
 from pathlib import Path
 
-import pytest
 from aiohttp import web
-from pytest_aiohttp import AiohttpServer
 
 from app.proxy import THREAD_HEADER
 from tests.conftest import make_settings
@@ -18,21 +15,9 @@ from tests.fake_upstream import (
     app_settings,
     raw_request,
     run_gateway,
-    serve_upstream,
 )
 
 AGENT = "/apps/shop/agent"
-
-
-@pytest.fixture
-async def upstream(aiohttp_server: AiohttpServer) -> ServedUpstream:
-    return await serve_upstream(aiohttp_server)
-
-
-@pytest.fixture
-async def gw(upstream: ServedUpstream) -> AsyncIterator[RunningGateway]:
-    async with run_gateway(app_settings(upstream.base)) as gateway:
-        yield gateway
 
 
 # Everything a hostile or confused browser (or a proxy it controls) might send.

@@ -11,7 +11,6 @@ from collections.abc import AsyncIterator
 import aiohttp
 import pytest
 from aiohttp import web
-from pytest_aiohttp import AiohttpServer
 
 from tests.conftest import CSRF
 from tests.fake_upstream import (
@@ -20,17 +19,11 @@ from tests.fake_upstream import (
     app_settings,
     raw_request,
     run_gateway,
-    serve_upstream,
     start_sse,
 )
 
 AGENT = "/apps/shop/agent"
 SHOP_ORIGIN = "https://shop.example.com"
-
-
-@pytest.fixture
-async def upstream(aiohttp_server: AiohttpServer) -> ServedUpstream:
-    return await serve_upstream(aiohttp_server)
 
 
 @pytest.fixture

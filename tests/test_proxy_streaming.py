@@ -9,9 +9,7 @@ import os
 from collections.abc import AsyncIterator
 
 import aiohttp
-import pytest
 from aiohttp import web
-from pytest_aiohttp import AiohttpServer
 
 from app.proxy import KEEPALIVE_COMMENT
 from tests.conftest import CSRF
@@ -20,24 +18,12 @@ from tests.fake_upstream import (
     ServedUpstream,
     app_settings,
     run_gateway,
-    serve_upstream,
     sse,
     sse_events,
     start_sse,
 )
 
 AGENT = "/apps/shop/agent"
-
-
-@pytest.fixture
-async def upstream(aiohttp_server: AiohttpServer) -> ServedUpstream:
-    return await serve_upstream(aiohttp_server)
-
-
-@pytest.fixture
-async def gw(upstream: ServedUpstream) -> AsyncIterator[RunningGateway]:
-    async with run_gateway(app_settings(upstream.base)) as gateway:
-        yield gateway
 
 
 async def read_until(

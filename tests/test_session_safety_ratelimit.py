@@ -12,7 +12,6 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from pytest_aiohttp import AiohttpServer
 
 from app.applications import RateLimit, parse_rate_limit
 from app.config import ConfigError, Settings
@@ -26,7 +25,7 @@ from app.sessions.backend import StoreUnavailable
 from app.sessions.redis import RedisBackend
 from app.state import BACKEND_KEY
 from tests.conftest import CSRF, STORE_KINDS, Gateway, GatewayFactory, RedisRaw, make_settings
-from tests.fake_upstream import ServedUpstream, serve_upstream
+from tests.fake_upstream import ServedUpstream
 from tests.gateway_process import run_gateway_to_exit
 from tests.test_sessions_http import assert_envelope, reset_stats, session_commands
 
@@ -35,11 +34,6 @@ from tests.test_sessions_http import assert_envelope, reset_stats, session_comma
 def kind(request: pytest.FixtureRequest) -> str:
     value: str = request.param
     return value
-
-
-@pytest.fixture
-async def upstream(aiohttp_server: AiohttpServer) -> ServedUpstream:
-    return await serve_upstream(aiohttp_server)
 
 
 def apps_file(tmp_path: Path, upstream: ServedUpstream, body: str) -> str:
