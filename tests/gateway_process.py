@@ -10,8 +10,6 @@ Import as `from tests.gateway_process import GatewayProcess`.
 
 from __future__ import annotations
 
-import atexit
-import contextlib
 import os
 import shutil
 import signal
@@ -21,11 +19,11 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-import weakref
 from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
 
+from tests.processes import Leftovers, kill_process, signal_and_wait
 from tests.redis_server import free_port
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -47,15 +45,7 @@ PROCESS_TEST_ENV: dict[str, str] = {
     "DEMO_TOKEN_DELAY_SECONDS": "0.001",
 }
 
-_LIVE: weakref.WeakSet[GatewayProcess] = weakref.WeakSet()
-
-
-def _kill_leftovers() -> None:
-    for proc in list(_LIVE):
-        proc.kill()
-
-
-atexit.register(_kill_leftovers)
+_LIVE: Leftovers[GatewayProcess] = Leftovers(lambda proc: proc.kill())
 
 
 class GatewayProcess:
@@ -171,19 +161,13 @@ class GatewayProcess:
         """SIGTERM and wait; SIGKILL if it has not exited after `timeout`. The exit code."""
         if self._proc is None:
             raise RuntimeError("the gateway was not started")
-        self.signal(signal.SIGTERM)
-        try:
-            return self._proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            return self._proc.wait(timeout=10)
+        if self._proc.poll() is not None:
+            return self._proc.returncode
+        return signal_and_wait(self._proc, signal.SIGTERM, timeout)
 
     def kill(self) -> None:
         """SIGKILL by PID (cleanup path)."""
-        if self._proc is not None and self._proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self._proc.pid, signal.SIGKILL)
-            self._proc.wait(timeout=10)
+        kill_process(self._proc)
 
     def close(self) -> None:
         self.kill()

@@ -13,7 +13,6 @@ Import as `from tests.redis_server import RedisServer`.
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import os
 import shutil
@@ -22,7 +21,6 @@ import socket
 import subprocess
 import tempfile
 import time
-import weakref
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
@@ -35,16 +33,10 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
+from tests.processes import Leftovers, signal_and_wait
+
 # Every server still running at interpreter exit is killed (by its PID).
-_LIVE: weakref.WeakSet[RedisServer] = weakref.WeakSet()
-
-
-def _kill_leftovers() -> None:
-    for server in list(_LIVE):
-        server.close()
-
-
-atexit.register(_kill_leftovers)
+_LIVE: Leftovers[RedisServer] = Leftovers(lambda server: server.close())
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -226,16 +218,10 @@ class RedisServer:
         if proc is None:
             return
         if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                if self._paused and sig != signal.SIGKILL:
-                    os.kill(proc.pid, signal.SIGCONT)  # a stopped process ignores SIGTERM
-                os.kill(proc.pid, sig)
-            try:
-                proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
+            if self._paused and sig != signal.SIGKILL:
                 with contextlib.suppress(ProcessLookupError):
-                    os.kill(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)
+                    os.kill(proc.pid, signal.SIGCONT)  # a stopped process ignores SIGTERM
+            signal_and_wait(proc, sig, timeout)
         self._proc = None
         self._paused = False
 

@@ -16,16 +16,12 @@ Every process is started and stopped by its own PID (through `RedisServer` or `S
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import json
-import os
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
-import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,17 +34,10 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from tests.processes import Leftovers, kill_process
 from tests.redis_server import RedisServer, free_port, redis_server_binary
 
-_LIVE_SENTINELS: weakref.WeakSet[SentinelProcess] = weakref.WeakSet()
-
-
-def _kill_leftovers() -> None:
-    for proc in list(_LIVE_SENTINELS):
-        proc.close()
-
-
-atexit.register(_kill_leftovers)
+_LIVE_SENTINELS: Leftovers[SentinelProcess] = Leftovers(lambda proc: proc.close())
 
 
 def command(client: redis.Redis, *args: str | int) -> Any:
@@ -275,11 +264,7 @@ class SentinelProcess:
         return self
 
     def close(self) -> None:
-        proc = self._proc
-        if proc is not None and proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
+        kill_process(self._proc)
         self._proc = None
         _LIVE_SENTINELS.discard(self)
         shutil.rmtree(self.dir, ignore_errors=True)
