@@ -631,35 +631,56 @@ async def _relay(
         exchange.client_gone = True
         return
 
+    # One reader loop, no task or wait set per chunk: whatever the upstream already delivered
+    # is taken without waiting (several buffered events go out in one write); only an empty
+    # buffer waits, under one deadline (idle timeout, or the next keep-alive of an event
+    # stream). The shutdown signal (`stop_streams`) cuts that wait short.
     loop = asyncio.get_running_loop()
+    content = upstream.content
     boundary = _SseBoundary()
     idle_timeout = exchange.app.idle_timeout_seconds
     keepalive = exchange.settings.sse_keepalive_seconds
     stop = asyncio.ensure_future(exchange.lifecycle.stop_streams.wait())
-    read: asyncio.Future[bytes] | None = None
+    waiting: list[asyncio.Timeout] = []  # the wait in progress, for the stop callback
+
+    def on_stop(_: object) -> None:
+        for timeout in waiting:
+            if not timeout.expired():
+                timeout.reschedule(loop.time())
+
+    stop.add_done_callback(on_stop)
     last_data = last_write = loop.time()
     try:
         while True:
-            if read is None:
-                read = asyncio.ensure_future(upstream.content.read(READ_CHUNK_BYTES))
-            now = loop.time()
-            wait = last_data + idle_timeout - now
-            if sse:
-                wait = min(wait, last_write + keepalive - now)
-            done, _ = await asyncio.wait(
-                (read, stop), timeout=max(wait, 0.0), return_when=asyncio.FIRST_COMPLETED
-            )
-            if read in done:
-                try:
-                    chunk = read.result()
-                # RuntimeError: aiohttp's C response parser, on bad chunk framing mid-body,
-                # drops the connection without failing the payload; the next read raises
-                # RuntimeError("Connection closed.").
-                except (aiohttp.ClientError, OSError, RuntimeError) as err:
-                    code = "body_too_large" if exchange.body_too_large else "upstream_stream_error"
-                    await _fail(exchange, response, sse, boundary, code, type(err).__name__)
-                    return
-                read = None
+            if stop.done():
+                await _fail(exchange, response, sse, boundary, "shutting_down", "shutdown timeout")
+                return
+            chunk: bytes | None
+            try:
+                chunk = content.read_nowait(READ_CHUNK_BYTES)
+                if not chunk and not content.is_eof():
+                    deadline = last_data + idle_timeout
+                    if sse:
+                        deadline = min(deadline, last_write + keepalive)
+                    chunk = None
+                    if deadline > loop.time():
+                        try:
+                            async with asyncio.timeout_at(deadline) as timeout:
+                                waiting.append(timeout)
+                                try:
+                                    chunk = await content.read(READ_CHUNK_BYTES)
+                                finally:
+                                    waiting.clear()
+                        except TimeoutError:
+                            chunk = None
+            # RuntimeError: aiohttp's C response parser, on bad chunk framing mid-body,
+            # drops the connection without failing the payload; the next read raises
+            # RuntimeError("Connection closed.").
+            except (aiohttp.ClientError, OSError, RuntimeError) as err:
+                code = "body_too_large" if exchange.body_too_large else "upstream_stream_error"
+                await _fail(exchange, response, sse, boundary, code, type(err).__name__)
+                return
+            if chunk is not None:
                 if not chunk:
                     break
                 if not await _write(exchange, response, chunk):
@@ -667,9 +688,9 @@ async def _relay(
                 boundary.feed(chunk)
                 last_data = last_write = loop.time()
                 continue
-            if stop in done:
-                await _fail(exchange, response, sse, boundary, "shutting_down", "shutdown timeout")
-                return
+            # The wait ended without data: shutdown, idle timeout or keep-alive time.
+            if stop.done():
+                continue
             now = loop.time()
             if now >= last_data + idle_timeout:
                 await _fail(
@@ -687,9 +708,9 @@ async def _relay(
         with contextlib.suppress(ConnectionError):
             await response.write_eof()
     finally:
-        for future in (read, stop):
-            if future is not None and not future.done():
-                future.cancel()
+        stop.remove_done_callback(on_stop)
+        if not stop.done():
+            stop.cancel()
 
 
 async def _write(exchange: _Exchange, response: web.StreamResponse, data: bytes) -> bool:
