@@ -18,6 +18,7 @@ from app.proxy import THREAD_HEADER
 from app.sessions.backend import CasResult, SessionBackend
 from app.sessions.middleware import CAS_ATTEMPTS
 from app.state import STORAGE_APP_KEY
+from tests.backends import WrappedBackend
 from tests.conftest import CSRF, STORE_KINDS, Gateway, GatewayFactory, GatewayProcessFactory
 from tests.fake_upstream import ServedUpstream, serve_upstream
 from tests.redis_server import RedisServer
@@ -34,12 +35,12 @@ def kind(request: pytest.FixtureRequest) -> str:
     return value
 
 
-class SlowReads:
+class SlowReads(WrappedBackend):
     """Wraps a backend: every read takes `delay` seconds (a busy store, a long request), so
     concurrent requests really interleave between their read and their write."""
 
     def __init__(self, inner: SessionBackend, delay: float = 0.05) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.delay = delay
         self.results: list[CasResult] = []
         self.always_conflict = False
@@ -49,33 +50,12 @@ class SlowReads:
         await asyncio.sleep(self.delay)
         return value
 
-    async def peek(self, key: str) -> tuple[bytes, float | None] | None:
-        return await self.inner.peek(key)
-
-    async def expire(self, key: str, ttl: int) -> None:
-        await self.inner.expire(key, ttl)
-
-    async def create(self, key: str, value: bytes, ttl: int) -> bool:
-        return await self.inner.create(key, value, ttl)
-
     async def compare_and_set(self, key: str, expected: str, value: bytes, ttl: int) -> CasResult:
         result: CasResult = "conflict"
         if not self.always_conflict:
             result = await self.inner.compare_and_set(key, expected, value, ttl)
         self.results.append(result)
         return result
-
-    async def delete_if_revision(self, key: str, expected: str) -> CasResult:
-        return await self.inner.delete_if_revision(key, expected)
-
-    async def delete(self, key: str) -> None:
-        await self.inner.delete(key)
-
-    async def ping(self) -> None:
-        await self.inner.ping()
-
-    async def close(self) -> None:
-        await self.inner.close()
 
 
 def slow(gateway: Gateway) -> SlowReads:

@@ -19,6 +19,7 @@ from app.proxy import ROTATE_HEADER, THREAD_HEADER
 from app.sessions.backend import CasResult, SessionBackend, StoreUnavailable
 from app.sessions.codec import CREATED_AT, GATEWAY
 from app.state import STORAGE_APP_KEY
+from tests.backends import WrappedBackend
 from tests.conftest import CSRF, STORE_KINDS, Gateway, GatewayFactory
 from tests.fake_upstream import ServedUpstream, serve_upstream, sse, start_sse
 from tests.test_sessions_http import (
@@ -154,30 +155,15 @@ async def test_rotate_commands_on_redis(redis_gateway: Gateway) -> None:
     assert session_commands(server) == {"getex": 1, "set": 1, "evalsha": 1, "get": 1, "del": 1}
 
 
-class RacingBackend:
+class RacingBackend(WrappedBackend):
     """Wraps a backend: before the first `delete_if_revision`, another request writes the
     session (as a PATCH on another replica would, between the copy and the delete)."""
 
     def __init__(self, inner: SessionBackend, write: Any) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.write = write
         self.raced = 0
         self.fail_delete = False
-
-    async def get_and_touch(self, key: str, ttl: int) -> bytes | None:
-        return await self.inner.get_and_touch(key, ttl)
-
-    async def peek(self, key: str) -> tuple[bytes, float | None] | None:
-        return await self.inner.peek(key)
-
-    async def expire(self, key: str, ttl: int) -> None:
-        await self.inner.expire(key, ttl)
-
-    async def create(self, key: str, value: bytes, ttl: int) -> bool:
-        return await self.inner.create(key, value, ttl)
-
-    async def compare_and_set(self, key: str, expected: str, value: bytes, ttl: int) -> CasResult:
-        return await self.inner.compare_and_set(key, expected, value, ttl)
 
     async def delete_if_revision(self, key: str, expected: str) -> CasResult:
         if self.fail_delete:
@@ -186,15 +172,6 @@ class RacingBackend:
             self.raced += 1
             await self.write(key)
         return await self.inner.delete_if_revision(key, expected)
-
-    async def delete(self, key: str) -> None:
-        await self.inner.delete(key)
-
-    async def ping(self) -> None:
-        await self.inner.ping()
-
-    async def close(self) -> None:
-        await self.inner.close()
 
 
 async def test_a_write_racing_the_rotation_is_carried_over(gateway: Gateway) -> None:

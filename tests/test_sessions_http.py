@@ -22,10 +22,11 @@ from aiohttp.test_utils import TestClient
 from pytest_aiohttp import AiohttpClient
 
 from app.main import create_app
-from app.sessions.backend import CasResult, SessionBackend
+from app.sessions.backend import SessionBackend
 from app.sessions.middleware import commit_session, get_session
 from app.sessions.storage import DATA, GATEWAY
 from app.state import STORAGE_APP_KEY
+from tests.backends import WrappedBackend
 from tests.conftest import CSRF, STORE_KINDS, Gateway, GatewayFactory, make_settings
 from tests.redis_server import RedisServer
 
@@ -385,11 +386,11 @@ async def test_delete_without_a_session_is_fine(gateway: Gateway) -> None:
         assert resp.status == 204
 
 
-class LogoutDuringRequest:
+class LogoutDuringRequest(WrappedBackend):
     """Wraps a backend: right after a load, the session is deleted (a logout elsewhere)."""
 
     def __init__(self, inner: SessionBackend) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.armed = False
 
     async def get_and_touch(self, key: str, ttl: int) -> bytes | None:
@@ -397,30 +398,6 @@ class LogoutDuringRequest:
         if self.armed:
             await self.inner.delete(key)
         return value
-
-    async def create(self, key: str, value: bytes, ttl: int) -> bool:
-        return await self.inner.create(key, value, ttl)
-
-    async def peek(self, key: str) -> tuple[bytes, float | None] | None:
-        return await self.inner.peek(key)
-
-    async def expire(self, key: str, ttl: int) -> None:
-        await self.inner.expire(key, ttl)
-
-    async def compare_and_set(self, key: str, expected: str, value: bytes, ttl: int) -> CasResult:
-        return await self.inner.compare_and_set(key, expected, value, ttl)
-
-    async def delete_if_revision(self, key: str, expected: str) -> CasResult:
-        return await self.inner.delete_if_revision(key, expected)
-
-    async def delete(self, key: str) -> None:
-        await self.inner.delete(key)
-
-    async def ping(self) -> None:
-        await self.inner.ping()
-
-    async def close(self) -> None:
-        await self.inner.close()
 
 
 async def test_a_write_racing_a_logout_does_not_resurrect(gateway: Gateway) -> None:
