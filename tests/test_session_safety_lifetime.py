@@ -53,6 +53,17 @@ def frozen_clock(gateway: Gateway) -> Clock:
     return clock
 
 
+async def new_session_on_frozen_clock(gateway: Gateway) -> tuple[Clock, str, float]:
+    """Freeze the storage's clock, then create a session holding {"a": 1}: (the clock, the
+    session id, its stored created_at)."""
+    clock = frozen_clock(gateway)
+    await patch(gateway.client, {"a": 1})
+    sid = gateway.session_id()
+    assert sid is not None
+    created: float = (await stored(gateway, sid))[GATEWAY][CREATED_AT]
+    return clock, sid, created
+
+
 async def store_ttl(gateway: Gateway, sid: str) -> float:
     ttl = await gateway.raw.ttl(gateway.key(sid))
     assert ttl is not None, "the key is gone"
@@ -71,11 +82,7 @@ async def test_without_an_absolute_lifetime_an_active_session_lives_on(
 ) -> None:
     """The spec: active sessions remain valid as long as they are being used."""
     gateway = await gateway_factory(kind, SESSION_TTL_SECONDS="600")
-    clock = frozen_clock(gateway)
-    await patch(gateway.client, {"a": 1})
-    sid = gateway.session_id()
-    assert sid is not None
-    created = (await stored(gateway, sid))[GATEWAY][CREATED_AT]
+    clock, sid, created = await new_session_on_frozen_clock(gateway)
     clock.now = created + 10 * 365 * 86400  # ten years of activity later
     resp = await gateway.client.get("/apps/demo/session")
     assert await resp.json() == {"data": {"a": 1}}
@@ -97,11 +104,7 @@ async def test_an_active_session_ends_at_its_absolute_deadline(
     gateway = await gateway_factory(
         kind, SESSION_TTL_SECONDS="600", SESSION_ABSOLUTE_SECONDS="1000"
     )
-    clock = frozen_clock(gateway)
-    await patch(gateway.client, {"a": 1})
-    sid = gateway.session_id()
-    assert sid is not None
-    created = (await stored(gateway, sid))[GATEWAY][CREATED_AT]
+    clock, sid, created = await new_session_on_frozen_clock(gateway)
     # Used again after 500 s (inside the idle TTL) and 999 s: alive until 1000 s.
     for offset in (500, 999):
         clock.now = created + offset
@@ -130,11 +133,7 @@ async def test_the_store_ttl_never_outlives_the_absolute_deadline(
     gateway = await gateway_factory(
         kind, SESSION_TTL_SECONDS="600", SESSION_ABSOLUTE_SECONDS="1000"
     )
-    clock = frozen_clock(gateway)
-    await patch(gateway.client, {"a": 1})
-    sid = gateway.session_id()
-    assert sid is not None
-    created = (await stored(gateway, sid))[GATEWAY][CREATED_AT]
+    clock, sid, created = await new_session_on_frozen_clock(gateway)
     assert 590 < await store_ttl(gateway, sid) <= 600  # far from the deadline: the idle TTL
 
     clock.now = created + 900  # 100 s left
@@ -164,11 +163,7 @@ async def test_near_the_deadline_a_read_costs_one_extra_expire(
     server = gateway.redis_server
     assert server is not None
     settings_ttl = gateway.settings.session_ttl_seconds
-    clock = frozen_clock(gateway)
-    await patch(gateway.client, {"a": 1})
-    sid = gateway.session_id()
-    assert sid is not None
-    created = (await stored(gateway, sid))[GATEWAY][CREATED_AT]
+    clock, _, created = await new_session_on_frozen_clock(gateway)
 
     reset_stats(server)
     await gateway.client.get("/apps/demo/session")
@@ -240,11 +235,7 @@ async def test_status_read_reports_the_absolute_deadline_as_the_idle_bound(
     gateway = await gateway_factory(
         kind, SESSION_TTL_SECONDS="600", SESSION_ABSOLUTE_SECONDS="1000"
     )
-    clock = frozen_clock(gateway)
-    await patch(gateway.client, {"a": 1})
-    sid = gateway.session_id()
-    assert sid is not None
-    created = (await stored(gateway, sid))[GATEWAY][CREATED_AT]
+    clock, sid, created = await new_session_on_frozen_clock(gateway)
     clock.now = created + 970
     body = await (await gateway.client.get("/apps/demo/session?slide=0")).json()
     assert body["absolute_expires_in"] == 30
