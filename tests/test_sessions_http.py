@@ -589,29 +589,31 @@ async def test_json_nested_64_levels_is_accepted(memory_gateway: Gateway) -> Non
 # -- application ids ------------------------------------------------------------------------
 
 
+async def assert_refused_on_every_method(
+    gateway: Gateway, app_id: str, status: int, code: str
+) -> None:
+    """GET, PATCH and DELETE on `app_id`'s session answer `status` with error `code`, and
+    nothing is stored."""
+    for method in ("GET", "PATCH", "DELETE"):
+        resp = await gateway.client.request(
+            method, f"/apps/{app_id}/session", json={"a": 1}, headers=CSRF
+        )
+        assert resp.status == status, (method, app_id)
+        assert_envelope(resp, await resp.json(), code)
+    assert await gateway.raw.keys() == []
+
+
 @pytest.mark.parametrize(
     "app_id",
     ["Demo", "-demo", "_demo", "a" * 64, "de.mo", "de%20mo", "d%C3%A9mo", "demo!", "demo%0A"],
 )
 async def test_a_malformed_application_id_is_400(gateway: Gateway, app_id: str) -> None:
-    for method in ("GET", "PATCH", "DELETE"):
-        resp = await gateway.client.request(
-            method, f"/apps/{app_id}/session", json={"a": 1}, headers=CSRF
-        )
-        assert resp.status == 400, (method, app_id)
-        assert_envelope(resp, await resp.json(), "invalid_application_id")
-    assert await gateway.raw.keys() == []
+    await assert_refused_on_every_method(gateway, app_id, 400, "invalid_application_id")
 
 
 @pytest.mark.parametrize("app_id", ["shop", "a" * 63, "x_y-z", "0"])
 async def test_an_unknown_application_is_404(gateway: Gateway, app_id: str) -> None:
-    for method in ("GET", "PATCH", "DELETE"):
-        resp = await gateway.client.request(
-            method, f"/apps/{app_id}/session", json={"a": 1}, headers=CSRF
-        )
-        assert resp.status == 404, (method, app_id)
-        assert_envelope(resp, await resp.json(), "unknown_application")
-    assert await gateway.raw.keys() == []
+    await assert_refused_on_every_method(gateway, app_id, 404, "unknown_application")
 
 
 async def test_bad_application_ids_never_reach_the_store(redis_gateway: Gateway) -> None:
