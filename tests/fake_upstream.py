@@ -218,6 +218,12 @@ async def raw_request(
         writer.close()
         with contextlib.suppress(ConnectionError):
             await writer.wait_closed()
+    return parse_raw_response(raw)
+
+
+def parse_raw_response(raw: bytes) -> RawResponse:
+    """An HTTP/1.1 response read to the end of the connection: status, headers, body (a
+    chunked body de-chunked)."""
     head, _, payload = raw.partition(b"\r\n\r\n")
     status_line, *header_lines = head.decode("latin-1").split("\r\n")
     parsed: CIMultiDict[str] = CIMultiDict()

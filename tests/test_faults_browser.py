@@ -16,20 +16,20 @@ import io
 import json
 import zlib
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from multidict import CIMultiDict
 from pytest_aiohttp import AiohttpServer
 
 from app.applications import load_apps_file
 from tests.conftest import CSRF
 from tests.fake_upstream import (
     FakeUpstream,
+    RawResponse,
     RunningGateway,
     ServedUpstream,
     app_settings,
+    parse_raw_response,
     run_gateway,
 )
 from tests.redis_server import RedisServer
@@ -43,14 +43,7 @@ SESSION_COMMANDS = ("get", "getex", "set", "del", "unlink", "evalsha", "eval", "
 MARK = "Zq9Mark"  # planted in hostile input; must never come back in a response
 
 
-@dataclass
-class Raw:
-    status: int
-    headers: CIMultiDict[str]
-    body: bytes
-
-
-async def send_raw(port: int, data: bytes, timeout: float = 5.0) -> Raw:
+async def send_raw(port: int, data: bytes, timeout: float = 5.0) -> RawResponse:
     """Write `data` as is, read the answer until the gateway closes the connection."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
@@ -59,27 +52,7 @@ async def send_raw(port: int, data: bytes, timeout: float = 5.0) -> Raw:
         raw = await asyncio.wait_for(reader.read(), timeout)
     finally:
         writer.close()
-    head, _, body = raw.partition(b"\r\n\r\n")
-    status_line, *lines = head.decode("latin-1").split("\r\n")
-    headers: CIMultiDict[str] = CIMultiDict()
-    for line in lines:
-        name, _, value = line.partition(":")
-        headers.add(name.strip(), value.strip())
-    if headers.get("Transfer-Encoding", "").lower() == "chunked":
-        body = _dechunk(body)
-    return Raw(int(status_line.split()[1]), headers, body)
-
-
-def _dechunk(data: bytes) -> bytes:
-    out = bytearray()
-    while data:
-        size_line, _, rest = data.partition(b"\r\n")
-        size = int(size_line.split(b";")[0], 16)
-        if size == 0:
-            break
-        out += rest[:size]
-        data = rest[size + 2 :]
-    return bytes(out)
+    return parse_raw_response(raw)
 
 
 def request_bytes(method: str, target: str, *headers: bytes, body: bytes = b"") -> bytes:
