@@ -14,6 +14,7 @@ Fixtures (all function-scoped unless noted):
 - `upstream`: a fake upstream agent (`tests.fake_upstream.ServedUpstream`); `gw`: the gateway
   (`RunningGateway`, served as `python -m app` serves it) whose only app, `shop`, points at it.
   Modules needing other app settings or routes override either fixture.
+- `browser`: a headless Chromium (`CHROMIUM`) driven by Playwright, closed at teardown.
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ from tests.gateway_process import GatewayProcess
 from tests.redis_server import RedisServer
 
 if TYPE_CHECKING:
+    from playwright.async_api import Browser
+
     from tests.fake_upstream import RunningGateway, ServedUpstream
 
 # Short timeouts so failure paths stay fast; a test overrides any of them.
@@ -327,3 +330,31 @@ async def gw(upstream: ServedUpstream) -> AsyncIterator[RunningGateway]:
 
     async with run_gateway(app_settings(upstream.base)) as gateway:
         yield gateway
+
+
+# -- a real browser ---------------------------------------------------------------------------
+
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Browser]:
+    """Headless Chromium (`CHROMIUM`, installed by scripts/system-deps) via Playwright."""
+    # Imported here so that only browser tests load Playwright.
+    from playwright.async_api import async_playwright
+
+    async with async_playwright() as playwright:
+        browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield browser
+        finally:
+            await browser.close()

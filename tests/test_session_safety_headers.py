@@ -6,15 +6,12 @@ browser.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 import pytest
 from aiohttp import ClientResponse
-from playwright.async_api import Browser, async_playwright
+from playwright.async_api import Browser
 
 from app.demo_agent import DEMO_PAGE_CSP
 from tests.conftest import CSRF, Gateway, GatewayProcessFactory
-from tests.test_demo_page_browser import CHROMIUM, CHROMIUM_ARGS
 from tests.test_sessions_http import patch
 
 
@@ -90,16 +87,6 @@ async def test_the_demo_page_headers(memory_gateway: Gateway) -> None:
     assert resp.headers["Content-Security-Policy"] == DEMO_PAGE_CSP
     assert resp.headers["X-Frame-Options"] == "DENY"
     assert_security_headers(resp, "GET /")
-
-
-@pytest.fixture
-async def browser() -> AsyncIterator[Browser]:
-    async with async_playwright() as playwright:
-        browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            yield browser
-        finally:
-            await browser.close()
 
 
 @pytest.mark.browser
