@@ -8,6 +8,7 @@ Fixtures (all function-scoped unless noted):
 - `settings_factory(**env)`: `Settings` from `TEST_ENV` + `env` (no `.env` file is read).
 - `gateway_factory(kind, **env)`: an in-process gateway (`Gateway`) on `kind` in
   `"memory" | "fakeredis" | "redis"` (`"redis"` uses `shared_redis` unless `REDIS_URL` is given).
+- `kind`: each of `STORE_KINDS` (for `gateway_factory(kind, ...)`).
 - `gateway`: parametrized over all three kinds; `memory_gateway`, `fakeredis_gateway`,
   `redis_gateway` for one kind.
 - `gateway_process(env)`: a started `python -m app` (`GatewayProcess`), stopped at teardown.
@@ -257,6 +258,13 @@ async def gateway_factory(
     yield make
     for direct in to_close:
         await direct.aclose()
+
+
+@pytest.fixture(params=STORE_KINDS)
+def kind(request: pytest.FixtureRequest) -> str:
+    """Each store kind, for tests that build their gateway with `gateway_factory`."""
+    value: str = request.param
+    return value
 
 
 @pytest.fixture(params=STORE_KINDS)

@@ -19,7 +19,7 @@ from app.sessions.backend import CasResult, SessionBackend
 from app.sessions.middleware import CAS_ATTEMPTS
 from app.state import STORAGE_APP_KEY
 from tests.backends import WrappedBackend
-from tests.conftest import CSRF, STORE_KINDS, Gateway, GatewayFactory, GatewayProcessFactory
+from tests.conftest import CSRF, Gateway, GatewayFactory, GatewayProcessFactory
 from tests.fake_upstream import ServedUpstream, serve_upstream
 from tests.redis_server import RedisServer
 from tests.redis_topologies import GatewayHttp
@@ -27,12 +27,6 @@ from tests.test_metrics import scrape, value
 from tests.test_sessions_http import assert_envelope, patch, stored
 
 KEY = Fernet.generate_key().decode()
-
-
-@pytest.fixture(params=STORE_KINDS)
-def kind(request: pytest.FixtureRequest) -> str:
-    value: str = request.param
-    return value
 
 
 class SlowReads(WrappedBackend):

@@ -16,7 +16,7 @@ import pytest
 from app.sessions.codec import CREATED_AT, GATEWAY
 from app.sessions.storage import GatewayStorage
 from app.state import STORAGE_APP_KEY
-from tests.conftest import STORE_KINDS, Gateway, GatewayFactory, make_settings
+from tests.conftest import Gateway, GatewayFactory, make_settings
 from tests.test_sessions_http import (
     UNKNOWN_SID,
     patch,
@@ -25,12 +25,6 @@ from tests.test_sessions_http import (
     set_cookie_headers,
     stored,
 )
-
-
-@pytest.fixture(params=STORE_KINDS)
-def kind(request: pytest.FixtureRequest) -> str:
-    value: str = request.param
-    return value
 
 
 def storage(gateway: Gateway) -> GatewayStorage:

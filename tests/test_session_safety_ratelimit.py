@@ -24,16 +24,10 @@ from app.ratelimit import (
 from app.sessions.backend import StoreUnavailable
 from app.sessions.redis import RedisBackend
 from app.state import BACKEND_KEY
-from tests.conftest import CSRF, STORE_KINDS, Gateway, GatewayFactory, RedisRaw, make_settings
+from tests.conftest import CSRF, Gateway, GatewayFactory, RedisRaw, make_settings
 from tests.fake_upstream import ServedUpstream
 from tests.gateway_process import run_gateway_to_exit
 from tests.test_sessions_http import assert_envelope, reset_stats, session_commands
-
-
-@pytest.fixture(params=STORE_KINDS)
-def kind(request: pytest.FixtureRequest) -> str:
-    value: str = request.param
-    return value
 
 
 def apps_file(tmp_path: Path, upstream: ServedUpstream, body: str) -> str:

@@ -20,7 +20,7 @@ from app.sessions.backend import CasResult, SessionBackend, StoreUnavailable
 from app.sessions.codec import CREATED_AT, GATEWAY
 from app.state import STORAGE_APP_KEY
 from tests.backends import WrappedBackend
-from tests.conftest import CSRF, STORE_KINDS, Gateway, GatewayFactory
+from tests.conftest import CSRF, Gateway, GatewayFactory
 from tests.fake_upstream import ServedUpstream, serve_upstream, sse, start_sse
 from tests.test_sessions_http import (
     SID_RE,
@@ -34,12 +34,6 @@ from tests.test_sessions_http import (
 )
 
 ROTATE = "/apps/demo/session/rotate"
-
-
-@pytest.fixture(params=STORE_KINDS)
-def kind(request: pytest.FixtureRequest) -> str:
-    value: str = request.param
-    return value
 
 
 async def with_sid(

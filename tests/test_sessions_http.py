@@ -27,7 +27,7 @@ from app.sessions.middleware import commit_session, get_session
 from app.sessions.storage import DATA, GATEWAY
 from app.state import STORAGE_APP_KEY
 from tests.backends import WrappedBackend
-from tests.conftest import CSRF, STORE_KINDS, Gateway, GatewayFactory, make_settings
+from tests.conftest import CSRF, Gateway, GatewayFactory, make_settings
 from tests.redis_server import RedisServer
 
 SID_RE = re.compile(r"^[A-Za-z0-9_-]{43}$")
@@ -104,13 +104,6 @@ def assert_envelope(resp: ClientResponse, body: Any, code: str) -> None:
     assert body["error"]["code"] == code
     assert isinstance(body["error"]["message"], str) and body["error"]["message"]
     assert body["error"]["request_id"] == resp.headers["X-Request-Id"]
-
-
-@pytest.fixture(params=STORE_KINDS)
-def kind(request: pytest.FixtureRequest) -> str:
-    """Each store kind, for tests that build their gateway with `gateway_factory`."""
-    value: str = request.param
-    return value
 
 
 @pytest.fixture
