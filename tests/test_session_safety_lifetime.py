@@ -19,6 +19,7 @@ from app.state import STORAGE_APP_KEY
 from tests.conftest import Gateway, GatewayFactory, make_settings
 from tests.test_sessions_http import (
     UNKNOWN_SID,
+    idle_session,
     patch,
     reset_stats,
     session_commands,
@@ -197,13 +198,7 @@ async def test_status_read_answers_lifetimes_without_sliding(
     gateway = await gateway_factory(
         kind, SESSION_TTL_SECONDS="600", SESSION_ABSOLUTE_SECONDS="5000"
     )
-    await patch(gateway.client, {"a": 1})
-    sid = gateway.session_id()
-    assert sid is not None
-    key = gateway.key(sid)
-    raw = await gateway.raw.get(key)
-    assert raw is not None
-    await gateway.raw.set(key, raw, 50)  # as if idle for 550 s
+    sid, key, raw = await idle_session(gateway, 50)  # as if idle for 550 s
 
     resp = await gateway.client.get("/apps/demo/session?slide=0")
     assert resp.status == 200

@@ -79,6 +79,19 @@ async def patch(
     return await client.patch(f"/apps/{app_id}/session", json=body, headers={**CSRF, **headers})
 
 
+async def idle_session(gateway: Gateway, ttl_left: int) -> tuple[str, str, bytes]:
+    """Create a session holding {"a": 1}, then cut its store TTL to `ttl_left` seconds (as if
+    it had been idle): (its id, its key, its stored value)."""
+    await patch(gateway.client, {"a": 1})
+    sid = gateway.session_id()
+    assert sid is not None
+    key = gateway.key(sid)
+    raw = await gateway.raw.get(key)
+    assert raw is not None
+    await gateway.raw.set(key, raw, ttl_left)
+    return sid, key, raw
+
+
 async def stored(gateway: Gateway, session_id: str, app_id: str = "demo") -> dict[str, Any]:
     raw = await gateway.raw.get(gateway.key(session_id, app_id))
     assert raw is not None, "no stored session"
@@ -224,13 +237,7 @@ async def test_custom_prefix(gateway_factory: GatewayFactory, kind: str) -> None
 
 async def test_a_read_slides_the_ttl(gateway_factory: GatewayFactory, kind: str) -> None:
     gateway = await gateway_factory(kind, SESSION_TTL_SECONDS="600")
-    await patch(gateway.client, {"a": 1})
-    sid = gateway.session_id()
-    assert sid is not None
-    key = gateway.key(sid)
-    raw = await gateway.raw.get(key)
-    assert raw is not None
-    await gateway.raw.set(key, raw, 5)  # as if the session had been idle for a while
+    _, key, raw = await idle_session(gateway, 5)  # as if the session had been idle for a while
     resp = await gateway.client.get("/apps/demo/session")
     assert await resp.json() == {"data": {"a": 1}}
     ttl = await gateway.raw.ttl(key)
@@ -242,13 +249,7 @@ async def test_an_unchanged_patch_slides_the_ttl_too(
     gateway_factory: GatewayFactory, kind: str
 ) -> None:
     gateway = await gateway_factory(kind, SESSION_TTL_SECONDS="600")
-    await patch(gateway.client, {"a": 1})
-    sid = gateway.session_id()
-    assert sid is not None
-    key = gateway.key(sid)
-    raw = await gateway.raw.get(key)
-    assert raw is not None
-    await gateway.raw.set(key, raw, 5)
+    _, key, _ = await idle_session(gateway, 5)
     resp = await patch(gateway.client, {"a": 1})
     assert resp.status == 200
     ttl = await gateway.raw.ttl(key)
