@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -219,6 +220,25 @@ async def raw_request(
         with contextlib.suppress(ConnectionError):
             await writer.wait_closed()
     return parse_raw_response(raw)
+
+
+async def send_and_read_head(
+    host: str | None, port: int | None, data: bytes, *, timeout: float = 10.0
+) -> tuple[bytes, bytes]:
+    """Write `data` as is (say, a request whose body never arrives whole) and read one answer
+    within `timeout`: (its head up to the blank line, its `Content-Length` body)."""
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        writer.write(data)
+        await writer.drain()
+        async with asyncio.timeout(timeout):
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)
+            assert length is not None, head
+            body = await reader.readexactly(int(length.group(1)))
+    finally:
+        writer.close()
+    return head, body
 
 
 def parse_raw_response(raw: bytes) -> RawResponse:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -19,6 +18,7 @@ from tests.fake_upstream import (
     app_settings,
     raw_request,
     run_gateway,
+    send_and_read_head,
     start_sse,
 )
 
@@ -274,21 +274,13 @@ async def test_a_stalled_upload_is_408_body_timeout(upstream: ServedUpstream) ->
     async with run_gateway(settings) as gateway:
         url = gateway.url
         assert url.host is not None and url.port is not None
-        reader, writer = await asyncio.open_connection(url.host, url.port)
-        try:
-            writer.write(
-                f"POST {AGENT}/chat HTTP/1.1\r\nHost: {url.host}:{url.port}\r\n".encode()
-                + b"X-CSRF: 1\r\nContent-Length: 100\r\n\r\n"
-                + b"x" * 10  # and nothing more
-            )
-            await writer.drain()
-            async with asyncio.timeout(10):  # generous: the body deadline is 0.5 s
-                head = await reader.readuntil(b"\r\n\r\n")
-                length = re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)
-                assert length is not None, head
-                body = await reader.readexactly(int(length.group(1)))
-        finally:
-            writer.close()
+        head, body = await send_and_read_head(  # 10 s: generous, the body deadline is 0.5 s
+            url.host,
+            url.port,
+            f"POST {AGENT}/chat HTTP/1.1\r\nHost: {url.host}:{url.port}\r\n".encode()
+            + b"X-CSRF: 1\r\nContent-Length: 100\r\n\r\n"
+            + b"x" * 10,  # and nothing more
+        )
     assert head.startswith(b"HTTP/1.1 408 "), head
     assert error_code(body) == "body_timeout"
 

@@ -28,6 +28,7 @@ from app.sessions.storage import DATA, GATEWAY
 from app.state import STORAGE_APP_KEY
 from tests.backends import WrappedBackend
 from tests.conftest import CSRF, Gateway, GatewayFactory, make_settings
+from tests.fake_upstream import send_and_read_head
 from tests.redis_server import RedisServer
 
 SID_RE = re.compile(r"^[A-Za-z0-9_-]{43}$")
@@ -885,23 +886,15 @@ async def test_a_stalled_body_is_408_and_changes_nothing(gateway_factory: Gatewa
     assert sid is not None
     before = await gateway.raw.get(gateway.key(sid))
     server = gateway.client.server
-    reader, writer = await asyncio.open_connection(server.host, server.port)
-    try:
-        writer.write(
-            b"PATCH /apps/demo/session HTTP/1.1\r\n"
-            + f"Host: {server.host}:{server.port}\r\n".encode()
-            + f"Cookie: agent_sid={sid}\r\n".encode()
-            + b"X-CSRF: 1\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n"
-            + b'{"a":'  # and nothing more
-        )
-        await writer.drain()
-        async with asyncio.timeout(10):  # generous: the deadline is 0.5 s
-            head = await reader.readuntil(b"\r\n\r\n")
-            length = re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)
-            assert length is not None, head
-            body = await reader.readexactly(int(length.group(1)))
-    finally:
-        writer.close()
+    head, body = await send_and_read_head(  # 10 s: generous, the deadline is 0.5 s
+        server.host,
+        server.port,
+        b"PATCH /apps/demo/session HTTP/1.1\r\n"
+        + f"Host: {server.host}:{server.port}\r\n".encode()
+        + f"Cookie: agent_sid={sid}\r\n".encode()
+        + b"X-CSRF: 1\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+        + b'{"a":',  # and nothing more
+    )
     assert head.startswith(b"HTTP/1.1 408 "), head
     assert json.loads(body)["error"]["code"] == "body_timeout"
     assert await gateway.raw.get(gateway.key(sid)) == before
