@@ -10,7 +10,8 @@ Contract, in request order:
   the request can reach another host or a path outside the upstream base.
 - A declared `Content-Length` over the application's `max_body_bytes` is 413 `body_too_large`
   before the upstream is contacted; a chunked body is cut off (and 413) once it exceeds the cap.
-  Bodies stream upstream, they are never buffered whole.
+  Bodies of a declared length up to `SMALL_BODY_BYTES` (64 KiB) are read first and sent with
+  that length; larger or chunked bodies stream upstream, they are never buffered whole.
 - The session is loaded (which slides its TTL), then the application's rate limits are checked
   (429 `rate_limited`, see `app.ratelimit`). The first agent request of a session mints the
   conversation id (`gw.conversation_id`, random, unrelated to the session id) and creates the
@@ -50,7 +51,7 @@ import json
 import logging
 import re
 import secrets
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from dataclasses import dataclass
 from urllib.parse import unquote
 
@@ -85,6 +86,8 @@ APPLICATION_HEADER = "X-Application-Id"
 DISCONNECT_POLL_SECONDS = 0.25
 # Largest single read from the upstream; bounds what one relay step holds in memory.
 READ_CHUNK_BYTES = 64 * 1024
+# Request bodies up to this declared length are read whole, then sent upstream as bytes.
+SMALL_BODY_BYTES = 64 * 1024
 KEEPALIVE_COMMENT = b": keep-alive\n\n"
 
 # RFC 9110 §7.6.1 (plus the legacy Proxy-Connection and Keep-Alive): never forwarded, in either
@@ -379,7 +382,7 @@ class _Exchange:
                 response.cookies[name] = morsel
         return response
 
-    async def body(self, cap: int) -> AsyncIterator[bytes]:
+    async def body(self, cap: int) -> AsyncGenerator[bytes, None]:
         """The browser's body, streamed upstream: cut at `cap` (413 `body_too_large`) and at
         a pause over `BODY_TIMEOUT_SECONDS` (408 `body_timeout`).
 
@@ -512,6 +515,26 @@ async def _proxy(exchange: _Exchange) -> web.StreamResponse:
     session = await update_session(request, response, ensure_conversation)
     conversation_id = ensure_conversation(session)  # already there: changes nothing
 
+    # A small body of declared length is read first and sent as bytes (its Content-Length is
+    # forwarded): an async-generator upload costs a payload writer, a task step and a timer
+    # per chunk. Reading it happens before the header timer starts, which is the same as that
+    # timer being paused while the browser uploads; a stall is 408 as below.
+    data: bytes | AsyncIterator[bytes] | None = None
+    if request.body_exists:
+        length = request.content_length
+        if length is not None and length <= SMALL_BODY_BYTES:
+            try:
+                async with contextlib.aclosing(exchange.body(app.max_body_bytes)) as chunks:
+                    data = b"".join([chunk async for chunk in chunks])
+            except _BodyTooLarge:
+                return _closing(
+                    exchange.error(413, "body_too_large", "The request body is too large.")
+                )
+            except _BodyStalled:
+                return _body_stalled(exchange)
+        else:
+            data = exchange.body(app.max_body_bytes)
+
     timeout = app.connect_timeout_seconds
     try:
         async with asyncio.timeout(timeout) as deadline:
@@ -523,7 +546,7 @@ async def _proxy(exchange: _Exchange) -> web.StreamResponse:
                     headers=upstream_request_headers(
                         request, app, exchange.settings, conversation_id
                     ),
-                    data=exchange.body(app.max_body_bytes) if request.body_exists else None,
+                    data=data,
                     allow_redirects=False,
                     skip_auto_headers=_SKIP_AUTO_HEADERS,
                     timeout=aiohttp.ClientTimeout(total=None, sock_connect=timeout),
@@ -534,15 +557,7 @@ async def _proxy(exchange: _Exchange) -> web.StreamResponse:
         if exchange.body_too_large:
             return _closing(exchange.error(413, "body_too_large", "The request body is too large."))
         if exchange.body_stalled:
-            log.info(
-                "browser body stalled for %ss (app %s, request %s)",
-                exchange.settings.body_timeout_seconds,
-                app.app_id,
-                exchange.request_id,
-            )
-            return _closing(
-                exchange.error(408, "body_timeout", "The request body did not arrive in time.")
-            )
+            return _body_stalled(exchange)
         if isinstance(err, TimeoutError):
             log.warning(
                 "upstream timeout: no response headers within %ss (app %s, request %s)",
@@ -597,6 +612,16 @@ async def _proxy(exchange: _Exchange) -> web.StreamResponse:
         else:
             upstream_response.close()
     return response
+
+
+def _body_stalled(exchange: _Exchange) -> web.Response:
+    log.info(
+        "browser body stalled for %ss (app %s, request %s)",
+        exchange.settings.body_timeout_seconds,
+        exchange.app.app_id,
+        exchange.request_id,
+    )
+    return _closing(exchange.error(408, "body_timeout", "The request body did not arrive in time."))
 
 
 def _protocol_error(exchange: _Exchange, detail: str) -> web.Response:
