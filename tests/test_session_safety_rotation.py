@@ -168,6 +168,20 @@ class RacingBackend(WrappedBackend):
         return await self.inner.delete_if_revision(key, expected)
 
 
+def failing_rotation(gateway: Gateway) -> RacingBackend:
+    """Make the store fail the rotation's last step (`delete_if_revision` raises
+    StoreUnavailable) until the returned wrapper's `fail_delete` is cleared."""
+    storage = gateway.app[STORAGE_APP_KEY]
+
+    async def nothing(key: str) -> None:
+        return None
+
+    racing = RacingBackend(storage.backend, nothing)
+    racing.fail_delete = True
+    storage.backend = racing
+    return racing
+
+
 async def test_a_write_racing_the_rotation_is_carried_over(gateway: Gateway) -> None:
     await patch(gateway.client, {"a": 1})
     old = gateway.session_id()
@@ -203,14 +217,7 @@ async def test_a_store_failure_during_rotation_keeps_the_old_id(gateway: Gateway
     await patch(gateway.client, {"a": 1})
     old = gateway.session_id()
     assert old is not None
-    storage = gateway.app[STORAGE_APP_KEY]
-
-    async def nothing(key: str) -> None:
-        return None
-
-    racing = RacingBackend(storage.backend, nothing)
-    racing.fail_delete = True
-    storage.backend = racing
+    racing = failing_rotation(gateway)
     resp = await gateway.client.post(ROTATE, headers=CSRF)
     assert resp.status == 503
     assert_envelope(resp, await resp.json(), "session_store_unavailable")
@@ -303,14 +310,7 @@ async def test_a_failed_rotation_on_the_first_agent_request_keeps_the_cookie(
     the cookie of the session that exists, or that key would be orphaned (and the upstream
     has already acted on its conversation)."""
     gw = agent_gateway
-    storage = gw.app[STORAGE_APP_KEY]
-
-    async def nothing(key: str) -> None:
-        return None
-
-    racing = RacingBackend(storage.backend, nothing)
-    racing.fail_delete = True
-    storage.backend = racing
+    racing = failing_rotation(gw)
     resp = await gw.client.post("/apps/shop/agent/login", headers=CSRF)
     assert resp.status == 503
     assert_envelope(resp, await resp.json(), "session_store_unavailable")
