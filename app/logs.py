@@ -9,13 +9,16 @@ correlate across them) or, by default, random per process.
 Cost: the access line is on every request's path, so when the only handler that would see it is
 the one `configure_logging` installed, `AccessLogger` formats the line itself (same text and
 JSON layout as the formatters, no `LogRecord`/`Formatter` round trip, the timestamp prefix
-formatted once per second, the session hash computed once per session) and writes it straight
-to that handler's stream. Any other logging setup (tests' `caplog`, extra handlers, filters)
-gets the ordinary `logger.info` path.
+formatted once per second, the session hash computed once per session) and writes it to that
+handler's stream at the end of the event-loop iteration, together with the other access lines of
+that iteration (one write and flush per iteration, not per request). Any other logging setup
+(tests' `caplog`, extra handlers, filters) gets the ordinary `logger.info` path.
 """
 
 from __future__ import annotations
 
+import asyncio
+import atexit
 import hashlib
 import json
 import logging
@@ -129,6 +132,44 @@ class _Clock:
 
 _clock = _Clock()
 
+# Access lines of one event-loop iteration, written together at its end (one write and flush
+# instead of one per request); `_flush` also runs at exit.
+_pending: list[str] = []
+_pending_handler: _GatewayHandler | None = None
+
+
+def _queue(handler: _GatewayHandler, line: str) -> None:
+    global _pending_handler
+    if _pending_handler is not handler:
+        _flush()
+        _pending_handler = handler
+    _pending.append(line)
+    if len(_pending) == 1:
+        try:
+            asyncio.get_running_loop().call_soon(_flush)
+        except RuntimeError:  # no event loop: write now
+            _flush()
+
+
+def _flush() -> None:
+    handler = _pending_handler
+    if not _pending or handler is None:
+        return
+    text = "".join(_pending)
+    _pending.clear()
+    stream = handler.stream
+    handler.acquire()
+    try:
+        stream.write(text)
+        stream.flush()
+    except Exception:  # as StreamHandler.emit: a broken stderr must not fail the request
+        handler.handleError(logging.makeLogRecord({"msg": text}))
+    finally:
+        handler.release()
+
+
+atexit.register(_flush)
+
 
 class AccessLogger(AbstractAccessLogger):
     """One line per request, without query strings (they may carry tokens)."""
@@ -195,16 +236,7 @@ class AccessLogger(AbstractAccessLogger):
             )
         else:
             line = f"{_clock.asctime(now)} INFO {self.logger.name}: {msg}\n"
-        stream = handler.stream
-        handler.acquire()
-        try:
-            stream.write(line)
-            if not getattr(stream, "line_buffering", False):
-                stream.flush()
-        except Exception:  # as StreamHandler.emit: a broken stderr must not fail the request
-            handler.handleError(logging.makeLogRecord({"msg": line}))
-        finally:
-            handler.release()
+        _queue(handler, line)
 
     @property
     def enabled(self) -> bool:
