@@ -1,15 +1,14 @@
-"""Cross-cutting request handling. The order is fixed in `main.MIDDLEWARE_ORDER`.
+"""Cross-cutting request handling: one middleware (`setup_gateway`), steps in this order.
 
-- `request_id_middleware`: keeps a sane inbound `X-Request-Id` or mints one; echoes it.
-- `error_middleware`: our failures become the JSON envelope; never a bare 500 page.
-- `application_middleware`: `/apps/{applicationId}/...` -> 400 malformed, 404 unknown, before
-  anything touches the store.
-- `origin_middleware`: CORS preflights and the Origin allowlist (403 before anything runs).
-- `csrf_middleware`: state-changing `/apps/` requests need `X-CSRF: 1` (403 otherwise).
+1. Request id: keeps a sane inbound `X-Request-Id` or mints one; echoed on every response.
+2. Errors: our failures become the JSON envelope (`_envelope`); never a bare 500 page.
+3. Application: `/apps/{applicationId}/...` -> 400 malformed, 404 unknown, before anything
+   touches the store (`resolve_application`).
+4. Origin: the allowlist (403 before anything runs) and CORS preflights (`check_origin`).
+5. CSRF: state-changing `/apps/` requests need `X-CSRF: 1`, else 403 (`check_csrf`).
 
-`setup_gateway` is all five in one middleware (one coroutine frame per request instead of five),
-with the same order and behaviour; `main.create_app` uses it, the separate ones stay for
-composing in tests.
+One middleware rather than five: one coroutine frame per request instead of five (measured in
+scripts/bench.py). The session middleware (app/sessions/middleware.py) runs inside it.
 """
 
 from __future__ import annotations
@@ -60,30 +59,6 @@ def _on_prepare_headers(request: web.Request, response: web.StreamResponse) -> N
         response.headers.add("Vary", "Origin")
 
 
-def setup_request_id(lifecycle: Lifecycle) -> Middleware:
-    @web.middleware
-    async def request_id_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        inbound = request.headers.get("X-Request-Id", "")
-        request[REQUEST_ID_KEY] = (
-            inbound if _REQUEST_ID_RE.fullmatch(inbound) else secrets.token_hex(16)
-        )
-        async with lifecycle.track():
-            return await handler(request)
-
-    return request_id_middleware
-
-
-@web.middleware
-async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    try:
-        return await handler(request)
-    except Exception as exc:
-        response = _envelope(request, exc)
-        if response is None:
-            raise
-        return response
-
-
 def _envelope(request: web.Request, exc: Exception) -> web.StreamResponse | None:
     """The JSON envelope for `exc` raised while handling `request`, or None: re-raise it (a
     redirect or other non-error `HTTPException`, or a failure after a stream started)."""
@@ -108,63 +83,6 @@ def _envelope(request: web.Request, exc: Exception) -> web.StreamResponse | None
     return error_response(request, 500, "internal_error", "Internal error.")
 
 
-def setup_application(settings: Settings) -> Middleware:
-    @web.middleware
-    async def application_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        app_id = request.match_info.get("applicationId")
-        if app_id is None:
-            return await handler(request)
-        if not APP_ID_RE.fullmatch(app_id):  # fullmatch: `$` accepts a trailing \n
-            raise ApiError(400, "invalid_application_id", "The application id is malformed.")
-        app_config = settings.apps.get(app_id)
-        if app_config is None:
-            raise ApiError(404, "unknown_application", "No such application.")
-        request[APP_ID_KEY] = app_id
-        request[APP_CONFIG_KEY] = app_config
-        return await handler(request)
-
-    return application_middleware
-
-
-def setup_origin(settings: Settings) -> Middleware:
-    """Origin allowlist + CORS for `/apps/` routes (requests without Origin are allowed)."""
-
-    @web.middleware
-    async def origin_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        app_config = request.get(APP_CONFIG_KEY)
-        origin = request.headers.get("Origin")
-        if app_config is None or origin is None:
-            return await handler(request)
-        normalized = origin.rstrip("/").lower()
-        allowed = normalized in app_config.allowed_origins
-        if not allowed and normalized != own_origin(request, settings.trusted_proxies):
-            raise ApiError(403, "origin_not_allowed", "This origin may not call this application.")
-        if allowed:
-            request[CORS_ORIGIN_KEY] = origin
-        if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
-            response = web.Response(status=204)
-            response.headers["Access-Control-Allow-Methods"] = CORS_ALLOW_METHODS
-            response.headers["Access-Control-Allow-Headers"] = CORS_ALLOW_HEADERS
-            response.headers["Access-Control-Max-Age"] = "600"
-            return response
-        return await handler(request)
-
-    return origin_middleware
-
-
-@web.middleware
-async def csrf_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    if (
-        request.method in STATE_CHANGING
-        and request.get(APP_CONFIG_KEY) is not None
-        and request.headers.get("X-CSRF") != "1"
-    ):
-        raise ApiError(
-            403, "csrf_header_missing", "State-changing requests must carry the header X-CSRF: 1."
-        )
-    return await handler(request)
-
-
 def add_response_headers(app: web.Application) -> None:
     """Every response, streams included, gets `X-Request-Id` and the security headers."""
 
@@ -175,9 +93,53 @@ def add_response_headers(app: web.Application) -> None:
     app.on_response_prepare.append(on_prepare)
 
 
+def resolve_application(request: web.Request, settings: Settings) -> AppConfig:
+    """The request's application; 400 for a malformed id, 404 for an unknown one."""
+    app_id = request.match_info["applicationId"]
+    if not APP_ID_RE.fullmatch(app_id):  # fullmatch: `$` accepts a trailing \n
+        raise ApiError(400, "invalid_application_id", "The application id is malformed.")
+    app_config = settings.apps.get(app_id)
+    if app_config is None:
+        raise ApiError(404, "unknown_application", "No such application.")
+    request[APP_ID_KEY] = app_id
+    request[APP_CONFIG_KEY] = app_config
+    return app_config
+
+
+def check_origin(
+    request: web.Request, settings: Settings, app_config: AppConfig
+) -> web.Response | None:
+    """403 for a foreign `Origin`; the preflight answer for an allowed one; else None.
+
+    Requests without `Origin` (same-origin navigations, non-browser clients) pass.
+    """
+    origin = request.headers.get("Origin")
+    if origin is None:
+        return None
+    normalized = origin.rstrip("/").lower()
+    allowed = normalized in app_config.allowed_origins
+    if not allowed and normalized != own_origin(request, settings.trusted_proxies):
+        raise ApiError(403, "origin_not_allowed", "This origin may not call this application.")
+    if allowed:
+        request[CORS_ORIGIN_KEY] = origin
+    if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
+        response = web.Response(status=204)
+        response.headers["Access-Control-Allow-Methods"] = CORS_ALLOW_METHODS
+        response.headers["Access-Control-Allow-Headers"] = CORS_ALLOW_HEADERS
+        response.headers["Access-Control-Max-Age"] = "600"
+        return response
+    return None
+
+
+def check_csrf(request: web.Request) -> None:
+    if request.method in STATE_CHANGING and request.headers.get("X-CSRF") != "1":
+        raise ApiError(
+            403, "csrf_header_missing", "State-changing requests must carry the header X-CSRF: 1."
+        )
+
+
 def setup_gateway(settings: Settings, lifecycle: Lifecycle) -> Middleware:
-    """Request id -> errors -> application -> origin -> CSRF, folded into one middleware: each
-    step behaves exactly as its separate middleware above, in that order."""
+    """Request id -> errors -> application -> origin -> CSRF, in one middleware."""
 
     @web.middleware
     async def gateway_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -187,46 +149,12 @@ def setup_gateway(settings: Settings, lifecycle: Lifecycle) -> Middleware:
         )
         async with lifecycle.track():
             try:
-                app_id = request.match_info.get("applicationId")
-                if app_id is None:
-                    return await handler(request)
-                # -- application
-                if not APP_ID_RE.fullmatch(app_id):  # fullmatch: `$` accepts a trailing \n
-                    raise ApiError(
-                        400, "invalid_application_id", "The application id is malformed."
-                    )
-                app_config = settings.apps.get(app_id)
-                if app_config is None:
-                    raise ApiError(404, "unknown_application", "No such application.")
-                request[APP_ID_KEY] = app_id
-                request[APP_CONFIG_KEY] = app_config
-                # -- origin
-                origin = request.headers.get("Origin")
-                if origin is not None:
-                    normalized = origin.rstrip("/").lower()
-                    allowed = normalized in app_config.allowed_origins
-                    if not allowed and normalized != own_origin(request, settings.trusted_proxies):
-                        raise ApiError(
-                            403, "origin_not_allowed", "This origin may not call this application."
-                        )
-                    if allowed:
-                        request[CORS_ORIGIN_KEY] = origin
-                    if (
-                        request.method == "OPTIONS"
-                        and "Access-Control-Request-Method" in request.headers
-                    ):
-                        response = web.Response(status=204)
-                        response.headers["Access-Control-Allow-Methods"] = CORS_ALLOW_METHODS
-                        response.headers["Access-Control-Allow-Headers"] = CORS_ALLOW_HEADERS
-                        response.headers["Access-Control-Max-Age"] = "600"
-                        return response
-                # -- CSRF
-                if request.method in STATE_CHANGING and request.headers.get("X-CSRF") != "1":
-                    raise ApiError(
-                        403,
-                        "csrf_header_missing",
-                        "State-changing requests must carry the header X-CSRF: 1.",
-                    )
+                if "applicationId" in request.match_info:
+                    app_config = resolve_application(request, settings)
+                    preflight = check_origin(request, settings, app_config)
+                    if preflight is not None:
+                        return preflight
+                    check_csrf(request)
                 return await handler(request)
             except Exception as exc:
                 envelope = _envelope(request, exc)
