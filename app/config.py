@@ -8,10 +8,11 @@ before binding a port. Passwords in `REDIS_URL` are never echoed back (see `reda
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 from cryptography.fernet import Fernet
@@ -19,6 +20,8 @@ from dotenv import dotenv_values
 
 from app.applications import AppConfig, resolve_apps
 from app.sessions.redis import RedisUrlError, parse_redis_url
+
+T = TypeVar("T", int, float)
 
 StoreKind = Literal["memory", "redis"]
 SecureMode = Literal["auto", "true", "false"]
@@ -159,46 +162,46 @@ class _Reader:
         self.problems.append(f"{name}={value!r} is not valid: use one of {', '.join(choices)}")
         return default
 
-    def positive_int(self, name: str, default: int, *, maximum: int | None = None) -> int:
+    def _number(
+        self,
+        name: str,
+        default: T,
+        convert: Callable[[str], T],
+        valid: Callable[[T], bool],
+        use: str,
+    ) -> T:
+        """`name` converted and checked; empty gives `default`; a bad value is recorded (the
+        problem says what to `use`) and gives `default`."""
         raw = self.env.get(name, "").strip()
         if not raw:
             return default
         try:
-            value = int(raw)
+            value = convert(raw)
         except ValueError:
-            value = 0
-        if value <= 0 or (maximum is not None and value > maximum):
-            limit = f" no larger than {maximum}" if maximum is not None else ""
-            self.problems.append(f"{name}={raw!r} is not valid: use a positive integer{limit}")
+            value = None
+        if value is None or not valid(value):
+            self.problems.append(f"{name}={raw!r} is not valid: use {use}")
             return default
         return value
+
+    def positive_int(self, name: str, default: int, *, maximum: int | None = None) -> int:
+        limit = f" no larger than {maximum}" if maximum is not None else ""
+        return self._number(
+            name,
+            default,
+            int,
+            lambda v: v > 0 and (maximum is None or v <= maximum),
+            f"a positive integer{limit}",
+        )
 
     def non_negative_int(self, name: str, default: int) -> int:
         """A whole number of at least 0 (empty: `default`); 0 usually means "off"."""
-        raw = self.env.get(name, "").strip()
-        if not raw:
-            return default
-        try:
-            value = int(raw)
-        except ValueError:
-            value = -1
-        if value < 0:
-            self.problems.append(f"{name}={raw!r} is not valid: use 0 (off) or a positive integer")
-            return default
-        return value
+        return self._number(name, default, int, lambda v: v >= 0, "0 (off) or a positive integer")
 
     def positive_float(self, name: str, default: float) -> float:
-        raw = self.env.get(name, "").strip()
-        if not raw:
-            return default
-        try:
-            value = float(raw)
-        except ValueError:
-            value = 0.0
-        if not value > 0 or value == float("inf"):
-            self.problems.append(f"{name}={raw!r} is not valid: use a positive number of seconds")
-            return default
-        return value
+        return self._number(
+            name, default, float, lambda v: 0 < v < math.inf, "a positive number of seconds"
+        )
 
 
 def _parse(env: Mapping[str, str]) -> Settings:
