@@ -167,7 +167,7 @@ class RedisRateLimiter:
         for bucket in buckets:
             args += [f"{bucket.interval_ms:.3f}", f"{bucket.period_ms:.3f}"]
         reply = await self._backend._run(
-            lambda: _GCRA_SCRIPT.run(self.client, [b.key for b in buckets], args)
+            lambda: _GCRA_SCRIPT.run(self._backend.execute, [b.key for b in buckets], args)
         )
         return int(reply) / 1000
 

@@ -194,6 +194,9 @@ class StubRedis:
     async def aclose(self) -> None:
         return None
 
+    async def execute_command(self, *args: object) -> object:
+        raise AssertionError(f"the start check sent a session command: {args}")
+
 
 @pytest.mark.parametrize(("version", "ok"), [("6.0.16", False), ("6.2.0", True), ("7.0.15", True)])
 async def test_start_check_requires_redis_6_2_for_getex(version: str, ok: bool) -> None:

@@ -64,6 +64,7 @@ from redis.exceptions import OutOfMemoryError as RedisOutOfMemoryError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from app.sessions.backend import CasResult, StoreFull, StoreUnavailable
+from app.sessions.pipelining import CommandPipeliner
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +96,9 @@ CLUSTER_SLOTS = 16384
 
 Topology = Literal["single", "sentinel", "cluster"]
 RedisClient = aioredis.Redis | RedisCluster
+# Sends one command (`"GETEX", key, "EX", 60`) and returns its reply: the auto-pipeliner's
+# `execute`, or a client's `execute_command`.
+Execute = Callable[..., Awaitable[Any]]
 
 _SCHEMES: dict[str, tuple[Topology, bool]] = {
     "redis": ("single", False),
@@ -379,11 +383,11 @@ class LuaScript:
     def of(cls, source: str) -> LuaScript:
         return cls(source, hashlib.sha1(source.encode("utf-8"), usedforsecurity=False).hexdigest())
 
-    async def run(self, client: RedisClient, keys: list[str], args: list[Any]) -> Any:
+    async def run(self, execute: Execute, keys: list[str], args: list[Any]) -> Any:
         try:
-            return await client.evalsha(self.sha, len(keys), *keys, *args)
+            return await execute("EVALSHA", self.sha, len(keys), *keys, *args)
         except NoScriptError:
-            return await client.eval(self.source, len(keys), *keys, *args)
+            return await execute("EVAL", self.source, len(keys), *keys, *args)
 
 
 # The revision of a stored value: keep in sync with `app.sessions.backend.REVISION_RE`.
@@ -457,6 +461,11 @@ class RedisBackend:
     per-operation deadline. Works on a single server, a Sentinel-managed primary, or a Redis
     Cluster (scripts touch one key, so they never cross a hash slot).
 
+    Single server and Sentinel: commands go through a `CommandPipeliner` (`pipelining=True`,
+    the default), so the commands of concurrent requests share pipelined round trips; each
+    operation keeps its own deadline and retry budget. Cluster: one command per call
+    (`RedisCluster` routes each key to its node).
+
     Retries (`_run`): at most `retries` (3) after the first attempt, only for `_retryable`
     errors, sleeping `backoff_delay` between attempts, all within `op_timeout`; a retry that
     could not finish in time is not started. Every command we send is safe to repeat when a
@@ -477,8 +486,14 @@ class RedisBackend:
         retries: int = RETRIES,
         backoff_base: float = BACKOFF_BASE,
         backoff_cap: float = BACKOFF_CAP,
+        pipelining: bool = True,
     ) -> None:
         self.client = client
+        self.pipeliner: CommandPipeliner | None = None
+        self.execute: Execute = client.execute_command
+        if pipelining and isinstance(client, aioredis.Redis):
+            self.pipeliner = CommandPipeliner(client.connection_pool)
+            self.execute = self.pipeliner.execute
         self._op_timeout = op_timeout
         self._retries = retries
         self._backoff_base = backoff_base
@@ -553,7 +568,7 @@ class RedisBackend:
 
     async def get_and_touch(self, key: str, ttl: int) -> bytes | None:
         try:
-            value: Any = await self._run(lambda: self.client.getex(key, ex=ttl))
+            value: Any = await self._run(lambda: self.execute("GETEX", key, "EX", ttl))
         except StoreUnavailable as err:
             if not _is_wrong_type(err.__cause__):
                 raise
@@ -565,24 +580,24 @@ class RedisBackend:
         return bytes(value) if value is not None else None
 
     async def create(self, key: str, value: bytes, ttl: int) -> bool:
-        return bool(await self._run(lambda: self.client.set(key, value, ex=ttl, nx=True)))
+        return bool(await self._run(lambda: self.execute("SET", key, value, "EX", ttl, "NX")))
 
     async def update(self, key: str, value: bytes, ttl: int) -> bool:
         """Unconditional `SET XX EX` (the gateway itself writes with `compare_and_set`)."""
-        return bool(await self._run(lambda: self.client.set(key, value, ex=ttl, xx=True)))
+        return bool(await self._run(lambda: self.execute("SET", key, value, "EX", ttl, "XX")))
 
     async def delete(self, key: str) -> None:
-        await self._run(lambda: self.client.delete(key))
+        await self._run(lambda: self.execute("DEL", key))
 
     async def peek(self, key: str) -> tuple[bytes, float | None] | None:
-        """`GET` + `PTTL` in one pipelined round trip; nothing slides."""
+        """`GET` + `PTTL`, sent together (one pipelined round trip on a single server or
+        Sentinel); nothing slides."""
 
-        async def both() -> list[Any]:
-            async with self.client.pipeline(transaction=False) as pipe:
-                pipe.get(key)
-                pipe.pttl(key)
-                result: list[Any] = await pipe.execute(raise_on_error=False)
-            for item in result:  # a reply lost mid-pipeline comes back as a value: retry it
+        async def both() -> tuple[Any, ...]:
+            result: tuple[Any, ...] = await asyncio.gather(
+                self.execute("GET", key), self.execute("PTTL", key), return_exceptions=True
+            )
+            for item in result:  # a lost reply comes back as a value: retry the pair
                 if isinstance(item, BaseException) and _retryable(item):
                     raise item
             return result
@@ -600,16 +615,16 @@ class RedisBackend:
         return bytes(value), left
 
     async def expire(self, key: str, ttl: int) -> None:
-        await self._run(lambda: self.client.expire(key, ttl))
+        await self._run(lambda: self.execute("EXPIRE", key, ttl))
 
     async def compare_and_set(self, key: str, expected: str, value: bytes, ttl: int) -> CasResult:
         reply = await self._run(
-            lambda: COMPARE_AND_SET.run(self.client, [key], [expected, value, ttl])
+            lambda: COMPARE_AND_SET.run(self.execute, [key], [expected, value, ttl])
         )
         return _cas_result(reply)
 
     async def delete_if_revision(self, key: str, expected: str) -> CasResult:
-        reply = await self._run(lambda: DELETE_IF_REVISION.run(self.client, [key], [expected]))
+        reply = await self._run(lambda: DELETE_IF_REVISION.run(self.execute, [key], [expected]))
         return _cas_result(reply)
 
     async def ping(self) -> None:
@@ -689,6 +704,8 @@ class RedisBackend:
         return [dict(r) for r in results]
 
     async def close(self) -> None:
+        if self.pipeliner is not None:
+            await self.pipeliner.close()
         pool = getattr(self.client, "connection_pool", None)
         await self.client.aclose()
         sentinel = getattr(pool, "sentinel_manager", None)
