@@ -69,7 +69,7 @@ def reset_stats(server: RedisServer) -> None:
 
 def connections_of(client: aioredis.Redis) -> int:
     pool = client.connection_pool
-    return len(pool._available_connections) + len(pool._in_use_connections)  # type: ignore[attr-defined]
+    return len(pool._available_connections) + len(pool._in_use_connections)
 
 
 async def test_commands_of_one_loop_iteration_are_one_batch_on_one_connection(
