@@ -73,7 +73,7 @@ from app.sessions.backend import StoreFull, StoreUnavailable
 from app.sessions.middleware import get_session, rotate_session, update_session
 from app.sessions.storage import DATA, GATEWAY
 from app.state import SETTINGS_KEY
-from app.upstream import UPSTREAM_KEY
+from app.upstream import UPSTREAM_KEY, StreamStop, request_timeout
 
 log = logging.getLogger(__name__)
 
@@ -112,8 +112,6 @@ _GATEWAY_OWNED_REQUEST = frozenset(
 )
 _FORWARDING = frozenset({"forwarded", "x-real-ip"})
 _REAUTHORED = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"})
-# Auto headers aiohttp would invent: the upstream sees what the browser sent, nothing else.
-_SKIP_AUTO_HEADERS = frozenset({"Accept", "Accept-Encoding", "User-Agent", "Content-Type"})
 
 # RFC 3986 pchar, minus `@` (userinfo tricks are refused outright).
 _SEGMENT_RE = re.compile(r"^(?:[A-Za-z0-9\-._~!$&'()*+,;=:]|%[0-9A-Fa-f]{2})+$")
@@ -428,7 +426,7 @@ async def agent_proxy(request: web.Request) -> web.StreamResponse:
         lifecycle=request.app[LIFECYCLE_KEY],
     )
     inner = asyncio.create_task(_proxy(exchange))
-    watcher = asyncio.create_task(_watch_disconnect(exchange, inner))
+    watcher = _DisconnectWatch(exchange, inner)
     try:
         return await inner
     except asyncio.CancelledError:
@@ -447,14 +445,31 @@ async def agent_proxy(request: web.Request) -> web.StreamResponse:
         watcher.cancel()
 
 
-async def _watch_disconnect(exchange: _Exchange, inner: asyncio.Task[web.StreamResponse]) -> None:
-    while not inner.done():
-        await asyncio.sleep(DISCONNECT_POLL_SECONDS)
-        transport = exchange.request.transport
-        if (transport is None or transport.is_closing()) and not inner.done():
-            exchange.client_gone = True
-            inner.cancel()
+class _DisconnectWatch:
+    """Every `DISCONNECT_POLL_SECONDS` until `inner` is done: when the browser's transport is
+    gone or closing, mark the exchange `client_gone` and cancel `inner`. A timer callback that
+    re-arms itself, not a task: nothing runs per request until the first poll is due."""
+
+    __slots__ = ("_exchange", "_handle", "_inner", "_loop")
+
+    def __init__(self, exchange: _Exchange, inner: asyncio.Task[web.StreamResponse]) -> None:
+        self._exchange = exchange
+        self._inner = inner
+        self._loop = asyncio.get_running_loop()
+        self._handle = self._loop.call_later(DISCONNECT_POLL_SECONDS, self._poll)
+
+    def _poll(self) -> None:
+        if self._inner.done():
             return
+        transport = self._exchange.request.transport
+        if transport is None or transport.is_closing():
+            self._exchange.client_gone = True
+            self._inner.cancel()
+            return
+        self._handle = self._loop.call_later(DISCONNECT_POLL_SECONDS, self._poll)
+
+    def cancel(self) -> None:
+        self._handle.cancel()
 
 
 def _closing(response: web.Response) -> web.Response:
@@ -548,8 +563,7 @@ async def _proxy(exchange: _Exchange) -> web.StreamResponse:
                     ),
                     data=data,
                     allow_redirects=False,
-                    skip_auto_headers=_SKIP_AUTO_HEADERS,
-                    timeout=aiohttp.ClientTimeout(total=None, sock_connect=timeout),
+                    timeout=request_timeout(timeout),
                 )
             finally:
                 exchange.header_deadline = None
@@ -603,7 +617,7 @@ async def _proxy(exchange: _Exchange) -> web.StreamResponse:
             upstream_response.close()
             raise
     try:
-        await _relay(exchange, response, upstream_response)
+        await _relay(exchange, response, upstream_response, upstream.stop)
     finally:
         # After a complete body this only returns the connection to the pool; otherwise it
         # closes it, which is how the upstream learns the request was abandoned.
@@ -638,7 +652,10 @@ def _protocol_error(exchange: _Exchange, detail: str) -> web.Response:
 
 
 async def _relay(
-    exchange: _Exchange, response: web.StreamResponse, upstream: aiohttp.ClientResponse
+    exchange: _Exchange,
+    response: web.StreamResponse,
+    upstream: aiohttp.ClientResponse,
+    stop: StreamStop,
 ) -> None:
     request = exchange.request
     response.set_status(upstream.status, upstream.reason)
@@ -659,25 +676,24 @@ async def _relay(
     # One reader loop, no task or wait set per chunk: whatever the upstream already delivered
     # is taken without waiting (several buffered events go out in one write); only an empty
     # buffer waits, under one deadline (idle timeout, or the next keep-alive of an event
-    # stream). The shutdown signal (`stop_streams`) cuts that wait short.
+    # stream). The shutdown signal (`stop_streams`, via `stop`) cuts that wait short.
     loop = asyncio.get_running_loop()
     content = upstream.content
     boundary = _SseBoundary()
     idle_timeout = exchange.app.idle_timeout_seconds
     keepalive = exchange.settings.sse_keepalive_seconds
-    stop = asyncio.ensure_future(exchange.lifecycle.stop_streams.wait())
     waiting: list[asyncio.Timeout] = []  # the wait in progress, for the stop callback
 
-    def on_stop(_: object) -> None:
+    def on_stop() -> None:
         for timeout in waiting:
             if not timeout.expired():
                 timeout.reschedule(loop.time())
 
-    stop.add_done_callback(on_stop)
+    stop.subscribe(on_stop)
     last_data = last_write = loop.time()
     try:
         while True:
-            if stop.done():
+            if stop.is_set:
                 await _fail(exchange, response, sse, boundary, "shutting_down", "shutdown timeout")
                 return
             chunk: bytes | None
@@ -714,7 +730,7 @@ async def _relay(
                 last_data = last_write = loop.time()
                 continue
             # The wait ended without data: shutdown, idle timeout or keep-alive time.
-            if stop.done():
+            if stop.is_set:
                 continue
             now = loop.time()
             if now >= last_data + idle_timeout:
@@ -733,9 +749,7 @@ async def _relay(
         with contextlib.suppress(ConnectionError):
             await response.write_eof()
     finally:
-        stop.remove_done_callback(on_stop)
-        if not stop.done():
-            stop.cancel()
+        stop.unsubscribe(on_stop)
 
 
 async def _write(exchange: _Exchange, response: web.StreamResponse, data: bytes) -> bool:

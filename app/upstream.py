@@ -9,7 +9,15 @@
   an upstream sets (it would be sent on behalf of the next user).
 - `trust_env=False`: `HTTP(S)_PROXY` in the environment does not silently reroute agent traffic.
 - No total timeout: streams may last as long as they produce bytes. The proxy applies the
-  per-application header and idle timeouts itself.
+  per-application header and idle timeouts itself (`connect_timeout` below is the only
+  per-request client timeout; one `ClientTimeout` per distinct value, not per request).
+- `skip_auto_headers` (`Accept`, `Accept-Encoding`, `User-Agent`, `Content-Type`) is set once on
+  the session: the upstream sees what the browser sent, nothing aiohttp would invent.
+- TCP_NODELAY is on for every upstream connection (aiohttp sets it when a connection is made),
+  as it is on the browser side; keep-alive connections are pooled and reused (15 s idle).
+
+`StreamStop` turns the lifecycle's `stop_streams` event into callbacks: one task per process
+waits for it on behalf of every open relay (not one task per stream).
 
 The built-in demo agent (`upstream = "builtin:demo"`) runs in this process as its own aiohttp
 server on `127.0.0.1:<random port>`, started and stopped by the same context, so the proxy path
@@ -18,6 +26,9 @@ to it is ordinary HTTP, identical to a remote agent's.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import functools
 import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -29,19 +40,61 @@ from yarl import URL
 from app.applications import AppConfig
 from app.config import Settings
 from app.demo_agent import start_demo_agent
+from app.lifecycle import LIFECYCLE_KEY
 
 log = logging.getLogger(__name__)
 
 # How long the demo agent's own server waits for its handlers at shutdown. The gateway's
 # streams to it have already ended (or been told to) by then.
 _DEMO_SHUTDOWN_SECONDS = 1.0
+# Headers aiohttp would add on its own: never sent (the upstream sees the browser's only).
+SKIP_AUTO_HEADERS = frozenset({"Accept", "Accept-Encoding", "User-Agent", "Content-Type"})
+
+
+class StreamStop:
+    """`event` (the lifecycle's `stop_streams`) as callbacks for the open relays.
+
+    `subscribe(callback)`: `callback()` runs once when the event is set (one loop step later,
+    from the waiting task), unless `unsubscribe`d before. `is_set` reads the event itself.
+    Create inside the running loop; `close()` ends the waiting task.
+    """
+
+    __slots__ = ("_callbacks", "_event", "_task")
+
+    def __init__(self, event: asyncio.Event) -> None:
+        self._event = event
+        self._callbacks: dict[Callable[[], None], None] = {}
+        self._task = asyncio.ensure_future(self._wait())
+
+    @property
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
+    def subscribe(self, callback: Callable[[], None]) -> None:
+        self._callbacks[callback] = None
+
+    def unsubscribe(self, callback: Callable[[], None]) -> None:
+        self._callbacks.pop(callback, None)
+
+    async def _wait(self) -> None:
+        await self._event.wait()
+        callbacks, self._callbacks = self._callbacks, {}
+        for callback in callbacks:
+            callback()
+
+    async def close(self) -> None:
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
 
 
 @dataclass(slots=True)
 class Upstream:
-    """The process's upstream client and where each application's agent lives."""
+    """The process's upstream client, where each application's agent lives, and the shutdown
+    signal its relays listen to."""
 
     session: aiohttp.ClientSession
+    stop: StreamStop
     demo_base: URL | None = None
 
     def base_url(self, app: AppConfig) -> URL:
@@ -56,6 +109,12 @@ class Upstream:
 UPSTREAM_KEY = web.AppKey("upstream", Upstream)
 
 
+@functools.lru_cache(maxsize=64)
+def request_timeout(connect_timeout: float) -> aiohttp.ClientTimeout:
+    """The client timeout of one upstream request (shared: `ClientTimeout` is immutable)."""
+    return aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout)
+
+
 def make_client_session(pool_size: int) -> aiohttp.ClientSession:
     """The shared upstream client (see the module docstring for why each option)."""
     connector = aiohttp.TCPConnector(limit=pool_size, limit_per_host=0)
@@ -66,6 +125,7 @@ def make_client_session(pool_size: int) -> aiohttp.ClientSession:
         trust_env=False,
         timeout=aiohttp.ClientTimeout(total=None),
         raise_for_status=False,
+        skip_auto_headers=SKIP_AUTO_HEADERS,
     )
 
 
@@ -82,10 +142,12 @@ def upstream_ctx(settings: Settings) -> Callable[[web.Application], AsyncIterato
             )
             log.info("built-in demo agent listening on %s (loopback only)", demo_base)
         session = make_client_session(settings.upstream_pool_size)
-        app[UPSTREAM_KEY] = Upstream(session=session, demo_base=demo_base)
+        stop = StreamStop(app[LIFECYCLE_KEY].stop_streams)
+        app[UPSTREAM_KEY] = Upstream(session=session, stop=stop, demo_base=demo_base)
         try:
             yield
         finally:
+            await stop.close()
             await session.close()
             if demo_runner is not None:
                 await demo_runner.cleanup()
