@@ -57,6 +57,7 @@ from urllib.parse import unquote
 
 import aiohttp
 from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
 from aiohttp_session import Session
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
@@ -328,11 +329,63 @@ class _SseBoundary:
         self.tail = b"\n\n"
 
     def feed(self, chunk: bytes) -> None:
-        self.tail = (self.tail + chunk)[-4:]
+        self.tail = (self.tail + chunk[-4:])[-4:]
 
     @property
     def at_boundary(self) -> bool:
         return self.tail.endswith(self._ENDS)
+
+
+class _RelayResponse(web.StreamResponse):
+    """The relayed response. `prepare()` holds its head back until the first write (aiohttp
+    sends it together with those bytes); `_relay` sends it on its own (`_send_head`) as soon as
+    no body bytes are ready, so the head never waits for the upstream."""
+
+    _send_headers_immediately = False
+
+
+def take_buffered(content: aiohttp.StreamReader, limit: int) -> bytes:
+    """`content.read_nowait(limit)` in one step: the bytes `content` holds now (at most
+    `limit`), `b""` when there are none; raises the stream's exception like `read_nowait`.
+
+    aiohttp's `read_nowait` takes one buffered HTTP chunk at a time and asks the connection to
+    resume reading after each (a parser call every time): about 1 µs per buffered event, most
+    of a relay's read cost when an event stream arrives in bursts. Here the buffer is joined
+    at once and the connection resumed once, after it; bytes that this feeds (a paused
+    parser's backlog) are left for the next call instead of joining this one. Uses aiohttp's
+    `StreamReader` internals (checked against `read_nowait` by tests/test_proxy_fast_relay.py);
+    anything unusual (another reader class, an error, a pending waiter, more than `limit`
+    bytes, a single chunk) takes aiohttp's own path.
+    """
+    if type(content) is not aiohttp.StreamReader:  # e.g. the empty body of a HEAD answer
+        return content.read_nowait(limit)
+    buffer = content._buffer
+    if (
+        len(buffer) < 2
+        or content._size > limit
+        or content._exception is not None
+        or content._waiter is not None
+    ):
+        return content.read_nowait(limit)
+    content._timer.assert_timeout()
+    offset = content._buffer_offset
+    if offset:
+        buffer[0] = buffer[0][offset:]
+        content._buffer_offset = 0
+    data = b"".join(buffer)
+    buffer.clear()
+    content._size -= len(data)
+    content._cursor += len(data)
+    splits = content._http_chunk_splits
+    if splits is not None:
+        cursor = content._cursor
+        while splits and splits[0] < cursor:
+            splits.popleft()
+    if content._size < content._low_water and (
+        splits is None or len(splits) < content._low_water_chunks
+    ):
+        content._protocol.resume_reading()
+    return data
 
 
 # -- the exchange ---------------------------------------------------------------------------
@@ -525,7 +578,7 @@ async def _proxy(exchange: _Exchange) -> web.StreamResponse:
     # re-applies on a concurrent write, so racing first requests agree on one conversation.
     session = await get_session(request)
     await enforce_rate_limits(request, session)
-    response = web.StreamResponse()
+    response = _RelayResponse()
     exchange.response = response
     session = await update_session(request, response, ensure_conversation)
     conversation_id = ensure_conversation(session)  # already there: changes nothing
@@ -668,15 +721,19 @@ async def _relay(
     if sse:
         response.headers.setdefault("Cache-Control", "no-cache")
     try:
-        await response.prepare(request)
+        # The head is held back (`_RelayResponse`): it goes out with the first bytes when they
+        # are already here, and on its own (`_send_head`) before anything else happens.
+        writer = await response.prepare(request)
     except ConnectionError:
         exchange.client_gone = True
         return
+    assert writer is not None
 
     # One reader loop, no task or wait set per chunk: whatever the upstream already delivered
-    # is taken without waiting (several buffered events go out in one write); only an empty
-    # buffer waits, under one deadline (idle timeout, or the next keep-alive of an event
-    # stream). The shutdown signal (`stop_streams`, via `stop`) cuts that wait short.
+    # is taken without waiting (several buffered events go out in one write; the last bytes of
+    # a complete body go out with its end); only an empty buffer waits, under one deadline
+    # (idle timeout, or the next keep-alive of an event stream). The shutdown signal
+    # (`stop_streams`, via `stop`) cuts that wait short.
     loop = asyncio.get_running_loop()
     content = upstream.content
     boundary = _SseBoundary()
@@ -694,12 +751,16 @@ async def _relay(
     try:
         while True:
             if stop.is_set:
-                await _fail(exchange, response, sse, boundary, "shutting_down", "shutdown timeout")
+                await _fail(
+                    exchange, response, writer, sse, boundary, "shutting_down", "shutdown timeout"
+                )
                 return
             chunk: bytes | None
             try:
-                chunk = content.read_nowait(READ_CHUNK_BYTES)
+                chunk = take_buffered(content, READ_CHUNK_BYTES)
                 if not chunk and not content.is_eof():
+                    if not _send_head(exchange, writer):
+                        return
                     deadline = last_data + idle_timeout
                     if sse:
                         deadline = min(deadline, last_write + keepalive)
@@ -719,11 +780,18 @@ async def _relay(
             # RuntimeError("Connection closed.").
             except (aiohttp.ClientError, OSError, RuntimeError) as err:
                 code = "body_too_large" if exchange.body_too_large else "upstream_stream_error"
-                await _fail(exchange, response, sse, boundary, code, type(err).__name__)
+                await _fail(exchange, response, writer, sse, boundary, code, type(err).__name__)
                 return
             if chunk is not None:
                 if not chunk:
                     break
+                if content.at_eof():
+                    # The body is complete: its last bytes and its end in one send.
+                    try:
+                        await response.write_eof(chunk)
+                    except ConnectionError:
+                        exchange.client_gone = True
+                    return
                 if not await _write(exchange, response, chunk):
                     return
                 boundary.feed(chunk)
@@ -735,7 +803,13 @@ async def _relay(
             now = loop.time()
             if now >= last_data + idle_timeout:
                 await _fail(
-                    exchange, response, sse, boundary, "upstream_idle_timeout", "idle timeout"
+                    exchange,
+                    response,
+                    writer,
+                    sse,
+                    boundary,
+                    "upstream_idle_timeout",
+                    "idle timeout",
                 )
                 return
             if sse and now >= last_write + keepalive:
@@ -750,6 +824,16 @@ async def _relay(
             await response.write_eof()
     finally:
         stop.unsubscribe(on_stop)
+
+
+def _send_head(exchange: _Exchange, writer: AbstractStreamWriter) -> bool:
+    """Send the response head now if it is still held back; False when the browser is gone."""
+    try:
+        writer.send_headers()
+    except ConnectionError:
+        exchange.client_gone = True
+        return False
+    return True
 
 
 async def _write(exchange: _Exchange, response: web.StreamResponse, data: bytes) -> bool:
@@ -773,6 +857,7 @@ _ERROR_MESSAGES = {
 async def _fail(
     exchange: _Exchange,
     response: web.StreamResponse,
+    writer: AbstractStreamWriter,
     sse: bool,
     boundary: _SseBoundary,
     code: str,
@@ -802,4 +887,5 @@ async def _fail(
         return
     transport = exchange.request.transport
     if transport is not None:
+        _send_head(exchange, writer)  # the browser sees the response start, then the cut
         transport.abort()
