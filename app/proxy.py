@@ -433,6 +433,19 @@ class _Exchange:
                 response.cookies[name] = morsel
         return response
 
+    def arrived_body(self, cap: int) -> bytes | None:
+        """The browser's whole body when all of it has already arrived (typical of a small
+        one: it comes with the request head), else None (read it with `body`). Over `cap`
+        bytes: `_BodyTooLarge`, as from `body`."""
+        content = self.request.content
+        if not content.is_eof():
+            return None
+        data = content.read_nowait(-1)
+        if len(data) > cap:
+            self.body_too_large = True
+            raise _BodyTooLarge
+        return data
+
     async def body(self, cap: int) -> AsyncGenerator[bytes, None]:
         """The browser's body, streamed upstream: cut at `cap` (413 `body_too_large`) and at
         a pause over `BODY_TIMEOUT_SECONDS` (408 `body_timeout`).
@@ -592,8 +605,10 @@ async def _proxy(exchange: _Exchange) -> web.StreamResponse:
         length = request.content_length
         if length is not None and length <= SMALL_BODY_BYTES:
             try:
-                async with contextlib.aclosing(exchange.body(app.max_body_bytes)) as chunks:
-                    data = b"".join([chunk async for chunk in chunks])
+                data = exchange.arrived_body(app.max_body_bytes)
+                if data is None:
+                    async with contextlib.aclosing(exchange.body(app.max_body_bytes)) as chunks:
+                        data = b"".join([chunk async for chunk in chunks])
             except _BodyTooLarge:
                 return _closing(
                     exchange.error(413, "body_too_large", "The request body is too large.")

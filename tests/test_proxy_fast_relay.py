@@ -1,6 +1,6 @@
 """The relay's fast paths: buffered upstream bytes taken in one step, the response head and a
 complete body leaving in one write, a head never held back by a silent upstream, no task per
-stream for the shutdown signal or the disconnect watch."""
+stream for the shutdown signal or the disconnect watch, an arrived small body sent as is."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import pytest
 from aiohttp import http_writer, web
 from aiohttp.client_proto import ResponseHandler
 
+from app import proxy
 from app.lifecycle import LIFECYCLE_KEY
 from app.proxy import READ_CHUNK_BYTES, take_buffered
 from tests.conftest import CSRF
@@ -215,3 +216,17 @@ async def test_open_streams_share_one_shutdown_waiter_and_no_watcher_task(
         assert b"event: error" in rest and b"shutting_down" in rest
     for s in streams:
         await s.aclose()
+
+
+async def test_a_small_body_that_arrived_with_the_head_is_sent_without_streaming_it(
+    upstream: ServedUpstream, gw: RunningGateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_streaming(self: object, cap: int) -> None:
+        raise AssertionError("the arrived body was read through the streaming path")
+
+    monkeypatch.setattr(proxy._Exchange, "body", no_streaming)
+    async with gw.client.put(f"{AGENT}/doc", headers=CSRF, data=b"x" * 500) as resp:
+        assert resp.status == 200
+        assert await resp.json() == {"method": "PUT", "path": "/v1/doc", "body_bytes": 500}
+    assert upstream.fake.last.headers["Content-Length"] == "500"
+    assert upstream.fake.last.body == b"x" * 500
