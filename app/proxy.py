@@ -47,6 +47,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import itertools
 import json
 import logging
 import re
@@ -131,11 +133,13 @@ class InvalidPath(ValueError):
 # -- pure helpers ---------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=1024)
 def build_upstream_url(base: URL, raw_tail: str, raw_query: str) -> URL:
     """`{base}/{raw_tail}?{raw_query}`, refusing anything that could leave `base`.
 
     `raw_tail` is the still percent-encoded path after `/agent/`; it is forwarded as is (no
-    re-encoding), after every segment was checked in its decoded forms.
+    re-encoding), after every segment was checked in its decoded forms. A pure function of
+    its arguments, so its results are cached (agent paths repeat; a refusal is not cached).
     """
     segments = raw_tail.split("/")
     for index, segment in enumerate(segments):
@@ -242,6 +246,10 @@ def forwardable_headers(headers: CIMultiDictProxy[str]) -> bool:
     them on, the pure-Python one yields strings its client then refuses to send (a 500). The
     gateway refuses them the same way with either: 400 `invalid_header`, nothing sent.
     """
+    # One search over every value (HTAB, the separator, is allowed); only a hit needs the
+    # per-header look that leaves `Cookie` out.
+    if not _UNSENDABLE_RE.search("\t".join(headers.values())):
+        return True
     return not any(
         _UNSENDABLE_RE.search(value) for name, value in headers.items() if name.lower() != "cookie"
     )
@@ -277,12 +285,9 @@ def has_invalid_header(upstream: aiohttp.ClientResponse) -> bool:
     send them (`ValueError` while the response is being prepared, too late for our error
     envelope), so such an answer is refused as a whole: 502 `upstream_protocol_error`.
     """
-    if _HEADER_CONTROL_RE.search(upstream.reason or ""):
-        return True
-    return any(
-        _HEADER_CONTROL_RE.search(name) or _HEADER_CONTROL_RE.search(value)
-        for name, value in upstream.headers.items()
-    )
+    # One search over the reason, every name and every value (HTAB, the separator, is allowed).
+    fields = itertools.chain((upstream.reason or "",), *upstream.headers.items())
+    return _HEADER_CONTROL_RE.search("\t".join(fields)) is not None
 
 
 def is_event_stream(headers: CIMultiDictProxy[str]) -> bool:

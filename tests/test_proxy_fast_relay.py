@@ -1,17 +1,21 @@
 """The relay's fast paths: buffered upstream bytes taken in one step, the response head and a
 complete body leaving in one write, a head never held back by a silent upstream, no task per
-stream for the shutdown signal or the disconnect watch, an arrived small body sent as is."""
+stream for the shutdown signal or the disconnect watch, an arrived small body sent as is,
+header checks in one search, upstream URLs cached per agent path."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncGenerator, Iterator
+from types import SimpleNamespace
 from typing import Any
 
 import aiohttp
 import pytest
 from aiohttp import http_writer, web
 from aiohttp.client_proto import ResponseHandler
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
 
 from app import proxy
 from app.lifecycle import LIFECYCLE_KEY
@@ -230,3 +234,39 @@ async def test_a_small_body_that_arrived_with_the_head_is_sent_without_streaming
         assert await resp.json() == {"method": "PUT", "path": "/v1/doc", "body_bytes": 500}
     assert upstream.fake.last.headers["Content-Length"] == "500"
     assert upstream.fake.last.body == b"x" * 500
+
+
+# -- header checks: one search per message, a cached URL per agent path ---------------------
+
+
+def test_a_repeated_agent_path_is_checked_and_built_once() -> None:
+    base = URL("http://agent.internal:9000/v1")
+    proxy.build_upstream_url.cache_clear()
+    first = proxy.build_upstream_url(base, "chat/stream", "a=1")
+    assert proxy.build_upstream_url(base, "chat/stream", "a=1") is first
+    assert proxy.build_upstream_url.cache_info().hits == 1
+    assert str(first) == "http://agent.internal:9000/v1/chat/stream?a=1"
+    for _ in range(2):  # a refusal is not cached: it is refused every time
+        with pytest.raises(proxy.InvalidPath):
+            proxy.build_upstream_url(base, "%2e%2e/admin", "")
+
+
+def _headers(*pairs: tuple[str, str]) -> CIMultiDictProxy[str]:
+    return CIMultiDictProxy(CIMultiDict(pairs))
+
+
+def test_forwardable_headers_with_one_search_and_the_cookie_exception() -> None:
+    assert proxy.forwardable_headers(_headers(("Accept", "text/event-stream"), ("X-A", "a\tb")))
+    # Cookie is never forwarded: its value may hold anything.
+    assert proxy.forwardable_headers(_headers(("Cookie", "s=caf\xe9"), ("Accept", "*/*")))
+    assert not proxy.forwardable_headers(_headers(("Cookie", "s=1"), ("X-Name", "caf\xe9")))
+
+
+def test_invalid_upstream_header_with_one_search() -> None:
+    def answer(reason: str, *pairs: tuple[str, str]) -> Any:
+        return SimpleNamespace(reason=reason, headers=_headers(*pairs))
+
+    assert not proxy.has_invalid_header(answer("OK", ("X-A", "a\tb"), ("Server", "s")))
+    assert proxy.has_invalid_header(answer("O\x01K", ("X-A", "a")))
+    assert proxy.has_invalid_header(answer("OK", ("X-A", "a"), ("X-B", "b\x7f")))
+    assert proxy.has_invalid_header(answer("OK", ("X-\x02", "a")))
