@@ -15,11 +15,12 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
+from redis.asyncio.connection import Connection
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from app.sessions.pipelining import CommandPipeliner
+from app.sessions.pipelining import CommandPipeliner, pack_commands
 from app.sessions.redis import RedisBackend, RedisOptions, make_client
 from tests.conftest import CSRF, GatewayFactory
 from tests.fault_proxy import FaultProxy
@@ -231,3 +232,23 @@ async def test_without_pipelining_every_command_is_its_own_round_trip(
     finally:
         await backend.close()
     assert data_commands(shared_redis) == {"set": 1, "getex": 5}
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("GETEX", "bff:demo:abc", "EX", 1800),
+        ("SET", "k", b"\x00\xff{}\r\n", "EX", 60, "NX"),
+        ("EVALSHA", "a" * 40, 1, "k", "ünïcode", 12.5, -3, b""),
+        ("SET", "k", bytearray(b"ba"), memoryview(b"mv")),
+    ],
+)
+def test_commands_are_packed_as_redis_py_packs_them(args: tuple[Any, ...]) -> None:
+    reference = Connection()
+    assert pack_commands([args, args]) == b"".join(reference.pack_commands([args, args]))
+
+
+@pytest.mark.parametrize("bad", [True, None, object()])
+def test_arguments_redis_cannot_take_are_refused(bad: object) -> None:
+    with pytest.raises(TypeError):
+        pack_commands([("SET", "k", bad)])
