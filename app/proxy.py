@@ -362,16 +362,20 @@ def take_buffered(content: aiohttp.StreamReader, limit: int) -> bytes:
     anything unusual (another reader class, an error, a pending waiter, more than `limit`
     bytes, a single chunk) takes aiohttp's own path.
     """
-    if type(content) is not aiohttp.StreamReader:  # e.g. the empty body of a HEAD answer
-        return content.read_nowait(limit)
-    buffer = content._buffer
     if (
-        len(buffer) < 2
-        or content._size > limit
+        type(content) is not aiohttp.StreamReader  # e.g. the empty body of a HEAD answer
         or content._exception is not None
         or content._waiter is not None
     ):
         return content.read_nowait(limit)
+    return _join_buffered(content, limit)
+
+
+def _join_buffered(content: aiohttp.StreamReader, limit: int) -> bytes:
+    """aiohttp's `content._read_nowait(limit)` (no error check), one join for several chunks."""
+    buffer = content._buffer
+    if len(buffer) < 2 or content._size > limit:
+        return content._read_nowait(limit)
     content._timer.assert_timeout()
     offset = content._buffer_offset
     if offset:
@@ -391,6 +395,18 @@ def take_buffered(content: aiohttp.StreamReader, limit: int) -> bytes:
     ):
         content._protocol.resume_reading()
     return data
+
+
+async def read_available(content: aiohttp.StreamReader, limit: int) -> bytes:
+    """`await content.read(limit)`: wait until `content` has bytes (or its end), then take them
+    like `take_buffered` (one join, not one step per HTTP chunk that arrived meanwhile). Waits
+    with aiohttp's own `_wait` and takes without an error check, exactly as `read` does;
+    another reader class or a stored error takes `read` itself."""
+    if type(content) is not aiohttp.StreamReader or content._exception is not None:
+        return await content.read(limit)
+    while not content._buffer and not content._eof:
+        await content._wait("read")
+    return _join_buffered(content, limit)
 
 
 # -- the exchange ---------------------------------------------------------------------------
@@ -790,7 +806,7 @@ async def _relay(
                             async with asyncio.timeout_at(deadline) as timeout:
                                 waiting.append(timeout)
                                 try:
-                                    chunk = await content.read(READ_CHUNK_BYTES)
+                                    chunk = await read_available(content, READ_CHUNK_BYTES)
                                 finally:
                                     waiting.clear()
                         except TimeoutError:

@@ -19,7 +19,7 @@ from yarl import URL
 
 from app import proxy
 from app.lifecycle import LIFECYCLE_KEY
-from app.proxy import READ_CHUNK_BYTES, take_buffered
+from app.proxy import READ_CHUNK_BYTES, read_available, take_buffered
 from tests.conftest import CSRF
 from tests.fake_upstream import RunningGateway, ServedUpstream, sse, start_sse
 
@@ -116,6 +116,26 @@ async def test_take_buffered_resumes_a_paused_connection() -> None:
         taken += chunk
     assert taken == slow.read_nowait(READ_CHUNK_BYTES) == b"".join(EVENTS)
     assert not fast_protocol.transport.paused
+
+
+async def test_read_available_waits_then_takes_every_chunk_that_arrived_in_one_step() -> None:
+    protocol, payload = _fed([])
+    reading = asyncio.ensure_future(read_available(payload, READ_CHUNK_BYTES))
+    await asyncio.sleep(0)
+    assert not reading.done()
+    protocol.data_received(b"".join(b"%x\r\n%s\r\n" % (len(e), e) for e in EVENTS))
+    protocol.resumes = 0
+    assert await reading == b"".join(EVENTS)
+    assert protocol.resumes == 1  # aiohttp's read: once per chunk
+    # The end, and an error while waiting, as `read` has them.
+    protocol.data_received(b"0\r\n\r\n")
+    assert await read_available(payload, READ_CHUNK_BYTES) == b""
+    _, failing = _fed([])
+    reading = asyncio.ensure_future(read_available(failing, READ_CHUNK_BYTES))
+    await asyncio.sleep(0)
+    failing.set_exception(aiohttp.ClientPayloadError("cut"))
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await reading
 
 
 # -- through the gateway ----------------------------------------------------------------------
