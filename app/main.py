@@ -9,19 +9,13 @@ from typing import Any
 from aiohttp import web
 
 from app.config import Settings, redact_url
-from app.lifecycle import (
-    LIFECYCLE_KEY,
-    Lifecycle,
-    close_connections_when_draining,
-    drain_on_shutdown,
-)
+from app.lifecycle import LIFECYCLE_KEY, Lifecycle, drain_on_shutdown
 from app.metrics import instrument_backend, setup_metrics
-from app.middlewares import add_response_headers, setup_gateway
+from app.middlewares import add_prepare_hook, setup_gateway
 from app.ratelimit import rate_limit_ctx
 from app.routes import setup_routes
 from app.sessions.backend import SessionBackend, StoreUnavailable
 from app.sessions.memory import MemoryBackend
-from app.sessions.middleware import setup_sessions
 from app.sessions.redis import RedisBackend, RedisOptions, make_client
 from app.sessions.storage import GatewayStorage
 from app.state import BACKEND_KEY, SETTINGS_KEY, STORAGE_APP_KEY
@@ -45,15 +39,16 @@ def create_app(settings: Settings, *, backend: SessionBackend | None = None) -> 
         shutdown_timeout=settings.shutdown_timeout_seconds,
         idle_grace=settings.shutdown_idle_grace_seconds,
     )
-    # Order matters, outermost first: the request id exists before anything can fail; errors
-    # are enveloped for everything inside; the application is resolved before origin/CSRF
-    # checks (which depend on it); the session is loaded last, only for requests that passed.
-    # The first five steps (request id, errors, application, origin, CSRF) are one middleware:
-    # a coroutine frame per step per request was a measurable share of a request's CPU.
-    middlewares = [setup_gateway(settings, lifecycle), setup_sessions()]
-    app = web.Application(middlewares=middlewares, handler_args=server_options(settings))
+    app = web.Application(handler_args=server_options(settings))
     app[SETTINGS_KEY] = settings
     app[LIFECYCLE_KEY] = lifecycle
+    request_metrics = setup_metrics(app)
+    # One middleware, outermost first: metrics see every request and its final status; the
+    # request id exists before anything can fail; errors are enveloped for everything inside;
+    # the application is resolved before origin/CSRF checks (which depend on it); the session
+    # is saved after the handler, only for requests that passed (app/middlewares.py). A
+    # coroutine frame per step per request was a measurable share of a request's CPU.
+    app.middlewares.append(setup_gateway(settings, lifecycle, request_metrics))
     app.cleanup_ctx.append(session_store_ctx(settings, backend))
     # Rate-limit buckets live in the session store (Redis: shared by every replica).
     app.cleanup_ctx.append(rate_limit_ctx(settings))
@@ -61,10 +56,10 @@ def create_app(settings: Settings, *, backend: SessionBackend | None = None) -> 
     # agent) close before Redis, which closes last.
     app.cleanup_ctx.append(upstream_ctx(settings))
     app.on_shutdown.append(drain_on_shutdown)
-    app.on_response_prepare.append(close_connections_when_draining)
-    add_response_headers(app)
+    # One prepare hook: Connection: close while draining, X-Request-Id and security/CORS
+    # headers, open streams counted.
+    add_prepare_hook(app, lifecycle, request_metrics)
     setup_routes(app)
-    setup_metrics(app)
     return app
 
 

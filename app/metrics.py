@@ -18,31 +18,36 @@ Series (all prefixed `agent_bff_`):
 - `upstream_errors_total{application,kind}` (`record_upstream_error`);
 - the standard `process_*` and `python_info` series.
 
-Wiring (`main.create_app`): `setup_metrics(app)` adds the middleware (outermost), the
-`/metrics` route and the stream tracking; `instrument_backend(app, store)` wraps the session
-backend the storage uses.
+Wiring (`main.create_app`): `setup_metrics(app)` adds the `/metrics` route and returns the
+`RequestMetrics` the gateway middleware (app/middlewares.py, outermost) and its prepare hook feed;
+`instrument_backend(app, store)` wraps the session backend the storage uses.
+
+Cost: the series updated on every request (`http_requests_total`, the request and store
+histograms, the store operation counter) are `FastCounter`/`FastHistogram`: plain numbers
+without a lock, exported exactly as prometheus-client's `Counter`/`Histogram` would export
+them; `http_requests_in_flight` is read from a plain count at scrape time.
 """
 
 from __future__ import annotations
 
-import asyncio
+import bisect
 import contextlib
+import math
 import time
 from collections.abc import Iterator
-from typing import Any
 
 from aiohttp import web
-from aiohttp.typedefs import Handler, Middleware
 from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
-    Histogram,
     PlatformCollector,
     ProcessCollector,
 )
+from prometheus_client import metrics as prometheus_metrics
 from prometheus_client.aiohttp import make_aiohttp_handler
 from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.utils import floatToGoString
 
 from app.sessions.backend import CasResult, SessionBackend, StoreUnavailable
 from app.sessions.storage import APP_ID_KEY
@@ -59,40 +64,144 @@ HTTP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5,
 STORE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5)
 
 
+def _created_series() -> bool:
+    """Whether `_created` samples are exported (prometheus-client's switch:
+    `PROMETHEUS_DISABLE_CREATED_SERIES`, `disable_created_metrics()`)."""
+    return bool(getattr(prometheus_metrics, "_use_created", True))
+
+
+class FastCounter:
+    """A labelled counter kept as plain numbers, exported as prometheus-client's `Counter`
+    exports it (`_total`, `_created`).
+
+    `cell(labels)` is the series' `[value, created]` list: add to `cell[0]`. No lock and no
+    child object per update (a `Counter` child takes a lock on every `inc`): only the event
+    loop's thread updates it, and a scrape runs there too.
+    """
+
+    def __init__(self, name: str, documentation: str, labelnames: tuple[str, ...]) -> None:
+        self.name = f"{NAMESPACE}_{name}"
+        self.documentation = documentation
+        self.labelnames = labelnames
+        self._cells: dict[tuple[str, ...], list[float]] = {}
+
+    def cell(self, labels: tuple[str, ...]) -> list[float]:
+        cell = self._cells.get(labels)
+        if cell is None:
+            cell = self._cells[labels] = [0.0, time.time()]
+        return cell
+
+    def describe(self) -> list[Metric]:
+        return [Metric(self.name, self.documentation, "counter")]
+
+    def collect(self) -> list[Metric]:
+        metric = Metric(self.name, self.documentation, "counter")
+        created = _created_series()
+        for labels, (value, since) in list(self._cells.items()):
+            names = dict(zip(self.labelnames, labels, strict=True))
+            metric.add_sample(self.name + "_total", names, value)
+            if created:
+                metric.add_sample(self.name + "_created", dict(names), since)
+        return [metric]
+
+
+class FastHistogram:
+    """A labelled histogram kept as plain numbers, exported as prometheus-client's
+    `Histogram` exports it (`_bucket`, `_count`, `_sum`, `_created`).
+
+    `cell(labels)` is the series' list: one count per bucket (not cumulative), then the sum,
+    then the creation time; `observe(cell, amount)` records one value. Same threading rule as
+    `FastCounter`.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labelnames: tuple[str, ...],
+        buckets: tuple[float, ...],
+    ) -> None:
+        self.name = f"{NAMESPACE}_{name}"
+        self.documentation = documentation
+        self.labelnames = labelnames
+        bounds = [float(b) for b in buckets]
+        if bounds != sorted(bounds) or not bounds or bounds[0] < 0:
+            raise ValueError("buckets must be sorted and non-negative")
+        if bounds[-1] != math.inf:
+            bounds.append(math.inf)
+        self._bounds = bounds
+        self._sum_index = len(bounds)
+        # The `le` labels exactly as prometheus-client writes them.
+        self._le: list[str] = [floatToGoString(b) for b in bounds]  # type: ignore[no-untyped-call]
+        self._cells: dict[tuple[str, ...], list[float]] = {}
+
+    def cell(self, labels: tuple[str, ...]) -> list[float]:
+        cell = self._cells.get(labels)
+        if cell is None:
+            cell = self._cells[labels] = [0.0] * self._sum_index + [0.0, time.time()]
+        return cell
+
+    def observe(self, cell: list[float], amount: float) -> None:
+        # The first bucket whose upper bound is >= amount (the `le` semantics).
+        cell[bisect.bisect_left(self._bounds, amount)] += 1.0
+        cell[self._sum_index] += amount
+
+    def describe(self) -> list[Metric]:
+        return [Metric(self.name, self.documentation, "histogram")]
+
+    def collect(self) -> list[Metric]:
+        metric = Metric(self.name, self.documentation, "histogram")
+        created = _created_series()
+        n = self._sum_index
+        for labels, cell in list(self._cells.items()):
+            names = dict(zip(self.labelnames, labels, strict=True))
+            total = 0.0
+            for le, count in zip(self._le, cell[:n], strict=True):
+                total += count
+                metric.add_sample(self.name + "_bucket", {**names, "le": le}, total)
+            metric.add_sample(self.name + "_count", dict(names), total)
+            metric.add_sample(self.name + "_sum", dict(names), cell[n])
+            if created:
+                metric.add_sample(self.name + "_created", dict(names), cell[n + 1])
+        return [metric]
+
+
 class Metrics:
     """The application's metrics and the registry they live in."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.requests = Counter(
+        # The per-request series are plain numbers (`FastCounter`, `FastHistogram`): counted
+        # on every request, scraped rarely.
+        self.requests = FastCounter(
             "http_requests",
             "HTTP requests answered, by route pattern, method and status.",
-            ["route", "method", "status"],
-            namespace=NAMESPACE,
-            registry=r,
+            ("route", "method", "status"),
         )
-        self.request_duration = Histogram(
+        r.register(self.requests)
+        self.request_duration = FastHistogram(
             "http_request_duration_seconds",
             "Time from request to the end of the response (streams: until they end).",
-            ["route", "method"],
-            namespace=NAMESPACE,
-            buckets=HTTP_BUCKETS,
-            registry=r,
+            ("route", "method"),
+            HTTP_BUCKETS,
         )
+        r.register(self.request_duration)
+        # Requests being handled now: `in_flight_count`, read at scrape time.
+        self.in_flight_count = 0
         self.in_flight = Gauge(
             "http_requests_in_flight",
             "Requests being handled now.",
             namespace=NAMESPACE,
             registry=r,
         )
-        self.store_operations = Counter(
+        self.in_flight.set_function(lambda: self.in_flight_count)
+        self.store_operations = FastCounter(
             "session_store_operations",
             "Session store operations, by operation and result (ok or error).",
-            ["operation", "result"],
-            namespace=NAMESPACE,
-            registry=r,
+            ("operation", "result"),
         )
+        r.register(self.store_operations)
         self.store_errors = Counter(
             "session_store_errors",
             "Session store operations that failed (store unavailable), by underlying error.",
@@ -100,14 +209,13 @@ class Metrics:
             namespace=NAMESPACE,
             registry=r,
         )
-        self.store_duration = Histogram(
+        self.store_duration = FastHistogram(
             "session_store_operation_duration_seconds",
             "Session store operation latency, failures included.",
-            ["operation"],
-            namespace=NAMESPACE,
-            buckets=STORE_BUCKETS,
-            registry=r,
+            ("operation",),
+            STORE_BUCKETS,
         )
+        r.register(self.store_duration)
         self.active_streams = Gauge(
             "active_streams",
             "Streaming responses (SSE, WebSocket) open now.",
@@ -134,20 +242,68 @@ class Metrics:
 
 
 METRICS_KEY = web.AppKey("metrics", Metrics)
-# Set while the metrics middleware is running this request; a streaming response prepared in
+# Set while the gateway middleware is running this request; a streaming response prepared in
 # that window is counted in `active_streams` until the middleware returns.
 _HANDLING_KEY = web.RequestKey("metrics_handling", bool)
 _STREAM_KEY = web.RequestKey("metrics_stream", bool)
 
 
-def setup_metrics(app: web.Application) -> Metrics:
-    """Create the app's metrics, add the outermost middleware and `GET /metrics`."""
+class RequestMetrics:
+    """The per-request series, fed by the gateway middleware (app/middlewares.py), which is
+    the outermost step: `begin` when a request arrives, `end` with its status when it leaves
+    the middleware (streams: when they end), `count_stream` from the prepare hook."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+        # (route, method, status) -> the request counter's cell and the duration histogram's
+        # cell. The key space is bounded (route patterns x methods x statuses).
+        self._cells: dict[tuple[str, str, str], tuple[list[float], list[float]]] = {}
+
+    def begin(self, request: web.Request) -> None:
+        request[_HANDLING_KEY] = True
+        self._metrics.in_flight_count += 1
+
+    def end(self, request: web.Request, status: str, started: float) -> None:
+        """Count the request (`status`: its status code, `CLIENT_CLOSED` when the client went
+        away first, "500" for a failure) and its duration since `started` (`perf_counter`)."""
+        metrics = self._metrics
+        request[_HANDLING_KEY] = False
+        metrics.in_flight_count -= 1
+        if request.get(_STREAM_KEY):
+            metrics.active_streams.dec()
+        method = request.method
+        if method not in METHODS:
+            method = "other"
+        key = (route_label(request), method, status)
+        cells = self._cells.get(key)
+        if cells is None:
+            cells = self._cells[key] = (
+                metrics.requests.cell(key),
+                metrics.request_duration.cell(key[:2]),
+            )
+        cells[0][0] += 1.0
+        metrics.request_duration.observe(cells[1], time.perf_counter() - started)
+
+    def count_stream(self, request: web.Request, response: web.StreamResponse) -> None:
+        """From `on_response_prepare`: a plain `web.Response` is prepared after the handler
+        returned; only a response prepared while the handler still runs (SSE, WebSocket,
+        chunked copies) is a stream."""
+        if (
+            request.get(_HANDLING_KEY)
+            and not isinstance(response, web.Response)
+            and not request.get(_STREAM_KEY)
+        ):
+            request[_STREAM_KEY] = True
+            self._metrics.active_streams.inc()
+
+
+def setup_metrics(app: web.Application) -> RequestMetrics:
+    """Create the app's metrics and `GET /metrics`; the returned `RequestMetrics` goes to the
+    gateway middleware (`app.middlewares.setup_gateway`), which counts every request."""
     metrics = Metrics()
     app[METRICS_KEY] = metrics
-    app.middlewares.insert(0, _metrics_middleware(metrics))
-    app.on_response_prepare.append(_count_stream)
     app.router.add_get("/metrics", make_aiohttp_handler(metrics.registry), allow_head=False)
-    return metrics
+    return RequestMetrics(metrics)
 
 
 def instrument_backend(app: web.Application, backend: SessionBackend) -> SessionBackend:
@@ -175,117 +331,58 @@ def route_label(request: web.Request) -> str:
     return resource.canonical
 
 
-def _metrics_middleware(metrics: Metrics) -> Middleware:
-    # (route, method, status) -> the label children of the request counter and the duration
-    # histogram: `labels()` takes a lock and builds a tuple key on every call. The key space is
-    # bounded (route patterns x methods x statuses).
-    children: dict[tuple[str, str, str], tuple[Any, Any]] = {}
-    in_flight = metrics.in_flight
-    active_streams = metrics.active_streams
-    perf_counter = time.perf_counter
-
-    @web.middleware
-    async def metrics_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        started = perf_counter()
-        method = request.method if request.method in METHODS else "other"
-        status = "500"
-        request[_HANDLING_KEY] = True
-        in_flight.inc()
-        try:
-            response = await handler(request)
-            status = str(response.status)
-            return response
-        except web.HTTPException as exc:
-            status = str(exc.status)
-            raise
-        except asyncio.CancelledError:
-            status = CLIENT_CLOSED
-            raise
-        finally:
-            request[_HANDLING_KEY] = False
-            in_flight.dec()
-            if request.get(_STREAM_KEY):
-                active_streams.dec()
-            route = route_label(request)
-            key = (route, method, status)
-            pair = children.get(key)
-            if pair is None:
-                pair = (
-                    metrics.requests.labels(route, method, status),
-                    metrics.request_duration.labels(route, method),
-                )
-                children[key] = pair
-            pair[0].inc()
-            pair[1].observe(perf_counter() - started)
-
-    return metrics_middleware
-
-
-async def _count_stream(request: web.Request, response: web.StreamResponse) -> None:
-    # A plain `web.Response` is prepared after the handler returned; only a response prepared
-    # while the handler still runs (SSE, WebSocket, chunked copies) is a stream.
-    streaming = request.get(_HANDLING_KEY) and not isinstance(response, web.Response)
-    if streaming and not request.get(_STREAM_KEY):
-        request[_STREAM_KEY] = True
-        request.app[METRICS_KEY].active_streams.inc()
-
-
 class InstrumentedBackend:
     """A `SessionBackend` that counts and times each operation of the one it wraps."""
 
     def __init__(self, backend: SessionBackend, metrics: Metrics) -> None:
         self.backend = backend
         self._metrics = metrics
-        self._op_children: dict[tuple[str, str], Any] = {}
-        self._duration_children: dict[str, Any] = {}
+        # (operation, ok) -> the operation counter's cell and the duration histogram's cell
+        # (created on first use: a series appears once it has something to count).
+        self._cells: dict[tuple[str, bool], tuple[list[float], list[float]]] = {}
+
+    def _done(self, operation: str, started: float, ok: bool) -> None:
+        cells = self._cells.get((operation, ok))
+        if cells is None:
+            m = self._metrics
+            cells = self._cells[operation, ok] = (
+                m.store_operations.cell((operation, "ok" if ok else "error")),
+                m.store_duration.cell((operation,)),
+            )
+        cells[0][0] += 1.0
+        self._metrics.store_duration.observe(cells[1], time.perf_counter() - started)
+
+    def _failed(self, operation: str, err: StoreUnavailable) -> None:
+        cause = err.__cause__
+        error = type(cause).__name__ if cause is not None else "StoreUnavailable"
+        self._metrics.store_errors.labels(operation, error).inc()
 
     @contextlib.contextmanager
     def _observe(self, operation: str) -> Iterator[None]:
         started = time.perf_counter()
-        result = "error"
+        ok = False
         try:
             yield
-            result = "ok"
+            ok = True
         except StoreUnavailable as err:
-            cause = err.__cause__
-            error = type(cause).__name__ if cause is not None else "StoreUnavailable"
-            self._metrics.store_errors.labels(operation, error).inc()
+            self._failed(operation, err)
             raise
         finally:
-            self._children(operation, result).inc()
-            self._durations(operation).observe(time.perf_counter() - started)
-
-    def _children(self, operation: str, result: str) -> Any:
-        # Cached label children: `labels()` locks and builds a key on every call.
-        child = self._op_children.get((operation, result))
-        if child is None:
-            child = self._metrics.store_operations.labels(operation, result)
-            self._op_children[(operation, result)] = child
-        return child
-
-    def _durations(self, operation: str) -> Any:
-        child = self._duration_children.get(operation)
-        if child is None:
-            child = self._metrics.store_duration.labels(operation)
-            self._duration_children[operation] = child
-        return child
+            self._done(operation, started, ok)
 
     async def get_and_touch(self, key: str, ttl: int) -> bytes | None:
         # Every request's read: `_observe` inlined (no generator context manager per call).
         started = time.perf_counter()
-        result = "error"
+        ok = False
         try:
             value = await self.backend.get_and_touch(key, ttl)
-            result = "ok"
+            ok = True
             return value
         except StoreUnavailable as err:
-            cause = err.__cause__
-            error = type(cause).__name__ if cause is not None else "StoreUnavailable"
-            self._metrics.store_errors.labels("get_and_touch", error).inc()
+            self._failed("get_and_touch", err)
             raise
         finally:
-            self._children("get_and_touch", result).inc()
-            self._durations("get_and_touch").observe(time.perf_counter() - started)
+            self._done("get_and_touch", started, ok)
 
     async def create(self, key: str, value: bytes, ttl: int) -> bool:
         with self._observe("create"):
@@ -300,8 +397,18 @@ class InstrumentedBackend:
             await self.backend.expire(key, ttl)
 
     async def compare_and_set(self, key: str, expected: str, value: bytes, ttl: int) -> CasResult:
-        with self._observe("compare_and_set"):
-            return await self.backend.compare_and_set(key, expected, value, ttl)
+        # Every write: inlined like `get_and_touch`.
+        started = time.perf_counter()
+        ok = False
+        try:
+            result = await self.backend.compare_and_set(key, expected, value, ttl)
+            ok = True
+            return result
+        except StoreUnavailable as err:
+            self._failed("compare_and_set", err)
+            raise
+        finally:
+            self._done("compare_and_set", started, ok)
 
     async def delete_if_revision(self, key: str, expected: str) -> CasResult:
         with self._observe("delete_if_revision"):

@@ -1,8 +1,10 @@
-"""Session middleware that also saves on streaming responses, and the update helpers.
+"""The session step of the gateway middleware (saves on streaming responses too), and the
+update helpers.
 
 aiohttp-session's own middleware silently skips anything that is not a plain `web.Response`,
 and a prepared response can no longer take a cookie. Here the session is saved after the
-handler for ordinary responses, and streaming handlers call `commit_session` (or
+handler for ordinary responses (`finish_session`, run by `app.middlewares.setup_gateway`),
+and streaming handlers call `commit_session` (or
 `update_session`) before `prepare()`, so the session, its cookie and its TTL refresh are never
 lost on a stream.
 
@@ -21,7 +23,6 @@ import random
 from collections.abc import Callable
 
 from aiohttp import web
-from aiohttp.typedefs import Handler, Middleware
 from aiohttp_session import Session
 
 from app.errors import ApiError, error_response
@@ -32,7 +33,6 @@ from app.sessions.storage import (
     SessionEnded,
     SessionTooLarge,
 )
-from app.state import STORAGE_APP_KEY
 
 log = logging.getLogger(__name__)
 
@@ -148,30 +148,31 @@ async def rotate_session(request: web.Request, response: web.StreamResponse) -> 
     raise _conflict()
 
 
-def setup_sessions() -> Middleware:
-    """The session middleware; the storage comes from the app (created in its store context)."""
+async def finish_session(request: web.Request, response: web.StreamResponse) -> None:
+    """After the handler (the gateway middleware's session step): save the session on a
+    response not yet started (raises as `commit_session`); on a started stream a change can no
+    longer be saved, which is logged."""
+    session = request.get(SESSION_KEY)
+    if session is None or not session._changed:
+        return
+    if not response.prepared:
+        await commit_session(request, response)
+    else:
+        log.error("session changed after the response started; not saved: %s", request.path)
 
-    @web.middleware
-    async def session_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        storage = request.app[STORAGE_APP_KEY]
-        request[STORAGE_KEY] = storage
-        try:
-            response = await handler(request)
-            if not response.prepared:
-                await commit_session(request, response)
-            elif (session := request.get(SESSION_KEY)) is not None and session._changed:
-                log.error("session changed after the response started; not saved: %s", request.path)
-            return response
-        except SessionEnded:
-            response = error_response(
-                request, 409, "session_ended", "The session ended (logged out) meanwhile."
-            )
-            storage.expire_cookie(request, response)
-            return response
-        except SessionConflict:
-            conflict = _conflict()
-            return error_response(
-                request, conflict.status, conflict.code, conflict.message, headers=conflict.headers
-            )
 
-    return session_middleware
+def session_error_response(
+    request: web.Request, storage: GatewayStorage, exc: SessionEnded | SessionConflict
+) -> web.Response:
+    """The answer to a request whose session ended (409 `session_ended`, cookie expired) or
+    kept changing under it (409 `session_conflict`)."""
+    if isinstance(exc, SessionEnded):
+        response = error_response(
+            request, 409, "session_ended", "The session ended (logged out) meanwhile."
+        )
+        storage.expire_cookie(request, response)
+        return response
+    conflict = _conflict()
+    return error_response(
+        request, conflict.status, conflict.code, conflict.message, headers=conflict.headers
+    )
