@@ -8,6 +8,7 @@ from typing import Any
 
 from aiohttp import web
 from aiohttp_session import Session
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from app.errors import ApiError
 from app.lifecycle import LIFECYCLE_KEY
@@ -24,6 +25,11 @@ from app.sessions.storage import DATA, GATEWAY
 from app.state import BACKEND_KEY, SETTINGS_KEY
 
 NO_STORE = {"Cache-Control": "no-store"}
+# The headers `web.json_response(..., headers=NO_STORE)` ends up with, built once: a response
+# made from them and a `bytes` body skips aiohttp's content-type and charset handling.
+_JSON_NO_STORE = CIMultiDictProxy(
+    CIMultiDict({"Cache-Control": "no-store", "Content-Type": "application/json; charset=utf-8"})
+)
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -49,8 +55,14 @@ def _data_of(mapping: Any) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
+def _json_response() -> web.Response:
+    """An empty `application/json; charset=utf-8`, `no-store` response (`_json_body` fills it)."""
+    return web.Response(headers=_JSON_NO_STORE)
+
+
 def _json_body(response: web.Response, body: dict[str, Any]) -> web.Response:
-    response.text = json.dumps(body)
+    """`response` with `body` as its JSON text (the same bytes `json_response` writes)."""
+    response.body = json.dumps(body).encode("utf-8")
     return response
 
 
@@ -67,7 +79,7 @@ async def get_session_data(request: web.Request) -> web.Response:
         raise ApiError(400, "invalid_parameter", "slide must be 0 or 1.")
     if slide == "1":
         session = await get_session(request)
-        return web.json_response({"data": _data_of(session)}, headers=NO_STORE)
+        return _json_body(_json_response(), {"data": _data_of(session)})
     status = await request[STORAGE_KEY].peek_session(request)
     request[SESSION_KEY] = status.session  # unchanged: nothing is saved
     return web.json_response(
@@ -100,7 +112,7 @@ async def patch_session_data(request: web.Request) -> web.Response:
             session[DATA] = merged
             session.setdefault(GATEWAY, {})
 
-    response = web.Response(content_type="application/json", headers=NO_STORE)
+    response = _json_response()
     session = await update_session(request, response, merge)
     return _json_body(response, {"data": _data_of(session)})
 
@@ -112,7 +124,7 @@ async def rotate_session_id(request: web.Request) -> web.Response:
     `{"data": {...}, "rotated": true}`, the new cookie set; without a session nothing is
     created and `rotated` is false.
     """
-    response = web.Response(content_type="application/json", headers=NO_STORE)
+    response = _json_response()
     session = await rotate_session(request, response)
     rotated = not session.new and session.identity is not None
     return _json_body(response, {"data": _data_of(session), "rotated": rotated})
@@ -135,20 +147,31 @@ async def _json_object(request: web.Request) -> dict[str, Any]:
     """The body as a JSON object. 413 over the cap, 400 `invalid_json`, 408 `body_timeout`
     when the whole body has not arrived within `BODY_TIMEOUT_SECONDS` (nothing changed)."""
     settings = request.app[SETTINGS_KEY]
+    cap = settings.session_max_bytes * 2
+    if request.content.is_eof():
+        # The whole body is buffered already (the usual small PATCH): reading cannot wait.
+        raw = await _read_body(request, cap)
+    else:
+        try:
+            async with asyncio.timeout(settings.body_timeout_seconds):
+                raw = await _read_body(request, cap)
+        except TimeoutError as err:
+            # A stalled body must not hold the handler (and a shutdown) forever; the unread
+            # rest makes the connection unusable, so aiohttp closes it after this answer.
+            raise ApiError(408, "body_timeout", "The request body did not arrive in time.") from err
     try:
-        async with asyncio.timeout(settings.body_timeout_seconds):
-            raw = await _read_body(request, settings.session_max_bytes * 2)
-    except TimeoutError as err:
-        # A stalled body must not hold the handler (and a shutdown) forever; the unread rest
-        # makes the connection unusable, so aiohttp closes it after this answer.
-        raise ApiError(408, "body_timeout", "The request body did not arrive in time.") from err
-    try:
-        value = json.loads(bytes(raw).decode("utf-8"), parse_constant=_reject_constant)
-        if _depth_exceeds(value, MAX_JSON_DEPTH):
+        value = _JSON_DECODER.decode(bytes(raw).decode("utf-8"))
+        # Each level of nesting takes a `{` or `[`: fewer of them than the limit (strings
+        # included) cannot nest too deep, so the walk is skipped.
+        if raw.count(b"{") + raw.count(b"[") > MAX_JSON_DEPTH and _depth_exceeds(
+            value, MAX_JSON_DEPTH
+        ):
             raise ValueError(f"nested deeper than {MAX_JSON_DEPTH} levels")
         # A lone surrogate (`"\ud800"`) parses but has no UTF-8 form: it could be neither
-        # stored nor echoed. Refuse it here, not as a 500 when the session is encoded.
-        json.dumps(value, ensure_ascii=False).encode("utf-8")
+        # stored nor echoed. Refuse it here, not as a 500 when the session is encoded. The body
+        # was valid UTF-8, so only a `\u` escape can make one.
+        if b"\\u" in raw:
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
     except (UnicodeError, ValueError, RecursionError) as err:
         raise ApiError(400, "invalid_json", "The body must be a JSON object.") from err
     if not isinstance(value, dict):
@@ -183,6 +206,10 @@ def _reject_constant(name: str) -> Any:
     """`NaN`, `Infinity`, `-Infinity`: Python's json accepts them, JSON (and the browser's
     `JSON.parse`) does not."""
     raise ValueError(f"{name} is not JSON")
+
+
+# `json.loads(text, parse_constant=...)` builds a decoder per call; one is enough.
+_JSON_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
 
 
 def _depth_exceeds(value: Any, limit: int) -> bool:

@@ -64,9 +64,12 @@ class SessionTooLarge(Exception):
     """The serialized session would exceed `SESSION_MAX_BYTES`; nothing was written."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Decoded:
-    """A stored value, read: the session mapping (`data`, `gw`), or why it was refused."""
+    """A stored value, read: the session mapping (`data`, `gw`), or why it was refused.
+
+    Not frozen (a frozen dataclass sets each field through `object.__setattr__`: one is made
+    per session read); nothing changes it after `decode`."""
 
     mapping: dict[str, Any] | None
     problem: str = ""
@@ -77,8 +80,13 @@ class Decoded:
     stale: bool = False
 
 
+# What `json.dumps(value, separators=(",", ":"), ensure_ascii=False)` uses, built once (with
+# those arguments `json.dumps` builds a new encoder per call).
+_encode_json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+
 def _dumps(value: object) -> bytes:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    return _encode_json(value).encode("utf-8")
 
 
 def _loads_object(raw: bytes) -> dict[str, Any] | None:
