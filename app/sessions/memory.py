@@ -74,9 +74,9 @@ class MemoryBackend:
         """Every key (live or not yet swept), least recently used first per segment."""
         return [k.decode("utf-8", "surrogatepass") for k in (*self._probation, *self._protected)]
 
-    def _pack(self, ttl: float, value: bytes) -> bytes:
+    def _pack(self, ttl: float, value: bytes, now: float | None = None) -> bytes:
         # Rounded down: an entry may expire up to one tick early, never late.
-        ticks = int((self._clock() + ttl - self._epoch) * _TICKS)
+        ticks = int(((self._clock() if now is None else now) + ttl - self._epoch) * _TICKS)
         return _pack_ticks(max(-_MAX_TICKS, min(ticks, _MAX_TICKS))) + value
 
     def _expiry(self, raw: bytes) -> float:
@@ -112,15 +112,20 @@ class MemoryBackend:
         raw = self._pack(ttl, value)
         if self._protected.pop(k, None) is not None or self._probation.pop(k, None) is not None:
             self._protected[k] = raw
-            overflow = len(self._protected) - self._protected_max
-            if overflow > 0:
-                for old in self._oldest(self._protected, max(overflow, self._batch)):
-                    self._probation[old] = self._protected.pop(old)
+            if len(self._protected) > self._protected_max:
+                self._demote()
         else:
             self._probation[k] = raw
         excess = len(self._probation) + len(self._protected) - self._max_entries
         if excess > 0:
             self._evict(max(excess, self._batch))
+
+    def _demote(self) -> None:
+        """Move the protected segment's least recently used entries (at least a batch) back
+        to probation, down to its bound."""
+        overflow = len(self._protected) - self._protected_max
+        for old in self._oldest(self._protected, max(overflow, self._batch)):
+            self._probation[old] = self._protected.pop(old)
 
     @staticmethod
     def _oldest(segment: dict[bytes, bytes], count: int) -> list[bytes]:
@@ -136,12 +141,22 @@ class MemoryBackend:
                 return
 
     async def get_and_touch(self, key: str, ttl: int) -> bytes | None:
+        # `_raw` then `_store`, folded (every session read): the entry is taken out of its
+        # segment once; a live one goes back at the protected end (a use), an expired one
+        # stays out. The entry count is unchanged, so nothing is evicted.
         k = _b(key)
-        raw = self._raw(k)
+        now = self._clock()
+        raw = self._protected.pop(k, None)
         if raw is None:
+            raw = self._probation.pop(k, None)
+            if raw is None:
+                return None
+        if self._epoch + _unpack_ticks(raw)[0] / _TICKS <= now:
             return None
         value = raw[_EXPIRY_BYTES:]
-        self._store(k, value, ttl)
+        self._protected[k] = self._pack(ttl, value, now)
+        if len(self._protected) > self._protected_max:
+            self._demote()
         return value
 
     async def create(self, key: str, value: bytes, ttl: int) -> bool:
