@@ -261,6 +261,7 @@ class RequestMetrics:
 
     def begin(self, request: web.Request) -> None:
         request[_HANDLING_KEY] = True
+        request[_STREAM_KEY] = False  # set, not left missing: a missing key is a costly lookup
         self._metrics.in_flight_count += 1
 
     def end(self, request: web.Request, status: str, started: float) -> None:
@@ -269,7 +270,7 @@ class RequestMetrics:
         metrics = self._metrics
         request[_HANDLING_KEY] = False
         metrics.in_flight_count -= 1
-        if request.get(_STREAM_KEY):
+        if request[_STREAM_KEY]:
             metrics.active_streams.dec()
         method = request.method
         if method not in METHODS:

@@ -52,12 +52,12 @@ def test_same_exposition_as_prometheus_client() -> None:
         histogram.labels(route).observe(amount)
         fast_histogram.observe(fast_histogram.cell((route,)), amount)
     assert _exposition(stock) == _exposition(fast)
-    prometheus_client.disable_created_metrics()
+    prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
     try:
         assert "_created" not in _exposition(fast)
         assert _exposition(stock) == _exposition(fast)
     finally:
-        prometheus_client.enable_created_metrics()
+        prometheus_client.enable_created_metrics()  # type: ignore[no-untyped-call]
 
 
 def test_names_collide_as_prometheus_client_names_do() -> None:
