@@ -35,7 +35,12 @@ from app.forwarding import own_origin
 from app.lifecycle import Lifecycle, close_connections_when_draining
 from app.metrics import CLIENT_CLOSED, RequestMetrics
 from app.sessions.backend import StoreFull, StoreUnavailable
-from app.sessions.middleware import STORAGE_KEY, finish_session, session_error_response
+from app.sessions.middleware import (
+    SESSION_KEY,
+    STORAGE_KEY,
+    finish_session,
+    session_error_response,
+)
 from app.sessions.storage import APP_ID_KEY, SessionConflict, SessionEnded
 from app.state import STORAGE_APP_KEY
 
@@ -188,6 +193,7 @@ def setup_gateway(
         if metrics is not None:
             metrics.begin(request)
         try:
+            request[SESSION_KEY] = None  # not loaded yet
             inbound = request.headers.get("X-Request-Id")
             request[REQUEST_ID_KEY] = (
                 inbound

@@ -37,7 +37,9 @@ from app.sessions.storage import (
 log = logging.getLogger(__name__)
 
 STORAGE_KEY = web.RequestKey("session_storage", GatewayStorage)
-SESSION_KEY = web.RequestKey("session", Session)
+# The request's session once loaded; None before (the gateway middleware sets it first thing:
+# looking up a missing key costs a raised and caught KeyError).
+SESSION_KEY: web.RequestKey[Session | None] = web.RequestKey("session")
 
 # Attempts of one update under contention (each: one read, one compare-and-set), and the
 # random pause before a retry (up to CAS_JITTER_SECONDS x the attempt number), so requests
