@@ -78,6 +78,9 @@ class Decoded:
     # Read, but stored in plaintext while keys are set, or under an older key for longer than
     # `refresh_after` seconds: re-encrypt it (under the first key).
     stale: bool = False
+    # Opened by an older key: `stale` depends on the token's age (the clock), so this verdict
+    # may not be reused later (`SessionCodec.decode`'s cache).
+    aging: bool = False
 
 
 # What `json.dumps(value, separators=(",", ":"), ensure_ascii=False)` uses, built once (with
@@ -132,6 +135,7 @@ class SessionCodec:
         max_bytes: int = 65536,
         refresh_after: float = 3600.0,
         clock: Callable[[], float] = time.time,
+        cache_bytes: int = 0,
     ) -> None:
         fernets = [Fernet(key.encode("ascii")) for key in encryption_keys]
         self._fernet = MultiFernet(fernets) if fernets else None
@@ -145,6 +149,11 @@ class SessionCodec:
         self._refresh_after = refresh_after
         self._clock = clock
         self.max_bytes = max_bytes
+        # Recently decoded values (see `decode`): stored value (with its binding when
+        # encrypted) -> its `Decoded`, at most `cache_bytes` of stored values in all (0: off).
+        self._cache: dict[object, Decoded] = {}
+        self._cache_size = 0
+        self._cache_bytes = cache_bytes
 
     @property
     def encrypted(self) -> bool:
@@ -166,7 +175,35 @@ class SessionCodec:
 
     def decode(self, raw: bytes, binding: str) -> Decoded:
         """The session mapping in `raw`, or `Decoded(None, why)` for a value that must count as
-        no session (corrupt, unknown version, refused plaintext, undecryptable, misplaced)."""
+        no session (corrupt, unknown version, refused plaintext, undecryptable, misplaced).
+
+        With a cache (`cache_bytes`), a value decoded (and decrypted) before is not decoded
+        again: the same `Decoded` is returned, so callers must not change its mapping (or
+        anything in it). Only readable, non-stale results not opened by an older key are kept
+        (whether such a token is stale depends on the clock; a stale one is rewritten at once
+        anyway); the key is the exact stored bytes, plus the binding when encrypted (it is
+        checked against the value)."""
+        if not self._cache_bytes:
+            return self._decode(raw, binding)
+        key: object = raw if self._fernet is None else (binding, raw)
+        decoded = self._cache.get(key)
+        if decoded is None:
+            decoded = self._decode(raw, binding)
+            if decoded.mapping is not None and not decoded.stale and not decoded.aging:
+                self._remember(key, len(raw), decoded)
+        return decoded
+
+    def _remember(self, key: object, size: int, decoded: Decoded) -> None:
+        if size > self._cache_bytes // 64:
+            return  # a large value would crowd out many small ones
+        if self._cache_size + size > self._cache_bytes:
+            # Full: start over (bounded and cheap; active sessions come back at once).
+            self._cache.clear()
+            self._cache_size = 0
+        self._cache[key] = decoded
+        self._cache_size += size
+
+    def _decode(self, raw: bytes, binding: str) -> Decoded:
         value = _loads_object(raw)
         if value is None or value.get("v") != FORMAT_VERSION:
             return Decoded(None, "corrupt value or unknown format version")
@@ -190,7 +227,7 @@ class SessionCodec:
                 "or tampered); left in place",
                 keep=True,
             )
-        inner_raw, stale = opened
+        inner_raw, stale, aging = opened
         inner = _loads_object(inner_raw)
         if inner is None:
             return Decoded(None, "corrupt encrypted value")
@@ -199,13 +236,14 @@ class SessionCodec:
         mapping = _session_mapping(inner.get(DATA), inner.get(GATEWAY))
         if mapping is None:
             return Decoded(None, "corrupt encrypted value")
-        return Decoded(mapping, stale=stale)
+        return Decoded(mapping, stale=stale, aging=aging)
 
-    def _decrypt(self, token: bytes) -> tuple[bytes, bool] | None:
-        """(plaintext, stale) for a token one of the keys opens, else None."""
+    def _decrypt(self, token: bytes) -> tuple[bytes, bool, bool] | None:
+        """(plaintext, stale, opened by an older key) for a token one of the keys opens, else
+        None."""
         assert self._first is not None
         try:
-            return self._first.decrypt(token), False
+            return self._first.decrypt(token), False, False
         except InvalidToken:
             if self._older is None:
                 return None
@@ -215,4 +253,4 @@ class SessionCodec:
             return None
         # Bytes 1-8 of a Fernet token: its creation time (authenticated by the MAC just checked).
         written = int.from_bytes(base64.urlsafe_b64decode(token)[1:9], "big")
-        return plain, self._clock() - written >= self._refresh_after
+        return plain, self._clock() - written >= self._refresh_after, True

@@ -70,6 +70,9 @@ _PLAIN_COOKIE_HEADER_RE = re.compile(rf"{_COOKIE_PAIR}(?:; ?{_COOKIE_PAIR})*")
 _SESSION_ID_AT = re.compile(r"[A-Za-z0-9_-]{43}")  # SESSION_ID_RE without anchors (for `pos`)
 
 APP_ID_KEY = web.RequestKey("application_id", str)
+# Stored values the codec keeps decoded (`SessionCodec.decode`): about 2,000 sessions of 250
+# bytes, a few MB of memory at most; values over 1/64 of it are never kept.
+DECODE_CACHE_BYTES = 512 * 1024
 
 __all__ = [
     "APP_ID_KEY",
@@ -115,9 +118,16 @@ def _empty() -> GatewaySession:
 
 
 def _loaded(session_id: str, mapping: dict[str, Any], revision: str) -> GatewaySession:
+    """A session on a decoded `mapping`, which it does not change: `data` and `gw` are copied
+    (the codec may hand the same mapping to other requests); values inside them are replaced,
+    never changed in place, by every writer (`patch_session_data`, `ensure_conversation`)."""
+    gateway = mapping[GATEWAY]
     session = GatewaySession(
         session_id,
-        data={"created": int(mapping[GATEWAY][CREATED_AT]), "session": mapping},
+        data={
+            "created": int(gateway[CREATED_AT]),
+            "session": {DATA: dict(mapping[DATA]), GATEWAY: dict(gateway)},
+        },
         new=False,
         max_age=None,
     )
@@ -160,6 +170,7 @@ class GatewayStorage(AbstractStorage):
             max_bytes=settings.session_max_bytes,
             refresh_after=settings.session_ttl_seconds,
             clock=lambda: self.clock(),
+            cache_bytes=DECODE_CACHE_BYTES,
         )
         # Wall clock (created_at is a Unix time shared by every replica); tests may move it.
         self.clock = clock
