@@ -21,7 +21,7 @@ from app.sessions.middleware import (
     rotate_session,
     update_session,
 )
-from app.sessions.storage import DATA, GATEWAY
+from app.sessions.storage import DATA, GATEWAY, GatewaySession
 from app.state import BACKEND_KEY, SETTINGS_KEY
 
 NO_STORE = {"Cache-Control": "no-store"}
@@ -55,6 +55,18 @@ def _data_of(mapping: Any) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
+def _data_body(session: Session) -> bytes:
+    """`{"data": ...}` of `session` as JSON bytes; for a session unchanged since it was loaded,
+    encoded once per stored value (kept with the decoded value, see `Decoded.data_body`)."""
+    decoded = session.decoded if isinstance(session, GatewaySession) else None
+    if decoded is None or session._changed:
+        return json.dumps({"data": _data_of(session)}).encode("utf-8")
+    body = decoded.data_body
+    if body is None:
+        body = decoded.data_body = json.dumps({"data": _data_of(session)}).encode("utf-8")
+    return body
+
+
 def _json_response() -> web.Response:
     """An empty `application/json; charset=utf-8`, `no-store` response (`_json_body` fills it)."""
     return web.Response(headers=_JSON_NO_STORE)
@@ -79,7 +91,9 @@ async def get_session_data(request: web.Request) -> web.Response:
         raise ApiError(400, "invalid_parameter", "slide must be 0 or 1.")
     if slide == "1":
         session = await get_session(request)
-        return _json_body(_json_response(), {"data": _data_of(session)})
+        response = _json_response()
+        response.body = _data_body(session)
+        return response
     status = await request[STORAGE_KEY].peek_session(request)
     request[SESSION_KEY] = status.session  # unchanged: nothing is saved
     return web.json_response(

@@ -106,3 +106,20 @@ async def test_sessions_sharing_a_decoded_value_stay_apart(
     assert await resp.json() == {"data": {"b": 2}}
     assert await (await gw.client.get("/apps/demo/session")).json() == {"data": {"b": 2}}
     assert json.dumps(cached.mapping) == before
+
+
+async def test_the_answer_to_a_read_is_encoded_once_per_value(
+    gateway_factory: GatewayFactory,
+) -> None:
+    gw = await gateway_factory("memory")
+    assert (await gw.client.patch("/apps/demo/session", json={"a": 1}, headers=CSRF)).status == 200
+    first = await gw.client.get("/apps/demo/session")
+    assert await first.read() == b'{"data": {"a": 1}}'
+    (cached,) = gw.app[STORAGE_APP_KEY].codec._cache.values()
+    assert cached.data_body == b'{"data": {"a": 1}}'
+    cached.data_body = b'{"data": {"kept": true}}'  # what the next read of this value sends
+    assert await (await gw.client.get("/apps/demo/session")).json() == {"data": {"kept": True}}
+    # A new value is answered from itself.
+    resp = await gw.client.patch("/apps/demo/session", json={"b": 2}, headers=CSRF)
+    assert await resp.json() == {"data": {"a": 1, "b": 2}}
+    assert await (await gw.client.get("/apps/demo/session")).json() == {"data": {"a": 1, "b": 2}}

@@ -81,6 +81,9 @@ class Decoded:
     # Opened by an older key: `stale` depends on the token's age (the clock), so this verdict
     # may not be reused later (`SessionCodec.decode`'s cache).
     aging: bool = False
+    # The session API's JSON answer for this value (`{"data": ...}`), kept by the first read
+    # that needs it (app/handlers.py): a value decoded once is also answered once.
+    data_body: bytes | None = None
 
 
 # What `json.dumps(value, separators=(",", ":"), ensure_ascii=False)` uses, built once (with

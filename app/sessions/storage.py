@@ -99,9 +99,11 @@ class SessionConflict(Exception):
 
 
 class GatewaySession(Session):
-    """An aiohttp-session `Session` plus the stored revision it was loaded at."""
+    """An aiohttp-session `Session` plus the stored revision it was loaded at, and the decoded
+    value it was loaded from (shared with other requests reading the same value: read only)."""
 
     revision: str = "0"
+    decoded: Decoded | None = None
 
 
 def new_session_id() -> str:
@@ -117,10 +119,12 @@ def _empty() -> GatewaySession:
     return GatewaySession(None, data=None, new=True, max_age=None)
 
 
-def _loaded(session_id: str, mapping: dict[str, Any], revision: str) -> GatewaySession:
-    """A session on a decoded `mapping`, which it does not change: `data` and `gw` are copied
-    (the codec may hand the same mapping to other requests); values inside them are replaced,
+def _loaded(session_id: str, decoded: Decoded, revision: str) -> GatewaySession:
+    """A session on `decoded`'s mapping, which it does not change: `data` and `gw` are copied
+    (the codec may hand the same `Decoded` to other requests); values inside them are replaced,
     never changed in place, by every writer (`patch_session_data`, `ensure_conversation`)."""
+    mapping = decoded.mapping
+    assert mapping is not None
     gateway = mapping[GATEWAY]
     session = GatewaySession(
         session_id,
@@ -132,6 +136,7 @@ def _loaded(session_id: str, mapping: dict[str, Any], revision: str) -> GatewayS
         max_age=None,
     )
     session.revision = revision
+    session.decoded = decoded
     return session
 
 
@@ -299,7 +304,7 @@ class GatewayStorage(AbstractStorage):
         elif ttl < idle:
             # GETEX just slid the key to the idle TTL, past the absolute deadline.
             await self.backend.expire(key, max(ttl, 1))
-        return _loaded(session_id, mapping, revision)
+        return _loaded(session_id, decoded, revision)
 
     async def peek_session(self, request: web.Request) -> SessionStatus:
         """The session without sliding it, with its remaining idle and absolute lifetimes.
@@ -321,7 +326,7 @@ class GatewayStorage(AbstractStorage):
         absolute = self.absolute_left(mapping[GATEWAY][CREATED_AT])
         idle = absolute if ttl_left is None else min(ttl_left, absolute)
         return SessionStatus(
-            _loaded(session_id, mapping, revision_of(raw)),
+            _loaded(session_id, decoded, revision_of(raw)),
             None if math.isinf(idle) else max(int(idle), 0),
             None if math.isinf(absolute) else max(int(absolute), 0),
         )
