@@ -115,6 +115,10 @@ def session_key(prefix: str, app_id: str, session_id: str) -> str:
     return f"{prefix}{app_id}:{session_id}"
 
 
+# `Decoded.problem` of a readable value past its absolute deadline (`_decode`).
+_PAST_DEADLINE = "past the absolute lifetime"
+
+
 def _empty() -> GatewaySession:
     return GatewaySession(None, data=None, new=True, max_age=None)
 
@@ -177,6 +181,7 @@ class GatewayStorage(AbstractStorage):
             clock=lambda: self.clock(),
             cache_bytes=DECODE_CACHE_BYTES,
         )
+        self._encrypted = self.codec.encrypted
         # Wall clock (created_at is a Unix time shared by every replica); tests may move it.
         self.clock = clock
 
@@ -233,30 +238,34 @@ class GatewayStorage(AbstractStorage):
 
     # -- load -------------------------------------------------------------------------------
 
-    async def _decode(
-        self, request: web.Request, session_id: str, key: str, raw: bytes
-    ) -> Decoded | None:
-        """`raw` decoded, or None after removing a refused or expired value (a value another
-        replica may be able to read is left in place)."""
-        decoded = self.codec.decode(raw, self.binding(request, session_id))
-        if decoded.mapping is None:
-            if decoded.keep:
-                log.info(
-                    "session value not readable here: %s (application %s)",
-                    decoded.problem,
-                    request[APP_ID_KEY],
-                )
-                return None
-            log.warning(
-                "session value removed: %s (application %s)", decoded.problem, request[APP_ID_KEY]
-            )
-            await self.backend.delete(key)
-            return None
-        if self.absolute_left(decoded.mapping[GATEWAY][CREATED_AT]) <= 0:
-            log.info("session reached its absolute lifetime (application %s)", request[APP_ID_KEY])
-            await self.backend.delete(key)
-            return None
+    def _decode(self, request: web.Request, session_id: str, raw: bytes) -> Decoded:
+        """`raw` decoded; its mapping is None when it cannot be used (see `_drop`). No I/O:
+        a readable value costs no coroutine."""
+        # The binding matters only to encrypted values (plaintext ones never check it).
+        binding = self.binding(request, session_id) if self._encrypted else ""
+        decoded = self.codec.decode(raw, binding)
+        mapping = decoded.mapping
+        if mapping is not None and self.absolute_left(mapping[GATEWAY][CREATED_AT]) <= 0:
+            return Decoded(None, _PAST_DEADLINE)
         return decoded
+
+    async def _drop(self, request: web.Request, key: str, refused: Decoded) -> None:
+        """After `_decode` refused a value: remove it, unless another replica may be able to
+        read it (`keep`)."""
+        if refused.keep:
+            log.info(
+                "session value not readable here: %s (application %s)",
+                refused.problem,
+                request[APP_ID_KEY],
+            )
+            return
+        if refused.problem is _PAST_DEADLINE:
+            log.info("session reached its absolute lifetime (application %s)", request[APP_ID_KEY])
+        else:
+            log.warning(
+                "session value removed: %s (application %s)", refused.problem, request[APP_ID_KEY]
+            )
+        await self.backend.delete(key)
 
     async def _reencrypt(
         self,
@@ -289,10 +298,11 @@ class GatewayStorage(AbstractStorage):
         raw = await self.backend.get_and_touch(key, idle)
         if raw is None:
             return _empty()
-        decoded = await self._decode(request, session_id, key, raw)
-        if decoded is None or decoded.mapping is None:
-            return _empty()
+        decoded = self._decode(request, session_id, raw)
         mapping = decoded.mapping
+        if mapping is None:
+            await self._drop(request, key, decoded)
+            return _empty()
         revision = revision_of(raw)
         ttl = self.ttl_for(mapping[GATEWAY][CREATED_AT])
         if decoded.stale:
@@ -319,10 +329,11 @@ class GatewayStorage(AbstractStorage):
         if found is None:
             return SessionStatus(_empty(), None, None)
         raw, ttl_left = found
-        decoded = await self._decode(request, session_id, key, raw)
-        if decoded is None or decoded.mapping is None:
-            return SessionStatus(_empty(), None, None)
+        decoded = self._decode(request, session_id, raw)
         mapping = decoded.mapping
+        if mapping is None:
+            await self._drop(request, key, decoded)
+            return SessionStatus(_empty(), None, None)
         absolute = self.absolute_left(mapping[GATEWAY][CREATED_AT])
         idle = absolute if ttl_left is None else min(ttl_left, absolute)
         return SessionStatus(
