@@ -127,7 +127,11 @@ class _Clock:
         if second != self._second:
             self._second = second
             self._prefix = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
-        return "%s,%03d" % (self._prefix, int((now - second) * 1000))  # noqa: UP031
+        return self._prefix + _MILLIS[min(int((now - second) * 1000), 999)]
+
+
+# ",000" ... ",999": the millisecond part of `asctime` without formatting a number per line.
+_MILLIS = tuple(f",{ms:03d}" for ms in range(1000))
 
 
 _clock = _Clock()
@@ -175,9 +179,16 @@ class AccessLogger(AbstractAccessLogger):
     """One line per request, without query strings (they may carry tokens)."""
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, duration: float) -> None:
-        session = request.get(SESSION_KEY)
+        # `request.get` is `Mapping.get` (Python code around `__getitem__`); the gateway
+        # middleware sets the session and request id on every request it sees, so look them up
+        # directly and fall back only for requests that never reached it.
+        try:
+            session = request[SESSION_KEY]
+            request_id = request[REQUEST_ID_KEY]
+        except KeyError:
+            session = request.get(SESSION_KEY)
+            request_id = request.get(REQUEST_ID_KEY, "")
         identity = session.identity if session is not None else None
-        request_id = request.get(REQUEST_ID_KEY, "")
         app_id = request.get(APP_ID_KEY, "")
         method = request.method
         path = request.rel_url.path
@@ -221,8 +232,9 @@ class AccessLogger(AbstractAccessLogger):
     ) -> None:
         # The same bytes the formatters would produce for this record.
         now = time.time()
+        millis = "%.1f" % (duration * 1000)  # %-format: cheaper than an f-string format spec
         msg = (
-            f"{method} {path} {status} {duration * 1000:.1f}ms request_id={request_id} "
+            f"{method} {path} {status} {millis}ms request_id={request_id} "
             f"app={app_id or '-'} session={hashed or '-'}"
         )
         if handler.json_lines:
