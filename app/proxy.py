@@ -349,6 +349,17 @@ class _RelayResponse(web.StreamResponse):
     _send_headers_immediately = False
 
 
+# The `StreamReader` internals `take_buffered` and `read_available` rely on (aiohttp 3.14). With
+# another aiohttp whose reader lacks any of them, both use aiohttp's public path only.
+_READER_FIELDS = frozenset(
+    {"_buffer", "_buffer_offset", "_size", "_cursor", "_http_chunk_splits", "_low_water"}
+    | {"_low_water_chunks", "_protocol", "_timer", "_exception", "_waiter", "_eof"}
+)
+FAST_READS = set(getattr(aiohttp.StreamReader, "__slots__", ())) >= _READER_FIELDS and all(
+    callable(getattr(aiohttp.StreamReader, name, None)) for name in ("_wait", "_read_nowait")
+)
+
+
 def take_buffered(content: aiohttp.StreamReader, limit: int) -> bytes:
     """`content.read_nowait(limit)` in one step: the bytes `content` holds now (at most
     `limit`), `b""` when there are none; raises the stream's exception like `read_nowait`.
@@ -363,7 +374,8 @@ def take_buffered(content: aiohttp.StreamReader, limit: int) -> bytes:
     bytes, a single chunk) takes aiohttp's own path.
     """
     if (
-        type(content) is not aiohttp.StreamReader  # e.g. the empty body of a HEAD answer
+        not FAST_READS
+        or type(content) is not aiohttp.StreamReader  # e.g. the empty body of a HEAD answer
         or content._exception is not None
         or content._waiter is not None
     ):
@@ -402,7 +414,11 @@ async def read_available(content: aiohttp.StreamReader, limit: int) -> bytes:
     like `take_buffered` (one join, not one step per HTTP chunk that arrived meanwhile). Waits
     with aiohttp's own `_wait` and takes without an error check, exactly as `read` does;
     another reader class or a stored error takes `read` itself."""
-    if type(content) is not aiohttp.StreamReader or content._exception is not None:
+    if (
+        not FAST_READS
+        or type(content) is not aiohttp.StreamReader
+        or content._exception is not None
+    ):
         return await content.read(limit)
     while not content._buffer and not content._eof:
         await content._wait("read")

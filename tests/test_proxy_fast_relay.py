@@ -118,6 +118,23 @@ async def test_take_buffered_resumes_a_paused_connection() -> None:
     assert not fast_protocol.transport.paused
 
 
+def test_the_installed_aiohttp_has_the_reader_internals_the_fast_reads_use() -> None:
+    assert proxy.FAST_READS, "aiohttp's StreamReader changed: the relay fell back to read_nowait"
+
+
+async def test_without_the_internals_the_reads_are_aiohttps_own(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(proxy, "FAST_READS", False)
+    protocol, payload = _fed(EVENTS)
+    assert take_buffered(payload, READ_CHUNK_BYTES) == b"".join(EVENTS)
+    assert protocol.resumes == len(EVENTS), "one resume per chunk: aiohttp's read_nowait ran"
+    protocol, payload = _fed(EVENTS)
+    _, reference = _fed(EVENTS)
+    assert await read_available(payload, READ_CHUNK_BYTES) == await reference.read(READ_CHUNK_BYTES)
+    assert protocol.resumes > 1, "aiohttp's read ran (it resumes once per chunk)"
+
+
 async def test_read_available_waits_then_takes_every_chunk_that_arrived_in_one_step() -> None:
     protocol, payload = _fed([])
     reading = asyncio.ensure_future(read_available(payload, READ_CHUNK_BYTES))
