@@ -31,7 +31,7 @@ def _lines(monkeypatch: pytest.MonkeyPatch, json_lines: bool) -> tuple[list[str]
     root = logging.getLogger()
     monkeypatch.setattr(root, "handlers", [handler])
     monkeypatch.setattr(root, "level", logging.INFO)
-    access = logs.AccessLogger(logging.getLogger("aiohttp.access"), "")
+    access = logs.AccessLogger(logging.getLogger("hotpath.access"), "")  # a pristine logger
     fast: list[str] = []
     slow: list[str] = []
     for duration in DURATIONS:
@@ -56,7 +56,7 @@ def _lines(monkeypatch: pytest.MonkeyPatch, json_lines: bool) -> tuple[list[str]
 def test_text_lines(monkeypatch: pytest.MonkeyPatch) -> None:
     fast, slow = _lines(monkeypatch, json_lines=False)
     for a, b in zip(fast, slow, strict=True):
-        assert re.fullmatch(ASCTIME + r" INFO aiohttp\.access: GET /apps/demo/session .*\n", a)
+        assert re.fullmatch(ASCTIME + r" INFO hotpath\.access: GET /apps/demo/session .*\n", a)
         assert a[23:] == b[23:]  # all but the time of day
 
 
