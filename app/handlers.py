@@ -86,7 +86,8 @@ async def get_session_data(request: web.Request) -> web.Response:
     absolute deadline (`absolute_expires_in`), both `null` without a session
     (`absolute_expires_in` also when `SESSION_ABSOLUTE_SECONDS` is 0, off). One round trip.
     """
-    slide = request.query.get("slide", "1")
+    # No query string (the usual read): nothing to parse.
+    slide = request.query.get("slide", "1") if request.rel_url.raw_query_string else "1"
     if slide not in ("0", "1"):
         raise ApiError(400, "invalid_parameter", "slide must be 0 or 1.")
     if slide == "1":

@@ -289,11 +289,9 @@ class RequestMetrics:
         """From `on_response_prepare`: a plain `web.Response` is prepared after the handler
         returned; only a response prepared while the handler still runs (SSE, WebSocket,
         chunked copies) is a stream."""
-        if (
-            request.get(_HANDLING_KEY)
-            and not isinstance(response, web.Response)
-            and not request.get(_STREAM_KEY)
-        ):
+        if isinstance(response, web.Response):
+            return
+        if request.get(_HANDLING_KEY) and not request.get(_STREAM_KEY):
             request[_STREAM_KEY] = True
             self._metrics.active_streams.inc()
 

@@ -62,10 +62,12 @@ CORS_ORIGIN_KEY = web.RequestKey("cors_origin", str)
 RESPONSE_STARTED_KEY = web.RequestKey("response_started", bool)
 
 
-def _on_prepare_headers(request: web.Request, response: web.StreamResponse) -> None:
+def _on_prepare_headers(
+    request: web.Request, response: web.StreamResponse, request_id: str
+) -> None:
     request[RESPONSE_STARTED_KEY] = True
     headers = response.headers
-    headers["X-Request-Id"] = request[REQUEST_ID_KEY]
+    headers["X-Request-Id"] = request_id
     for name, value in SECURITY_HEADERS.items():
         headers.setdefault(name, value)
     # Set only for a request with an allowed `Origin` (a missing key is a costly lookup).
@@ -111,8 +113,13 @@ def add_prepare_hook(
     async def on_prepare(request: web.Request, response: web.StreamResponse) -> None:
         if lifecycle.shutting_down:
             await close_connections_when_draining(request, response)
-        if REQUEST_ID_KEY in request:
-            _on_prepare_headers(request, response)
+        # `in`/`get` on a request are Python code around `__getitem__`: index it directly.
+        try:
+            request_id = request[REQUEST_ID_KEY]
+        except KeyError:
+            pass  # a request the gateway middleware never saw
+        else:
+            _on_prepare_headers(request, response, request_id)
         if metrics is not None:
             metrics.count_stream(request, response)
 
