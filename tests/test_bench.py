@@ -32,6 +32,7 @@ def test_bench_smoke_runs_every_row(tmp_path: Path) -> None:
     expected = {
         "gw_redis_read", "gw_redis_write", "gw_mem_read", "gw_mem_write", "stock_read",
         "stock_write", "nosession", "rawget", "sse_direct", "sse_gateway", "sse_nginx",
+        "gw_redis_read_enc", "gw_redis_write_enc", "sse_gateway_limited",
     }  # fmt: skip
     assert set(rows) == expected
     for key, row in rows.items():
@@ -44,12 +45,20 @@ def test_bench_smoke_runs_every_row(tmp_path: Path) -> None:
     assert rows["gw_redis_read"]["redis_commands_by_name"].keys() == {"getex"}
     assert rows["gw_redis_write"]["redis_commands_per_request"] > 1.5
     assert rows["stock_read"]["redis_commands_by_name"].keys() == {"get"}
+    # The cost rows really run the optional features: the encrypted gateway stores no
+    # plaintext (checked by its own tests; here: its reads are GETEX too), and the limited
+    assert rows["gw_redis_read_enc"]["redis_commands_by_name"].keys() == {"getex"}
+    # gateway checks its buckets with one script call per stream (the plain one runs a script
+    # only when a session's first stream stores its conversation id).
+    assert rows["sse_gateway_limited"]["redis_commands_by_name"]["evalsha"] >= 0.9
+    assert rows["sse_gateway"]["redis_commands_by_name"].get("evalsha", 0) < 0.5
     assert all(row["cpu_us_per_request"] > 0 for row in rows.values())
     assert set(results["ttfe_ms"]) == {"direct", "gateway", "nginx"}
     assert results["memory_fill"]["sessions_created"] >= 2000
     assert results["memory_steady"]["run_lost_sessions"] == 0
     names = [r["name"] for r in results["ratios"]]
     assert "gateway Redis read / stock RedisStorage read" in names
+    assert "(cost) SSE with rate limits / without" in names
     table = proc.stdout.decode()
     assert "gateway, Redis store: read" in table
     assert "ratio / figure" in table

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import atexit
+import base64
 import contextlib
 import json
 import os
@@ -87,6 +88,10 @@ class Options:
     client_cpu: int | None = 1
     rows: tuple[str, ...] = ()
     log_level_row: bool = True
+    # Rows for what optional features cost on top of the default configuration: the Redis
+    # gateway with SESSION_ENCRYPTION_KEYS, and SSE through one whose application has rate
+    # limits (never reached: the cost of checking them).
+    cost_rows: bool = True
     profile: tuple[str, ...] = ()  # row keys to sample with py-spy after the measured runs
 
     @classmethod
@@ -316,12 +321,18 @@ class Lab:
             url, proc = self.pending.pop(0)
             wait_http(url, proc)
 
-    def start_gateway(self, name: str, store: str, *, wait: bool = True, **env: str) -> None:
+    def start_gateway(
+        self, name: str, store: str, *, wait: bool = True, app_extra: str = "", **env: str
+    ) -> None:
+        """`python -m app` on CPU 0 with application `demo` (upstream: the stub; `app_extra`:
+        more TOML lines for it) and `env` on top of the defaults."""
         port = free_port()
-        apps = self.tmp / "apps.toml"
-        apps.write_text(f'[apps.demo]\nupstream = "http://127.0.0.1:{self.stub_port}/base"\n')
         workdir = self.tmp / name
         workdir.mkdir(exist_ok=True)  # no stray .env is read from here
+        apps = workdir / "apps.toml"
+        apps.write_text(
+            f'[apps.demo]\nupstream = "http://127.0.0.1:{self.stub_port}/base"\n{app_extra}'
+        )
         full = {
             "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
             "PYTHONPATH": str(REPO_ROOT),
@@ -559,6 +570,8 @@ def all_rows(options: Options, has_nginx: bool) -> list[Row]:
                 sse=True,
             )
         )
+    if options.cost_rows:
+        rows += cost_rows()
     if options.log_level_row:
         rows.insert(
             1,
@@ -574,6 +587,43 @@ def all_rows(options: Options, has_nginx: bool) -> list[Row]:
     if options.rows:
         rows = [r for r in rows if r.key in options.rows]
     return rows
+
+
+def cost_rows() -> list[Row]:
+    """What encryption and rate limits add to the default configuration's rows."""
+    return [
+        Row(
+            "gw_redis_read_enc",
+            "gateway, Redis store: read, encrypted (SESSION_ENCRYPTION_KEYS)",
+            "gw_redis_enc",
+            SESSION_PATH,
+            cookies="gw_redis_enc",
+            redis=True,
+        ),
+        Row(
+            "gw_redis_write_enc",
+            "gateway, Redis store: write, encrypted",
+            "gw_redis_enc",
+            SESSION_PATH,
+            "PATCH",
+            cookies="gw_redis_enc",
+            redis=True,
+        ),
+        Row(
+            "sse_gateway_limited",
+            "SSE 50x200 B: via gateway, with per-session and per-app rate limits",
+            "gw_redis_limited",
+            AGENT_PATH,
+            "POST",
+            cookies="gw_redis_limited",
+            redis=True,
+            sse=True,
+        ),
+    ]
+
+
+# Limits far above what the run sends: every request pays for the check, none is refused.
+UNREACHED_LIMITS = 'rate_limit_per_session = "100000000/s"\nrate_limit_per_app = "100000000/s"\n'
 
 
 @dataclass
@@ -860,6 +910,10 @@ def run(options: Options, *, log: Callable[[str], None]) -> dict[str, Any]:
         lab.start_gateway("gw_mem", "memory", wait=False)
         if options.log_level_row:
             lab.start_gateway("gw_redis_quiet", "redis", wait=False, LOG_LEVEL="warning")
+        if options.cost_rows:
+            key = base64.urlsafe_b64encode(os.urandom(32)).decode("ascii")
+            lab.start_gateway("gw_redis_enc", "redis", wait=False, SESSION_ENCRYPTION_KEYS=key)
+            lab.start_gateway("gw_redis_limited", "redis", wait=False, app_extra=UNREACHED_LIMITS)
         lab.start_peer("stock", "stock")
         lab.start_peer("nosession", "nosession")
         lab.start_peer("rawget", "rawget")
@@ -867,7 +921,14 @@ def run(options: Options, *, log: Callable[[str], None]) -> dict[str, Any]:
         lab.wait_all()
         if not has_nginx:
             log("bench: nginx not installed: its SSE row is skipped")
-        for name in ("gw_redis", "gw_mem", "stock", "gw_redis_quiet"):
+        for name in (
+            "gw_redis",
+            "gw_mem",
+            "stock",
+            "gw_redis_quiet",
+            "gw_redis_enc",
+            "gw_redis_limited",
+        ):
             if name in lab.urls:
                 lines = asyncio.run(create_sessions(lab.urls[name], options.sessions))
                 lab.cookies[name] = tmp / f"{name}.cookies"
@@ -979,6 +1040,10 @@ def ratios(results: dict[str, Any]) -> list[dict[str, Any]]:
     ratio("(ceiling) one redis-py GET / no-session handler", "rawget", "nosession", 0.0)
     ratio("(peer) stock RedisStorage read / one redis-py GET", "stock_read", "rawget", 0.0)
     ratio("gateway Redis read / one redis-py GET", "gw_redis_read", "rawget", 0.0)
+    # What the optional features cost (the targets are for the default configuration).
+    ratio("(cost) encrypted Redis read / plain Redis read", "gw_redis_read_enc", "gw_redis_read", 0)
+    ratio("(cost) encrypted Redis write / plain", "gw_redis_write_enc", "gw_redis_write", 0)
+    ratio("(cost) SSE with rate limits / without", "sse_gateway_limited", "sse_gateway", 0.0)
     rows = results["rows"]
     for kind in ("read", "write"):
         gw, stock = rows.get(f"gw_redis_{kind}"), rows.get(f"stock_{kind}")
