@@ -123,3 +123,38 @@ async def test_the_answer_to_a_read_is_encoded_once_per_value(
     resp = await gw.client.patch("/apps/demo/session", json={"b": 2}, headers=CSRF)
     assert await resp.json() == {"data": {"a": 1, "b": 2}}
     assert await (await gw.client.get("/apps/demo/session")).json() == {"data": {"a": 1, "b": 2}}
+
+
+@pytest.mark.parametrize("encrypted", [False, True])
+def test_a_value_written_is_remembered_as_decode_reads_it(
+    encrypted: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    keys = [Fernet.generate_key().decode()] if encrypted else []
+    codec = SessionCodec(keys, cache_bytes=1 << 20)
+    reference = SessionCodec(keys)  # no cache: always decodes
+    data: dict[str, Any] = {
+        "é": "ü\u2028",
+        "n": [1, -0.0, 1.5e300, 10**30, float("inf"), None, True],
+        "o": {"x": {"y": []}},
+    }
+    mapping = {"data": data, "gw": {"created_at": 1_700_000_000, "conversation_id": "c"}}
+    raw = codec.encode(mapping, 7, "demo:x", remember=True)
+    calls = _counting(monkeypatch)
+    kept = codec.decode(raw, "demo:x")
+    assert calls == []  # not decoded: remembered
+    assert json.dumps(kept.mapping) == json.dumps(reference.decode(raw, "demo:x").mapping)
+    data["o"] = {}  # the writer's own dicts are not the remembered ones
+    mapping["gw"]["conversation_id"] = "d"
+    assert kept.mapping == reference.decode(raw, "demo:x").mapping
+    assert codec.decode(raw, "demo:other").mapping is None or encrypted is False
+
+
+async def test_a_read_after_a_write_decodes_nothing(
+    gateway_factory: GatewayFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gw = await gateway_factory("memory")
+    assert (await gw.client.patch("/apps/demo/session", json={"a": 1}, headers=CSRF)).status == 200
+    assert (await gw.client.patch("/apps/demo/session", json={"b": 2}, headers=CSRF)).status == 200
+    calls = _counting(monkeypatch)
+    assert await (await gw.client.get("/apps/demo/session")).json() == {"data": {"a": 1, "b": 2}}
+    assert calls == []

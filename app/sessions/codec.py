@@ -162,9 +162,14 @@ class SessionCodec:
     def encrypted(self) -> bool:
         return self._fernet is not None
 
-    def encode(self, mapping: Mapping[str, Any], revision: int, binding: str) -> bytes:
+    def encode(
+        self, mapping: Mapping[str, Any], revision: int, binding: str, *, remember: bool = False
+    ) -> bytes:
         """The stored bytes of `mapping` at `revision`, bound to `binding` when encrypted.
 
+        `remember`: also keep what `decode` will make of these bytes (with a cache), so the
+        next read of a value just written is not decoded: the mapping's `data` and `gw` as
+        copies (JSON values round-trip exactly, and every session value comes from JSON).
         Raises `SessionTooLarge` when the plaintext serialization exceeds `max_bytes`.
         """
         data, gateway = mapping.get(DATA, {}), mapping.get(GATEWAY, {})
@@ -172,9 +177,18 @@ class SessionCodec:
         if len(plain) > self.max_bytes:
             raise SessionTooLarge(f"session is {len(plain)} bytes; the limit is {self.max_bytes}")
         if self._fernet is None:
-            return plain
-        token = self._fernet.encrypt(_dumps({"k": binding, DATA: data, GATEWAY: gateway}))
-        return _dumps({"v": FORMAT_VERSION, "r": revision, "enc": token.decode("ascii")})
+            stored = plain
+            key: object = stored
+        else:
+            token = self._fernet.encrypt(_dumps({"k": binding, DATA: data, GATEWAY: gateway}))
+            stored = _dumps({"v": FORMAT_VERSION, "r": revision, "enc": token.decode("ascii")})
+            key = (binding, stored)
+        if remember and self._cache_bytes and isinstance(data, dict):
+            # Exactly what `decode` would find (`_session_mapping` applies the same checks).
+            kept = _session_mapping(dict(data), dict(gateway) if isinstance(gateway, dict) else 0)
+            if kept is not None:
+                self._remember(key, len(stored), Decoded(kept))
+        return stored
 
     def decode(self, raw: bytes, binding: str) -> Decoded:
         """The session mapping in `raw`, or `Decoded(None, why)` for a value that must count as

@@ -384,8 +384,9 @@ class GatewayStorage(AbstractStorage):
                 raise SessionEnded("the session reached its absolute lifetime")
             expected = session.revision if isinstance(session, GatewaySession) else "0"
             revision = int(expected) + 1
+            # Remembered: the next read of this session (a GET after the PATCH) needs no decode.
             encoded = self.codec.encode(
-                dict(session), revision, self.binding(request, session.identity)
+                dict(session), revision, self.binding(request, session.identity), remember=True
             )
             result = await self.backend.compare_and_set(key, expected, encoded, ttl)
             if result == "missing":
