@@ -194,19 +194,25 @@ async def _json_object(request: web.Request) -> dict[str, Any]:
     return value
 
 
-async def _read_body(request: web.Request, cap: int) -> bytearray:
+async def _read_body(request: web.Request, cap: int) -> bytes | bytearray:
     # A PATCH can never yield a session over SESSION_MAX_BYTES, so reading more than twice
     # that (JSON escaping slack) is pointless: refuse early, nothing changed.
     if request.content_length is not None and request.content_length > cap:
         raise ApiError(413, "body_too_large", "The request body is too large.")
-    # `read(n)` returns whatever has arrived (up to n), not the whole body: a chunked or
-    # slow body comes in pieces, so read until the end or just past the cap.
-    raw = bytearray()
-    while len(raw) <= cap:
-        piece = await request.content.read(cap + 1 - len(raw))
-        if not piece:
-            break
-        raw += piece
+    content = request.content
+    raw: bytes | bytearray
+    if content.is_eof():
+        # All of it is buffered already: take it without a read per piece.
+        raw = content.read_nowait(cap + 1)
+    else:
+        # `read(n)` returns whatever has arrived (up to n), not the whole body: a chunked or
+        # slow body comes in pieces, so read until the end or just past the cap.
+        raw = bytearray()
+        while len(raw) <= cap:
+            piece = await content.read(cap + 1 - len(raw))
+            if not piece:
+                break
+            raw += piece
     if len(raw) > cap:
         raise ApiError(413, "body_too_large", "The request body is too large.")
     return raw

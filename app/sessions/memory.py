@@ -177,13 +177,25 @@ class MemoryBackend:
 
     async def compare_and_set(self, key: str, expected: str, value: bytes, ttl: int) -> CasResult:
         # No await between the check and the write: atomic on the event loop, like the script.
+        # `_raw` then `_store`, folded as in `get_and_touch` (every session write).
         k = _b(key)
-        raw = self._raw(k)
+        now = self._clock()
+        segment = self._protected
+        raw = segment.get(k)
         if raw is None:
+            segment = self._probation
+            raw = segment.get(k)
+            if raw is None:
+                return "missing"
+        if self._epoch + _unpack_ticks(raw)[0] / _TICKS <= now:
+            del segment[k]
             return "missing"
         if revision_of(raw[_EXPIRY_BYTES:]) != expected:
             return "conflict"
-        self._store(k, value, ttl)
+        del segment[k]
+        self._protected[k] = self._pack(ttl, value, now)
+        if len(self._protected) > self._protected_max:
+            self._demote()
         return "ok"
 
     async def delete_if_revision(self, key: str, expected: str) -> CasResult:
