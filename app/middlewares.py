@@ -179,10 +179,32 @@ def check_csrf(request: web.Request) -> None:
         )
 
 
-def new_request_id() -> str:
-    """128 random bits as 32 hex digits (what `secrets.token_hex(16)` gives, without its
-    layers of calls)."""
-    return os.urandom(16).hex()
+class _RequestIds:
+    """128 random bits as 32 hex digits per id (what `secrets.token_hex(16)` gives), the
+    random bytes fetched from the OS for 64 ids at a time instead of one system call each; a
+    forked child starts a batch of its own."""
+
+    _BATCH = 64
+
+    def __init__(self) -> None:
+        self._hex = ""
+        self._next = 0
+        os.register_at_fork(after_in_child=self._reset)
+
+    def _reset(self) -> None:
+        self._hex = ""
+        self._next = 0
+
+    def __call__(self) -> str:
+        start = self._next
+        if start >= len(self._hex):
+            self._hex = os.urandom(16 * self._BATCH).hex()
+            start = 0
+        self._next = start + 32
+        return self._hex[start : start + 32]
+
+
+new_request_id = _RequestIds()
 
 
 def setup_gateway(
