@@ -57,16 +57,26 @@ class Lifecycle:
     def __post_init__(self) -> None:
         self._idle.set()
 
-    @contextlib.asynccontextmanager
-    async def track(self) -> AsyncIterator[None]:
+    def request_started(self) -> None:
+        """A request is in flight until the matching `request_finished()` (call it in a
+        `finally`). Plain calls: the gateway middleware does this on every request, where an
+        async context manager costs a generator and two coroutine steps."""
         self.in_flight += 1
         self._idle.clear()
+
+    def request_finished(self) -> None:
+        self.in_flight -= 1
+        if self.in_flight == 0:
+            self._idle.set()
+
+    @contextlib.asynccontextmanager
+    async def track(self) -> AsyncIterator[None]:
+        """`request_started()` ... `request_finished()` as a context manager."""
+        self.request_started()
         try:
             yield
         finally:
-            self.in_flight -= 1
-            if self.in_flight == 0:
-                self._idle.set()
+            self.request_finished()
 
     def begin_shutdown(self) -> None:
         """Not ready any more; responses from now on close their connection."""

@@ -229,27 +229,29 @@ def setup_gateway(
                 if inbound is not None and _REQUEST_ID_RE.fullmatch(inbound)
                 else new_request_id()
             )
-            async with lifecycle.track():
+            lifecycle.request_started()
+            try:
+                if "applicationId" in request.match_info:
+                    app_config = resolve_application(request, apps)
+                    preflight = check_origin(request, settings, app_config)
+                    if preflight is not None:
+                        status = str(preflight.status)
+                        return preflight
+                    check_csrf(request)
+                storage = request.app[STORAGE_APP_KEY]
+                request[STORAGE_KEY] = storage
                 try:
-                    if "applicationId" in request.match_info:
-                        app_config = resolve_application(request, apps)
-                        preflight = check_origin(request, settings, app_config)
-                        if preflight is not None:
-                            status = str(preflight.status)
-                            return preflight
-                        check_csrf(request)
-                    storage = request.app[STORAGE_APP_KEY]
-                    request[STORAGE_KEY] = storage
-                    try:
-                        response = await handler(request)
-                        await finish_session(request, response)
-                    except (SessionEnded, SessionConflict) as exc:
-                        response = session_error_response(request, storage, exc)
-                except Exception as exc:
-                    envelope = _envelope(request, exc)
-                    if envelope is None:
-                        raise
-                    response = envelope
+                    response = await handler(request)
+                    await finish_session(request, response)
+                except (SessionEnded, SessionConflict) as exc:
+                    response = session_error_response(request, storage, exc)
+            except Exception as exc:
+                envelope = _envelope(request, exc)
+                if envelope is None:
+                    raise
+                response = envelope
+            finally:
+                lifecycle.request_finished()
             status = str(response.status)
             return response
         except web.HTTPException as exc:
