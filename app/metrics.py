@@ -13,6 +13,7 @@ Series (all prefixed `agent_bff_`):
   `session_store_errors_total{operation,error}` (the underlying exception class),
   `session_store_operation_duration_seconds{operation}`;
 - `redis_pool_connections{state}` (`in_use`, `idle`), `redis_pool_max_connections`;
+  `redis_pipelined_batches_total`, `redis_pipelined_commands_total` (automatic pipelining);
   `memory_sessions` for the memory store;
 - `active_streams` (streaming responses and WebSockets currently open);
 - `upstream_errors_total{application,kind}` (`record_upstream_error`);
@@ -46,10 +47,11 @@ from prometheus_client import (
 )
 from prometheus_client import metrics as prometheus_metrics
 from prometheus_client.aiohttp import make_aiohttp_handler
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.utils import floatToGoString
 
 from app.sessions.backend import CasResult, SessionBackend, StoreUnavailable
+from app.sessions.pipelining import CommandPipeliner
 from app.sessions.storage import APP_ID_KEY
 
 NAMESPACE = "agent_bff"
@@ -473,6 +475,18 @@ class _StoreCollector:
                 "The pool's bound (REDIS_MAX_CONNECTIONS; per node for a cluster, summed).",
                 value=bound,
             )
+            pipeliner = getattr(self._backend, "pipeliner", None)
+            if isinstance(pipeliner, CommandPipeliner):
+                yield CounterMetricFamily(
+                    f"{NAMESPACE}_redis_pipelined_batches",
+                    "Pipelined writes sent to Redis (commands of one event-loop iteration).",
+                    value=pipeliner.batches,
+                )
+                yield CounterMetricFamily(
+                    f"{NAMESPACE}_redis_pipelined_commands",
+                    "Commands sent in those batches (divided by the batches: the mean batch).",
+                    value=pipeliner.commands,
+                )
         elif hasattr(self._backend, "__len__"):
             yield GaugeMetricFamily(
                 f"{NAMESPACE}_memory_sessions",

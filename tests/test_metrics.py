@@ -150,6 +150,20 @@ async def test_redis_pool_usage_is_exported(gateway_factory: GatewayFactory) -> 
     assert value(samples, ops, operation="create", result="ok") == 1
 
 
+async def test_pipelined_batches_and_commands_are_exported(gateway_factory: GatewayFactory) -> None:
+    gw = await gateway_factory("redis")
+    assert (await gw.client.patch("/apps/demo/session", json={"a": 1}, headers=CSRF)).status == 200
+    before = await scrape(gw.client)
+    batches = value(before, "agent_bff_redis_pipelined_batches_total")
+    commands = value(before, "agent_bff_redis_pipelined_commands_total")
+    assert batches >= 1 and commands >= batches
+    reads = await asyncio.gather(*(gw.client.get("/apps/demo/session") for _ in range(20)))
+    assert all(r.status == 200 for r in reads)
+    after = await scrape(gw.client)
+    assert value(after, "agent_bff_redis_pipelined_commands_total") == commands + 20
+    assert value(after, "agent_bff_redis_pipelined_batches_total") < batches + 20
+
+
 async def test_active_streams_follow_open_streams(aiohttp_server: AiohttpServer) -> None:
     upstream = await serve_upstream(aiohttp_server)
     release = asyncio.Event()
