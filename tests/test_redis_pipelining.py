@@ -20,7 +20,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from app.sessions.pipelining import CommandPipeliner, pack_commands
+from app.sessions.pipelining import CommandPipeliner, pack_command
 from app.sessions.redis import RedisBackend, RedisOptions, make_client
 from tests.conftest import CSRF, GatewayFactory
 from tests.fault_proxy import FaultProxy
@@ -245,10 +245,20 @@ async def test_without_pipelining_every_command_is_its_own_round_trip(
 )
 def test_commands_are_packed_as_redis_py_packs_them(args: tuple[Any, ...]) -> None:
     reference = Connection()
-    assert pack_commands([args, args]) == b"".join(reference.pack_commands([args, args]))
+    assert pack_command(args) == b"".join(reference.pack_command(*args))
 
 
 @pytest.mark.parametrize("bad", [True, None, object()])
 def test_arguments_redis_cannot_take_are_refused(bad: object) -> None:
     with pytest.raises(TypeError):
-        pack_commands([("SET", "k", bad)])
+        pack_command(("SET", "k", bad))
+
+
+async def test_a_bad_argument_fails_its_own_caller_not_the_batch(shared_redis: RedisServer) -> None:
+    async with pipeliner_on(shared_redis.url) as (pipeliner, _):
+        before = pipeliner.execute("ECHO", "before")
+        with pytest.raises(TypeError):
+            pipeliner.execute("SET", "k", None)
+        after = pipeliner.execute("ECHO", "after")
+        assert (await before, await after) == (b"before", b"after")
+        assert (pipeliner.batches, pipeliner.commands) == (1, 2)

@@ -38,8 +38,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-# A command and the future its caller awaits.
-_Pending = tuple[tuple[Any, ...], "asyncio.Future[Any]"]
+# A command, already in its RESP encoding, and the future its caller awaits.
+_Pending = tuple[bytes, "asyncio.Future[Any]"]
 
 # Commands per pipelined write: bounds one batch's size on the wire and in Redis's output
 # buffer; a busier iteration is split into several batches on several connections.
@@ -65,13 +65,17 @@ class CommandPipeliner:
         self.commands = 0  # commands sent in them
 
     def execute(self, *args: Any) -> asyncio.Future[Any]:
-        """Queue one command for the next flush; await the returned future for its reply."""
+        """Queue one command for the next flush; await the returned future for its reply.
+
+        Raises `TypeError` at once for an argument Redis cannot take (see `pack_command`):
+        a bad command fails its own caller, never the batch it would have joined."""
+        packed = pack_command(args)
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         if self._closed:
             future.set_exception(RedisConnectionError("the Redis client was closed"))
             return future
-        self._queue.append((args, future))
+        self._queue.append((packed, future))
         if not self._flush_scheduled:
             self._flush_scheduled = True
             loop.call_soon(self._flush)
@@ -117,7 +121,7 @@ class CommandPipeliner:
 
     async def _exchange(self, connection: AbstractConnection, batch: list[_Pending]) -> None:
         """Write the batch in one go, then hand each reply to its future, in order."""
-        await connection.send_packed_command(pack_commands([args for args, _ in batch]))
+        await connection.send_packed_command(b"".join([packed for packed, _ in batch]))
         self.batches += 1
         self.commands += len(batch)
         timeout = connection.socket_timeout
@@ -147,16 +151,14 @@ class CommandPipeliner:
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-def pack_commands(commands: list[tuple[Any, ...]]) -> bytes:
-    """The RESP encoding of `commands`, as redis-py's `pack_commands` would write it (str as
+def pack_command(args: tuple[Any, ...]) -> bytes:
+    """The RESP encoding of one command, as redis-py's `pack_command` would write it (str as
     UTF-8, int and float in decimal), in one bytes object and at a third of its cost (it also
     handles encoders and large-value buffers we do not need). Raises `TypeError` for any
     other argument type (bool included, which redis-py refuses too)."""
-    out: list[bytes] = []
-    for args in commands:
-        out.append(b"*%d\r\n" % len(args))
-        for arg in args:
-            out.append(b"$%d\r\n%s\r\n" % _bulk(arg))
+    out = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        out.append(b"$%d\r\n%s\r\n" % _bulk(arg))
     return b"".join(out)
 
 
