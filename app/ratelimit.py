@@ -47,7 +47,7 @@ from app.config import Settings
 from app.errors import ApiError
 from app.middlewares import APP_CONFIG_KEY
 from app.sessions.backend import StoreUnavailable
-from app.sessions.redis import LuaScript, RedisBackend, RedisClient
+from app.sessions.redis import LuaScript, RedisBackend
 from app.sessions.storage import GatewayStorage
 from app.state import BACKEND_KEY, SETTINGS_KEY
 
@@ -157,10 +157,6 @@ class RedisRateLimiter:
 
     def __init__(self, backend: RedisBackend) -> None:
         self._backend = backend
-
-    @property
-    def client(self) -> RedisClient:
-        return self._backend.client
 
     async def acquire(self, buckets: Sequence[Bucket]) -> float:
         args: list[Any] = []
