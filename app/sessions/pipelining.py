@@ -100,22 +100,22 @@ class CommandPipeliner:
         _fail(batch, RedisConnectionError("the Redis client was closed"))
 
     async def _send(self, batch: list[_Pending]) -> None:
+        """One batch on one pooled connection. A failure goes to every command still waiting;
+        a cancellation (`close()`) leaves that to `_batch_done`."""
         try:
             # redis-py leaves get_connection unannotated
             connection: AbstractConnection = await self._pool.get_connection()  # type: ignore[no-untyped-call]
-        except BaseException as err:
+        except Exception as err:
             _fail(batch, err)
-            if isinstance(err, asyncio.CancelledError):
-                raise
             return
         try:
             await self._exchange(connection, batch)
         except BaseException as err:
             # Replies may still be on their way: this connection is out of step for good.
             await connection.disconnect(nowait=True)
-            _fail(batch, err)
             if isinstance(err, asyncio.CancelledError):
                 raise
+            _fail(batch, err)
         finally:
             await self._pool.release(connection)
 
@@ -181,11 +181,7 @@ def _bulk(arg: Any) -> tuple[int, bytes]:
 
 
 def _fail(batch: list[_Pending], err: BaseException) -> None:
-    """Give `err` to every command of `batch` whose caller still waits. A batch cancelled
-    by `close()` fails its commands with a connection error (their callers were not
-    cancelled themselves)."""
-    if isinstance(err, asyncio.CancelledError):
-        err = RedisConnectionError("the Redis client was closed")
+    """Give `err` to every command of `batch` whose caller still waits."""
     for _, future in batch:
         if not future.done():
             future.set_exception(err)
