@@ -182,37 +182,40 @@ async def test_B03_B04_colons_and_glob_characters_never_build_a_key(
 async def test_B06_duplicate_cookies_resolve_to_exactly_one_session_never_a_mix(
     gw: RunningGateway, shared_redis: RedisServer
 ) -> None:
-    """`agent_sid=A; agent_sid=B` (cookie tossing, or a stale copy): aiohttp keeps the last
-    value of the first `Cookie` header. The gateway uses that one session, whole: the other
-    is neither read nor written. Its cookies carry no `Domain`, so a sibling subdomain cannot
-    replace them (it can only add a second one, which is this case)."""
+    """`agent_sid=A; agent_sid=B` (cookie tossing: a cookie planted by a sibling subdomain or
+    by script): two distinct session ids count as no session (`app.sessions.cookies`), in one
+    header or split over two. Neither session is read or written; a write starts a fresh one.
+    A value that cannot be a session id is ignored (`agent_sid=A; agent_sid=junk` is A). Its
+    cookies carry no `Domain`. (Issue 12 row 3; before it, the last value of the first header
+    won, so a planted `Path=/` cookie was used whole.)"""
     sid_a = await new_session(gw, {"who": "a"})
     sid_b = await new_session(gw, {"who": "b"})
     duplicates = [
         [f"Cookie: agent_sid={sid_a}; agent_sid={sid_b}".encode()],
         [f"Cookie: agent_sid={sid_b}; agent_sid={sid_a}".encode()],
         [f"Cookie: agent_sid={sid_a}".encode(), f"Cookie: agent_sid={sid_b}".encode()],
-        [f"Cookie: agent_sid={sid_a}; agent_sid=junk{MARK}".encode()],
     ]
+    junk = [f"Cookie: agent_sid={sid_a}; agent_sid=junk{MARK}".encode()]
+    resp = await send_raw(gw.port, request_bytes("GET", SESSION, *junk))
+    assert resp.status == 200 and json.loads(resp.body)["data"] == {"who": "a"}
+    assert MARK.encode() not in resp.body
     for headers in duplicates:
         resp = await send_raw(gw.port, request_bytes("GET", SESSION, *headers))
         assert resp.status == 200
-        assert json.loads(resp.body)["data"] in ({"who": "a"}, {"who": "b"}, {})
-        assert MARK.encode() not in resp.body
-    for n, headers in enumerate(duplicates[:3]):
+        assert json.loads(resp.body)["data"] == {}
+    for n, headers in enumerate(duplicates):
         body = json.dumps({"n": n}).encode()
         resp = await send_raw(
             gw.port, request_bytes("PATCH", SESSION, *headers, b"X-CSRF: 1", body=body)
         )
         assert resp.status == 200
-        written = json.loads(resp.body)["data"]
-        assert written["who"] in ("a", "b") and written["n"] == n
-        for set_cookie in resp.headers.getall("Set-Cookie", []):
-            assert "domain" not in set_cookie.lower()
+        assert json.loads(resp.body)["data"] == {"n": n}  # a fresh session, neither a nor b
+        (set_cookie,) = resp.headers.getall("Set-Cookie")
+        assert sid_a not in set_cookie and sid_b not in set_cookie
+        assert "domain" not in set_cookie.lower()
     a, b = await data_of(gw, sid_a), await data_of(gw, sid_b)
-    assert isinstance(a, dict) and isinstance(b, dict)
-    assert a["who"] == "a" and b["who"] == "b", "one session's data leaked into the other"
-    assert len(stored_keys(shared_redis)) == 2
+    assert a == {"who": "a"} and b == {"who": "b"}, "a session was written through duplicates"
+    assert len(stored_keys(shared_redis)) == 2 + len(duplicates)
 
 
 # -- B8: application id traversal (raw targets, no client normalisation) --------------------

@@ -275,7 +275,6 @@ NOT_APPLICABLE: dict[str, str] = {}
 DEVIATIONS: dict[str, str] = {
     "R15": "409 session_ended (not 401): there is no login; the cookie is expired all the same",
     "R16": "409 session_ended like R15; the browser's next write starts a new session",
-    "B6": "no 'treat duplicates as absent': aiohttp's last value of the first Cookie header wins",
     "B18": "aiohttp's own parser 400 (text/plain) quotes up to ~100 bytes of the bad line",
     "B14": "pure-Python parser: a non-ASCII chunk size gives a plain 500 (aiohttp cannot encode "
     "its own 400 message); a 160-bit chunk size waits for that much body; never 2 requests",

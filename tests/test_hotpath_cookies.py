@@ -1,7 +1,9 @@
 """The session cookie is read without aiohttp's full cookie parser, with the same result.
 
 `GatewayStorage.load_cookie` reads plain `Cookie` headers itself; for every header it must give
-what `request.cookies` (aiohttp's parser) gives, filtered by the session id pattern.
+what aiohttp's parser finds, with the cookie-tossing rule of `app.sessions.cookies` applied: of
+the values under our name that are well-formed session ids, the one distinct value, or none
+when there are several.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from typing import cast
 
 import pytest
 from aiohttp import web
+from aiohttp._cookie_helpers import parse_cookie_header
 from aiohttp.test_utils import make_mocked_request
 from multidict import CIMultiDict
 
@@ -26,11 +29,12 @@ def _storage(cookie_name: str = "agent_sid") -> GatewayStorage:
     return GatewayStorage(MemoryBackend(), make_settings(SESSION_COOKIE_NAME=cookie_name))
 
 
-class _Request:
+class _Request(dict[object, object]):
     """What `load_cookie` uses of a request (`make_mocked_request` is too slow for thousands);
     `cookies` is aiohttp's own property, so its parser."""
 
     def __init__(self, header: str | None) -> None:
+        super().__init__()
         self.headers = CIMultiDict[str]() if header is None else CIMultiDict(Cookie=header)
         self._cache: dict[str, object] = {}  # where aiohttp's `reify` keeps `cookies`
 
@@ -42,9 +46,16 @@ def _request(header: str | None) -> web.Request:
 
 
 def _expected(header: str, name: str) -> str | None:
-    """What aiohttp's parser finds, filtered as the storage filters."""
-    value = _Request(header).cookies.get(name)
-    return value if value is not None and SESSION_ID_RE.fullmatch(value) else None
+    """What aiohttp's parser finds under `name`, keeping well-formed ids only: the one
+    distinct value, else None (absent, or ambiguous)."""
+    found = {
+        value
+        for key, morsel in parse_cookie_header(header)
+        if key == name
+        for value in (morsel.value,)
+        if SESSION_ID_RE.fullmatch(value)
+    }
+    return found.pop() if len(found) == 1 else None
 
 
 CRAFTED = [
@@ -56,7 +67,14 @@ CRAFTED = [
     f"other=1; agent_sid={SID}",
     f"other=1;agent_sid={SID}",
     f"agent_sid={SID}; agent_sid={OTHER}",
+    f"agent_sid={OTHER}; agent_sid={SID}",
+    f"agent_sid={SID}; agent_sid={SID}",
+    f"agent_sid={SID};agent_sid={OTHER}",
+    f'agent_sid="{SID}"; agent_sid={SID}',
+    f'agent_sid="{OTHER}"; agent_sid={SID}',
     f"agent_sid={OTHER}; agent_sid=junk",
+    f"agent_sid=junk; agent_sid={OTHER}",
+    f"agent_sid=; agent_sid={OTHER}",
     f'agent_sid="{SID}"',
     f'other="a;b"; agent_sid={SID}',
     f'other="a; agent_sid={OTHER}"; agent_sid={SID}',

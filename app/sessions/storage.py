@@ -27,7 +27,9 @@
   single-key operations, so it works on Redis Cluster. `created_at` is kept: rotating never
   extends the absolute lifetime.
 - Cookie: one per application, `Path=/apps/{applicationId}`, HttpOnly, SameSite per setting,
-  Secure per setting (`auto`: when the browser used HTTPS), no Domain, no Max-Age.
+  Secure per setting (`auto`: when the browser used HTTPS), no Domain, no Max-Age. Read with
+  `app.sessions.cookies.choose_session_id`: two distinct ids under our name (a planted cookie)
+  count as no session.
 """
 
 from __future__ import annotations
@@ -56,18 +58,13 @@ from app.sessions.codec import (
     SessionCodec,
     SessionTooLarge,
 )
+from app.sessions.cookies import SESSION_ID_RE, Ambiguous, choose_session_id
 
 log = logging.getLogger(__name__)
 
-SESSION_ID_RE = re.compile(r"^[A-Za-z0-9_-]{43}$")
-# A `Cookie` header made only of `name=value` pairs of plain characters (no quotes, commas,
-# backslashes or inner whitespace), separated by ";" and at most one space. aiohttp's parser
-# (`request.cookies`) reads such a header as exactly its pairs, split at ";" and at the first "="
-# of each, the last of a repeated name winning: `load_cookie` reads it so without building a
-# `Morsel` per cookie. Any other header goes through aiohttp's parser.
-_COOKIE_PAIR = r"[A-Za-z0-9_.~+/:%-]+=[A-Za-z0-9_.~+/:%=-]*"
-_PLAIN_COOKIE_HEADER_RE = re.compile(rf"{_COOKIE_PAIR}(?:; ?{_COOKIE_PAIR})*")
 _SESSION_ID_AT = re.compile(r"[A-Za-z0-9_-]{43}")  # SESSION_ID_RE without anchors (for `pos`)
+# Set on a request once its ambiguous session cookies were logged (once per request).
+_AMBIGUITY_LOGGED = web.RequestKey("session_cookie_ambiguity_logged", bool)
 
 APP_ID_KEY = web.RequestKey("application_id", str)
 # Stored values the codec keeps decoded (`SessionCodec.decode`): about 2,000 sessions of 250
@@ -188,27 +185,33 @@ class GatewayStorage(AbstractStorage):
     # -- identity ---------------------------------------------------------------------------
 
     def load_cookie(self, request: web.Request) -> str | None:
-        """The session id from the cookie, or None when absent or malformed.
-
-        The same value `request.cookies` gives (see `_PLAIN_COOKIE_HEADER_RE`), cheaper."""
-        header = request.headers.get(hdrs.COOKIE)
-        if not header:
+        """The session id the request's cookies name, or None: absent, malformed, or
+        ambiguous (two distinct ids under our name: a planted cookie, see
+        `app.sessions.cookies`; logged once per request, without the values)."""
+        headers = request.headers.getall(hdrs.COOKIE, None)
+        if not headers:
             return None
-        prefix = self._cookie_prefix
-        if prefix and header.startswith(prefix) and _SESSION_ID_AT.fullmatch(header, len(prefix)):
-            return header[len(prefix) :]  # the browser's usual header: just our cookie
-        value: str | None
-        if _PLAIN_COOKIE_HEADER_RE.fullmatch(header):
-            value = None
-            for pair in header.split(";"):
-                name, _, found = pair.lstrip(" ").partition("=")
-                if name == self.cookie_name:
-                    value = found
-        else:
-            value = request.cookies.get(self.cookie_name)
-        if value is None or not SESSION_ID_RE.fullmatch(value):
+        if len(headers) == 1:
+            header = headers[0]
+            prefix = self._cookie_prefix
+            if (
+                prefix
+                and header.startswith(prefix)
+                and _SESSION_ID_AT.fullmatch(header, len(prefix))
+            ):
+                return header[len(prefix) :]  # the browser's usual header: just our cookie
+        choice = choose_session_id(headers, self.cookie_name)
+        if isinstance(choice, Ambiguous):
+            if not request.get(_AMBIGUITY_LOGGED):
+                request[_AMBIGUITY_LOGGED] = True
+                log.warning(
+                    "the Cookie header names several distinct %s session ids (a cookie planted "
+                    "by a sibling site or by script?): treated as no session (application %s)",
+                    self.cookie_name,
+                    request.get(APP_ID_KEY),
+                )
             return None
-        return value
+        return choice
 
     def key_for(self, request: web.Request, session_id: str) -> str:
         return session_key(self.settings.redis_prefix, request[APP_ID_KEY], session_id)
