@@ -7,7 +7,9 @@
 3. Application: `/apps/{applicationId}/...` -> 400 malformed, 404 unknown, before anything
    touches the store (`resolve_application`).
 4. Origin: the allowlist (403 before anything runs) and CORS preflights (`check_origin`).
-5. CSRF: state-changing `/apps/` requests need `X-CSRF: 1`, else 403 (`check_csrf`).
+5. CSRF: every `/apps/` request whose method is not GET, HEAD or OPTIONS (POST, PUT, PATCH,
+   DELETE, and also PROPFIND, QUERY, any extension method) needs `X-CSRF: 1`, else 403
+   (`check_csrf`).
 6. Session: after the handler, a changed session is saved (`finish_session`); a session that
    ended or kept changing meanwhile answers 409 (app/sessions/middleware.py).
 
@@ -25,7 +27,7 @@ import re
 import time
 from collections.abc import Mapping
 
-from aiohttp import web
+from aiohttp import web, web_response
 from aiohttp.typedefs import Handler, Middleware
 
 from app.applications import APP_ID_RE, AppConfig
@@ -48,9 +50,16 @@ log = logging.getLogger(__name__)
 
 APP_CONFIG_KEY = web.RequestKey("app_config", AppConfig)
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-STATE_CHANGING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+# The only methods exempt from the CSRF header: safe ones (RFC 9110 §9.2.1) that a form or a
+# plain link can send. Anything else (PROPFIND, QUERY, `get` in lower case, an unknown token)
+# may change state upstream, so it is treated as unsafe: an allowlist, not a denylist.
+CSRF_EXEMPT_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 CORS_ALLOW_HEADERS = "Content-Type, X-CSRF, Accept, Last-Event-ID, X-Request-Id, Authorization"
 CORS_ALLOW_METHODS = "GET, POST, PUT, PATCH, DELETE, OPTIONS"
+# The `Server` header of every response: the product only, never versions (aiohttp's default,
+# `Python/3.x aiohttp/3.y`, tells a scanner which advisories to try). Also replaces an
+# upstream's own `Server` on proxied answers.
+SERVER_HEADER = "agent-bff"
 SECURITY_HEADERS = {
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
@@ -110,7 +119,10 @@ def add_prepare_hook(
     close` while draining (`close_connections_when_draining`), `X-Request-Id`, the security and
     CORS headers, and the count of open streams."""
 
+    hide_server_version()
+
     async def on_prepare(request: web.Request, response: web.StreamResponse) -> None:
+        response.headers["Server"] = SERVER_HEADER
         if lifecycle.shutting_down:
             await close_connections_when_draining(request, response)
         # `in`/`get` on a request are Python code around `__getitem__`: index it directly.
@@ -124,6 +136,14 @@ def add_prepare_hook(
             metrics.count_stream(request, response)
 
     app.on_response_prepare.append(on_prepare)
+
+
+def hide_server_version() -> None:
+    """Make aiohttp's own default `Server` value `SERVER_HEADER`, for the answers no prepare
+    hook sees: aiohttp's 400 for a request its parser refuses is built before any application
+    is matched. (`aiohttp.web_response` reads the module global `SERVER_SOFTWARE` when it fills
+    in `Server`; tests/test_server_header.py fails if a new aiohttp stops doing so.)"""
+    web_response.SERVER_SOFTWARE = SERVER_HEADER  # type: ignore[attr-defined]  # not re-exported
 
 
 def resolve_application(request: web.Request, apps: Mapping[str, AppConfig]) -> AppConfig:
@@ -173,7 +193,10 @@ def check_origin(
 
 
 def check_csrf(request: web.Request) -> None:
-    if request.method in STATE_CHANGING and request.headers.get("X-CSRF") != "1":
+    """403 `csrf_header_missing` unless the method is GET, HEAD or OPTIONS (case-sensitive, as
+    HTTP methods are) or the request carries `X-CSRF: 1`. A browser sends a custom header only
+    from same-origin script or after a CORS preflight the origin check answered."""
+    if request.method not in CSRF_EXEMPT_METHODS and request.headers.get("X-CSRF") != "1":
         raise ApiError(
             403, "csrf_header_missing", "State-changing requests must carry the header X-CSRF: 1."
         )
