@@ -31,8 +31,8 @@ if str(SCRIPTS) not in sys.path:
     sys.path.insert(0, str(SCRIPTS))
 
 from loadkit.cli import TargetRefused, check_target, parse_mix, parse_rate  # noqa: E402
-from loadkit.report import Thresholds, build_report  # noqa: E402
-from loadkit.runner import LoadConfig, run_load  # noqa: E402
+from loadkit.report import Thresholds, build_report, format_summary  # noqa: E402
+from loadkit.runner import LoadConfig, Recorder, run_load  # noqa: E402
 from loadkit.sse import SSEParser  # noqa: E402
 from loadkit.stub import create_stub  # noqa: E402
 
@@ -187,6 +187,7 @@ def test_thresholds_make_it_exit_non_zero(memory_gateway_url: str) -> None:
     code, report, stderr = loadgen(
         "--url", memory_gateway_url, "--app", "dead", "-c", "3", "-d", "1",
         "--mix", "read=50,stream=50", "--max-error-rate", "1%", "--max-p99-ms", "0.001",
+        "--min-samples", "1",
     )  # fmt: skip
     assert code == 1, stderr
     assert_consistent(report)
@@ -292,6 +293,97 @@ def test_option_parsing() -> None:
     assert parse_mix("read=3,stream=1") == {"read": 3.0, "write": 0.0, "stream": 1.0}
     assert parse_rate("2.5%") == pytest.approx(0.025)
     assert parse_rate("0.1") == pytest.approx(0.1)
+    assert parse_rate("none") is None
+
+
+def test_help_shows_the_defaults() -> None:
+    proc = subprocess.run(
+        [sys.executable, str(LOADGEN), "--help"], capture_output=True, text=True, check=False
+    )
+    assert proc.returncode == 0, proc.stderr
+    text = " ".join(proc.stdout.split())  # argparse wraps lines
+    for shown in (
+        "virtual users (default: 10)",
+        "(default: http://127.0.0.1:8080)",
+        "(default: read=60,write=20,stream=20)",
+        "(default: chat)",
+        "(default: 1%)",
+        "(default: 100)",
+        "'none' disables (default: 0)",
+    ):
+        assert shown in text, shown
+
+
+# -- verdicts: a run that did not work does not pass ----------------------------------------
+
+
+def test_an_unknown_application_fails_by_default(memory_gateway_url: str) -> None:
+    """Before: 100% errors, "passed", exit 0."""
+    code, report, stderr = loadgen("--url", memory_gateway_url, "--app", "nosuch", "-d", "1")
+    assert code == 1, stderr
+    assert report["error_rate"] == 1.0
+    assert any("error rate 100.00%" in v for v in report["thresholds"]["violations"])
+    assert "hint: 404 on the session API: the gateway has no application 'nosuch'" in stderr
+    # `none` switches the default error-rate limit off.
+    code, report, stderr = loadgen(
+        "--url", memory_gateway_url, "--app", "nosuch", "-d", "1", "--max-error-rate", "none"
+    )
+    assert code == 0, stderr
+    assert report["thresholds"]["limits"]["max_error_rate"] is None
+
+
+def test_no_completed_stream_fails_whatever_the_error_rate(memory_gateway_url: str) -> None:
+    """Before: `--agent-path stream` on the demo agent, 0/1,599 streams, "passed"."""
+    code, report, stderr = loadgen(
+        "--url", memory_gateway_url, "-c", "2", "-d", "1", "--agent-path", "nosuch",
+        "--max-error-rate", "none",
+    )  # fmt: skip
+    assert code == 1, stderr
+    assert report["stream"]["attempted"] > 0 and report["stream"]["completed"] == 0
+    violation = " ".join(report["thresholds"]["violations"])
+    assert "no stream completed" in violation and "--agent-path 'nosuch'" in violation
+    assert "hint: 404 on streams" in stderr
+
+
+def test_defaults_run_against_the_built_in_demo_agent() -> None:
+    """`scripts/run` + `loadgen.py` with no options (only the test's port and a short run)."""
+    with GatewayProcess({"LOG_LEVEL": "warning"}) as gateway:
+        code, report, stderr = loadgen("--url", gateway.url, "-d", "2", "-c", "4")
+    assert code == 0, stderr
+    assert_consistent(report)
+    assert report["config"]["app"] == "demo" and report["config"]["agent_path"] == "chat"
+    stream = report["stream"]
+    assert stream["attempted"] > 0 and stream["completion_ratio"] == 1.0
+    assert report["errors"] == 0
+    assert "passed" in stderr
+
+
+def _recording(samples: dict[str, list[float]]) -> Recorder:
+    rec = Recorder(10.0)
+    for kind, values in samples.items():
+        for i, seconds in enumerate(values):
+            rec.success(kind, i * 0.01, seconds)
+    rec.finished = 10.0
+    return rec
+
+
+def test_percentile_thresholds_skip_small_samples_and_say_so() -> None:
+    """Before: the README's `--max-p99-ms 50` failed on 50 creates made during the ramp-up."""
+    config = LoadConfig(url="http://127.0.0.1:1", concurrency=50)
+    rec = _recording({"create": [0.2] * 50, "read": [0.001] * 500, "write": [0.002] * 150})
+    report = build_report(rec, config, Thresholds(max_p99_ms=50))
+    assert report["passed"] is True
+    assert report["thresholds"]["not_checked"] == [
+        "create p99 not checked against --max-p99-ms: not enough samples (50 < --min-samples 100)"
+    ]
+    assert "note: create p99 not checked" in format_summary(report)
+    strict = build_report(rec, config, Thresholds(max_p99_ms=50, min_samples=50))
+    [violation] = strict["thresholds"]["violations"]
+    assert violation.startswith("create p99 200.") and violation.endswith("> --max-p99-ms 50")
+    slow_reads = _recording({"create": [0.001] * 50, "read": [0.08] * 500})
+    report = build_report(slow_reads, config, Thresholds(max_p99_ms=50))
+    [violation] = report["thresholds"]["violations"]
+    assert violation.startswith("read p99 80.") and violation.endswith("> --max-p99-ms 50")
 
 
 # -- the SSE parser and the stub ------------------------------------------------------------
@@ -427,6 +519,8 @@ async def test_stream_outcomes_are_classified(
     else:
         assert report["errors_by_kind"] == {error: streams}
         assert report["stream"]["completed"] == 0
+        assert report["passed"] is False
+        assert any("no stream completed" in v for v in report["thresholds"]["violations"])
 
 
 async def test_lost_writes_are_counted_stale(aiohttp_server: AiohttpServer) -> None:

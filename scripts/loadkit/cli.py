@@ -20,8 +20,23 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
-from loadkit.report import Thresholds, build_report, format_summary
-from loadkit.runner import DEFAULT_MIX, MIX_KINDS, LoadConfig, Recorder, classify, run_load
+from loadkit.report import (
+    DEFAULT_MAX_ERROR_RATE,
+    DEFAULT_MIN_SAMPLES,
+    Thresholds,
+    build_report,
+    format_summary,
+)
+from loadkit.runner import (
+    DEFAULT_AGENT_PATH,
+    DEFAULT_MIX,
+    DEFAULT_STREAM_BODY,
+    MIX_KINDS,
+    LoadConfig,
+    Recorder,
+    classify,
+    run_load,
+)
 
 EXIT_OK, EXIT_THRESHOLDS, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 
@@ -81,8 +96,10 @@ def parse_mix(text: str) -> dict[str, float]:
     return mix
 
 
-def parse_rate(text: str) -> float:
-    """`0.01` or `1%` -> 0.01."""
+def parse_rate(text: str) -> float | None:
+    """`0.01` or `1%` -> 0.01; `none` (or `off`) -> None (not checked)."""
+    if text.lower() in ("none", "off"):
+        return None
     try:
         value = float(text[:-1]) / 100 if text.endswith("%") else float(text)
     except ValueError as err:
@@ -129,9 +146,30 @@ def non_negative(text: str) -> float:
     return value
 
 
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """`--help` shows each option's default, except where there is none to show."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (
+            "%(default)" in text
+            or default is None
+            or default is False
+            or default == []
+            or default is argparse.SUPPRESS
+            or not action.option_strings
+        ):
+            return text
+        if isinstance(default, dict):
+            return text + " (default: " + ",".join(f"{k}={v:g}" for k, v in default.items()) + ")"
+        return text + " (default: %(default)s)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="loadgen.py",
+        formatter_class=DefaultsHelpFormatter,
         description=(
             "Session-aware load generator for agent-bff: virtual users with their own cookies "
             "create, read and write sessions and run streamed agent requests."
@@ -140,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     target = p.add_argument_group("target")
     target.add_argument("--url", default="http://127.0.0.1:8080", help="gateway or LB base URL")
-    target.add_argument("--app", default="demo", help="application id (default demo)")
+    target.add_argument("--app", default="demo", help="application id")
     target.add_argument(
         "--allow-remote", action="store_true", help="allow a URL that is not loopback"
     )
@@ -161,15 +199,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--mix",
         type=parse_mix,
         default=dict(DEFAULT_MIX),
-        help="weights of read, write, stream (default read=60,write=20,stream=20)",
+        help="weights of read, write, stream",
     )
     load.add_argument("--think-ms", type=non_negative, default=0.0, help="pause between requests")
     load.add_argument("--payload-bytes", type=int, default=64, help="bytes each user stores")
     load.add_argument("--seed", type=int, default=None, help="seed for the request mix")
     stream = p.add_argument_group("streams")
-    stream.add_argument("--agent-path", default="stream", help="path under /apps/<app>/agent/")
     stream.add_argument(
-        "--stream-body", default='{"input": "hello"}', help="JSON body of each agent request"
+        "--agent-path",
+        default=DEFAULT_AGENT_PATH,
+        help="path under /apps/<app>/agent/ (the built-in demo agent and the stub answer chat)",
+    )
+    stream.add_argument(
+        "--stream-body", default=DEFAULT_STREAM_BODY, help="JSON body of each agent request"
     )
     stream.add_argument(
         "--end-event",
@@ -203,12 +245,35 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("-q", "--quiet", action="store_true", help="no human summary")
     limits = p.add_argument_group("thresholds (violations exit 1)")
     limits.add_argument(
-        "--max-p99-ms", type=positive(float), default=None, help="create/read/write"
+        "--max-p99-ms",
+        type=positive(float),
+        default=None,
+        help="p99 of create, read and write (each kind with at least --min-samples samples)",
     )
-    limits.add_argument("--max-ttfe-p99-ms", type=positive(float), default=None, help="streams")
-    limits.add_argument("--max-error-rate", type=parse_rate, default=None, help="0.01 or 1%%")
     limits.add_argument(
-        "--max-lost-sessions", type=parse_limit, default=0, help="lost+stale (default 0; 'none')"
+        "--max-ttfe-p99-ms",
+        type=positive(float),
+        default=None,
+        help="p99 time to first event of streams (with at least --min-samples samples)",
+    )
+    limits.add_argument(
+        "--min-samples",
+        type=positive(int),
+        default=DEFAULT_MIN_SAMPLES,
+        help="a percentile threshold is checked only on this many samples or more; fewer are "
+        "reported as 'not enough samples' (a p99 of 50 samples is their maximum)",
+    )
+    limits.add_argument(
+        "--max-error-rate",
+        type=parse_rate,
+        default=f"{DEFAULT_MAX_ERROR_RATE:.0%}",
+        help="errors / requests, as 0.01 or 1%%; 'none' disables",
+    )
+    limits.add_argument(
+        "--max-lost-sessions",
+        type=parse_limit,
+        default=0,
+        help="lost + stale sessions; 'none' disables",
     )
     return p
 
@@ -320,6 +385,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         max_ttfe_p99_ms=args.max_ttfe_p99_ms,
         max_error_rate=args.max_error_rate,
         max_lost_sessions=args.max_lost_sessions,
+        min_samples=int(args.min_samples),
     )
     show_progress = sys.stderr.isatty() if args.progress is None else args.progress
     progress = Progress(sys.stderr, config) if show_progress else None

@@ -21,6 +21,11 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator
 
+# Gaps between events that arrived in one network read are ~0 (recorded as 1 µs): drawn at this
+# floor instead, so they do not stretch the log axis down to 0.001 ms.
+GAP_FLOOR_MS = 0.01
+THRESHOLD_COLOR = "#c62828"
+
 COLORS = {
     "create": "#8c564b",
     "read": "#1f77b4",
@@ -35,6 +40,26 @@ def _png(fig: Figure) -> str:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
     return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _legend_outside(ax: Axes, **kwargs: Any) -> None:
+    """The legend to the right of the axes: it never hides a line."""
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0, **kwargs)
+
+
+def _threshold_lines(ax: Axes, report: dict[str, Any]) -> None:
+    """Horizontal lines at the latency limits the run was gated on."""
+    limits = report["thresholds"]["limits"]
+    for key, label in (("max_p99_ms", "--max-p99-ms"), ("max_ttfe_p99_ms", "--max-ttfe-p99-ms")):
+        value = limits.get(key)
+        if value is not None:
+            ax.axhline(
+                value,
+                color=THRESHOLD_COLOR,
+                linestyle=":",
+                linewidth=1.5,
+                label=f"{label} {value:g} ms",
+            )
 
 
 def _log_ms_axis(ax: Axes) -> None:
@@ -80,15 +105,16 @@ def latency_over_time(report: dict[str, Any]) -> str:
             alpha=0.4,
             label="errors/s",
         )
+    _threshold_lines(top, report)
     top.set_ylabel("latency (ms)")
     _log_ms_axis(top)
     top.grid(True, which="both", alpha=0.3)
-    top.legend(fontsize=7, ncol=5, loc="upper left")
+    _legend_outside(top, fontsize=8)
     top.set_title("Latency over time (ttfe = time to first streamed event)")
     bottom.set_ylabel("requests/s")
     bottom.set_xlabel(f"seconds since start (slots of {width:g} s)")
     bottom.grid(True, alpha=0.3)
-    bottom.legend(fontsize=7, ncol=6, loc="upper left")
+    _legend_outside(bottom, fontsize=8)
     return _png(fig)
 
 
@@ -121,7 +147,13 @@ def latency_distribution(report: dict[str, Any]) -> str:
         if not points:
             continue
         xs = [1.0 / (1.0 - p / 100.0) for p, _ in points]
-        ax.plot(xs, [v for _, v in points], color=COLORS.get(kind, "#333333"), label=kind)
+        ys = [v for _, v in points]
+        label = kind
+        if kind == "gap" and min(ys) < GAP_FLOOR_MS:
+            ys = [max(v, GAP_FLOOR_MS) for v in ys]
+            label = f"gap (< {GAP_FLOOR_MS:g} ms drawn at {GAP_FLOOR_MS:g}: same network read)"
+        ax.plot(xs, ys, color=COLORS.get(kind, "#333333"), label=label)
+    _threshold_lines(ax, report)
     ax.set_xscale("log")
     ticks = [1, 2, 10, 100, 1000, 10000]
     labels = ["0%", "50%", "90%", "99%", "99.9%", "99.99%"]
@@ -133,7 +165,7 @@ def latency_distribution(report: dict[str, Any]) -> str:
     ax.set_xlabel("percentile")
     ax.set_ylabel("latency (ms)")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    _legend_outside(ax, fontsize=8)
     ax.set_title("Latency distribution (HDR histogram percentiles)")
     return _png(fig)
 
@@ -147,6 +179,34 @@ def _table(headers: list[str], rows: list[list[Any]]) -> str:
         for row in rows
     )
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _config_value(value: Any) -> str:
+    """One configuration value as people write it on the command line."""
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, dict):
+        return (
+            ", ".join(
+                f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in value.items()
+            )
+            or "-"
+        )
+    if isinstance(value, list):
+        return ", ".join(str(v) for v in value) or "-"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def config_rows(report: dict[str, Any]) -> list[list[Any]]:
+    """The run's configuration and limits as (setting, value) rows."""
+    rows: list[list[Any]] = [[key, _config_value(value)] for key, value in report["config"].items()]
+    for key, value in report["thresholds"]["limits"].items():
+        rows.append([f"threshold: {key}", _config_value(value)])
+    return rows
 
 
 def render_html(report: dict[str, Any]) -> str:
@@ -177,22 +237,33 @@ def render_html(report: dict[str, Any]) -> str:
     ratio = stream["completion_ratio"]
     completion = "" if ratio is None else f" ({ratio:.2%})"
     error_rate = "" if report["error_rate"] is None else f" ({report['error_rate']:.2%})"
+    notes = "".join(
+        f'<p class="note">{html.escape(note)}</p>'
+        for note in report["thresholds"].get("not_checked", [])
+    )
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <title>agent-bff load test {html.escape(report["started_at"])}</title>
 <style>
-body {{ font-family: system-ui, sans-serif; margin: 2em; color: #222; }}
-table {{ border-collapse: collapse; margin: 0.5em 0 1.5em; }}
-th, td {{ border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }}
+body {{ font-family: system-ui, sans-serif; margin: 2em auto; padding: 0 1em; max-width: 72em;
+  color: #222; }}
+table {{ border-collapse: collapse; margin: 0.5em 0 1.5em; max-width: 100%; }}
+th, td {{ border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right;
+  overflow-wrap: anywhere; }}
 th:first-child, td:first-child {{ text-align: left; }}
+table.config th, table.config td {{ text-align: left; }}
+table.config td:first-child {{ white-space: nowrap; overflow-wrap: normal; }}
+table.config td:last-child {{ font-family: ui-monospace, monospace; }}
 .pass {{ color: #1a7f37; font-weight: bold; }} .fail {{ color: #c62828; font-weight: bold; }}
-img {{ max-width: 100%; }}
+.note {{ color: #555; }}
+img {{ max-width: 100%; height: auto; }}
 </style></head><body>
 <h1>agent-bff load test</h1>
 <p>{html.escape(cfg["url"])} &middot; application <b>{html.escape(cfg["app"])}</b> &middot;
 {cfg["concurrency"]} users &middot; {cfg["duration"]:g} s (ramp-up {cfg["ramp_up"]:g} s) &middot;
 started {html.escape(report["started_at"])} on {html.escape(report["host"])}</p>
 {verdict}
+{notes}
 <p><b>{report["requests"]}</b> requests in {report["elapsed_s"]:.1f} s =
 <b>{report["rps"]:.1f} req/s</b>; errors {report["errors"]}{error_rate};
 streams completed {stream["completed"]}/{stream["attempted"]}{completion};
@@ -206,7 +277,7 @@ sessions lost {sessions["lost"]}, stale {sessions["stale"]} of {sessions["checks
 <h2>Latency distribution</h2>
 <img alt="latency distribution" src="data:image/png;base64,{latency_distribution(report)}">
 <h2>Configuration</h2>
-<pre>{html.escape(str(cfg))}</pre>
+{_table(["setting", "value"], config_rows(report)).replace("<table>", '<table class="config">', 1)}
 </body></html>
 """
 

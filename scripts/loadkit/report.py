@@ -26,14 +26,27 @@ from loadkit.runner import KINDS, SESSION_KINDS, LoadConfig, Recorder
 REPORT_FORMAT = 1
 
 
+# A run where more than 1% of the requests fail is not a passing run unless the user says so
+# (`--max-error-rate none`): a 100%-error run used to report "passed".
+DEFAULT_MAX_ERROR_RATE = 0.01
+# A p99 needs about 100 samples to be more than the maximum of a handful: percentile thresholds
+# skip (and say so) kinds with fewer samples, e.g. the one create per user of a short run.
+DEFAULT_MIN_SAMPLES = 100
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Thresholds:
-    """Limits that make the run fail (exit 1). None: not checked."""
+    """Limits that make the run fail (exit 1). None: not checked.
+
+    Always checked as well: at least one request completed, and when streams were attempted,
+    at least one of them completed.
+    """
 
     max_p99_ms: float | None = None  # every session request kind (create, read, write)
     max_ttfe_p99_ms: float | None = None  # streams: time to first event
-    max_error_rate: float | None = None  # fraction of all requests, 0..1
+    max_error_rate: float | None = DEFAULT_MAX_ERROR_RATE  # fraction of all requests, 0..1
     max_lost_sessions: int | None = 0  # lost + stale sessions
+    min_samples: int = DEFAULT_MIN_SAMPLES  # percentile thresholds need this many samples
 
 
 def build_report(
@@ -117,6 +130,7 @@ def build_report(
     report["thresholds"] = {
         "limits": asdict(thresholds),
         "violations": check_thresholds(report, thresholds),
+        "not_checked": unchecked_percentiles(report, thresholds),
     }
     report["passed"] = not report["thresholds"]["violations"]
     return report
@@ -131,28 +145,64 @@ def _config_dict(config: LoadConfig) -> dict[str, Any]:
     return out
 
 
+def _percentile_checks(
+    report: dict[str, Any], limits: Thresholds
+) -> list[tuple[str, dict[str, Any], float, str]]:
+    """(label, latency summary, limit, option) of every percentile threshold that is set."""
+    checks: list[tuple[str, dict[str, Any], float, str]] = []
+    if limits.max_p99_ms is not None:
+        for kind in SESSION_KINDS:
+            checks.append(
+                (kind, report["kinds"][kind]["latency_ms"], limits.max_p99_ms, "--max-p99-ms")
+            )
+    if limits.max_ttfe_p99_ms is not None:
+        checks.append(
+            (
+                "time to first event",
+                report["stream"]["ttfe_ms"],
+                limits.max_ttfe_p99_ms,
+                "--max-ttfe-p99-ms",
+            )
+        )
+    return checks
+
+
+def unchecked_percentiles(report: dict[str, Any], limits: Thresholds) -> list[str]:
+    """One sentence per percentile threshold skipped for lack of samples (not a failure)."""
+    notes = []
+    for label, summary, _, option in _percentile_checks(report, limits):
+        count = summary["count"]
+        if count < limits.min_samples:
+            notes.append(
+                f"{label} p99 not checked against {option}: not enough samples "
+                f"({count} < --min-samples {limits.min_samples})"
+            )
+    return notes
+
+
 def check_thresholds(report: dict[str, Any], limits: Thresholds) -> list[str]:
     """One human sentence per violated limit; empty when the run passes."""
     violations: list[str] = []
     if report["requests"] == 0:
         violations.append("no request completed")
-    if limits.max_p99_ms is not None:
-        for kind in SESSION_KINDS:
-            p99 = report["kinds"][kind]["latency_ms"]["p99"]
-            if p99 is not None and p99 > limits.max_p99_ms:
-                violations.append(f"{kind} p99 {p99:.2f} ms > --max-p99-ms {limits.max_p99_ms:g}")
-    if limits.max_ttfe_p99_ms is not None:
-        p99 = report["stream"]["ttfe_ms"]["p99"]
-        if p99 is not None and p99 > limits.max_ttfe_p99_ms:
-            violations.append(
-                f"time to first event p99 {p99:.2f} ms > --max-ttfe-p99-ms "
-                f"{limits.max_ttfe_p99_ms:g}"
-            )
+    stream = report["stream"]
+    if stream["attempted"] and not stream["completed"]:
+        errors = report["errors_by_request_kind"].get("stream", {})
+        why = ", ".join(f"{k} {v}" for k, v in errors.items())
+        violations.append(
+            f"no stream completed of {stream['attempted']} attempted ({why}); "
+            f"check --agent-path {report['config']['agent_path']!r} and --end-event"
+        )
+    for label, summary, limit, option in _percentile_checks(report, limits):
+        p99 = summary["p99"]
+        if summary["count"] >= limits.min_samples and p99 is not None and p99 > limit:
+            violations.append(f"{label} p99 {p99:.2f} ms > {option} {limit:g}")
     if limits.max_error_rate is not None and report["requests"]:
         rate = report["error_rate"]
         if rate > limits.max_error_rate:
             violations.append(
-                f"error rate {rate:.4%} > --max-error-rate {limits.max_error_rate:.4%}"
+                f"error rate {rate:.2%} > --max-error-rate {limits.max_error_rate:.2%}"
+                + (" ('none' disables this check)" if rate >= 0.5 else "")
             )
     if limits.max_lost_sessions is not None:
         sessions = report["sessions"]
@@ -163,6 +213,29 @@ def check_thresholds(report: dict[str, Any], limits: Thresholds) -> list[str]:
                 f"--max-lost-sessions {limits.max_lost_sessions}"
             )
     return violations
+
+
+def hints(report: dict[str, Any]) -> list[str]:
+    """Likely causes of the commonest failed runs, from the errors' kinds."""
+    out = []
+    by_kind = report["errors_by_request_kind"]
+    cfg = report["config"]
+    if any("status_404" in by_kind.get(kind, {}) for kind in SESSION_KINDS):
+        out.append(
+            f"404 on the session API: the gateway has no application {cfg['app']!r} (--app); "
+            "without APPS_FILE it has one, 'demo'"
+        )
+    elif "status_404" in by_kind.get("stream", {}):
+        out.append(
+            f"404 on streams: the upstream has no path {cfg['agent_path']!r} (--agent-path); "
+            "the built-in demo agent and the stub answer 'chat'"
+        )
+    if "truncated" in by_kind.get("stream", {}) and cfg["end_event"]:
+        out.append(
+            f"truncated streams: each must end with `event: {cfg['end_event']}` (--end-event; "
+            "'' accepts a clean end)"
+        )
+    return out
 
 
 def _ms(value: float | None) -> str:
@@ -227,7 +300,11 @@ def format_summary(report: dict[str, Any]) -> str:
         )
     violations = report["thresholds"]["violations"]
     lines.append("")
+    for note in report["thresholds"].get("not_checked", []):
+        lines.append(f"  note: {note}")
     if violations:
+        for hint in hints(report):
+            lines.append(f"  hint: {hint}")
         lines.append("  FAILED: " + "; ".join(violations))
     else:
         lines.append("  passed")

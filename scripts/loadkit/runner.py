@@ -36,6 +36,10 @@ SESSION_KINDS = ("create", "read", "write")
 KINDS = (*SESSION_KINDS, "stream")
 MIX_KINDS = ("read", "write", "stream")
 DEFAULT_MIX: Mapping[str, float] = {"read": 60.0, "write": 20.0, "stream": 20.0}
+# What the built-in demo agent (`upstream = "builtin:demo"`) answers, and the stub too: with no
+# options, `scripts/run` + `loadgen.py` is a meaningful run.
+DEFAULT_AGENT_PATH = "chat"
+DEFAULT_STREAM_BODY = '{"message": "hello"}'
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -52,8 +56,8 @@ class LoadConfig:
     think_time: float = 0.0
     timeout: float = 10.0
     stream_idle_timeout: float = 30.0
-    agent_path: str = "stream"
-    stream_body: bytes = b'{"input": "hello"}'
+    agent_path: str = DEFAULT_AGENT_PATH
+    stream_body: bytes = DEFAULT_STREAM_BODY.encode()
     end_event: str = "done"
     payload_bytes: int = 64
     grace: float = 5.0

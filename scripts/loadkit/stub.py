@@ -3,7 +3,8 @@ the gateway, not a model.
 
 Routes (the last path segment decides, so any upstream base path works, e.g.
 `upstream = "http://127.0.0.1:9000/base"` and the gateway's `/apps/demo/agent/stream`):
-- `*/stream` (any method): `text/event-stream` with `events` events, each
+- `*/stream` and `*/chat` (any method; `chat` is loadgen's default `--agent-path`, the
+  built-in demo agent's path): `text/event-stream` with `events` events, each
   `id: <i>` / `event: token` / `data: <size bytes>`, a pause of `pause_ms` between events and
   `first_ms` before the first, then `event: done` with `data: {"events": <n>}` so a client can
   tell a complete stream from a truncated one. Query parameters override the defaults:
@@ -110,13 +111,13 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def dispatch(request: web.Request) -> web.StreamResponse:
     last = request.path.rstrip("/").rsplit("/", 1)[-1]
-    if last == "stream":
+    if last in ("stream", "chat"):
         return await stream(request)
     if last == "json":
         return await json_reply(request)
     if request.path == "/healthz":
         return await healthz(request)
-    raise web.HTTPNotFound(text="stub routes: */stream, */json, /healthz")
+    raise web.HTTPNotFound(text="stub routes: */stream, */chat, */json, /healthz")
 
 
 def create_stub(shape: StreamShape | None = None) -> web.Application:

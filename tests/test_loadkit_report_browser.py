@@ -1,0 +1,99 @@
+"""The load kit's HTML report in a real headless Chromium at 1,200 px: a page people can share.
+
+The report is built from a synthetic recording (every kind, ~0 ms gaps between events as when
+several events arrive in one network read, a threshold, a long configuration value), rendered
+by `loadkit.htmlreport`, opened as a file, checked for horizontal overflow and screenshotted;
+the screenshot's path is printed (`pytest -s` or `-rP` shows it).
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from playwright.async_api import Browser
+
+from tests.gateway_process import REPO_ROOT
+
+SCRIPTS = REPO_ROOT / "scripts"
+if str(SCRIPTS) not in sys.path:
+    sys.path.insert(0, str(SCRIPTS))
+
+from loadkit.htmlreport import GAP_FLOOR_MS, config_rows, render_html  # noqa: E402
+from loadkit.report import Thresholds, build_report  # noqa: E402
+from loadkit.runner import KINDS, LoadConfig, Recorder  # noqa: E402
+
+pytestmark = pytest.mark.browser
+
+WIDTH = 1200
+
+
+def synthetic_report(thresholds: Thresholds) -> dict[str, Any]:
+    """A recording shaped like a real 20 s run, with a configuration value 300 chars long."""
+    rng = random.Random(7)
+    config = LoadConfig(
+        url="http://127.0.0.1:8080",
+        duration=20.0,
+        concurrency=50,
+        stream_body=('{"message": "' + "long " * 60 + '"}').encode(),
+        headers={"Origin": "https://shop.example.com", "X-Request-Tag": "nightly"},
+    )
+    rec = Recorder(config.duration)
+    for i in range(4000):
+        at = 20.0 * i / 4000
+        kind = KINDS[i % len(KINDS)]
+        rec.success(kind, at, rng.lognormvariate(-5.5, 0.6))
+        if kind == "stream":
+            rec.streams_completed += 1
+            rec.streams_started += 1
+            rec.ttfe.record(rng.lognormvariate(-5.0, 0.5))
+            rec.timeline.record("ttfe", at, 0.004)
+            for _ in range(20):
+                rec.gaps.record(0.0 if rng.random() < 0.9 else rng.uniform(0.0001, 0.002))
+    rec.failure("read", 3.0, "status_503")
+    rec.finished = 20.5
+    return build_report(rec, config, thresholds)
+
+
+def test_the_configuration_is_a_table_of_readable_values() -> None:
+    report = synthetic_report(Thresholds(max_p99_ms=50))
+    rows = dict((str(k), str(v)) for k, v in config_rows(report))
+    assert rows["mix"] == "read=60, write=20, stream=20"
+    assert rows["headers"] == "Origin, X-Request-Tag"  # names only: values may be credentials
+    assert rows["threshold: max_p99_ms"] == "50"
+    assert rows["max_requests"] == "-"
+    page = render_html(report)
+    assert '<table class="config">' in page
+    assert "{'url'" not in page  # no Python dict dump
+
+
+async def test_the_report_fits_1200px_and_is_screenshotted(
+    browser: Browser, tmp_path: Path
+) -> None:
+    report = synthetic_report(Thresholds(max_p99_ms=50, max_ttfe_p99_ms=80))
+    assert report["stream"]["gap_ms"]["p50"] < GAP_FLOOR_MS  # the case that stretched the axis
+    html_path = tmp_path / "report.html"
+    html_path.write_text(render_html(report), encoding="utf-8")
+    page = await browser.new_page(viewport={"width": WIDTH, "height": 900})
+    await page.goto(html_path.as_uri())
+    widths = await page.evaluate(
+        "() => ({scroll: document.documentElement.scrollWidth,"
+        " client: document.documentElement.clientWidth})"
+    )
+    shot = tmp_path / "loadgen-report-1200px.png"
+    await page.screenshot(path=str(shot), full_page=True)
+    print(f"screenshot: {shot}")
+    assert widths["scroll"] <= widths["client"], widths
+    # Both plots are shown whole (scaled to the page, never cropped or overflowing).
+    images = await page.evaluate(
+        "() => [...document.images].map(i => ({w: i.getBoundingClientRect().width,"
+        " natural: i.naturalWidth, right: i.getBoundingClientRect().right}))"
+    )
+    assert len(images) == 2
+    for image in images:
+        assert image["natural"] > 0 and image["right"] <= widths["client"], images
+    # 1 error in 4,001 requests and every p99 under its limit.
+    assert "passed all thresholds" in await page.inner_text("body")
