@@ -20,6 +20,7 @@ from urllib.parse import urlsplit, urlunsplit
 from dotenv import dotenv_values
 
 from app.applications import AppConfig, resolve_apps
+from app.hosts import parse_allowed_hosts
 from app.sessions.redis import RedisUrlError, parse_redis_url
 
 T = TypeVar("T", int, float)
@@ -67,6 +68,8 @@ class Settings:
     cookie_samesite: SameSite = "Lax"
     session_max_bytes: int = 65536
     trusted_proxies: tuple[IPNetwork, ...] = ()
+    # Host names served (app/hosts.py, DNS-rebinding defence); empty: any Host.
+    allowed_hosts: tuple[str, ...] = ()
     shutdown_timeout_seconds: float = 30.0
     # After SIGTERM, idle keep-alive connections stay open this long (app/lifecycle.py).
     shutdown_idle_grace_seconds: float = 5.0
@@ -254,6 +257,7 @@ def _parse(env: Mapping[str, str]) -> Settings:
             "SESSION_COOKIE_SECURE=true (or auto behind HTTPS), or use Lax"
         )
     trusted = _parse_networks(env.get("TRUSTED_PROXIES", ""), r.problems)
+    allowed_hosts = parse_allowed_hosts(env.get("ALLOWED_HOSTS", ""), r.problems)
     apps_file = env.get("APPS_FILE", "").strip() or None
     apps, app_problems = resolve_apps(apps_file, env)
     r.problems.extend(app_problems)
@@ -279,6 +283,7 @@ def _parse(env: Mapping[str, str]) -> Settings:
         else "Lax",
         session_max_bytes=r.positive_int("SESSION_MAX_BYTES", 65536),
         trusted_proxies=trusted,
+        allowed_hosts=allowed_hosts,
         shutdown_timeout_seconds=r.positive_float("SHUTDOWN_TIMEOUT_SECONDS", 30.0),
         shutdown_idle_grace_seconds=r.positive_float("SHUTDOWN_IDLE_GRACE_SECONDS", 5.0),
         header_timeout_seconds=r.positive_float("HEADER_TIMEOUT_SECONDS", 15.0),

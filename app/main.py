@@ -9,6 +9,7 @@ from typing import Any
 from aiohttp import web
 
 from app.config import Settings, redact_url
+from app.hosts import EXAMPLE, is_loopback
 from app.lifecycle import LIFECYCLE_KEY, Lifecycle, drain_on_shutdown
 from app.metrics import instrument_backend, setup_metrics
 from app.middlewares import add_prepare_hook, setup_gateway
@@ -49,6 +50,7 @@ def create_app(settings: Settings, *, backend: SessionBackend | None = None) -> 
     # is saved after the handler, only for requests that passed (app/middlewares.py). A
     # coroutine frame per step per request was a measurable share of a request's CPU.
     app.middlewares.append(setup_gateway(settings, lifecycle, request_metrics))
+    warn_if_any_host_is_served(settings)
     app.cleanup_ctx.append(session_store_ctx(settings, backend))
     # Rate-limit buckets live in the session store (Redis: shared by every replica).
     app.cleanup_ctx.append(rate_limit_ctx(settings))
@@ -61,6 +63,18 @@ def create_app(settings: Settings, *, backend: SessionBackend | None = None) -> 
     add_prepare_hook(app, lifecycle, request_metrics)
     setup_routes(app)
     return app
+
+
+def warn_if_any_host_is_served(settings: Settings) -> None:
+    """Without `ALLOWED_HOSTS` any Host is served (zero-setup development): say so at start when
+    the gateway listens beyond loopback, where a DNS-rebinding page can reach it."""
+    if not settings.allowed_hosts and not is_loopback(settings.host):
+        log.warning(
+            "ALLOWED_HOSTS is empty: any Host name is served on %s (DNS rebinding); set it to "
+            "the names browsers use, e.g. %s",
+            settings.host,
+            EXAMPLE,
+        )
 
 
 def server_options(settings: Settings) -> dict[str, Any]:

@@ -4,6 +4,9 @@
    timed, whatever happens inside.
 1. Request id: keeps a sane inbound `X-Request-Id` or mints one; echoed on every response.
 2. Errors: our failures become the JSON envelope (`_envelope`); never a bare 500 page.
+2a. Host: with `ALLOWED_HOSTS` set, a Host not listed is 421 `host_not_allowed` before
+   anything else (`check_host`; DNS rebinding, app/hosts.py); `/healthz`, `/readyz` and
+   `/metrics` are exempt (probes and scrapers address a pod by its IP).
 3. Application: `/apps/{applicationId}/...` -> 400 malformed, 404 unknown, before anything
    touches the store (`resolve_application`).
 4. Origin: the allowlist (403 before anything runs) and CORS preflights (`check_origin`).
@@ -33,7 +36,8 @@ from aiohttp.typedefs import Handler, Middleware
 from app.applications import APP_ID_RE, AppConfig
 from app.config import Settings
 from app.errors import REQUEST_ID_KEY, ApiError, error_response, store_full, store_unavailable
-from app.forwarding import own_origin
+from app.forwarding import client_host, own_origin
+from app.hosts import HostAllowlist
 from app.lifecycle import Lifecycle, close_connections_when_draining
 from app.metrics import CLIENT_CLOSED, RequestMetrics
 from app.sessions.backend import StoreFull, StoreUnavailable
@@ -146,6 +150,22 @@ def hide_server_version() -> None:
     web_response.SERVER_SOFTWARE = SERVER_HEADER  # type: ignore[attr-defined]  # not re-exported
 
 
+# Served whatever the Host: kubelet probes and Prometheus address a pod by its IP, and these
+# answers touch no session and no upstream.
+HOST_EXEMPT_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+
+
+def check_host(request: web.Request, allowlist: HostAllowlist, settings: Settings) -> None:
+    """421 `host_not_allowed` unless the Host the browser asked for (behind `TRUSTED_PROXIES`
+    the proxy's `X-Forwarded-Host`, see `client_host`) is in `ALLOWED_HOSTS`, or the path is
+    one of `HOST_EXEMPT_PATHS`."""
+    if allowlist.allows(client_host(request, settings.trusted_proxies)):
+        return
+    if request.path in HOST_EXEMPT_PATHS:
+        return
+    raise ApiError(421, "host_not_allowed", "This gateway does not serve this host name.")
+
+
 def resolve_application(request: web.Request, apps: Mapping[str, AppConfig]) -> AppConfig:
     """The request's application; 400 for a malformed id, 404 for an unknown one.
 
@@ -233,10 +253,11 @@ new_request_id = _RequestIds()
 def setup_gateway(
     settings: Settings, lifecycle: Lifecycle, metrics: RequestMetrics | None = None
 ) -> Middleware:
-    """Metrics -> request id -> errors -> application -> origin -> CSRF -> session, in one
-    middleware."""
+    """Metrics -> request id -> errors -> host -> application -> origin -> CSRF -> session, in
+    one middleware."""
     perf_counter = time.perf_counter
     apps = known_applications(settings)
+    hosts = HostAllowlist(settings.allowed_hosts) if settings.allowed_hosts else None
 
     @web.middleware
     async def gateway_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -254,6 +275,8 @@ def setup_gateway(
             )
             lifecycle.request_started()
             try:
+                if hosts is not None:
+                    check_host(request, hosts, settings)
                 if "applicationId" in request.match_info:
                     app_config = resolve_application(request, apps)
                     preflight = check_origin(request, settings, app_config)
