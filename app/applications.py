@@ -281,3 +281,9 @@ def resolve_apps(
     if not apps_file:
         return default_apps(), []
     return load_apps_file(apps_file, environ)
+
+
+def describe_apps(apps: Mapping[str, AppConfig]) -> str:
+    """`demo -> builtin:demo, shop -> https://agents.internal:9000/v1` (the start-up log).
+    Upstreams never carry credentials (`load_apps_file` refuses them), so they can be shown."""
+    return ", ".join(f"{app_id} -> {apps[app_id].upstream}" for app_id in sorted(apps))

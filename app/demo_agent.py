@@ -17,14 +17,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import html
 import json
 import re
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from aiohttp import web
 from yarl import URL
+
+from app.applications import DEMO_APP_ID, AppConfig
+from app.state import SETTINGS_KEY
 
 MAX_MESSAGE_CHARS = 2000
 _QUOTE_CHARS = 200
@@ -163,13 +169,70 @@ DEMO_PAGE_CSP = (
 )
 
 
-async def demo_page(request: web.Request) -> web.FileResponse:
-    """`GET /`: a small chat page that talks to application `demo` through the gateway."""
-    return web.FileResponse(
-        STATIC_DIR / "index.html",
-        headers={
-            "Content-Security-Policy": DEMO_PAGE_CSP,
-            "Cache-Control": "no-cache",
-            "X-Frame-Options": "DENY",
-        },
+_DEMO_PAGE_HEADERS = {
+    "Content-Security-Policy": DEMO_PAGE_CSP,
+    "Cache-Control": "no-cache",
+    "X-Frame-Options": "DENY",
+}
+
+
+def demo_page_application(apps: Mapping[str, AppConfig]) -> str | None:
+    """The application the demo page talks to: `demo` when it runs on the built-in demo agent,
+    else the first (by id) that does; None when no configured application does."""
+    demo = apps.get(DEMO_APP_ID)
+    if demo is not None and demo.is_builtin_demo:
+        return DEMO_APP_ID
+    return next((app_id for app_id in sorted(apps) if apps[app_id].is_builtin_demo), None)
+
+
+@functools.lru_cache(maxsize=8)
+def _page_for(app_id: str) -> bytes:
+    page = (STATIC_DIR / "index.html").read_text(encoding="utf-8")
+    marker = 'data-application="demo"'
+    assert marker in page, "index.html lost its data-application attribute"
+    return page.replace(marker, f'data-application="{html.escape(app_id)}"').encode()
+
+
+def no_demo_page(apps: Mapping[str, AppConfig], apps_file: str | None) -> str:
+    """The page `/` answers (404) when no application runs on the built-in demo agent."""
+    listed = "".join(
+        f"<li><code>{html.escape(a.app_id)}</code> &rarr; upstream "
+        f"<code>{html.escape(a.upstream)}</code></li>"
+        for a in sorted(apps.values(), key=lambda a: a.app_id)
+    )
+    source = f"<code>APPS_FILE={html.escape(apps_file)}</code>" if apps_file else "APPS_FILE"
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>agent-bff: no demo application</title>
+<link rel="icon" href="/static/favicon.svg" type="image/svg+xml">
+<link rel="stylesheet" href="/static/style.css">
+</head><body><main class="notice">
+<h1>No demo application here</h1>
+<p>This page chats with the built-in demo agent, but none of the applications loaded from
+{source} uses it. Your frontends call <code>/apps/&lt;applicationId&gt;/session</code> and
+<code>/apps/&lt;applicationId&gt;/agent/&lt;path&gt;</code> directly.</p>
+<p>Applications loaded:</p>
+<ul>{listed}</ul>
+<p>To get the demo page back, add this to the applications file and restart:</p>
+<pre><code>[apps.demo]
+upstream = "builtin:demo"</code></pre>
+</main></body></html>
+"""
+
+
+async def demo_page(request: web.Request) -> web.Response:
+    """`GET /`: a small chat page that talks, through the gateway, to the application on the
+    built-in demo agent (`demo` without `APPS_FILE`); a 404 page saying what to do if none."""
+    settings = request.app[SETTINGS_KEY]
+    app_id = demo_page_application(settings.apps)
+    if app_id is None:
+        return web.Response(
+            text=no_demo_page(settings.apps, settings.apps_file),
+            status=404,
+            content_type="text/html",
+            headers=_DEMO_PAGE_HEADERS,
+        )
+    return web.Response(
+        body=_page_for(app_id), content_type="text/html", headers=_DEMO_PAGE_HEADERS
     )

@@ -10,12 +10,14 @@ from pathlib import Path
 import pytest
 from pytest_aiohttp import AiohttpClient
 
+from app.applications import AppConfig, describe_apps
 from app.demo_agent import (
     DEMO_PAGE_CSP,
     MAX_MESSAGE_CHARS,
     STATIC_DIR,
     compose_reply,
     create_demo_agent_app,
+    demo_page_application,
     sse_event,
     tokenize,
 )
@@ -188,7 +190,7 @@ def test_static_assets_do_not_use_eval_or_inline_styles() -> None:
     script = (STATIC_DIR / "app.js").read_text()
     assert "eval(" not in script and "new Function" not in script
     assert ".style." not in script and "innerHTML" not in script
-    assert "/apps/demo/agent/chat" in script and '"X-CSRF": "1"' in script
+    assert "/agent/chat`" in script and '"X-CSRF": "1"' in script
 
 
 async def test_static_routes_serve_nothing_outside_the_static_directory(
@@ -198,3 +200,68 @@ async def test_static_routes_serve_nothing_outside_the_static_directory(
         resp = await default_gateway.client.get(path)
         assert resp.status in (403, 404), path
         assert b"create_app" not in await resp.read()
+
+
+async def test_without_a_builtin_application_the_page_says_what_to_do(
+    gateway_factory: GatewayFactory, tmp_path: Path
+) -> None:
+    """Before: `/` served the chat page for `demo`, gone with APPS_FILE: a 404 bubble."""
+    apps = tmp_path / "apps.toml"
+    apps.write_text(
+        '[apps.shop]\nupstream = "https://agents.internal:9000/v1"\n\n'
+        '[apps.demo]\nupstream = "http://127.0.0.1:9/stub"\n'
+    )
+    gw = await gateway_factory("memory", APPS_FILE=str(apps))
+    resp = await gw.client.get("/")
+    assert resp.status == 404
+    assert resp.content_type == "text/html"
+    assert resp.headers["Content-Security-Policy"] == DEMO_PAGE_CSP
+    page = await resp.text()
+    assert "No demo application here" in page
+    assert f"APPS_FILE={apps}" in page
+    # Every loaded application, credentials redacted, and the two lines to add.
+    assert "<code>demo</code> &rarr; upstream <code>http://127.0.0.1:9/stub</code>" in page
+    assert "<code>shop</code> &rarr; upstream <code>https://agents.internal:9000/v1</code>" in page
+    assert '[apps.demo]\nupstream = "builtin:demo"' in page
+    assert "<script" not in page and "<style" not in page
+
+
+async def test_the_page_names_the_builtin_application_it_talks_to(
+    gateway_factory: GatewayFactory, tmp_path: Path
+) -> None:
+    apps = tmp_path / "apps.toml"
+    apps.write_text(
+        '[apps.shop]\nupstream = "http://127.0.0.1:9/v1"\n\n'
+        '[apps.helpdesk]\nupstream = "builtin:demo"\n'
+    )
+    gw = await gateway_factory("memory", APPS_FILE=str(apps))
+    resp = await gw.client.get("/")
+    assert resp.status == 200
+    assert '<html lang="en" data-application="helpdesk">' in await resp.text()
+    default = await gateway_factory("memory")
+    resp = await default.client.get("/")
+    assert '<html lang="en" data-application="demo">' in await resp.text()
+
+
+def test_demo_page_application_prefers_demo() -> None:
+    builtin, other = "builtin:demo", "http://127.0.0.1:9/v1"
+
+    def apps(**upstreams: str) -> dict[str, AppConfig]:
+        return {k: AppConfig(app_id=k, upstream=v) for k, v in upstreams.items()}
+
+    assert demo_page_application(apps(zeta=builtin, demo=builtin, alpha=builtin)) == "demo"
+    assert demo_page_application(apps(zeta=builtin, demo=other, beta=builtin)) == "beta"
+    assert demo_page_application(apps(demo=other)) is None
+    assert demo_page_application({}) is None
+
+
+def test_the_start_up_log_line_lists_every_application() -> None:
+    assert (
+        describe_apps(
+            {
+                "b": AppConfig(app_id="b", upstream="http://h:9000/v1"),
+                "a": AppConfig(app_id="a", upstream="builtin:demo"),
+            }
+        )
+        == "a -> builtin:demo, b -> http://h:9000/v1"
+    )

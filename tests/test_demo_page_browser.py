@@ -7,6 +7,8 @@ Chromium is Debian's (`/usr/bin/chromium`, installed by `scripts/system-deps`), 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from playwright.async_api import Browser, ConsoleMessage, Page
 
@@ -104,4 +106,55 @@ async def test_the_page_shows_gateway_errors(
     error = page.locator("#transcript .msg.error")
     await error.wait_for(timeout=20_000)
     assert "csrf_header_missing" in (await error.text_content() or "")
+    await page.close()
+
+
+# -- small screens ---------------------------------------------------------------------------
+
+NO_OVERFLOW = (
+    "() => ({scroll: document.documentElement.scrollWidth,"
+    " client: document.documentElement.clientWidth})"
+)
+
+
+@pytest.mark.parametrize("width", [360, 320])
+async def test_the_page_fits_a_phone_and_new_conversation_stays_visible(
+    browser: Browser, gateway_process: GatewayProcessFactory, tmp_path: Path, width: int
+) -> None:
+    """Before: at 320-390 px the composer overflowed and "New conversation" was cut off."""
+    proc = gateway_process()
+    page = await browser.new_page(viewport={"width": width, "height": 640})
+    await page.goto(proc.url + "/")
+    await send(page, "a message long enough to wrap over several lines on a small phone screen")
+    await finished_reply(page)
+    sizes = await page.evaluate(NO_OVERFLOW)
+    shot = tmp_path / f"demo-page-{width}px.png"
+    await page.screenshot(path=str(shot), full_page=True)
+    print(f"screenshot: {shot}")
+    assert sizes["scroll"] <= sizes["client"] == width, sizes
+    for selector in ("#reset", "#send", "#message"):
+        box = await page.locator(selector).bounding_box()
+        assert box is not None, selector
+        assert box["x"] >= 0 and box["x"] + box["width"] <= width, (selector, box)
+    assert await page.locator("#reset").is_visible()
+    # And it still works: the button is clickable where it is drawn.
+    await page.click("#reset")
+    await page.wait_for_function("() => document.querySelectorAll('#transcript li').length === 0")
+    await page.close()
+
+
+async def test_the_page_talks_to_the_configured_builtin_application(
+    browser: Browser, gateway_process: GatewayProcessFactory, tmp_path: Path
+) -> None:
+    """With APPS_FILE, `/` uses the application on `builtin:demo`, whatever its id."""
+    apps = tmp_path / "apps.toml"
+    apps.write_text('[apps.helpdesk]\nupstream = "builtin:demo"\n')
+    proc = gateway_process({"APPS_FILE": str(apps)})
+    page = await browser.new_page()
+    await page.goto(proc.url + "/")
+    assert await page.text_content("#agent-url") == "POST /apps/helpdesk/agent/chat"
+    await send(page, "hello helpdesk")
+    assert await finished_reply(page) == compose_reply("hello helpdesk", 1)
+    cookies = await page.context.cookies()
+    assert [c["path"] for c in cookies] == ["/apps/helpdesk"]
     await page.close()

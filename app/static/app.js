@@ -1,11 +1,15 @@
-// The agent-bff demo page: chat with application `demo` through the gateway.
-// POST /apps/demo/agent/chat answers an SSE stream (event: token | done | error), read here with
+// The agent-bff demo page: chat with an application on the built-in demo agent through the
+// gateway (`demo`, or the one the gateway names in <html data-application>).
+// POST /apps/<application>/agent/chat answers an SSE stream (event: token | done | error), read here with
 // fetch() + ReadableStream so tokens render as they arrive. No inline script (strict CSP).
 "use strict";
 
 (() => {
-  const AGENT_URL = "/apps/demo/agent/chat";
-  const SESSION_URL = "/apps/demo/session";
+  const APPLICATION = document.documentElement.dataset.application || "demo";
+  const AGENT_URL = `/apps/${encodeURIComponent(APPLICATION)}/agent/chat`;
+  const SESSION_URL = `/apps/${encodeURIComponent(APPLICATION)}/session`;
+  document.getElementById("application").textContent = APPLICATION;
+  document.getElementById("agent-url").textContent = `POST ${AGENT_URL}`;
   // Every state-changing call under /apps/ carries this header (the gateway's CSRF defence).
   const CSRF_HEADERS = { "X-CSRF": "1" };
 
