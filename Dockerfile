@@ -18,7 +18,7 @@ COPY pyproject.toml ./
 COPY scripts/install scripts/install
 RUN scripts/install --venv /opt/venv --deps-only
 # Then the application itself, as a regular (non-editable) install: /src is not in the image.
-COPY README.md ./
+COPY README.md LICENSE ./
 COPY app app
 RUN scripts/install --venv /opt/venv --no-editable
 

@@ -1,6 +1,10 @@
-"""`python -m app`: read settings, configure logging, serve. Exit 2 on bad configuration,
-1 when the session store cannot be reached at start (or the port cannot be bound), 0 after a
-clean shutdown on SIGTERM or SIGINT.
+"""`python -m app`: read settings, configure logging, serve. Exit 2 on bad configuration
+(or a bad command line), 1 when the session store cannot be reached at start (or the port
+cannot be bound), 0 after a clean shutdown on SIGTERM or SIGINT.
+
+Settings come from the environment plus one optional dotenv file: `.env` in the current working
+directory, or the file named by `--env-file` (which must then exist). `--help` prints usage
+and exits without serving.
 
 Serving is spelled out (instead of `web.run_app`) to control the shutdown order that
 zero-downtime restarts behind a load balancer need; see `app/lifecycle.py`: mark not ready
@@ -10,15 +14,19 @@ requests and idle keep-alive connections, then let aiohttp clean up (Redis close
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import gc
+import importlib.metadata
 import logging
 import os
 import signal
 import sys
+from collections.abc import Sequence
 
 from aiohttp import web
 
+from app.applications import describe_apps
 from app.config import ConfigError, Settings
 from app.lifecycle import LIFECYCLE_KEY
 from app.logs import AccessLogger, configure_logging
@@ -103,14 +111,66 @@ async def serve(app: web.Application, settings: Settings) -> None:
         await runner.cleanup()
 
 
-def main() -> int:
+DEFAULT_ENV_FILE = ".env"
+
+
+def _version() -> str:
     try:
-        settings = Settings.from_env()
+        return importlib.metadata.version("agent-bff")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: configuration itself stays in the environment (README: Configuration)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m app",
+        description=(
+            "agent-bff: a session gateway between browser frontends and AI-agent services. "
+            "Every setting comes from the environment (HOST, PORT, SESSION_STORE, REDIS_URL, "
+            "APPS_FILE, ...; see README.md, 'Configuration'), plus one optional dotenv file "
+            "whose values the environment overrides."
+        ),
+        epilog=(
+            "Exit codes: 0 clean shutdown (SIGTERM/SIGINT); 1 the session store or the port "
+            "is unavailable at start; 2 a bad setting or command line. "
+            "Example: PORT=9000 SESSION_STORE=memory python -m app"
+        ),
+    )
+    parser.add_argument(
+        "--env-file",
+        metavar="PATH",
+        default=None,
+        help=f"dotenv file to read (default: {DEFAULT_ENV_FILE} in the current working "
+        "directory, if it exists; a PATH given here must exist)",
+    )
+    parser.add_argument("--version", action="version", version=f"agent-bff {_version()}")
+    return parser
+
+
+def _log_applications(settings: Settings) -> None:
+    source = f"APPS_FILE={settings.apps_file}" if settings.apps_file else "built-in default"
+    log.info("applications (%d, %s): %s", len(settings.apps), source, describe_apps(settings.apps))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    env_file = args.env_file if args.env_file is not None else DEFAULT_ENV_FILE
+    if args.env_file is not None and not os.path.isfile(env_file):
+        print(
+            f"agent-bff: configuration error: --env-file {env_file}: no such file "
+            "(omit --env-file to read ./.env only if it exists)",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        settings = Settings.from_env(dotenv_path=env_file)
     except ConfigError as err:
         for problem in err.problems:
             print(f"agent-bff: configuration error: {problem}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level, settings.log_format, salt=settings.log_salt)
+    _log_applications(settings)
     try:
         with asyncio.Runner(loop_factory=_new_loop) as runner:
             runner.run(serve(create_app(settings), settings))

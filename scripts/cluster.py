@@ -492,7 +492,10 @@ def _summary(state: State) -> str:
             lines.append(f"  {name}: pid {proc.pid}  {running}")
     if state.redis_url:
         lines.append(f"  REDIS_URL={state.redis_url}  (AOF on)" if state.redis else "")
-    lines.append("stop it with: scripts/cluster down")
+    if any(proc is not None and proc.alive() for proc in _procs(state)):
+        lines.append("stop it with: scripts/cluster down")
+    else:
+        lines.append("nothing is running: start it with: scripts/cluster up")
     return "\n".join(line for line in lines if line)
 
 
