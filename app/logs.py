@@ -1,10 +1,19 @@
 """Logging setup: plain text or JSON lines (`LOG_FORMAT=json`); one access line per request.
 
 Access lines carry the request id, application id, method, path (never the query string),
-status, duration, and `session`: a salted hash of the session id, `sha256(salt || id)` cut to
+status, duration, `session` (a salted hash of the session id, `sha256(salt || id)` cut to
 16 hex characters, so the lines of one session can be correlated without the log revealing
-the id, a cookie or a token. The salt is `LOG_SALT` (set the same value on every replica to
-correlate across them) or, by default, random per process.
+the id, a cookie or a token), the client address (`TRUSTED_PROXIES`-aware, app/forwarding.py),
+the response's body bytes and the user agent. The salt is `LOG_SALT` (set the same value on
+every replica to correlate across them) or, by default, random per process.
+
+Hostile text (log injection): a text line's message is passed through `escape_control`, so
+characters that are not printable (C0 and C1 controls, DEL, U+2028/U+2029, lone surrogates,
+bidi and other format characters) and the backslash itself are written as `\\xNN`, `\\uNNNN`,
+`\\UNNNNNNNN` or `\\\\`: a percent-decoded `%0a` in a path, a header value or an upstream's error
+text can neither start a forged line nor reach a terminal as an escape sequence. Lines of a
+traceback are escaped the same way and indented by two spaces, so only a record starts in column
+0. JSON lines need no such step: `json.dumps` escapes every control and non-ASCII character.
 
 Cost: the access line is on every request's path, so when the only handler that would see it is
 the one `configure_logging` installed, `AccessLogger` formats the line itself (same text and
@@ -22,16 +31,21 @@ import atexit
 import hashlib
 import json
 import logging
+import re
 import secrets
 import sys
 import time
+from json.encoder import encode_basestring_ascii
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
+from app.config import IPNetwork
 from app.errors import REQUEST_ID_KEY
+from app.forwarding import client_ip
 from app.sessions.middleware import SESSION_KEY
 from app.sessions.storage import APP_ID_KEY
+from app.state import SETTINGS_KEY
 
 _salt: bytes = secrets.token_bytes(32)
 # session id -> its hash under the current salt; cleared with the salt and when it grows past
@@ -59,6 +73,53 @@ def session_hash(session_id: str) -> str:
     return cached
 
 
+def escape_control(text: str) -> str:
+    """`text` with every character that is not printable (`str.isprintable`: controls, line
+    and paragraph separators, surrogates, format characters) and every backslash written as a
+    Python-style escape (`\\x0a`, `\\u2028`, `\\\\`); `text` itself when there is none."""
+    if text.isprintable() and "\\" not in text:
+        return text
+    return "".join(map(_escape_char, text))
+
+
+def _escape_char(char: str) -> str:
+    if char == "\\":
+        return "\\\\"
+    if char.isprintable():
+        return char
+    code = ord(char)
+    if code <= 0xFF:
+        return f"\\x{code:02x}"
+    if code <= 0xFFFF:
+        return f"\\u{code:04x}"
+    return f"\\U{code:08x}"
+
+
+def _continuation(block: str) -> str:
+    """A traceback or stack block as continuation lines: each escaped and indented."""
+    return "".join(f"\n  {escape_control(line)}" for line in block.split("\n"))
+
+
+class TextFormatter(logging.Formatter):
+    """`TEXT_FORMAT` lines whose message is `escape_control`led and whose traceback lines are
+    escaped and indented (see the module docstring): one record, one line starting in column 0."""
+
+    def __init__(self) -> None:
+        super().__init__(TEXT_FORMAT)
+
+    def format(self, record: logging.LogRecord) -> str:
+        record.message = escape_control(record.getMessage())
+        record.asctime = self.formatTime(record, self.datefmt)
+        line = self.formatMessage(record)
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:
+            line += _continuation(record.exc_text)
+        if record.stack_info:
+            line += _continuation(self.formatStack(record.stack_info))
+        return line
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         line: dict[str, object] = {
@@ -72,7 +133,35 @@ class JsonFormatter(logging.Formatter):
             line.update(extra)
         if record.exc_info:
             line["exc"] = self.formatException(record.exc_info)
-        return json.dumps(line, default=str)
+        return json_line(line)
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def json_line(line: dict[str, object]) -> str:
+    """`line` as one JSON object (`json.dumps`: controls and non-ASCII escaped, so a value can
+    never end the line). A lone surrogate (aiohttp decodes a header's undecodable bytes with
+    `surrogateescape`) would become a `\\udcff` escape that strict JSON parsers refuse, so in
+    that case every surrogate is written as that text instead, as in text lines."""
+    text = json.dumps(line, default=str)
+    if "\\ud" in text:  # maybe a lone surrogate (or a valid pair): check the values
+        text = json.dumps(_without_surrogates(line), default=lambda o: _without_surrogates(str(o)))
+    return text
+
+
+def _without_surrogates(value: object) -> object:
+    if isinstance(value, str):
+        return value if value.isascii() else _SURROGATE.sub(_escape_match, value)
+    if isinstance(value, dict):
+        return {_without_surrogates(k): _without_surrogates(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_without_surrogates(v) for v in value]
+    return value
+
+
+def _escape_match(match: re.Match[str]) -> str:
+    return _escape_char(match.group())
 
 
 class _GatewayHandler(logging.StreamHandler):  # type: ignore[type-arg]
@@ -89,7 +178,7 @@ def configure_logging(level: str, fmt: str, *, salt: str | None = None) -> None:
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter(TEXT_FORMAT))
+        handler.setFormatter(TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
@@ -175,8 +264,103 @@ def _flush() -> None:
 atexit.register(_flush)
 
 
+class _AccessLine:
+    """The fields of one access line and its three renderings: the message (text lines and the
+    JSON `msg`), the JSON fields, and the whole line as the formatters would write it."""
+
+    __slots__ = (
+        "app_id",
+        "client",
+        "duration",
+        "hashed",
+        "method",
+        "path",
+        "request_id",
+        "sent",
+        "status",
+        "user_agent",
+    )
+
+    def __init__(
+        self,
+        request_id: str,
+        app_id: str,
+        method: str,
+        path: str,
+        status: int,
+        duration: float,
+        hashed: str,
+        client: str,
+        sent: int,
+        user_agent: str,
+    ) -> None:
+        self.request_id = request_id
+        self.app_id = app_id
+        self.method = method
+        self.path = path
+        self.status = status
+        self.duration = duration
+        self.hashed = hashed
+        self.client = client
+        self.sent = sent
+        self.user_agent = user_agent
+
+    def message(self) -> str:
+        """The user agent comes last: it has spaces, so it runs to the end of the line."""
+        millis = "%.1f" % (self.duration * 1000)  # %-format: cheaper than an f-string spec
+        return (
+            f"{self.method} {self.path} {self.status} {millis}ms request_id={self.request_id} "
+            f"app={self.app_id or '-'} session={self.hashed or '-'} "
+            f"client={self.client or '-'} bytes_sent={self.sent} ua={self.user_agent or '-'}"
+        )
+
+    def fields(self) -> dict[str, object]:
+        return {
+            "request_id": self.request_id,
+            "application_id": self.app_id,
+            "method": self.method,
+            "path": self.path,
+            "status": self.status,
+            "duration_ms": round(self.duration * 1000, 2),
+            "session": self.hashed,
+            "client": self.client,
+            "bytes_sent": self.sent,
+            "user_agent": self.user_agent,
+        }
+
+    def text(self, logger_name: str) -> str:
+        """What `TextFormatter` writes for `message()`."""
+        return (
+            f"{_clock.asctime(time.time())} INFO {logger_name}: {escape_control(self.message())}\n"
+        )
+
+    def json(self, logger_name: str) -> str:
+        """What `JsonFormatter` writes for `message()` and `fields()`."""
+        # `json.dumps` of a str is this function (its C part) behind two layers of Python.
+        dumps = encode_basestring_ascii
+        ts = round(time.time(), 3)
+        msg = self.message()
+        line = (
+            f'{{"ts": {ts!r}, "level": "info", "logger": {dumps(logger_name)}, '
+            f'"msg": {dumps(msg)}, "request_id": {dumps(self.request_id)}, '
+            f'"application_id": {dumps(self.app_id)}, "method": {dumps(self.method)}, '
+            f'"path": {dumps(self.path)}, "status": {self.status}, '
+            f'"duration_ms": {round(self.duration * 1000, 2)!r}, "session": "{self.hashed}", '
+            f'"client": {dumps(self.client)}, "bytes_sent": {self.sent}, '
+            f'"user_agent": {dumps(self.user_agent)}}}\n'
+        )
+        if "\\ud" in line:  # maybe a lone surrogate: `json_line` decides
+            fields = {"ts": ts, "level": "info", "logger": logger_name, "msg": msg}
+            line = json_line(fields | self.fields()) + "\n"
+        return line
+
+
 class AccessLogger(AbstractAccessLogger):
     """One line per request, without query strings (they may carry tokens)."""
+
+    # `TRUSTED_PROXIES` of the app served, read from the first request that reaches it (a
+    # request aiohttp refused before routing has no app); `client_ip` needs it.
+    _trusted: tuple[IPNetwork, ...] | None = None
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, duration: float) -> None:
         # `request.get` is `Mapping.get` (Python code around `__getitem__`); the gateway
@@ -189,66 +373,43 @@ class AccessLogger(AbstractAccessLogger):
             session = request.get(SESSION_KEY)
             request_id = request.get(REQUEST_ID_KEY, "")
         identity = session.identity if session is not None else None
-        app_id = request.get(APP_ID_KEY, "")
-        method = request.method
-        path = request.rel_url.path
-        status = response.status
         hashed = session_hash(identity) if isinstance(identity, str) else ""
+        trusted = self._trusted
+        if trusted is None:
+            trusted = self._trusted_proxies(request)
+        line = _AccessLine(
+            request_id,
+            request.get(APP_ID_KEY, ""),
+            request.method,
+            request.rel_url.path,
+            response.status,
+            duration,
+            hashed,
+            client_ip(request, trusted),
+            response.body_length,
+            request.headers.get("User-Agent", ""),
+        )
         handler = _sole_handler(self.logger)
         if handler is not None:
-            self._write(handler, request_id, app_id, method, path, status, duration, hashed)
-            return
-        fields = {
-            "request_id": request_id,
-            "application_id": app_id,
-            "method": method,
-            "path": path,
-            "status": status,
-            "duration_ms": round(duration * 1000, 2),
-            "session": hashed,
-        }
-        self.logger.info(
-            "%s %s %s %.1fms request_id=%s app=%s session=%s",
-            method,
-            path,
-            status,
-            duration * 1000,
-            request_id,
-            app_id or "-",
-            hashed or "-",
-            extra={"fields": fields},
-        )
-
-    def _write(
-        self,
-        handler: _GatewayHandler,
-        request_id: str,
-        app_id: str,
-        method: str,
-        path: str,
-        status: int,
-        duration: float,
-        hashed: str,
-    ) -> None:
-        # The same bytes the formatters would produce for this record.
-        now = time.time()
-        millis = "%.1f" % (duration * 1000)  # %-format: cheaper than an f-string format spec
-        msg = (
-            f"{method} {path} {status} {millis}ms request_id={request_id} "
-            f"app={app_id or '-'} session={hashed or '-'}"
-        )
-        if handler.json_lines:
-            dumps = json.dumps
-            line = (
-                f'{{"ts": {round(now, 3)!r}, "level": "info", "logger": {dumps(self.logger.name)}, '
-                f'"msg": {dumps(msg)}, "request_id": {dumps(request_id)}, '
-                f'"application_id": {dumps(app_id)}, "method": {dumps(method)}, '
-                f'"path": {dumps(path)}, "status": {status}, '
-                f'"duration_ms": {round(duration * 1000, 2)!r}, "session": "{hashed}"}}\n'
+            _queue(
+                handler,
+                line.json(self.logger.name) if handler.json_lines else line.text(self.logger.name),
             )
-        else:
-            line = f"{_clock.asctime(now)} INFO {self.logger.name}: {msg}\n"
-        _queue(handler, line)
+            return
+        self.logger.info(line.message(), extra={"fields": line.fields()})
+
+    def _trusted_proxies(self, request: web.BaseRequest) -> tuple[IPNetwork, ...]:
+        if not isinstance(request, web.Request):
+            return ()
+        try:
+            app = request.app
+        except (AssertionError, AttributeError):  # refused before routing: no app (yet)
+            return ()
+        settings = app.get(SETTINGS_KEY)
+        if settings is None:  # not the gateway's app (a test's)
+            return ()
+        self._trusted = settings.trusted_proxies
+        return settings.trusted_proxies
 
     @property
     def enabled(self) -> bool:
