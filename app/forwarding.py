@@ -75,6 +75,30 @@ def client_ip(request: web.BaseRequest, trusted: Sequence[IPNetwork]) -> str:
     return chain[0] if chain else ip
 
 
+def forwarded_chain(request: web.BaseRequest, trusted: Sequence[IPNetwork]) -> list[str]:
+    """The `X-Forwarded-For` chain the gateway believes, as it sends it upstream: the client
+    address (`client_ip`) first, then the trusted proxies the request came through, the TCP
+    peer last. Hops left of the client address (anything the client wrote itself) are left
+    out. Empty only when the peer address is unknown."""
+    ip = peer_ip(request)
+    if not ip:
+        return []
+    if not peer_is_trusted(request, trusted):
+        return [ip]
+    chain = [h.strip() for h in request.headers.get("X-Forwarded-For", "").split(",") if h.strip()]
+    believed = [ip]
+    for hop in reversed(chain):
+        try:
+            address = ipaddress.ip_address(hop)
+        except ValueError:
+            return [ip]  # as `client_ip`: an unparsable hop means the peer is the client
+        believed.append(hop)
+        if not any(address in network for network in trusted):
+            break
+    believed.reverse()
+    return believed
+
+
 def own_origin(request: web.BaseRequest, trusted: Sequence[IPNetwork]) -> str:
     """The gateway's own origin as the browser sees it, e.g. `http://localhost:8080`."""
     return f"{client_scheme(request, trusted)}://{client_host(request, trusted)}".lower()

@@ -20,7 +20,9 @@ Contract, in request order:
 - An upstream response with `X-Session-Rotate: 1` rotates the session id (new id, same data and
   conversation, old id deleted) before the response starts; the header is not relayed.
 - Upstream request headers: see `upstream_request_headers`. Response headers: see
-  `browser_response_headers`. Redirects are not followed; every status passes through.
+  `browser_response_headers` (every relayed answer is inert in the browser: `PROXIED_CSP`).
+  Redirects are not followed; every final status (200-599) passes through. Any other status
+  (`101 Switching Protocols` in particular) is 502 `upstream_protocol_error`.
 - Upstream refused/unreachable: 502 `upstream_unavailable`. No response headers within
   `connect_timeout_seconds`: 504 `upstream_timeout`. The timer counts from the start of the
   upstream request (a pooled connection included) but is paused while the gateway waits for
@@ -67,7 +69,7 @@ from yarl import URL
 from app.applications import AppConfig
 from app.config import Settings
 from app.errors import REQUEST_ID_KEY, ApiError, error_response, store_full, store_unavailable
-from app.forwarding import client_host, client_scheme, peer_ip, peer_is_trusted
+from app.forwarding import client_host, client_scheme, forwarded_chain
 from app.lifecycle import LIFECYCLE_KEY, Lifecycle
 from app.metrics import record_upstream_error
 from app.middlewares import APP_CONFIG_KEY
@@ -92,6 +94,20 @@ READ_CHUNK_BYTES = 64 * 1024
 # Request bodies up to this declared length are read whole, then sent upstream as bytes.
 SMALL_BODY_BYTES = 64 * 1024
 KEEPALIVE_COMMENT = b": keep-alive\n\n"
+# The only statuses relayed: final ones. Anything else is 502 `upstream_protocol_error`.
+RELAYED_STATUSES = (200, 599)
+# On every relayed answer, replacing the upstream's: an upstream shares the gateway's origin
+# with every other application, so what it sends must never run there (docs/security.md).
+# `sandbox` (no `allow-*` token) gives a document an opaque origin without script, forms,
+# popups or plugins; `default-src 'none'` loads nothing for it; it cannot be framed. Irrelevant
+# to `fetch`/`EventSource` (a policy applies to documents): JSON and event streams still work.
+PROXIED_CSP = (
+    "sandbox; default-src 'none'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
+PROXIED_RESPONSE_HEADERS = (
+    ("Content-Security-Policy", PROXIED_CSP),
+    ("X-Content-Type-Options", "nosniff"),  # no sniffing a `text/plain` or unknown type into HTML
+)
 
 # RFC 9110 §7.6.1 (plus the legacy Proxy-Connection and Keep-Alive): never forwarded, in either
 # direction, together with every header the Connection header names.
@@ -108,13 +124,170 @@ HOP_BY_HOP = frozenset(
         "proxy-authorization",
     }
 )
-# Request headers the gateway owns: the browser's copies never reach the upstream. `Host` comes
-# from the upstream URL; `Expect` was already answered by this server.
-_GATEWAY_OWNED_REQUEST = frozenset(
-    {"host", "cookie", "expect", "x-agent-thread-id", "x-application-id", "x-request-id"}
+# Response headers an upstream may not set on the gateway's origin (docs/security.md has why,
+# one by one). Compared lower-cased; with `NEVER_RELAYED_PREFIXES` checked by one `startswith`.
+NEVER_RELAYED = HOP_BY_HOP | frozenset(
+    {
+        # State of the whole origin, or of the host and its subdomains.
+        "set-cookie",
+        "set-cookie2",
+        "clear-site-data",
+        "strict-transport-security",
+        "alt-svc",
+        "origin-agent-cluster",
+        "service-worker-allowed",
+        "service-worker",
+        "accept-ch",
+        "accept-ch-lifetime",
+        "critical-ch",
+        "nel",
+        "report-to",
+        "reporting-endpoints",
+        "expect-ct",
+        "public-key-pins",
+        "public-key-pins-report-only",
+        "set-login",
+        "use-as-dictionary",
+        "observe-browsing-topics",
+        "shared-storage-write",
+        "activate-storage-access",
+        "origin-trial",
+        "speculation-rules",
+        "supports-loading-mode",
+        # Document policies: the gateway's own (`PROXIED_RESPONSE_HEADERS`) apply instead.
+        "x-content-type-options",
+        "x-frame-options",
+        "x-xss-protection",
+        "x-dns-prefetch-control",
+        "x-permitted-cross-domain-policies",
+        "x-download-options",
+        "x-ua-compatible",
+        "feature-policy",
+        "document-policy",
+        "require-document-policy",
+        "document-isolation-policy",
+        "large-allocation",
+        "sourcemap",
+        "x-sourcemap",
+        # Navigation the browser would do by itself.
+        "refresh",
+        # CORS is the gateway's (its origin allowlist); so is who may read timings.
+        "timing-allow-origin",
+        # The gateway's own: who answers, and the rotation signal.
+        "server",
+        "x-session-rotate",
+    }
 )
-_FORWARDING = frozenset({"forwarded", "x-real-ip"})
-_REAUTHORED = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"})
+NEVER_RELAYED_PREFIXES = (
+    "access-control-",
+    "content-security-policy",  # and -report-only
+    "permissions-policy",  # and -report-only
+    "cross-origin-opener-policy",  # and -report-only (Cross-Origin-Resource-Policy passes)
+    "cross-origin-embedder-policy",
+    "x-accel-",  # nginx acts on these (X-Accel-Redirect: an internal redirect of its choice)
+    "sec-",
+    "attribution-reporting-",
+    "ad-auction-",
+)
+# `Link` relations that only describe (pagination, documentation): nothing the browser fetches,
+# preconnects to or applies because of them.
+SAFE_LINK_RELATIONS = frozenset(
+    {
+        "next",
+        "prev",
+        "previous",
+        "first",
+        "last",
+        "self",
+        "up",
+        "related",
+        "alternate",
+        "canonical",
+        "describedby",
+        "help",
+        "license",
+        "collection",
+        "item",
+        "edit",
+        "type",
+        "profile",
+        "service-desc",
+        "service-doc",
+        "service-meta",
+        "deprecation",
+        "sunset",
+        "successor-version",
+        "predecessor-version",
+        "latest-version",
+        "version-history",
+        "via",
+        "author",
+        "index",
+    }
+)
+_LINK_REL_RE = re.compile(r'(?i)\brel\s*=\s*(?:"([^"]*)"|([^\s;,"]+))')
+# Authentication schemes a browser answers with its own password dialog (on this origin).
+_PROMPTING_AUTH_RE = re.compile(r"(?i)(?:^|[\s,])(?:basic|digest|ntlm|negotiate)(?:$|[\s,])")
+# Request headers the browser's copies of which never reach the upstream (docs/security.md):
+# the gateway's own (`Host` comes from the upstream URL; `Expect` was already answered by this
+# server); forwarding headers (the gateway writes its own, `FORWARDING_SENT`); headers an
+# upstream or its framework may take from "its proxy": client address, scheme, host, original
+# URL, method override, identity of an authenticating proxy, client certificate.
+NEVER_FORWARDED = HOP_BY_HOP | frozenset(
+    {
+        "host",
+        "cookie",
+        "expect",
+        "x-agent-thread-id",
+        "x-application-id",
+        "x-request-id",
+        "forwarded",
+        "x-real-ip",
+        "true-client-ip",
+        "x-client-ip",
+        "x-cluster-client-ip",
+        "client-ip",
+        "fastly-client-ip",
+        "akamai-client-ip",
+        "x-originating-ip",
+        "x-remote-ip",
+        "x-remote-addr",
+        "x-proxyuser-ip",
+        "x-host",
+        "x-rewrite-url",
+        "x-url-scheme",
+        "x-scheme",
+        "front-end-https",
+        "x-http-method-override",
+        "x-http-method",
+        "x-method-override",
+        "remote-user",
+        "x-remote-user",
+        "x-remote-group",
+        "x-authenticated-user",
+        "x-authenticated-userid",
+        "x-webauth-user",
+        "x-client-cert",
+        "x-client-verify",
+    }
+)
+NEVER_FORWARDED_PREFIXES = (
+    "x-forwarded-",  # -for/-proto/-host are the gateway's; -port/-ssl/-prefix/-server... none
+    "x-original-",  # -url, -uri, -host, -method, -forwarded-for
+    "cf-",  # cf-connecting-ip, cf-visitor (the scheme), cf-ipcountry ...
+    "x-envoy-",
+    "x-amzn-oidc-",
+    "x-goog-authenticated-user-",
+    "x-goog-iap-",
+    "x-ms-client-principal",
+    "x-ms-token-",
+    "x-auth-request-",
+    "x-ssl-",
+    "ssl-client-",
+    "x-arr-",
+)
+# The forwarding headers the gateway sends, built from what it believes (app/forwarding.py).
+FORWARDING_SENT = ("X-Forwarded-For", "X-Forwarded-Proto", "X-Forwarded-Host", "X-Real-IP")
 
 # RFC 3986 pchar, minus `@` (userinfo tricks are refused outright).
 _SEGMENT_RE = re.compile(r"^(?:[A-Za-z0-9\-._~!$&'()*+,;=:]|%[0-9A-Fa-f]{2})+$")
@@ -196,35 +369,39 @@ def upstream_request_headers(
 ) -> CIMultiDict[str]:
     """The headers sent upstream for `request`.
 
-    Dropped: hop-by-hop headers and every header named in `Connection`; `Cookie`; `Host`;
-    `Authorization` unless `forward_authorization`; `Forwarded`, `X-Forwarded-*`, `X-Real-IP`
-    unless the peer is in `TRUSTED_PROXIES`; inbound copies of the gateway's own headers.
-    Set: `X-Forwarded-For` (the trusted chain plus the peer), `-Proto`, `-Host`,
-    `X-Request-Id`, `X-Application-Id`, `X-Agent-Thread-Id`; `Accept-Encoding: identity` when
-    the browser asks for an event stream (event streams are never compressed). Last, the
-    application's configured `headers`, which win over anything the browser sent.
+    Dropped: hop-by-hop headers and every header named in `Connection`; every name with an
+    underscore (some servers map `X_Forwarded_For` to `X-Forwarded-For`); `NEVER_FORWARDED`
+    and `NEVER_FORWARDED_PREFIXES` (`Cookie`, `Host`, forwarding headers of any kind, original
+    URL, method override, proxy-asserted identity ...), whoever sent them, `TRUSTED_PROXIES`
+    included; `Authorization` unless `forward_authorization`.
+    Set, from what the gateway believes (app/forwarding.py): `X-Forwarded-For` (the client
+    address first, then the trusted proxies it came through, the TCP peer last), `-Proto`,
+    `-Host`, `X-Real-IP` (the client address); and `X-Request-Id`, `X-Application-Id`,
+    `X-Agent-Thread-Id`; `Accept-Encoding: identity` when the browser asks for an event stream
+    (event streams are never compressed). Last, the application's configured `headers`, which
+    win over anything else.
     """
     inbound = request.headers
-    named = _connection_tokens(inbound)
-    trusted = peer_is_trusted(request, settings.trusted_proxies)
+    named = _connection_tokens(inbound) if "Connection" in inbound else None
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in inbound.items():
         lower = name.lower()
-        if lower in HOP_BY_HOP or lower in named or lower in _GATEWAY_OWNED_REQUEST:
-            continue
-        if lower == "authorization" and not app.forward_authorization:
-            continue
-        forwarding = lower in _FORWARDING or lower.startswith("x-forwarded-")
-        if forwarding and (not trusted or lower in _REAUTHORED):
+        if (
+            lower in NEVER_FORWARDED
+            or lower.startswith(NEVER_FORWARDED_PREFIXES)
+            or "_" in lower
+            or (named is not None and lower in named)
+            or (lower == "authorization" and not app.forward_authorization)
+        ):
             continue
         out.add(name, value)
-    chain = [v.strip() for v in inbound.getall("X-Forwarded-For", []) if v.strip()]
-    peer = peer_ip(request)
-    hops = (chain if trusted else []) + ([peer] if peer else [])
+    trusted = settings.trusted_proxies
+    hops = forwarded_chain(request, trusted)
     if hops:
         out["X-Forwarded-For"] = ", ".join(hops)
-    out["X-Forwarded-Proto"] = client_scheme(request, settings.trusted_proxies)
-    host = client_host(request, settings.trusted_proxies)
+        out["X-Real-IP"] = hops[0]
+    out["X-Forwarded-Proto"] = client_scheme(request, trusted)
+    host = client_host(request, trusted)
     if host:
         out["X-Forwarded-Host"] = host
     out["X-Request-Id"] = request[REQUEST_ID_KEY]
@@ -256,26 +433,50 @@ def forwardable_headers(headers: CIMultiDictProxy[str]) -> bool:
 
 
 def browser_response_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
-    """The upstream's response headers minus what must never reach the browser.
+    """The headers the browser gets for an upstream answer: the upstream's, minus every header
+    with a meaning for the browser beyond this one response, plus `PROXIED_RESPONSE_HEADERS`.
 
-    Dropped: hop-by-hop headers and those named in `Connection`; `Set-Cookie` (the gateway's
-    session cookie is the only cookie on this origin path); `Access-Control-*` (the gateway
-    answers CORS for its own origin allowlist, an upstream's `*` must not widen it);
-    `X-Session-Rotate` (a signal to the gateway, acted on in `_proxy`).
+    Dropped (`NEVER_RELAYED`, `NEVER_RELAYED_PREFIXES`; the list and the reasons are in
+    docs/security.md): hop-by-hop headers and those named in `Connection`; cookies
+    (`Set-Cookie`: the gateway's session cookie is the only cookie on this origin);
+    origin-wide controls (`Clear-Site-Data`, `Strict-Transport-Security`, `Alt-Svc`,
+    `Service-Worker-Allowed`, `Origin-Agent-Cluster`, client hints, reporting endpoints ...);
+    document policies the gateway sets itself (`Content-Security-Policy*`,
+    `X-Content-Type-Options`, `X-Frame-Options`, `Permissions-Policy*`,
+    `Cross-Origin-Opener/Embedder-Policy*`); `Access-Control-*` (the gateway answers CORS
+    for its own allowlist) and `Timing-Allow-Origin`; `Refresh`; instructions to the proxy in
+    front (`X-Accel-*`); `Server`; `X-Session-Rotate` (a signal to the gateway, acted on in
+    `_proxy`). `Link` is relayed only when every relation in it is navigational (`next`,
+    `prev`, ... in `SAFE_LINK_RELATIONS`: never `preload`, `prefetch`, `stylesheet` ...);
+    `WWW-Authenticate` only when it names no scheme that makes a browser prompt for a password
+    (`Basic`, `Digest`, `NTLM`, `Negotiate`). Everything else (an API's own headers included)
+    passes unchanged.
     """
-    named = _connection_tokens(upstream)
+    named = _connection_tokens(upstream) if "Connection" in upstream else None
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in upstream.items():
         lower = name.lower()
         if (
-            lower in HOP_BY_HOP
-            or lower in named
-            or lower in ("set-cookie", "set-cookie2", "x-session-rotate")
-            or lower.startswith("access-control-")
+            lower in NEVER_RELAYED
+            or lower.startswith(NEVER_RELAYED_PREFIXES)
+            or (named is not None and lower in named)
+            or (lower == "link" and not _navigational_link(value))
+            or (lower == "www-authenticate" and _PROMPTING_AUTH_RE.search(value) is not None)
         ):
             continue
         out.add(name, value)
+    out.extend(PROXIED_RESPONSE_HEADERS)
     return out
+
+
+def _navigational_link(value: str) -> bool:
+    """True when every `rel` of a `Link` value is in `SAFE_LINK_RELATIONS` (anything the
+    parse cannot vouch for, e.g. a `rel` inside a URL, only makes it refuse more)."""
+    for quoted, bare in _LINK_REL_RE.findall(value):
+        for relation in (quoted or bare).lower().split():
+            if relation not in SAFE_LINK_RELATIONS:
+                return False
+    return True
 
 
 def has_invalid_header(upstream: aiohttp.ClientResponse) -> bool:
@@ -704,6 +905,11 @@ async def _proxy(exchange: _Exchange) -> web.StreamResponse:
     if has_invalid_header(upstream_response):
         upstream_response.close()
         return _protocol_error(exchange, "control character in a response header")
+    if not RELAYED_STATUSES[0] <= upstream_response.status <= RELAYED_STATUSES[1]:
+        # 101 would make the proxy in front a raw tunnel to this server (docs/security.md);
+        # aiohttp's client consumes the other 1xx itself. Never relayed, nor above 599.
+        upstream_response.close()
+        return _protocol_error(exchange, f"status {upstream_response.status}")
     if upstream_response.headers.get(ROTATE_HEADER, "").strip() == "1":
         # The upstream asks for a new session id (e.g. after a login step behind the agent):
         # rotate before the browser sees any of the answer; the old id is dead before then.

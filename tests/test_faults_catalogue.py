@@ -214,7 +214,7 @@ PROVEN: dict[str, tuple[str, ...]] = {
     "B15": (PH + "test_request_header_hygiene_for_an_untrusted_peer",),
     "B16": (
         PH + "test_request_header_hygiene_for_an_untrusted_peer",
-        PH + "test_a_trusted_proxy_keeps_its_forwarding_headers",
+        PH + "test_a_trusted_proxy_is_believed_and_its_other_headers_dropped",
         SH + "test_secure_auto_ignores_an_untrusted_peer",
     ),
     "B17": (

