@@ -225,7 +225,8 @@ SAFE_LINK_RELATIONS = frozenset(
         "index",
     }
 )
-_LINK_REL_RE = re.compile(r'(?i)\brel\s*=\s*(?:"([^"]*)"|([^\s;,"]+))')
+# `rel` and `rel*` (RFC 8187 form: `UTF-8''preload` is not a safe relation, so it is refused).
+_LINK_REL_RE = re.compile(r'(?i)\brel\*?\s*=\s*(?:"([^"]*)"|([^\s;,"]+))')
 # Authentication schemes a browser answers with its own password dialog (on this origin).
 _PROMPTING_AUTH_RE = re.compile(r"(?i)(?:^|[\s,])(?:basic|digest|ntlm|negotiate)(?:$|[\s,])")
 # Request headers the browser's copies of which never reach the upstream (docs/security.md):
@@ -286,6 +287,10 @@ NEVER_FORWARDED_PREFIXES = (
     "ssl-client-",
     "x-arr-",
 )
+# A request header name with anything but letters, digits and `-` is never forwarded: servers
+# that map names to variables (CGI, WSGI, PHP) read `X_Forwarded_For` or `X.Forwarded.For` as
+# `X-Forwarded-For`.
+_ODD_NAME_RE = re.compile(r"[^A-Za-z0-9-]")
 # The forwarding headers the gateway sends, built from what it believes (app/forwarding.py).
 FORWARDING_SENT = ("X-Forwarded-For", "X-Forwarded-Proto", "X-Forwarded-Host", "X-Real-IP")
 
@@ -369,8 +374,9 @@ def upstream_request_headers(
 ) -> CIMultiDict[str]:
     """The headers sent upstream for `request`.
 
-    Dropped: hop-by-hop headers and every header named in `Connection`; every name with an
-    underscore (some servers map `X_Forwarded_For` to `X-Forwarded-For`); `NEVER_FORWARDED`
+    Dropped: hop-by-hop headers and every header named in `Connection`; every name with a
+    character other than a letter, a digit or `-` (some servers map `X_Forwarded_For` to
+    `X-Forwarded-For`); `NEVER_FORWARDED`
     and `NEVER_FORWARDED_PREFIXES` (`Cookie`, `Host`, forwarding headers of any kind, original
     URL, method override, proxy-asserted identity ...), whoever sent them, `TRUSTED_PROXIES`
     included; `Authorization` unless `forward_authorization`.
@@ -383,13 +389,15 @@ def upstream_request_headers(
     """
     inbound = request.headers
     named = _connection_tokens(inbound) if "Connection" in inbound else None
+    # One search over every name; only a hit needs the per-header look.
+    odd_names = _ODD_NAME_RE.search("".join(inbound.keys())) is not None
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in inbound.items():
         lower = name.lower()
         if (
             lower in NEVER_FORWARDED
             or lower.startswith(NEVER_FORWARDED_PREFIXES)
-            or "_" in lower
+            or (odd_names and _ODD_NAME_RE.search(name) is not None)
             or (named is not None and lower in named)
             or (lower == "authorization" and not app.forward_authorization)
         ):

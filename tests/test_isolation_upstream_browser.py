@@ -85,6 +85,11 @@ HOSTILE_DOCUMENTS: dict[str, tuple[str | None, str]] = {
         "application/unknown",
         f"<html><body><script>{ATTACK_JS}</script></body></html>",
     ),
+    "multipart/x-mixed-replace with an HTML part": (
+        "multipart/x-mixed-replace; boundary=BOUNDARY",
+        "--BOUNDARY\r\nContent-Type: text/html\r\n\r\n"
+        f"<html><body><script>{ATTACK_JS}</script></body></html>\r\n--BOUNDARY--\r\n",
+    ),
     "text/plain carrying HTML": (
         "text/plain",
         f"<html><body><script>{ATTACK_JS}</script></body></html>",

@@ -46,6 +46,8 @@ HOSTILE_RESPONSE_HEADERS = [
     ("Link", "</apps/other/agent/x.css>; rel=stylesheet"),
     ("Link", '<https://evil.example>; rel="preconnect"'),
     ("Link", "</next>; rel=\"next\", </x.css>; rel='stylesheet'"),
+    ("Link", "</apps/other/agent/x>; rel*=UTF-8''preload"),
+    ("Link", "</apps/other/agent/x>; rel=next; rel=prefetch"),
     ("Content-Security-Policy", "sandbox allow-scripts allow-same-origin"),
     ("Content-Security-Policy-Report-Only", "default-src 'none'; report-uri https://evil.example"),
     ("Permissions-Policy", "camera=*"),
@@ -272,6 +274,8 @@ HOSTILE_FORWARDING = [
     ("X_Forwarded_For", "198.51.100.7"),
     ("X_Real_IP", "198.51.100.7"),
     ("x_application_id", "another-app"),
+    ("X.Forwarded.For", "198.51.100.7"),
+    ("X~Real~IP", "198.51.100.7"),
 ]
 FORWARDED_NAMES = {"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-real-ip"}
 
@@ -307,7 +311,7 @@ async def test_I5_only_the_gateways_own_forwarding_headers_reach_the_upstream(
         assert seen.getall("X-Forwarded-Host") == [f"127.0.0.1:{gw.port}"]
     assert seen.getall("X-Application-Id") == ["shop"]
     assert "browser-thread" not in seen.values()
-    assert not [n for n in seen if "_" in n]
+    assert not [n for n in seen if not n.replace("-", "").isalnum()]
 
 
 async def test_I5_a_spoofed_chain_is_cut_at_the_first_untrusted_hop(
@@ -330,7 +334,7 @@ def test_I5_the_request_filter_covers_the_documented_names() -> None:
     for name, _ in HOSTILE_FORWARDING:
         lower = name.lower()
         dropped = lower in NEVER_FORWARDED or lower.startswith(NEVER_FORWARDED_PREFIXES)
-        assert dropped or "_" in lower, name
+        assert dropped or not lower.replace("-", "").isalnum(), name
     # The gateway's own headers are in the filter (the browser's copies never pass) ...
     assert {"x-agent-thread-id", "x-application-id", "x-request-id", "cookie"} <= NEVER_FORWARDED
     # ... and no response filter entry names something agent APIs need.
