@@ -20,14 +20,10 @@ from app.sessions.memory import MemoryBackend
 from app.sessions.redis import RedisBackend, RedisOptions, make_client
 from app.sessions.storage import GatewayStorage
 from app.state import BACKEND_KEY, SETTINGS_KEY, STORAGE_APP_KEY
+from app.store_hints import startup_hint
 from app.upstream import upstream_ctx
 
 log = logging.getLogger(__name__)
-
-TROUBLESHOOTING = (
-    "verify Redis is running and reachable, check REDIS_URL is correct, and ensure no "
-    "firewall blocks the connection (README: Troubleshooting)"
-)
 
 
 class StoreStartupError(Exception):
@@ -137,7 +133,7 @@ async def open_store(settings: Settings) -> SessionBackend:
         await redis_backend.close()
         raise StoreStartupError(
             f"cannot use Redis at REDIS_URL={redact_url(settings.redis_url)} ({err}): "
-            + TROUBLESHOOTING
+            + startup_hint(str(err), settings.redis_url)
         ) from err
     log.info(
         "session store: Redis %s at %s, prefix %r, TTL %ss",
