@@ -37,6 +37,11 @@ DEMO_APP_ID = "demo"
 BUILTIN_DEMO_UPSTREAM = "builtin:demo"
 
 
+# Default concurrency caps per session and per client address (app/capacity.py).
+DEFAULT_PER_SESSION = 8
+DEFAULT_PER_CLIENT = 64
+
+
 _RATE_RE = re.compile(r"^\s*(\d+)\s*/\s*(\d*)\s*([a-z]+)\s*$")
 _PERIODS = {
     "s": 1,
@@ -101,6 +106,14 @@ class AppConfig:
     # Agent requests allowed per session and per application (None: unlimited); app/ratelimit.py.
     rate_limit_per_session: RateLimit | None = None
     rate_limit_per_app: RateLimit | None = None
+    # Concurrent agent requests (app/capacity.py), per replica. The application's: None is its
+    # share of UPSTREAM_POOL_SIZE (see `concurrency_caps`). Per session and per client
+    # address: 0 is no cap. Uploads: the whole body within this long (None: the global
+    # UPLOAD_TIMEOUT_SECONDS).
+    max_concurrent_requests: int | None = None
+    max_concurrent_per_session: int = DEFAULT_PER_SESSION
+    max_concurrent_per_client: int = DEFAULT_PER_CLIENT
+    upload_timeout_seconds: float | None = None
 
     @property
     def is_builtin_demo(self) -> bool:
@@ -155,6 +168,7 @@ def _parse_app(
         "max_body_bytes",
         "rate_limit_per_session",
         "rate_limit_per_app",
+        *_CAPACITY_FIELDS,
     }
     for unknown in sorted(set(table) - known):
         problems.append(f"{where}: unknown field {unknown!r}: remove it (known: {sorted(known)})")
@@ -232,6 +246,8 @@ def _parse_app(
         except ValueError as err:
             problems.append(f"{where}: field {name!r} = {raw_limit!r} is not valid: {err}")
 
+    capacity = _parse_capacity(table, where, problems)
+
     if problems:
         return None, problems
     return (
@@ -246,9 +262,78 @@ def _parse_app(
             max_body_bytes=max_body,
             rate_limit_per_session=limits["rate_limit_per_session"],
             rate_limit_per_app=limits["rate_limit_per_app"],
+            **capacity,
         ),
         [],
     )
+
+
+# -- upstream capacity (app/capacity.py) ----------------------------------------------------
+
+_CAPACITY_FIELDS = (
+    "max_concurrent_requests",
+    "max_concurrent_per_session",
+    "max_concurrent_per_client",
+    "upload_timeout_seconds",
+)
+
+
+def _parse_capacity(table: dict[str, Any], where: str, problems: list[str]) -> dict[str, Any]:
+    """The capacity fields of one `[apps.<id>]` table (absent ones keep `AppConfig`'s
+    defaults); a bad value is a problem naming the field and what to use."""
+    fields: dict[str, Any] = {}
+    for name, minimum in (
+        ("max_concurrent_requests", 1),
+        ("max_concurrent_per_session", 0),
+        ("max_concurrent_per_client", 0),
+    ):
+        if name not in table:
+            continue
+        value = table[name]
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            use = "a positive integer" if minimum else "0 (no cap) or a positive integer"
+            problems.append(f"{where}: field {name!r} must be {use}")
+        else:
+            fields[name] = value
+    if "upload_timeout_seconds" in table:
+        fields["upload_timeout_seconds"] = _positive_number(
+            table, "upload_timeout_seconds", 300.0, where, problems
+        )
+    return fields
+
+
+def concurrency_caps(
+    apps: Mapping[str, AppConfig], pool_size: int
+) -> tuple[dict[str, int], list[str]]:
+    """Each application's cap on concurrent upstream requests, and the problems that make the
+    configuration unable to keep applications apart.
+
+    An explicit `max_concurrent_requests` is used as is; the applications without one share
+    what remains of `pool_size` equally (rounded down). The caps must add up to at most
+    `pool_size` (`UPSTREAM_POOL_SIZE`): then no application can ever take a connection another
+    one is entitled to, and the pool itself never makes a request wait.
+    """
+    explicit = {
+        app_id: app.max_concurrent_requests
+        for app_id, app in apps.items()
+        if app.max_concurrent_requests is not None
+    }
+    shared = [app_id for app_id in apps if app_id not in explicit]
+    remaining = pool_size - sum(explicit.values())
+    caps = dict(explicit)
+    problems: list[str] = []
+    if remaining < 0 or (shared and remaining < len(shared)):
+        needed = sum(explicit.values()) + len(shared)
+        unset = f" plus one for each of the {len(shared)} without one" if shared else ""
+        problems.append(
+            f"UPSTREAM_POOL_SIZE={pool_size} is smaller than the applications' "
+            f"max_concurrent_requests in APPS_FILE (together {sum(explicit.values())}{unset}): "
+            f"raise UPSTREAM_POOL_SIZE to at least {needed} or lower the caps"
+        )
+        return {app_id: max(1, caps.get(app_id, 1)) for app_id in apps}, problems
+    for app_id in shared:
+        caps[app_id] = remaining // len(shared)
+    return caps, problems
 
 
 def _positive_number(

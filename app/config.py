@@ -19,7 +19,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from dotenv import dotenv_values
 
-from app.applications import AppConfig, resolve_apps
+from app.applications import AppConfig, concurrency_caps, resolve_apps
 from app.hosts import parse_allowed_hosts
 from app.sessions.redis import RedisUrlError, parse_redis_url
 
@@ -107,6 +107,10 @@ class Settings:
     sse_keepalive_seconds: float = 15.0
     upstream_pool_size: int = 1000
     demo_token_delay_seconds: float = 0.05
+    # Upstream capacity (app/capacity.py): an agent upload's whole body must arrive within
+    # this long of the request (an application's `upload_timeout_seconds` wins); past it: 408
+    # `body_timeout`, however steadily the bytes drip.
+    upload_timeout_seconds: float = 300.0
 
     @classmethod
     def from_env(
@@ -308,7 +312,11 @@ def _parse(env: Mapping[str, str]) -> Settings:
         sse_keepalive_seconds=r.positive_float("SSE_KEEPALIVE_SECONDS", 15.0),
         upstream_pool_size=r.positive_int("UPSTREAM_POOL_SIZE", 1000),
         demo_token_delay_seconds=r.positive_float("DEMO_TOKEN_DELAY_SECONDS", 0.05),
+        upload_timeout_seconds=r.positive_float("UPLOAD_TIMEOUT_SECONDS", 300.0),
     )
+    # Upstream capacity: the applications' caps must fit in the pool (app/capacity.py).
+    if not app_problems:
+        r.problems.extend(concurrency_caps(settings.apps, settings.upstream_pool_size)[1])
     if r.problems:
         raise ConfigError(r.problems)
     return settings

@@ -12,6 +12,10 @@ Contract, in request order:
   before the upstream is contacted; a chunked body is cut off (and 413) once it exceeds the cap.
   Bodies of a declared length up to `SMALL_BODY_BYTES` (64 KiB) are read first and sent with
   that length; larger or chunked bodies stream upstream, they are never buffered whole.
+- Upstream capacity (app/capacity.py): a slot of the application, of the client address and
+  of the process is taken before the session is loaded, one of the session once its id is
+  known; a full one is 503 `upstream_busy` (`Retry-After`) at once, nothing sent upstream.
+  The slots are returned when the exchange ends, however it ends.
 - The session is loaded (which slides its TTL), then the application's rate limits are checked
   (429 `rate_limited`, see `app.ratelimit`). The first agent request of a session mints the
   conversation id (`gw.conversation_id`, random, unrelated to the session id) and creates the
@@ -27,8 +31,9 @@ Contract, in request order:
   `connect_timeout_seconds`: 504 `upstream_timeout`. The timer counts from the start of the
   upstream request (a pooled connection included) but is paused while the gateway waits for
   the browser's body bytes: it restarts after each chunk was passed on, so after the whole
-  body. A browser body that pauses longer than `BODY_TIMEOUT_SECONDS` before the upstream
-  answered: 408 `body_timeout`. An answer
+  body. A browser body that pauses longer than `BODY_TIMEOUT_SECONDS`, or is not complete
+  `UPLOAD_TIMEOUT_SECONDS` (or the application's `upload_timeout_seconds`) after the request
+  got here, before the upstream answered: 408 `body_timeout`. An answer
   that is not valid HTTP (status line, framing, header limits, a control character in a
   header): 502 `upstream_protocol_error`.
 - Streaming: chunks are relayed as they arrive (bounded reads; `await write()` applies the
@@ -53,6 +58,7 @@ import functools
 import itertools
 import json
 import logging
+import math
 import re
 import secrets
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
@@ -67,6 +73,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from app.applications import AppConfig
+from app.capacity import AppSlots, UpstreamBusy, client_key
 from app.config import Settings
 from app.errors import REQUEST_ID_KEY, ApiError, error_response, store_full, store_unavailable
 from app.forwarding import client_host, client_scheme, forwarded_chain
@@ -659,6 +666,12 @@ class _Exchange:
     body_stalled: bool = False
     # The timer of the upstream's response headers while it runs (see `body`).
     header_deadline: asyncio.Timeout | None = None
+    # Upstream capacity (app/capacity.py): what this request holds, returned by
+    # `_proxy_holding_slots`; the loop time by which a streamed upload must be complete.
+    slots: AppSlots | None = None
+    client_key: str | None = None
+    session_key: str | None = None
+    upload_deadline: float = math.inf
 
     @property
     def request_id(self) -> str:
@@ -693,8 +706,8 @@ class _Exchange:
         return data
 
     async def body(self, cap: int) -> AsyncGenerator[bytes, None]:
-        """The browser's body, streamed upstream: cut at `cap` (413 `body_too_large`) and at
-        a pause over `BODY_TIMEOUT_SECONDS` (408 `body_timeout`).
+        """The browser's body, streamed upstream: cut at `cap` (413 `body_too_large`), at
+        a pause over `BODY_TIMEOUT_SECONDS` and at `upload_deadline` (408 `body_timeout`).
 
         While it waits for the browser, the upstream's header timer (`connect_timeout`) is
         paused: a slow upload is the browser's doing, never a 504. Each chunk handed over (and
@@ -704,10 +717,11 @@ class _Exchange:
         loop = asyncio.get_running_loop()
         chunks = self.request.content.iter_any()
         received = 0
+        pause = self.settings.body_timeout_seconds
         while True:
             self._set_header_deadline(None)
             try:
-                async with asyncio.timeout(self.settings.body_timeout_seconds):
+                async with asyncio.timeout_at(min(loop.time() + pause, self.upload_deadline)):
                     chunk = await anext(chunks, b"")
             except TimeoutError:
                 self.body_stalled = True
@@ -737,7 +751,7 @@ async def agent_proxy(request: web.Request) -> web.StreamResponse:
         settings=request.app[SETTINGS_KEY],
         lifecycle=request.app[LIFECYCLE_KEY],
     )
-    inner = asyncio.create_task(_proxy(exchange))
+    inner = asyncio.create_task(_proxy_holding_slots(exchange))
     watcher = _DisconnectWatch(exchange, inner)
     try:
         return await inner
@@ -782,6 +796,24 @@ class _DisconnectWatch:
 
     def cancel(self) -> None:
         self._handle.cancel()
+
+
+async def _proxy_holding_slots(exchange: _Exchange) -> web.StreamResponse:
+    """`_proxy`, then the upstream slots it took are returned, however it ended (its own
+    `finally` has released or closed the upstream response by then)."""
+    try:
+        return await _proxy(exchange)
+    finally:
+        if exchange.slots is not None:
+            exchange.request.app[UPSTREAM_KEY].capacity.leave(
+                exchange.slots, exchange.client_key, exchange.session_key
+            )
+
+
+def _busy(exchange: _Exchange, busy: UpstreamBusy) -> web.Response:
+    """503 `upstream_busy` (a body the browser may still be sending is not read: close)."""
+    response = exchange.error(busy.status, busy.code, busy.message, headers=busy.headers)
+    return _closing(response) if exchange.request.body_exists else response
 
 
 def _closing(response: web.Response) -> web.Response:
@@ -831,6 +863,17 @@ async def _proxy(exchange: _Exchange) -> web.StreamResponse:
             400, "invalid_header", "A request header has characters that cannot be forwarded."
         )
 
+    # Upstream capacity (app/capacity.py): a slot of the application (and of the client
+    # address) before the session is touched: a full limit is 503 at once and creates nothing.
+    capacity = upstream.capacity
+    slots = capacity.apps[app.app_id]
+    client = client_key(request, exchange.settings.trusted_proxies) if slots.per_client else None
+    try:
+        capacity.enter(slots, client)
+    except UpstreamBusy as busy:
+        return _busy(exchange, busy)
+    exchange.slots, exchange.client_key = slots, client
+
     # Load (and slide) the session; check the rate limits (before anything is created); mint
     # the conversation on the first agent request and save the session now, before the
     # upstream sees the id and before the response starts. `update_session` re-reads and
@@ -841,6 +884,13 @@ async def _proxy(exchange: _Exchange) -> web.StreamResponse:
     exchange.response = response
     session = await update_session(request, response, ensure_conversation)
     conversation_id = ensure_conversation(session)  # already there: changes nothing
+    session_id = session.identity
+    if slots.per_session and isinstance(session_id, str):
+        try:
+            capacity.enter_session(slots, session_id)
+        except UpstreamBusy as busy:
+            return _busy(exchange, busy)
+        exchange.session_key = session_id
 
     # A small body of declared length is read first and sent as bytes (its Content-Length is
     # forwarded): an async-generator upload costs a payload writer, a task step and a timer
@@ -848,6 +898,8 @@ async def _proxy(exchange: _Exchange) -> web.StreamResponse:
     # timer being paused while the browser uploads; a stall is 408 as below.
     data: bytes | AsyncIterator[bytes] | None = None
     if request.body_exists:
+        upload_timeout = app.upload_timeout_seconds or exchange.settings.upload_timeout_seconds
+        exchange.upload_deadline = asyncio.get_running_loop().time() + upload_timeout
         length = request.content_length
         if length is not None and length <= SMALL_BODY_BYTES:
             try:
@@ -949,7 +1001,7 @@ async def _proxy(exchange: _Exchange) -> web.StreamResponse:
 
 def _body_stalled(exchange: _Exchange) -> web.Response:
     log.info(
-        "browser body stalled for %ss (app %s, request %s)",
+        "browser body paused for %ss or not complete by its upload deadline (app %s, request %s)",
         exchange.settings.body_timeout_seconds,
         exchange.app.app_id,
         exchange.request_id,

@@ -2,7 +2,8 @@
 
 - The connection pool is sized by `UPSTREAM_POOL_SIZE` (default 1000), not aiohttp's 100: every
   open SSE stream holds one upstream connection for its whole life, so the pool must fit the
-  concurrent streams of one replica, or new requests queue behind long-lived ones.
+  concurrent streams of one replica. It never makes a request wait: the proxy takes a slot of
+  `capacity` (app/capacity.py) first, and the slots of all applications fit in the pool.
 - `auto_decompress=False`: bytes pass through unchanged, `Content-Encoding` with them (a proxy
   that decompresses but forwards the header corrupts the body).
 - `DummyCookieJar`: the client is shared by every browser, so it must never remember a cookie
@@ -38,9 +39,11 @@ from aiohttp import web
 from yarl import URL
 
 from app.applications import AppConfig
+from app.capacity import CapacityCollector, UpstreamCapacity
 from app.config import Settings
 from app.demo_agent import start_demo_agent
 from app.lifecycle import LIFECYCLE_KEY
+from app.metrics import METRICS_KEY
 
 log = logging.getLogger(__name__)
 
@@ -90,11 +93,12 @@ class StreamStop:
 
 @dataclass(slots=True)
 class Upstream:
-    """The process's upstream client, where each application's agent lives, and the shutdown
-    signal its relays listen to."""
+    """The process's upstream client, where each application's agent lives, the shutdown
+    signal its relays listen to, and how many requests each application may have open."""
 
     session: aiohttp.ClientSession
     stop: StreamStop
+    capacity: UpstreamCapacity
     demo_base: URL | None = None
 
     def base_url(self, app: AppConfig) -> URL:
@@ -143,10 +147,19 @@ def upstream_ctx(settings: Settings) -> Callable[[web.Application], AsyncIterato
             log.info("built-in demo agent listening on %s (loopback only)", demo_base)
         session = make_client_session(settings.upstream_pool_size)
         stop = StreamStop(app[LIFECYCLE_KEY].stop_streams)
-        app[UPSTREAM_KEY] = Upstream(session=session, stop=stop, demo_base=demo_base)
+        capacity = UpstreamCapacity(settings.apps, settings.upstream_pool_size)
+        metrics = app.get(METRICS_KEY)
+        collector = CapacityCollector(capacity)
+        if metrics is not None:
+            metrics.registry.register(collector)
+        app[UPSTREAM_KEY] = Upstream(
+            session=session, stop=stop, capacity=capacity, demo_base=demo_base
+        )
         try:
             yield
         finally:
+            if metrics is not None:
+                metrics.registry.unregister(collector)
             await stop.close()
             await session.close()
             if demo_runner is not None:
