@@ -12,6 +12,8 @@ import re
 from collections import Counter
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import GatewayFactory
 from tests.gateway_process import REPO_ROOT
 
@@ -69,3 +71,15 @@ def test_every_setting_has_exactly_one_row_in_the_configuration_table() -> None:
     elsewhere = README.replace(section("Configuration"), "")
     assert sorted(set(table_variables(elsewhere)) & read) == []
     assert "New settings" not in README
+
+
+@pytest.mark.parametrize(
+    "document",
+    ["README.md", "CHANGELOG.md", "docs/frontend.md", "docs/faq.md", "docs/upgrading.md"],
+)
+def test_relative_links_resolve(document: str) -> None:
+    path = REPO_ROOT / document
+    targets = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", path.read_text())
+    local = [t for t in targets if "://" not in t and not t.startswith("mailto:")]
+    missing = [t for t in local if not (path.parent / t).exists()]
+    assert missing == []
