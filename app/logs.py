@@ -1,11 +1,17 @@
 """Logging setup: plain text or JSON lines (`LOG_FORMAT=json`); one access line per request.
 
 Access lines carry the request id, application id, method, path (never the query string),
-status, duration, `session` (a salted hash of the session id, `sha256(salt || id)` cut to
-16 hex characters, so the lines of one session can be correlated without the log revealing
-the id, a cookie or a token), the client address (`TRUSTED_PROXIES`-aware, app/forwarding.py),
-the response's body bytes and the user agent. The salt is `LOG_SALT` (set the same value on
-every replica to correlate across them) or, by default, random per process.
+status, duration (from the gateway middleware's start, `perf_counter`: sub-millisecond),
+`session` (a salted hash of the session id, `sha256(salt || id)` cut to 16 hex characters, so
+the lines of one session can be correlated without the log revealing the id, a cookie or a
+token), the client address (`TRUSTED_PROXIES`-aware, app/forwarding.py), the bytes sent (headers
+included) and the user agent. The salt is `LOG_SALT` (set the same value on every replica to
+correlate across them) or, by default, random per process.
+
+JSON lines: `ts` is ISO 8601 in UTC with milliseconds (`2026-12-03T18:20:52.123Z`); every line
+written while the gateway middleware handles a request (by that task or a task it started)
+carries `request_id` and `application` (the configured application id, or null) as fields,
+from a context variable (`bind_request`), not as text in `msg`.
 
 Hostile text (log injection): a text line's message is passed through `escape_control`, so
 characters that are not printable (C0 and C1 controls, DEL, U+2028/U+2029, lone surrogates,
@@ -35,6 +41,8 @@ import re
 import secrets
 import sys
 import time
+from collections.abc import Callable
+from contextvars import ContextVar, Token
 from json.encoder import encode_basestring_ascii
 
 from aiohttp import web
@@ -121,19 +129,51 @@ class TextFormatter(logging.Formatter):
 
 
 class JsonFormatter(logging.Formatter):
+    """One JSON object per record: `ts` (ISO 8601, UTC, milliseconds), `level`, `logger`,
+    `msg`; inside a request (`bind_request`) also `request_id` and `application` (the
+    configured application id, or null); then the record's `fields` (access lines) and `exc`."""
+
     def format(self, record: logging.LogRecord) -> str:
         line: dict[str, object] = {
-            "ts": round(record.created, 3),
+            "ts": iso_time(record.created),
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": record.getMessage(),
         }
+        bound = _BOUND.get()
+        if bound is not None and (request := bound[0]) is not None:
+            line["request_id"] = request.get(REQUEST_ID_KEY)
+            line["application"] = request.get(APP_ID_KEY)
         extra = getattr(record, "fields", None)
         if isinstance(extra, dict):
             line.update(extra)
         if record.exc_info:
             line["exc"] = self.formatException(record.exc_info)
         return json_line(line)
+
+
+# The request the current task works for, in a one-item list the gateway middleware empties
+# when the request is done: a task that copied this context (a batch sender, a sweeper started
+# by the first request) and logs later does not speak for a finished request.
+_BOUND: ContextVar[list[web.Request | None] | None] = ContextVar("agent_bff_request", default=None)
+# `time.perf_counter()` when the gateway middleware started on the request: the access line's
+# duration (aiohttp's own comes from `loop.time()`, whole milliseconds under uvloop).
+REQUEST_STARTED_KEY = web.RequestKey("request_started", float)
+
+
+def bind_request(request: web.Request, started: float) -> Token[list[web.Request | None] | None]:
+    """Called by the gateway middleware when it starts on `request` (at `started`,
+    `perf_counter`): until `release_request`, JSON lines logged by this task and the tasks it
+    starts carry the request's `request_id` and `application`."""
+    request[REQUEST_STARTED_KEY] = started
+    return _BOUND.set([request])
+
+
+def release_request(token: Token[list[web.Request | None] | None]) -> None:
+    bound = _BOUND.get()
+    if bound is not None:
+        bound[0] = None
+    _BOUND.reset(token)
 
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -205,25 +245,31 @@ def _sole_handler(logger: logging.Logger) -> _GatewayHandler | None:
 
 
 class _Clock:
-    """`%(asctime)s` (local time, `,mmm`) with the per-second part formatted once."""
+    """A timestamp with the per-second part formatted once: `asctime` (text lines: local time,
+    `,mmm`, what `%(asctime)s` writes) or `iso` (JSON lines: ISO 8601 in UTC, `.mmmZ`)."""
 
-    def __init__(self) -> None:
+    def __init__(
+        self, pattern: str, convert: Callable[[float], time.struct_time], millis: tuple[str, ...]
+    ) -> None:
+        self._pattern = pattern
+        self._convert = convert
+        self._millis = millis
         self._second = -1
         self._prefix = ""
 
-    def asctime(self, now: float) -> str:
+    def __call__(self, now: float) -> str:
         second = int(now)
         if second != self._second:
             self._second = second
-            self._prefix = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
-        return self._prefix + _MILLIS[min(int((now - second) * 1000), 999)]
+            self._prefix = time.strftime(self._pattern, self._convert(second))
+        return self._prefix + self._millis[min(int((now - second) * 1000), 999)]
 
 
-# ",000" ... ",999": the millisecond part of `asctime` without formatting a number per line.
-_MILLIS = tuple(f",{ms:03d}" for ms in range(1000))
-
-
-_clock = _Clock()
+# ",000" ... ",999" and ".000Z" ... ".999Z": the millisecond parts without formatting a number
+# per line.
+_asctime = _Clock("%Y-%m-%d %H:%M:%S", time.localtime, tuple(f",{ms:03d}" for ms in range(1000)))
+iso_time = _Clock("%Y-%m-%dT%H:%M:%S", time.gmtime, tuple(f".{ms:03d}Z" for ms in range(1000)))
+"""`iso_time(time.time())` -> e.g. `2026-12-03T18:20:52.123Z` (the `ts` of JSON lines)."""
 
 # Access lines of one event-loop iteration, written together at its end (one write and flush
 # instead of one per request); `_flush` also runs at exit.
@@ -283,8 +329,8 @@ class _AccessLine:
 
     def __init__(
         self,
-        request_id: str,
-        app_id: str,
+        request_id: str | None,
+        app_id: str | None,
         method: str,
         path: str,
         status: int,
@@ -307,9 +353,10 @@ class _AccessLine:
 
     def message(self) -> str:
         """The user agent comes last: it has spaces, so it runs to the end of the line."""
-        millis = "%.1f" % (self.duration * 1000)  # %-format: cheaper than an f-string spec
+        millis = "%.3f" % (self.duration * 1000)  # %-format: cheaper than an f-string spec
         return (
-            f"{self.method} {self.path} {self.status} {millis}ms request_id={self.request_id} "
+            f"{self.method} {self.path} {self.status} {millis}ms "
+            f"request_id={self.request_id or '-'} "
             f"app={self.app_id or '-'} session={self.hashed or '-'} "
             f"client={self.client or '-'} bytes_sent={self.sent} ua={self.user_agent or '-'}"
         )
@@ -317,11 +364,11 @@ class _AccessLine:
     def fields(self) -> dict[str, object]:
         return {
             "request_id": self.request_id,
-            "application_id": self.app_id,
+            "application": self.app_id,
             "method": self.method,
             "path": self.path,
             "status": self.status,
-            "duration_ms": round(self.duration * 1000, 2),
+            "duration_ms": round(self.duration * 1000, 3),
             "session": self.hashed,
             "client": self.client,
             "bytes_sent": self.sent,
@@ -330,26 +377,27 @@ class _AccessLine:
 
     def text(self, logger_name: str) -> str:
         """What `TextFormatter` writes for `message()`."""
-        return (
-            f"{_clock.asctime(time.time())} INFO {logger_name}: {escape_control(self.message())}\n"
-        )
+        return f"{_asctime(time.time())} INFO {logger_name}: {escape_control(self.message())}\n"
 
     def json(self, logger_name: str) -> str:
         """What `JsonFormatter` writes for `message()` and `fields()`."""
         # `json.dumps` of a str is this function (its C part) behind two layers of Python.
         dumps = encode_basestring_ascii
-        ts = round(time.time(), 3)
+        ts = iso_time(time.time())
         msg = self.message()
+        request_id = "null" if self.request_id is None else dumps(self.request_id)
+        app_id = "null" if self.app_id is None else dumps(self.app_id)
         line = (
-            f'{{"ts": {ts!r}, "level": "info", "logger": {dumps(logger_name)}, '
-            f'"msg": {dumps(msg)}, "request_id": {dumps(self.request_id)}, '
-            f'"application_id": {dumps(self.app_id)}, "method": {dumps(self.method)}, '
+            f'{{"ts": "{ts}", "level": "info", "logger": {dumps(logger_name)}, '
+            f'"msg": {dumps(msg)}, "request_id": {request_id}, '
+            f'"application": {app_id}, "method": {dumps(self.method)}, '
             f'"path": {dumps(self.path)}, "status": {self.status}, '
-            f'"duration_ms": {round(self.duration * 1000, 2)!r}, "session": "{self.hashed}", '
+            f'"duration_ms": {round(self.duration * 1000, 3)!r}, "session": "{self.hashed}", '
             f'"client": {dumps(self.client)}, "bytes_sent": {self.sent}, '
             f'"user_agent": {dumps(self.user_agent)}}}\n'
         )
-        if "\\ud" in line:  # maybe a lone surrogate: `json_line` decides
+        # Every text field is in `msg`: ASCII there (O(1) to know) means no surrogate anywhere.
+        if not msg.isascii() and "\\ud" in line:  # maybe a lone surrogate: `json_line` decides
             fields = {"ts": ts, "level": "info", "logger": logger_name, "msg": msg}
             line = json_line(fields | self.fields()) + "\n"
         return line
@@ -368,10 +416,12 @@ class AccessLogger(AbstractAccessLogger):
         # directly and fall back only for requests that never reached it.
         try:
             session = request[SESSION_KEY]
-            request_id = request[REQUEST_ID_KEY]
+            request_id: str | None = request[REQUEST_ID_KEY]
+            # Sub-millisecond: aiohttp's `duration` is `loop.time()`, whole ms under uvloop.
+            duration = time.perf_counter() - request[REQUEST_STARTED_KEY]
         except KeyError:
             session = request.get(SESSION_KEY)
-            request_id = request.get(REQUEST_ID_KEY, "")
+            request_id = request.get(REQUEST_ID_KEY)
         identity = session.identity if session is not None else None
         hashed = session_hash(identity) if isinstance(identity, str) else ""
         trusted = self._trusted
@@ -379,7 +429,7 @@ class AccessLogger(AbstractAccessLogger):
             trusted = self._trusted_proxies(request)
         line = _AccessLine(
             request_id,
-            request.get(APP_ID_KEY, ""),
+            request.get(APP_ID_KEY),
             request.method,
             request.rel_url.path,
             response.status,

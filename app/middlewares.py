@@ -39,6 +39,7 @@ from app.errors import REQUEST_ID_KEY, ApiError, error_response, store_full, sto
 from app.forwarding import client_host, own_origin
 from app.hosts import HostAllowlist
 from app.lifecycle import Lifecycle, close_connections_when_draining
+from app.logs import bind_request, release_request
 from app.metrics import CLIENT_CLOSED, RequestMetrics
 from app.sessions.backend import StoreFull, StoreUnavailable
 from app.sessions.middleware import (
@@ -262,6 +263,7 @@ def setup_gateway(
     @web.middleware
     async def gateway_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         started = perf_counter()
+        bound = bind_request(request, started)  # log context (app/logs.py)
         status = "500"  # unless a response (or an HTTP exception) says otherwise
         if metrics is not None:
             metrics.begin(request)
@@ -309,5 +311,6 @@ def setup_gateway(
         finally:
             if metrics is not None:
                 metrics.end(request, status, started)
+            release_request(bound)
 
     return gateway_middleware

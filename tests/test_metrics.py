@@ -256,7 +256,7 @@ async def test_json_access_lines_carry_a_salted_session_hash_never_the_id(
     assert len(access) == 1, proc.stderr
     line = access[0]
     assert line["session"] == hashlib.sha256(b"pepper" + sid.encode()).hexdigest()[:16]
-    assert line["application_id"] == "demo"
+    assert line["application"] == "demo"
     assert line["status"] == 200
     assert line["method"] == "PATCH"
     assert line["path"] == "/apps/demo/session"
