@@ -67,6 +67,9 @@ class Settings:
     cookie_secure: SecureMode = "auto"
     cookie_samesite: SameSite = "Lax"
     session_max_bytes: int = 65536
+    # How long a rotated-away session id answers 409 `session_rotated` (its tombstone's TTL)
+    # instead of "no session" (app/sessions/storage.py `rotate`).
+    session_rotation_tombstone_seconds: int = 60
     trusted_proxies: tuple[IPNetwork, ...] = ()
     # Host names served (app/hosts.py, DNS-rebinding defence); empty: any Host.
     allowed_hosts: tuple[str, ...] = ()
@@ -286,6 +289,9 @@ def _parse(env: Mapping[str, str]) -> Settings:
         if samesite == "None"
         else "Lax",
         session_max_bytes=r.positive_int("SESSION_MAX_BYTES", 65536),
+        session_rotation_tombstone_seconds=r.positive_int(
+            "SESSION_ROTATION_TOMBSTONE_SECONDS", 60, maximum=86400
+        ),
         trusted_proxies=trusted,
         allowed_hosts=allowed_hosts,
         shutdown_timeout_seconds=r.positive_float("SHUTDOWN_TIMEOUT_SECONDS", 30.0),

@@ -415,6 +415,10 @@ class InstrumentedBackend:
         with self._observe("delete_if_revision"):
             return await self.backend.delete_if_revision(key, expected)
 
+    async def replace(self, key: str, value: bytes, ttl: int) -> bytes | None:
+        with self._observe("replace"):
+            return await self.backend.replace(key, value, ttl)
+
     async def delete(self, key: str) -> None:
         with self._observe("delete"):
             await self.backend.delete(key)

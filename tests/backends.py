@@ -34,6 +34,9 @@ class WrappedBackend:
     async def delete_if_revision(self, key: str, expected: str) -> CasResult:
         return await self.inner.delete_if_revision(key, expected)
 
+    async def replace(self, key: str, value: bytes, ttl: int) -> bytes | None:
+        return await self.inner.replace(key, value, ttl)
+
     async def delete(self, key: str) -> None:
         await self.inner.delete(key)
 

@@ -143,6 +143,12 @@ def test_absolute_lifetime_is_off_unless_set(raw: str, expected: int) -> None:
     assert parse({"SESSION_ABSOLUTE_SECONDS": raw}).session_absolute_seconds == expected
 
 
+def test_rotation_tombstone_lifetime_defaults_to_a_minute() -> None:
+    assert parse({}).session_rotation_tombstone_seconds == 60
+    s = parse({"SESSION_ROTATION_TOMBSTONE_SECONDS": "5"})
+    assert s.session_rotation_tombstone_seconds == 5
+
+
 def test_dotenv_file_is_read_and_the_environment_wins(tmp_path: Path) -> None:
     dotenv = tmp_path / ".env"
     dotenv.write_text(
@@ -210,6 +216,8 @@ BAD_VALUES: list[tuple[str, dict[str, str]]] = [
     ),
     ("SESSION_MAX_BYTES", {"SESSION_MAX_BYTES": "0"}),
     ("SESSION_MAX_BYTES", {"SESSION_MAX_BYTES": "64k"}),
+    ("SESSION_ROTATION_TOMBSTONE_SECONDS", {"SESSION_ROTATION_TOMBSTONE_SECONDS": "0"}),
+    ("SESSION_ROTATION_TOMBSTONE_SECONDS", {"SESSION_ROTATION_TOMBSTONE_SECONDS": "86401"}),
     ("TRUSTED_PROXIES", {"TRUSTED_PROXIES": "10.0.0.0/8,not-a-network"}),
     ("SHUTDOWN_TIMEOUT_SECONDS", {"SHUTDOWN_TIMEOUT_SECONDS": "-1"}),
     ("SHUTDOWN_TIMEOUT_SECONDS", {"SHUTDOWN_TIMEOUT_SECONDS": "nan"}),

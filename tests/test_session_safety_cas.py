@@ -228,5 +228,5 @@ async def test_store_metrics_name_the_new_operations(gateway: Gateway) -> None:
     await gateway.client.post("/apps/demo/session/rotate", headers=CSRF)
     samples = await scrape(gateway.client)
     ops = "agent_bff_session_store_operations_total"
-    for operation in ("create", "compare_and_set", "peek", "delete_if_revision"):
+    for operation in ("create", "compare_and_set", "peek", "replace"):
         assert value(samples, ops, operation=operation, result="ok") >= 1, operation

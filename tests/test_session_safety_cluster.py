@@ -58,9 +58,17 @@ async def test_rotation_updates_and_limits_on_a_cluster(
             moves.append((created.sid, rotated.sid))
         keys = all_keys(cluster)
         for n, (old, new) in enumerate(moves):
-            assert session_key(PREFIX, "demo", old) not in keys
+            assert session_key(PREFIX, "demo", old) in keys  # its rotation tombstone
             assert session_key(PREFIX, "demo", new) in keys
-            assert (await a.get(old)).body == {"data": {}}
+            dead = await a.get(old)  # the old id reads nothing: 409, the cookie untouched
+            assert (dead.status, dead.body["error"]["code"]) == (409, "session_rotated"), dead
+            assert dead.sid is None
+            late = await a.patch({"late": 1}, sid=old)  # a late write: no fork, no cookie
+            assert (late.status, late.body["error"]["code"], late.sid) == (
+                409,
+                "session_rotated",
+                None,
+            )
             assert (await a.get(new)).body == {"data": {"n": n}}
 
         def slot(sid: str) -> int:

@@ -183,11 +183,22 @@ async def test_updates_and_rotation_keep_working_encrypted(gateways: MakeGateway
     assert await (await gw.client.get("/apps/demo/session")).json() == {
         "data": {"a": 1, "b": 2, "c": 3}
     }
-    (key,) = await gw.raw.keys()
-    raw = await gw.raw.get(key)
+    sid = gw.session_id()
+    assert sid is not None
+    raw = await gw.raw.get(gw.key(sid))
     assert raw is not None
     assert json.loads(raw)["r"] == 4  # create, update, rotate, update
     token_of(raw)
+    # The old id's rotation tombstone holds no data (plaintext: nothing to hide), and answers
+    # 409 session_rotated even with encryption on (never "re-encrypted" or removed).
+    (old_key,) = [k for k in await gw.raw.keys() if k != gw.key(sid)]
+    tomb = await gw.raw.get(old_key)
+    assert tomb is not None and set(json.loads(tomb)) == {"v", "r", "rotated"}
+    old_sid = old_key.rpartition(":")[2]
+    gw.client.session.cookie_jar.clear()  # only the old id
+    resp = await gw.client.get("/apps/demo/session", headers={"Cookie": f"agent_sid={old_sid}"})
+    assert resp.status == 409 and (await resp.json())["error"]["code"] == "session_rotated"
+    assert await gw.raw.get(old_key) == tomb
 
 
 # -- keys rotate -----------------------------------------------------------------------------

@@ -1,7 +1,9 @@
 """Session id rotation: `POST /apps/{id}/session/rotate` and an upstream's `X-Session-Rotate: 1`.
 
 The new id carries the data (and the conversation) over; the old id is dead before the response
-is sent; a write racing the rotation is not lost. Memory store, fakeredis, real redis-server.
+is sent (its key holds only a rotation tombstone: requests carrying it get 409
+`session_rotated`); a write racing the rotation is not lost. Memory store, fakeredis, real
+redis-server. Many concurrent writes racing a rotation: `tests/test_session_rotation_race.py`.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from aiohttp import web
 from pytest_aiohttp import AiohttpServer
 
 from app.proxy import ROTATE_HEADER, THREAD_HEADER
-from app.sessions.backend import CasResult, SessionBackend, StoreUnavailable
+from app.sessions.backend import SessionBackend, StoreUnavailable
 from app.sessions.codec import CREATED_AT, GATEWAY
 from app.state import STORAGE_APP_KEY
 from tests.backends import WrappedBackend
@@ -34,6 +36,16 @@ from tests.test_sessions_http import (
 )
 
 ROTATE = "/apps/demo/session/rotate"
+
+
+async def assert_tombstone(gateway: Gateway, key: str) -> None:
+    """`key` holds a rotation tombstone (no data) that expires within the default 60 s."""
+    raw = await gateway.raw.get(key)
+    assert raw is not None, "no tombstone at the old id"
+    value = json.loads(raw)
+    assert set(value) == {"v", "r", "rotated"}, value
+    ttl = await gateway.raw.ttl(key)
+    assert ttl is not None and 0 < ttl <= 60
 
 
 async def with_sid(
@@ -73,15 +85,17 @@ async def test_rotate_moves_the_data_to_a_new_id_and_kills_the_old(gateway: Gate
     assert attrs["path"] == "/apps/demo" and attrs["httponly"] is True
     assert gateway.session_id() == new
 
-    # The old key is gone, the new one holds the same data and gateway fields.
-    assert await gateway.raw.keys() == [gateway.key(new)]
+    # The old key holds only a tombstone, the new one the same data and gateway fields.
+    assert sorted(await gateway.raw.keys()) == sorted([gateway.key(new), gateway.key(old)])
+    await assert_tombstone(gateway, gateway.key(old))
     after = await stored(gateway, new)
     assert after["data"] == before["data"]
     assert after[GATEWAY] == before[GATEWAY]  # created_at kept: no extension of the lifetime
     assert after["r"] > before["r"]
 
-    # The old id reads as no session; the new one is the session.
-    assert (await with_sid(gateway, "GET", "/apps/demo/session", old))[1] == {"data": {}}
+    # The old id reads nothing (409, cookie untouched); the new one is the session.
+    status, body, cookies = await with_sid(gateway, "GET", "/apps/demo/session", old)
+    assert (status, body["error"]["code"], cookies) == (409, "session_rotated", [])
     resp = await gateway.client.get("/apps/demo/session")
     assert await resp.json() == {"data": {"cart": [1, 2]}}
 
@@ -91,9 +105,18 @@ async def test_a_write_with_the_old_id_does_not_come_back(gateway: Gateway) -> N
     old = gateway.session_id()
     await rotate(gateway)
     new = gateway.session_id()
+    # While its tombstone lives: 409 session_rotated, the browser's new cookie untouched.
+    for method in ("PATCH", "GET", "POST"):
+        path = ROTATE if method == "POST" else "/apps/demo/session"
+        status, body, cookies = await with_sid(gateway, method, path, old, {"evil": 1})
+        assert (status, body["error"]["code"], cookies) == (409, "session_rotated", [])
+    assert old is not None
+    await assert_tombstone(gateway, gateway.key(old))
+    # Once it expired (what its TTL does): a fresh session under a third id, the old id was
+    # never adopted again.
+    await gateway.raw.delete(gateway.key(old))
     status, _, cookies = await with_sid(gateway, "PATCH", "/apps/demo/session", old, {"evil": 1})
     assert status == 200
-    # A fresh session under a third id: the old id was never adopted again.
     (header,) = cookies
     _, third, _ = parse_set_cookie(header)
     assert third not in (old, new)
@@ -144,14 +167,14 @@ async def test_rotate_commands_on_redis(redis_gateway: Gateway) -> None:
     reset_stats(server)
     status, _, _ = await rotate(redis_gateway)
     assert status == 200
-    # Load (GETEX), new key (SET NX), delete the old one if unchanged (one EVALSHA: GET + DEL
-    # inside Redis). Single-key commands only: fine on Redis Cluster.
-    assert session_commands(server) == {"getex": 1, "set": 1, "evalsha": 1, "get": 1, "del": 1}
+    # Load (GETEX), new key (SET NX), the old one replaced by the tombstone (SET XX GET EX).
+    # Single-key commands only: fine on Redis Cluster.
+    assert session_commands(server) == {"getex": 1, "set": 2}
 
 
 class RacingBackend(WrappedBackend):
-    """Wraps a backend: before the first `delete_if_revision`, another request writes the
-    session (as a PATCH on another replica would, between the copy and the delete)."""
+    """Wraps a backend: before the first `replace` (the tombstone), another request writes the
+    session (as a PATCH on another replica would, between the copy and the tombstone)."""
 
     def __init__(self, inner: SessionBackend, write: Any) -> None:
         super().__init__(inner)
@@ -159,17 +182,17 @@ class RacingBackend(WrappedBackend):
         self.raced = 0
         self.fail_delete = False
 
-    async def delete_if_revision(self, key: str, expected: str) -> CasResult:
+    async def replace(self, key: str, value: bytes, ttl: int) -> bytes | None:
         if self.fail_delete:
             raise StoreUnavailable("ConnectionError: simulated")
         if not self.raced:
             self.raced += 1
             await self.write(key)
-        return await self.inner.delete_if_revision(key, expected)
+        return await self.inner.replace(key, value, ttl)
 
 
 def failing_rotation(gateway: Gateway) -> RacingBackend:
-    """Make the store fail the rotation's last step (`delete_if_revision` raises
+    """Make the store fail the rotation's last step (`replace` raises
     StoreUnavailable) until the returned wrapper's `fail_delete` is cleared."""
     storage = gateway.app[STORAGE_APP_KEY]
 
@@ -208,8 +231,9 @@ async def test_a_write_racing_the_rotation_is_carried_over(gateway: Gateway) -> 
     assert len(cookies) == 1
     new = gateway.session_id()
     assert new is not None and new != old
-    # Only the final new key remains (the first copy was discarded), with both writes.
-    assert await gateway.raw.keys() == [gateway.key(new)]
+    # The new key holds both writes (the racing one copied over); the old one a tombstone.
+    assert sorted(await gateway.raw.keys()) == sorted([gateway.key(new), gateway.key(old)])
+    await assert_tombstone(gateway, gateway.key(old))
     assert (await stored(gateway, new))["data"] == {"a": 1, "b": "written meanwhile"}
 
 
@@ -276,7 +300,7 @@ async def test_upstream_rotate_header_rotates_before_the_response(
         _, new, attrs = parse_set_cookie(header)
         assert attrs["path"] == "/apps/shop"
         # The old id is already dead while the body is still streaming.
-        assert await gw.raw.get(gw.key(old, "shop")) is None
+        await assert_tombstone(gw, gw.key(old, "shop"))
         assert b"welcome" in await resp.read()
     assert new != old and SID_RE.match(new)
     assert gw.session_id("shop") == new
@@ -287,7 +311,8 @@ async def test_upstream_rotate_header_rotates_before_the_response(
     resp = await gw.client.post("/apps/shop/agent/chat", headers=CSRF)
     assert resp.status == 200
     assert upstream.fake.last.headers[THREAD_HEADER] == thread
-    assert (await with_sid(gw, "GET", "/apps/shop/session", old))[1] == {"data": {}}
+    status, body, _ = await with_sid(gw, "GET", "/apps/shop/session", old)
+    assert (status, body["error"]["code"]) == (409, "session_rotated")
 
 
 async def test_upstream_rotate_on_the_first_agent_request(
@@ -300,7 +325,10 @@ async def test_upstream_rotate_on_the_first_agent_request(
         (header,) = set_cookie_headers(resp)
         _, sid, _ = parse_set_cookie(header)
         await resp.read()
-    assert await gw.raw.keys() == [gw.key(sid, "shop")]
+    keys = await gw.raw.keys()
+    assert len(keys) == 2 and gw.key(sid, "shop") in keys  # and the first id's tombstone
+    (first,) = [k for k in keys if k != gw.key(sid, "shop")]
+    await assert_tombstone(gw, first)
 
 
 async def test_a_failed_rotation_on_the_first_agent_request_keeps_the_cookie(

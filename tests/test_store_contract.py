@@ -4,7 +4,8 @@ The contract (app/sessions/backend.py): `get_and_touch` returns the value and sl
 (GETEX EX), `peek` reads value and TTL without sliding, `create` only when absent (SET NX EX),
 `compare_and_set` only when present *and* at the expected revision (a script doing SET XX EX:
 a write racing a logout never resurrects, a write racing another write never overwrites it),
-`delete_if_revision` likewise, `delete` is idempotent, entries expire after their TTL.
+`delete_if_revision` likewise, `replace` only when present (SET XX GET EX: returns what it
+replaced), `delete` is idempotent, entries expire after their TTL.
 The memory store is also bounded: LRU eviction and an expiry sweep.
 """
 
@@ -161,6 +162,21 @@ async def test_delete_if_revision(store: Store) -> None:
     assert await store.backend.delete_if_revision(KEY, "2") == "conflict"
     assert await store.raw.get(KEY) == rev(3)
     assert await store.backend.delete_if_revision(KEY, "3") == "ok"
+    assert await store.raw.get(KEY) is None
+
+
+async def test_replace_returns_the_value_it_replaced_and_never_creates(store: Store) -> None:
+    assert await store.backend.replace(KEY, b"tomb", 60) is None
+    assert await store.raw.get(KEY) is None, "replace created a key"
+    await store.backend.create(KEY, rev(3), 600)
+    assert await store.backend.replace(KEY, b"tomb", 2) == rev(3)
+    assert await store.raw.get(KEY) == b"tomb"
+    ttl = await store.raw.ttl(KEY)
+    assert ttl is not None and 0 < ttl <= 2, "the TTL is the replacement's"
+    # Blind: whatever the revision (a rotation's tombstone must land whatever raced it).
+    assert await store.backend.replace(KEY, rev(9), 1) == b"tomb"
+    await store.advance(1.1)
+    assert await store.backend.replace(KEY, b"late", 60) is None
     assert await store.raw.get(KEY) is None
 
 

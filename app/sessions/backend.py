@@ -15,6 +15,10 @@ Each method is one store operation (one round trip) on one key:
 - `delete_if_revision(key, expected)`: delete only if the stored revision is `expected` (one
   `EVALSHA`); same answers. Session id rotation uses it so a write landing between the copy
   and the delete of the old key is not lost.
+- `replace(key, value, ttl)`: store `value` only if the key exists, and return the value it
+  replaced (Redis `SET key value XX GET EX ttl`); None when missing (nothing stored). Session
+  id rotation leaves its tombstone at the old id with it: blind, so no concurrent write can
+  make it fail, and the value returned is the last one any write left there.
 - `delete(key)`: remove (idempotent).
 - `ping()`: raises unless the store answers.
 Every failure to reach the store raises `StoreUnavailable`, never a backend-specific error.
@@ -65,6 +69,8 @@ class SessionBackend(Protocol):
     ) -> CasResult: ...
 
     async def delete_if_revision(self, key: str, expected: str) -> CasResult: ...
+
+    async def replace(self, key: str, value: bytes, ttl: int) -> bytes | None: ...
 
     async def delete(self, key: str) -> None: ...
 

@@ -37,6 +37,14 @@ where the token decrypts to `{"k":"<applicationId>:<sessionId>","data":{...},"gw
   The price of reading plaintext: someone who can write to Redis can plant a plaintext
   session (with encryption on, a forged token is refused). Redis write access is needed for
   that, which already allows deleting or replaying any session.
+- Rotation tombstone: `{"v":1,"r":1000000000000000000,"rotated":"<nonce>"}` is what a session id
+  rotation leaves at the old id for `SESSION_ROTATION_TOMBSTONE_SECONDS` (`tombstone`). It holds
+  no data (plaintext even with encryption on) and decodes as `Decoded(None, rotated=True)`: the
+  storage answers 409 `session_rotated` to a request carrying that id and never removes it.
+  Its revision is one no session reaches (10**18 writes), so a write that loaded the session
+  before the rotation always loses its compare-and-set against it (Redis script and memory
+  store alike: the same revision pattern). Nothing the browser sends can produce it: the
+  browser's data is always nested under `data`.
 - `SESSION_MAX_BYTES` limits the plaintext serialization (what the browser controls), so
   turning encryption on does not change which writes are accepted; the stored ciphertext is
   about 4/3 of it plus ~100 bytes.
@@ -56,6 +64,8 @@ if TYPE_CHECKING:  # imported when keys are set: the bindings are ~8.6 MB of RSS
     from cryptography.fernet import Fernet, MultiFernet
 
 FORMAT_VERSION = 1
+TOMBSTONE_REVISION = 10**18
+ROTATED = "rotated"
 DATA = "data"
 GATEWAY = "gw"
 CREATED_AT = "created_at"
@@ -82,6 +92,8 @@ class Decoded:
     # Opened by an older key: `stale` depends on the token's age (the clock), so this verdict
     # may not be reused later (`SessionCodec.decode`'s cache).
     aging: bool = False
+    # A rotation tombstone (`tombstone`): the id was rotated away; keep it, answer 409.
+    rotated: bool = False
     # The session API's JSON answer for this value (`{"data": ...}`), kept by the first read
     # that needs it (app/handlers.py): a value decoded once is also answered once.
     data_body: bytes | None = None
@@ -113,6 +125,12 @@ def _session_mapping(data: Any, gateway: Any) -> dict[str, Any] | None:
     if not isinstance(created, int) or isinstance(created, bool):
         return None
     return {DATA: data, GATEWAY: gateway}
+
+
+def tombstone(nonce: str) -> bytes:
+    """The value a rotation leaves at the old id (see the module docstring); `nonce` (URL-safe
+    characters) makes each rotation's tombstone its own, so a retried write recognises it."""
+    return _dumps({"v": FORMAT_VERSION, "r": TOMBSTONE_REVISION, ROTATED: nonce})
 
 
 # A Fernet token: version byte 0x80, 8-byte timestamp, 16-byte IV, AES-CBC blocks, 32-byte HMAC.
@@ -230,6 +248,8 @@ class SessionCodec:
         value = _loads_object(raw)
         if value is None or value.get("v") != FORMAT_VERSION:
             return Decoded(None, "corrupt value or unknown format version")
+        if ROTATED in value:
+            return Decoded(None, "the session id was rotated", rotated=True)
         token = value.get("enc")
         if token is None:
             mapping = _session_mapping(value.get(DATA), value.get(GATEWAY))

@@ -208,6 +208,15 @@ class MemoryBackend:
         self._remove(k)
         return "ok"
 
+    async def replace(self, key: str, value: bytes, ttl: int) -> bytes | None:
+        # No await between the read and the write: atomic on the event loop, like SET ... GET.
+        k = _b(key)
+        raw = self._raw(k)
+        if raw is None:
+            return None
+        self._store(k, value, ttl)
+        return raw[_EXPIRY_BYTES:]
+
     async def peek(self, key: str) -> tuple[bytes, float | None] | None:
         """The value and its seconds left, without sliding (nor counting as use)."""
         raw = self._raw(_b(key))

@@ -31,6 +31,7 @@ from app.sessions.storage import (
     GatewayStorage,
     SessionConflict,
     SessionEnded,
+    SessionRotated,
     SessionTooLarge,
 )
 
@@ -166,8 +167,17 @@ async def finish_session(request: web.Request, response: web.StreamResponse) -> 
 def session_error_response(
     request: web.Request, storage: GatewayStorage, exc: SessionEnded | SessionConflict
 ) -> web.Response:
-    """The answer to a request whose session ended (409 `session_ended`, cookie expired) or
-    kept changing under it (409 `session_conflict`)."""
+    """The answer to a request whose session ended (409 `session_ended`, cookie expired), was
+    rotated away (409 `session_rotated`, cookie untouched: the browser already holds the new
+    one) or kept changing under it (409 `session_conflict`)."""
+    if isinstance(exc, SessionRotated):
+        return error_response(
+            request,
+            409,
+            "session_rotated",
+            "The session id was rotated (e.g. at login) while this request used the old one; "
+            "nothing was read or changed. Retry: the browser now holds the new cookie.",
+        )
     if isinstance(exc, SessionEnded):
         response = error_response(
             request, 409, "session_ended", "The session ended (logged out) meanwhile."

@@ -586,6 +586,20 @@ class RedisBackend:
         """Unconditional `SET XX EX` (the gateway itself writes with `compare_and_set`)."""
         return bool(await self._run(lambda: self.execute("SET", key, value, "EX", ttl, "XX")))
 
+    async def replace(self, key: str, value: bytes, ttl: int) -> bytes | None:
+        """`SET key value XX GET EX ttl` (Redis >= 6.2). A retry after a lost reply returns
+        the value this call stored (rotation recognises its own tombstone)."""
+        command = ("SET", key, value, "XX", "GET", "EX", ttl)
+
+        def send() -> Awaitable[Any]:
+            if self.pipeliner is not None:
+                return self.execute(*command)  # raw replies
+            # redis-py's SET reply callback turns the value into a bool unless told `get`.
+            return self.client.execute_command(*command, get=True)
+
+        previous: Any = await self._run(send)
+        return bytes(previous) if previous is not None else None
+
     async def delete(self, key: str) -> None:
         await self._run(lambda: self.execute("DEL", key))
 

@@ -57,6 +57,7 @@ from app.sessions.codec import (
     Decoded,
     SessionCodec,
     SessionTooLarge,
+    tombstone,
 )
 from app.sessions.cookies import SESSION_ID_RE, Ambiguous, choose_session_id
 
@@ -81,6 +82,7 @@ __all__ = [
     "GatewayStorage",
     "SessionConflict",
     "SessionEnded",
+    "SessionRotated",
     "SessionTooLarge",
     "new_session_id",
     "session_key",
@@ -93,6 +95,13 @@ class SessionEnded(Exception):
 
 class SessionConflict(Exception):
     """Another request changed the session since it was loaded; nothing was written."""
+
+
+class SessionRotated(SessionConflict):
+    """The request's session id was rotated away (a rotation tombstone is at its key): nothing
+    was read or written; answered 409 `session_rotated` without touching the cookie, so the
+    browser keeps (and retries with) the new one. A `SessionConflict`, so that every place that
+    answers a lost race answers this too."""
 
 
 class GatewaySession(Session):
@@ -304,6 +313,10 @@ class GatewayStorage(AbstractStorage):
         decoded = self._decode(request, session_id, raw)
         mapping = decoded.mapping
         if mapping is None:
+            if decoded.rotated:
+                # GETEX just slid the tombstone to the idle TTL: pull it back to its own.
+                await self.backend.expire(key, self.settings.session_rotation_tombstone_seconds)
+                raise SessionRotated("the session id was rotated; the new cookie is current")
             await self._drop(request, key, decoded)
             return _empty()
         revision = revision_of(raw)
@@ -335,6 +348,8 @@ class GatewayStorage(AbstractStorage):
         decoded = self._decode(request, session_id, raw)
         mapping = decoded.mapping
         if mapping is None:
+            if decoded.rotated:
+                raise SessionRotated("the session id was rotated; the new cookie is current")
             await self._drop(request, key, decoded)
             return SessionStatus(_empty(), None, None)
         absolute = self.absolute_left(mapping[GATEWAY][CREATED_AT])
@@ -446,12 +461,24 @@ class GatewayStorage(AbstractStorage):
     async def rotate(
         self, request: web.Request, response: web.StreamResponse, session: GatewaySession
     ) -> bool:
-        """Move a stored, unchanged `session` to a fresh id and kill the old one.
+        """Move a stored `session` to a fresh id and kill the old one (always True when it
+        returns: the new cookie is set on `response`).
 
-        True when done (new cookie set on `response`); False when the session changed since it
-        was loaded (the new key is removed again; the caller re-reads and retries). Raises
-        `SessionEnded` when the old session is gone, `StoreUnavailable` (the old id then
-        stays valid unless its delete went through).
+        1. The session is stored under a fresh id (`SET NX`).
+        2. The old key is replaced, blindly and atomically, by a rotation tombstone
+           (`replace`: `SET XX GET`, TTL `SESSION_ROTATION_TOMBSTONE_SECONDS`), which returns
+           the last value any write left there. From then on the old id reads and writes
+           nothing: a request carrying it gets 409 `session_rotated` (`SessionRotated`, cookie
+           untouched) while the tombstone lives, and a write that loaded the session before
+           loses its compare-and-set against it.
+        3. If a write landed between the load and step 2, its value is copied to the new key
+           (which no one else knows yet), so no acknowledged write is lost.
+
+        Raises `SessionEnded` (the old session was gone, or past its absolute deadline),
+        `SessionRotated` (another request rotated it first; this request's copy is removed),
+        `StoreUnavailable` (before step 2: the old id stays valid and the copy is removed; a
+        lost reply of step 2 itself is recognised on retry by the tombstone's nonce).
+        Single-key operations only: works on Redis Cluster.
         """
         old_id = session.identity
         assert isinstance(old_id, str) and not session.new
@@ -477,18 +504,36 @@ class GatewayStorage(AbstractStorage):
         new_id = moved.identity
         assert isinstance(new_id, str)
         new_key = self.key_for(request, new_id)
+        marker = tombstone(new_session_id())
         try:
-            result = await self.backend.delete_if_revision(old_key, expected)
+            last = await self.backend.replace(
+                old_key, marker, self.settings.session_rotation_tombstone_seconds
+            )
         except BaseException:
             await self._discard(new_key)
             restore_cookie()
             raise
-        if result != "ok":
-            await self._discard(new_key)
-            restore_cookie()
-            if result == "missing":
+        if last is None or (last != marker and revision_of(last) != expected):
+            latest = None if last is None or last == marker else self._decode(request, old_id, last)
+            if latest is None or latest.mapping is None:
+                await self._discard(new_key)
+                restore_cookie()
+                if latest is not None and latest.rotated:
+                    raise SessionRotated("the session was rotated by another request meanwhile")
                 raise SessionEnded("the session was deleted while it was being rotated")
-            return False
+            # A write landed after this request loaded the session: carry it over (the new
+            # key is known only to this request, so this compare-and-set cannot lose).
+            session[DATA] = dict(latest.mapping[DATA])  # copies: `latest` may be cached
+            session[GATEWAY] = dict(latest.mapping[GATEWAY])
+            session.decoded = latest
+            encoded = self.codec.encode(
+                dict(session), new_revision + 1, self.binding(request, new_id)
+            )
+            result = await self.backend.compare_and_set(new_key, str(new_revision), encoded, ttl)
+            if result != "ok":  # expired within the request: as if deleted meanwhile
+                restore_cookie()
+                raise SessionEnded("the rotated session vanished while it was being written")
+            new_revision += 1
         session._identity = new_id
         session.revision = str(new_revision)
         session._changed = False
