@@ -19,13 +19,27 @@ from urllib.parse import urlsplit, urlunsplit
 
 from dotenv import dotenv_values
 
-from app.applications import AppConfig, concurrency_caps, resolve_apps
+from app.applications import (
+    AppConfig,
+    RateLimit,
+    concurrency_caps,
+    parse_rate_limit,
+    resolve_apps,
+)
 from app.hosts import parse_allowed_hosts
 from app.sessions.redis import RedisUrlError, parse_redis_url
 
 T = TypeVar("T", int, float)
 
 StoreKind = Literal["memory", "redis"]
+# 256 MiB: with the ~50 MB a replica needs itself, a memory-store replica fits a 512 MiB
+# container under a flood of the largest sessions.
+DEFAULT_MEMORY_MAX_BYTES = 256 * 1024 * 1024
+# 60 new sessions per client address at once, then one a second: far above what browsers
+# behind one NAT address create (one session per application and browser per idle TTL).
+DEFAULT_SESSION_CREATE_RATE = RateLimit(count=60, period_seconds=60)
+# MEMORY_MAX_BYTES must hold at least this many sessions of SESSION_MAX_BYTES.
+MEMORY_MIN_SESSIONS_OF_MAX_SIZE = 64
 SecureMode = Literal["auto", "true", "false"]
 SameSite = Literal["Lax", "Strict", "None"]
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -105,6 +119,11 @@ class Settings:
     redis_sentinel_password: str | None = field(default=None, repr=False)
     # Memory store bounds.
     memory_max_sessions: int = 100_000
+    # Bytes of session data (plus a fixed per-entry overhead) the memory store holds at most;
+    # the least recently used sessions are evicted beyond it (app/sessions/memory.py).
+    memory_max_bytes: int = DEFAULT_MEMORY_MAX_BYTES
+    # New sessions per client address (app/creation_limit.py); None: unlimited.
+    session_create_rate: RateLimit | None = DEFAULT_SESSION_CREATE_RATE
     memory_sweep_interval_seconds: float = 60.0
     # Agent proxy.
     sse_keepalive_seconds: float = 15.0
@@ -269,6 +288,16 @@ def _parse(env: Mapping[str, str]) -> Settings:
     apps, app_problems = resolve_apps(apps_file, env)
     r.problems.extend(app_problems)
     port = r.positive_int("PORT", 8080, maximum=65535)
+    session_max_bytes = r.positive_int("SESSION_MAX_BYTES", 65536)
+    memory_max_bytes = r.positive_int("MEMORY_MAX_BYTES", DEFAULT_MEMORY_MAX_BYTES)
+    if memory_max_bytes < MEMORY_MIN_SESSIONS_OF_MAX_SIZE * session_max_bytes:
+        r.problems.append(
+            f"MEMORY_MAX_BYTES={memory_max_bytes} is too small for SESSION_MAX_BYTES="
+            f"{session_max_bytes}: use at least {MEMORY_MIN_SESSIONS_OF_MAX_SIZE} times it "
+            f"({MEMORY_MIN_SESSIONS_OF_MAX_SIZE * session_max_bytes}), e.g. the default "
+            f"{DEFAULT_MEMORY_MAX_BYTES}"
+        )
+    create_rate = _session_create_rate(env.get("SESSION_CREATE_RATE", ""), r.problems)
     settings = Settings(
         host=r.text("HOST", "0.0.0.0"),
         port=port,
@@ -288,7 +317,7 @@ def _parse(env: Mapping[str, str]) -> Settings:
         else "None"
         if samesite == "None"
         else "Lax",
-        session_max_bytes=r.positive_int("SESSION_MAX_BYTES", 65536),
+        session_max_bytes=session_max_bytes,
         session_rotation_tombstone_seconds=r.positive_int(
             "SESSION_ROTATION_TOMBSTONE_SECONDS", 60, maximum=86400
         ),
@@ -314,6 +343,8 @@ def _parse(env: Mapping[str, str]) -> Settings:
         redis_tls_verify=tls.verify,
         redis_sentinel_password=tls.sentinel_password,
         memory_max_sessions=r.positive_int("MEMORY_MAX_SESSIONS", 100_000),
+        memory_max_bytes=memory_max_bytes,
+        session_create_rate=create_rate,
         memory_sweep_interval_seconds=r.positive_float("MEMORY_SWEEP_INTERVAL_SECONDS", 60.0),
         sse_keepalive_seconds=r.positive_float("SSE_KEEPALIVE_SECONDS", 15.0),
         upstream_pool_size=r.positive_int("UPSTREAM_POOL_SIZE", 1000),
@@ -326,6 +357,21 @@ def _parse(env: Mapping[str, str]) -> Settings:
     if r.problems:
         raise ConfigError(r.problems)
     return settings
+
+
+def _session_create_rate(raw: str, problems: list[str]) -> RateLimit | None:
+    """`SESSION_CREATE_RATE`: `N/period` (e.g. `60/minute`), `off` (or `0`) for no limit;
+    empty: the default."""
+    text = raw.strip().lower()
+    if not text:
+        return DEFAULT_SESSION_CREATE_RATE
+    if text in ("off", "0"):
+        return None
+    try:
+        return parse_rate_limit(text)
+    except ValueError as err:
+        problems.append(f"SESSION_CREATE_RATE={raw.strip()!r} is not valid: {err}, or 'off'")
+        return DEFAULT_SESSION_CREATE_RATE
 
 
 def _check_redis_url(url: str, problems: list[str]) -> None:

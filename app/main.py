@@ -9,6 +9,7 @@ from typing import Any
 from aiohttp import web
 
 from app.config import Settings, redact_url
+from app.creation_limit import creation_limit_ctx
 from app.hosts import EXAMPLE, is_loopback
 from app.lifecycle import LIFECYCLE_KEY, Lifecycle, drain_on_shutdown
 from app.metrics import instrument_backend, setup_metrics
@@ -50,6 +51,8 @@ def create_app(settings: Settings, *, backend: SessionBackend | None = None) -> 
     app.cleanup_ctx.append(session_store_ctx(settings, backend))
     # Rate-limit buckets live in the session store (Redis: shared by every replica).
     app.cleanup_ctx.append(rate_limit_ctx(settings))
+    # New sessions per client address, on the same limiter (app/creation_limit.py).
+    app.cleanup_ctx.append(creation_limit_ctx(settings))
     # After the store: contexts clean up in reverse, so the upstream client (and the demo
     # agent) close before Redis, which closes last.
     app.cleanup_ctx.append(upstream_ctx(settings))
@@ -108,7 +111,9 @@ async def open_store(settings: Settings) -> SessionBackend:
             "SESSION_STORE=memory: sessions live in this process only; they do not survive a "
             "restart or span replicas. Use SESSION_STORE=redis for several instances."
         )
-        memory = MemoryBackend(max_entries=settings.memory_max_sessions)
+        memory = MemoryBackend(
+            max_entries=settings.memory_max_sessions, max_bytes=settings.memory_max_bytes
+        )
         memory.start_sweeping(settings.memory_sweep_interval_seconds)
         return memory
     assert settings.redis_url is not None

@@ -1,8 +1,9 @@
 """In-process session backend with the same contract as Redis, bounded.
 
 Entries expire `ttl` seconds after their last touch, like Redis keys with `EX`. The store holds
-at most `max_entries`; a background sweep drops expired entries. Sessions here are per process:
-they do not survive a restart or span replicas.
+at most `max_entries` and at most `max_bytes` (each entry counted as its key, its stored value
+and `ENTRY_OVERHEAD_BYTES`); a background sweep drops expired entries. Sessions here are per
+process: they do not survive a restart or span replicas.
 
 Eviction is a segmented LRU, so a flood of one-shot sessions (cookieless agent calls, scanners)
 cannot push out the sessions people use: a new entry starts in the *probation* segment; when it
@@ -19,7 +20,13 @@ float object; an entry may expire up to 1/16 s early, never late): about 50 byte
 the key and value themselves. Plain dicts get slow at removing
 their oldest entries one by one (each lookup of the oldest skips the slots freed before it), so
 the store evicts and demotes in batches of `max_entries // 100` (at least 1) and scans once per
-batch.
+batch; over `max_bytes` it evicts down to 99% of it, for the same reason.
+
+Bytes: `ENTRY_OVERHEAD_BYTES` is what an entry costs beyond its key and value bytes, measured
+with tracemalloc on 10^3-10^5 entries (110-145 bytes: two bytes objects' headers, the dict slot
+and index at the dicts' fill) plus malloc's own rounding and headers, which tracemalloc does not
+see. The process's RSS also holds what requests allocate while they run and the allocator's
+free lists: measured in tests/test_session_floods.py (20,000 cookieless 64 KB PATCHes).
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ from collections.abc import Callable
 from app.sessions.backend import CasResult, revision_of
 
 PROTECTED_SHARE = 0.8
+ENTRY_OVERHEAD_BYTES = 160
 _TICKS = 16  # expiry resolution: 1/16 s
 _EXPIRY = struct.Struct("<i")  # ticks since the store's epoch: +-4 years
 _MAX_TICKS = 2**31 - 1
@@ -53,14 +61,19 @@ class MemoryBackend:
         self,
         *,
         max_entries: int = 100_000,
+        max_bytes: int | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """`max_bytes`: the bound on the entries' bytes (None: only `max_entries` bounds)."""
         # Oldest first in both dicts (insertion order; a use re-inserts at the end).
         self._probation: dict[bytes, bytes] = {}
         self._protected: dict[bytes, bytes] = {}
         self._max_entries = max_entries
         self._protected_max = int(max_entries * PROTECTED_SHARE)
         self._batch = max(1, max_entries // 100)
+        self._max_bytes = max_bytes
+        # Bytes of every entry (`_cost`), kept exact on every insert, replace and removal.
+        self.bytes = 0
         self._clock = clock
         self._epoch = clock() - 1.0
         self._sweeper: asyncio.Task[None] | None = None
@@ -78,6 +91,10 @@ class MemoryBackend:
         # Rounded down: an entry may expire up to one tick early, never late.
         ticks = int(((self._clock() if now is None else now) + ttl - self._epoch) * _TICKS)
         return _pack_ticks(max(-_MAX_TICKS, min(ticks, _MAX_TICKS))) + value
+
+    @staticmethod
+    def _cost(k: bytes, raw: bytes) -> int:
+        return len(k) + len(raw) + ENTRY_OVERHEAD_BYTES
 
     def _expiry(self, raw: bytes) -> float:
         ticks: int = _unpack_ticks(raw)[0]
@@ -100,8 +117,11 @@ class MemoryBackend:
         return None if raw is None else raw[_EXPIRY_BYTES:]
 
     def _remove(self, k: bytes) -> None:
-        if self._protected.pop(k, None) is None:
-            self._probation.pop(k, None)
+        raw = self._protected.pop(k, None)
+        if raw is None:
+            raw = self._probation.pop(k, None)
+        if raw is not None:
+            self.bytes -= self._cost(k, raw)
 
     def _put(self, key: str, value: bytes, ttl: int) -> None:
         self._store(_b(key), value, ttl)
@@ -110,15 +130,22 @@ class MemoryBackend:
         """Store `value` for `ttl` seconds as a *new* entry (probation) unless `k` is already
         stored, in which case this is a use: it moves to the protected segment's end."""
         raw = self._pack(ttl, value)
-        if self._protected.pop(k, None) is not None or self._probation.pop(k, None) is not None:
+        old = self._protected.pop(k, None)
+        if old is None:
+            old = self._probation.pop(k, None)
+        if old is not None:
+            self.bytes -= self._cost(k, old)
             self._protected[k] = raw
             if len(self._protected) > self._protected_max:
                 self._demote()
         else:
             self._probation[k] = raw
+        self.bytes += self._cost(k, raw)
         excess = len(self._probation) + len(self._protected) - self._max_entries
         if excess > 0:
             self._evict(max(excess, self._batch))
+        if self._max_bytes is not None and self.bytes > self._max_bytes:
+            self._shrink(self._max_bytes)
 
     def _demote(self) -> None:
         """Move the protected segment's least recently used entries (at least a batch) back
@@ -134,10 +161,27 @@ class MemoryBackend:
     def _evict(self, count: int) -> None:
         for segment in (self._probation, self._protected):
             for k in self._oldest(segment, count):
-                del segment[k]
+                self.bytes -= self._cost(k, segment.pop(k))
                 count -= 1
                 self.evictions += 1
             if count <= 0:
+                return
+
+    def _shrink(self, max_bytes: int) -> None:
+        """Evict least recently used entries, probation first, until the entries' bytes are
+        at most 99% of `max_bytes` (a batch: one scan of each segment's oldest)."""
+        excess = self.bytes - (max_bytes - max_bytes // 100)
+        for segment in (self._probation, self._protected):
+            victims: list[bytes] = []
+            for k, raw in segment.items():
+                if excess <= 0:
+                    break
+                victims.append(k)
+                excess -= self._cost(k, raw)
+            for k in victims:
+                self.bytes -= self._cost(k, segment.pop(k))
+                self.evictions += 1
+            if excess <= 0:
                 return
 
     async def get_and_touch(self, key: str, ttl: int) -> bytes | None:
@@ -152,6 +196,7 @@ class MemoryBackend:
             if raw is None:
                 return None
         if self._epoch + _unpack_ticks(raw)[0] / _TICKS <= now:
+            self.bytes -= self._cost(k, raw)
             return None
         value = raw[_EXPIRY_BYTES:]
         self._protected[k] = self._pack(ttl, value, now)
@@ -189,13 +234,17 @@ class MemoryBackend:
                 return "missing"
         if self._epoch + _unpack_ticks(raw)[0] / _TICKS <= now:
             del segment[k]
+            self.bytes -= self._cost(k, raw)
             return "missing"
         if revision_of(raw[_EXPIRY_BYTES:]) != expected:
             return "conflict"
         del segment[k]
         self._protected[k] = self._pack(ttl, value, now)
+        self.bytes += len(value) + _EXPIRY_BYTES - len(raw)
         if len(self._protected) > self._protected_max:
             self._demote()
+        if self._max_bytes is not None and self.bytes > self._max_bytes:
+            self._shrink(self._max_bytes)
         return "ok"
 
     async def delete_if_revision(self, key: str, expected: str) -> CasResult:
@@ -258,7 +307,7 @@ class MemoryBackend:
         for segment in (self._probation, self._protected):
             expired = [k for k, raw in segment.items() if _unpack_ticks(raw)[0] <= limit]
             for k in expired:
-                del segment[k]
+                self.bytes -= self._cost(k, segment.pop(k))
             dropped += len(expired)
         return dropped
 
@@ -278,3 +327,4 @@ class MemoryBackend:
             self._sweeper = None
         self._probation.clear()
         self._protected.clear()
+        self.bytes = 0

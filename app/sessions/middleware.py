@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 from aiohttp_session import Session
@@ -47,6 +47,11 @@ SESSION_KEY: web.RequestKey[Session | None] = web.RequestKey("session")
 # that lost together do not collide again in lockstep.
 CAS_ATTEMPTS = 5
 CAS_JITTER_SECONDS = 0.005
+
+# Awaited before a new session is first stored (`commit_session`); it may raise `ApiError`
+# (429: too many new sessions from this client, app/creation_limit.py) so nothing is created.
+SessionCreationGate = Callable[[web.Request], Awaitable[None]]
+CREATION_GATE_KEY: web.AppKey[SessionCreationGate] = web.AppKey("session_creation_gate")
 
 
 def _conflict() -> ApiError:
@@ -82,13 +87,19 @@ def peek_session(request: web.Request) -> Session | None:
 async def commit_session(request: web.Request, response: web.StreamResponse) -> None:
     """Save the session now if it changed (call before `prepare()` on a stream).
 
-    Raises `ApiError` 413 (too large, nothing written), `SessionConflict` (changed by another
+    A new session passes the creation gate first (`CREATION_GATE_KEY`, if set).
+    Raises `ApiError` 413 (too large, nothing written) or 429 (too many new sessions from this
+    client, nothing written), `SessionConflict` (changed by another
     request meanwhile, nothing written), `SessionEnded` (deleted meanwhile) and
     `StoreUnavailable`.
     """
     session = request.get(SESSION_KEY)
     if session is None or not session._changed:
         return
+    if session.new and not session.empty:
+        gate = request.app.get(CREATION_GATE_KEY)
+        if gate is not None:
+            await gate(request)
     storage = request[STORAGE_KEY]
     try:
         await storage.save_session(request, response, session)
