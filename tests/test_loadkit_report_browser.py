@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from playwright.async_api import Browser
 
 from tests.gateway_process import REPO_ROOT
@@ -22,7 +23,13 @@ SCRIPTS = REPO_ROOT / "scripts"
 if str(SCRIPTS) not in sys.path:
     sys.path.insert(0, str(SCRIPTS))
 
-from loadkit.htmlreport import GAP_FLOOR_MS, config_rows, render_html  # noqa: E402
+from loadkit.htmlreport import (  # noqa: E402
+    GAP_FLOOR_MS,
+    config_rows,
+    latency_distribution_figure,
+    latency_over_time_figure,
+    render_html,
+)
 from loadkit.report import Thresholds, build_report  # noqa: E402
 from loadkit.runner import KINDS, LoadConfig, Recorder  # noqa: E402
 
@@ -68,6 +75,32 @@ def test_the_configuration_is_a_table_of_readable_values() -> None:
     page = render_html(report)
     assert '<table class="config">' in page
     assert "{'url'" not in page  # no Python dict dump
+
+
+def _first_y(line: Any) -> float:
+    """The y of a line's first point (a threshold line is flat)."""
+    return float(line.get_ydata()[0])
+
+
+def test_the_plots_draw_thresholds_keep_legends_aside_and_floor_the_gaps() -> None:
+    report = synthetic_report(Thresholds(max_p99_ms=50, max_ttfe_p99_ms=80))
+    over_time = latency_over_time_figure(report)
+    distribution = latency_distribution_figure(report)
+    for fig in (over_time, distribution):
+        canvas: Any = FigureCanvasAgg(fig)  # untyped in matplotlib's stubs
+        canvas.draw()
+        renderer = canvas.get_renderer()
+        ax = fig.axes[0]
+        levels = {line.get_label(): _first_y(line) for line in ax.get_lines()}
+        assert levels["--max-p99-ms 50 ms"] == 50
+        assert levels["--max-ttfe-p99-ms 80 ms"] == 80
+        # The legend sits right of the plotting area: it hides no line.
+        legend = ax.get_legend()
+        assert legend is not None
+        assert legend.get_window_extent(renderer).x0 >= ax.get_window_extent(renderer).x1
+    # Gaps of ~0 (1 µs) no longer pull the log axis down to 0.001 ms.
+    low, _ = distribution.axes[0].get_ylim()
+    assert low >= GAP_FLOOR_MS / 2, low
 
 
 async def test_the_report_fits_1200px_and_is_screenshotted(

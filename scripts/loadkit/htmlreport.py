@@ -72,6 +72,11 @@ def _log_ms_axis(ax: Axes) -> None:
 
 def latency_over_time(report: dict[str, Any]) -> str:
     """PNG (base64): p50/p99 per slot and kind, and requests/s + errors per slot."""
+    return _png(latency_over_time_figure(report))
+
+
+def latency_over_time_figure(report: dict[str, Any]) -> Figure:
+    """The figure of `latency_over_time`: latency axes on top, throughput below."""
     series: dict[str, list[dict[str, Any]]] = report["timeline"]["series"]
     fig = Figure(figsize=(10, 6.5))
     top, bottom = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [2, 1]})
@@ -115,7 +120,7 @@ def latency_over_time(report: dict[str, Any]) -> str:
     bottom.set_xlabel(f"seconds since start (slots of {width:g} s)")
     bottom.grid(True, alpha=0.3)
     _legend_outside(bottom, fontsize=8)
-    return _png(fig)
+    return fig
 
 
 def _distribution(encoded: str) -> list[tuple[float, float]]:
@@ -137,6 +142,11 @@ def _distribution(encoded: str) -> list[tuple[float, float]]:
 
 def latency_distribution(report: dict[str, Any]) -> str:
     """PNG (base64): latency by percentile on a 1/(1-p) axis, per kind, TTFE and gaps."""
+    return _png(latency_distribution_figure(report))
+
+
+def latency_distribution_figure(report: dict[str, Any]) -> Figure:
+    """The figure of `latency_distribution` (one axes)."""
     histograms = {kind: row["hdr"] for kind, row in report["kinds"].items()}
     histograms["ttfe"] = report["stream"]["ttfe_hdr"]
     histograms["gap"] = report["stream"]["gap_hdr"]
@@ -167,7 +177,7 @@ def latency_distribution(report: dict[str, Any]) -> str:
     ax.grid(True, which="both", alpha=0.3)
     _legend_outside(ax, fontsize=8)
     ax.set_title("Latency distribution (HDR histogram percentiles)")
-    return _png(fig)
+    return fig
 
 
 def _table(headers: list[str], rows: list[list[Any]]) -> str:
