@@ -87,6 +87,9 @@ PROVEN: dict[str, tuple[str, ...]] = {
         "tests/test_processes.py::test_redis_down_at_start_exits_1_within_10s",
         "tests/test_processes.py::test_a_frozen_redis_at_start_exits_1_without_ever_listening",
         "tests/test_redis_outage.py::test_store_down_at_start_fails_fast_with_a_redacted_message",
+        "tests/test_store_hints.py::test_a_wrong_password",
+        "tests/test_store_hints.py::test_a_sentinel_url_aimed_at_a_plain_redis",
+        "tests/test_store_hints.py::test_nothing_listening",
     ),
     "R2": (
         "tests/test_redis_outage.py::test_redis_killed_then_restarted",
