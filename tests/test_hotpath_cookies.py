@@ -1,9 +1,9 @@
 """The session cookie is read without aiohttp's full cookie parser, with the same result.
 
 `GatewayStorage.load_cookie` reads plain `Cookie` headers itself; for every header it must give
-what aiohttp's parser finds, with the cookie-tossing rule of `app.sessions.cookies` applied: of
-the values under our name that are well-formed session ids, the one distinct value, or none
-when there are several.
+what aiohttp's parser or a browser's framing (split at every ";") finds, with the
+cookie-tossing rule of `app.sessions.cookies` applied: of the values under our name that are
+well-formed session ids, the one distinct value, or none when there are several.
 """
 
 from __future__ import annotations
@@ -45,16 +45,23 @@ def _request(header: str | None) -> web.Request:
     return cast(web.Request, _Request(header))
 
 
+def _browser_split(header: str, name: str) -> list[str]:
+    """The values under `name` as a browser frames them: pairs split at every ";", blanks
+    around, surrounding double quotes removed."""
+    values = []
+    for pair in header.split(";"):
+        key, equals, value = pair.partition("=")
+        if equals and key.strip(" \t") == name:
+            value = value.strip(" \t")
+            values.append(value[1:-1] if len(value) > 1 and value[0] == value[-1] == '"' else value)
+    return values
+
+
 def _expected(header: str, name: str) -> str | None:
-    """What aiohttp's parser finds under `name`, keeping well-formed ids only: the one
-    distinct value, else None (absent, or ambiguous)."""
-    found = {
-        value
-        for key, morsel in parse_cookie_header(header)
-        if key == name
-        for value in (morsel.value,)
-        if SESSION_ID_RE.fullmatch(value)
-    }
+    """What aiohttp's parser or a browser's framing finds under `name`, keeping well-formed
+    ids only: the one distinct value, else None (absent, or ambiguous)."""
+    candidates = [morsel.value for key, morsel in parse_cookie_header(header) if key == name]
+    found = {v for v in [*candidates, *_browser_split(header, name)] if SESSION_ID_RE.fullmatch(v)}
     return found.pop() if len(found) == 1 else None
 
 

@@ -41,6 +41,7 @@ PLANTED = new_session_id()
         ([f"agent_sid={PLANTED}; agent_sid={OURS}"], AMBIGUOUS),
         ([f"agent_sid={OURS}", f"agent_sid={PLANTED}"], AMBIGUOUS),  # split over two headers
         ([f'agent_sid="{OURS}"; x="a;b"; agent_sid={PLANTED}'], AMBIGUOUS),  # aiohttp's parser
+        ([f'x="a; agent_sid={OURS}; b=c"; agent_sid={PLANTED}'], AMBIGUOUS),  # a browser's split
         # The same value twice (a stale duplicate of our own cookie) is one id.
         ([f"agent_sid={OURS}; agent_sid={OURS}"], OURS),
         ([f'agent_sid="{OURS}"; agent_sid={OURS}'], OURS),
@@ -62,11 +63,22 @@ def test_one_distinct_well_formed_value_wins_several_are_none(
 
 
 def test_cookie_values_keeps_every_repeat_in_order() -> None:
-    for header in (
-        f"a=1; agent_sid={OURS}; agent_sid={PLANTED}",
-        f'agent_sid={OURS}; b="x;y"; agent_sid={PLANTED}',
-    ):
-        assert cookie_values(header, "agent_sid") == [OURS, PLANTED]
+    assert cookie_values(f"a=1; agent_sid={OURS}; agent_sid={PLANTED}", "agent_sid") == [
+        OURS,
+        PLANTED,
+    ]
+    # Not plain: split as a browser does, then as aiohttp reads it (the same values twice).
+    header = f'agent_sid={OURS}; b="x;y"; agent_sid={PLANTED}'
+    assert cookie_values(header, "agent_sid") == [OURS, PLANTED, OURS, PLANTED]
+
+
+def test_a_quoted_value_cannot_hide_our_cookie_from_the_choice() -> None:
+    """Cookie smuggling: planted `a="x` before ours and `b=y"` after it make aiohttp's parser
+    read ours as part of `a`'s quoted value, while a planted `agent_sid` stays visible."""
+    header = f'agent_sid={PLANTED}; a="x; agent_sid={OURS}; b=y"'
+    assert choose_session_id([header], "agent_sid") is AMBIGUOUS
+    header = f'a="x; agent_sid={OURS}; b=y"; agent_sid={PLANTED}'
+    assert choose_session_id([header], "agent_sid") is AMBIGUOUS
 
 
 # -- through the HTTP surface ------------------------------------------------------------------
@@ -155,7 +167,9 @@ async def session_cookie(context: BrowserContext) -> str:
 
 
 @pytest.mark.browser
-@pytest.mark.parametrize("plant", ["script-path-root", "script-longer-path", "sibling-domain"])
+@pytest.mark.parametrize(
+    "plant", ["script-path-root", "script-longer-path", "sibling-domain", "quote-smuggling"]
+)
 async def test_a_planted_cookie_never_reads_or_writes_the_attackers_session_in_chromium(
     site_browser: Browser, gateway_process: GatewayProcessFactory, plant: str
 ) -> None:
@@ -172,6 +186,13 @@ async def test_a_planted_cookie_never_reads_or_writes_the_attackers_session_in_c
         await victim.add_cookies(
             [{"name": "agent_sid", "value": attacker_sid, "domain": ".example.test", "path": "/"}]
         )
+    elif plant == "quote-smuggling":
+        # Sent as `agent_sid=ATTACKER; a="x; agent_sid=VICTIM; b=y"`: a parser that honours
+        # quotes reads the victim's cookie as part of `a` and sees only the attacker's.
+        page = victim.pages[0]
+        for cookie in (f"agent_sid={attacker_sid}; path=/apps/demo/", 'a="x; path=/apps/demo/'):
+            await page.evaluate(f"document.cookie = '{cookie}'")
+        await page.evaluate("""document.cookie = 'b=y"; path=/'""")
     else:
         # A longer path (`/apps/demo/` matches `/apps/demo/session`) is sent before ours.
         path = "/" if plant == "script-path-root" else "/apps/demo/"

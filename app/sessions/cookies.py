@@ -17,8 +17,12 @@ cookies first. So:
   ignored rather than counted (a planted `agent_sid=junk` cannot log anyone out).
 
 Every `Cookie` header of the request is read (HTTP/2 may split the cookies over several).
-The values are parsed exactly as aiohttp's own parser (`request.cookies`) parses them; aiohttp
-keeps only the last value of a repeated name, so this module walks its list of pairs instead.
+A header is read both as a browser writes it (pairs split at every ";", a value's surrounding
+double quotes removed) and as aiohttp's own parser reads it (which lets a quoted value span
+";"), and every value either finds counts. Browsers do not treat quotes specially, so planted
+cookies `a="x` and `b=y"` around ours would otherwise hide ours inside one quoted value from
+aiohttp's parser while a planted `agent_sid` outside it stayed visible (cookie smuggling).
+aiohttp keeps only the last value of a repeated name, so its list of pairs is walked instead.
 """
 
 from __future__ import annotations
@@ -52,17 +56,22 @@ AMBIGUOUS: Final = Ambiguous()
 
 
 def cookie_values(header: str, name: str) -> list[str]:
-    """Every value of cookie `name` in `header`, in order, as aiohttp's parser reads them."""
-    if _PLAIN_COOKIE_HEADER_RE.fullmatch(header):
-        values = []
-        for pair in header.split(";"):
-            found_name, _, value = pair.lstrip(" ").partition("=")
-            if found_name == name:
-                values.append(value)
-        return values
-    return [
-        morsel.value for found_name, morsel in parse_cookie_header(header) if found_name == name
-    ]
+    """Every value of cookie `name` in `header`: as a browser splits it, then as aiohttp's
+    parser reads it (see the module docstring; a header of plain pairs reads the same both
+    ways, and is split once)."""
+    values = []
+    for pair in header.split(";"):
+        found_name, equals, value = pair.partition("=")
+        if equals and found_name.strip(" \t") == name:
+            value = value.strip(" \t")
+            if len(value) >= 2 and value[0] == value[-1] == '"':
+                value = value[1:-1]
+            values.append(value)
+    if not _PLAIN_COOKIE_HEADER_RE.fullmatch(header):
+        values += (
+            morsel.value for found_name, morsel in parse_cookie_header(header) if found_name == name
+        )
+    return values
 
 
 def choose_session_id(headers: Iterable[str], name: str) -> str | Ambiguous | None:
