@@ -36,6 +36,22 @@ async def test_protected_segment_is_bounded_and_demotes_its_least_recently_used(
         assert await memory.get_and_touch(f"u{i}", 60) == b"u"
 
 
+async def test_rotation_tombstones_do_not_push_used_sessions_out() -> None:
+    """`replace` (a rotation's tombstone at the old id) is not a use: the tombstone goes to
+    probation, so a flood of rotations evicts tombstones, never the protected sessions."""
+    memory = MemoryBackend(max_entries=10)  # protected: at most 8
+    for i in range(8):
+        assert await memory.create(f"u{i}", b"u", 60)
+        assert await memory.get_and_touch(f"u{i}", 60) == b"u"
+    tombstones = 0
+    for n in range(100):  # one session rotated again and again: new key, tombstone at the old
+        assert await memory.create(f"r{n + 1}", b"r", 60)
+        tombstones += await memory.replace(f"r{n}", b"tomb", 60) is not None
+    assert tombstones > 0
+    for i in range(8):
+        assert await memory.get_and_touch(f"u{i}", 60) == b"u", f"u{i} was evicted"
+
+
 async def test_entries_stay_small() -> None:
     memory = MemoryBackend(max_entries=100_000)
     count = 20_000

@@ -267,7 +267,7 @@ async def test_the_byte_count_is_exact_through_every_operation() -> None:
     for _ in range(5000):
         key = rng.choice(keys)
         value = b'{"v":1,"r":1,"data":' + b"x" * rng.randrange(2000) + b"}"
-        op = rng.randrange(8)
+        op = rng.randrange(9)
         if op == 0:
             await memory.create(key, value, rng.choice((1, 60)))
         elif op == 1:
@@ -282,6 +282,8 @@ async def test_the_byte_count_is_exact_through_every_operation() -> None:
             now[0] += rng.choice((0.0, 0.5, 2.0))
         elif op == 6:
             memory.sweep()
+        elif op == 7:
+            await memory.replace(key, b'{"v":1,"r":1000000000000000000,"rotated":"n"}', 60)
         else:
             await memory.peek(key)
         assert memory.bytes == cost(memory)

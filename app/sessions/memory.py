@@ -259,11 +259,18 @@ class MemoryBackend:
 
     async def replace(self, key: str, value: bytes, ttl: int) -> bytes | None:
         # No await between the read and the write: atomic on the event loop, like SET ... GET.
+        # Not a use: the replacement (a rotation tombstone) goes to the probation end, so a
+        # flood of rotations cannot push the sessions people use out of the protected segment.
         k = _b(key)
         raw = self._raw(k)
         if raw is None:
             return None
-        self._store(k, value, ttl)
+        self._remove(k)
+        packed = self._pack(ttl, value)
+        self._probation[k] = packed
+        self.bytes += self._cost(k, packed)
+        if self._max_bytes is not None and self.bytes > self._max_bytes:
+            self._shrink(self._max_bytes)
         return raw[_EXPIRY_BYTES:]
 
     async def peek(self, key: str) -> tuple[bytes, float | None] | None:
