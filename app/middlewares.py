@@ -4,7 +4,8 @@
    timed, whatever happens inside.
 1. Request id: keeps a sane inbound `X-Request-Id` or mints one; echoed on every response.
 2. Errors: our failures become the JSON envelope (`_envelope`); never a bare 500 page.
-2a. Host: with `ALLOWED_HOSTS` set, a Host not listed is 421 `host_not_allowed` before
+2a. Host: with `ALLOWED_HOSTS` set, a Host (or a trusted proxy's `X-Forwarded-Host`) not
+   listed is 421 `host_not_allowed` before
    anything else (`check_host`; DNS rebinding, app/hosts.py); `/healthz`, `/readyz` and
    `/metrics` are exempt (probes and scrapers address a pod by its IP).
 3. Application: `/apps/{applicationId}/...` -> 400 malformed, 404 unknown, before anything
@@ -36,7 +37,7 @@ from aiohttp.typedefs import Handler, Middleware
 from app.applications import APP_ID_RE, AppConfig
 from app.config import Settings
 from app.errors import REQUEST_ID_KEY, ApiError, error_response, store_full, store_unavailable
-from app.forwarding import client_host, own_origin
+from app.forwarding import client_host, own_origin, peer_is_trusted
 from app.hosts import HostAllowlist
 from app.lifecycle import Lifecycle, close_connections_when_draining
 from app.logs import bind_request, release_request
@@ -157,11 +158,18 @@ HOST_EXEMPT_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 
 
 def check_host(request: web.Request, allowlist: HostAllowlist, settings: Settings) -> None:
-    """421 `host_not_allowed` unless the Host the browser asked for (behind `TRUSTED_PROXIES`
-    the proxy's `X-Forwarded-Host`, see `client_host`) is in `ALLOWED_HOSTS`, or the path is
-    one of `HOST_EXEMPT_PATHS`."""
-    if allowlist.allows(client_host(request, settings.trusted_proxies)):
-        return
+    """421 `host_not_allowed` unless every host name the request claims is in
+    `ALLOWED_HOSTS`: `Host`, and behind `TRUSTED_PROXIES` also the proxy's `X-Forwarded-Host`
+    when it sends one (what `client_host` believes). Both, so a trusted proxy that passes a
+    browser's own `X-Forwarded-Host` through (a rebinding page may set it with `fetch`) cannot
+    vouch for a foreign Host, nor the reverse. `HOST_EXEMPT_PATHS` answer any Host."""
+    headers = request.headers
+    if allowlist.allows(headers.get("Host", "")):
+        forwarded = headers.get("X-Forwarded-Host")
+        if forwarded is None or not peer_is_trusted(request, settings.trusted_proxies):
+            return
+        if allowlist.allows(client_host(request, settings.trusted_proxies)):
+            return
     if request.path in HOST_EXEMPT_PATHS:
         return
     raise ApiError(421, "host_not_allowed", "This gateway does not serve this host name.")

@@ -5,8 +5,8 @@ A page on `http://attacker.example` re-resolved to the gateway's address makes t
 `host_not_allowed` (the JSON envelope) before a session is read or created and before the
 upstream is contacted; `/healthz`, `/readyz` and `/metrics` answer whatever the Host (kubelet
 and Prometheus address pods by IP). Behind `TRUSTED_PROXIES` the proxy's `X-Forwarded-Host` is
-what is checked. Bad entries stop a real process with exit 2; an empty setting on a
-non-loopback address is a start-up warning.
+checked too (both must be listed). Bad entries stop a real process with exit 2; an empty
+setting on a non-loopback address is a start-up warning.
 """
 
 from __future__ import annotations
@@ -177,21 +177,30 @@ async def test_probes_and_metrics_answer_whatever_the_host(gw: RunningGateway) -
         assert resp.status == 421
 
 
-async def test_behind_a_trusted_proxy_the_forwarded_host_is_checked(
+async def test_behind_a_trusted_proxy_host_and_forwarded_host_must_both_be_listed(
     upstream: ServedUpstream,
 ) -> None:
     env = {"ALLOWED_HOSTS": ALLOWED, "TRUSTED_PROXIES": "127.0.0.1/32"}
     async with run_gateway(app_settings(upstream.base, env)) as gw:
-        # The proxy's own Host may be anything (an internal name); the browser's is checked.
-        ok = {"Host": "gateway.internal:8080", "X-Forwarded-Host": "shop.example.com"}
+        # The shipped nginx: Host and X-Forwarded-Host are both the browser's Host.
+        ok = {"Host": "shop.example.com", "X-Forwarded-Host": "shop.example.com"}
         async with gw.client.get("/apps/shop/session", headers=ok) as resp:
             assert resp.status == 200
-        bad = {"Host": "shop.example.com", "X-Forwarded-Host": FOREIGN}
-        async with gw.client.get("/apps/shop/session", headers=bad) as resp:
-            assert resp.status == 421
+        # A proxy passing a rebinding page's own X-Forwarded-Host through (fetch may set it):
+        # neither name vouches for the other.
+        for host, forwarded in [
+            ("shop.example.com", FOREIGN),
+            (FOREIGN, "shop.example.com"),
+            ("gateway.internal:8080", "shop.example.com"),  # a rewritten Host: list it too
+        ]:
+            headers = {"Host": host, "X-Forwarded-Host": forwarded}
+            async with gw.client.get("/apps/shop/session", headers=headers) as resp:
+                assert resp.status == 421, (host, forwarded)
         # Without X-Forwarded-Host the proxy's Host is what the browser asked for.
         async with gw.client.get("/apps/shop/session", headers={"Host": FOREIGN}) as resp:
             assert resp.status == 421
+        async with gw.client.get("/apps/shop/session", headers={"Host": "127.0.0.1"}) as resp:
+            assert resp.status == 200
 
 
 async def test_an_untrusted_peer_cannot_vouch_for_itself_with_x_forwarded_host(
