@@ -59,12 +59,19 @@ def client_host(request: web.BaseRequest, trusted: Sequence[IPNetwork]) -> str:
     return request.headers.get("Host", "")
 
 
+def _forwarded_for(request: web.BaseRequest) -> list[str]:
+    """Every hop of `X-Forwarded-For`, over all its header lines in order (a proxy may add its
+    hop as a line of its own: reading only the first line would believe the client's)."""
+    values = request.headers.getall("X-Forwarded-For", ())
+    return [hop.strip() for value in values for hop in value.split(",") if hop.strip()]
+
+
 def client_ip(request: web.BaseRequest, trusted: Sequence[IPNetwork]) -> str:
     """The browser's address: the last untrusted hop of `X-Forwarded-For` behind our proxies."""
     ip = peer_ip(request)
     if not peer_is_trusted(request, trusted):
         return ip
-    chain = [h.strip() for h in request.headers.get("X-Forwarded-For", "").split(",") if h.strip()]
+    chain = _forwarded_for(request)
     for hop in reversed(chain):
         try:
             address = ipaddress.ip_address(hop)
@@ -85,7 +92,7 @@ def forwarded_chain(request: web.BaseRequest, trusted: Sequence[IPNetwork]) -> l
         return []
     if not peer_is_trusted(request, trusted):
         return [ip]
-    chain = [h.strip() for h in request.headers.get("X-Forwarded-For", "").split(",") if h.strip()]
+    chain = _forwarded_for(request)
     believed = [ip]
     for hop in reversed(chain):
         try:

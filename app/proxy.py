@@ -277,6 +277,8 @@ NEVER_FORWARDED = HOP_BY_HOP | frozenset(
         "x-webauth-user",
         "x-client-cert",
         "x-client-verify",
+        # httpoxy: CGI turns it into HTTP_PROXY, the outbound proxy of many HTTP clients.
+        "proxy",
     }
 )
 NEVER_FORWARDED_PREFIXES = (

@@ -274,6 +274,7 @@ HOSTILE_FORWARDING = [
     ("X_Forwarded_For", "198.51.100.7"),
     ("X_Real_IP", "198.51.100.7"),
     ("x_application_id", "another-app"),
+    ("Proxy", "http://198.51.100.7:3128"),
     ("X.Forwarded.For", "198.51.100.7"),
     ("X~Real~IP", "198.51.100.7"),
 ]
@@ -327,6 +328,22 @@ async def test_I5_a_spoofed_chain_is_cut_at_the_first_untrusted_hop(
     assert resp.status == 200
     seen = upstream.fake.last.headers
     assert seen.getall("X-Forwarded-For") == ["203.0.113.9, 10.1.2.3, 127.0.0.1"]
+    assert seen.getall("X-Real-IP") == ["203.0.113.9"]
+
+
+async def test_I5_every_line_of_x_forwarded_for_counts(upstream: ServedUpstream) -> None:
+    """A proxy that adds its hop as a header line of its own: the client's line comes first and
+    must not be believed."""
+    settings = app_settings(upstream.base, {"TRUSTED_PROXIES": "127.0.0.0/8"})
+    async with run_gateway(settings) as gw:
+        resp = await raw_request(
+            gw.url,
+            f"{AGENT}/chat",
+            headers=[("X-Forwarded-For", "6.6.6.6"), ("X-Forwarded-For", "203.0.113.9")],
+        )
+    assert resp.status == 200
+    seen = upstream.fake.last.headers
+    assert seen.getall("X-Forwarded-For") == ["203.0.113.9, 127.0.0.1"]
     assert seen.getall("X-Real-IP") == ["203.0.113.9"]
 
 
