@@ -3,20 +3,25 @@
 A registry per app (never prometheus-client's global one) keeps test apps, and several apps in
 one process, from sharing or colliding on series. Label values are bounded: routes are the
 router's canonical patterns (`/apps/{applicationId}/session`, never the raw path), methods
-outside the standard set become `other`, and upstream errors are labelled by configured
-application id and a small set of kinds.
+outside the standard set become `other`, `application` is a configured application id or
+`NO_APPLICATION` (`-`: routes without one, and unknown or malformed ids, which the gateway
+refuses before it sets one), and upstream errors are labelled by a small set of kinds.
 
 Series (all prefixed `agent_bff_`):
-- `http_requests_total{route,method,status}`, `http_request_duration_seconds{route,method}`
-  (streams count until they end), `http_requests_in_flight`;
+- `http_requests_total{application,route,method,status}`,
+  `http_request_duration_seconds{application,route,method}` (streams count until they end),
+  `http_requests_in_flight`;
 - `session_store_operations_total{operation,result}` (`result`: `ok` or `error`),
   `session_store_errors_total{operation,error}` (the underlying exception class),
   `session_store_operation_duration_seconds{operation}`;
 - `redis_pool_connections{state}` (`in_use`, `idle`), `redis_pool_max_connections`;
   `redis_pipelined_batches_total`, `redis_pipelined_commands_total` (automatic pipelining);
   `memory_sessions` for the memory store;
-- `active_streams` (streaming responses and WebSockets currently open);
-- `upstream_errors_total{application,kind}` (`record_upstream_error`);
+- `active_streams{application}` (streaming responses and WebSockets currently open) and
+  `stream_duration_seconds{application}` (from the first byte of a stream to its end);
+- `upstream_errors_total{application,kind}` (`record_upstream_error`) and
+  `upstream_time_to_first_byte_seconds{application}` (`record_upstream_first_byte`: from
+  sending the request to the upstream's response headers, a streamed upload included);
 - the standard `process_*` and `python_info` series.
 
 Wiring (`main.create_app`): `setup_metrics(app)` adds the `/metrics` route and returns the
@@ -61,6 +66,13 @@ UNMATCHED_ROUTE = "unmatched"
 CLIENT_CLOSED = "499"
 # Request latency: sub-millisecond memory-store hits up to minutes-long streams.
 HTTP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
+# Upstream time to first byte: an agent answers its headers in milliseconds to seconds (a model
+# that thinks first); the connect timeout is the bound.
+UPSTREAM_FIRST_BYTE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+# Stream duration: a token stream lasts seconds to minutes; an idle subscription hours.
+STREAM_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
+# The `application` label of a request without a configured application.
+NO_APPLICATION = "-"
 # Store latency: a healthy Redis answers in well under a millisecond on a LAN; the per-operation
 # deadline is about two seconds.
 STORE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5)
@@ -178,14 +190,14 @@ class Metrics:
         # on every request, scraped rarely.
         self.requests = FastCounter(
             "http_requests",
-            "HTTP requests answered, by route pattern, method and status.",
-            ("route", "method", "status"),
+            "HTTP requests answered, by application, route pattern, method and status.",
+            ("application", "route", "method", "status"),
         )
         r.register(self.requests)
         self.request_duration = FastHistogram(
             "http_request_duration_seconds",
             "Time from request to the end of the response (streams: until they end).",
-            ("route", "method"),
+            ("application", "route", "method"),
             HTTP_BUCKETS,
         )
         r.register(self.request_duration)
@@ -220,10 +232,18 @@ class Metrics:
         r.register(self.store_duration)
         self.active_streams = Gauge(
             "active_streams",
-            "Streaming responses (SSE, WebSocket) open now.",
+            "Streaming responses (SSE, WebSocket) open now, by application.",
+            ["application"],
             namespace=NAMESPACE,
             registry=r,
         )
+        self.stream_duration = FastHistogram(
+            "stream_duration_seconds",
+            "Streaming responses (SSE, WebSocket), from their first byte to their end.",
+            ("application",),
+            STREAM_BUCKETS,
+        )
+        r.register(self.stream_duration)
         self.upstream_errors = Counter(
             "upstream_errors",
             "Failures talking to agent upstreams, by application and kind.",
@@ -231,6 +251,13 @@ class Metrics:
             namespace=NAMESPACE,
             registry=r,
         )
+        self.upstream_first_byte = FastHistogram(
+            "upstream_time_to_first_byte_seconds",
+            "From sending a request to an agent upstream to its response headers.",
+            ("application",),
+            UPSTREAM_FIRST_BYTE_BUCKETS,
+        )
+        r.register(self.upstream_first_byte)
         ProcessCollector(registry=r)
         PlatformCollector(registry=r)
         self._store_collector: _StoreCollector | None = None
@@ -247,7 +274,19 @@ METRICS_KEY = web.AppKey("metrics", Metrics)
 # Set while the gateway middleware is running this request; a streaming response prepared in
 # that window is counted in `active_streams` until the middleware returns.
 _HANDLING_KEY = web.RequestKey("metrics_handling", bool)
-_STREAM_KEY = web.RequestKey("metrics_stream", bool)
+# `perf_counter()` when the request's stream started; 0.0 while it is not a stream.
+_STREAM_KEY = web.RequestKey("metrics_stream", float)
+
+
+def application_label(request: web.Request) -> str:
+    """The request's configured application id, or `NO_APPLICATION`: bounded by `APPS_FILE`
+    (the gateway middleware sets the id only for a configured application)."""
+    # Indexed, not `request.get` (Python code around `__getitem__`): agent and session routes,
+    # the busy ones, have an id.
+    try:
+        return request[APP_ID_KEY]
+    except KeyError:
+        return NO_APPLICATION
 
 
 class RequestMetrics:
@@ -257,13 +296,14 @@ class RequestMetrics:
 
     def __init__(self, metrics: Metrics) -> None:
         self._metrics = metrics
-        # (route, method, status) -> the request counter's cell and the duration histogram's
-        # cell. The key space is bounded (route patterns x methods x statuses).
-        self._cells: dict[tuple[str, str, str], tuple[list[float], list[float]]] = {}
+        # (application, route, method, status) -> the request counter's cell and the duration
+        # histogram's cell. The key space is bounded (configured applications x route patterns
+        # x methods x statuses).
+        self._cells: dict[tuple[str, str, str, str], tuple[list[float], list[float]]] = {}
 
     def begin(self, request: web.Request) -> None:
         request[_HANDLING_KEY] = True
-        request[_STREAM_KEY] = False  # set, not left missing: a missing key is a costly lookup
+        request[_STREAM_KEY] = 0.0  # set, not left missing: a missing key is a costly lookup
         self._metrics.in_flight_count += 1
 
     def end(self, request: web.Request, status: str, started: float) -> None:
@@ -272,20 +312,28 @@ class RequestMetrics:
         metrics = self._metrics
         request[_HANDLING_KEY] = False
         metrics.in_flight_count -= 1
-        if request[_STREAM_KEY]:
-            metrics.active_streams.dec()
+        try:  # `application_label`, inlined: this runs on every request
+            application = request[APP_ID_KEY]
+        except KeyError:
+            application = NO_APPLICATION
+        now = time.perf_counter()
+        stream_started = request[_STREAM_KEY]
+        if stream_started:
+            metrics.active_streams.labels(application).dec()
+            stream_duration = metrics.stream_duration
+            stream_duration.observe(stream_duration.cell((application,)), now - stream_started)
         method = request.method
         if method not in METHODS:
             method = "other"
-        key = (route_label(request), method, status)
+        key = (application, route_label(request), method, status)
         cells = self._cells.get(key)
         if cells is None:
             cells = self._cells[key] = (
                 metrics.requests.cell(key),
-                metrics.request_duration.cell(key[:2]),
+                metrics.request_duration.cell(key[:3]),
             )
         cells[0][0] += 1.0
-        metrics.request_duration.observe(cells[1], time.perf_counter() - started)
+        metrics.request_duration.observe(cells[1], now - started)
 
     def count_stream(self, request: web.Request, response: web.StreamResponse) -> None:
         """From `on_response_prepare`: a plain `web.Response` is prepared after the handler
@@ -294,8 +342,8 @@ class RequestMetrics:
         if isinstance(response, web.Response):
             return
         if request.get(_HANDLING_KEY) and not request.get(_STREAM_KEY):
-            request[_STREAM_KEY] = True
-            self._metrics.active_streams.inc()
+            request[_STREAM_KEY] = time.perf_counter()
+            self._metrics.active_streams.labels(application_label(request)).inc()
 
 
 def setup_metrics(app: web.Application) -> RequestMetrics:
@@ -321,7 +369,15 @@ def record_upstream_error(request: web.Request, kind: str) -> None:
     for the request's application."""
     metrics = request.app.get(METRICS_KEY)
     if metrics is not None:
-        metrics.upstream_errors.labels(request.get(APP_ID_KEY, ""), kind).inc()
+        metrics.upstream_errors.labels(application_label(request), kind).inc()
+
+
+def record_upstream_first_byte(request: web.Request, sent: float) -> None:
+    """The upstream's response headers arrived for a request sent at `sent` (`perf_counter`)."""
+    metrics = request.app.get(METRICS_KEY)
+    if metrics is not None:
+        histogram = metrics.upstream_first_byte
+        histogram.observe(histogram.cell((application_label(request),)), time.perf_counter() - sent)
 
 
 def route_label(request: web.Request) -> str:

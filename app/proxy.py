@@ -61,6 +61,7 @@ import logging
 import math
 import re
 import secrets
+import time
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from dataclasses import dataclass
 from urllib.parse import unquote
@@ -78,7 +79,7 @@ from app.config import Settings
 from app.errors import REQUEST_ID_KEY, ApiError, error_response, store_full, store_unavailable
 from app.forwarding import client_host, client_scheme, forwarded_chain
 from app.lifecycle import LIFECYCLE_KEY, Lifecycle
-from app.metrics import record_upstream_error
+from app.metrics import record_upstream_error, record_upstream_first_byte
 from app.middlewares import APP_CONFIG_KEY
 from app.ratelimit import enforce_rate_limits
 from app.sessions.backend import StoreFull, StoreUnavailable
@@ -919,6 +920,7 @@ async def _proxy(exchange: _Exchange) -> web.StreamResponse:
             data = exchange.body(app.max_body_bytes)
 
     timeout = app.connect_timeout_seconds
+    sent = time.perf_counter()  # metrics: time to first byte
     try:
         async with asyncio.timeout(timeout) as deadline:
             exchange.header_deadline = deadline  # paused while the browser uploads
@@ -963,6 +965,7 @@ async def _proxy(exchange: _Exchange) -> web.StreamResponse:
         )
         record_upstream_error(request, "unavailable")
         return exchange.error(502, "upstream_unavailable", "The agent service is unavailable.")
+    record_upstream_first_byte(request, sent)
 
     if has_invalid_header(upstream_response):
         upstream_response.close()

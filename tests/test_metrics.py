@@ -70,17 +70,24 @@ async def test_requests_are_counted_by_route_pattern_method_and_status(
 
     samples = await scrape(client)
     requests = "agent_bff_http_requests_total"
-    assert value(samples, requests, route=SESSION_ROUTE, method="PATCH", status="200") == 1
-    assert value(samples, requests, route=SESSION_ROUTE, method="GET", status="200") == 2
-    assert value(samples, requests, route=SESSION_ROUTE, method="GET", status="400") == 1
-    assert value(samples, requests, route=SESSION_ROUTE, method="GET", status="404") == 1
-    assert value(samples, requests, route="unmatched", method="GET", status="404") == 1
+    demo = {"application": "demo", "route": SESSION_ROUTE}
+    # Unknown and malformed ids are refused before the gateway takes them for an application.
+    none = {"application": "-", "route": SESSION_ROUTE}
+    assert value(samples, requests, **demo, method="PATCH", status="200") == 1
+    assert value(samples, requests, **demo, method="GET", status="200") == 2
+    assert value(samples, requests, **none, method="GET", status="400") == 1
+    assert value(samples, requests, **none, method="GET", status="404") == 1
+    unmatched = {"application": "-", "route": "unmatched"}
+    assert value(samples, requests, **unmatched, method="GET", status="404") == 1
     duration = "agent_bff_http_request_duration_seconds_count"
-    assert value(samples, duration, route=SESSION_ROUTE, method="GET") == 4
-    assert value(samples, duration, route=SESSION_ROUTE, method="PATCH") == 1
+    assert value(samples, duration, **demo, method="GET") == 2
+    assert value(samples, duration, **none, method="GET") == 2
+    assert value(samples, duration, **demo, method="PATCH") == 1
     # Raw paths and ids never become label values (bounded cardinality).
     labels = {v for (_, pairs) in samples for (_, v) in pairs}
     assert not {v for v in labels if "Bad" in v or "nosuchapp" in v or "4711" in v}
+    applications = {v for (_, pairs) in samples for (k, v) in pairs if k == "application"}
+    assert applications == {"demo", "-"}
     # The scrape itself is in flight while it renders; nothing else is.
     assert value(samples, "agent_bff_http_requests_in_flight") == 1
     assert value(samples, "agent_bff_memory_sessions") == 1
@@ -92,7 +99,7 @@ async def test_each_app_has_its_own_registry(aiohttp_client: AiohttpClient) -> N
     for _ in range(3):
         assert (await one.get("/healthz")).status == 200
     requests = "agent_bff_http_requests_total"
-    healthz = {"route": "/healthz", "method": "GET", "status": "200"}
+    healthz = {"application": "-", "route": "/healthz", "method": "GET", "status": "200"}
     assert value(await scrape(one), requests, **healthz) == 3
     assert value(await scrape(two), requests, **healthz) == 0
     assert prometheus_client.REGISTRY.get_sample_value(requests, healthz) is None
@@ -133,7 +140,8 @@ async def test_store_operations_errors_and_latency(aiohttp_client: AiohttpClient
     assert value(samples, latency, operation="get_and_touch") == 2
     assert value(samples, latency, operation="create") == 1
     requests = "agent_bff_http_requests_total"
-    assert value(samples, requests, route=SESSION_ROUTE, method="GET", status="503") == 1
+    labels = {"application": "demo", "route": SESSION_ROUTE, "method": "GET", "status": "503"}
+    assert value(samples, requests, **labels) == 1
 
 
 async def test_redis_pool_usage_is_exported(gateway_factory: GatewayFactory) -> None:
@@ -186,11 +194,19 @@ async def test_active_streams_follow_open_streams(aiohttp_server: AiohttpServer)
             rest = await response.read()
         assert sse_events(rest.decode())[-1][0] == "done"
         after = await scrape(gw.client)
-    assert value(during, "agent_bff_active_streams") == 1
-    assert value(after, "agent_bff_active_streams") == 0
+    assert value(during, "agent_bff_active_streams", application="shop") == 1
+    assert value(after, "agent_bff_active_streams", application="shop") == 0
     requests = "agent_bff_http_requests_total"
-    assert value(after, requests, route=AGENT_ROUTE, method="POST", status="200") == 1
+    shop = {"application": "shop", "route": AGENT_ROUTE}
+    assert value(after, requests, **shop, method="POST", status="200") == 1
     assert value(after, "agent_bff_http_requests_in_flight") == 1  # the scrape itself
+    # The stream lasted at least from the first event to the scrape that released it.
+    streams = "agent_bff_stream_duration_seconds"
+    assert value(during, streams + "_count", application="shop") == 0
+    assert value(after, streams + "_count", application="shop") == 1
+    assert 0 < value(after, streams + "_sum", application="shop") < 10
+    first_byte = "agent_bff_upstream_time_to_first_byte_seconds"
+    assert value(during, first_byte + "_count", application="shop") == 1
 
 
 async def test_upstream_errors_are_counted_by_application_and_kind(
@@ -220,6 +236,48 @@ async def test_upstream_errors_are_counted_by_application_and_kind(
         samples = await scrape(gw.client)
     assert value(samples, errors, application="shop", kind="idle_timeout") == 1
     assert value(samples, errors, application="shop", kind="unavailable") == 0
+
+
+async def test_upstream_first_byte_and_stream_duration_histograms(
+    aiohttp_server: AiohttpServer,
+) -> None:
+    """An upstream that thinks 0.3 s before its headers, then streams for 0.4 s."""
+    upstream = await serve_upstream(aiohttp_server)
+
+    async def slow(request: web.Request) -> web.StreamResponse:
+        await asyncio.sleep(0.3)
+        response = await start_sse(request)
+        await response.write(sse("token", {"text": "first"}))
+        await asyncio.sleep(0.4)
+        await response.write(sse("done", {}))
+        return response
+
+    upstream.fake.on("/v1/slow", slow)
+    async with run_gateway(app_settings(upstream.base)) as gw:
+        async with gw.client.post("/apps/shop/agent/slow", headers=CSRF) as response:
+            assert response.status == 200
+            await response.read()
+        samples = await scrape(gw.client)
+    first_byte = "agent_bff_upstream_time_to_first_byte_seconds"
+    shop = {"application": "shop"}
+    assert value(samples, first_byte + "_count", **shop) == 1
+    assert 0.3 <= value(samples, first_byte + "_sum", **shop) < 2
+    assert value(samples, first_byte + "_bucket", **shop, le="0.25") == 0
+    assert value(samples, first_byte + "_bucket", **shop, le="2.5") == 1
+    streams = "agent_bff_stream_duration_seconds"
+    assert value(samples, streams + "_count", **shop) == 1
+    stream_time = value(samples, streams + "_sum", **shop)
+    request_time = value(
+        samples,
+        "agent_bff_http_request_duration_seconds_sum",
+        **shop,
+        route=AGENT_ROUTE,
+        method="POST",
+    )
+    assert 0.4 <= stream_time <= request_time - 0.25  # from the first byte: the 0.3 s wait is out
+    assert value(samples, streams + "_bucket", **shop, le="0.1") == 0
+    assert value(samples, streams + "_bucket", **shop, le="1.0") == 1
+    assert value(samples, "agent_bff_active_streams", **shop) == 0
 
 
 # -- the access log -------------------------------------------------------------------------
