@@ -373,3 +373,21 @@ async def test_other_rotate_header_values_do_nothing(
     assert ROTATE_HEADER not in resp.headers
     assert set_cookie_headers(resp) == []
     assert gw.session_id("shop") == sid
+
+
+async def test_an_agent_request_with_the_rotated_id_is_409_and_never_reaches_the_upstream(
+    agent_gateway: Gateway, upstream: ServedUpstream
+) -> None:
+    gw = agent_gateway
+    resp = await gw.client.post("/apps/shop/agent/chat", headers=CSRF)
+    assert resp.status == 200
+    old = gw.session_id("shop")
+    async with gw.client.post("/apps/shop/agent/login", headers=CSRF) as resp:
+        assert resp.status == 200
+        await resp.read()
+    seen = len(upstream.fake.seen)
+    status, body, cookies = await with_sid(gw, "POST", "/apps/shop/agent/chat", old)
+    assert (status, body["error"]["code"], cookies) == (409, "session_rotated", [])
+    assert len(upstream.fake.seen) == seen, "the old id reached the upstream"
+    resp = await gw.client.post("/apps/shop/agent/chat", headers=CSRF)  # the new id works
+    assert resp.status == 200
