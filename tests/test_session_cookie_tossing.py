@@ -122,6 +122,24 @@ async def test_two_distinct_ids_read_and_write_neither_session(
         assert await resp.json() == {"data": {"who": who}}, "neither session was read or written"
 
 
+async def test_a_logout_with_two_ids_ends_both(gateway_factory: GatewayFactory) -> None:
+    """Which one is the user's is unknown: both end (the user's must not outlive a logout;
+    the other is the planter's own), and the cookie is expired."""
+    gw = await gateway_factory("memory")
+    sids = []
+    for who in ("victim", "attacker"):
+        resp = await gw.client.patch("/apps/demo/session", json={"who": who}, headers=CSRF)
+        sids.append(resp.cookies["agent_sid"].value)
+        gw.client.session.cookie_jar.clear()
+    header = f"agent_sid={sids[0]}; agent_sid={sids[1]}"
+    resp = await gw.client.delete("/apps/demo/session", headers={**CSRF, "Cookie": header})
+    assert resp.status == 204
+    assert (
+        resp.cookies["agent_sid"].value == "" and resp.cookies["agent_sid"]["path"] == "/apps/demo"
+    )
+    assert await gw.raw.keys() == []
+
+
 # -- in Chromium -------------------------------------------------------------------------------
 
 HOST = "app.example.test"  # the gateway's site; "evil.example.test" is a sibling subdomain

@@ -74,6 +74,17 @@ def cookie_values(header: str, name: str) -> list[str]:
     return values
 
 
+def named_session_ids(headers: Iterable[str], name: str) -> set[str]:
+    """Every distinct well-formed session id the `Cookie` headers name under `name` (a logout
+    with ambiguous cookies ends them all: the user's own is among them)."""
+    return {
+        value
+        for header in headers
+        for value in cookie_values(header, name)
+        if SESSION_ID_RE.fullmatch(value)
+    }
+
+
 def choose_session_id(headers: Iterable[str], name: str) -> str | Ambiguous | None:
     """The session id the `Cookie` headers `headers` name under `name` (see the module
     docstring): the one distinct well-formed value; `AMBIGUOUS` for two or more; None for none.

@@ -59,7 +59,12 @@ from app.sessions.codec import (
     SessionTooLarge,
     tombstone,
 )
-from app.sessions.cookies import SESSION_ID_RE, Ambiguous, choose_session_id
+from app.sessions.cookies import (
+    SESSION_ID_RE,
+    Ambiguous,
+    choose_session_id,
+    named_session_ids,
+)
 
 log = logging.getLogger(__name__)
 
@@ -391,6 +396,13 @@ class GatewayStorage(AbstractStorage):
         if session.empty:
             if session.identity is not None:
                 await self.backend.delete(self.key_for(request, session.identity))
+            elif request.get(_AMBIGUITY_LOGGED):
+                # Logout with several ids under our name (a planted cookie next to ours): which
+                # one is the user's is unknown, so every one named ends (the user's among them;
+                # a planted one is the planter's own). Otherwise the user's would outlive it.
+                names = named_session_ids(request.headers.getall(hdrs.COOKIE), self.cookie_name)
+                for session_id in sorted(names):
+                    await self.backend.delete(self.key_for(request, session_id))
             self.expire_cookie(request, response)
             return
         created = self._prepare(session)
