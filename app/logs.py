@@ -13,7 +13,10 @@ written while the gateway middleware handles a request (by that task or a task i
 carries `request_id` and `application` (the configured application id, or null) as fields,
 from a context variable (`bind_request`), not as text in `msg`.
 
-Hostile text (log injection): a text line's message is passed through `escape_control`, so
+Hostile text (log injection): the access line's message shows the path as the browser sent it
+(percent-encoded: a decoded `%20` could make text of the request look like the line's fields;
+the JSON `path` field is the decoded path), and a text line's message is passed through
+`escape_control`, so
 characters that are not printable (C0 and C1 controls, DEL, U+2028/U+2029, lone surrogates,
 bidi and other format characters) and the backslash itself are written as `\\xNN`, `\\uNNNN`,
 `\\UNNNNNNNN` or `\\\\`: a percent-decoded `%0a` in a path, a header value or an upstream's error
@@ -321,6 +324,7 @@ class _AccessLine:
         "hashed",
         "method",
         "path",
+        "raw_path",
         "request_id",
         "sent",
         "status",
@@ -333,6 +337,7 @@ class _AccessLine:
         app_id: str | None,
         method: str,
         path: str,
+        raw_path: str,
         status: int,
         duration: float,
         hashed: str,
@@ -344,6 +349,7 @@ class _AccessLine:
         self.app_id = app_id
         self.method = method
         self.path = path
+        self.raw_path = raw_path
         self.status = status
         self.duration = duration
         self.hashed = hashed
@@ -352,10 +358,12 @@ class _AccessLine:
         self.user_agent = user_agent
 
     def message(self) -> str:
-        """The user agent comes last: it has spaces, so it runs to the end of the line."""
+        """Space-separated fields, so the path is the one the browser sent, percent-encoded (a
+        decoded `%20` would make a request's own text look like fields); the user agent comes
+        last: it has spaces, so it runs to the end of the line."""
         millis = "%.3f" % (self.duration * 1000)  # %-format: cheaper than an f-string spec
         return (
-            f"{self.method} {self.path} {self.status} {millis}ms "
+            f"{self.method} {self.raw_path} {self.status} {millis}ms "
             f"request_id={self.request_id or '-'} "
             f"app={self.app_id or '-'} session={self.hashed or '-'} "
             f"client={self.client or '-'} bytes_sent={self.sent} ua={self.user_agent or '-'}"
@@ -432,6 +440,7 @@ class AccessLogger(AbstractAccessLogger):
             request.get(APP_ID_KEY),
             request.method,
             request.rel_url.path,
+            request.rel_url.raw_path,
             response.status,
             duration,
             hashed,
