@@ -22,10 +22,11 @@
 - Updates are compare-and-set on the revision loaded with the session (`SessionConflict` when
   another request wrote first; the caller re-reads and re-applies, see
   `app.sessions.middleware.update_session`); a session deleted meanwhile is never resurrected.
-- Rotation (`rotate`): the data moves to a fresh id (`SET NX`), then the old key is deleted
-  only if nobody wrote it meanwhile; the old id is dead before the response goes out. Two
-  single-key operations, so it works on Redis Cluster. `created_at` is kept: rotating never
-  extends the absolute lifetime.
+- Rotation (`rotate`): the data moves to a fresh id (`SET NX`), then the old key is replaced
+  by a rotation tombstone (`SET XX GET EX`; a write that landed meanwhile is copied over); the
+  old id is dead before the response goes out, and requests carrying it get 409
+  `session_rotated` while the tombstone lives. Single-key operations, so it works on Redis
+  Cluster. `created_at` is kept: rotating never extends the absolute lifetime.
 - Cookie: one per application, `Path=/apps/{applicationId}`, HttpOnly, SameSite per setting,
   Secure per setting (`auto`: when the browser used HTTPS), no Domain, no Max-Age. Read with
   `app.sessions.cookies.choose_session_id`: two distinct ids under our name (a planted cookie)
