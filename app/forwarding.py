@@ -77,6 +77,10 @@ def client_ip(request: web.BaseRequest, trusted: Sequence[IPNetwork]) -> str:
             address = ipaddress.ip_address(hop)
         except ValueError:
             return ip
+        if isinstance(address, ipaddress.IPv6Address) and address.scope_id is not None:
+            # `fe80::1%<any text, spaces too>` parses, but a zone means nothing off its host:
+            # never a client address (it would reach logs and per-client keys as free text).
+            return ip
         if not any(address in network for network in trusted):
             return hop
     return chain[0] if chain else ip

@@ -4,12 +4,17 @@ terminal escapes, in text or JSON logs, through a real `python -m app`."""
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import logging
 import re
 import sys
+from unittest import mock
+
+from aiohttp.test_utils import make_mocked_request
 
 from app import logs
+from app.forwarding import client_ip
 from tests.conftest import GatewayProcessFactory
 
 # A percent-encoded path whose decoded form carries a whole forged record after a newline, an
@@ -142,3 +147,22 @@ def test_escape_control_leaves_ordinary_text_alone() -> None:
     assert logs.escape_control("a\\b\tc\x00\x9b\ud800\U000e0001") == (
         "a\\\\b\\x09c\\x00\\x9b\\ud800\\U000e0001"
     )
+
+
+def test_a_scoped_address_in_x_forwarded_for_is_never_the_client() -> None:
+    """`ipaddress` accepts any text as an IPv6 zone (`fe80::1%a request_id=forged`): behind a
+    trusted proxy such a hop would have been the access line's `client`, spaces and all."""
+    trusted = (ipaddress.ip_network("127.0.0.0/8"),)
+    for hop in ("fe80::1%a request_id=forged-1", "fe80::1%eth0"):
+        transport = mock.Mock()
+        transport.get_extra_info.side_effect = lambda key, default=None: (
+            ("127.0.0.1", 50000) if key == "peername" else default
+        )
+        request = make_mocked_request(
+            "GET", "/", headers={"X-Forwarded-For": f"198.51.100.7, {hop}"}, transport=transport
+        )
+        assert client_ip(request, trusted) == "127.0.0.1"
+    request = make_mocked_request(
+        "GET", "/", headers={"X-Forwarded-For": "198.51.100.7"}, transport=transport
+    )
+    assert client_ip(request, trusted) == "198.51.100.7"
