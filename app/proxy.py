@@ -112,6 +112,26 @@ RELAYED_STATUSES = (200, 599)
 PROXIED_CSP = (
     "sandbox; default-src 'none'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
 )
+# Answers of these types (and any `+xml`) are downloads, never pages of the gateway's origin
+# (`Content-Disposition: attachment`): an upstream cannot show its own page there, not even an
+# inert one (a fake "session expired, sign in here" notice). `fetch`, `EventSource` and `<img>`
+# ignore the header.
+PAGE_TYPES = frozenset(
+    {
+        "",
+        "text/html",
+        "application/xhtml+xml",
+        "image/svg+xml",
+        "text/xml",
+        "application/xml",
+        "text/xsl",
+        "multipart/x-mixed-replace",
+        "application/pdf",
+        "unknown/unknown",
+        "application/unknown",
+        "*/*",
+    }
+)
 PROXIED_RESPONSE_HEADERS = (
     ("Content-Security-Policy", PROXIED_CSP),
     ("X-Content-Type-Options", "nosniff"),  # no sniffing a `text/plain` or unknown type into HTML
@@ -468,7 +488,8 @@ def browser_response_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str
     `prev`, ... in `SAFE_LINK_RELATIONS`: never `preload`, `prefetch`, `stylesheet` ...);
     `WWW-Authenticate` only when it names no scheme that makes a browser prompt for a password
     (`Basic`, `Digest`, `NTLM`, `Negotiate`). Everything else (an API's own headers included)
-    passes unchanged.
+    passes unchanged, except `Content-Disposition`, which is `attachment` (with the upstream's
+    parameters) for an answer a browser would show as a page (`PAGE_TYPES`).
     """
     named = _connection_tokens(upstream) if "Connection" in upstream else None
     out: CIMultiDict[str] = CIMultiDict()
@@ -484,7 +505,24 @@ def browser_response_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str
             continue
         out.add(name, value)
     out.extend(PROXIED_RESPONSE_HEADERS)
+    types = upstream.getall("Content-Type", ())
+    if types and any(_renders_as_page(value) for value in types):
+        _force_attachment(out)
     return out
+
+
+def _renders_as_page(content_type: str) -> bool:
+    """A type a browser shows as a page of its own when navigated to (HTML, XML, SVG, PDF ...),
+    or one it sniffs (empty, unknown)."""
+    mime = content_type.split(";", 1)[0].strip().lower()
+    return mime in PAGE_TYPES or mime.endswith("+xml")
+
+
+def _force_attachment(headers: CIMultiDict[str]) -> None:
+    """`Content-Disposition: attachment`, keeping the upstream's parameters (`filename`)."""
+    current = headers.popall("Content-Disposition", [])
+    params = current[0].partition(";")[2].strip() if current else ""
+    headers["Content-Disposition"] = f"attachment; {params}" if params else "attachment"
 
 
 def _navigational_link(value: str) -> bool:

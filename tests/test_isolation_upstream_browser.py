@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 import pytest
 from aiohttp import web
-from playwright.async_api import Browser, BrowserContext
+from playwright.async_api import Browser, BrowserContext, Page, Route
 from playwright.async_api import Error as PlaywrightError
 from pytest_aiohttp import AiohttpServer
 
@@ -152,6 +152,28 @@ def serve_raw(upstream: ServedUpstream, path: str, content_type: str | None, bod
     upstream.fake.on(path, untyped if content_type is None else typed)
 
 
+async def navigate(page: Page, url: str) -> bool:
+    """Open `url` in `page`: True when it became a document, False when it was a download."""
+    try:
+        response = await page.goto(url)
+    except PlaywrightError as err:
+        assert "Download is starting" in str(err), err
+        return False
+    assert response is not None and response.status == 200
+    return True
+
+
+def without_headers(*names: str) -> Callable[[Route], Awaitable[None]]:
+    """A route handler: the gateway's real answer, minus the response headers `names`."""
+
+    async def handler(route: Route) -> None:
+        response = await route.fetch()
+        headers = {k: v for k, v in response.headers.items() if k.lower() not in names}
+        await route.fulfill(response=response, headers=headers)
+
+    return handler
+
+
 def attack_reached(apps: TwoApps) -> list[str]:
     """What of the attack reached an upstream: B driven, or loot reported to A."""
     reached = [f"b {s.method} {s.raw_path_qs}" for s in apps.victim.fake.seen]
@@ -165,18 +187,22 @@ def attack_reached(apps: TwoApps) -> list[str]:
 async def test_I1_an_upstream_document_cannot_read_or_change_another_application(
     browser: Browser, two_apps: TwoApps, kind: str
 ) -> None:
+    """Each layer alone suffices: as the gateway answers (a page type is a download), and with
+    its `Content-Disposition` removed on the way (a browser that ignored it), where the
+    document renders and the sandbox alone stops its script."""
     content_type, body = HOSTILE_DOCUMENTS[kind]
     serve_raw(two_apps.hostile, "/v1/evil", content_type, body)
+    url = f"{two_apps.gateway.url}/apps/a/agent/evil"
     context = await victim_context(browser, two_apps)
     page = await context.new_page()
     try:
-        try:
-            response = await page.goto(f"{two_apps.gateway.url}/apps/a/agent/evil")
-        except PlaywrightError as err:
-            # Not a document at all (e.g. `application/octet-stream`): a download.
-            assert "Download is starting" in str(err), err
-        else:
-            assert response is not None and response.status == 200
+        await navigate(page, url)
+        assert attack_reached(two_apps) == []
+        await page.route(url, without_headers("content-disposition"))
+        rendered = await navigate(page, url)
+        # Still downloads: no type (aiohttp's octet-stream) and an unknown type Chromium may
+        # not sniff (`nosniff`); every other kind renders here, and the sandbox holds.
+        assert rendered == (content_type not in (None, "application/unknown"))
         assert attack_reached(two_apps) == []
         assert await data_of_b(context) == VICTIM_DATA
     finally:
@@ -187,7 +213,33 @@ async def test_I1_an_upstream_document_cannot_read_or_change_another_application
         assert resp.headers["X-Content-Type-Options"] == "nosniff"
         assert resp.headers["Content-Security-Policy"] == PROXIED_CSP
         assert resp.headers["Content-Type"] == (content_type or "application/octet-stream")
+        page_type = content_type is not None and not content_type.startswith("text/plain")
+        assert resp.headers.get("Content-Disposition") == ("attachment" if page_type else None)
         assert await resp.text() == body
+
+
+async def test_I1_control_without_the_gateways_headers_the_document_runs_its_script(
+    browser: Browser, two_apps: TwoApps
+) -> None:
+    """Proves the route above hands Chromium a live document: with the policy, `nosniff` and
+    `Content-Disposition` removed on the way, the same HTML answer runs the attack."""
+    content_type, body = HOSTILE_DOCUMENTS["text/html"]
+    serve_raw(two_apps.hostile, "/v1/evil", content_type, body)
+    url = f"{two_apps.gateway.url}/apps/a/agent/evil"
+    context = await victim_context(browser, two_apps)
+    page = await context.new_page()
+    try:
+        await page.route(
+            url,
+            without_headers(
+                "content-disposition", "content-security-policy", "x-content-type-options"
+            ),
+        )
+        assert await navigate(page, url)
+        assert attack_reached(two_apps) == ["b POST /v1/drive", "a POST /v1/report"]
+        assert await data_of_b(context) != VICTIM_DATA
+    finally:
+        await context.close()
 
 
 async def test_I1_control_the_same_script_succeeds_where_script_may_run(

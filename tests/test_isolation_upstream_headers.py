@@ -161,6 +161,43 @@ async def test_I1_every_relayed_status_carries_the_inert_policy(
     assert resp.headers.getall("X-Content-Type-Options") == ["nosniff"]
 
 
+@pytest.mark.parametrize(
+    ("content_type", "disposition", "expected"),
+    [
+        ("text/html; charset=utf-8", None, "attachment"),
+        ("TEXT/HTML", "inline", "attachment"),
+        ("application/xhtml+xml", 'inline; filename="r.xhtml"', 'attachment; filename="r.xhtml"'),
+        ("image/svg+xml", None, "attachment"),
+        ("application/xml", None, "attachment"),
+        ("application/atom+xml", None, "attachment"),
+        ("multipart/x-mixed-replace; boundary=x", None, "attachment"),
+        ("application/pdf", 'attachment; filename="a.pdf"', 'attachment; filename="a.pdf"'),
+        ("", None, "attachment"),
+        ("application/json", None, None),
+        ("text/event-stream", None, None),
+        ("text/plain", 'inline; filename="a.txt"', 'inline; filename="a.txt"'),
+        ("image/png", None, None),
+    ],
+)
+async def test_I1_a_page_type_is_a_download_never_a_page_of_the_origin(
+    upstream: ServedUpstream,
+    gw: RunningGateway,
+    content_type: str,
+    disposition: str | None,
+    expected: str | None,
+) -> None:
+    async def typed(request: web.Request) -> web.Response:
+        headers = {"Content-Type": content_type}
+        if disposition is not None:
+            headers["Content-Disposition"] = disposition
+        return web.Response(body=b"<x/>", headers=headers)
+
+    upstream.fake.on("/v1/typed", typed)
+    resp = await raw_request(gw.url, f"{AGENT}/typed")
+    assert resp.status == 200 and resp.body == b"<x/>"
+    assert resp.headers.getall("Content-Disposition", []) == ([expected] if expected else [])
+
+
 def test_I2_the_response_filter_is_case_blind_and_honours_connection() -> None:
     upstream: CIMultiDict[str] = CIMultiDict(
         [
