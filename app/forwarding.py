@@ -67,42 +67,36 @@ def _forwarded_for(request: web.BaseRequest) -> list[str]:
 
 
 def client_ip(request: web.BaseRequest, trusted: Sequence[IPNetwork]) -> str:
-    """The browser's address: the last untrusted hop of `X-Forwarded-For` behind our proxies."""
-    ip = peer_ip(request)
-    if not peer_is_trusted(request, trusted):
-        return ip
-    chain = _forwarded_for(request)
-    for hop in reversed(chain):
-        try:
-            address = ipaddress.ip_address(hop)
-        except ValueError:
-            return ip
-        if isinstance(address, ipaddress.IPv6Address) and address.scope_id is not None:
-            # `fe80::1%<any text, spaces too>` parses, but a zone means nothing off its host:
-            # never a client address (it would reach logs and per-client keys as free text).
-            return ip
-        if not any(address in network for network in trusted):
-            return hop
-    return chain[0] if chain else ip
+    """The browser's address: the last untrusted hop of `X-Forwarded-For` behind our proxies
+    (the first entry of `forwarded_chain`), else the peer's."""
+    chain = forwarded_chain(request, trusted)
+    return chain[0] if chain else peer_ip(request)
 
 
 def forwarded_chain(request: web.BaseRequest, trusted: Sequence[IPNetwork]) -> list[str]:
     """The `X-Forwarded-For` chain the gateway believes, as it sends it upstream: the client
-    address (`client_ip`) first, then the trusted proxies the request came through, the TCP
-    peer last. Hops left of the client address (anything the client wrote itself) are left
-    out. Empty only when the peer address is unknown."""
+    address first, then the trusted proxies the request came through, the TCP peer last.
+
+    Behind a trusted peer the hops are walked from the right: the first one that is not in
+    `trusted` is the client; hops left of it (anything the client wrote itself) are left out;
+    when every hop is trusted the leftmost is the client. A hop that is not an address, or an
+    IPv6 address with a zone, ends the walk with the peer as the client (never free text as an
+    address). Empty only when the peer address is unknown."""
     ip = peer_ip(request)
     if not ip:
         return []
     if not peer_is_trusted(request, trusted):
         return [ip]
-    chain = _forwarded_for(request)
     believed = [ip]
-    for hop in reversed(chain):
+    for hop in reversed(_forwarded_for(request)):
         try:
             address = ipaddress.ip_address(hop)
         except ValueError:
-            return [ip]  # as `client_ip`: an unparsable hop means the peer is the client
+            return [ip]
+        if isinstance(address, ipaddress.IPv6Address) and address.scope_id is not None:
+            # `fe80::1%<any text, spaces too>` parses, but a zone means nothing off its host:
+            # never a client address (it would reach logs and per-client keys as free text).
+            return [ip]
         believed.append(hop)
         if not any(address in network for network in trusted):
             break
