@@ -2,8 +2,9 @@
 application's upstream, byte for byte, with the session bound to the conversation.
 
 Contract, in request order:
-- WebSocket upgrades: 501 `websocket_not_supported` (never half-proxied). Once open streams
-  were told to stop (shutdown timeout passed): 503 `shutting_down`.
+- WebSocket upgrades: 501 `websocket_not_supported` (never half-proxied). TRACE, TRACK and
+  CONNECT: 405 `method_not_allowed` (an upstream's echo would reveal the configured headers).
+  Once open streams were told to stop (shutdown timeout passed): 503 `shutting_down`.
 - The upstream URL is `{upstream}/{path}?{query}` from the *raw* request path. A segment that is
   `.`/`..` (also with path parameters: `..;x`), contains `/`, `\\`, `@` or a control character
   (after percent-decoding, repeatedly), or is empty (`//`), is 400 `invalid_path`: nothing in
@@ -102,6 +103,10 @@ READ_CHUNK_BYTES = 64 * 1024
 # Request bodies up to this declared length are read whole, then sent upstream as bytes.
 SMALL_BODY_BYTES = 64 * 1024
 KEEPALIVE_COMMENT = b": keep-alive\n\n"
+# Methods never sent upstream (405): TRACE/TRACK make an upstream echo the request it received,
+# the application's configured credential headers included; CONNECT asks for a tunnel.
+NEVER_PROXIED_METHODS = frozenset({"TRACE", "TRACK", "CONNECT"})
+PROXIED_METHODS_ALLOW = "GET, HEAD, OPTIONS, POST, PUT, PATCH, DELETE"
 # The only statuses relayed: final ones. Anything else is 502 `upstream_protocol_error`.
 RELAYED_STATUSES = (200, 599)
 # On every relayed answer, replacing the upstream's: an upstream shares the gateway's origin
@@ -872,6 +877,15 @@ async def _proxy(exchange: _Exchange) -> web.StreamResponse:
                 501,
                 "websocket_not_supported",
                 "WebSocket upgrades are not proxied; use HTTP (SSE).",
+            )
+        )
+    if request.method in NEVER_PROXIED_METHODS:
+        return _closing(
+            exchange.error(
+                405,
+                "method_not_allowed",
+                "This method is not proxied.",
+                headers={"Allow": PROXIED_METHODS_ALLOW},
             )
         )
     if lifecycle.stop_streams.is_set():

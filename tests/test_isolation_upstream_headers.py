@@ -418,3 +418,14 @@ def test_I5_the_believed_chain_starts_with_the_client_address(
     with mock.patch.object(type(request), "remote", new=peer):
         assert forwarded_chain(request, trusted) == chain
         assert client_ip(request, trusted) == chain[0]
+
+
+async def test_I5_trace_never_reaches_the_upstream(upstream: ServedUpstream) -> None:
+    """An upstream that answers TRACE echoes the request it received: the application's
+    configured credentials (`headers` in APPS_FILE) would come back to any client."""
+    settings = app_settings(upstream.base, headers={"Authorization": "Bearer server-secret"})
+    async with run_gateway(settings) as gw:
+        resp = await raw_request(gw.url, f"{AGENT}/x", method="TRACE", headers={"X-CSRF": "1"})
+    assert resp.status == 405
+    assert b'"method_not_allowed"' in resp.body and b"server-secret" not in resp.body
+    assert upstream.fake.seen == []
