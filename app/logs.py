@@ -88,9 +88,18 @@ def escape_control(text: str) -> str:
     """`text` with every character that is not printable (`str.isprintable`: controls, line
     and paragraph separators, surrogates, format characters) and every backslash written as a
     Python-style escape (`\\x0a`, `\\u2028`, `\\\\`); `text` itself when there is none."""
-    if text.isprintable() and "\\" not in text:
+    if text.isascii():
+        # The usual case, twice as fast as `isprintable`: drop the bytes that need escaping
+        # and see whether anything went.
+        if len(text.encode("ascii").translate(None, _ASCII_ESCAPED)) == len(text):
+            return text
+    elif text.isprintable() and "\\" not in text:
         return text
     return "".join(map(_escape_char, text))
+
+
+# The ASCII characters `escape_control` escapes: C0 controls, DEL, the backslash.
+_ASCII_ESCAPED = bytes([*range(0x20), 0x7F, 0x5C])
 
 
 def _escape_char(char: str) -> str:

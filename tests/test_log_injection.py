@@ -7,6 +7,7 @@ import asyncio
 import ipaddress
 import json
 import logging
+import random
 import re
 import sys
 from unittest import mock
@@ -166,3 +167,31 @@ def test_a_scoped_address_in_x_forwarded_for_is_never_the_client() -> None:
         "GET", "/", headers={"X-Forwarded-For": "198.51.100.7"}, transport=transport
     )
     assert client_ip(request, trusted) == "198.51.100.7"
+
+
+def test_escape_control_fast_paths_agree_with_the_per_character_rule() -> None:
+    """The ASCII and `isprintable` shortcuts escape exactly what the per-character rule does."""
+    rng = random.Random(12)
+    samples = [chr(c) for c in range(0x800)]  # ASCII, C1, Latin, the start of the BMP
+    samples += [chr(c) for c in (0x2028, 0x2029, 0x202E, 0xFEFF, 0xD800, 0xDFFF, 0xE0001)]
+    for _ in range(5000):
+        samples.append(
+            "".join(
+                chr(rng.choice((rng.randrange(0x80), rng.randrange(0x110000))))
+                for _ in range(rng.randrange(1, 12))
+            )
+        )
+    for text in samples:
+        expected = "".join(
+            char
+            if char.isprintable() and char != "\\"
+            else "\\\\"
+            if char == "\\"
+            else f"\\x{ord(char):02x}"
+            if ord(char) <= 0xFF
+            else f"\\u{ord(char):04x}"
+            if ord(char) <= 0xFFFF
+            else f"\\U{ord(char):08x}"
+            for char in text
+        )
+        assert logs.escape_control(text) == expected, repr(text)
