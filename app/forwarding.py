@@ -7,6 +7,7 @@ the end user).
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Sequence
 
@@ -20,14 +21,37 @@ def peer_ip(request: web.BaseRequest) -> str:
     return request.remote or ""
 
 
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+# The longest textual IP address without a zone (IPv4-mapped IPv6, fully written out).
+_LONGEST_ADDRESS = len("0000:0000:0000:0000:0000:ffff:255.255.255.255")
+
+
+def _parse_address(text: str) -> IPAddress | None:
+    """`text` as an IP address, None when it is not one (or carries a long zone, which no
+    caller accepts anyway). Parsed once per distinct text (see `_parse_cached`)."""
+    if len(text) > _LONGEST_ADDRESS + 16:
+        return None
+    return _parse_cached(text)
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_cached(text: str) -> IPAddress | None:
+    """Cached: the same few peers and hops come with every request and `ipaddress` parses in
+    Python. Bounded in entries and, by `_parse_address`, in key length (a client sending new
+    text each time only misses the cache)."""
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        return None
+
+
 def peer_is_trusted(request: web.BaseRequest, trusted: Sequence[IPNetwork]) -> bool:
     if not trusted:
         return False
-    try:
-        address = ipaddress.ip_address(peer_ip(request).split("%", 1)[0])
-    except ValueError:
-        return False
-    return any(address in network for network in trusted)
+    address = _parse_address(peer_ip(request).split("%", 1)[0])
+    return address is not None and any(address in network for network in trusted)
 
 
 def _first(value: str | None) -> str | None:
@@ -89,9 +113,8 @@ def forwarded_chain(request: web.BaseRequest, trusted: Sequence[IPNetwork]) -> l
         return [ip]
     believed = [ip]
     for hop in reversed(_forwarded_for(request)):
-        try:
-            address = ipaddress.ip_address(hop)
-        except ValueError:
+        address = _parse_address(hop)
+        if address is None:
             return [ip]
         if isinstance(address, ipaddress.IPv6Address) and address.scope_id is not None:
             # `fe80::1%<any text, spaces too>` parses, but a zone means nothing off its host:
