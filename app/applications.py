@@ -114,6 +114,13 @@ class AppConfig:
     max_concurrent_per_session: int = DEFAULT_PER_SESSION
     max_concurrent_per_client: int = DEFAULT_PER_CLIENT
     upload_timeout_seconds: float | None = None
+    # Resumable runs (app/runs/): event streams become runs a browser can resume on any
+    # replica; kept `resume_window_seconds` after the last reader left (or the end), at most
+    # `resume_max_events` events / `resume_max_bytes` bytes each (the oldest are dropped).
+    resumable: bool = False
+    resume_window_seconds: float = 60.0
+    resume_max_events: int = 10_000
+    resume_max_bytes: int = 4 * 1024 * 1024
 
     @property
     def is_builtin_demo(self) -> bool:
@@ -169,6 +176,7 @@ def _parse_app(
         "rate_limit_per_session",
         "rate_limit_per_app",
         *_CAPACITY_FIELDS,
+        *_RESUMABLE_FIELDS,
     }
     for unknown in sorted(set(table) - known):
         problems.append(f"{where}: unknown field {unknown!r}: remove it (known: {sorted(known)})")
@@ -247,6 +255,7 @@ def _parse_app(
             problems.append(f"{where}: field {name!r} = {raw_limit!r} is not valid: {err}")
 
     capacity = _parse_capacity(table, where, problems)
+    resumable = _parse_resumable(table, where, problems)
 
     if problems:
         return None, problems
@@ -263,6 +272,7 @@ def _parse_app(
             rate_limit_per_session=limits["rate_limit_per_session"],
             rate_limit_per_app=limits["rate_limit_per_app"],
             **capacity,
+            **resumable,
         ),
         [],
     )
@@ -299,6 +309,39 @@ def _parse_capacity(table: dict[str, Any], where: str, problems: list[str]) -> d
         fields["upload_timeout_seconds"] = _positive_number(
             table, "upload_timeout_seconds", 300.0, where, problems
         )
+    return fields
+
+
+# -- resumable runs (app/runs/) ---------------------------------------------------------
+
+_RESUMABLE_FIELDS = (
+    "resumable",
+    "resume_window_seconds",
+    "resume_max_events",
+    "resume_max_bytes",
+)
+
+
+def _parse_resumable(table: dict[str, Any], where: str, problems: list[str]) -> dict[str, Any]:
+    """The resumable-run fields of one `[apps.<id>]` table (absent ones keep the defaults)."""
+    fields: dict[str, Any] = {}
+    if "resumable" in table:
+        if isinstance(table["resumable"], bool):
+            fields["resumable"] = table["resumable"]
+        else:
+            problems.append(f"{where}: field 'resumable' must be true or false")
+    if "resume_window_seconds" in table:
+        fields["resume_window_seconds"] = _positive_number(
+            table, "resume_window_seconds", 60.0, where, problems
+        )
+    for name in ("resume_max_events", "resume_max_bytes"):
+        if name not in table:
+            continue
+        value = table[name]
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            problems.append(f"{where}: field {name!r} must be a positive integer")
+        else:
+            fields[name] = value
     return fields
 
 

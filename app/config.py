@@ -133,6 +133,10 @@ class Settings:
     # this long of the request (an application's `upload_timeout_seconds` wins); past it: 408
     # `body_timeout`, however steadily the bytes drip.
     upload_timeout_seconds: float = 300.0
+    # Resumable runs (app/runs/): the pump's heartbeat (stop checks, presence, liveness; a
+    # dead pumper is noticed within 4 of them) and the connections blocking reads may hold.
+    run_heartbeat_seconds: float = 0.5
+    run_follow_connections: int = 64
 
     @classmethod
     def from_env(
@@ -350,6 +354,8 @@ def _parse(env: Mapping[str, str]) -> Settings:
         upstream_pool_size=r.positive_int("UPSTREAM_POOL_SIZE", 1000),
         demo_token_delay_seconds=r.positive_float("DEMO_TOKEN_DELAY_SECONDS", 0.05),
         upload_timeout_seconds=r.positive_float("UPLOAD_TIMEOUT_SECONDS", 300.0),
+        run_heartbeat_seconds=r.positive_float("RUN_HEARTBEAT_SECONDS", 0.5),
+        run_follow_connections=r.positive_int("RUN_FOLLOW_CONNECTIONS", 64),
     )
     # Upstream capacity: the applications' caps must fit in the pool (app/capacity.py).
     if not app_problems:

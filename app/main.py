@@ -16,6 +16,7 @@ from app.metrics import instrument_backend, setup_metrics
 from app.middlewares import add_prepare_hook, setup_gateway
 from app.ratelimit import rate_limit_ctx
 from app.routes import setup_routes
+from app.runs.runs import runs_ctx
 from app.sessions.backend import SessionBackend, StoreUnavailable
 from app.sessions.memory import MemoryBackend
 from app.sessions.redis import RedisBackend, RedisOptions, make_client
@@ -56,6 +57,9 @@ def create_app(settings: Settings, *, backend: SessionBackend | None = None) -> 
     # After the store: contexts clean up in reverse, so the upstream client (and the demo
     # agent) close before Redis, which closes last.
     app.cleanup_ctx.append(upstream_ctx(settings))
+    # Resumable runs (app/runs/): after the upstream client and the store, so at cleanup the
+    # pumps end (and record their end in Redis) before either closes.
+    app.cleanup_ctx.append(runs_ctx(settings))
     app.on_shutdown.append(drain_on_shutdown)
     # One prepare hook: Connection: close while draining, X-Request-Id and security/CORS
     # headers, open streams counted.
@@ -104,20 +108,10 @@ def session_store_ctx(
     return ctx
 
 
-async def open_store(settings: Settings) -> SessionBackend:
-    """The configured backend, checked: Redis must answer PING within the startup timeout."""
-    if settings.session_store == "memory":
-        log.warning(
-            "SESSION_STORE=memory: sessions live in this process only; they do not survive a "
-            "restart or span replicas. Use SESSION_STORE=redis for several instances."
-        )
-        memory = MemoryBackend(
-            max_entries=settings.memory_max_sessions, max_bytes=settings.memory_max_bytes
-        )
-        memory.start_sweeping(settings.memory_sweep_interval_seconds)
-        return memory
+def redis_options(settings: Settings) -> RedisOptions:
+    """The Redis client options the settings describe (sessions; runs derive theirs)."""
     assert settings.redis_url is not None
-    options = RedisOptions(
+    return RedisOptions(
         url=settings.redis_url,
         op_timeout=settings.redis_op_timeout_seconds,
         socket_timeout=settings.redis_socket_timeout_seconds,
@@ -131,6 +125,22 @@ async def open_store(settings: Settings) -> SessionBackend:
         tls_verify=settings.redis_tls_verify,
         sentinel_password=settings.redis_sentinel_password,
     )
+
+
+async def open_store(settings: Settings) -> SessionBackend:
+    """The configured backend, checked: Redis must answer PING within the startup timeout."""
+    if settings.session_store == "memory":
+        log.warning(
+            "SESSION_STORE=memory: sessions live in this process only; they do not survive a "
+            "restart or span replicas. Use SESSION_STORE=redis for several instances."
+        )
+        memory = MemoryBackend(
+            max_entries=settings.memory_max_sessions, max_bytes=settings.memory_max_bytes
+        )
+        memory.start_sweeping(settings.memory_sweep_interval_seconds)
+        return memory
+    assert settings.redis_url is not None
+    options = redis_options(settings)
     redis_backend = RedisBackend(make_client(options), op_timeout=options.op_timeout)
     try:
         version = await redis_backend.check_server(settings.redis_startup_timeout_seconds)

@@ -90,7 +90,7 @@ def _on_prepare_headers(
     if origin is not None:
         headers["Access-Control-Allow-Origin"] = origin
         headers["Access-Control-Allow-Credentials"] = "true"
-        headers["Access-Control-Expose-Headers"] = "X-Request-Id"
+        headers["Access-Control-Expose-Headers"] = "X-Request-Id, X-Run-Id"
         headers.add("Vary", "Origin")
 
 

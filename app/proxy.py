@@ -1044,6 +1044,18 @@ async def _proxy(exchange: _Exchange) -> web.StreamResponse:
         except BaseException:
             upstream_response.close()
             raise
+    if (
+        app.resumable
+        and upstream_response.status == 200
+        and is_event_stream(upstream_response.headers)
+    ):
+        # Resumable applications (app/runs/): the event stream becomes a run that outlives
+        # this request; None when the run store failed (then relayed as below, no resume).
+        from app.runs.http import start_run  # app.runs imports this module
+
+        started = await start_run(exchange, response, upstream_response, conversation_id)
+        if started is not None:
+            return started
     try:
         await _relay(exchange, response, upstream_response, upstream.stop)
     finally:

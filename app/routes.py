@@ -7,6 +7,7 @@ from aiohttp import web
 from app import handlers
 from app.demo_agent import STATIC_DIR, demo_page
 from app.proxy import agent_proxy
+from app.runs import http as run_handlers
 
 
 def setup_routes(app: web.Application) -> None:
@@ -24,6 +25,12 @@ def setup_routes(app: web.Application) -> None:
     # `[\s\S]*`, not `.*`: an encoded newline in the path must reach the proxy's path check
     # (a clear 400 `invalid_path`), not fall through to a 404.
     app.router.add_route("*", r"/apps/{applicationId}/agent/{path:[\s\S]*}", agent_proxy)
+    # Resumable runs (app/runs/): resume (EventSource-compatible GET) and stop, on any replica.
+    runs = "/apps/{applicationId}/runs/{runId}"
+    app.router.add_get(runs, run_handlers.resume_run, allow_head=False)
+    app.router.add_route("OPTIONS", runs, handlers.method_not_allowed)
+    app.router.add_post(f"{runs}/stop", run_handlers.stop_run)
+    app.router.add_route("OPTIONS", f"{runs}/stop", handlers.method_not_allowed)
     # The demo chat page and its assets (talks to application `demo`).
     app.router.add_get("/", demo_page)
     app.router.add_static("/static", STATIC_DIR, append_version=False)

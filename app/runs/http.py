@@ -1,0 +1,371 @@
+"""Runs over HTTP: the hook that turns a resumable agent stream into a run, and the resume
+and stop endpoints.
+
+- The first response (the agent request itself): `X-Run-Id: <id>` among the upstream's
+  headers, then the run's events, each carrying `id: <seq>`, as the pump appends them.
+- `GET /apps/{applicationId}/runs/{runId}` on any replica, with `Last-Event-ID: <seq>` (what
+  `EventSource` sends on its own) or `?last_event_id=<seq>` (none: from the start): the events
+  after `<seq>` (replayed from the log or Redis), then the live ones, then the end (the
+  response ends). Every event exactly once, in order. A run of another session (or of another
+  application, or unknown, or expired): 404 `run_not_found`. A malformed id: 400
+  `invalid_last_event_id`. A run that ended with nothing after `<seq>`: 204 (`EventSource`
+  stops reconnecting). Events before `<seq>` dropped by the run's limits: one `event: error`
+  `resume_too_old`. A pumping replica that died (heartbeat gone, no end recorded):
+  `event: error` `run_orphaned` within 4 heartbeats plus one.
+- `POST /apps/{applicationId}/runs/{runId}/stop` (CSRF header, same session): 202; the pump,
+  wherever it runs, ends the run (`run_stopped`) within a heartbeat and cancels the upstream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import secrets
+from typing import TYPE_CHECKING
+
+import aiohttp
+from aiohttp import web
+
+from app.errors import REQUEST_ID_KEY, ApiError
+from app.middlewares import APP_CONFIG_KEY
+from app.runs.runs import ERROR_MESSAGES, RUNS_KEY, Run, RunRegistry, owner_of, reading
+from app.runs.store import RedisRunStore, RunMeta
+from app.sessions.backend import StoreUnavailable
+from app.sessions.middleware import get_session
+from app.sessions.storage import GATEWAY
+from app.state import SETTINGS_KEY
+from app.upstream import UPSTREAM_KEY
+
+if TYPE_CHECKING:
+    from app.proxy import _Exchange
+
+log = logging.getLogger(__name__)
+
+RUN_HEADER = "X-Run-Id"
+_RUN_ID_RE = re.compile(r"^[A-Za-z0-9_-]{22}$")
+_SEQ_RE = re.compile(r"^[0-9]{1,18}$")
+KEEPALIVE_COMMENT = b": keep-alive\n\n"
+# Entries per Redis read.
+_READ_COUNT = 512
+
+
+async def start_run(
+    exchange: _Exchange,
+    response: web.StreamResponse,
+    upstream: aiohttp.ClientResponse,
+    conversation_id: str,
+) -> web.StreamResponse | None:
+    """The proxy's hook for an event stream of a resumable application: start a run, answer
+    with it; None when the run store failed (the proxy then relays as usual, no resume)."""
+    from app.proxy import browser_response_headers  # app.proxy imports this module lazily
+
+    request, app = exchange.request, exchange.app
+    registry = request.app[RUNS_KEY]
+    run_id = secrets.token_urlsafe(16)
+    owner = owner_of(conversation_id)
+    try:
+        if registry.store is not None:
+            await registry.store.create(
+                run_id,
+                RunMeta(owner, app.app_id),
+                ttl_ms=registry.ttl_ms(app),
+                heartbeat_ms=registry.heartbeat_ms,
+                window_ms=round(app.resume_window_seconds * 1000),
+            )
+    except StoreUnavailable as err:
+        registry.counters.unresumable += 1
+        log.warning("run not created (%s): relayed without resume (app %s)", err, app.app_id)
+        return None
+    except BaseException:
+        upstream.close()
+        raise
+    # From here the pump owns the upstream response and the capacity slots (released once,
+    # when the run ends, not when this request does).
+    slots, client, session_key = exchange.slots, exchange.client_key, exchange.session_key
+    exchange.slots = None
+    capacity = request.app[UPSTREAM_KEY].capacity
+
+    def release() -> None:
+        if slots is not None:
+            capacity.leave(slots, client, session_key)
+
+    run = registry.start(run_id, app, owner, upstream, release)
+    response.set_status(200)
+    headers = browser_response_headers(upstream.headers)
+    headers.popall("Content-Length", None)
+    response.headers.extend(headers)
+    _stream_headers(response, run_id)
+    try:
+        await _follow_local(request, response, run, 0, registry)
+    finally:
+        run.local_readers -= 1  # `registry.start` counted this request as its first reader
+    return response
+
+
+def _stream_headers(response: web.StreamResponse, run_id: str) -> None:
+    response.headers[RUN_HEADER] = run_id
+    response.headers["X-Accel-Buffering"] = "no"
+    response.headers.setdefault("Cache-Control", "no-cache")
+
+
+def _error_event(request: web.Request, code: str) -> bytes:
+    payload = {
+        "code": code,
+        "message": ERROR_MESSAGES.get(code, code),
+        "request_id": request[REQUEST_ID_KEY],
+    }
+    return f"event: error\ndata: {json.dumps(payload)}\n\n".encode()
+
+
+def _gone(request: web.Request) -> bool:
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
+async def _follow_local(
+    request: web.Request,
+    response: web.StreamResponse,
+    run: Run,
+    after: int,
+    registry: RunRegistry,
+    *,
+    resume: bool = False,
+) -> None:
+    """Send `run`'s events after `after` from this process's log, then the live ones, until
+    the run ends or the browser leaves."""
+    settings = request.app[SETTINGS_KEY]
+    wait = min(settings.sse_keepalive_seconds, registry.heartbeat)
+    keepalive = settings.sse_keepalive_seconds
+    loop = asyncio.get_running_loop()
+    last_write = loop.time()
+    pos = after
+    replay_until = run.log.next_seq - 1 if resume else 0
+    try:
+        if not response.prepared:
+            writer = await response.prepare(request)
+            if writer is not None and not run.log.after(pos):
+                writer.send_headers()  # the head (X-Run-Id) never waits for a first event
+        while True:
+            if pos + 1 < run.log.first_seq:
+                await response.write(_error_event(request, "resume_too_old"))
+                break
+            chunks = run.log.after(pos)
+            if chunks:
+                if pos < replay_until:
+                    registry.counters.replayed_events += min(len(chunks), replay_until - pos)
+                pos += len(chunks)
+                await response.write(b"".join(chunks))
+                last_write = loop.time()
+                continue
+            if run.log.end is not None:
+                break
+            if not await run.log.wait(wait):
+                if _gone(request):
+                    return
+                if loop.time() - last_write >= keepalive:
+                    await response.write(KEEPALIVE_COMMENT)
+                    last_write = loop.time()
+        await response.write_eof()
+    except ConnectionError:
+        return
+
+
+async def _follow_remote(
+    request: web.Request,
+    response: web.StreamResponse,
+    store: RedisRunStore,
+    run_id: str,
+    after: int,
+    registry: RunRegistry,
+    window_ms: int,
+) -> None:
+    """The same from Redis, for a run pumped by another replica: replay with `XRANGE`, then
+    follow with `XREAD BLOCK` (one heartbeat at most), checking the pumper's heartbeat."""
+    settings = request.app[SETTINGS_KEY]
+    block_ms = max(1, round(registry.heartbeat * 1000))
+    keepalive = settings.sse_keepalive_seconds
+    loop = asyncio.get_running_loop()
+    last_write = last_tick = loop.time()
+    pos = after
+    replaying = True
+    try:
+        while True:
+            if replaying:
+                entries = await store.range_after(run_id, pos, _READ_COUNT)
+                replaying = bool(entries)
+            else:
+                entries = await store.follow(run_id, pos, block_ms=block_ms, count=_READ_COUNT)
+            now = loop.time()
+            if not entries or now - last_tick >= registry.heartbeat:
+                last_tick = now
+                if _gone(request):
+                    return
+                alive = await store.reader_tick(run_id, window_ms=window_ms)
+                if not entries and not alive:
+                    # The end may have been written just before the heartbeat was removed.
+                    entries = await store.range_after(run_id, pos, _READ_COUNT)
+                    if not entries:
+                        registry.counters.orphaned += 1
+                        await response.write(_error_event(request, "run_orphaned"))
+                        break
+            if not entries:
+                if loop.time() - last_write >= keepalive:
+                    await response.write(KEEPALIVE_COMMENT)
+                    last_write = loop.time()
+                continue
+            out: list[bytes] = []
+            ended = False
+            for entry in entries:
+                if entry.seq != pos + 1:
+                    out.append(_error_event(request, "resume_too_old"))
+                    ended = True
+                    break
+                if entry.end is not None:
+                    ended = True
+                    break
+                assert entry.data is not None
+                out.append(entry.data)
+                pos = entry.seq
+            if replaying:
+                registry.counters.replayed_events += len(out)
+            if out:
+                await response.write(b"".join(out))
+                last_write = loop.time()
+            if ended:
+                break
+        await response.write_eof()
+    except StoreUnavailable as err:
+        log.warning("run %s: reading failed (%s)", run_id, err)
+        try:
+            await response.write(_error_event(request, "run_store_unavailable"))
+            await response.write_eof()
+        except ConnectionError:
+            return
+    except ConnectionError:
+        return
+
+
+def _run_id(request: web.Request) -> str:
+    run_id = request.match_info["runId"]
+    if not _RUN_ID_RE.match(run_id):
+        raise _not_found()
+    return run_id
+
+
+def _not_found() -> ApiError:
+    return ApiError(404, "run_not_found", "No such run in this session.")
+
+
+def _last_event_id(request: web.Request) -> int:
+    raw = request.headers.get("Last-Event-ID")
+    if raw is None:
+        raw = request.query.get("last_event_id")
+    if raw is None or raw.strip() == "":
+        return 0
+    raw = raw.strip()
+    if not _SEQ_RE.match(raw):
+        raise ApiError(
+            400,
+            "invalid_last_event_id",
+            "Last-Event-ID (or last_event_id) must be the id of an event of this run.",
+        )
+    return int(raw)
+
+
+async def _owner(request: web.Request) -> str | None:
+    """The owner hash of the request's session (None without a conversation)."""
+    session = await get_session(request)
+    gateway = session.get(GATEWAY)
+    conversation = gateway.get("conversation_id") if isinstance(gateway, dict) else None
+    return owner_of(conversation) if isinstance(conversation, str) else None
+
+
+async def resume_run(request: web.Request) -> web.StreamResponse:
+    """`GET /apps/{applicationId}/runs/{runId}` (see the module docstring)."""
+    app = request[APP_CONFIG_KEY]
+    run_id = _run_id(request)
+    after = _last_event_id(request)
+    owner = await _owner(request)
+    registry = request.app[RUNS_KEY]
+    run = registry.runs.get(run_id)
+    if owner is None:
+        raise _not_found()
+    if run is not None:
+        if run.owner != owner or run.app.app_id != app.app_id:
+            raise _not_found()
+        if after >= run.log.next_seq:
+            raise ApiError(
+                400, "invalid_last_event_id", "Last-Event-ID is past this run's last event."
+            )
+        if run.log.end is not None and after == run.log.next_seq - 1:
+            return web.Response(status=204)
+        registry.counters.resumes += 1
+        response = _event_stream_response(run_id)
+        with reading(run):
+            await _follow_local(request, response, run, after, registry, resume=True)
+        return response
+    store = registry.store
+    if store is None:
+        raise _not_found()
+    meta = await store.meta(run_id)
+    if meta is None or meta.owner != owner or meta.app_id != app.app_id:
+        raise _not_found()
+    if meta.end is not None:
+        left = await store.range_after(run_id, after, 1)
+        if not left or (left[0].end is not None and left[0].seq == after + 1):
+            return web.Response(status=204)
+    registry.counters.resumes += 1
+    response = _event_stream_response(run_id)
+    await response.prepare(request)
+    await _follow_remote(
+        request,
+        response,
+        store,
+        run_id,
+        after,
+        registry,
+        round(app.resume_window_seconds * 1000),
+    )
+    return response
+
+
+def _event_stream_response(run_id: str) -> web.StreamResponse:
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    _stream_headers(response, run_id)
+    return response
+
+
+async def stop_run(request: web.Request) -> web.Response:
+    """`POST /apps/{applicationId}/runs/{runId}/stop` (see the module docstring)."""
+    app = request[APP_CONFIG_KEY]
+    run_id = _run_id(request)
+    owner = await _owner(request)
+    registry = request.app[RUNS_KEY]
+    if owner is None:
+        raise _not_found()
+    run = registry.runs.get(run_id)
+    state = "stopping"
+    if run is not None:
+        if run.owner != owner or run.app.app_id != app.app_id:
+            raise _not_found()
+        if run.log.end is None:
+            registry.stop_local(run)
+        else:
+            state = "ended"
+    elif registry.store is not None:
+        meta = await registry.store.meta(run_id)
+        if meta is None or meta.owner != owner or meta.app_id != app.app_id:
+            raise _not_found()
+        if meta.end is None:
+            await registry.store.request_stop(run_id)
+        else:
+            state = "ended"
+    else:
+        raise _not_found()
+    return web.json_response(
+        {"run": {"id": run_id, "state": state}},
+        status=202,
+        headers={"Cache-Control": "no-store"},
+    )

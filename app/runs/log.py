@@ -1,0 +1,83 @@
+"""One run's events in this process: bounded, in order, with waiters for what comes next.
+
+Sequence numbers start at 1 and have no holes; an entry is the event already framed for a
+browser (`app.runs.sse.frame`). Past `max_events` entries or `max_bytes` of them, the oldest
+are dropped (`first_seq` moves up): a reader whose position is before `first_seq - 1` has lost
+events and is told so, never served a stream with a hole.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections import deque
+
+from app.runs.sse import frame
+
+
+class RunLog:
+    """The framed events of one run (see the module docstring)."""
+
+    __slots__ = ("_entries", "_waiters", "bytes", "end", "max_bytes", "max_events", "next_seq")
+
+    def __init__(self, *, max_events: int, max_bytes: int) -> None:
+        self.max_events = max_events
+        self.max_bytes = max_bytes
+        self._entries: deque[bytes] = deque()
+        self.next_seq = 1
+        self.bytes = 0
+        # Why the run ended (`"done"`, or an error code); None while it runs.
+        self.end: str | None = None
+        self._waiters: list[asyncio.Future[None]] = []
+
+    @property
+    def first_seq(self) -> int:
+        """The oldest sequence number still held (`next_seq` when none is)."""
+        return self.next_seq - len(self._entries)
+
+    def append(self, event: bytes) -> tuple[int, bytes]:
+        """Add `event`; returns its sequence number and framed bytes. Wakes the waiters."""
+        seq = self.next_seq
+        framed = frame(seq, event)
+        self._entries.append(framed)
+        self.next_seq = seq + 1
+        self.bytes += len(framed)
+        while len(self._entries) > 1 and (
+            len(self._entries) > self.max_events or self.bytes > self.max_bytes
+        ):
+            self.bytes -= len(self._entries.popleft())
+        self._wake()
+        return seq, framed
+
+    def after(self, pos: int) -> list[bytes]:
+        """The framed events after sequence number `pos` (`pos + 1 >= first_seq`)."""
+        start = pos + 1 - self.first_seq
+        if start >= len(self._entries):
+            return []
+        return list(itertools.islice(self._entries, max(start, 0), None))
+
+    def close(self, reason: str) -> None:
+        """The run ended (`reason`); waiters wake and see `end`."""
+        if self.end is None:
+            self.end = reason
+        self._wake()
+
+    async def wait(self, seconds: float) -> bool:
+        """Wait up to `seconds` for an append or the end; False when it timed out."""
+        future = asyncio.get_running_loop().create_future()
+        self._waiters.append(future)
+        try:
+            async with asyncio.timeout(seconds):
+                await future
+        except TimeoutError:
+            return False
+        finally:
+            if future in self._waiters:
+                self._waiters.remove(future)
+        return True
+
+    def _wake(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for future in waiters:
+            if not future.done():
+                future.set_result(None)

@@ -1,0 +1,448 @@
+"""The run registry and the pump: a resumable agent stream keeps going without its browser.
+
+A run starts when an application with `resumable = true` answers an agent request with an
+event stream (`app.runs.http.start_run`). From then on a pump task of this process owns the
+upstream response and its capacity slots: it reads the upstream, splits it into events
+(`SseParser`), appends each to the run's in-process log (readers here are woken at once) and,
+with `SESSION_STORE=redis`, to the run's Redis stream (readers on other replicas,
+`app.runs.store`). Browsers are readers; none of them leaving cancels the upstream.
+
+The pump ends when
+- the upstream's stream ends (`done`), breaks (`upstream_stream_error`) or is silent for the
+  application's `idle_timeout_seconds` (`upstream_idle_timeout`);
+- a stop is asked for (`run_stopped`: the stop endpoint here, or the run's `stop` field in
+  Redis, read every heartbeat);
+- nobody has read it for the application's `resume_window_seconds` (`run_expired`), or,
+  while nobody reads, the log dropped events the last reader had not seen, so no resume
+  could succeed any more (`run_limit_reached`);
+- the replica's shutdown timeout passed (`shutting_down`: a draining replica keeps pumping
+  until then; its pumps count as requests in flight), or Redis failed (`run_store_unavailable`).
+Every end but `done` appends one `event: error` (`data: {"code", "message", "run_id"}`) with
+its own id, so every reader learns it. Then the upstream response is released (complete) or
+closed (which cancels the upstream), and the capacity slots are returned, exactly once.
+
+Every `RUN_HEARTBEAT_SECONDS` the pump refreshes its heartbeat key (TTL: 4 heartbeats), reads
+the stop flag and the readers' presence key, and refreshes the keys' TTLs: one pipelined round
+trip per run and heartbeat. An ended run stays readable (in this process and in Redis) for its
+window.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+
+import aiohttp
+from aiohttp import web
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from app.applications import AppConfig
+from app.config import Settings
+from app.lifecycle import LIFECYCLE_KEY, Lifecycle
+from app.metrics import METRICS_KEY
+from app.runs.log import RunLog
+from app.runs.sse import SseParser
+from app.runs.store import RedisRunStore
+from app.sessions.backend import StoreUnavailable
+from app.sessions.redis import RedisBackend, make_client
+from app.state import BACKEND_KEY
+from app.upstream import UPSTREAM_KEY, StreamStop
+
+log = logging.getLogger(__name__)
+
+READ_CHUNK_BYTES = 64 * 1024
+# The heartbeat key lives this many heartbeats: a dead pumper is noticed within it.
+HEARTBEAT_TTL_BEATS = 4
+# A reader on another replica counts as present when it refreshed its key this recently.
+_PRESENT_BEATS = 3
+# Waiting for the pumps at cleanup (they were told to stop by the shutdown already).
+_CLOSE_SECONDS = 2.0
+
+ERROR_MESSAGES = {
+    "upstream_stream_error": "The agent service stream broke off.",
+    "upstream_idle_timeout": "The agent service sent nothing for too long.",
+    "shutting_down": "The instance running this answer shut down; start a new one.",
+    "run_stopped": "The run was stopped.",
+    "run_expired": "Nobody read this run within its window; it was cancelled.",
+    "run_limit_reached": "This run outgrew what is kept while nobody reads it; it was cancelled.",
+    "run_store_unavailable": "The run store is unavailable; this run cannot continue.",
+    "run_orphaned": "The instance running this answer is gone; the rest of it is lost.",
+    "resume_too_old": "Events after your Last-Event-ID were dropped (the run's limits); "
+    "this run cannot be resumed from there.",
+}
+
+
+def owner_of(conversation_id: str) -> str:
+    """What binds a run to its session: a hash of the session's conversation id (stable
+    across session id rotations, never stored in clear next to the run)."""
+    return hashlib.sha256(conversation_id.encode()).hexdigest()[:32]
+
+
+def error_event(code: str, run_id: str) -> bytes:
+    """The body of the `event: error` added to a run (framed by the log like any event)."""
+    payload = {"code": code, "message": ERROR_MESSAGES.get(code, code), "run_id": run_id}
+    return b"event: error\ndata: " + json.dumps(payload).encode()
+
+
+@dataclass(eq=False, slots=True)
+class Run:
+    """A run pumped by this process (or recently ended here)."""
+
+    run_id: str
+    app: AppConfig
+    owner: str
+    log: RunLog
+    local_readers: int = 0
+    stop_requested: bool = False
+    # The last sequence number known to have been reachable by a reader (see `_tick`).
+    attached_seq: int = 0
+    detached_at: float | None = None
+    waiting: asyncio.Timeout | None = None
+    task: asyncio.Task[None] | None = None
+
+    def wake(self) -> None:
+        """Cut the pump's current wait short (a stop, the shutdown)."""
+        waiting = self.waiting
+        if waiting is not None and not waiting.expired():
+            waiting.reschedule(asyncio.get_running_loop().time())
+
+
+@dataclass(slots=True)
+class RunCounters:
+    started: int = 0
+    unresumable: int = 0
+    resumes: int = 0
+    replayed_events: int = 0
+    orphaned: int = 0
+    expired: int = 0
+    ended: dict[str, int] = field(default_factory=dict)
+
+
+class RunRegistry:
+    """The runs of this process, and the Redis store when there is one (None: memory)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: RedisRunStore | None,
+        lifecycle: Lifecycle,
+        stop: StreamStop,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.lifecycle = lifecycle
+        self.heartbeat = settings.run_heartbeat_seconds
+        self.runs: dict[str, Run] = {}
+        self.counters = RunCounters()
+        self._stop = stop
+        self._expiry: dict[str, asyncio.TimerHandle] = {}
+        stop.subscribe(self._on_shutdown)
+
+    @property
+    def heartbeat_ms(self) -> int:
+        return max(1, round(self.heartbeat * HEARTBEAT_TTL_BEATS * 1000))
+
+    def ttl_ms(self, app: AppConfig) -> int:
+        """How long a run's keys outlive its last heartbeat (or its end)."""
+        return round(app.resume_window_seconds * 1000) + self.heartbeat_ms
+
+    @property
+    def active(self) -> int:
+        return sum(1 for run in self.runs.values() if run.log.end is None)
+
+    def start(
+        self,
+        run_id: str,
+        app: AppConfig,
+        owner: str,
+        upstream: aiohttp.ClientResponse,
+        release: Callable[[], None],
+    ) -> Run:
+        """Register the run (with one local reader: the request that started it) and start
+        its pump, which from now on owns `upstream` and `release` (the capacity slots)."""
+        run = Run(
+            run_id,
+            app,
+            owner,
+            RunLog(max_events=app.resume_max_events, max_bytes=app.resume_max_bytes),
+            local_readers=1,
+        )
+        self.runs[run_id] = run
+        self.counters.started += 1
+        # A pump is a request in flight for the drain: a draining replica keeps pumping.
+        self.lifecycle.request_started()
+        run.task = asyncio.create_task(self._pump(run, upstream, release))
+        return run
+
+    def _on_shutdown(self) -> None:
+        for run in self.runs.values():
+            run.wake()
+
+    async def _pump(
+        self, run: Run, upstream: aiohttp.ClientResponse, release: Callable[[], None]
+    ) -> None:
+        reason = "done"
+        try:
+            reason = await self._pump_events(run, upstream)
+        except asyncio.CancelledError:
+            reason = "shutting_down"
+            raise
+        finally:
+            try:
+                if upstream.content.at_eof() and reason == "done":
+                    upstream.release()
+                else:
+                    upstream.close()  # the upstream learns the run was abandoned
+            finally:
+                release()
+                self.lifecycle.request_finished()
+                await self._end(run, reason)
+
+    async def _pump_events(self, run: Run, upstream: aiohttp.ClientResponse) -> str:
+        from app.proxy import read_available  # the proxy's fast reader (app.proxy imports us)
+
+        loop = asyncio.get_running_loop()
+        content = upstream.content
+        parser = SseParser()
+        idle = run.app.idle_timeout_seconds
+        last_data = loop.time()
+        next_tick = last_data + self.heartbeat
+        store = self.store
+        while True:
+            if run.stop_requested:
+                return "run_stopped"
+            if self._stop.is_set:
+                return "shutting_down"
+            now = loop.time()
+            if now >= next_tick:
+                ended = await self._tick(run, now)
+                if ended is not None:
+                    return ended
+                next_tick = now + self.heartbeat
+                continue
+            try:
+                async with asyncio.timeout_at(min(last_data + idle, next_tick)) as waiting:
+                    run.waiting = waiting
+                    try:
+                        chunk = await read_available(content, READ_CHUNK_BYTES)
+                    finally:
+                        run.waiting = None
+            except TimeoutError:
+                if loop.time() >= last_data + idle:
+                    return "upstream_idle_timeout"
+                continue
+            except (aiohttp.ClientError, OSError, RuntimeError):
+                return "upstream_stream_error"
+            if not chunk:
+                return "done"
+            last_data = loop.time()
+            events = parser.feed(chunk)
+            if not events:
+                continue
+            appended = [run.log.append(event) for event in events]
+            if store is not None:
+                try:
+                    await store.append(run.run_id, appended, run.log.first_seq)
+                except StoreUnavailable as err:
+                    log.warning("run %s: the run store failed (%s)", run.run_id, err)
+                    return "run_store_unavailable"
+
+    async def _tick(self, run: Run, now: float) -> str | None:
+        """The heartbeat: stop asked for, nobody reading for the window, or limits: a reason
+        to end; else None."""
+        window = run.app.resume_window_seconds
+        attached = run.local_readers > 0
+        remote_present = False
+        if self.store is not None:
+            try:
+                stop, pttl = await self.store.tick(
+                    run.run_id, heartbeat_ms=self.heartbeat_ms, ttl_ms=self.ttl_ms(run.app)
+                )
+            except StoreUnavailable as err:
+                log.warning("run %s: heartbeat failed (%s)", run.run_id, err)
+                return "run_store_unavailable"
+            if stop:
+                return "run_stopped"
+            remote_present = pttl > 0
+            if pttl > (window - _PRESENT_BEATS * self.heartbeat) * 1000:
+                attached = True
+        if attached:
+            run.detached_at = None
+            run.attached_seq = run.log.next_seq - 1
+            return None
+        if run.detached_at is None:
+            run.detached_at = now
+        if now - run.detached_at >= window and not remote_present:
+            return "run_expired"
+        if run.log.first_seq > run.attached_seq + 1:
+            return "run_limit_reached"
+        return None
+
+    async def _end(self, run: Run, reason: str) -> None:
+        """Record the end: the error event (unless `done`), the end marker, the counters; the
+        run stays readable here for its window."""
+        counters = self.counters
+        counters.ended[reason] = counters.ended.get(reason, 0) + 1
+        if reason == "run_expired":
+            counters.expired += 1
+        if reason != "done":
+            log.info("run %s ended: %s (app %s)", run.run_id, reason, run.app.app_id)
+        entries = [] if reason == "done" else [run.log.append(error_event(reason, run.run_id))]
+        run.log.close(reason)
+        if self.store is not None and reason != "run_store_unavailable":
+            try:
+                if entries:
+                    await self.store.append(run.run_id, entries, run.log.first_seq)
+                await self.store.end(
+                    run.run_id,
+                    run.log.next_seq,
+                    reason,
+                    ttl_ms=round(run.app.resume_window_seconds * 1000),
+                )
+            except StoreUnavailable as err:
+                log.warning("run %s: its end could not be recorded (%s)", run.run_id, err)
+        handle = asyncio.get_running_loop().call_later(
+            run.app.resume_window_seconds, self._forget, run.run_id
+        )
+        self._expiry[run.run_id] = handle
+
+    def _forget(self, run_id: str) -> None:
+        self._expiry.pop(run_id, None)
+        self.runs.pop(run_id, None)
+
+    def stop_local(self, run: Run) -> None:
+        run.stop_requested = True
+        run.wake()
+
+    async def close(self) -> None:
+        """Cleanup: the pumps were told to stop by the shutdown; wait briefly, then cancel."""
+        self._stop.unsubscribe(self._on_shutdown)
+        tasks = [run.task for run in self.runs.values() if run.task and not run.task.done()]
+        for run in self.runs.values():
+            run.wake()
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=_CLOSE_SECONDS)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        for handle in self._expiry.values():
+            handle.cancel()
+        self._expiry.clear()
+
+
+RUNS_KEY = web.AppKey("runs", RunRegistry)
+
+
+class RunsCollector:
+    """The run counters as Prometheus series, read at scrape time."""
+
+    def __init__(self, registry: RunRegistry) -> None:
+        self._registry = registry
+
+    def describe(self) -> list[Metric]:
+        return list(self.collect())
+
+    def collect(self) -> Iterator[Metric]:
+        registry = self._registry
+        counters = registry.counters
+        yield GaugeMetricFamily(
+            "agent_bff_runs_active", "Resumable runs pumping in this process.", registry.active
+        )
+        for name, text, value in (
+            ("agent_bff_runs_started", "Resumable runs started here.", counters.started),
+            (
+                "agent_bff_runs_unresumable",
+                "Resumable streams relayed without a run (the run store failed at start).",
+                counters.unresumable,
+            ),
+            ("agent_bff_run_resumes", "Resume requests served here.", counters.resumes),
+            (
+                "agent_bff_run_replayed_events",
+                "Events sent by resumes that were already stored when the resume began.",
+                counters.replayed_events,
+            ),
+            (
+                "agent_bff_runs_orphaned",
+                "Readers here that found a run's pumping replica gone.",
+                counters.orphaned,
+            ),
+            (
+                "agent_bff_runs_expired",
+                "Runs cancelled because nobody read them within their window.",
+                counters.expired,
+            ),
+        ):
+            yield CounterMetricFamily(name, text, value=value)
+        ended = CounterMetricFamily(
+            "agent_bff_runs_ended", "Runs pumped here that ended, by reason.", labels=["reason"]
+        )
+        for reason, count in sorted(counters.ended.items()):
+            ended.add_metric([reason], count)
+        yield ended
+
+
+def runs_ctx(settings: Settings) -> Callable[[web.Application], AsyncIterator[None]]:
+    """Cleanup context (after the store's and the upstream's): the registry, with a Redis
+    run store on the session store's Redis (plus a small pool for blocking reads)."""
+
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        backend = app[BACKEND_KEY]
+        store: RedisRunStore | None = None
+        follow: RedisBackend | None = None
+        if isinstance(backend, RedisBackend):
+            follow = follow_backend(settings, backend)
+            store = RedisRunStore(backend, follow, settings.redis_aux_prefix)
+        registry = RunRegistry(settings, store, app[LIFECYCLE_KEY], app[UPSTREAM_KEY].stop)
+        app[RUNS_KEY] = registry
+        metrics = app.get(METRICS_KEY)
+        collector = RunsCollector(registry)
+        if metrics is not None:
+            metrics.registry.register(collector)
+        try:
+            yield
+        finally:
+            if metrics is not None:
+                metrics.registry.unregister(collector)
+            await registry.close()
+            if follow is not None and follow is not backend:
+                await follow.close()
+
+    return ctx
+
+
+def follow_backend(settings: Settings, backend: RedisBackend) -> RedisBackend:
+    """A second client for blocking `XREAD`s: at most `RUN_FOLLOW_CONNECTIONS` connections,
+    socket and operation deadlines stretched by one heartbeat (the longest block)."""
+    from app.main import redis_options  # the one place Redis options are built
+
+    if settings.redis_url is None:  # a test backend without settings: share it
+        return backend
+    options = redis_options(settings)
+    options = type(options)(
+        **{
+            **{name: getattr(options, name) for name in options.__dataclass_fields__},
+            "max_connections": settings.run_follow_connections,
+            "socket_timeout": options.socket_timeout + settings.run_heartbeat_seconds,
+            "client_name": f"{options.client_name}-follow",
+        }
+    )
+    return RedisBackend(
+        make_client(options),
+        op_timeout=settings.redis_op_timeout_seconds + settings.run_heartbeat_seconds,
+        pipelining=False,
+    )
+
+
+@contextlib.contextmanager
+def reading(run: Run) -> Iterator[None]:
+    """A local reader of `run` while inside (the pump's presence check)."""
+    run.local_readers += 1
+    try:
+        yield
+    finally:
+        run.local_readers -= 1

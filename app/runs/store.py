@@ -1,0 +1,206 @@
+"""Runs in Redis, so that a reader on any replica can replay and follow a run pumped elsewhere.
+
+Keys (all with the run id as hash tag, so one run's keys share a Redis Cluster slot):
+- `{REDIS_AUX_PREFIX}run:{<id>}:m`  hash: `o` owner (a hash of the conversation id), `a`
+  application id, `end` (why it ended, once it has), `stop` (`1`: a stop was asked for).
+- `{...}:e`  stream: entry id `0-<seq>` (the gateway's SSE id), field `d` = the framed event;
+  a last entry with field `x` = the end reason marks the end. Written only by the pumping
+  replica, trimmed with `MINID` to the same bounds as its in-process log.
+- `{...}:h`  the pumper's heartbeat, `PX` = 4 heartbeats, refreshed every heartbeat; deleted
+  at the end. Missing while the run has no end entry: its pumper died.
+- `{...}:r`  readers on other replicas, `PX` = the application's window, refreshed by each
+  of them every heartbeat: the pumper's view of "somebody is still reading".
+`m` and `e` expire one window (plus a heartbeat TTL) after the last heartbeat or the end.
+
+Every command goes through `RedisBackend._run` (3 retries, one deadline, `StoreUnavailable`);
+simple ones through the auto-pipeliner. Blocking `XREAD`s use their own bounded client
+(`follow`), so a reader never holds a connection the sessions need. Replies are normalised:
+the pipeliner returns raw RESP2, a cluster client parses it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from redis.exceptions import ResponseError
+
+from app.sessions.redis import RedisBackend
+
+# XADD with an id not above the stream's last one: what a retry after a lost reply meets.
+_ALREADY_ADDED = "equal or smaller than the target stream top item"
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One stream entry: an event (`data`) or the end marker (`end`)."""
+
+    seq: int
+    data: bytes | None = None
+    end: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RunMeta:
+    owner: str
+    app_id: str
+    end: str | None = None
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _pairs(raw: Any) -> dict[str, Any]:
+    """A hash or an entry's fields, from raw RESP2 (a flat list) or a parsed dict."""
+    if isinstance(raw, dict):
+        return {_text(k): v for k, v in raw.items()}
+    items = list(raw or [])
+    return {_text(items[i]): items[i + 1] for i in range(0, len(items) - 1, 2)}
+
+
+def _entries(raw: Any) -> list[Entry]:
+    """`XRANGE` entries (raw or parsed: `[id, fields]` pairs) as `Entry`s."""
+    out: list[Entry] = []
+    for item in raw or []:
+        entry_id, fields = item[0], _pairs(item[1])
+        seq = int(_text(entry_id).partition("-")[2])
+        if "x" in fields:
+            out.append(Entry(seq, end=_text(fields["x"])))
+        else:
+            out.append(Entry(seq, data=bytes(fields.get("d", b""))))
+    return out
+
+
+class RedisRunStore:
+    """The Redis side of runs (see the module docstring). `follow` may be `backend` itself
+    (tests); in production it is a second backend on a small dedicated pool."""
+
+    def __init__(self, backend: RedisBackend, follow: RedisBackend, prefix: str) -> None:
+        self._backend = backend
+        self._follow = follow
+        self._prefix = prefix
+
+    def key(self, run_id: str, kind: str) -> str:
+        return f"{self._prefix}run:{{{run_id}}}:{kind}"
+
+    async def _all(self, *commands: Sequence[Any]) -> list[Any]:
+        """Send `commands` together (one pipelined round trip), retried as one operation."""
+        execute = self._backend.execute
+
+        async def send() -> list[Any]:
+            return list(await asyncio.gather(*(execute(*command) for command in commands)))
+
+        return await self._backend._run(send)
+
+    async def create(
+        self, run_id: str, meta: RunMeta, *, ttl_ms: int, heartbeat_ms: int, window_ms: int
+    ) -> None:
+        m = self.key(run_id, "m")
+        await self._all(
+            ("HSET", m, "o", meta.owner, "a", meta.app_id),
+            ("PEXPIRE", m, ttl_ms),
+            ("SET", self.key(run_id, "h"), "1", "PX", heartbeat_ms),
+            ("SET", self.key(run_id, "r"), "1", "PX", window_ms),
+        )
+
+    async def append(
+        self, run_id: str, entries: Sequence[tuple[int, bytes]], first_kept: int
+    ) -> None:
+        """`XADD` each `(seq, framed)` in order, trimming below `first_kept` (exactly)."""
+        key = self.key(run_id, "e")
+        execute = self._backend.execute
+        for seq, framed in entries:
+            command: tuple[Any, ...] = ("XADD", key)
+            if first_kept > 1:
+                command += ("MINID", "=", f"0-{first_kept}")
+            command += (f"0-{seq}", "d", framed)
+            await self._backend._run(_idempotent_xadd(execute, command))
+
+    async def tick(self, run_id: str, *, heartbeat_ms: int, ttl_ms: int) -> tuple[bool, int]:
+        """The pumper's heartbeat: refresh it and the TTLs; (stop asked for, reader key's
+        milliseconds left: negative when no reader refreshed it within the window)."""
+        m = self.key(run_id, "m")
+        _, stop, pttl, _, _ = await self._all(
+            ("SET", self.key(run_id, "h"), "1", "PX", heartbeat_ms),
+            ("HGET", m, "stop"),
+            ("PTTL", self.key(run_id, "r")),
+            ("PEXPIRE", m, ttl_ms),
+            ("PEXPIRE", self.key(run_id, "e"), ttl_ms),
+        )
+        return stop is not None, int(pttl)
+
+    async def end(self, run_id: str, seq: int, reason: str, *, ttl_ms: int) -> None:
+        m, e = self.key(run_id, "m"), self.key(run_id, "e")
+        execute = self._backend.execute
+
+        async def send() -> None:
+            try:
+                await execute("XADD", e, f"0-{seq}", "x", reason)
+            except ResponseError as err:
+                if _ALREADY_ADDED not in str(err):
+                    raise
+            await asyncio.gather(
+                execute("HSET", m, "end", reason),
+                execute("PEXPIRE", m, ttl_ms),
+                execute("PEXPIRE", e, ttl_ms),
+                execute("DEL", self.key(run_id, "h")),
+            )
+
+        await self._backend._run(send)
+
+    async def meta(self, run_id: str) -> RunMeta | None:
+        (raw,) = await self._all(("HGETALL", self.key(run_id, "m")))
+        fields = _pairs(raw)
+        if "o" not in fields or "a" not in fields:
+            return None
+        end = fields.get("end")
+        return RunMeta(_text(fields["o"]), _text(fields["a"]), _text(end) if end else None)
+
+    async def range_after(self, run_id: str, after: int, count: int) -> list[Entry]:
+        (raw,) = await self._all(
+            ("XRANGE", self.key(run_id, "e"), f"(0-{after}", "+", "COUNT", count)
+        )
+        return _entries(raw)
+
+    async def follow(self, run_id: str, after: int, *, block_ms: int, count: int) -> list[Entry]:
+        """`XREAD BLOCK`: the entries after `after`, waiting up to `block_ms` for one."""
+        follow = self._follow
+        key = self.key(run_id, "e")
+        raw: Any = await follow._run(
+            lambda: follow.client.execute_command(
+                "XREAD", "COUNT", count, "BLOCK", block_ms, "STREAMS", key, f"0-{after}"
+            )
+        )
+        if not raw:
+            return []
+        if isinstance(raw, dict):  # RESP3-style parse
+            return _entries(next(iter(raw.values()), [[]])[0])
+        return _entries(raw[0][1])
+
+    async def reader_tick(self, run_id: str, *, window_ms: int) -> bool:
+        """A reader on another replica is here; True while the pumper's heartbeat lives."""
+        _, alive = await self._all(
+            ("SET", self.key(run_id, "r"), "1", "PX", window_ms),
+            ("EXISTS", self.key(run_id, "h")),
+        )
+        return bool(int(alive))
+
+    async def request_stop(self, run_id: str) -> None:
+        await self._all(("HSET", self.key(run_id, "m"), "stop", "1"))
+
+
+def _idempotent_xadd(
+    execute: Callable[..., Awaitable[Any]], command: tuple[Any, ...]
+) -> Callable[[], Awaitable[None]]:
+    async def send() -> None:
+        try:
+            await execute(*command)
+        except ResponseError as err:
+            # A retry after a lost reply: the entry is there already.
+            if _ALREADY_ADDED not in str(err):
+                raise
+
+    return send

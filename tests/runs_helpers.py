@@ -1,0 +1,109 @@
+"""Helpers for the resumable-run tests: a counting upstream and an SSE reader.
+
+- `CountingUpstream`: `POST /v1/chat` streams `count` events `event: token` /
+  `data: {"n": <i>}`, `delay` seconds apart (its own `id: up-<i>` line on every event, to
+  show upstream ids are kept), then `event: done`. `cancelled` is set when the gateway hung up
+  on it, `finished` when it wrote its last byte.
+- `read_events(response, limit)`: the framed events (bytes, `\\n\\n` excluded) read from a
+  gateway response, up to `limit` (None: until the response ends).
+- `event_id(event)` / `event_n(event)`: the gateway's id (the last `id:` line) and the
+  upstream's counter of one event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from dataclasses import dataclass, field
+
+import aiohttp
+from aiohttp import web
+
+
+@dataclass
+class CountingUpstream:
+    count: int = 40
+    delay: float = 0.02
+    cancelled: asyncio.Event = field(default_factory=asyncio.Event)
+    finished: asyncio.Event = field(default_factory=asyncio.Event)
+    started: int = 0
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_post("/v1/chat", self.chat)
+        return app
+
+    @staticmethod
+    def event(i: int) -> bytes:
+        return f"event: token\nid: up-{i}\ndata: {json.dumps({'n': i})}\n\n".encode()
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        self.started += 1
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        try:
+            for i in range(self.count):
+                await response.write(self.event(i))
+                await asyncio.sleep(self.delay)
+            await response.write(b"event: done\ndata: {}\n\n")
+            await response.write_eof()
+            self.finished.set()
+        except asyncio.CancelledError:
+            self.cancelled.set()
+            raise
+        except ConnectionError:
+            self.cancelled.set()
+        return response
+
+
+async def read_events(response: aiohttp.ClientResponse, limit: int | None = None) -> list[bytes]:
+    events: list[bytes] = []
+    buffer = b""
+    while limit is None or len(events) < limit:
+        chunk = await response.content.readany()
+        if not chunk:
+            break
+        buffer += chunk
+        *complete, buffer = buffer.split(b"\n\n")
+        events.extend(e for e in complete if e and not e.startswith(b":"))
+    return events if limit is None else events[:limit]
+
+
+def event_id(event: bytes) -> int:
+    ids = [line[4:] for line in event.split(b"\n") if line.startswith(b"id: ")]
+    return int(ids[-1])
+
+
+def event_n(event: bytes) -> int | None:
+    for line in event.split(b"\n"):
+        if line.startswith(b"data: ") and b'"n"' in line:
+            value = json.loads(line[6:])["n"]
+            assert isinstance(value, int)
+            return value
+    return None
+
+
+def event_kind(event: bytes) -> str:
+    for line in event.split(b"\n"):
+        if line.startswith(b"event: "):
+            return line[7:].decode()
+    return "message"
+
+
+def error_code(event: bytes) -> str | None:
+    if event_kind(event) != "error":
+        return None
+    for line in event.split(b"\n"):
+        if line.startswith(b"data: "):
+            code = json.loads(line[6:])["code"]
+            assert isinstance(code, str)
+            return code
+    return None
+
+
+async def close_quietly(response: aiohttp.ClientResponse) -> None:
+    """Drop a streaming response's connection (the browser leaves)."""
+    response.close()
+    with contextlib.suppress(Exception):
+        await asyncio.sleep(0)

@@ -1,0 +1,290 @@
+"""Resumable runs in one process (memory store), through HTTP: the first response, resume
+after a disconnect, the window, the limits, stop, capacity slots, the store failing at start,
+metrics. (Two replicas on Redis: tests/test_runs_replicas.py.)"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any, cast
+
+import aiohttp
+import pytest
+from aiohttp.test_utils import TestServer
+
+from app.runs.runs import RUNS_KEY
+from app.runs.store import RedisRunStore
+from app.sessions.backend import StoreUnavailable
+from app.upstream import UPSTREAM_KEY
+from tests.fake_upstream import RunningGateway, app_settings, run_gateway
+from tests.runs_helpers import (
+    CountingUpstream,
+    error_code,
+    event_id,
+    event_kind,
+    event_n,
+    read_events,
+)
+
+CSRF = {"X-CSRF": "1"}
+CHAT = "/apps/shop/agent/chat"
+HEARTBEAT = "0.1"
+
+
+@pytest.fixture
+async def counting() -> AsyncIterator[tuple[CountingUpstream, TestServer]]:
+    upstream = CountingUpstream(count=30, delay=0.02)
+    server = TestServer(upstream.app(), host="127.0.0.1")
+    await server.start_server()
+    try:
+        yield upstream, server
+    finally:
+        await server.close()
+
+
+def _gateway(server: TestServer, **fields: Any) -> Any:
+    fields.setdefault("resumable", True)
+    fields.setdefault("resume_window_seconds", 5.0)
+    return run_gateway(
+        app_settings(server.make_url("/v1"), {"RUN_HEARTBEAT_SECONDS": HEARTBEAT}, **fields)
+    )
+
+
+async def _start(gw: RunningGateway, read: int) -> tuple[str, list[bytes]]:
+    response = await gw.client.post(CHAT, headers=CSRF, json={"message": "hi"})
+    assert response.status == 200, await response.text()
+    run_id = response.headers["X-Run-Id"]
+    events = await read_events(response, read)
+    response.close()
+    return run_id, events
+
+
+async def _wait_for(condition: Any, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.02)
+
+
+async def test_resume_after_a_disconnect_gets_every_event_once_and_the_upstream_goes_on(
+    counting: tuple[CountingUpstream, TestServer],
+) -> None:
+    upstream, server = counting
+    async with _gateway(server) as gw:
+        run_id, first = await _start(gw, 4)
+        assert [event_id(e) for e in first] == [1, 2, 3, 4]
+        async with gw.client.get(
+            f"/apps/shop/runs/{run_id}", headers={"Last-Event-ID": "4"}
+        ) as resumed:
+            assert resumed.status == 200
+            assert resumed.headers["X-Run-Id"] == run_id
+            assert resumed.headers["Cache-Control"] == "no-cache"
+            rest = await asyncio.wait_for(read_events(resumed), 5)
+        events = first + rest
+        assert [event_id(e) for e in events] == list(range(1, upstream.count + 2))
+        assert [event_n(e) for e in events[:-1]] == list(range(upstream.count))
+        assert event_kind(events[-1]) == "done"
+        assert upstream.finished.is_set() and not upstream.cancelled.is_set()
+        # Ended, nothing after the last id: 204 (EventSource stops reconnecting).
+        async with gw.client.get(
+            f"/apps/shop/runs/{run_id}", headers={"Last-Event-ID": str(len(events))}
+        ) as done:
+            assert done.status == 204
+        # From the start (no id): the whole run again.
+        async with gw.client.get(f"/apps/shop/runs/{run_id}") as again:
+            assert [event_id(e) for e in await read_events(again)] == list(
+                range(1, upstream.count + 2)
+            )
+        for bad, status in (("x1", 400), ("-1", 400), ("999", 400)):
+            async with gw.client.get(
+                f"/apps/shop/runs/{run_id}", headers={"Last-Event-ID": bad}
+            ) as response:
+                assert response.status == status
+                assert (await response.json())["error"]["code"] == "invalid_last_event_id"
+        async with gw.client.get("/apps/shop/runs/not-a-run") as response:
+            assert response.status == 404
+
+
+async def test_a_run_nobody_reads_within_its_window_is_cancelled(
+    counting: tuple[CountingUpstream, TestServer],
+) -> None:
+    upstream, server = counting
+    upstream.count = 10_000
+    async with _gateway(server, resume_window_seconds=0.4) as gw:
+        started = time.monotonic()
+        run_id, _ = await _start(gw, 1)
+        await asyncio.wait_for(upstream.cancelled.wait(), 5)
+        took = time.monotonic() - started
+        registry = gw.app[RUNS_KEY]
+        assert registry.counters.expired == 1
+        assert registry.runs[run_id].log.end == "run_expired"
+        async with gw.client.get(f"/apps/shop/runs/{run_id}?last_event_id=1") as late:
+            events = await read_events(late)
+        assert error_code(events[-1]) == "run_expired"
+    assert 0.4 <= took < 2.0
+
+
+async def test_a_reader_keeps_the_run_alive_past_the_window(
+    counting: tuple[CountingUpstream, TestServer],
+) -> None:
+    upstream, server = counting
+    upstream.count, upstream.delay = 60, 0.02  # 1.2 s, three windows
+    async with (
+        _gateway(server, resume_window_seconds=0.4) as gw,
+        gw.client.post(CHAT, headers=CSRF, json={"message": "hi"}) as response,
+    ):
+        events = await asyncio.wait_for(read_events(response), 5)
+    assert event_kind(events[-1]) == "done"
+    assert not upstream.cancelled.is_set()
+
+
+async def test_a_resume_from_before_the_trimmed_events_gets_a_clear_error(
+    counting: tuple[CountingUpstream, TestServer],
+) -> None:
+    upstream, server = counting
+    async with _gateway(server, resume_max_events=5) as gw:
+        # Read to the end (a reader is attached all along: the run is not cut).
+        async with gw.client.post(CHAT, headers=CSRF, json={"message": "hi"}) as first:
+            run_id = first.headers["X-Run-Id"]
+            assert len(await read_events(first)) == upstream.count + 1
+        async with gw.client.get(
+            f"/apps/shop/runs/{run_id}", headers={"Last-Event-ID": "1"}
+        ) as response:
+            events = await read_events(response)
+        assert [error_code(e) for e in events] == ["resume_too_old"]
+        # From within what is kept: fine.
+        last = upstream.count + 1
+        async with gw.client.get(
+            f"/apps/shop/runs/{run_id}", headers={"Last-Event-ID": str(last - 3)}
+        ) as response:
+            assert [event_id(e) for e in await read_events(response)] == [
+                last - 2,
+                last - 1,
+                last,
+            ]
+
+
+async def test_a_run_nobody_reads_is_cut_once_its_limits_drop_what_the_reader_missed(
+    counting: tuple[CountingUpstream, TestServer],
+) -> None:
+    upstream, server = counting
+    upstream.count = 10_000
+    async with _gateway(server, resume_max_events=5) as gw:
+        run_id, _ = await _start(gw, 1)
+        await asyncio.wait_for(upstream.cancelled.wait(), 5)
+        assert gw.app[RUNS_KEY].runs[run_id].log.end == "run_limit_reached"
+
+
+async def test_stop_cancels_the_upstream_and_tells_the_readers(
+    counting: tuple[CountingUpstream, TestServer],
+) -> None:
+    upstream, server = counting
+    upstream.count = 10_000
+    async with _gateway(server) as gw:
+        async with gw.client.post(CHAT, headers=CSRF, json={"message": "hi"}) as response:
+            run_id = response.headers["X-Run-Id"]
+            await read_events(response, 2)
+            async with gw.client.post(f"/apps/shop/runs/{run_id}/stop") as refused:
+                assert refused.status == 403
+            async with gw.client.post(f"/apps/shop/runs/{run_id}/stop", headers=CSRF) as stop:
+                assert stop.status == 202
+            events = await asyncio.wait_for(read_events(response), 5)
+        assert error_code(events[-1]) == "run_stopped"
+        await asyncio.wait_for(upstream.cancelled.wait(), 2)
+        async with gw.client.post(f"/apps/shop/runs/{run_id}/stop", headers=CSRF) as again:
+            assert (await again.json())["run"]["state"] == "ended"
+
+
+async def test_the_run_holds_its_upstream_slot_until_it_ends_and_returns_it_once(
+    counting: tuple[CountingUpstream, TestServer],
+) -> None:
+    upstream, server = counting
+    upstream.delay = 0.03
+    async with _gateway(server, max_concurrent_requests=1) as gw:
+        slots = gw.app[UPSTREAM_KEY].capacity.apps["shop"]
+        capacity = gw.app[UPSTREAM_KEY].capacity
+        run_id, _ = await _start(gw, 1)
+        await asyncio.sleep(0.2)  # the browser is gone; the run pumps on
+        assert slots.in_use == 1 and not upstream.finished.is_set()
+        async with gw.client.post(CHAT, headers=CSRF, json={"message": "2"}) as busy:
+            assert busy.status == 503
+            assert (await busy.json())["error"]["code"] == "upstream_busy"
+        await asyncio.wait_for(upstream.finished.wait(), 5)
+        await _wait_for(lambda: gw.app[RUNS_KEY].runs[run_id].log.end is not None)
+        assert (slots.in_use, capacity.in_use, slots.sessions, slots.clients) == (0, 0, {}, {})
+        async with gw.client.post(CHAT, headers=CSRF, json={"message": "3"}) as again:
+            assert again.status == 200
+            await read_events(again)
+        await _wait_for(lambda: slots.in_use == 0)
+        assert capacity.in_use == 0
+
+
+class _FailingStore:
+    async def create(self, *args: Any, **kwargs: Any) -> None:
+        raise StoreUnavailable("ConnectionError: refused")
+
+
+async def test_run_store_down_at_the_start_relays_without_resume(
+    counting: tuple[CountingUpstream, TestServer],
+) -> None:
+    upstream, server = counting
+    async with _gateway(server) as gw:
+        registry = gw.app[RUNS_KEY]
+        registry.store = cast(RedisRunStore, _FailingStore())
+        async with gw.client.post(CHAT, headers=CSRF, json={"message": "hi"}) as response:
+            assert response.status == 200
+            assert "X-Run-Id" not in response.headers
+            body = await response.read()
+        expected = b"".join(CountingUpstream.event(i) for i in range(upstream.count))
+        assert body == expected + b"event: done\ndata: {}\n\n"  # today's byte-exact relay
+        assert registry.counters.unresumable == 1 and not registry.runs
+
+
+async def test_a_plain_application_is_relayed_byte_exact_without_a_run(
+    counting: tuple[CountingUpstream, TestServer],
+) -> None:
+    _, server = counting
+    async with _gateway(server, resumable=False) as gw:
+        async with gw.client.post(CHAT, headers=CSRF, json={"message": "hi"}) as response:
+            assert "X-Run-Id" not in response.headers
+            body = await response.read()
+        assert body.startswith(CountingUpstream.event(0) + CountingUpstream.event(1))
+        assert not gw.app[RUNS_KEY].runs
+
+
+async def test_metrics_count_runs_resumes_and_replayed_events(
+    counting: tuple[CountingUpstream, TestServer],
+) -> None:
+    upstream, server = counting
+    async with _gateway(server) as gw:
+        run_id, _ = await _start(gw, 3)
+        await asyncio.wait_for(upstream.finished.wait(), 5)
+        await asyncio.sleep(0.1)
+        async with gw.client.get(
+            f"/apps/shop/runs/{run_id}", headers={"Last-Event-ID": "3"}
+        ) as resumed:
+            replayed = len(await read_events(resumed))
+        async with gw.client.get("/metrics") as response:
+            text = await response.text()
+    assert replayed == upstream.count + 1 - 3
+    assert "agent_bff_runs_active 0.0" in text
+    assert "agent_bff_runs_started_total 1.0" in text
+    assert "agent_bff_run_resumes_total 1.0" in text
+    assert f"agent_bff_run_replayed_events_total {float(replayed)}" in text
+    assert 'agent_bff_runs_ended_total{reason="done"} 1.0' in text
+
+
+async def test_a_second_session_gets_404(
+    counting: tuple[CountingUpstream, TestServer],
+) -> None:
+    _, server = counting
+    async with _gateway(server) as gw:
+        run_id, _ = await _start(gw, 1)
+        async with aiohttp.ClientSession(
+            base_url=gw.url, cookie_jar=aiohttp.CookieJar(unsafe=True)
+        ) as other:
+            async with other.post(CHAT, headers=CSRF, json={"message": "x"}) as own:
+                await own.read()
+            async with other.get(f"/apps/shop/runs/{run_id}") as response:
+                assert response.status == 404

@@ -1,0 +1,81 @@
+"""The event-stream parser and framer (app/runs/sse.py), per the HTML standard's rules."""
+
+from __future__ import annotations
+
+import pytest
+
+from app.runs.log import RunLog
+from app.runs.sse import SseParser, frame
+
+
+def parse(*chunks: bytes) -> list[bytes]:
+    parser = SseParser()
+    return [event for chunk in chunks for event in parser.feed(chunk)]
+
+
+def test_line_endings_lf_crlf_and_cr_are_all_line_ends() -> None:
+    assert parse(b"data: a\n\ndata: b\r\n\r\ndata: c\r\rdata: d\n\r\n") == [
+        b"data: a",
+        b"data: b",
+        b"data: c",
+        b"data: d",
+    ]
+
+
+def test_a_crlf_split_across_chunks_is_one_line_end() -> None:
+    # `\r` ends a chunk, `\n` starts the next: one line end, not an empty line.
+    assert parse(b"data: a\r", b"\ndata: b\r", b"\n\r", b"\n") == [b"data: a\ndata: b"]
+
+
+def test_events_split_anywhere_come_out_whole() -> None:
+    stream = b'event: token\ndata: {"t": 1}\nid: 7\nretry: 500\n\n' * 3
+    whole = parse(stream)
+    for size in (1, 2, 3, 5, 7):
+        chunks = [stream[i : i + size] for i in range(0, len(stream), size)]
+        assert parse(*chunks) == whole
+    assert whole == [b'event: token\ndata: {"t": 1}\nid: 7\nretry: 500'] * 3
+
+
+def test_multi_line_data_and_bare_field_names_are_kept() -> None:
+    assert parse(b"data: one\ndata: two\ndata\nfoo: bar\n\n") == [
+        b"data: one\ndata: two\ndata\nfoo: bar"
+    ]
+
+
+def test_comments_are_dropped_and_a_comment_only_block_is_no_event() -> None:
+    assert parse(b": keep-alive\n\n:\n\ndata: x\n: inside\n\n") == [b"data: x"]
+
+
+@pytest.mark.parametrize("split", [0, 1, 2, 3, 4])
+def test_a_leading_bom_is_dropped_even_when_split(split: int) -> None:
+    stream = b"\xef\xbb\xbfdata: x\n\n\xef\xbb\xbfdata: y\n\n"
+    chunks = (stream[:split], stream[split:]) if split else (stream,)
+    # Only the first BOM is the stream's: a later one is part of a line (a field name).
+    assert parse(*chunks) == [b"data: x", b"\xef\xbb\xbfdata: y"]
+
+
+def test_an_unterminated_event_is_held_not_returned() -> None:
+    parser = SseParser()
+    assert parser.feed(b"data: done\n\ndata: half") == [b"data: done"]
+    assert parser.mid_event
+    assert parser.feed(b"\n") == [] and parser.mid_event
+    assert parser.feed(b"\n") == [b"data: half"] and not parser.mid_event
+
+
+def test_frame_puts_the_gateway_id_last() -> None:
+    assert frame(12, b"id: up-3\ndata: x") == b"id: up-3\ndata: x\nid: 12\n\n"
+
+
+def test_the_log_trims_the_oldest_by_count_and_bytes() -> None:
+    log = RunLog(max_events=3, max_bytes=10_000)
+    for i in range(5):
+        log.append(b"data: %d" % i)
+    assert (log.first_seq, log.next_seq) == (3, 6)
+    assert log.after(2) == [frame(3, b"data: 2"), frame(4, b"data: 3"), frame(5, b"data: 4")]
+    assert log.after(4) == [frame(5, b"data: 4")]
+    assert log.after(5) == []
+    by_bytes = RunLog(max_events=100, max_bytes=2 * len(frame(1, b"data: 0")))
+    for i in range(4):
+        by_bytes.append(b"data: %d" % i)
+    assert by_bytes.first_seq == 3
+    assert by_bytes.bytes == 2 * len(frame(1, b"data: 0"))
