@@ -48,13 +48,15 @@ Contract, in request order:
   is aborted, so the browser sees a truncated body, never a clean end.
 - The browser disconnecting cancels the upstream request within `DISCONNECT_POLL_SECONDS`, also
   while the upstream is silent (`web.run_app` does not cancel handlers on disconnect, so the
-  transport is watched here).
+  transport is watched here). A browser that accepts no byte of a waiting answer for
+  `idle_timeout_seconds` counts as gone: its connection is aborted (see `_DisconnectWatch`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import functools
 import itertools
 import json
@@ -62,6 +64,8 @@ import logging
 import math
 import re
 import secrets
+import sys
+import termios
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from dataclasses import dataclass
@@ -103,6 +107,9 @@ READ_CHUNK_BYTES = 64 * 1024
 # Request bodies up to this declared length are read whole, then sent upstream as bytes.
 SMALL_BODY_BYTES = 64 * 1024
 KEEPALIVE_COMMENT = b": keep-alive\n\n"
+# The ioctl that reads a TCP socket's unacknowledged send queue (Linux: SIOCOUTQ, the same
+# number as TIOCOUTQ); None elsewhere.
+_SIOCOUTQ: int | None = getattr(termios, "TIOCOUTQ", None) if sys.platform == "linux" else None
 # Methods never sent upstream (405): TRACE/TRACK make an upstream echo the request it received,
 # the application's configured credential headers included; CONNECT asks for a tunnel.
 NEVER_PROXIED_METHODS = frozenset({"TRACE", "TRACK", "CONNECT"})
@@ -817,27 +824,71 @@ async def agent_proxy(request: web.Request) -> web.StreamResponse:
         watcher.cancel()
 
 
+def unacknowledged_bytes(transport: asyncio.BaseTransport) -> int:
+    """Bytes the kernel holds for the peer that it has not acknowledged yet (Linux `SIOCOUTQ`);
+    0 where that cannot be read. Called only for a connection whose writing is paused."""
+    sock = transport.get_extra_info("socket")
+    if sock is None or _SIOCOUTQ is None:
+        return 0
+    try:
+        reply = fcntl.ioctl(sock.fileno(), _SIOCOUTQ, b"\0\0\0\0")
+    except (OSError, ValueError):
+        return 0
+    return int.from_bytes(reply, sys.byteorder, signed=True)
+
+
 class _DisconnectWatch:
     """Every `DISCONNECT_POLL_SECONDS` until `inner` is done: when the browser's transport is
     gone or closing, mark the exchange `client_gone` and cancel `inner`. A timer callback that
-    re-arms itself, not a task: nothing runs per request until the first poll is due."""
+    re-arms itself, not a task: nothing runs per request until the first poll is due.
 
-    __slots__ = ("_exchange", "_handle", "_inner", "_loop")
+    A browser that stops reading is gone too: when its connection's writing stays paused (the
+    gateway's write buffer above its high-water mark) and the browser accepts not one byte of
+    it for the application's `idle_timeout_seconds`, the connection is aborted. Otherwise a
+    client that never reads would hold its upstream slot and connection for as long as the
+    upstream has bytes for it (app/capacity.py). A slow reader that accepts anything is fine.
+    """
+
+    __slots__ = ("_buffered", "_exchange", "_handle", "_inner", "_loop", "_stalled_since")
 
     def __init__(self, exchange: _Exchange, inner: asyncio.Task[web.StreamResponse]) -> None:
         self._exchange = exchange
         self._inner = inner
         self._loop = asyncio.get_running_loop()
+        self._stalled_since = 0.0  # while paused: since when the browser accepted nothing
+        self._buffered = -1  # the write buffer's size at the last poll while paused, else -1
         self._handle = self._loop.call_later(DISCONNECT_POLL_SECONDS, self._poll)
 
     def _poll(self) -> None:
         if self._inner.done():
             return
-        transport = self._exchange.request.transport
+        exchange = self._exchange
+        transport = exchange.request.transport
         if transport is None or transport.is_closing():
-            self._exchange.client_gone = True
+            exchange.client_gone = True
             self._inner.cancel()
             return
+        if exchange.request.protocol.writing_paused:
+            # Paused, the relay adds (almost) nothing: what is still to be delivered (our
+            # buffer plus the kernel's unacknowledged bytes) only shrinks as the browser
+            # reads, so any shrinking is progress.
+            buffered = transport.get_write_buffer_size() + unacknowledged_bytes(transport)
+            if self._buffered < 0 or buffered < self._buffered:
+                self._stalled_since = self._loop.time()
+            self._buffered = buffered
+            if self._loop.time() - self._stalled_since >= exchange.app.idle_timeout_seconds:
+                log.info(
+                    "browser read nothing for %ss; connection closed (app %s, request %s)",
+                    exchange.app.idle_timeout_seconds,
+                    exchange.app.app_id,
+                    exchange.request_id,
+                )
+                exchange.client_gone = True
+                transport.abort()
+                self._inner.cancel()
+                return
+        else:
+            self._buffered = -1
         self._handle = self._loop.call_later(DISCONNECT_POLL_SECONDS, self._poll)
 
     def cancel(self) -> None:

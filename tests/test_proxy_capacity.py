@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import json
 import re
+import socket
 import statistics
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -36,7 +37,7 @@ from app.capacity import UpstreamBusy, UpstreamCapacity, client_key
 from app.config import ConfigError, Settings
 from app.lifecycle import LIFECYCLE_KEY
 from app.upstream import UPSTREAM_KEY
-from tests.conftest import CSRF, make_settings
+from tests.conftest import CSRF, GatewayProcessFactory, make_settings
 from tests.fake_upstream import (
     RunningGateway,
     ServedUpstream,
@@ -705,3 +706,108 @@ def test_the_pool_guard_refuses_at_once_and_takes_nothing() -> None:
     capacity.leave(slots, "192.0.2.1", "s1")
     assert (capacity.in_use, slots.in_use, slots.clients, slots.sessions) == (0, 0, {}, {})
     assert slots.refused == {"application": 0, "client": 1, "session": 0, "pool": 1}
+
+
+# -- a browser that never reads -------------------------------------------------------------
+
+
+async def firehose(request: web.Request) -> web.StreamResponse:
+    """An event stream with as much to say as anyone will read."""
+    response = await start_sse(request)
+    event = b"data: " + b"x" * 65_536 + b"\n\n"
+    while True:
+        await response.write(event)
+
+
+async def stalled_reader(host: str, port: int, path: str) -> socket.socket:
+    """A POST whose client then reads nothing at all (a tiny receive window, never drained)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    await loop.sock_connect(sock, (host, port))
+    await loop.sock_sendall(
+        sock,
+        f"POST {path} HTTP/1.1\r\nHost: {host}\r\nX-CSRF: 1\r\nContent-Length: 0\r\n\r\n".encode(),
+    )
+    return sock
+
+
+async def test_a_browser_that_reads_nothing_gives_its_slot_back_after_the_idle_timeout(
+    upstream: ServedUpstream,
+) -> None:
+    """Before: a client that never read held its slot (and upstream connection) for as long as
+    the upstream had bytes for it. Now it is disconnected once it has accepted nothing for
+    `idle_timeout_seconds`; a slow reader that keeps accepting bytes is not."""
+    upstream.fake.on("/v1/a/firehose", firehose)
+    settings = two_apps(upstream.base, a={"idle_timeout_seconds": 0.5})
+    async with run_gateway(settings) as gw:
+        assert gw.url.host is not None and gw.url.port is not None
+        capacity = gw.app[UPSTREAM_KEY].capacity
+        loop = asyncio.get_running_loop()
+        slow = await stalled_reader(gw.url.host, gw.url.port, "/apps/a/agent/firehose")
+        stalled = await stalled_reader(gw.url.host, gw.url.port, "/apps/a/agent/firehose")
+        received = 0
+
+        def read_slowly() -> None:
+            nonlocal received
+            with contextlib.suppress(BlockingIOError):
+                received += len(slow.recv(8192))
+
+        try:
+            await wait_for(lambda: capacity.apps["a"].in_use == 2)
+            started = time.monotonic()
+            # The slow client reads 8 KiB every 0.1 s, the stalled one nothing.
+            while capacity.apps["a"].in_use == 2 and time.monotonic() - started < 5:
+                await asyncio.sleep(0.1)
+                read_slowly()
+            stalled_for = time.monotonic() - started
+            assert capacity.apps["a"].in_use == 1
+            for _ in range(20):  # the slow reader is still served 2 s later
+                await asyncio.sleep(0.1)
+                read_slowly()
+            assert capacity.apps["a"].in_use == 1
+            assert received > 100_000
+            # The stalled client's connection was aborted: what it can still read ends in
+            # a reset, never in more of the stream.
+            with pytest.raises(ConnectionError):
+                async with asyncio.timeout(5):
+                    while await loop.sock_recv(stalled, 1 << 20):
+                        pass
+                    raise ConnectionResetError("closed")
+        finally:
+            slow.close()
+            stalled.close()
+        await wait_for(lambda: capacity.in_use == 0)
+    # Stalled from about when the stream started: gone within the idle timeout plus a few polls.
+    assert stalled_for < 0.5 + 1.5, stalled_for
+
+
+async def test_a_real_process_disconnects_a_browser_that_reads_nothing(
+    upstream: ServedUpstream, gateway_process: GatewayProcessFactory, tmp_path: Path
+) -> None:
+    """The same on `python -m app` (uvloop's transports): the slot is back, and it says why."""
+    upstream.fake.on("/v1/a/firehose", firehose)
+    apps = tmp_path / "apps.toml"
+    apps.write_text(f'[apps.a]\nupstream = "{upstream.base}/a"\nidle_timeout_seconds = 0.5\n')
+    proc = gateway_process({"APPS_FILE": str(apps)})
+    stalled = await stalled_reader("127.0.0.1", proc.port, "/apps/a/agent/firehose")
+    try:
+        async with aiohttp.ClientSession() as http:
+
+            async def in_use() -> float:
+                async with http.get(proc.url + "/metrics") as resp:
+                    metrics = await resp.text()
+                return sample(metrics, "agent_bff_upstream_slots_in_use", 'application="a"')
+
+            async with asyncio.timeout(5):
+                while await in_use() != 1:
+                    await asyncio.sleep(0.05)
+            started = time.monotonic()
+            async with asyncio.timeout(5):
+                while await in_use() != 0:
+                    await asyncio.sleep(0.05)
+            assert time.monotonic() - started < 0.5 + 1.5
+    finally:
+        stalled.close()
+    assert "browser read nothing for 0.5s; connection closed (app a" in proc.stderr
