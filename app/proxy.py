@@ -346,6 +346,13 @@ _HEADER_CONTROL_RE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 _UNSENDABLE_RE = re.compile(r"[^\t\x20-\x7e]")
 
 
+# `Location` text a browser's URL parser and yarl may read differently: never followed to this
+# host (see `redirect_leaves_application`).
+_UNSAFE_LOCATION_RE = re.compile(r"[\\\x00-\x20\x7f]|%(?:2[eEfF]|5[cC])")
+_PLACEHOLDER_HOST = "gateway.invalid"
+_PLACEHOLDER_ORIGIN = f"https://{_PLACEHOLDER_HOST}"
+
+
 class InvalidPath(ValueError):
     """The agent path could escape the upstream base; answered 400 `invalid_path`."""
 
@@ -545,6 +552,47 @@ def _navigational_link(value: str) -> bool:
             if relation not in SAFE_LINK_RELATIONS:
                 return False
     return True
+
+
+def redirect_leaves_application(
+    locations: list[str], request: web.Request, app: AppConfig, settings: Settings
+) -> bool:
+    """True when a redirect of the upstream's would take the browser to another path of the
+    gateway's host than `/apps/{applicationId}/` (another application, with that
+    application's cookies and, for a 307/308 of a `fetch`, the same method, body and
+    `X-CSRF: 1`). Another host is not this gateway's business (an identity provider, say).
+
+    `Location` is resolved as a browser would, against the URL the browser asked for. Text a
+    browser reads differently from a URL library (backslashes, whitespace, controls, encoded
+    `.`, `/` or `\\`) or that does not parse counts as leaving; so do several `Location`s.
+    The host compared is the one the browser used (`client_host`), any port or scheme
+    (cookies ignore both), without a trailing dot.
+    """
+    if not locations:
+        return False
+    if len(locations) > 1 or _UNSAFE_LOCATION_RE.search(locations[0]):
+        return True
+    try:
+        base = URL(_PLACEHOLDER_ORIGIN + request.rel_url.raw_path, encoded=True)
+        target = base.join(URL(locations[0]))
+    except ValueError:
+        return True
+    host = target.raw_host
+    if host is not None and host.rstrip(".").lower() not in (
+        _PLACEHOLDER_HOST,
+        _hostname(client_host(request, settings.trusted_proxies)),
+    ):
+        return False
+    return not target.raw_path.startswith(f"/apps/{app.app_id}/")
+
+
+def _hostname(authority: str) -> str:
+    """`gw.example` of `gw.example:8443` (`::1` of `[::1]:80`), lower-cased, no trailing dot."""
+    try:
+        host = URL(f"//{authority}").raw_host or ""
+    except ValueError:
+        return ""
+    return host.rstrip(".").lower()
 
 
 def has_invalid_header(upstream: aiohttp.ClientResponse) -> bool:
@@ -1078,6 +1126,26 @@ async def _proxy(exchange: _Exchange) -> web.StreamResponse:
         # aiohttp's client consumes the other 1xx itself. Never relayed, nor above 599.
         upstream_response.close()
         return _protocol_error(exchange, f"status {upstream_response.status}")
+    status = upstream_response.status
+    if (
+        300 <= status < 400
+        and status != 304
+        and redirect_leaves_application(
+            upstream_response.headers.getall("Location", []), request, app, exchange.settings
+        )
+    ):
+        upstream_response.close()
+        log.warning(
+            "upstream redirect outside its application refused (app %s, request %s)",
+            app.app_id,
+            exchange.request_id,
+        )
+        record_upstream_error(request, "protocol_error")
+        return exchange.error(
+            502,
+            "upstream_redirect_not_allowed",
+            "The agent service redirected to another part of this site.",
+        )
     if upstream_response.headers.get(ROTATE_HEADER, "").strip() == "1":
         # The upstream asks for a new session id (e.g. after a login step behind the agent):
         # rotate before the browser sees any of the answer; the old id is dead before then.

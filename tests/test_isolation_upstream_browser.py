@@ -292,3 +292,63 @@ async def test_I1_event_streams_and_json_still_work_for_fetch_and_eventsource(
         assert got["events"] == [0, 1, 2]
     finally:
         await context.close()
+
+
+async def test_I2_a_redirect_cannot_replay_a_frontends_write_on_another_application(
+    browser: Browser, aiohttp_server: AiohttpServer
+) -> None:
+    """One frontend (its own origin, same site) serves applications `a` and `b`, allowed by
+    both. Its `fetch` POSTs a chat message with `X-CSRF: 1` to `a`; A's upstream answers
+    `307 Location: /apps/b/agent/chat`. A browser follows a 307 with the same method, body and
+    headers, and the cookies of the new path: B's agent would get the message in the user's B
+    conversation. The gateway refuses the redirect instead (502), nothing reaches B."""
+    hostile = await serve_upstream(aiohttp_server)
+    victim = await serve_upstream(aiohttp_server)
+
+    async def redirect(request: web.Request) -> web.Response:
+        return web.Response(status=307, headers={"Location": "/apps/b/agent/chat"})
+
+    hostile.fake.on("/v1/chat", redirect)
+    frontend_app = web.Application()
+
+    async def page(request: web.Request) -> web.Response:
+        return web.Response(text="<!doctype html><title>frontend</title>", content_type="text/html")
+
+    frontend_app.router.add_get("/", page)
+    frontend = await aiohttp_server(frontend_app)
+    origin = str(frontend.make_url("")).rstrip("/")
+    apps = {
+        app_id: AppConfig(
+            app_id=app_id, upstream=str(served.base), allowed_origins=frozenset({origin})
+        )
+        for app_id, served in (("a", hostile), ("b", victim))
+    }
+    settings = dataclasses.replace(make_settings(), apps=apps)
+    async with run_gateway(settings) as gateway:
+        context = await browser.new_context()
+        try:
+            # The user has a session at `b` (its conversation is what the attack would use).
+            resp = await context.request.patch(
+                f"{gateway.url}/apps/b/session",
+                data=json.dumps(VICTIM_DATA),
+                headers={"X-CSRF": "1"},
+            )
+            assert resp.status == 200
+            page_ = await context.new_page()
+            await page_.goto(origin + "/")
+            status = await page_.evaluate(
+                """async (url) => {
+                    const r = await fetch(url, {
+                        method: 'POST', credentials: 'include',
+                        headers: {'X-CSRF': '1', 'Content-Type': 'application/json'},
+                        body: JSON.stringify({message: 'meant for a'}),
+                    });
+                    return r.status;
+                }""",
+                f"{gateway.url}/apps/a/agent/chat",
+            )
+            assert [s.raw_path_qs for s in hostile.fake.seen] == ["/v1/chat"]
+            assert [(s.method, s.raw_path_qs) for s in victim.fake.seen] == []
+            assert status == 502
+        finally:
+            await context.close()

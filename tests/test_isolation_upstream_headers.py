@@ -429,3 +429,84 @@ async def test_I5_trace_never_reaches_the_upstream(upstream: ServedUpstream) -> 
     assert resp.status == 405
     assert b'"method_not_allowed"' in resp.body and b"server-secret" not in resp.body
     assert upstream.fake.seen == []
+
+
+# -- I2: redirects stay inside the application -------------------------------------------------
+
+# (Location, whether a browser following it would stay in app `shop` or leave this host).
+REDIRECTS_KEPT = [
+    "jobs/1",
+    "./jobs/1",
+    "?page=2",
+    "/apps/shop/agent/jobs/1",
+    "/apps/shop/session",
+    "https://idp.example/authorize?client_id=x",
+    "//other.example/x",
+]
+REDIRECTS_REFUSED = [
+    "/apps/other/agent/chat",
+    "../../other/agent/chat",
+    "/apps/shop/../other/agent/chat",
+    "/apps/shop/agent/../../other/session",
+    "/apps/shop/%2e%2e/other/agent/chat",
+    "/apps/shop/%2E%2E%2Fother/agent",
+    "/apps/shop/..\\other/agent/chat",
+    "\\\\other.example/x",
+    "/apps/shop/.\t./other/agent",
+    "/metrics",
+    "/",
+    "/apps/shop",
+    "http://127.0.0.1/apps/other/agent/chat",
+    "https://127.0.0.1:1/apps/other/session",
+    "HTTP://127.0.0.1./apps/other/session",
+    "http:/apps/other/agent/chat",
+]
+
+
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+@pytest.mark.parametrize("location", REDIRECTS_REFUSED)
+async def test_I2_a_redirect_to_another_part_of_this_host_is_refused(
+    upstream: ServedUpstream, gw: RunningGateway, status: int, location: str
+) -> None:
+    async def redirect(request: web.Request) -> web.Response:
+        return web.Response(status=status, headers={"Location": location})
+
+    upstream.fake.on("/v1/go", redirect)
+    resp = await raw_request(gw.url, f"{AGENT}/go")
+    assert resp.status == 502, (status, location)
+    assert b'"upstream_redirect_not_allowed"' in resp.body
+    assert "Location" not in resp.headers
+
+
+@pytest.mark.parametrize("location", REDIRECTS_KEPT)
+async def test_I2_a_redirect_inside_the_application_or_to_another_host_is_relayed(
+    upstream: ServedUpstream, gw: RunningGateway, location: str
+) -> None:
+    async def redirect(request: web.Request) -> web.Response:
+        return web.Response(status=307, headers={"Location": location})
+
+    upstream.fake.on("/v1/go", redirect)
+    resp = await raw_request(gw.url, f"{AGENT}/go")
+    assert resp.status == 307
+    assert resp.headers.getall("Location") == [location]
+
+
+async def test_I2_two_locations_or_a_location_on_a_non_redirect(
+    upstream: ServedUpstream, gw: RunningGateway
+) -> None:
+    async def two(request: web.Request) -> web.Response:
+        response = web.Response(status=302)
+        response.headers.add("Location", "/apps/shop/agent/a")
+        response.headers.add("Location", "/apps/other/agent/b")
+        return response
+
+    async def created(request: web.Request) -> web.Response:
+        # Not followed by a browser: informational, relayed as sent.
+        return web.Response(status=201, headers={"Location": "/apps/other/agent/x"})
+
+    upstream.fake.on("/v1/two", two)
+    upstream.fake.on("/v1/created", created)
+    resp = await raw_request(gw.url, f"{AGENT}/two")
+    assert resp.status == 502
+    resp = await raw_request(gw.url, f"{AGENT}/created")
+    assert resp.status == 201 and resp.headers["Location"] == "/apps/other/agent/x"
