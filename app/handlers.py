@@ -8,7 +8,6 @@ import math
 from typing import Any
 
 from aiohttp import web
-from aiohttp_session import Session
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from app.errors import ApiError
@@ -16,13 +15,13 @@ from app.lifecycle import LIFECYCLE_KEY
 from app.sessions.backend import StoreUnavailable
 from app.sessions.middleware import (
     SESSION_KEY,
-    STORAGE_KEY,
     commit_session,
     get_session,
     rotate_session,
+    storage_of,
     update_session,
 )
-from app.sessions.storage import DATA, GATEWAY, GatewaySession
+from app.sessions.storage import StoredSession
 from app.state import BACKEND_KEY, SETTINGS_KEY
 
 NO_STORE = {"Cache-Control": "no-store"}
@@ -51,21 +50,15 @@ async def readyz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ready"}, headers=NO_STORE)
 
 
-def _data_of(mapping: Any) -> dict[str, Any]:
-    data = mapping.get(DATA) if mapping else None
-    return data if isinstance(data, dict) else {}
+# The session API's `data` document is the session's own mapping (every key the browser
+# PATCHed); the gateway's fields (conversation id, created_at) live beside it in the store.
 
 
-def _data_body(session: Session) -> bytes:
-    """`{"data": ...}` of `session` as JSON bytes; for a session unchanged since it was loaded,
-    encoded once per stored value (kept with the decoded value, see `Decoded.data_body`)."""
-    decoded = session.decoded if isinstance(session, GatewaySession) else None
-    if decoded is None or session._changed:
-        return json.dumps({"data": _data_of(session)}).encode("utf-8")
-    body = decoded.data_body
-    if body is None:
-        body = decoded.data_body = json.dumps({"data": _data_of(session)}).encode("utf-8")
-    return body
+def _data_body(session: StoredSession) -> bytes:
+    """`{"data": ...}` of `session` as JSON bytes (what `json.dumps` writes); for a session
+    unchanged since it was loaded, the mapping is encoded once per stored value
+    (`StoredSession.as_json`)."""
+    return b'{"data": ' + session.as_json() + b"}"
 
 
 def _json_response() -> web.Response:
@@ -96,11 +89,11 @@ async def get_session_data(request: web.Request) -> web.Response:
         response = _json_response()
         response.body = _data_body(session)
         return response
-    status = await request[STORAGE_KEY].peek_session(request)
+    status = await storage_of(request).peek_session(request)
     request[SESSION_KEY] = status.session  # unchanged: nothing is saved
     return web.json_response(
         {
-            "data": _data_of(status.session),
+            "data": dict(status.session),
             "idle_expires_in": status.idle_expires_in,
             "absolute_expires_in": status.absolute_expires_in,
         },
@@ -109,28 +102,26 @@ async def get_session_data(request: web.Request) -> web.Response:
 
 
 async def patch_session_data(request: web.Request) -> web.Response:
-    """Merge a JSON object into `data` (`null` removes a key); creates the session if needed.
+    """Merge a JSON object into `data`, the session's mapping (`null` removes a key); creates
+    the session if needed.
 
     Concurrent PATCHes of one session (even on different replicas) never lose each other's
     keys: the merge is re-applied to the fresh value when another write got in first.
     """
     patch = await _json_object(request)
 
-    def merge(session: Session) -> None:
-        current = _data_of(session)
-        merged = dict(current)
+    def merge(session: StoredSession) -> None:
+        # Only keys whose value differs are written: an unchanged session is not saved.
         for key, value in patch.items():
             if value is None:
-                merged.pop(key, None)
-            else:
-                merged[key] = value
-        if merged != current or (session.new and merged):
-            session[DATA] = merged
-            session.setdefault(GATEWAY, {})
+                if key in session:
+                    del session[key]
+            elif key not in session or session[key] != value:
+                session[key] = value
 
     response = _json_response()
     session = await update_session(request, response, merge)
-    return _json_body(response, {"data": _data_of(session)})
+    return _json_body(response, {"data": dict(session)})
 
 
 async def rotate_session_id(request: web.Request) -> web.Response:
@@ -142,8 +133,8 @@ async def rotate_session_id(request: web.Request) -> web.Response:
     """
     response = _json_response()
     session = await rotate_session(request, response)
-    rotated = not session.new and session.identity is not None
-    return _json_body(response, {"data": _data_of(session), "rotated": rotated})
+    rotated = session.stored and session.identity is not None
+    return _json_body(response, {"data": dict(session), "rotated": rotated})
 
 
 async def delete_session(request: web.Request) -> web.Response:
@@ -151,7 +142,7 @@ async def delete_session(request: web.Request) -> web.Response:
 
     Only the id matters here, so nothing is read first: one `DEL`.
     """
-    session = request[STORAGE_KEY].session_for_logout(request)
+    session = storage_of(request).unread_session(request)
     request[SESSION_KEY] = session
     response = web.Response(status=204, headers=NO_STORE)
     session.invalidate()

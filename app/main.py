@@ -10,6 +10,7 @@ from aiohttp import web
 
 from app.config import Settings, redact_url
 from app.creation_limit import creation_limit_ctx
+from app.forwarding import client_scheme
 from app.hosts import EXAMPLE, is_loopback
 from app.lifecycle import LIFECYCLE_KEY, Lifecycle, drain_on_shutdown
 from app.metrics import instrument_backend, setup_metrics
@@ -20,7 +21,7 @@ from app.runs.runs import runs_ctx
 from app.sessions.backend import SessionBackend, StoreUnavailable
 from app.sessions.memory import MemoryBackend
 from app.sessions.redis import RedisBackend, RedisOptions, make_client
-from app.sessions.storage import GatewayStorage
+from app.sessions.storage import APP_ID_KEY, SessionStorage
 from app.state import BACKEND_KEY, SETTINGS_KEY, STORAGE_APP_KEY
 from app.store_hints import startup_hint
 from app.upstream import upstream_ctx
@@ -101,11 +102,48 @@ def session_store_ctx(
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         store = backend if backend is not None else await open_store(settings)
         app[BACKEND_KEY] = store
-        app[STORAGE_APP_KEY] = GatewayStorage(instrument_backend(app, store), settings)
+        app[STORAGE_APP_KEY] = gateway_storage(settings, instrument_backend(app, store))
         yield
         await store.close()
 
     return ctx
+
+
+def _application_id(request: web.Request) -> str:
+    return request[APP_ID_KEY]
+
+
+def _cookie_path(request: web.Request) -> str:
+    return f"/apps/{request[APP_ID_KEY]}"
+
+
+def gateway_storage(settings: Settings, backend: SessionBackend) -> SessionStorage:
+    """The gateway's session storage: the public `SessionStorage`, namespaced and its cookie
+    scoped per application (`/apps/{applicationId}`), as configured by `settings`."""
+    secure: bool | Callable[[web.Request], bool]
+    if settings.cookie_secure == "auto":
+        proxies = settings.trusted_proxies
+
+        def secure(request: web.Request) -> bool:
+            return client_scheme(request, proxies) == "https"
+
+    else:
+        secure = settings.cookie_secure == "true"
+    return SessionStorage(
+        backend,
+        key_prefix=settings.redis_prefix,
+        namespace=_application_id,
+        idle_ttl=settings.session_ttl_seconds,
+        absolute_lifetime=settings.session_absolute_seconds or None,
+        cookie_name=settings.cookie_name,
+        path=_cookie_path,
+        secure=secure,
+        httponly=True,
+        samesite=settings.cookie_samesite,
+        encryption_keys=settings.session_encryption_keys,
+        max_bytes=settings.session_max_bytes,
+        rotation_tombstone_seconds=settings.session_rotation_tombstone_seconds,
+    )
 
 
 def redis_options(settings: Settings) -> RedisOptions:

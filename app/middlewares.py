@@ -105,6 +105,10 @@ def _envelope(request: web.Request, exc: Exception) -> web.StreamResponse | None
         return error_response(
             request, 503, unavailable.code, unavailable.message, headers=unavailable.headers
         )
+    if isinstance(exc, (SessionEnded, SessionConflict)):
+        # The storage's own 409s (HTTP exceptions): answered by the session step; here only
+        # when raised outside it.
+        return session_error_response(request, request.app[STORAGE_APP_KEY], exc)
     if isinstance(exc, web.HTTPException):
         if exc.status < 400:
             return None

@@ -74,7 +74,6 @@ from urllib.parse import unquote
 import aiohttp
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
-from aiohttp_session import Session
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
@@ -89,7 +88,7 @@ from app.middlewares import APP_CONFIG_KEY
 from app.ratelimit import enforce_rate_limits
 from app.sessions.backend import StoreFull, StoreUnavailable
 from app.sessions.middleware import get_session, rotate_session, update_session
-from app.sessions.storage import DATA, GATEWAY
+from app.sessions.storage import StoredSession
 from app.state import SETTINGS_KEY
 from app.upstream import UPSTREAM_KEY, StreamStop, request_timeout
 
@@ -622,18 +621,14 @@ def is_websocket_upgrade(headers: CIMultiDictProxy[str]) -> bool:
     )
 
 
-def ensure_conversation(session: Session) -> str:
-    """The session's conversation id, minted (and the session marked changed) if absent."""
-    gateway = session.get(GATEWAY)
-    fields = dict(gateway) if isinstance(gateway, dict) else {}
-    current = fields.get(CONVERSATION_FIELD)
+def ensure_conversation(session: StoredSession) -> str:
+    """The session's conversation id (a metadata field, beside the browser's data), minted
+    (and the session marked changed) if absent."""
+    current = session.meta.get(CONVERSATION_FIELD)
     if isinstance(current, str) and _CONVERSATION_RE.match(current):
         return current
     conversation_id = secrets.token_urlsafe(24)
-    fields[CONVERSATION_FIELD] = conversation_id
-    session[GATEWAY] = fields
-    if DATA not in session:
-        session[DATA] = {}
+    session.set_meta(CONVERSATION_FIELD, conversation_id)
     return conversation_id
 
 

@@ -48,7 +48,7 @@ from app.errors import ApiError
 from app.middlewares import APP_CONFIG_KEY
 from app.sessions.backend import StoreUnavailable
 from app.sessions.redis import LuaScript, RedisBackend
-from app.sessions.storage import GatewayStorage
+from app.sessions.storage import SessionStorage
 from app.state import BACKEND_KEY, SETTINGS_KEY
 
 log = logging.getLogger(__name__)
@@ -217,7 +217,7 @@ async def enforce_rate_limits(request: web.Request, session: Session) -> None:
     limiter = request.app[RATE_LIMITER_KEY]
     # A browser's first agent request counts against its session too: the id the session will
     # be created under is reserved now (nothing is stored if the request is refused).
-    session_id = GatewayStorage.reserve_id(session) if per_session is not None else None
+    session_id = SessionStorage.reserve_id(session) if per_session is not None else None
     app_key, session_key = bucket_keys(
         request.app[SETTINGS_KEY].redis_aux_prefix, app_config.app_id, session_id
     )

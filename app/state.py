@@ -6,8 +6,8 @@ from aiohttp import web
 
 from app.config import Settings
 from app.sessions.backend import SessionBackend
-from app.sessions.storage import GatewayStorage
+from app.sessions.storage import SessionStorage
 
 SETTINGS_KEY = web.AppKey("settings", Settings)
 BACKEND_KEY = web.AppKey("session_backend", SessionBackend)
-STORAGE_APP_KEY = web.AppKey("session_storage", GatewayStorage)
+STORAGE_APP_KEY = web.AppKey("session_storage", SessionStorage)

@@ -58,18 +58,21 @@ def codec_costs(iterations: int) -> None:
     plain, encrypted = SessionCodec(max_bytes=1 << 20), SessionCodec([key], max_bytes=1 << 20)
     print("codec, microseconds per operation (median of 5)")
     print(f"{'session':>10} {'mode':>10} {'encode':>9} {'decode':>9} {'stored B':>9}")
+    created_at = int(time.time())
+    meta = {"conversation_id": "c" * 32}
     for label, data in (
         ("150 B", {"user": 1, "pad": "x" * 120}),
         ("4 KB", {"pad": "x" * 4000}),
         ("60 KB", {"pad": "x" * 60000}),
     ):
-        mapping = {
-            "data": data,
-            "gw": {"created_at": int(time.time()), "conversation_id": "c" * 32},
-        }
         for mode, codec in (("plain", plain), ("encrypted", encrypted)):
-            raw = codec.encode(mapping, 7, "demo:sid")
-            enc = min_median(lambda c=codec, m=mapping: c.encode(m, 7, "demo:sid"), iterations)
+            raw = codec.encode(data, 7, "demo:sid", created_at=created_at, meta=meta)
+            enc = min_median(
+                lambda c=codec, m=data: c.encode(
+                    m, 7, "demo:sid", created_at=created_at, meta=meta
+                ),
+                iterations,
+            )
             dec = min_median(lambda c=codec, r=raw: c.decode(r, "demo:sid"), iterations)
             print(f"{label:>10} {mode:>10} {enc:9.1f} {dec:9.1f} {len(raw):9d}")
 

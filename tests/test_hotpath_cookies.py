@@ -1,6 +1,6 @@
 """The session cookie is read without aiohttp's full cookie parser, with the same result.
 
-`GatewayStorage.load_cookie` reads plain `Cookie` headers itself; for every header it must give
+`SessionStorage.load_cookie` reads plain `Cookie` headers itself; for every header it must give
 what aiohttp's parser or a browser's framing (split at every ";") finds, with the
 cookie-tossing rule of `app.sessions.cookies` applied: of the values under our name that are
 well-formed session ids, the one distinct value, or none when there are several.
@@ -18,15 +18,15 @@ from aiohttp.test_utils import make_mocked_request
 from multidict import CIMultiDict
 
 from app.sessions.memory import MemoryBackend
-from app.sessions.storage import SESSION_ID_RE, GatewayStorage, new_session_id
-from tests.conftest import CSRF, GatewayFactory, make_settings
+from app.sessions.storage import SESSION_ID_RE, SessionStorage, new_session_id
+from tests.conftest import CSRF, GatewayFactory
 
 SID = "A" * 20 + "b-_" + "9" * 20
 OTHER = new_session_id()
 
 
-def _storage(cookie_name: str = "agent_sid") -> GatewayStorage:
-    return GatewayStorage(MemoryBackend(), make_settings(SESSION_COOKIE_NAME=cookie_name))
+def _storage(cookie_name: str = "agent_sid") -> SessionStorage:
+    return SessionStorage(MemoryBackend(), cookie_name=cookie_name)
 
 
 class _Request(dict[object, object]):

@@ -23,6 +23,7 @@ from pytest_aiohttp import AiohttpClient
 
 from app.config import ConfigError, Settings
 from app.main import create_app
+from app.sessions.codec import FORMAT_VERSION
 from app.sessions.memory import MemoryBackend
 from app.sessions.redis import RedisBackend
 from app.state import BACKEND_KEY, STORAGE_APP_KEY
@@ -133,7 +134,7 @@ async def test_the_store_holds_only_ciphertext(gateways: MakeGateway) -> None:
         assert plain not in raw, plain
     token = token_of(raw)
     assert Fernet(K1.encode()).decrypt(token)  # really Fernet under the configured key
-    assert json.loads(raw)["v"] == 1
+    assert json.loads(raw)["v"] == FORMAT_VERSION
     assert await read(gw, sid) == {"secret": SECRET, "card": "4111111111111111"}
 
 

@@ -14,7 +14,7 @@ import time
 import pytest
 
 from app.sessions.codec import CREATED_AT, GATEWAY
-from app.sessions.storage import GatewayStorage
+from app.sessions.storage import SessionStorage
 from app.state import STORAGE_APP_KEY
 from tests.conftest import Gateway, GatewayFactory, make_settings
 from tests.test_sessions_http import (
@@ -28,7 +28,7 @@ from tests.test_sessions_http import (
 )
 
 
-def storage(gateway: Gateway) -> GatewayStorage:
+def storage(gateway: Gateway) -> SessionStorage:
     return gateway.app[STORAGE_APP_KEY]
 
 

@@ -23,8 +23,8 @@ from pytest_aiohttp import AiohttpClient
 
 from app.main import create_app
 from app.sessions.backend import SessionBackend
+from app.sessions.codec import FORMAT_VERSION, GATEWAY, SESSION
 from app.sessions.middleware import commit_session, get_session
-from app.sessions.storage import DATA, GATEWAY
 from app.state import STORAGE_APP_KEY
 from tests.backends import WrappedBackend
 from tests.conftest import CSRF, Gateway, GatewayFactory, make_settings
@@ -169,7 +169,7 @@ async def test_patch_creates_merges_and_null_removes(gateway: Gateway) -> None:
     resp = await gateway.client.get("/apps/demo/session")
     assert await resp.json() == {"data": {"b": "two", "obj": {"y": 2}}}
     assert gateway.session_id() == sid
-    assert (await stored(gateway, sid))[DATA] == {"b": "two", "obj": {"y": 2}}
+    assert (await stored(gateway, sid))[SESSION] == {"b": "two", "obj": {"y": 2}}
     assert await gateway.raw.keys() == [gateway.key(sid)]
 
 
@@ -192,9 +192,10 @@ async def test_gateway_fields_are_never_visible_or_writable(gateway: Gateway) ->
     sid = gateway.session_id()
     assert sid is not None
     value = await stored(gateway, sid)
-    assert value["v"] == 1
+    assert value["v"] == FORMAT_VERSION
     assert isinstance(value[GATEWAY].get("created_at"), int)
-    # The gateway's own fields (e.g. a conversation id) live beside `data`.
+    # The gateway's own fields (e.g. a conversation id) live beside the session's mapping
+    # (the browser's `data`).
     value[GATEWAY]["conversation_id"] = "conv-secret"
     await gateway.raw.set(gateway.key(sid), json.dumps(value).encode(), 600)
 
@@ -203,15 +204,15 @@ async def test_gateway_fields_are_never_visible_or_writable(gateway: Gateway) ->
     assert body == {"data": {"a": 1}}
     assert "conv-secret" not in await resp.text()
 
-    # Keys named like the envelope only ever land inside `data`.
+    # Keys named like the envelope only ever land inside the session's mapping (`data`).
     resp = await patch(gateway.client, {"gw": {"conversation_id": "evil"}, "v": 99, "data": 1})
     assert await resp.json() == {
         "data": {"a": 1, "gw": {"conversation_id": "evil"}, "v": 99, "data": 1}
     }
     value = await stored(gateway, sid)
-    assert value["v"] == 1
+    assert value["v"] == FORMAT_VERSION
     assert value[GATEWAY]["conversation_id"] == "conv-secret"
-    assert value[DATA]["gw"] == {"conversation_id": "evil"}
+    assert value[SESSION]["gw"] == {"conversation_id": "evil"}
 
 
 # -- the key and the TTL --------------------------------------------------------------------
@@ -822,7 +823,7 @@ async def test_a_streaming_response_saves_the_session_and_sets_the_cookie(
 
     async def stream(request: web.Request) -> web.StreamResponse:
         session = await get_session(request)
-        session[DATA] = {"streamed": True}
+        session["streamed"] = True
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await commit_session(request, response)  # before prepare(): the cookie can still go
         await response.prepare(request)

@@ -34,7 +34,6 @@ from app.runs.runs import ERROR_MESSAGES, RUNS_KEY, Run, RunRegistry, owner_of, 
 from app.runs.store import RedisRunStore, RunMeta
 from app.sessions.backend import StoreUnavailable
 from app.sessions.middleware import get_session
-from app.sessions.storage import GATEWAY
 from app.state import SETTINGS_KEY
 from app.upstream import UPSTREAM_KEY
 
@@ -277,8 +276,7 @@ def _last_event_id(request: web.Request) -> int:
 async def _owner(request: web.Request) -> str | None:
     """The owner hash of the request's session (None without a conversation)."""
     session = await get_session(request)
-    gateway = session.get(GATEWAY)
-    conversation = gateway.get("conversation_id") if isinstance(gateway, dict) else None
+    conversation = session.meta.get("conversation_id")
     return owner_of(conversation) if isinstance(conversation, str) else None
 
 

@@ -1,16 +1,29 @@
 """The stored value of a session: JSON with a format version and a revision, optionally
 encrypted and authenticated.
 
-Plaintext (no `SESSION_ENCRYPTION_KEYS`)::
+Plaintext (no encryption keys), format 2::
 
-    {"v":1,"r":<revision>,"data":{...},"gw":{...}}
+    {"v":2,"r":<revision>,"created":<int>,"session":{...},"gw":{"created_at":<int>,...}}
 
 Encrypted::
 
-    {"v":1,"r":<revision>,"enc":"<Fernet token>"}
+    {"v":2,"r":<revision>,"enc":"<Fernet token>"}
 
-where the token decrypts to `{"k":"<applicationId>:<sessionId>","data":{...},"gw":{...}}`.
+where the token decrypts to `{"k":"<applicationId>:<sessionId>","created":...,"session":{...},
+"gw":{...}}`.
 
+- `session` is the session's own mapping: every top-level key a handler set
+  (`session["n"] = 1`), and `created` is aiohttp-session's `Session.created` (the time of the
+  last change). Together they are aiohttp-session's own `SessionData` shape.
+- `gw` is what the storage keeps beside that mapping, out of a handler's reach: `created_at`
+  (when the session was first stored; the absolute lifetime counts from it), `max_age` (only
+  when a handler set a per-session `Session.max_age`), and the metadata fields set with
+  `StoredSession.set_meta` (the gateway's `conversation_id`).
+- Format 1 (every release before the storage became public) is still read, so an upgrade
+  logs nobody out: `{"v":1,"r":<revision>,"data":{...},"gw":{"created_at":<int>,...}}` (or its
+  encrypted form, whose token holds `{"k":...,"data":{...},"gw":{...}}`), where `data` was the
+  browser-visible document: it becomes the session's mapping, and `created` is `created_at`.
+  The next write stores format 2.
 - `r` always comes second, right after `v`: the compare-and-set script reads it with a pattern
   on the first bytes (`app.sessions.backend.revision_of`), never by parsing (or decrypting)
   the value. A value without `r` (written before revisions existed) has revision 0.
@@ -37,14 +50,15 @@ where the token decrypts to `{"k":"<applicationId>:<sessionId>","data":{...},"gw
   The price of reading plaintext: someone who can write to Redis can plant a plaintext
   session (with encryption on, a forged token is refused). Redis write access is needed for
   that, which already allows deleting or replaying any session.
-- Rotation tombstone: `{"v":1,"r":1000000000000000000,"rotated":"<nonce>"}` is what a session id
-  rotation leaves at the old id for `SESSION_ROTATION_TOMBSTONE_SECONDS` (`tombstone`). It holds
-  no data (plaintext even with encryption on) and decodes as `Decoded(None, rotated=True)`: the
-  storage answers 409 `session_rotated` to a request carrying that id and never removes it.
-  Its revision is one no session reaches (10**18 writes), so a write that loaded the session
-  before the rotation always loses its compare-and-set against it (Redis script and memory
-  store alike: the same revision pattern). Nothing the browser sends can produce it: the
-  browser's data is always nested under `data`.
+- Rotation tombstone: `{"v":2,"r":1000000000000000000,"rotated":"<nonce>"}` is what a session
+  id rotation leaves at the old id for `rotation_tombstone_seconds` (`tombstone`; format 1's
+  `{"v":1,...,"rotated":...}` is read too). It holds no data (plaintext even with encryption
+  on) and decodes as a `Decoded` with `rotated` set: the storage answers 409
+  `session_rotated` to a request carrying that id and never removes it. Its revision is one no
+  session reaches (10**18 writes), so a write that loaded the session before the rotation
+  always loses its compare-and-set against it (Redis script and memory store alike: the same
+  revision pattern). Nothing a handler stores can produce it: the session's mapping is always
+  nested under `session`.
 - `SESSION_MAX_BYTES` limits the plaintext serialization (what the browser controls), so
   turning encryption on does not change which writes are accepted; the stored ciphertext is
   about 4/3 of it plus ~100 bytes.
@@ -57,32 +71,49 @@ import binascii
 import json
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # imported when keys are set: the bindings are ~8.6 MB of RSS per replica
     from cryptography.fernet import Fernet, MultiFernet
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+LEGACY_VERSION = 1  # read, never written
 TOMBSTONE_REVISION = 10**18
 ROTATED = "rotated"
-DATA = "data"
-GATEWAY = "gw"
+SESSION = "session"  # the session's own mapping
+CREATED = "created"  # aiohttp-session's `Session.created`
+GATEWAY = "gw"  # the storage's fields beside the mapping
 CREATED_AT = "created_at"
+MAX_AGE = "max_age"
+LEGACY_DATA = "data"  # format 1: the mapping was the browser-visible `data` document
+# Fields of `gw` that are the storage's own, not metadata (`StoredSession.meta`).
+_RESERVED = frozenset({CREATED_AT, MAX_AGE})
+NO_META: Mapping[str, Any] = MappingProxyType({})
 
 
 class SessionTooLarge(Exception):
-    """The serialized session would exceed `SESSION_MAX_BYTES`; nothing was written."""
+    """The serialized session would exceed `max_bytes`; nothing was written."""
 
 
 @dataclass(slots=True)
 class Decoded:
-    """A stored value, read: the session mapping (`data`, `gw`), or why it was refused.
+    """A stored value, read: the session's fields, or why it was refused (`session` None).
 
     Not frozen (a frozen dataclass sets each field through `object.__setattr__`: one is made
-    per session read); nothing changes it after `decode`."""
+    per session read); nothing changes it after `decode` but `json_body`, a memo. The codec may
+    hand the same `Decoded` to several requests: callers copy `session` (see `nested`) and
+    `meta` before changing them."""
 
-    mapping: dict[str, Any] | None
+    session: dict[str, Any] | None
+    created_at: int = 0
+    created: int = 0
+    meta: Mapping[str, Any] = field(default_factory=lambda: NO_META)
+    max_age: int | None = None
+    # Some value of `session` is a dict or list: a copy handed to a request must be deep
+    # (`copy_json`), or an in-place change would reach the cache.
+    nested: bool = False
     problem: str = ""
     # Refused here, but possibly readable by another replica: count as no session, keep it.
     keep: bool = False
@@ -94,9 +125,13 @@ class Decoded:
     aging: bool = False
     # A rotation tombstone (`tombstone`): the id was rotated away; keep it, answer 409.
     rotated: bool = False
-    # The session API's JSON answer for this value (`{"data": ...}`), kept by the first read
-    # that needs it (app/handlers.py): a value decoded once is also answered once.
-    data_body: bytes | None = None
+    # `session` as JSON (`StoredSession.as_json`), kept by the first read that needs it: a
+    # value decoded once is also serialized for an answer once.
+    json_body: bytes | None = None
+
+
+def refused(problem: str, *, keep: bool = False) -> Decoded:
+    return Decoded(None, problem=problem, keep=keep)
 
 
 # What `json.dumps(value, separators=(",", ":"), ensure_ascii=False)` uses, built once (with
@@ -116,15 +151,62 @@ def _loads_object(raw: bytes) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
-def _session_mapping(data: Any, gateway: Any) -> dict[str, Any] | None:
-    if not isinstance(data, dict) or not isinstance(gateway, dict):
+_CONTAINERS = frozenset({dict, list})
+
+
+def copy_json(value: Any) -> Any:
+    """A deep copy of a JSON value (dicts, lists, scalars): much cheaper than `copy.deepcopy`
+    (scalars are not even visited by a call)."""
+    kind = type(value)
+    if kind is dict:
+        return {k: copy_json(v) if type(v) in _CONTAINERS else v for k, v in value.items()}
+    if kind is list:
+        return [copy_json(v) if type(v) in _CONTAINERS else v for v in value]
+    return value
+
+
+def is_nested(session: Mapping[str, Any]) -> bool:
+    """True when a value of `session` is a dict or list (see `Decoded.nested`)."""
+    return not _CONTAINERS.isdisjoint(map(type, session.values()))
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _fields(container: dict[str, Any], version: int) -> Decoded | None:
+    """The session fields of a decoded value (the plaintext object, or the decrypted inner
+    one), or None when they are malformed."""
+    gateway = container.get(GATEWAY)
+    session = container.get(SESSION if version == FORMAT_VERSION else LEGACY_DATA)
+    if not isinstance(session, dict) or not isinstance(gateway, dict):
         return None
-    created = gateway.get(CREATED_AT)
-    # Every value this gateway writes carries created_at (the absolute lifetime counts from
+    created_at = gateway.get(CREATED_AT)
+    # Every value this storage writes carries created_at (the absolute lifetime counts from
     # it): a value without one was not written by us.
+    if not isinstance(created_at, int) or isinstance(created_at, bool):
+        return None
+    created = container.get(CREATED, created_at) if version == FORMAT_VERSION else created_at
+    max_age = gateway.get(MAX_AGE)
     if not isinstance(created, int) or isinstance(created, bool):
         return None
-    return {DATA: data, GATEWAY: gateway}
+    if max_age is not None and (not _is_int(max_age) or max_age < 1):
+        return None
+    meta: Mapping[str, Any] = NO_META
+    if len(gateway) > 1 + (max_age is not None):
+        meta = {k: v for k, v in gateway.items() if k not in _RESERVED}
+    return Decoded(session, created_at, created, meta, max_age, is_nested(session))
+
+
+def _gateway_fields(
+    created_at: int, meta: Mapping[str, Any], max_age: int | None
+) -> dict[str, Any]:
+    gateway = {CREATED_AT: created_at}
+    if meta:
+        gateway.update((k, v) for k, v in meta.items() if k not in _RESERVED)
+    if max_age is not None:
+        gateway[MAX_AGE] = max_age
+    return gateway
 
 
 def tombstone(nonce: str) -> bytes:
@@ -187,36 +269,68 @@ class SessionCodec:
         return self._fernet is not None
 
     def encode(
-        self, mapping: Mapping[str, Any], revision: int, binding: str, *, remember: bool = False
+        self,
+        session: Mapping[str, Any],
+        revision: int,
+        binding: str,
+        *,
+        created_at: int,
+        created: int | None = None,
+        meta: Mapping[str, Any] = NO_META,
+        max_age: int | None = None,
+        remember: bool = False,
     ) -> bytes:
-        """The stored bytes of `mapping` at `revision`, bound to `binding` when encrypted.
+        """The stored bytes (format 2) of a session whose mapping is `session`, at
+        `revision`, bound to `binding` when encrypted. `created` (aiohttp-session's
+        `Session.created`) defaults to `created_at`; `meta` fields named `created_at` or
+        `max_age` are the storage's own and are not stored.
 
         `remember`: also keep what `decode` will make of these bytes (with a cache), so the
-        next read of a value just written is not decoded: the mapping's `data` and `gw` as
-        copies (JSON values round-trip exactly, and every session value comes from JSON).
+        next read of a value just written is not decoded; the mapping is copied (deeply when
+        nested: the caller may change it in place afterwards).
         Raises `SessionTooLarge` when the plaintext serialization exceeds `max_bytes`.
         """
-        data, gateway = mapping.get(DATA, {}), mapping.get(GATEWAY, {})
-        plain = _dumps({"v": FORMAT_VERSION, "r": revision, DATA: data, GATEWAY: gateway})
+        if created is None:
+            created = created_at
+        gateway = {CREATED_AT: created_at}
+        if meta or max_age is not None:
+            gateway = _gateway_fields(created_at, meta, max_age)
+        plain = _dumps(
+            {
+                "v": FORMAT_VERSION,
+                "r": revision,
+                CREATED: created,
+                SESSION: session,
+                GATEWAY: gateway,
+            }
+        )
         if len(plain) > self.max_bytes:
             raise SessionTooLarge(f"session is {len(plain)} bytes; the limit is {self.max_bytes}")
         if self._fernet is None:
             stored = plain
             key: object = stored
         else:
-            token = self._fernet.encrypt(_dumps({"k": binding, DATA: data, GATEWAY: gateway}))
+            inner = {"k": binding, CREATED: created, SESSION: session, GATEWAY: gateway}
+            token = self._fernet.encrypt(_dumps(inner))
             stored = _dumps({"v": FORMAT_VERSION, "r": revision, "enc": token.decode("ascii")})
             key = (binding, stored)
-        if remember and self._cache_bytes and isinstance(data, dict):
-            # Exactly what `decode` would find (`_session_mapping` applies the same checks).
-            kept = _session_mapping(dict(data), dict(gateway) if isinstance(gateway, dict) else 0)
-            if kept is not None:
-                self._remember(key, len(stored), Decoded(kept))
+        if remember and self._cache_bytes:
+            nested = is_nested(session)
+            kept = Decoded(
+                copy_json(session) if nested else dict(session),
+                created_at,
+                created,
+                {k: v for k, v in gateway.items() if k not in _RESERVED} if meta else NO_META,
+                max_age,
+                nested,
+            )
+            self._remember(key, len(stored), kept)
         return stored
 
     def decode(self, raw: bytes, binding: str) -> Decoded:
-        """The session mapping in `raw`, or `Decoded(None, why)` for a value that must count as
-        no session (corrupt, unknown version, refused plaintext, undecryptable, misplaced).
+        """The session fields in `raw`, or a `Decoded` whose `session` is None for a value
+        that must count as no session (corrupt, unknown version, refused plaintext,
+        undecryptable, misplaced).
 
         With a cache (`cache_bytes`), a value decoded (and decrypted) before is not decoded
         again: the same `Decoded` is returned, so callers must not change its mapping (or
@@ -230,7 +344,7 @@ class SessionCodec:
         decoded = self._cache.get(key)
         if decoded is None:
             decoded = self._decode(raw, binding)
-            if decoded.mapping is not None and not decoded.stale and not decoded.aging:
+            if decoded.session is not None and not decoded.stale and not decoded.aging:
                 self._remember(key, len(raw), decoded)
         return decoded
 
@@ -246,26 +360,27 @@ class SessionCodec:
 
     def _decode(self, raw: bytes, binding: str) -> Decoded:
         value = _loads_object(raw)
-        if value is None or value.get("v") != FORMAT_VERSION:
-            return Decoded(None, "corrupt value or unknown format version")
+        version = value.get("v") if value is not None else None
+        if value is None or version not in (FORMAT_VERSION, LEGACY_VERSION):
+            return refused("corrupt value or unknown format version")
         if ROTATED in value:
-            return Decoded(None, "the session id was rotated", rotated=True)
+            return Decoded(None, problem="the session id was rotated", rotated=True)
         token = value.get("enc")
         if token is None:
-            mapping = _session_mapping(value.get(DATA), value.get(GATEWAY))
-            if mapping is None:
-                return Decoded(None, "corrupt value")
-            return Decoded(mapping, stale=self._fernet is not None)
+            fields = _fields(value, version)
+            if fields is None:
+                return refused("corrupt value")
+            fields.stale = self._fernet is not None
+            return fields
         if not isinstance(token, str) or not _well_formed_token(token):
-            return Decoded(None, "corrupt value: malformed token")
+            return refused("corrupt value: malformed token")
         if self._fernet is None:
-            return Decoded(
-                None, "encrypted value, but SESSION_ENCRYPTION_KEYS is not set here", keep=True
+            return refused(
+                "encrypted value, but SESSION_ENCRYPTION_KEYS is not set here", keep=True
             )
         opened = self._decrypt(token.encode("ascii"))
         if opened is None:
-            return Decoded(
-                None,
+            return refused(
                 "no key of this gateway opens the value (a key it lacks, a retired key, "
                 "or tampered); left in place",
                 keep=True,
@@ -273,13 +388,15 @@ class SessionCodec:
         inner_raw, stale, aging = opened
         inner = _loads_object(inner_raw)
         if inner is None:
-            return Decoded(None, "corrupt encrypted value")
+            return refused("corrupt encrypted value")
         if inner.get("k") != binding:
-            return Decoded(None, "encrypted value belongs to another session (copied)")
-        mapping = _session_mapping(inner.get(DATA), inner.get(GATEWAY))
-        if mapping is None:
-            return Decoded(None, "corrupt encrypted value")
-        return Decoded(mapping, stale=stale, aging=aging)
+            return refused("encrypted value belongs to another session (copied)")
+        fields = _fields(inner, version)
+        if fields is None:
+            return refused("corrupt encrypted value")
+        fields.stale = stale
+        fields.aging = aging
+        return fields
 
     def _decrypt(self, token: bytes) -> tuple[bytes, bool, bool] | None:
         """(plaintext, stale, opened by an older key) for a token one of the keys opens, else

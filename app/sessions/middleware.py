@@ -23,24 +23,25 @@ import random
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
-from aiohttp_session import Session
 
 from app.errors import ApiError, error_response
 from app.sessions.storage import (
-    GatewaySession,
-    GatewayStorage,
     SessionConflict,
     SessionEnded,
     SessionRotated,
+    SessionStorage,
     SessionTooLarge,
+    StoredSession,
 )
 
 log = logging.getLogger(__name__)
 
-STORAGE_KEY = web.RequestKey("session_storage", GatewayStorage)
+# The gateway's own request keys, typed (aiohttp-session's are plain strings, which aiohttp
+# 3.14 warns about on every request); what they hold is the public storage and its sessions.
+STORAGE_KEY = web.RequestKey("session_storage", SessionStorage)
 # The request's session once loaded; None before (the gateway middleware sets it first thing:
 # looking up a missing key costs a raised and caught KeyError).
-SESSION_KEY: web.RequestKey[Session | None] = web.RequestKey("session")
+SESSION_KEY: web.RequestKey[StoredSession | None] = web.RequestKey("session")
 
 # Attempts of one update under contention (each: one read, one compare-and-set), and the
 # random pause before a retry (up to CAS_JITTER_SECONDS x the attempt number), so requests
@@ -63,25 +64,27 @@ def _conflict() -> ApiError:
     )
 
 
-async def get_session(request: web.Request) -> Session:
-    """The request's session, loaded (and slid) once on first use."""
+async def get_session(request: web.Request) -> StoredSession:
+    """The request's session, loaded (and slid) once on first use (what
+    `aiohttp_session.get_session` does, on the gateway's typed keys)."""
     session = request.get(SESSION_KEY)
     if session is None:
-        session = await request[STORAGE_KEY].load_session(request)
-        request[SESSION_KEY] = session
+        loaded = await request[STORAGE_KEY].load_session(request)
+        assert isinstance(loaded, StoredSession)
+        request[SESSION_KEY] = session = loaded
     return session
 
 
-async def reload_session(request: web.Request) -> Session:
+def storage_of(request: web.Request) -> SessionStorage:
+    return request[STORAGE_KEY]
+
+
+async def reload_session(request: web.Request) -> StoredSession:
     """Read the session again (after a lost compare-and-set), replacing the request's copy."""
-    session = await request[STORAGE_KEY].load_session(request)
+    session = await storage_of(request).load_session(request)
+    assert isinstance(session, StoredSession)
     request[SESSION_KEY] = session
     return session
-
-
-def peek_session(request: web.Request) -> Session | None:
-    """The session if this request already loaded it."""
-    return request.get(SESSION_KEY)
 
 
 async def commit_session(request: web.Request, response: web.StreamResponse) -> None:
@@ -94,25 +97,23 @@ async def commit_session(request: web.Request, response: web.StreamResponse) -> 
     `StoreUnavailable`.
     """
     session = request.get(SESSION_KEY)
-    if session is None or not session._changed:
+    if session is None or not session.modified:
         return
-    if session.new and not session.empty:
+    if session.new and not session.stored and (not session.empty or session.meta):
         gate = request.app.get(CREATION_GATE_KEY)
         if gate is not None:
             await gate(request)
-    storage = request[STORAGE_KEY]
     try:
-        await storage.save_session(request, response, session)
+        await storage_of(request).save_session(request, response, session)
     except SessionTooLarge as err:
         raise ApiError(413, "session_too_large", str(err)) from err
-    session._changed = False
 
 
 async def update_session(
     request: web.Request,
     response: web.StreamResponse,
-    mutate: Callable[[Session], object],
-) -> Session:
+    mutate: Callable[[StoredSession], object],
+) -> StoredSession:
     """Apply `mutate` to the session and save it if that changed it; on a concurrent write,
     re-read and re-apply (bounded). Returns the saved session.
 
@@ -121,7 +122,7 @@ async def update_session(
     whatever `commit_session` raises.
     """
     session = await get_session(request)
-    existed = not session.new
+    existed = session.stored
     for attempt in range(1, CAS_ATTEMPTS + 1):
         mutate(session)
         try:
@@ -132,12 +133,12 @@ async def update_session(
                 break
             await asyncio.sleep(random.uniform(0, CAS_JITTER_SECONDS * attempt))
             session = await reload_session(request)
-            if existed and session.new:
-                raise SessionEnded("the session ended while this request was running") from None
+            if existed and not session.stored:
+                raise SessionEnded() from None
     raise _conflict()
 
 
-async def rotate_session(request: web.Request, response: web.StreamResponse) -> Session:
+async def rotate_session(request: web.Request, response: web.StreamResponse) -> StoredSession:
     """Give the request's session a new id (cookie set on `response`); the old id is dead
     when this returns. Pending changes are saved first. Without a stored session nothing
     happens (the next write mints a fresh id anyway).
@@ -147,18 +148,20 @@ async def rotate_session(request: web.Request, response: web.StreamResponse) -> 
     """
     session = await get_session(request)
     await commit_session(request, response)
-    storage = request[STORAGE_KEY]
+    storage = storage_of(request)
     for attempt in range(1, CAS_ATTEMPTS + 1):
-        if session.new or session.identity is None or not isinstance(session, GatewaySession):
+        if not session.stored or session.identity is None:
             return session
-        if await storage.rotate(request, response, session):
-            return session
+        moved = await storage.rotate(request, response, session)
+        if moved is not None:
+            request[SESSION_KEY] = moved
+            return moved
         if attempt == CAS_ATTEMPTS:
             break
         await asyncio.sleep(random.uniform(0, CAS_JITTER_SECONDS * attempt))
         session = await reload_session(request)
-        if session.new:
-            raise SessionEnded("the session ended while it was being rotated")
+        if not session.stored:
+            raise SessionEnded()
     raise _conflict()
 
 
@@ -167,7 +170,7 @@ async def finish_session(request: web.Request, response: web.StreamResponse) -> 
     response not yet started (raises as `commit_session`); on a started stream a change can no
     longer be saved, which is logged."""
     session = request.get(SESSION_KEY)
-    if session is None or not session._changed:
+    if session is None or not session.modified:
         return
     if not response.prepared:
         await commit_session(request, response)
@@ -176,19 +179,14 @@ async def finish_session(request: web.Request, response: web.StreamResponse) -> 
 
 
 def session_error_response(
-    request: web.Request, storage: GatewayStorage, exc: SessionEnded | SessionConflict
+    request: web.Request, storage: SessionStorage, exc: SessionEnded | SessionConflict
 ) -> web.Response:
     """The answer to a request whose session ended (409 `session_ended`, cookie expired), was
     rotated away (409 `session_rotated`, cookie untouched: the browser already holds the new
-    one) or kept changing under it (409 `session_conflict`)."""
+    one) or kept changing under it (409 `session_conflict`): the storage's own answers, in the
+    gateway's envelope (with the request id)."""
     if isinstance(exc, SessionRotated):
-        return error_response(
-            request,
-            409,
-            "session_rotated",
-            "The session id was rotated (e.g. at login) while this request used the old one; "
-            "nothing was read or changed. Retry: the browser now holds the new cookie.",
-        )
+        return error_response(request, 409, exc.code, exc.message)
     if isinstance(exc, SessionEnded):
         response = error_response(
             request, 409, "session_ended", "The session ended (logged out) meanwhile."
