@@ -128,8 +128,11 @@ class AppConfig:
 
 
 def default_apps() -> dict[str, AppConfig]:
-    """The registry used when no `APPS_FILE` is set: `demo` only, on the built-in agent."""
-    return {DEMO_APP_ID: AppConfig(app_id=DEMO_APP_ID, upstream=BUILTIN_DEMO_UPSTREAM)}
+    """The registry used when no `APPS_FILE` is set: `demo` only, on the built-in agent, with
+    resumable runs (the demo page resumes an answer after a reload or a dropped connection)."""
+    return {
+        DEMO_APP_ID: AppConfig(app_id=DEMO_APP_ID, upstream=BUILTIN_DEMO_UPSTREAM, resumable=True)
+    }
 
 
 def load_apps_file(path: str, environ: Mapping[str, str]) -> tuple[dict[str, AppConfig], list[str]]:

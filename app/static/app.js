@@ -90,6 +90,95 @@
     return `HTTP ${response.status} ${response.statusText}`.trim();
   }
 
+  const PENDING_RUN = `agent-bff:${APPLICATION}:run`;
+  const RUNS_URL = `/apps/${encodeURIComponent(APPLICATION)}/runs/`;
+  // Set when the page goes away: its EventSource is closed then, which is no failed run.
+  let leaving = false;
+  for (const type of ["beforeunload", "pagehide"]) {
+    window.addEventListener(type, () => {
+      leaving = true;
+    });
+  }
+
+  // Follow a run with EventSource until its `done` (resolves) or an `event: error` from the
+  // gateway (rejects). Connection drops are EventSource's business: it reconnects with
+  // Last-Event-ID and the gateway sends only what came after, so no token is lost or doubled.
+  function followRun(runId, reply) {
+    reply.dataset.state = "streaming";
+    reply.dataset.run = runId;
+    reply.dataset.reconnects = "0";
+    let tokens = Number(reply.dataset.tokens || "0");
+    return new Promise((resolve, reject) => {
+      const source = new EventSource(RUNS_URL + encodeURIComponent(runId));
+      const finish = (error) => {
+        source.close();
+        if (leaving) return; // a reload or navigation: the next page resumes the run
+        sessionStorage.removeItem(PENDING_RUN);
+        if (error) {
+          reply.dataset.state = "failed";
+          addMessage("error", `Error: ${error}`);
+          status.textContent = "The reply failed.";
+          resolve();
+        } else {
+          reply.dataset.state = "done";
+          status.textContent = `Done: ${tokens} token${tokens === 1 ? "" : "s"}.`;
+          resolve();
+        }
+      };
+      source.addEventListener("open", () => {
+        status.textContent = `Streaming… ${tokens} token${tokens === 1 ? "" : "s"}`;
+      });
+      source.addEventListener("token", (event) => {
+        reply.textContent += JSON.parse(event.data).text;
+        tokens += 1;
+        reply.dataset.tokens = String(tokens);
+        reply.dataset.lastEventId = event.lastEventId;
+        status.textContent = `Streaming… ${tokens} token${tokens === 1 ? "" : "s"}`;
+      });
+      source.addEventListener("done", () => finish(null));
+      source.addEventListener("error", (event) => {
+        if (typeof event.data === "string") {
+          // The gateway's (or the agent's) `event: error`: the run ended badly.
+          let detail = {};
+          try {
+            detail = JSON.parse(event.data);
+          } catch (_) {
+            detail = { message: event.data };
+          }
+          finish(`${detail.code || "error"}: ${detail.message || "the stream failed"}`);
+        } else if (source.readyState === EventSource.CLOSED) {
+          finish("the run is no longer available");
+        } else {
+          reply.dataset.reconnects = String(Number(reply.dataset.reconnects) + 1);
+          status.textContent = "Connection lost; resuming…";
+        }
+      });
+    });
+  }
+
+  // After a reload: an answer that was still streaming is picked up again, from its start.
+  async function resumePending() {
+    const saved = sessionStorage.getItem(PENDING_RUN);
+    if (!saved) return;
+    let pending;
+    try {
+      pending = JSON.parse(saved);
+    } catch (_) {
+      sessionStorage.removeItem(PENDING_RUN);
+      return;
+    }
+    addMessage("user", pending.message);
+    const reply = addMessage("agent", "");
+    reply.dataset.tokens = "0";
+    reply.dataset.resumed = "1";
+    setBusy(true);
+    try {
+      await followRun(pending.runId, reply);
+    } finally {
+      setBusy(false);
+    }
+  }
+
   async function sendMessage(text) {
     addMessage("user", text);
     const reply = addMessage("agent", "");
@@ -115,6 +204,16 @@
       const type = response.headers.get("Content-Type") || "";
       if (!type.startsWith("text/event-stream")) throw new Error(`unexpected response type ${type}`);
 
+      const runId = response.headers.get("X-Run-Id");
+      if (runId) {
+        // A resumable run: the gateway keeps it going without us. Read it with EventSource,
+        // which reconnects by itself (sending Last-Event-ID) when the connection drops; a
+        // reload picks it up again from sessionStorage.
+        response.body.cancel().catch(() => {});
+        sessionStorage.setItem(PENDING_RUN, JSON.stringify({ runId, message: text }));
+        await followRun(runId, reply);
+        return;
+      }
       reply.dataset.state = "streaming";
       const parser = new SseParser((event, data) => {
         if (event === "token") {
@@ -187,4 +286,5 @@
   });
 
   input.focus();
+  resumePending();
 })();
