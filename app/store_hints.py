@@ -23,6 +23,17 @@ def _database(url: str) -> str:
     return path or "0"
 
 
+def _address(url: str) -> str:
+    """`host:port` of `url`, or its hosts as written when it names several
+    (`redis+cluster://a:1,b:2`); never raises."""
+    netloc = urlsplit(url).netloc.rpartition("@")[2]
+    try:
+        parts = urlsplit(url)
+        return f"{parts.hostname}:{parts.port or 6379}"
+    except ValueError:  # several hosts, or a port that is not a number
+        return netloc
+
+
 # (pattern in the error text, hint built from REDIS_URL); case-insensitive, first match wins.
 _RULES: tuple[tuple[re.Pattern[str], Callable[[str], str]], ...] = tuple(
     (re.compile(pattern, re.IGNORECASE), hint)
@@ -100,9 +111,8 @@ _RULES: tuple[tuple[re.Pattern[str], Callable[[str], str]], ...] = tuple(
         (
             r"Connection refused",
             lambda url: (
-                f"nothing listens at {urlsplit(url).hostname}:"
-                f"{urlsplit(url).port or 6379}: is Redis running there, on that port, and bound to "
-                "an address this machine can reach (bind / protected-mode)?"
+                f"nothing listens at {_address(url)}: is Redis running there, on that port, and "
+                "bound to an address this machine can reach (bind / protected-mode)?"
             ),
         ),
         (
@@ -133,5 +143,8 @@ def startup_hint(error_text: str, redis_url: str) -> str:
     """The likely cause of `error_text` (a start-up failure against `redis_url`), as advice."""
     for pattern, hint in _RULES:
         if pattern.search(error_text):
-            return f"{hint(redis_url)} (README: Troubleshooting)"
+            try:
+                return f"{hint(redis_url)} (README: Troubleshooting)"
+            except ValueError:  # a URL part the hint cannot read: the generic advice instead
+                return GENERIC_HINT
     return GENERIC_HINT

@@ -101,3 +101,12 @@ def test_the_hint_table_for_errors_hard_to_provoke_here() -> None:
     # Advice never repeats the password.
     for text in ("WRONGPASS", "NOAUTH", "DB index is out of range", "Connection refused"):
         assert "pw" not in startup_hint(text, url).replace("password", "")
+
+
+def test_a_cluster_url_with_several_hosts_never_breaks_the_hint() -> None:
+    """`redis+cluster://a:1,b:2` has no single port: the hint names the hosts as written (the
+    start-up message once died here with a ValueError and lost the REDIS_URL line)."""
+    url = "redis+cluster://127.0.0.1:7001,127.0.0.1:7002"
+    hint = startup_hint("Error 111 connecting to 127.0.0.1:7001. Connection refused.", url)
+    assert "127.0.0.1:7001,127.0.0.1:7002" in hint
+    assert "port could not be cast" not in hint.lower()
