@@ -224,6 +224,9 @@ NEVER_RELAYED_PREFIXES = (
     "cross-origin-opener-policy",  # and -report-only (Cross-Origin-Resource-Policy passes)
     "cross-origin-embedder-policy",
     "x-accel-",  # nginx acts on these (X-Accel-Redirect: an internal redirect of its choice)
+    "x-sendfile",  # Apache mod_xsendfile, lighttpd: serve a file of the proxy's host
+    "x-lighttpd-send-",  # lighttpd's -file and -tempfile
+    "x-envoy-",  # Envoy acts on some (x-envoy-immediate-health-check-fail, -degraded)
     "sec-",
     "attribution-reporting-",
     "ad-auction-",
