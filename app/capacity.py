@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import math
 import time
 from collections.abc import Iterator, Mapping, Sequence
 
@@ -43,7 +44,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from app.applications import AppConfig, concurrency_caps
 from app.config import IPNetwork
 from app.errors import ApiError
-from app.forwarding import client_ip
+from app.forwarding import client_ip, peer_is_trusted
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,7 @@ RETRY_AFTER_SECONDS = 1
 # A flood is refused thousands of times a second: one log line per application and limit at
 # most this often (the access log has every refusal).
 _LOG_INTERVAL_SECONDS = 10.0
+_PROXY_HINT_SECONDS = 60.0
 
 _MESSAGES = {
     "application": "The agent service of this application has all the requests it may "
@@ -186,6 +188,28 @@ def client_key(request: web.BaseRequest, trusted: Sequence[IPNetwork]) -> str:
     if address.ipv4_mapped is not None:
         return str(address.ipv4_mapped)
     return str(ipaddress.IPv6Network((int(address) >> 64 << 64, 64)))
+
+
+_last_proxy_hint = -math.inf
+
+
+def warn_if_clients_look_alike(request: web.BaseRequest, trusted: Sequence[IPNetwork]) -> None:
+    """On a per-client refusal: when the request came with `X-Forwarded-For` from a peer not in
+    `TRUSTED_PROXIES`, every client of that proxy shares one per-client cap; say so (a warning
+    at most once per `_PROXY_HINT_SECONDS`)."""
+    global _last_proxy_hint
+    if "X-Forwarded-For" not in request.headers or peer_is_trusted(request, trusted):
+        return
+    now = time.monotonic()
+    if now - _last_proxy_hint < _PROXY_HINT_SECONDS:
+        return
+    _last_proxy_hint = now
+    log.warning(
+        "per-client cap reached by %s, a peer that forwards X-Forwarded-For but is not in "
+        "TRUSTED_PROXIES: all of its clients count as one address; add it to TRUSTED_PROXIES "
+        "(or raise max_concurrent_per_client)",
+        request.remote,
+    )
 
 
 class CapacityCollector:

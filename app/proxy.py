@@ -78,7 +78,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from app.applications import AppConfig
-from app.capacity import AppSlots, UpstreamBusy, client_key
+from app.capacity import AppSlots, UpstreamBusy, client_key, warn_if_clients_look_alike
 from app.config import Settings
 from app.errors import REQUEST_ID_KEY, ApiError, error_response, store_full, store_unavailable
 from app.forwarding import client_host, client_scheme, forwarded_chain
@@ -955,6 +955,8 @@ async def _proxy_holding_slots(exchange: _Exchange) -> web.StreamResponse:
 
 def _busy(exchange: _Exchange, busy: UpstreamBusy) -> web.Response:
     """503 `upstream_busy` (a body the browser may still be sending is not read: close)."""
+    if busy.limit == "client":
+        warn_if_clients_look_alike(exchange.request, exchange.settings.trusted_proxies)
     response = exchange.error(busy.status, busy.code, busy.message, headers=busy.headers)
     return _closing(response) if exchange.request.body_exists else response
 

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import math
 import re
 import socket
 import statistics
@@ -27,6 +28,7 @@ from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 from yarl import URL
 
+from app import capacity as capacity_module
 from app.applications import (
     DEFAULT_PER_CLIENT,
     DEFAULT_PER_SESSION,
@@ -290,7 +292,7 @@ async def test_one_session_may_hold_only_its_own_cap(slow_upstream: ServedUpstre
 
 
 async def test_anonymous_streams_from_one_address_are_capped_per_client(
-    slow_upstream: ServedUpstream,
+    slow_upstream: ServedUpstream, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Cookieless requests make a new session each: the per-client cap is what stops one
     client. Behind a trusted proxy the address is the forwarded one."""
@@ -327,6 +329,7 @@ async def test_anonymous_streams_from_one_address_are_capped_per_client(
         finally:
             for resp in held:
                 resp.close()
+    assert not [r for r in caplog.records if "TRUSTED_PROXIES" in r.getMessage()]
     assert clients == {
         "203.0.113.7": 2,
         "2001:db8:1:2::/64": 2,
@@ -811,3 +814,25 @@ async def test_a_real_process_disconnects_a_browser_that_reads_nothing(
     finally:
         stalled.close()
     assert "browser read nothing for 0.5s; connection closed (app a" in proc.stderr
+
+
+async def test_a_proxy_missing_from_trusted_proxies_is_named_when_its_clients_share_a_cap(
+    slow_upstream: ServedUpstream, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Behind a balancer that is not in `TRUSTED_PROXIES` every client has its address: the
+    refusal says so (once a minute), so the operator finds the missing setting."""
+    monkeypatch.setattr(capacity_module, "_last_proxy_hint", -math.inf)
+    settings = two_apps(slow_upstream.base, a={"max_concurrent_per_client": 1})
+    forwarded = {**CSRF, "X-Forwarded-For": "203.0.113.9"}
+    async with run_gateway(settings) as gw, anonymous(gw) as browser:
+        held = await browser.post("/apps/a/agent/hold", headers=forwarded)
+        try:
+            assert held.status == 200
+            for _ in range(2):
+                async with browser.post("/apps/a/agent/hold", headers=forwarded) as resp:
+                    assert resp.status == 503
+        finally:
+            held.close()
+    hints = [r.getMessage() for r in caplog.records if "TRUSTED_PROXIES" in r.getMessage()]
+    assert len(hints) == 1, hints
+    assert hints[0].startswith("per-client cap reached by 127.0.0.1, a peer that forwards")
