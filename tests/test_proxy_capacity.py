@@ -408,7 +408,7 @@ async def test_an_upload_dripping_just_under_the_pause_limit_ends_at_its_total_d
         await wait_for(lambda: gw.app[UPSTREAM_KEY].capacity.in_use == 0)
     assert head.startswith(b"HTTP/1.1 408 "), head
     assert json.loads(body)["error"]["code"] == "body_timeout"
-    assert deadline - 0.05 <= elapsed < deadline + 0.6, elapsed
+    assert deadline - 0.05 <= elapsed < deadline + 1.0, elapsed  # not at a later pause
 
 
 # -- slots never leak -----------------------------------------------------------------------
