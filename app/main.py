@@ -140,6 +140,7 @@ def gateway_storage(settings: Settings, backend: SessionBackend) -> SessionStora
         secure=secure,
         httponly=True,
         samesite=settings.cookie_samesite,
+        refresh_cookie=False,  # set once per id: a write of a known session sends no cookie
         encryption_keys=settings.session_encryption_keys,
         max_bytes=settings.session_max_bytes,
         rotation_tombstone_seconds=settings.session_rotation_tombstone_seconds,

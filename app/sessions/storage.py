@@ -51,8 +51,9 @@ example, and where this storage deliberately differs from aiohttp-session's own 
   extends the absolute lifetime.
 - Cookie: `cookie_name`, path (default `/`; the gateway: `/apps/{applicationId}`), domain,
   Secure, HttpOnly, SameSite as configured; Max-Age and Expires only with a `max_age`. The
-  cookie is set when a session is created or rotated, re-sent on every save when it has a
-  `max_age` (to push its expiry), and expired when the session ends. Read with
+  cookie is set when a session is created or rotated, re-sent on every save (as
+  aiohttp-session does; with `refresh_cookie=False` only when it has a `max_age`, to push its
+  expiry: the gateway's choice), and expired when the session ends. Read with
   `app.sessions.cookies.choose_session_id`: two distinct ids under our name (a planted cookie)
   count as no session.
 """
@@ -369,9 +370,11 @@ class SessionStorage(AbstractStorage):
     (aiohttp-session's: cookie Max-Age and store TTL; per session `session.max_age`),
     `absolute_lifetime` (seconds from creation; None: off), the cookie's `cookie_name`,
     `domain`, `path` (or a function of the request), `secure` (None: not set; or a function of
-    the request), `httponly`, `samesite`; `encryption_keys` (Fernet keys, first encrypts, all
-    decrypt), `max_bytes` (the largest serialized session), `rotation_tombstone_seconds` (how
-    long a rotated-away id answers 409 `session_rotated`), `clock` (wall clock, tests).
+    the request), `httponly`, `samesite`, `refresh_cookie` (re-send the cookie with every save,
+    as aiohttp-session does; False: only when it is new or has a max_age); `encryption_keys`
+    (Fernet keys, first encrypts, all decrypt), `max_bytes` (the largest serialized session),
+    `rotation_tombstone_seconds` (how long a rotated-away id answers 409 `session_rotated`),
+    `clock` (wall clock, tests).
     """
 
     def __init__(
@@ -389,6 +392,7 @@ class SessionStorage(AbstractStorage):
         secure: CookieSecure = None,
         httponly: bool = True,
         samesite: str | None = "Lax",
+        refresh_cookie: bool = True,
         encryption_keys: Sequence[str] = (),
         max_bytes: int = 65536,
         rotation_tombstone_seconds: int = DEFAULT_ROTATION_TOMBSTONE_SECONDS,
@@ -426,6 +430,7 @@ class SessionStorage(AbstractStorage):
         self._secure = secure
         self._httponly = httponly
         self._samesite = samesite
+        self._refresh_cookie = refresh_cookie
         # aiohttp reads ASCII cookie names only (a non-ASCII one never matches).
         self._cookie_prefix = f"{cookie_name}=" if cookie_name.isascii() else ""
         # Wall clock (created_at is a Unix time shared by every replica); tests may move it.
@@ -754,8 +759,9 @@ class SessionStorage(AbstractStorage):
             raise SessionConflict()
         if stored is not None:
             stored._saved(str(revision), created_at)
-        if max_age is not None:
-            self.set_cookie(request, response, identity, max_age=max_age)  # push its expiry
+        if max_age is not None or self._refresh_cookie:
+            # Re-sent as aiohttp-session does (with a max_age: pushes its expiry).
+            self.set_cookie(request, response, identity, max_age=max_age)
 
     def _ended(self, request: web.Request, message: str) -> SessionEnded:
         ended = SessionEnded(message)
