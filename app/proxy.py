@@ -58,6 +58,7 @@ import asyncio
 import contextlib
 import fcntl
 import functools
+import ipaddress
 import itertools
 import json
 import logging
@@ -350,8 +351,9 @@ _UNSENDABLE_RE = re.compile(r"[^\t\x20-\x7e]")
 
 # `Location` text a browser's URL parser and yarl may read differently: never followed to this
 # host (see `redirect_leaves_application`).
-_UNSAFE_LOCATION_RE = re.compile(r"[\\\x00-\x20\x7f]|%(?:2[eEfF]|5[cC])")
+_UNSAFE_LOCATION_RE = re.compile(r"[^\x21-\x5b\x5d-\x7e]|%(?:2[eEfF]|5[cC])")
 _PLACEHOLDER_HOST = "gateway.invalid"
+_HEX = frozenset("0123456789abcdef")
 _PLACEHOLDER_ORIGIN = f"https://{_PLACEHOLDER_HOST}"
 
 
@@ -565,10 +567,11 @@ def redirect_leaves_application(
     `X-CSRF: 1`). Another host is not this gateway's business (an identity provider, say).
 
     `Location` is resolved as a browser would, against the URL the browser asked for. Text a
-    browser reads differently from a URL library (backslashes, whitespace, controls, encoded
-    `.`, `/` or `\\`) or that does not parse counts as leaving; so do several `Location`s.
-    The host compared is the one the browser used (`client_host`), any port or scheme
-    (cookies ignore both), without a trailing dot.
+    browser reads differently from a URL library (anything but visible ASCII, backslashes,
+    encoded `.`, `/` or `\\`) or that does not parse counts as leaving; so do several
+    `Location`s. Hosts are compared as the browser canonicalizes them (`browser_host`: IPv4
+    in any spelling, case, a trailing dot; a host it cannot vouch for counts as this one),
+    against the one the browser used (`client_host`), any port or scheme (cookies ignore both).
     """
     if not locations:
         return False
@@ -580,21 +583,63 @@ def redirect_leaves_application(
     except ValueError:
         return True
     host = target.raw_host
-    if host is not None and host.rstrip(".").lower() not in (
-        _PLACEHOLDER_HOST,
-        _hostname(client_host(request, settings.trusted_proxies)),
-    ):
-        return False
+    if host is not None and host != _PLACEHOLDER_HOST:
+        canonical = browser_host(host)
+        if canonical is None:
+            return True  # a host the browser may read as ours: not worth the doubt
+        if canonical != _own_host(client_host(request, settings.trusted_proxies)):
+            return False
     return not target.raw_path.startswith(f"/apps/{app.app_id}/")
 
 
-def _hostname(authority: str) -> str:
-    """`gw.example` of `gw.example:8443` (`::1` of `[::1]:80`), lower-cased, no trailing dot."""
+def browser_host(host: str) -> str | None:
+    """`host` (ASCII, from a URL) as a browser's URL parser leaves it (WHATWG URL, host
+    parsing): lower case; an IPv4 address in any of the forms browsers accept (`0x7f.1`,
+    `2130706433`, `0177.0.0.1`, a trailing dot) as its dotted quad; IPv6 compressed. None when
+    unsure: a percent sign or non-ASCII (browsers decode and map those), an IPv4-looking host
+    that does not parse (the browser refuses the URL, or reads it as something else)."""
+    host = host.lower()
+    if not host.isascii() or "%" in host:
+        return None
+    if host.startswith("[") or ":" in host:
+        try:
+            return str(ipaddress.IPv6Address(host.strip("[]")))
+        except ValueError:
+            return None
+    parts = host.split(".")
+    if len(parts) > 1 and parts[-1] == "":
+        parts.pop()
+    last = parts[-1]
+    if not (last.isdigit() or (last.startswith("0x") and all(c in _HEX for c in last[2:]))):
+        return host.rstrip(".")  # a domain name, not an IPv4 address
+    numbers: list[int] = []
+    for part in parts:
+        try:
+            if part.startswith("0x"):
+                numbers.append(int(part[2:] or "0", 16))
+            elif len(part) > 1 and part.startswith("0"):
+                numbers.append(int(part, 8))
+            else:
+                numbers.append(int(part, 10))
+        except ValueError:
+            return None
+    if len(numbers) > 4 or any(n > 255 for n in numbers[:-1]):
+        return None
+    if numbers[-1] >= 256 ** (5 - len(numbers)):
+        return None
+    value = numbers[-1]
+    for index, number in enumerate(numbers[:-1]):
+        value += number * 256 ** (3 - index)
+    return str(ipaddress.IPv4Address(value))
+
+
+def _own_host(authority: str) -> str | None:
+    """The browser's host of `authority` (`gw.example:8443`, `[::1]:80`), see `browser_host`."""
     try:
-        host = URL(f"//{authority}").raw_host or ""
+        host = URL(f"//{authority}").raw_host
     except ValueError:
-        return ""
-    return host.rstrip(".").lower()
+        return None
+    return browser_host(host) if host else None
 
 
 def has_invalid_header(upstream: aiohttp.ClientResponse) -> bool:

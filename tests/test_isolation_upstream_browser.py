@@ -18,15 +18,17 @@ import dataclasses
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from urllib.parse import unquote
 
 import pytest
 from aiohttp import web
+from aiohttp.test_utils import make_mocked_request
 from playwright.async_api import Browser, BrowserContext, Page, Route
 from playwright.async_api import Error as PlaywrightError
 from pytest_aiohttp import AiohttpServer
 
 from app.applications import AppConfig
-from app.proxy import PROXIED_CSP
+from app.proxy import PROXIED_CSP, redirect_leaves_application
 from tests.conftest import make_settings
 from tests.fake_upstream import (
     RunningGateway,
@@ -352,3 +354,92 @@ async def test_I2_a_redirect_cannot_replay_a_frontends_write_on_another_applicat
             assert status == 502
         finally:
             await context.close()
+
+
+# Locations a hostile upstream might try, to reach another application on this host while the
+# gateway's URL library reads them as harmless. Chromium's own URL parser is the oracle.
+LOCATION_CORPUS = [
+    "jobs/1",
+    "?page=2",
+    "#x",
+    "/apps/shop/agent/ok",
+    "/apps/other/agent/chat",
+    "../../other/agent/chat",
+    "../../../apps/other/agent/chat",
+    "/apps/shop/../other/agent",
+    "/apps/shop/agent/%2e%2e/%2e%2e/other",
+    "/apps/shop/agent/.%2e/.%2e/other",
+    "/apps/shop/agent/%2E./%2E./other",
+    "/apps/shop/agent/..%2f..%2fother",
+    "/apps/shop/agent/..\\..\\other",
+    "/apps/shop/agent/.\t./.\t./other",
+    "/apps/shop/agent/..;/..;/other",
+    "/apps//other/agent",
+    "/./apps/other/agent",
+    "/apps/%73hop/agent/x",
+    "/apps/other%2fagent",
+    "//127.0.0.1/apps/other/agent",
+    "\\\\127.0.0.1/apps/other/agent",
+    "/\\127.0.0.1/apps/other/agent",
+    "http://127.0.0.1/apps/other/agent",
+    "http://127.0.0.1:9/apps/other/agent",
+    "HTTP://127.0.0.1./apps/other/agent",
+    "http://0x7f.1/apps/other/agent",
+    "http://0x7f000001/apps/other/agent",
+    "http://2130706433/apps/other/agent",
+    "http://0177.0.0.1/apps/other/agent",
+    "http://127.1/apps/other/agent",
+    "http://127.0.1/apps/other/agent",
+    "http://%31%32%37.0.0.1/apps/other/agent",
+    "http://\uff11\uff12\uff17\uff0e\uff10\uff0e\uff10\uff0e\uff11/apps/other/agent",
+    "http://127\u30020\u30020\u30021/apps/other/agent",
+    "http://[::ffff:127.0.0.1]/apps/other/agent",
+    "http://evil.example@127.0.0.1/apps/other/agent",
+    "http://a@b@127.0.0.1/apps/other/agent",
+    "http://127.0.0.1#@evil.example/apps/other",
+    "http://evil.example#@127.0.0.1/apps/other",
+    "http://127.0.0.1?@evil.example/apps/other",
+    "http:/apps/other/agent",
+    "http:127.0.0.1/apps/other/agent",
+    "https:/apps/other/agent",
+    "https://evil.example/apps/other/agent",
+    "//evil.example/x",
+    "javascript:alert(1)",
+    "data:text/html,<script>1</script>",
+    " /apps/other/agent",
+    "/apps/other/agent ",
+    "/apps/shop/agent/ok\x0b/../../../other",
+    "/apps/shop/agent/%00/../../other",
+]
+
+
+async def test_I2_the_redirect_check_reads_locations_as_chromium_does(browser: Browser) -> None:
+    """For every spelling, where Chromium would go: if that is this host outside `/apps/shop/`,
+    the gateway must refuse the redirect (it may refuse more)."""
+    base = "http://127.0.0.1:8080/apps/shop/agent/go"
+    request = make_mocked_request("GET", "/apps/shop/agent/go", headers={"Host": "127.0.0.1:8080"})
+    app = AppConfig(app_id="shop", upstream="http://upstream.invalid")
+    settings = make_settings()
+    page = await browser.new_page()
+    try:
+        escaped = []
+        for location in LOCATION_CORPUS:
+            resolved = await page.evaluate(
+                """([location, base]) => {
+                    try {
+                        const u = new URL(location, base);
+                        return [u.protocol, u.hostname, u.pathname];
+                    } catch (e) { return null; }
+                }""",
+                [location, base],
+            )
+            leaves = redirect_leaves_application([location], request, app, settings)
+            if resolved is None or resolved[0] not in ("http:", "https:"):
+                continue  # not a URL a browser would follow to this host
+            _, host, path = resolved
+            # The gateway routes on the decoded path (`/apps/%73hop/` is `shop`).
+            if host == "127.0.0.1" and not unquote(path).startswith("/apps/shop/") and not leaves:
+                escaped.append((location, host, path))
+        assert escaped == []
+    finally:
+        await page.close()

@@ -463,6 +463,11 @@ REDIRECTS_REFUSED = [
     "https://127.0.0.1:1/apps/other/session",
     "HTTP://127.0.0.1./apps/other/session",
     "http:/apps/other/agent/chat",
+    "http://0x7f.1/apps/other/agent/chat",
+    "http://2130706433/apps/other/agent/chat",
+    "http://0177.0.0.1/apps/other/agent/chat",
+    "http://127.1/apps/other/agent/chat",
+    "http://%31%32%37.0.0.1/apps/other/agent/chat",
 ]
 
 
