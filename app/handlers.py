@@ -138,9 +138,11 @@ async def rotate_session_id(request: web.Request) -> web.Response:
 
 
 async def delete_session(request: web.Request) -> web.Response:
-    """Logout: delete the stored session and expire the cookie. 204 even without a session.
+    """Logout: delete the stored session and expire the cookie. 204 even without a session;
+    409 `session_rotated` (cookie untouched, nothing deleted) when the id was rotated away.
 
-    Only the id matters here, so nothing is read first: one `DEL`.
+    Only the id matters here, so nothing is read first: one store call that deletes unless a
+    rotation tombstone is there (`SessionStorage._end`).
     """
     session = storage_of(request).unread_session(request)
     request[SESSION_KEY] = session

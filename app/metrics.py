@@ -471,6 +471,10 @@ class InstrumentedBackend:
         with self._observe("delete_if_revision"):
             return await self.backend.delete_if_revision(key, expected)
 
+    async def delete_unless_revision(self, key: str, kept: str) -> CasResult:
+        with self._observe("delete_unless_revision"):
+            return await self.backend.delete_unless_revision(key, kept)
+
     async def replace(self, key: str, value: bytes, ttl: int) -> bytes | None:
         with self._observe("replace"):
             return await self.backend.replace(key, value, ttl)

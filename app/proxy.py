@@ -269,7 +269,10 @@ SAFE_LINK_RELATIONS = frozenset(
     }
 )
 # `rel` and `rel*` (RFC 8187 form: `UTF-8''preload` is not a safe relation, so it is refused).
-_LINK_REL_RE = re.compile(r'(?i)\brel\*?\s*=\s*(?:"([^"]*)"|([^\s;,"]+))')
+# The value is read as Chromium reads it (components/link_header_util): an unquoted value runs
+# to the next `;` or `,` (`rel=next preload` is "next preload"), a quoted one to its closing
+# quote; quoted and unquoted runs are taken together, quotes dropped, then split on whitespace.
+_LINK_REL_RE = re.compile(r'(?i)\brel\*?\s*=((?:"[^"]*"|[^;,"])*)')
 # Authentication schemes a browser answers with its own password dialog (on this origin).
 _PROMPTING_AUTH_RE = re.compile(r"(?i)(?:^|[\s,])(?:basic|digest|ntlm|negotiate)(?:$|[\s,])")
 # Request headers the browser's copies of which never reach the upstream (docs/security.md):
@@ -551,8 +554,8 @@ def _force_attachment(headers: CIMultiDict[str]) -> None:
 def _navigational_link(value: str) -> bool:
     """True when every `rel` of a `Link` value is in `SAFE_LINK_RELATIONS` (anything the
     parse cannot vouch for, e.g. a `rel` inside a URL, only makes it refuse more)."""
-    for quoted, bare in _LINK_REL_RE.findall(value):
-        for relation in (quoted or bare).lower().split():
+    for raw in _LINK_REL_RE.findall(value):
+        for relation in raw.replace('"', " ").lower().split():
             if relation not in SAFE_LINK_RELATIONS:
                 return False
     return True

@@ -34,6 +34,9 @@ class WrappedBackend:
     async def delete_if_revision(self, key: str, expected: str) -> CasResult:
         return await self.inner.delete_if_revision(key, expected)
 
+    async def delete_unless_revision(self, key: str, kept: str) -> CasResult:
+        return await self.inner.delete_unless_revision(key, kept)
+
     async def replace(self, key: str, value: bytes, ttl: int) -> bytes | None:
         return await self.inner.replace(key, value, ttl)
 

@@ -48,6 +48,10 @@ HOSTILE_RESPONSE_HEADERS = [
     ("Link", "</next>; rel=\"next\", </x.css>; rel='stylesheet'"),
     ("Link", "</apps/other/agent/x>; rel*=UTF-8''preload"),
     ("Link", "</apps/other/agent/x>; rel=next; rel=prefetch"),
+    # Chromium reads an unquoted value up to the next `;` or `,`, then splits it on whitespace.
+    ("Link", "</apps/other/agent/x>; rel=next preload; as=image"),
+    ("Link", "</apps/other/agent/x>; rel=next\tpreload; as=image"),
+    ("Link", "<https://evil.example>; rel=next preconnect"),
     ("Content-Security-Policy", "sandbox allow-scripts allow-same-origin"),
     ("Content-Security-Policy-Report-Only", "default-src 'none'; report-uri https://evil.example"),
     ("Permissions-Policy", "camera=*"),
@@ -214,6 +218,35 @@ def test_I2_the_response_filter_is_case_blind_and_honours_connection() -> None:
     )
     out = browser_response_headers(CIMultiDictProxy(upstream))
     assert list(out.keys()) == ["X-Kept", "Content-Security-Policy", "X-Content-Type-Options"]
+
+
+@pytest.mark.parametrize(
+    "link",
+    [
+        "</apps/b/agent/x>; rel=next preload; as=image",
+        "</apps/b/agent/x>; rel=next\tpreload; as=image",
+        "</apps/b/agent/x>; rel = next  dns-prefetch",
+        '</apps/b/agent/x>; rel="next" preload',
+        "</v1/items?page=2>; rel=next, </apps/b/agent/x>; rel=prev modulepreload",
+    ],
+)
+def test_I2_an_unquoted_rel_is_read_to_the_next_separator_as_chromium_does(link: str) -> None:
+    """Issue 12 attack D: `rel=next preload` used to be read as "next" only."""
+    out = browser_response_headers(CIMultiDictProxy(CIMultiDict({"Link": link})))
+    assert "Link" not in out, f"{link!r} was relayed"
+
+
+@pytest.mark.parametrize(
+    "link",
+    [
+        "</v1/items?page=2>; rel=next last",
+        '</v1/items?page=2>; rel="next"; title="a, b; c"',
+        "</v1/items?page=2>; rel=next , </v1/items?page=1>; rel=prev",
+    ],
+)
+def test_I2_navigational_links_still_pass(link: str) -> None:
+    out = browser_response_headers(CIMultiDictProxy(CIMultiDict({"Link": link})))
+    assert out.getall("Link") == [link]
 
 
 # -- I4: statuses ------------------------------------------------------------------------------

@@ -146,6 +146,7 @@ OPERATIONS: dict[str, Operation] = {
     "update": lambda b: b.update("k", b"v", 10),
     "compare_and_set": lambda b: b.compare_and_set("k", "1", b"v", 10),
     "delete_if_revision": lambda b: b.delete_if_revision("k", "1"),
+    "delete_unless_revision": lambda b: b.delete_unless_revision("k", "1"),
     "replace": lambda b: b.replace("k", b"v", 10),
     "delete": lambda b: b.delete("k"),
     "ping": lambda b: b.ping(),

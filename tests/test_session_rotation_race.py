@@ -228,3 +228,37 @@ async def test_two_rotations_of_one_id_make_one_new_session(gateway: Gateway) ->
     (cookie,) = ok_cookies
     _, new, _ = parse_set_cookie(cookie)
     assert (await stored(gateway, new))["session"] == {"a": 1}
+
+
+async def test_a_logout_with_the_old_cookie_after_a_rotation_is_409_and_ends_nothing(
+    gateway: Gateway,
+) -> None:
+    """Issue 12 attack E: "log out" in a second tab while the first tab's login rotated the id.
+    It used to delete the tombstone, answer 204 and expire the browser's (new) cookie, while
+    the rotated session lived on. Now: 409 `session_rotated`, no `Set-Cookie`, the tombstone
+    and the rotated session stay; the logout retried with the new cookie ends it."""
+    await patch(gateway.client, {"user": "alice"})
+    old = gateway.session_id()
+    resp = await gateway.client.post(ROTATE, headers=CSRF)
+    assert resp.status == 200
+    new = gateway.session_id()
+    assert old is not None and new not in (None, old)
+
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as http:
+
+        async def call(method: str, sid: str) -> tuple[int, Any, list[str]]:
+            headers = {**CSRF, "Cookie": f"agent_sid={sid}"}
+            async with http.request(method, gateway.client.make_url(SESSION), headers=headers) as r:
+                body = await r.json() if r.status != 204 else None
+                return r.status, body, set_cookie_headers(r)
+
+        status, body, cookies = await call("DELETE", old)
+        assert (status, body["error"]["code"], cookies) == (409, "session_rotated", [])
+        assert gateway.key(old) in await gateway.raw.keys(), "the tombstone was deleted"
+        assert (await stored(gateway, new or ""))["session"] == {"user": "alice"}
+        status, body, _ = await call("GET", old)  # the old id still reads nothing
+        assert (status, body["error"]["code"]) == (409, "session_rotated")
+
+        status, _, cookies = await call("DELETE", new or "")
+        assert status == 204 and [parse_set_cookie(c)[1] for c in cookies] == [""]
+    assert gateway.key(new or "") not in await gateway.raw.keys()

@@ -165,6 +165,18 @@ async def test_delete_if_revision(store: Store) -> None:
     assert await store.raw.get(KEY) is None
 
 
+async def test_delete_unless_revision(store: Store) -> None:
+    assert await store.backend.delete_unless_revision(KEY, "7") == "missing"
+    await store.backend.create(KEY, rev(7), 60)
+    assert await store.backend.delete_unless_revision(KEY, "7") == "conflict"
+    assert await store.raw.get(KEY) == rev(7)
+    assert await store.backend.delete_unless_revision(KEY, "8") == "ok"
+    assert await store.raw.get(KEY) is None
+    await store.backend.create(KEY, b"no revision prefix", 60)  # revision "0"
+    assert await store.backend.delete_unless_revision(KEY, "7") == "ok"
+    assert await store.raw.get(KEY) is None
+
+
 async def test_replace_returns_the_value_it_replaced_and_never_creates(store: Store) -> None:
     assert await store.backend.replace(KEY, b"tomb", 60) is None
     assert await store.raw.get(KEY) is None, "replace created a key"
@@ -262,6 +274,9 @@ async def test_a_key_of_another_type_is_no_session_and_removed(store: Store) -> 
     assert isinstance(store.raw, RedisRaw)
     await store.raw.client.hset(KEY, "field", "value")
     assert await store.backend.get_and_touch(KEY, 60) is None
+    assert await store.raw.get(KEY) is None
+    await store.raw.client.hset(KEY, "field", "value")
+    assert await store.backend.delete_unless_revision(KEY, "1") == "ok"  # a logout: 204
     assert await store.raw.get(KEY) is None
 
 

@@ -15,6 +15,9 @@ Each method is one store operation (one round trip) on one key:
 - `delete_if_revision(key, expected)`: delete only if the stored revision is `expected` (one
   `EVALSHA`); same answers. Session id rotation uses it so a write landing between the copy
   and the delete of the old key is not lost.
+- `delete_unless_revision(key, kept)`: delete unless the stored revision is `kept` (one
+  `EVALSHA`); "conflict" when it is (nothing deleted). A logout uses it with the rotation
+  tombstone's revision, so a logout carrying a rotated-away id never removes the tombstone.
 - `replace(key, value, ttl)`: store `value` only if the key exists, and return the value it
   replaced (Redis `SET key value XX GET EX ttl`); None when missing (nothing stored). Session
   id rotation leaves its tombstone at the old id with it: blind, so no concurrent write can
@@ -69,6 +72,8 @@ class SessionBackend(Protocol):
     ) -> CasResult: ...
 
     async def delete_if_revision(self, key: str, expected: str) -> CasResult: ...
+
+    async def delete_unless_revision(self, key: str, kept: str) -> CasResult: ...
 
     async def replace(self, key: str, value: bytes, ttl: int) -> bytes | None: ...
 

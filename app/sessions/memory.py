@@ -257,6 +257,16 @@ class MemoryBackend:
         self._remove(k)
         return "ok"
 
+    async def delete_unless_revision(self, key: str, kept: str) -> CasResult:
+        k = _b(key)
+        raw = self._raw(k)
+        if raw is None:
+            return "missing"
+        if revision_of(raw[_EXPIRY_BYTES:]) == kept:
+            return "conflict"
+        self._remove(k)
+        return "ok"
+
     async def replace(self, key: str, value: bytes, ttl: int) -> bytes | None:
         # No await between the read and the write: atomic on the event loop, like SET ... GET.
         # Not a use: the replacement (a rotation tombstone) goes to the probation end, so a

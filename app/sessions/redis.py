@@ -414,6 +414,16 @@ redis.call('DEL', KEYS[1])
 return 'ok'"""
 )
 
+# KEYS[1] session key; ARGV[1] the revision that is kept (a rotation tombstone's).
+DELETE_UNLESS_REVISION = LuaScript.of(
+    f"""local current = redis.call('GET', KEYS[1])
+if not current then return 'missing' end
+local revision = string.match(current, '{_REVISION_PATTERN}') or '0'
+if revision == ARGV[1] then return 'conflict' end
+redis.call('DEL', KEYS[1])
+return 'ok'"""
+)
+
 _CAS_RESULTS: dict[bytes, CasResult] = {b"ok": "ok", b"conflict": "conflict", b"missing": "missing"}
 
 
@@ -639,6 +649,16 @@ class RedisBackend:
 
     async def delete_if_revision(self, key: str, expected: str) -> CasResult:
         reply = await self._run(lambda: DELETE_IF_REVISION.run(self.execute, [key], [expected]))
+        return _cas_result(reply)
+
+    async def delete_unless_revision(self, key: str, kept: str) -> CasResult:
+        try:
+            reply = await self._run(lambda: DELETE_UNLESS_REVISION.run(self.execute, [key], [kept]))
+        except StoreUnavailable as err:
+            if not _is_wrong_type(err.__cause__):
+                raise
+            await self.delete(key)  # not a session (nor a tombstone): removed, as `DEL` would
+            return "ok"
         return _cas_result(reply)
 
     async def ping(self) -> None:

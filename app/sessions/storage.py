@@ -78,6 +78,7 @@ from redis.asyncio.cluster import RedisCluster
 from app.sessions.backend import SessionBackend, StoreUnavailable, revision_of
 from app.sessions.codec import (
     NO_META,
+    TOMBSTONE_REVISION,
     Decoded,
     SessionCodec,
     SessionTooLarge,
@@ -110,6 +111,8 @@ DEFAULT_KEY_PREFIX = "agent:sess:"
 DEFAULT_NAMESPACE = "default"
 DEFAULT_IDLE_TTL = 3600
 DEFAULT_ROTATION_TOMBSTONE_SECONDS = 60
+# A rotation tombstone's revision (`tombstone`): a logout never deletes it (`_end`).
+_TOMBSTONE = str(TOMBSTONE_REVISION)
 
 Namespace = str | Callable[[web.Request], str]
 CookiePath = str | Callable[[web.Request], str]
@@ -690,14 +693,16 @@ class SessionStorage(AbstractStorage):
         in_store = stored.stored if stored is not None else not session.new
         if session.empty and not meta:
             if session.identity is not None and (in_store or not session.new):
-                await self.backend.delete(session_key(self.key_prefix, namespace, session.identity))
+                await self._end(session_key(self.key_prefix, namespace, session.identity))
             elif request.get(_AMBIGUITY_LOGGED):
                 # Logout with several ids under our name (a planted cookie next to ours): which
                 # one is the user's is unknown, so every one named ends (the user's among them;
                 # a planted one is the planter's own). Otherwise the user's would outlive it.
                 names = named_session_ids(request.headers.getall(hdrs.COOKIE), self.cookie_name)
                 for session_id in sorted(names):
-                    await self.backend.delete(session_key(self.key_prefix, namespace, session_id))
+                    await self.backend.delete_unless_revision(
+                        session_key(self.key_prefix, namespace, session_id), _TOMBSTONE
+                    )
             # Also without a stored session: whatever cookie the browser holds is dropped.
             self.expire_cookie(request, response)
             if stored is not None:
@@ -720,6 +725,15 @@ class SessionStorage(AbstractStorage):
             session.set_new_identity(session_id)  # still `new`, as aiohttp-session leaves it
         if stored is not None:
             stored._saved("1", created_at)
+
+    async def _end(self, key: str) -> None:
+        """Delete the session at `key` (a logout), unless a rotation left its tombstone there:
+        then raise `SessionRotated` (409, cookie untouched: the browser holds the new id, and
+        the session the user meant to end lives on under it). One atomic step, so a logout
+        racing the rotation either deletes the session before it is copied (the rotation then
+        finds nothing) or meets the tombstone; never removes the tombstone."""
+        if await self.backend.delete_unless_revision(key, _TOMBSTONE) == "conflict":
+            raise SessionRotated()
 
     async def _update(
         self,
