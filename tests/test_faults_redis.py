@@ -86,7 +86,7 @@ async def stored_data(server: RedisServer, gateway: Gateway, sid: str) -> Any:
     """The browser-visible `data` of the stored session, read straight from Redis."""
     with contextlib.closing(server.client()) as client:
         raw = client.get(gateway.key(sid))
-    return None if raw is None else json.loads(raw)["session"]
+    return None if raw is None else json.loads(raw)["data"]
 
 
 async def get_data(gateway: Gateway) -> tuple[int, Any]:
@@ -762,7 +762,7 @@ async def test_R21_sigterm_with_streams_and_sessions_in_flight_leaves_nothing_un
     assert "agent-bff" not in redis_server.client_names(), "Redis connections left open"
     with contextlib.closing(redis_server.client()) as admin:
         raw = admin.get(f"agent:sess:demo:{sid}")
-    assert raw is not None and json.loads(raw)["session"] == {"a": 1}
+    assert raw is not None and json.loads(raw)["data"] == {"a": 1}
 
 
 # -- R22: the memory store with several replicas ---------------------------------------------

@@ -96,7 +96,7 @@ async def test_first_agent_request_mints_the_conversation_and_saves_the_session(
     assert sid is not None and sid == cookie.value
     value = await stored(gw)
     assert value["gw"]["conversation_id"] == thread
-    assert value["session"] == {}
+    assert value["data"] == {}
     # Random and unrelated to the session id (which must never reach the upstream).
     assert thread != sid and thread not in sid and sid not in thread
     assert all(sid not in v for v in upstream.fake.last.headers.values())
@@ -127,7 +127,7 @@ async def test_the_browser_cannot_choose_the_conversation(
     assert await chat(gw, upstream, **{THREAD_HEADER: "browser-picked"}) == thread
     value = await stored(gw)
     assert value["gw"]["conversation_id"] == thread
-    assert value["session"] == patch  # browser data (the mapping) lives beside the gateway's fields
+    assert value["data"] == patch  # browser data lives beside the gateway's fields
 
 
 async def test_logout_starts_a_new_conversation(gw: Gateway, upstream: ServedUpstream) -> None:

@@ -1,6 +1,7 @@
-"""An upgrade logs nobody out: stored values written by the release before the public storage
-(format 1, `{"data": ..., "gw": ...}`) still load, keep their conversation, lifetime and
-revision, and are stored in format 2 by their next write.
+"""Neither an upgrade nor a rollback logs anyone out: stored values written by the release
+before the public storage (`{"v":1,"r":...,"data":{...},"gw":{...}}`) still load and keep
+their conversation, lifetime and revision; their next write adds only `created`
+(aiohttp-session's `Session.created`), in a layout that release still reads.
 
 The values in tests/fixtures/sessions_v1.json are real bytes captured from that release
 (commit 5750bdd): written through its HTTP API (PATCH) and by its codec as its storage called
@@ -100,8 +101,8 @@ async def test_a_value_of_the_previous_release_loads_and_is_upgraded_by_its_next
         assert thread == entry["conversation_id"]
         assert await gateway.raw.get(key) == entry["raw"].encode()
 
-    # The next write stores format 2: same id, data merged, created_at and the conversation
-    # kept, the revision continued.
+    # The next write: same id, data merged, created_at and the conversation kept, the revision
+    # continued, `created` added.
     resp = await gateway.client.patch(session, json={"more": 1}, headers={**CSRF, **cookie(sid)})
     assert (resp.status, await resp.json()) == (200, {"data": {**entry["data"], "more": 1}})
     assert "Set-Cookie" not in resp.headers
@@ -110,14 +111,15 @@ async def test_a_value_of_the_previous_release_loads_and_is_upgraded_by_its_next
     value = stored_fields(mode, raw, f"{app}:{sid}")
     assert value["v"] == FORMAT_VERSION
     assert value["r"] == entry["revision"] + (2 if entry["conversation_id"] is None else 1)
-    assert value["session"] == {**entry["data"], "more": 1}
+    assert value["data"] == {**entry["data"], "more": 1}
+    assert isinstance(value["created"], int) and value["created"] >= entry["created_at"]
     assert value["gw"] == {"created_at": entry["created_at"], "conversation_id": thread}
     resp = await gateway.client.get(session, headers=cookie(sid))
     assert await resp.json() == {"data": {**entry["data"], "more": 1}}
 
 
 @pytest.mark.parametrize(("mode", "entry"), CASES, ids=lambda c: c if isinstance(c, str) else "")
-def test_the_codec_reads_format_1_as_the_mapping_with_its_fields(
+def test_the_codec_reads_the_previous_release_as_the_mapping_with_its_fields(
     mode: str, entry: dict[str, Any]
 ) -> None:
     codec = SessionCodec([KEY] if mode == "encrypted" else [])
@@ -129,3 +131,28 @@ def test_the_codec_reads_format_1_as_the_mapping_with_its_fields(
     )
     assert dict(decoded.meta) == expected_meta
     assert decoded.max_age is None and not decoded.stale
+
+
+@pytest.mark.parametrize("encrypted", [False, True])
+def test_the_previous_release_reads_what_this_one_writes(encrypted: bool) -> None:
+    """A rolling deploy (or a rollback): the previous release's decoder, as it was (commit
+    5750bdd's `_session_mapping` and version check), accepts this release's values."""
+    keys = [KEY] if encrypted else []
+    raw = SessionCodec(keys).encode(
+        {"a": [1]},
+        5,
+        "demo:x",
+        created_at=1_700_000_000,
+        created=1_700_000_100,
+        meta={"conversation_id": "c" * 32},
+    )
+    value = json.loads(raw)
+    if encrypted:
+        value = json.loads(Fernet(KEY.encode()).decrypt(value["enc"].encode()))
+        assert value["k"] == "demo:x"
+    # What 5750bdd's codec required of a value (besides decryption).
+    assert json.loads(raw)["v"] == 1 and json.loads(raw)["r"] == 5
+    assert isinstance(value["data"], dict) and isinstance(value["gw"], dict)
+    assert isinstance(value["gw"]["created_at"], int)
+    assert value["data"] == {"a": [1]}
+    assert value["gw"]["conversation_id"] == "c" * 32

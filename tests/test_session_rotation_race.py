@@ -76,7 +76,7 @@ async def test_old_cookie_writes_racing_a_rotation_never_fork_nor_lose_data(
 
     new = gateway.session_id()
     assert new is not None and new != old
-    final = (await stored(gateway, new))["session"]
+    final = (await stored(gateway, new))["data"]
     outcomes = Counter(f"{status} {code}" for status, code, _ in results)
     forks = [r for r in results if r[2]]
     lost = [n for n, (status, _, _) in enumerate(results) if status == 200 and f"w{n}" not in final]
@@ -201,7 +201,7 @@ async def test_a_retried_tombstone_is_recognised_as_this_rotations_own(gateway: 
     assert resp.status == 200 and await resp.json() == {"data": {"a": 1}, "rotated": True}
     new = gateway.session_id()
     assert new not in (None, old)
-    assert (await stored(gateway, new or ""))["session"] == {"a": 1}
+    assert (await stored(gateway, new or ""))["data"] == {"a": 1}
 
 
 async def test_two_rotations_of_one_id_make_one_new_session(gateway: Gateway) -> None:
@@ -227,7 +227,7 @@ async def test_two_rotations_of_one_id_make_one_new_session(gateway: Gateway) ->
     assert len(keys) == 2 and gateway.key(old) in keys
     (cookie,) = ok_cookies
     _, new, _ = parse_set_cookie(cookie)
-    assert (await stored(gateway, new))["session"] == {"a": 1}
+    assert (await stored(gateway, new))["data"] == {"a": 1}
 
 
 async def test_a_logout_with_the_old_cookie_after_a_rotation_is_409_and_ends_nothing(
@@ -255,7 +255,7 @@ async def test_a_logout_with_the_old_cookie_after_a_rotation_is_409_and_ends_not
         status, body, cookies = await call("DELETE", old)
         assert (status, body["error"]["code"], cookies) == (409, "session_rotated", [])
         assert gateway.key(old) in await gateway.raw.keys(), "the tombstone was deleted"
-        assert (await stored(gateway, new or ""))["session"] == {"user": "alice"}
+        assert (await stored(gateway, new or ""))["data"] == {"user": "alice"}
         status, body, _ = await call("GET", old)  # the old id still reads nothing
         assert (status, body["error"]["code"]) == (409, "session_rotated")
 

@@ -218,7 +218,7 @@ async def test_racing_first_agent_requests_agree_on_the_conversation(
     assert len(threads) == 1, "two conversations were minted for one session"
     value: dict[str, Any] = await stored(gateway, sid, "shop")
     assert value["gw"]["conversation_id"] in threads
-    assert value["session"] == {"a": 1}
+    assert value["data"] == {"a": 1}
 
 
 async def test_store_metrics_name_the_new_operations(gateway: Gateway) -> None:

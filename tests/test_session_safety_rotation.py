@@ -89,7 +89,7 @@ async def test_rotate_moves_the_data_to_a_new_id_and_kills_the_old(gateway: Gate
     assert sorted(await gateway.raw.keys()) == sorted([gateway.key(new), gateway.key(old)])
     await assert_tombstone(gateway, gateway.key(old))
     after = await stored(gateway, new)
-    assert after["session"] == before["session"]
+    assert after["data"] == before["data"]
     assert after[GATEWAY] == before[GATEWAY]  # created_at kept: no extension of the lifetime
     assert after["r"] > before["r"]
 
@@ -121,7 +121,7 @@ async def test_a_write_with_the_old_id_does_not_come_back(gateway: Gateway) -> N
     _, third, _ = parse_set_cookie(header)
     assert third not in (old, new)
     assert new is not None
-    assert (await stored(gateway, new))["session"] == {"a": 1}
+    assert (await stored(gateway, new))["data"] == {"a": 1}
 
 
 async def test_rotate_without_a_session_creates_nothing(gateway: Gateway) -> None:
@@ -216,7 +216,7 @@ async def test_a_write_racing_the_rotation_is_carried_over(gateway: Gateway) -> 
         assert raw is not None
         value = json.loads(raw)
         value["r"] += 1
-        value["session"]["b"] = "written meanwhile"
+        value["data"]["b"] = "written meanwhile"
         ttl = await gateway.raw.ttl(key)
         await gateway.raw.set(
             key, json.dumps(value, separators=(",", ":")).encode(), int(ttl or 60)
@@ -234,7 +234,7 @@ async def test_a_write_racing_the_rotation_is_carried_over(gateway: Gateway) -> 
     # The new key holds both writes (the racing one copied over); the old one a tombstone.
     assert sorted(await gateway.raw.keys()) == sorted([gateway.key(new), gateway.key(old)])
     await assert_tombstone(gateway, gateway.key(old))
-    assert (await stored(gateway, new))["session"] == {"a": 1, "b": "written meanwhile"}
+    assert (await stored(gateway, new))["data"] == {"a": 1, "b": "written meanwhile"}
 
 
 async def test_a_store_failure_during_rotation_keeps_the_old_id(gateway: Gateway) -> None:
@@ -305,7 +305,7 @@ async def test_upstream_rotate_header_rotates_before_the_response(
     assert new != old and SID_RE.match(new)
     assert gw.session_id("shop") == new
     value = await stored(gw, new, "shop")
-    assert value["session"] == {"user": "anon"}
+    assert value["data"] == {"user": "anon"}
     assert value[GATEWAY]["conversation_id"] == thread  # the conversation carries over
 
     resp = await gw.client.post("/apps/shop/agent/chat", headers=CSRF)

@@ -119,7 +119,7 @@ async def test_the_documented_example_runs_on_ordinary_routes(
     assert first is not None
     # Every top-level key is stored as it is, under {prefix}{namespace}:{sessionId}.
     raw = await store.raw(session_key("myapp:sess:", "default", first))
-    assert raw is not None and json.loads(raw)["session"] == {"visits": 2}
+    assert raw is not None and json.loads(raw)["data"] == {"visits": 2}
 
     resp = await client.post("/login/ada")
     assert await resp.json() == {"user": "ada"}  # a new session, under a new id

@@ -23,7 +23,7 @@ from pytest_aiohttp import AiohttpClient
 
 from app.main import create_app
 from app.sessions.backend import SessionBackend
-from app.sessions.codec import FORMAT_VERSION, GATEWAY, SESSION
+from app.sessions.codec import DATA, FORMAT_VERSION, GATEWAY
 from app.sessions.middleware import commit_session, get_session
 from app.state import STORAGE_APP_KEY
 from tests.backends import WrappedBackend
@@ -169,7 +169,7 @@ async def test_patch_creates_merges_and_null_removes(gateway: Gateway) -> None:
     resp = await gateway.client.get("/apps/demo/session")
     assert await resp.json() == {"data": {"b": "two", "obj": {"y": 2}}}
     assert gateway.session_id() == sid
-    assert (await stored(gateway, sid))[SESSION] == {"b": "two", "obj": {"y": 2}}
+    assert (await stored(gateway, sid))[DATA] == {"b": "two", "obj": {"y": 2}}
     assert await gateway.raw.keys() == [gateway.key(sid)]
 
 
@@ -212,7 +212,7 @@ async def test_gateway_fields_are_never_visible_or_writable(gateway: Gateway) ->
     value = await stored(gateway, sid)
     assert value["v"] == FORMAT_VERSION
     assert value[GATEWAY]["conversation_id"] == "conv-secret"
-    assert value[SESSION]["gw"] == {"conversation_id": "evil"}
+    assert value[DATA]["gw"] == {"conversation_id": "evil"}
 
 
 # -- the key and the TTL --------------------------------------------------------------------

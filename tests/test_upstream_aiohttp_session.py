@@ -8,9 +8,10 @@ Adapted only in
 - construction: `SessionStorage(<store>, ...)` wherever upstream builds `RedisStorage` or
   `SimpleCookieStorage`, `StoredSession` wherever it builds a `Session`, and a session made
   by `make_cookie` is stored through this storage's codec under a server-minted id;
-- how a test reads the stored value: `stored(...)` (the value under the cookie's id, decoded:
-  format 2 is aiohttp-session's own `{"created": ..., "session": {...}}` plus this storage's
-  fields; `{}` once the session is deleted, where upstream stores `{}`), `ttl(...)` and
+- how a test reads the stored value: `stored(...)` (the value under the cookie's id, in
+  upstream's shape `{"created": ..., "session": {...}}`: this storage keeps the same two
+  fields as `created` and `data`; `{}` once the session is deleted, where upstream stores
+  `{}`), `ttl(...)` and
   `exists(...)` instead of `redis.get/ttl/exists` on upstream's key, and `stored(morsel.value)`
   instead of `json.loads(morsel.value)` where upstream's cookie carried the data itself.
 Every test runs on the memory store and on a real redis-server (`tests/redis_server.py`).
@@ -140,10 +141,14 @@ async def store_session(redis: Store, data: dict[str, Any], created: int) -> str
 
 
 async def stored(redis: Store, session_id: str) -> Any:
-    """The stored value under `session_id`, decoded (`{}` when there is none: upstream stores
-    `{}` for an invalidated session, this storage deletes it)."""
+    """The stored value under `session_id` in upstream's shape: `{"created": ...,
+    "session": {...}}` from this storage's `created` and `data` (`{}` when there is none:
+    upstream stores `{}` for an invalidated session, this storage deletes it)."""
     raw = await redis.raw(session_id)
-    return {} if raw is None else json.loads(raw)
+    if raw is None:
+        return {}
+    value = json.loads(raw)
+    return {"created": value["created"], "session": value["data"]}
 
 
 # -- test_redis_storage.py --------------------------------------------------------------------

@@ -1,29 +1,28 @@
 """The stored value of a session: JSON with a format version and a revision, optionally
 encrypted and authenticated.
 
-Plaintext (no encryption keys), format 2::
+Plaintext (no encryption keys)::
 
-    {"v":2,"r":<revision>,"created":<int>,"session":{...},"gw":{"created_at":<int>,...}}
+    {"v":1,"r":<revision>,"created":<int>,"data":{...},"gw":{"created_at":<int>,...}}
 
 Encrypted::
 
-    {"v":2,"r":<revision>,"enc":"<Fernet token>"}
+    {"v":1,"r":<revision>,"enc":"<Fernet token>"}
 
-where the token decrypts to `{"k":"<applicationId>:<sessionId>","created":...,"session":{...},
+where the token decrypts to `{"k":"<applicationId>:<sessionId>","created":...,"data":{...},
 "gw":{...}}`.
 
-- `session` is the session's own mapping: every top-level key a handler set
-  (`session["n"] = 1`), and `created` is aiohttp-session's `Session.created` (the time of the
-  last change). Together they are aiohttp-session's own `SessionData` shape.
+- `data` is the session's own mapping: every top-level key a handler set
+  (`session["n"] = 1`; for the gateway, the browser-visible document of its session API), and
+  `created` is aiohttp-session's `Session.created` (the time of the last change).
 - `gw` is what the storage keeps beside that mapping, out of a handler's reach: `created_at`
   (when the session was first stored; the absolute lifetime counts from it), `max_age` (only
   when a handler set a per-session `Session.max_age`), and the metadata fields set with
   `StoredSession.set_meta` (the gateway's `conversation_id`).
-- Format 1 (every release before the storage became public) is still read, so an upgrade
-  logs nobody out: `{"v":1,"r":<revision>,"data":{...},"gw":{"created_at":<int>,...}}` (or its
-  encrypted form, whose token holds `{"k":...,"data":{...},"gw":{...}}`), where `data` was the
-  browser-visible document: it becomes the session's mapping, and `created` is `created_at`.
-  The next write stores format 2.
+- Compatible both ways with the values of releases before the storage became public (the same
+  `data`/`gw` layout, without `created`): their values load as they are (`created` is then
+  `created_at`), and their replicas read this release's values during a rolling deploy (they
+  ignore `created`), so neither an upgrade nor a rollback logs anyone out.
 - `r` always comes second, right after `v`: the compare-and-set script reads it with a pattern
   on the first bytes (`app.sessions.backend.revision_of`), never by parsing (or decrypting)
   the value. A value without `r` (written before revisions existed) has revision 0.
@@ -50,15 +49,15 @@ where the token decrypts to `{"k":"<applicationId>:<sessionId>","created":...,"s
   The price of reading plaintext: someone who can write to Redis can plant a plaintext
   session (with encryption on, a forged token is refused). Redis write access is needed for
   that, which already allows deleting or replaying any session.
-- Rotation tombstone: `{"v":2,"r":1000000000000000000,"rotated":"<nonce>"}` is what a session
-  id rotation leaves at the old id for `rotation_tombstone_seconds` (`tombstone`; format 1's
-  `{"v":1,...,"rotated":...}` is read too). It holds no data (plaintext even with encryption
+- Rotation tombstone: `{"v":1,"r":1000000000000000000,"rotated":"<nonce>"}` is what a session
+  id rotation leaves at the old id for `rotation_tombstone_seconds` (`tombstone`). It holds no
+  data (plaintext even with encryption
   on) and decodes as a `Decoded` with `rotated` set: the storage answers 409
   `session_rotated` to a request carrying that id and never removes it. Its revision is one no
   session reaches (10**18 writes), so a write that loaded the session before the rotation
   always loses its compare-and-set against it (Redis script and memory store alike: the same
   revision pattern). Nothing a handler stores can produce it: the session's mapping is always
-  nested under `session`.
+  nested under `data`.
 - `SESSION_MAX_BYTES` limits the plaintext serialization (what the browser controls), so
   turning encryption on does not change which writes are accepted; the stored ciphertext is
   about 4/3 of it plus ~100 bytes.
@@ -78,16 +77,14 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # imported when keys are set: the bindings are ~8.6 MB of RSS per replica
     from cryptography.fernet import Fernet, MultiFernet
 
-FORMAT_VERSION = 2
-LEGACY_VERSION = 1  # read, never written
+FORMAT_VERSION = 1
 TOMBSTONE_REVISION = 10**18
 ROTATED = "rotated"
-SESSION = "session"  # the session's own mapping
+DATA = "data"  # the session's own mapping
 CREATED = "created"  # aiohttp-session's `Session.created`
 GATEWAY = "gw"  # the storage's fields beside the mapping
 CREATED_AT = "created_at"
 MAX_AGE = "max_age"
-LEGACY_DATA = "data"  # format 1: the mapping was the browser-visible `data` document
 # Fields of `gw` that are the storage's own, not metadata (`StoredSession.meta`).
 _RESERVED = frozenset({CREATED_AT, MAX_AGE})
 NO_META: Mapping[str, Any] = MappingProxyType({})
@@ -174,11 +171,11 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _fields(container: dict[str, Any], version: int) -> Decoded | None:
+def _fields(container: dict[str, Any]) -> Decoded | None:
     """The session fields of a decoded value (the plaintext object, or the decrypted inner
     one), or None when they are malformed."""
     gateway = container.get(GATEWAY)
-    session = container.get(SESSION if version == FORMAT_VERSION else LEGACY_DATA)
+    session = container.get(DATA)
     if not isinstance(session, dict) or not isinstance(gateway, dict):
         return None
     created_at = gateway.get(CREATED_AT)
@@ -186,7 +183,9 @@ def _fields(container: dict[str, Any], version: int) -> Decoded | None:
     # it): a value without one was not written by us.
     if not isinstance(created_at, int) or isinstance(created_at, bool):
         return None
-    created = container.get(CREATED, created_at) if version == FORMAT_VERSION else created_at
+    # Absent from values of earlier releases: the session was then last changed at most when
+    # it was created, as far as anyone can tell.
+    created = container.get(CREATED, created_at)
     max_age = gateway.get(MAX_AGE)
     if not isinstance(created, int) or isinstance(created, bool):
         return None
@@ -280,7 +279,7 @@ class SessionCodec:
         max_age: int | None = None,
         remember: bool = False,
     ) -> bytes:
-        """The stored bytes (format 2) of a session whose mapping is `session`, at
+        """The stored bytes of a session whose mapping is `session`, at
         `revision`, bound to `binding` when encrypted. `created` (aiohttp-session's
         `Session.created`) defaults to `created_at`; `meta` fields named `created_at` or
         `max_age` are the storage's own and are not stored.
@@ -300,7 +299,7 @@ class SessionCodec:
                 "v": FORMAT_VERSION,
                 "r": revision,
                 CREATED: created,
-                SESSION: session,
+                DATA: session,
                 GATEWAY: gateway,
             }
         )
@@ -310,7 +309,7 @@ class SessionCodec:
             stored = plain
             key: object = stored
         else:
-            inner = {"k": binding, CREATED: created, SESSION: session, GATEWAY: gateway}
+            inner = {"k": binding, CREATED: created, DATA: session, GATEWAY: gateway}
             token = self._fernet.encrypt(_dumps(inner))
             stored = _dumps({"v": FORMAT_VERSION, "r": revision, "enc": token.decode("ascii")})
             key = (binding, stored)
@@ -360,14 +359,13 @@ class SessionCodec:
 
     def _decode(self, raw: bytes, binding: str) -> Decoded:
         value = _loads_object(raw)
-        version = value.get("v") if value is not None else None
-        if value is None or version not in (FORMAT_VERSION, LEGACY_VERSION):
+        if value is None or value.get("v") != FORMAT_VERSION:
             return refused("corrupt value or unknown format version")
         if ROTATED in value:
             return Decoded(None, problem="the session id was rotated", rotated=True)
         token = value.get("enc")
         if token is None:
-            fields = _fields(value, version)
+            fields = _fields(value)
             if fields is None:
                 return refused("corrupt value")
             fields.stale = self._fernet is not None
@@ -391,7 +389,7 @@ class SessionCodec:
             return refused("corrupt encrypted value")
         if inner.get("k") != binding:
             return refused("encrypted value belongs to another session (copied)")
-        fields = _fields(inner, version)
+        fields = _fields(inner)
         if fields is None:
             return refused("corrupt encrypted value")
         fields.stale = stale

@@ -19,7 +19,7 @@ example, and where this storage deliberately differs from aiohttp-session's own 
   sets is stored and comes back as the session's own mapping. Beside it the store keeps, out
   of a handler's reach, the revision, `created_at` (first stored), a per-session `max_age`,
   and metadata fields (`StoredSession.meta`; the gateway's conversation id). Stored value:
-  see `app.sessions.codec` (format 2; format 1 of earlier releases still loads). A value that
+  see `app.sessions.codec` (the values of earlier releases load, and they read ours). A value that
   is corrupt, of an unknown version, or bound to another session counts as no session and is
   deleted. One this storage cannot decrypt (a key only other replicas have, a retired key,
   tampered) counts as no session and is left in place for the replicas that can; a plaintext
