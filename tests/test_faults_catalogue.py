@@ -132,10 +132,13 @@ PROVEN: dict[str, tuple[str, ...]] = {
     "R14": (
         "tests/test_session_safety_cas.py::test_concurrent_patches_on_two_replicas_all_survive",
         "tests/test_session_safety_cas.py::test_concurrent_patches_of_different_keys_both_survive",
+        "tests/test_session_storage_api.py::test_a_lost_race_is_a_409_json_answer_never_a_500",
     ),
     "R15": (
         SH + "test_a_write_racing_a_logout_does_not_resurrect",
         FR + "test_R15_logout_on_one_replica_while_another_saves_later_is_not_undone",
+        "tests/test_session_storage_api.py::"
+        "test_a_session_deleted_meanwhile_is_409_session_ended_not_resurrected",
     ),
     "R16": (FR + "test_R16_a_session_that_expires_between_load_and_save_is_not_recreated",),
     "R17": (
