@@ -12,7 +12,9 @@ What it does, all on 127.0.0.1, everything started here and stopped by PID at th
    Redis) behind nginx (deploy/nginx.conf).
 3. The load kit (scripts/loadkit): `--concurrency` virtual users, each one browser with its own
    cookie jar, reading and writing its session and streaming the built-in demo agent through
-   nginx; every user checks on every read that its session still holds what it wrote.
+   nginx; every user checks on every read that its session still holds what it wrote. Some
+   streams are resumable runs (`resume` kind): cut at a random event and resumed through nginx
+   (so on any replica) with Last-Event-ID; their gateway ids must arrive exactly once.
 4. Faults while the load runs: at 35% of the duration Redis is restarted (SIGKILL, or SIGTERM
    with `--redis-restart term`) and started again on the same port and AOF; at 60% replica 1
    is SIGKILLed, and started again at 75%.
@@ -20,7 +22,9 @@ What it does, all on 127.0.0.1, everything started here and stopped by PID at th
 
 The report (stdout; `--json PATH` for the machine-readable one): requests served, errors by
 kind, sessions verified intact, sessions lost, RSS before/after, when each fault happened.
-Exit status: 0 when no session was lost (or went stale), every replica that lived through the
+Exit status: 0 when no session was lost (or went stale), no resumed run whose pumping replica
+lived lost or repeated an event (runs on the killed replica end with `run_orphaned`, counted
+apart), every replica that lived through the
 run grew by less than `--max-rss-growth-mib`, and the faults and the load really happened;
 1 otherwise; 2 when the topology could not be started.
 """
@@ -188,6 +192,13 @@ class SoakReport:
     users_with_loss: int = 0
     streams_completed: int = 0
     aborted: int = 0
+    # Resumable runs (the `resume` kind): cut at a random event, resumed through nginx.
+    resume_runs: int = 0
+    resume_completed: int = 0
+    resume_lost_events: int = 0
+    resume_duplicated_events: int = 0
+    resume_orphaned: int = 0
+    resume_error_events: dict[str, int] = field(default_factory=dict)
     rss_before_mib: dict[str, float] = field(default_factory=dict)
     rss_after_mib: dict[str, float] = field(default_factory=dict)
     rss_growth_mib: dict[str, float] = field(default_factory=dict)
@@ -241,7 +252,7 @@ async def run(args: argparse.Namespace, workdir: Path) -> SoakReport:
             app="demo",
             concurrency=args.concurrency,
             duration=args.duration,
-            mix={"read": 50.0, "write": 30.0, "stream": 20.0},
+            mix={"read": 45.0, "write": 25.0, "stream": 15.0, "resume": 15.0},
             agent_path="chat",
             stream_body=b'{"message": "soak"}',
             end_event="done",
@@ -314,6 +325,19 @@ def summarize(
     report.users_with_loss = len(rec.users_with_loss)
     report.streams_completed = rec.streams_completed
     report.aborted = rec.aborted
+    report.resume_runs = rec.resume.runs
+    report.resume_completed = rec.resume.completed
+    report.resume_lost_events = rec.resume.lost
+    report.resume_duplicated_events = rec.resume.duplicated
+    report.resume_orphaned = rec.resume.orphaned
+    report.resume_error_events = dict(rec.resume.error_events)
+    if rec.resume.lost or rec.resume.duplicated:
+        report.problems.append(
+            f"resumed runs whose pumping replica lived lost {rec.resume.lost} and duplicated "
+            f"{rec.resume.duplicated} events"
+        )
+    if not rec.resume.completed:
+        report.problems.append("no resumable run was read to its end")
     for index, (pid, value) in sorted(before.items()):
         if value is not None:
             report.rss_before_mib[str(index)] = round(value / MIB, 1)
@@ -351,6 +375,11 @@ def format_report(report: SoakReport) -> str:
         f"sessions: {report.sessions_created} created, {report.sessions_recreated} re-created "
         f"after a failed write, {report.continuity_checks} verified intact, "
         f"{report.lost_sessions} lost, {report.stale_sessions} stale",
+        f"resumable runs: {report.resume_runs} cut and resumed, {report.resume_completed} read "
+        f"to the end, {report.resume_lost_events} events lost and "
+        f"{report.resume_duplicated_events} duplicated (runs whose pumper lived), "
+        f"{report.resume_orphaned} orphaned by the killed replica; error events "
+        + (", ".join(f"{k}={v}" for k, v in report.resume_error_events.items()) or "none"),
     ]
     for fault in report.faults:
         lines.append(f"fault at {fault.at:5.1f}s: {fault.what} (took {fault.seconds:.2f}s)")

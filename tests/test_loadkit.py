@@ -85,7 +85,8 @@ def _apps_file(directory: Path, stub_url: str) -> Path:
     dead = f"http://127.0.0.1:{free_port()}/base"  # nothing listens there: 502
     path.write_text(
         f'[apps.demo]\nupstream = "{stub_url}"\n\n'
-        f'[apps.dead]\nupstream = "{dead}"\nconnect_timeout_seconds = 1\n'
+        f'[apps.dead]\nupstream = "{dead}"\nconnect_timeout_seconds = 1\n\n'
+        f'[apps.runs]\nupstream = "{stub_url}"\nresumable = true\n'
     )
     return path
 
@@ -169,6 +170,23 @@ def test_short_run_against_memory_gateway(memory_gateway_url: str, tmp_path: Pat
     page = html.read_text()
     assert page.count("data:image/png;base64,") == 2
     assert "passed all thresholds" in page
+
+
+def test_resume_kind_cuts_and_resumes_runs_without_losing_an_event(
+    memory_gateway_url: str,
+) -> None:
+    code, report, stderr = loadgen(
+        "--url", memory_gateway_url, "--app", "runs", "-c", "4", "-d", "2",
+        "--mix", "resume=1", "--agent-path", "chat?events=40&pause_ms=5",
+    )  # fmt: skip
+    assert code == 0, stderr
+    assert_consistent(report)
+    resume = report["resume"]
+    assert resume["runs"] == report["kinds"]["resume"]["count"] > 0
+    assert resume["completed"] == resume["runs"]
+    assert resume["resume_requests"] >= resume["runs"] // 2  # most were cut before the end
+    assert resume["lost_events"] == resume["duplicated_events"] == resume["orphaned"] == 0
+    assert report["passed"] is True
 
 
 def test_request_cap_stops_the_run(memory_gateway_url: str) -> None:
@@ -290,7 +308,12 @@ def test_unreachable_target_exits_3() -> None:
 
 
 def test_option_parsing() -> None:
-    assert parse_mix("read=3,stream=1") == {"read": 3.0, "write": 0.0, "stream": 1.0}
+    assert parse_mix("read=3,stream=1") == {
+        "read": 3.0,
+        "write": 0.0,
+        "stream": 1.0,
+        "resume": 0.0,
+    }
     assert parse_rate("2.5%") == pytest.approx(0.025)
     assert parse_rate("0.1") == pytest.approx(0.1)
     assert parse_rate("none") is None

@@ -53,6 +53,10 @@ def test_a_short_soak_loses_no_session_under_redis_and_replica_crashes(tmp_path:
     assert report["lost_sessions"] == 0 and report["stale_sessions"] == 0
     assert report["continuity_checks"] > 100
     assert report["ok"] > 200 and report["streams_completed"] > 10
+    # Resumable runs cut and resumed through nginx (any replica): none lost or repeated an
+    # event unless its pumping replica was the one killed (counted as orphaned instead).
+    assert report["resume_completed"] > 5
+    assert report["resume_lost_events"] == report["resume_duplicated_events"] == 0
     faults = [fault["what"] for fault in report["faults"]]
     assert any(f.startswith("redis restart") for f in faults), faults
     assert "replica 1 SIGKILL" in faults and "replica 1 start" in faults
@@ -65,7 +69,9 @@ def test_a_short_soak_loses_no_session_under_redis_and_replica_crashes(tmp_path:
 class FakeRecorder:
     """What `summarize` reads from a load-kit recording."""
 
-    def __init__(self, *, lost: int = 0, stale: int = 0, ok: int = 1000) -> None:
+    def __init__(
+        self, *, lost: int = 0, stale: int = 0, ok: int = 1000, resume_lost: int = 0
+    ) -> None:
         self.total = ok + 3
         self.ok: Counter[str] = Counter(read=ok)
         self.errors: Counter[tuple[str, str]] = Counter({("write", "status_503"): 3})
@@ -77,6 +83,10 @@ class FakeRecorder:
         self.users_with_loss = {1} if lost or stale else set()
         self.streams_completed = 50
         self.aborted = 0
+        load_soak()  # puts scripts/ on sys.path
+        from loadkit.runner import ResumeCounts
+
+        self.resume = ResumeCounts(runs=20, completed=18, lost=resume_lost, orphaned=2)
 
 
 def verdict(recorder: FakeRecorder, before_mib: float, after_mib: float) -> list[str]:
@@ -102,3 +112,4 @@ def test_the_soak_verdict_fails_on_a_lost_or_stale_session_and_on_memory_growth(
     assert any("stale" in p for p in verdict(FakeRecorder(stale=1), 60, 70))
     assert any("grew" in p for p in verdict(FakeRecorder(), 60, 200))
     assert any("succeeded" in p for p in verdict(FakeRecorder(ok=10), 60, 70))
+    assert any("lost 1 and duplicated" in p for p in verdict(FakeRecorder(resume_lost=1), 60, 70))

@@ -199,7 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--mix",
         type=parse_mix,
         default=dict(DEFAULT_MIX),
-        help="weights of read, write, stream",
+        help="weights of read, write, stream, resume (resume: a resumable run cut at a random "
+        "event and resumed with Last-Event-ID; lost/duplicated events fail the run)",
     )
     load.add_argument("--think-ms", type=non_negative, default=0.0, help="pause between requests")
     load.add_argument("--payload-bytes", type=int, default=64, help="bytes each user stores")
@@ -310,6 +311,8 @@ class Progress:
             f"errors {rec.total_errors}  lost {rec.lost + rec.stale}  "
             f"streams {rec.streams_completed}/{rec.count['stream']}  read p99 {p99:.1f} ms"
         )
+        if rec.count["resume"]:
+            line += f"  resumed {rec.resume.completed}/{rec.count['resume']} lost {rec.resume.lost}"
         if self.tty:
             self.stream.write("\r\x1b[2K" + line)
         else:

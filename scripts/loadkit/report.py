@@ -6,6 +6,10 @@ Definitions (also in the README's "Load testing" section):
 - latency per kind: from sending the request to the last byte of the response; for `stream`,
   to the end of the stream. `ttfe`: sending the request to the first complete SSE event.
   `gap`: between consecutive events of one stream.
+- `resume` (kind `resume`): runs cut after a random number of events and resumed with
+  `Last-Event-ID`; `lost_events` / `duplicated_events` (gateway ids missing or repeated, in
+  runs whose pumping replica lived) fail the run when not 0; `orphaned` counts runs whose
+  pumping replica died (`event: error` `run_orphaned`).
 - `stream completion ratio`: streams that ended with the end event (and, when the stub says how
   many events it sent, with all of them) / streams attempted.
 - errors by kind: `status_<code>`, `timeout`, `connect`, `reset`, `truncated` (stream ended
@@ -109,6 +113,16 @@ def build_report(
             "ttfe_hdr": recorder.ttfe.encoded(),
             "gap_hdr": recorder.gaps.encoded(),
         },
+        "resume": {
+            "runs": recorder.resume.runs,
+            "unresumable": recorder.resume.unresumable,
+            "resume_requests": recorder.resume.resumed,
+            "completed": recorder.resume.completed,
+            "lost_events": recorder.resume.lost,
+            "duplicated_events": recorder.resume.duplicated,
+            "orphaned": recorder.resume.orphaned,
+            "error_events": dict(recorder.resume.error_events),
+        },
         "sessions": {
             "users": config.concurrency,
             "created": recorder.sessions_created,
@@ -192,6 +206,12 @@ def check_thresholds(report: dict[str, Any], limits: Thresholds) -> list[str]:
         violations.append(
             f"no stream completed of {stream['attempted']} attempted ({why}); "
             f"check --agent-path {report['config']['agent_path']!r} and --end-event"
+        )
+    resume = report["resume"]
+    if resume["lost_events"] or resume["duplicated_events"]:
+        violations.append(
+            f"resumed runs lost {resume['lost_events']} and duplicated "
+            f"{resume['duplicated_events']} events (runs whose pumping replica lived: must be 0)"
         )
     for label, summary, limit, option in _percentile_checks(report, limits):
         p99 = summary["p99"]

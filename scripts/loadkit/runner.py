@@ -33,8 +33,8 @@ from loadkit.sse import SSEParser
 from loadkit.stats import Latency, Timeline
 
 SESSION_KINDS = ("create", "read", "write")
-KINDS = (*SESSION_KINDS, "stream")
-MIX_KINDS = ("read", "write", "stream")
+KINDS = (*SESSION_KINDS, "stream", "resume")
+MIX_KINDS = ("read", "write", "stream", "resume")
 DEFAULT_MIX: Mapping[str, float] = {"read": 60.0, "write": 20.0, "stream": 20.0}
 # What the built-in demo agent (`upstream = "builtin:demo"`) answers, and the stub too: with no
 # options, `scripts/run` + `loadgen.py` is a meaningful run.
@@ -64,6 +64,10 @@ class LoadConfig:
     verify_at_end: bool = True
     headers: Mapping[str, str] = field(default_factory=dict)
     seed: int | None = None
+    # `resume`: the connection is dropped after 1..resume_cut_max events, then the run is
+    # resumed (GET .../runs/<id> with Last-Event-ID), up to resume_attempts times.
+    resume_cut_max: int = 20
+    resume_attempts: int = 3
 
 
 def classify(err: BaseException) -> str:
@@ -110,6 +114,7 @@ class Recorder:
         self.active_users = 0
         self.started_at = time.time()
         self.finished: float | None = None
+        self.resume = ResumeCounts()
 
     def now(self) -> float:
         return time.perf_counter() - self.t0
@@ -132,6 +137,22 @@ class Recorder:
     @property
     def total_errors(self) -> int:
         return sum(self.errors.values())
+
+
+@dataclass(slots=True)
+class ResumeCounts:
+    """The `resume` kind's tally. `lost`/`duplicated` count events of runs that ended (done or
+    an error other than `run_orphaned`); a run whose pumping replica died (`run_orphaned`)
+    is counted in `orphaned` only (its tail is lost by design)."""
+
+    runs: int = 0  # agent requests that answered with a run (X-Run-Id)
+    unresumable: int = 0  # 200 answers without X-Run-Id
+    resumed: int = 0  # resume requests sent
+    completed: int = 0  # runs read to their end event
+    lost: int = 0
+    duplicated: int = 0
+    orphaned: int = 0
+    error_events: Counter[str] = field(default_factory=Counter)
 
 
 class Tickets:
@@ -164,6 +185,7 @@ class VirtualUser:
         base = config.url.rstrip("/")
         self.session_url = f"{base}/apps/{config.app}/session"
         self.agent_url = f"{base}/apps/{config.app}/agent/{config.agent_path.lstrip('/')}"
+        self.runs_url = f"{base}/apps/{config.app}/runs/"
         self.pad = "x" * config.payload_bytes
         kinds = [k for k in MIX_KINDS if config.mix.get(k, 0) > 0]
         self.kinds = kinds
@@ -183,6 +205,8 @@ class VirtualUser:
                     await self.read(http)
                 elif kind == "write":
                     await self.write(http)
+                elif kind == "resume":
+                    await self.resume(http)
                 else:
                     await self.stream(http)
             if self.config.think_time > 0:
@@ -328,6 +352,121 @@ class VirtualUser:
         else:
             rec.streams_completed += 1
             rec.success("stream", started, elapsed)
+
+    async def resume(self, http: aiohttp.ClientSession) -> None:
+        """A resumable agent request cut after a random number of events (1 to
+        `resume_cut_max`), then resumed with `Last-Event-ID` (again after a failed attempt, like
+        `EventSource`); every gateway id must arrive exactly once, in order, up to the end."""
+        rec, config = self.rec, self.config
+        headers = {
+            **config.headers,
+            "X-CSRF": "1",
+            "Content-Type": "application/json",
+            "Accept": "text/event-stream",
+        }
+        timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=config.timeout, sock_read=config.stream_idle_timeout
+        )
+        started = rec.now()
+        t = time.perf_counter()
+        run = RunRead(config.end_event)
+        cut = self.rng.randint(1, max(1, config.resume_cut_max))
+        run_id: str | None = None
+        try:
+            async with http.post(
+                self.agent_url, data=config.stream_body, headers=headers, timeout=timeout
+            ) as resp:
+                if resp.status != 200:
+                    await resp.read()
+                    rec.failure("resume", started, f"status_{resp.status}")
+                    return
+                run_id = resp.headers.get("X-Run-Id")
+                if run_id is None:
+                    rec.resume.unresumable += 1
+                    rec.failure("resume", started, "unresumable")
+                    return
+                rec.resume.runs += 1
+                async for chunk in resp.content.iter_any():
+                    run.feed(chunk)
+                    if run.finished or len(run.ids) >= cut:
+                        break
+        except (TimeoutError, aiohttp.ClientError, OSError) as err:
+            if run_id is None:
+                rec.failure("resume", started, classify(err))
+                return
+            # Otherwise a cut is what this kind is about: resume below.
+        if run_id is None:
+            return
+        attempts = 0
+        while not run.finished and attempts < config.resume_attempts:
+            attempts += 1
+            rec.resume.resumed += 1
+            resume_headers = {**config.headers, "Accept": "text/event-stream"}
+            if run.ids:
+                resume_headers["Last-Event-ID"] = str(run.ids[-1])
+            run.restart()
+            try:
+                async with http.get(
+                    self.runs_url + run_id, headers=resume_headers, timeout=timeout
+                ) as resp:
+                    if resp.status == 204:
+                        break
+                    if resp.status != 200:
+                        await resp.read()
+                        continue
+                    async for chunk in resp.content.iter_any():
+                        run.feed(chunk)
+            except (TimeoutError, aiohttp.ClientError, OSError):
+                continue
+        elapsed = time.perf_counter() - t
+        run.tally(rec.resume)
+        if run.error_code is not None:
+            rec.failure("resume", started, run.error_code)
+        elif not run.end_seen:
+            rec.failure("resume", started, "truncated")
+        else:
+            rec.success("resume", started, elapsed)
+
+
+class RunRead:
+    """The events of one run over several connections: gateway ids, end, error code."""
+
+    def __init__(self, end_event: str) -> None:
+        self.end_event = end_event
+        self.parser = SSEParser()
+        self.ids: list[int] = []
+        self.end_seen = False
+        self.error_code: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.end_seen or self.error_code is not None
+
+    def restart(self) -> None:
+        """A new connection: a half-read event of the old one is gone."""
+        self.parser = SSEParser()
+
+    def feed(self, chunk: bytes) -> None:
+        for event in self.parser.feed(chunk):
+            if event.id is not None and event.id.isdigit():
+                self.ids.append(int(event.id))
+            if event.type == "error":
+                self.error_code = _error_code(b'{"error": ' + event.data.encode() + b"}") or "error"
+            elif self.end_event and event.type == self.end_event:
+                self.end_seen = True
+
+    def tally(self, counts: ResumeCounts) -> None:
+        if self.error_code is not None:
+            counts.error_events[self.error_code] += 1
+        if self.error_code == "run_orphaned":
+            counts.orphaned += 1
+            return
+        if self.end_seen:
+            counts.completed += 1
+        distinct = set(self.ids)
+        counts.duplicated += len(self.ids) - len(distinct)
+        # Gateway ids run 1, 2, 3 ... without holes: a missing number is a lost event.
+        counts.lost += (max(distinct) - len(distinct)) if distinct else 0
 
 
 class StreamRead:
