@@ -1,9 +1,9 @@
 """Helpers for the resumable-run tests: a counting upstream and an SSE reader.
 
 - `CountingUpstream`: `POST /v1/chat` streams `count` events `event: token` /
-  `data: {"n": <i>}`, `delay` seconds apart (its own `id: up-<i>` line on every event, to
-  show upstream ids are kept), then `event: done`. `cancelled` is set when the gateway hung up
-  on it, `finished` when it wrote its last byte.
+  `data: {"n": <i>}`, `burst` per write, writes `delay` seconds apart (its own `id: up-<i>`
+  line on every event, to show upstream ids are kept), then `event: done`. `cancelled` is set
+  when the gateway hung up on it, `finished` when it wrote its last byte.
 - `read_events(response, limit)`: the framed events (bytes, `\\n\\n` excluded) read from a
   gateway response, up to `limit` (None: until the response ends).
 - `event_id(event)` / `event_n(event)`: the gateway's id (the last `id:` line) and the
@@ -25,6 +25,7 @@ from aiohttp import web
 class CountingUpstream:
     count: int = 40
     delay: float = 0.02
+    burst: int = 1  # events per write (a burst reaches the gateway as one chunk)
     cancelled: asyncio.Event = field(default_factory=asyncio.Event)
     finished: asyncio.Event = field(default_factory=asyncio.Event)
     started: int = 0
@@ -43,8 +44,9 @@ class CountingUpstream:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
         try:
-            for i in range(self.count):
-                await response.write(self.event(i))
+            for start in range(0, self.count, self.burst):
+                end = min(start + self.burst, self.count)
+                await response.write(b"".join(self.event(i) for i in range(start, end)))
                 await asyncio.sleep(self.delay)
             await response.write(b"event: done\ndata: {}\n\n")
             await response.write_eof()

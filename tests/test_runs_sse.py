@@ -6,6 +6,7 @@ import pytest
 
 from app.runs.log import RunLog
 from app.runs.sse import SseParser, frame
+from app.runs.store import Entry
 
 
 def parse(*chunks: bytes) -> list[bytes]:
@@ -79,3 +80,12 @@ def test_the_log_trims_the_oldest_by_count_and_bytes() -> None:
         by_bytes.append(b"data: %d" % i)
     assert by_bytes.first_seq == 3
     assert by_bytes.bytes == 2 * len(frame(1, b"data: 0"))
+
+
+def test_a_stored_entry_of_several_events_splits_after_any_position() -> None:
+    events = [frame(seq, b"event: token\ndata: %d" % seq) for seq in (4, 5, 6)]
+    entry = Entry(6, data=b"".join(events), first=4)
+    assert entry.after(3) == b"".join(events)
+    assert entry.after(4) == events[1] + events[2]
+    assert entry.after(5) == events[2]
+    assert entry.after(6) == b""

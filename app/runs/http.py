@@ -216,19 +216,19 @@ async def _follow_remote(
                 continue
             out: list[bytes] = []
             ended = False
+            before = pos
             for entry in entries:
-                if entry.seq != pos + 1:
+                if entry.first > pos + 1:
                     out.append(_error_event(request, "resume_too_old"))
                     ended = True
                     break
                 if entry.end is not None:
                     ended = True
                     break
-                assert entry.data is not None
-                out.append(entry.data)
+                out.append(entry.after(pos))
                 pos = entry.seq
             if replaying:
-                registry.counters.replayed_events += len(out)
+                registry.counters.replayed_events += pos - before
             if out:
                 await response.write(b"".join(out))
                 last_write = loop.time()
@@ -312,7 +312,7 @@ async def resume_run(request: web.Request) -> web.StreamResponse:
         raise _not_found()
     if meta.end is not None:
         left = await store.range_after(run_id, after, 1)
-        if not left or (left[0].end is not None and left[0].seq == after + 1):
+        if not left or (left[0].end is not None and left[0].first == after + 1):
             return web.Response(status=204)
     registry.counters.resumes += 1
     response = _event_stream_response(run_id)

@@ -21,6 +21,11 @@ Every end but `done` appends one `event: error` (`data: {"code", "message", "run
 its own id, so every reader learns it. Then the upstream response is released (complete) or
 closed (which cancels the upstream), and the capacity slots are returned, exactly once.
 
+Redis writes are group commits: a run has at most one `XADD` in flight (`RunWriter`); the
+events that arrive meanwhile go out together in the next one, so a burst costs one command
+and order is kept. The pump waits (upstream backpressure) when more than `WRITE_BACKLOG`
+events are waiting for Redis.
+
 Every `RUN_HEARTBEAT_SECONDS` the pump refreshes its heartbeat key (TTL: 4 heartbeats), reads
 the stop flag and the readers' presence key, and refreshes the keys' TTLs: one pipelined round
 trip per run and heartbeat. An ended run stays readable (in this process and in Redis) for its
@@ -62,6 +67,8 @@ HEARTBEAT_TTL_BEATS = 4
 _PRESENT_BEATS = 3
 # Waiting for the pumps at cleanup (they were told to stop by the shutdown already).
 _CLOSE_SECONDS = 2.0
+# Events waiting for their Redis write beyond which the pump stops reading the upstream.
+WRITE_BACKLOG = 1024
 
 ERROR_MESSAGES = {
     "upstream_stream_error": "The agent service stream broke off.",
@@ -104,12 +111,67 @@ class Run:
     detached_at: float | None = None
     waiting: asyncio.Timeout | None = None
     task: asyncio.Task[None] | None = None
+    writer: RunWriter | None = None
 
     def wake(self) -> None:
         """Cut the pump's current wait short (a stop, the shutdown)."""
         waiting = self.waiting
         if waiting is not None and not waiting.expired():
             waiting.reschedule(asyncio.get_running_loop().time())
+
+
+class RunWriter:
+    """A run's events on their way to Redis: one `XADD` in flight at a time, carrying every
+    event that arrived while the previous one was (see the module docstring). `failed` holds
+    the store's error once a write failed (nothing more is written then)."""
+
+    def __init__(self, store: RedisRunStore, run: Run) -> None:
+        self._store = store
+        self._run = run
+        self._pending: list[tuple[int, bytes]] = []
+        self._wake = asyncio.Event()
+        self._written = asyncio.Event()
+        self._closing = False
+        self.failed: StoreUnavailable | None = None
+        self._task = asyncio.create_task(self._loop())
+
+    @property
+    def backlog(self) -> int:
+        return len(self._pending)
+
+    def add(self, entries: list[tuple[int, bytes]]) -> None:
+        self._pending.extend(entries)
+        self._wake.set()
+
+    async def drained(self) -> None:
+        """Wait until the backlog was written (or a write failed)."""
+        while self._pending and self.failed is None and not self._task.done():
+            self._written.clear()
+            await self._written.wait()
+
+    async def close(self) -> None:
+        """Write what is pending, then stop (the run's end goes after it)."""
+        self._closing = True
+        self._wake.set()
+        await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _loop(self) -> None:
+        run = self._run
+        try:
+            while True:
+                await self._wake.wait()
+                self._wake.clear()
+                while self._pending:
+                    batch, self._pending = self._pending, []
+                    await self._store.append(run.run_id, batch, run.log.first_seq)
+                    self._written.set()
+                if self._closing:
+                    return
+        except StoreUnavailable as err:
+            log.warning("run %s: the run store failed (%s)", run.run_id, err)
+            self.failed = err
+            self._written.set()
+            run.wake()
 
 
 @dataclass(slots=True)
@@ -176,6 +238,8 @@ class RunRegistry:
         self.counters.started += 1
         # A pump is a request in flight for the drain: a draining replica keeps pumping.
         self.lifecycle.request_started()
+        if self.store is not None:
+            run.writer = RunWriter(self.store, run)
         run.task = asyncio.create_task(self._pump(run, upstream, release))
         return run
 
@@ -212,8 +276,10 @@ class RunRegistry:
         idle = run.app.idle_timeout_seconds
         last_data = loop.time()
         next_tick = last_data + self.heartbeat
-        store = self.store
+        writer = run.writer
         while True:
+            if writer is not None and writer.failed is not None:
+                return "run_store_unavailable"
             if run.stop_requested:
                 return "run_stopped"
             if self._stop.is_set:
@@ -245,12 +311,10 @@ class RunRegistry:
             if not events:
                 continue
             appended = [run.log.append(event) for event in events]
-            if store is not None:
-                try:
-                    await store.append(run.run_id, appended, run.log.first_seq)
-                except StoreUnavailable as err:
-                    log.warning("run %s: the run store failed (%s)", run.run_id, err)
-                    return "run_store_unavailable"
+            if writer is not None:
+                writer.add(appended)
+                if writer.backlog > WRITE_BACKLOG:
+                    await writer.drained()
 
     async def _tick(self, run: Run, now: float) -> str | None:
         """The heartbeat: stop asked for, nobody reading for the window, or limits: a reason
@@ -294,6 +358,10 @@ class RunRegistry:
             log.info("run %s ended: %s (app %s)", run.run_id, reason, run.app.app_id)
         entries = [] if reason == "done" else [run.log.append(error_event(reason, run.run_id))]
         run.log.close(reason)
+        if run.writer is not None:
+            await run.writer.close()  # what was pending goes before the end
+            if run.writer.failed is not None:
+                reason = "run_store_unavailable"
         if self.store is not None and reason != "run_store_unavailable":
             try:
                 if entries:

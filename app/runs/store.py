@@ -2,12 +2,15 @@
 
 Keys (all with the run id as hash tag, so one run's keys share a Redis Cluster slot):
 - `{REDIS_AUX_PREFIX}run:{<id>}:m`  hash: `o` owner (a hash of the conversation id), `a`
-  application id, `end` (why it ended, once it has), `stop` (`1`: a stop was asked for).
-- `{...}:e`  stream: entry id `0-<seq>` (the gateway's SSE id), field `d` = the framed event;
-  a last entry with field `x` = the end reason marks the end. Written only by the pumping
-  replica, trimmed with `MINID` to the same bounds as its in-process log.
-- `{...}:h`  the pumper's heartbeat, `PX` = 4 heartbeats, refreshed every heartbeat; deleted
-  at the end. Missing while the run has no end entry: its pumper died.
+  application id, `stop` (`1`: a stop was asked for).
+- `{...}:e`  stream: one entry per write of the pump, holding the consecutive events it had
+  ready (one, or several when they came in one burst or while the previous write was in
+  flight): entry id `0-<last seq>`, field `f` = its first seq, field `d` = the framed events
+  (each ends with the only blank line in it, so they split again on `\n\n`). A last entry with
+  field `x` = the end reason marks the end. Written only by the pumping replica (one write in
+  flight at a time, so always in order), trimmed with `MINID` to its in-process log's bounds.
+- `{...}:h`  the pumper's heartbeat, `PX` = 4 heartbeats, refreshed every heartbeat (left to
+  expire at the end). Missing while the run has no end entry: its pumper died.
 - `{...}:r`  readers on other replicas, `PX` = the application's window, refreshed by each
   of them every heartbeat: the pumper's view of "somebody is still reading".
 `m` and `e` expire one window (plus a heartbeat TTL) after the last heartbeat or the end.
@@ -35,11 +38,21 @@ _ALREADY_ADDED = "equal or smaller than the target stream top item"
 
 @dataclass(frozen=True, slots=True)
 class Entry:
-    """One stream entry: an event (`data`) or the end marker (`end`)."""
+    """One stream entry: framed events `first`..`seq` (`data`) or the end marker (`end`)."""
 
     seq: int
     data: bytes | None = None
     end: str | None = None
+    first: int = 0
+
+    def after(self, pos: int) -> bytes:
+        """The framed events of this entry after sequence number `pos` (`pos >= first - 1`)."""
+        assert self.data is not None
+        skip = pos + 1 - self.first
+        if skip <= 0:
+            return self.data
+        parts = self.data.split(b"\n\n")[skip:-1]
+        return b"".join(part + b"\n\n" for part in parts)
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,9 +81,10 @@ def _entries(raw: Any) -> list[Entry]:
         entry_id, fields = item[0], _pairs(item[1])
         seq = int(_text(entry_id).partition("-")[2])
         if "x" in fields:
-            out.append(Entry(seq, end=_text(fields["x"])))
+            out.append(Entry(seq, end=_text(fields["x"]), first=seq))
         else:
-            out.append(Entry(seq, data=bytes(fields.get("d", b""))))
+            first = int(_text(fields.get("f", seq)))
+            out.append(Entry(seq, data=bytes(fields.get("d", b"")), first=first))
     return out
 
 
@@ -98,26 +112,29 @@ class RedisRunStore:
     async def create(
         self, run_id: str, meta: RunMeta, *, ttl_ms: int, heartbeat_ms: int, window_ms: int
     ) -> None:
+        # No `r` yet: the request that starts the run reads it on this replica, which the
+        # pump knows without Redis.
+        del window_ms
         m = self.key(run_id, "m")
         await self._all(
             ("HSET", m, "o", meta.owner, "a", meta.app_id),
             ("PEXPIRE", m, ttl_ms),
             ("SET", self.key(run_id, "h"), "1", "PX", heartbeat_ms),
-            ("SET", self.key(run_id, "r"), "1", "PX", window_ms),
         )
 
     async def append(
         self, run_id: str, entries: Sequence[tuple[int, bytes]], first_kept: int
     ) -> None:
-        """`XADD` each `(seq, framed)` in order, trimming below `first_kept` (exactly)."""
-        key = self.key(run_id, "e")
-        execute = self._backend.execute
-        for seq, framed in entries:
-            command: tuple[Any, ...] = ("XADD", key)
-            if first_kept > 1:
-                command += ("MINID", "=", f"0-{first_kept}")
-            command += (f"0-{seq}", "d", framed)
-            await self._backend._run(_idempotent_xadd(execute, command))
+        """One `XADD` of the consecutive `(seq, framed)` events, trimming entries that end below
+        `first_kept` (exactly)."""
+        if not entries:
+            return
+        command: tuple[Any, ...] = ("XADD", self.key(run_id, "e"))
+        if first_kept > 1:
+            command += ("MINID", "=", f"0-{first_kept}")
+        data = entries[0][1] if len(entries) == 1 else b"".join(f for _, f in entries)
+        command += (f"0-{entries[-1][0]}", "f", entries[0][0], "d", data)
+        await self._backend._run(_idempotent_xadd(self._backend.execute, command))
 
     async def tick(self, run_id: str, *, heartbeat_ms: int, ttl_ms: int) -> tuple[bool, int]:
         """The pumper's heartbeat: refresh it and the TTLs; (stop asked for, reader key's
@@ -142,22 +159,23 @@ class RedisRunStore:
             except ResponseError as err:
                 if _ALREADY_ADDED not in str(err):
                     raise
-            await asyncio.gather(
-                execute("HSET", m, "end", reason),
-                execute("PEXPIRE", m, ttl_ms),
-                execute("PEXPIRE", e, ttl_ms),
-                execute("DEL", self.key(run_id, "h")),
-            )
+            # The heartbeat key is left to expire: readers see the end entry first.
+            await asyncio.gather(execute("PEXPIRE", m, ttl_ms), execute("PEXPIRE", e, ttl_ms))
 
         await self._backend._run(send)
 
     async def meta(self, run_id: str) -> RunMeta | None:
-        (raw,) = await self._all(("HGETALL", self.key(run_id, "m")))
+        """The run's owner and application, and its end reason (from its last entry)."""
+        raw, last = await self._all(
+            ("HGETALL", self.key(run_id, "m")),
+            ("XREVRANGE", self.key(run_id, "e"), "+", "-", "COUNT", 1),
+        )
         fields = _pairs(raw)
         if "o" not in fields or "a" not in fields:
             return None
-        end = fields.get("end")
-        return RunMeta(_text(fields["o"]), _text(fields["a"]), _text(end) if end else None)
+        tail = _entries(last)
+        end = tail[0].end if tail else None
+        return RunMeta(_text(fields["o"]), _text(fields["a"]), end)
 
     async def range_after(self, run_id: str, after: int, count: int) -> list[Entry]:
         (raw,) = await self._all(

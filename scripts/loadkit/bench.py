@@ -80,6 +80,7 @@ class Options:
     sse_connections: int = 32
     sessions: int = 1000
     ttfe_streams: int = 300
+    active_runs: int = 200
     memory_sessions: int = 100_000
     mixed_warmup: float = 10.0
     mixed_seconds: float = 60.0
@@ -104,6 +105,7 @@ class Options:
             sse_connections=8,
             sessions=20,
             ttfe_streams=10,
+            active_runs=20,
             memory_sessions=2000,
             mixed_warmup=0.5,
             mixed_seconds=1.0,
@@ -558,6 +560,16 @@ def all_rows(options: Options, has_nginx: bool) -> list[Row]:
             redis=True,
             sse=True,
         ),
+        Row(
+            "sse_gateway_resumable",
+            "SSE 50x200 B: via gateway, resumable runs (Redis)",
+            "gw_redis_resumable",
+            AGENT_PATH,
+            "POST",
+            cookies="gw_redis_resumable",
+            redis=True,
+            sse=True,
+        ),
     ]
     if has_nginx:
         rows.append(
@@ -633,6 +645,8 @@ class RowResult:
     redis_commands: list[float] = field(default_factory=list)
     commands: dict[str, float] = field(default_factory=dict)
     cpu_us: list[float] = field(default_factory=list)  # server CPU per request, per run
+    # The row's own server only (without the stub behind a proxy), per request, per run.
+    own_cpu_us: list[float] = field(default_factory=list)
 
     def median(self, get: Callable[[WrkResult], float]) -> float:
         return statistics.median(get(r) for r in self.runs) if self.runs else 0.0
@@ -655,6 +669,9 @@ class RowResult:
             "redis_commands_by_name": self.commands,
             "cpu_us_per_request": round(statistics.median(self.cpu_us), 1) if self.cpu_us else None,
             "cpu_us_runs": [round(x, 1) for x in self.cpu_us],
+            "own_cpu_us_per_request": round(statistics.median(self.own_cpu_us), 1)
+            if self.own_cpu_us
+            else None,
             "runs": [r.as_dict() for r in self.runs],
         }
 
@@ -680,6 +697,7 @@ def run_row(lab: Lab, row: Row, script: Path, seconds: float, result: RowResult 
     if row.sse and row.server != "stub":
         servers.append(lab.procs["stub"])
     cpu_before = sum(p.cpu_seconds() for p in servers)
+    own_before = servers[0].cpu_seconds() if servers else 0.0
     res = run_wrk(
         lab.urls[row.server] + row.path,
         script=script,
@@ -690,8 +708,10 @@ def run_row(lab: Lab, row: Row, script: Path, seconds: float, result: RowResult 
         cpu=o.client_cpu,
     )
     cpu_used = sum(p.cpu_seconds() for p in servers) - cpu_before
+    own_used = (servers[0].cpu_seconds() if servers else 0.0) - own_before
     if result is not None and res.requests:
         result.cpu_us.append(cpu_used * 1e6 / res.requests)
+        result.own_cpu_us.append(own_used * 1e6 / res.requests)
     if client is not None:
         calls = session_commands(client)
         client.close()
@@ -914,6 +934,8 @@ def run(options: Options, *, log: Callable[[str], None]) -> dict[str, Any]:
             key = base64.urlsafe_b64encode(os.urandom(32)).decode("ascii")
             lab.start_gateway("gw_redis_enc", "redis", wait=False, SESSION_ENCRYPTION_KEYS=key)
             lab.start_gateway("gw_redis_limited", "redis", wait=False, app_extra=UNREACHED_LIMITS)
+        # Resumable runs (app/runs/): a short window, so ended runs leave Redis within seconds.
+        lab.start_gateway("gw_redis_resumable", "redis", wait=False, app_extra=RESUMABLE_APP)
         lab.start_peer("stock", "stock")
         lab.start_peer("nosession", "nosession")
         lab.start_peer("rawget", "rawget")
@@ -923,6 +945,7 @@ def run(options: Options, *, log: Callable[[str], None]) -> dict[str, Any]:
             log("bench: nginx not installed: its SSE row is skipped")
         for name in (
             "gw_redis",
+            "gw_redis_resumable",
             "gw_mem",
             "stock",
             "gw_redis_quiet",
@@ -973,6 +996,8 @@ def run(options: Options, *, log: Callable[[str], None]) -> dict[str, Any]:
             }
             for name, v in samples.items()
         }
+        log(f"bench: Redis memory of {options.active_runs} active resumable runs")
+        results["resumable_memory"] = asyncio.run(resumable_memory(lab, options.active_runs))
         log(f"bench: memory store filled with {options.memory_sessions} sessions")
         results["memory_fill"] = memory_fill(lab, script)
         log(f"bench: mixed run with the kit, {options.mixed_seconds:g} s")
@@ -1044,6 +1069,29 @@ def ratios(results: dict[str, Any]) -> list[dict[str, Any]]:
     ratio("(cost) encrypted Redis read / plain Redis read", "gw_redis_read_enc", "gw_redis_read", 0)
     ratio("(cost) encrypted Redis write / plain", "gw_redis_write_enc", "gw_redis_write", 0)
     ratio("(cost) SSE with rate limits / without", "sse_gateway_limited", "sse_gateway", 0.0)
+    plain, resumable = rows_of(results, "sse_gateway"), rows_of(results, "sse_gateway_resumable")
+    if plain and resumable and plain["own_cpu_us_per_request"]:
+        value = resumable["own_cpu_us_per_request"] / plain["own_cpu_us_per_request"]
+        out.append(
+            {
+                "name": "gateway CPU per stream: resumable run (Redis) / plain relay",
+                "value": round(value, 3),
+                "target": 1.3,
+                "op": "<=",
+                "met": value <= 1.3,
+            }
+        )
+    memory = results.get("resumable_memory")
+    if memory and memory.get("bytes_per_run") is not None:
+        out.append(
+            {
+                "name": "Redis memory per resumable run (KB; 50 events of 200 B, in its window)",
+                "value": round(memory["bytes_per_run"] / 1024, 1),
+                "target": 0.0,
+                "op": "info",
+                "met": True,
+            }
+        )
     rows = results["rows"]
     for kind in ("read", "write"):
         gw, stock = rows.get(f"gw_redis_{kind}"), rows.get(f"stock_{kind}")
@@ -1120,6 +1168,63 @@ def ratios(results: dict[str, Any]) -> list[dict[str, Any]]:
             }
         )
     return out
+
+
+def rows_of(results: dict[str, Any], key: str) -> dict[str, Any] | None:
+    row: dict[str, Any] | None = results["rows"].get(key)
+    return row
+
+
+# -- resumable runs -------------------------------------------------------------------------
+
+RESUMABLE_APP = "resumable = true\nresume_window_seconds = 2\n"
+
+
+async def resumable_memory(lab: Lab, count: int) -> dict[str, Any]:
+    """Redis `used_memory` after `count` resumable runs of 50 events of 200 B (each in its own
+    session), measured inside their window, minus before: bytes one run keeps in Redis; and
+    `MEMORY USAGE` of one run's keys. (A run still pumping also has its heartbeat key.)"""
+    client = lab.redis()
+    url = lab.urls["gw_redis_resumable"] + "/apps/demo/agent/stream?events=50&size=200"
+    headers = {"X-CSRF": "1", "Content-Type": "application/json", "Accept": "text/event-stream"}
+    await asyncio.sleep(3.0)  # runs of the SSE rows leave Redis (their window is 2 s)
+    before = int(client.info("memory")["used_memory"])
+
+    async def one() -> bool:
+        async with (
+            aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as http,
+            http.post(url, data=b"{}", headers=headers) as response,
+        ):
+            body = await response.read()
+            return "X-Run-Id" in response.headers and body.count(b"\n\n") == 51
+
+    started = time.monotonic()
+    results = await asyncio.gather(*(one() for _ in range(count)), return_exceptions=True)
+    took = time.monotonic() - started
+    complete = sum(1 for r in results if r is True)
+    during = int(client.info("memory")["used_memory"])
+    keys = list(client.scan_iter(match="agent:aux:run:*:e", count=1000))
+    # MEMORY USAGE of each run's keys (stream, meta, readers), averaged over up to 50 runs.
+    totals: list[int] = []
+    per_key: dict[str, int | None] = {}
+    for key in keys[:50]:
+        base = key.decode().removesuffix(":e")
+        sizes = {kind: client.memory_usage(f"{base}:{kind}") for kind in ("e", "m", "r")}
+        per_key = per_key or sizes
+        totals.append(sum(v or 0 for v in sizes.values()))
+    client.close()
+    return {
+        "runs": count,
+        "complete": complete,
+        "stream_keys": len(keys),
+        "seconds": round(took, 2),
+        "used_memory_before": before,
+        "used_memory_after": during,
+        "bytes_per_run": round(statistics.mean(totals)) if totals else None,
+        # used_memory growth per run: includes each run's new session, allocator overhead.
+        "used_memory_per_run": round((during - before) / len(keys)) if keys and took < 2 else None,
+        "memory_usage_of_one_run": per_key,
+    }
 
 
 def _num(value: float | None) -> str:
