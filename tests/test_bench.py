@@ -33,6 +33,7 @@ def test_bench_smoke_runs_every_row(tmp_path: Path) -> None:
         "gw_redis_read", "gw_redis_write", "gw_mem_read", "gw_mem_write", "stock_read",
         "stock_write", "nosession", "rawget", "sse_direct", "sse_gateway", "sse_nginx",
         "gw_redis_read_enc", "gw_redis_write_enc", "sse_gateway_limited",
+        "sse_gateway_resumable",
     }  # fmt: skip
     assert set(rows) == expected
     for key, row in rows.items():
@@ -59,6 +60,11 @@ def test_bench_smoke_runs_every_row(tmp_path: Path) -> None:
     names = [r["name"] for r in results["ratios"]]
     assert "gateway Redis read / stock RedisStorage read" in names
     assert "(cost) SSE with rate limits / without" in names
+    # Resumable runs: the row really writes runs to Redis, and both figures are reported.
+    assert rows["sse_gateway_resumable"]["redis_commands_by_name"]["xadd"] >= 1
+    assert "gateway CPU per stream: resumable run (Redis) / plain relay" in names
+    memory = results["resumable_memory"]
+    assert memory["complete"] == memory["runs"] and memory["bytes_per_run"] > 10_000
     table = proc.stdout.decode()
     assert "gateway, Redis store: read" in table
     assert "ratio / figure" in table
