@@ -906,8 +906,11 @@ async def agent_proxy(request: web.Request) -> web.StreamResponse:
         task = asyncio.current_task()
         if not exchange.client_gone or (task is not None and task.cancelling()):
             raise
+        # A resumable run (app/runs/) outlives its first request: its upstream goes on.
+        run = exchange.response is not None and "X-Run-Id" in exchange.response.headers
         log.info(
-            "browser disconnected; upstream request cancelled (app %s, request %s)",
+            "browser disconnected; %s (app %s, request %s)",
+            "its run goes on" if run else "upstream request cancelled",
             exchange.app.app_id,
             exchange.request_id,
         )

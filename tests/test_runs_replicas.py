@@ -112,6 +112,7 @@ async def test_a_stream_cut_on_one_replica_resumes_on_the_other_exactly_once(
             assert resumed.status == 200
             assert resumed.headers["Content-Type"].startswith("text/event-stream")
             rest = await asyncio.wait_for(read_events(resumed), 10)
+        jar_cookies = {cookie.key: cookie.value for cookie in client.cookie_jar}
     events = first + rest
     assert [event_id(e) for e in events] == list(range(1, len(events) + 1))
     assert [event_n(e) for e in events[:-1]] == list(range(upstream.count))
@@ -123,6 +124,16 @@ async def test_a_stream_cut_on_one_replica_resumes_on_the_other_exactly_once(
         )
     assert upstream.finished.is_set() and not upstream.cancelled.is_set()
     assert upstream.started == 1
+    # Ended: on the pumping replica too (its own copy is dropped once Redis has the end), the
+    # run is read from Redis: from the start it is the same events; past its end, 204.
+    async with _client() as client:
+        client.cookie_jar.update_cookies(jar_cookies)
+        async with client.get(f"{a.url}/apps/shop/runs/{run_id}") as again:
+            assert await asyncio.wait_for(read_events(again), 10) == events
+        async with client.get(
+            f"{a.url}/apps/shop/runs/{run_id}", headers={"Last-Event-ID": str(len(events))}
+        ) as done:
+            assert done.status == 204
 
 
 async def test_a_resume_follows_live_events_from_the_other_replica(

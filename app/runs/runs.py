@@ -28,8 +28,8 @@ events are waiting for Redis.
 
 Every `RUN_HEARTBEAT_SECONDS` the pump refreshes its heartbeat key (TTL: 4 heartbeats), reads
 the stop flag and the readers' presence key, and refreshes the keys' TTLs: one pipelined round
-trip per run and heartbeat. An ended run stays readable (in this process and in Redis) for its
-window.
+trip per run and heartbeat. An ended run stays readable for its window: from Redis (the copy
+in this process is dropped once the end is recorded there), or, on the memory store, here.
 """
 
 from __future__ import annotations
@@ -362,6 +362,7 @@ class RunRegistry:
             await run.writer.close()  # what was pending goes before the end
             if run.writer.failed is not None:
                 reason = "run_store_unavailable"
+        recorded = False
         if self.store is not None and reason != "run_store_unavailable":
             try:
                 if entries:
@@ -372,11 +373,14 @@ class RunRegistry:
                     reason,
                     ttl_ms=round(run.app.resume_window_seconds * 1000),
                 )
+                recorded = True
             except StoreUnavailable as err:
                 log.warning("run %s: its end could not be recorded (%s)", run.run_id, err)
-        handle = asyncio.get_running_loop().call_later(
-            run.app.resume_window_seconds, self._forget, run.run_id
-        )
+        # Recorded in Redis: resumes read it from there, this process's copy can go now (a
+        # busy replica would otherwise hold every answer of the last window). Memory store:
+        # the copy here is the run, kept for its window.
+        keep = 0.0 if recorded else run.app.resume_window_seconds
+        handle = asyncio.get_running_loop().call_later(keep, self._forget, run.run_id)
         self._expiry[run.run_id] = handle
 
     def _forget(self, run_id: str) -> None:
