@@ -519,6 +519,7 @@ def browser_response_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str
     """
     named = _connection_tokens(upstream) if "Connection" in upstream else None
     out: CIMultiDict[str] = CIMultiDict()
+    page = False  # a `Content-Type` a browser would show as a page of its own
     for name, value in upstream.items():
         lower = name.lower()
         if (
@@ -529,17 +530,19 @@ def browser_response_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str
             or (lower == "www-authenticate" and _PROMPTING_AUTH_RE.search(value) is not None)
         ):
             continue
+        if lower == "content-type" and _renders_as_page(value):
+            page = True
         out.add(name, value)
     out.extend(PROXIED_RESPONSE_HEADERS)
-    types = upstream.getall("Content-Type", ())
-    if types and any(_renders_as_page(value) for value in types):
+    if page:
         _force_attachment(out)
     return out
 
 
+@functools.lru_cache(maxsize=256)
 def _renders_as_page(content_type: str) -> bool:
     """A type a browser shows as a page of its own when navigated to (HTML, XML, SVG, PDF ...),
-    or one it sniffs (empty, unknown)."""
+    or one it sniffs (empty, unknown). Cached: an upstream's few types repeat."""
     mime = content_type.split(";", 1)[0].strip().lower()
     return mime in PAGE_TYPES or mime.endswith("+xml")
 
