@@ -222,11 +222,12 @@ async def _follow_remote(
                     out.append(_error_event(request, "resume_too_old"))
                     ended = True
                     break
+                if entry.data is not None:
+                    out.append(entry.after(pos))
+                    pos = entry.seq
                 if entry.end is not None:
                     ended = True
                     break
-                out.append(entry.after(pos))
-                pos = entry.seq
             if replaying:
                 registry.counters.replayed_events += pos - before
             if out:
@@ -312,7 +313,7 @@ async def resume_run(request: web.Request) -> web.StreamResponse:
         raise _not_found()
     if meta.end is not None:
         left = await store.range_after(run_id, after, 1)
-        if not left or (left[0].end is not None and left[0].first == after + 1):
+        if not left or (left[0].end is not None and left[0].data is None):
             return web.Response(status=204)
     registry.counters.resumes += 1
     response = _event_stream_response(run_id)

@@ -149,11 +149,14 @@ class RunWriter:
             self._written.clear()
             await self._written.wait()
 
-    async def close(self) -> None:
-        """Write what is pending, then stop (the run's end goes after it)."""
+    async def finish(self) -> list[tuple[int, bytes]]:
+        """Stop after the write in flight; returns what is still unwritten (it goes out with
+        the run's end, in one entry)."""
         self._closing = True
         self._wake.set()
         await asyncio.gather(self._task, return_exceptions=True)
+        pending, self._pending = self._pending, []
+        return pending
 
     async def _loop(self) -> None:
         run = self._run
@@ -161,7 +164,7 @@ class RunWriter:
             while True:
                 await self._wake.wait()
                 self._wake.clear()
-                while self._pending:
+                while self._pending and not self._closing:
                     batch, self._pending = self._pending, []
                     await self._store.append(run.run_id, batch, run.log.first_seq)
                     self._written.set()
@@ -356,21 +359,23 @@ class RunRegistry:
             counters.expired += 1
         if reason != "done":
             log.info("run %s ended: %s (app %s)", run.run_id, reason, run.app.app_id)
-        entries = [] if reason == "done" else [run.log.append(error_event(reason, run.run_id))]
+        last = [] if reason == "done" else [run.log.append(error_event(reason, run.run_id))]
         run.log.close(reason)
+        entries: list[tuple[int, bytes]] = []
         if run.writer is not None:
-            await run.writer.close()  # what was pending goes before the end
+            entries = await run.writer.finish()  # unwritten events go out with the end
             if run.writer.failed is not None:
                 reason = "run_store_unavailable"
+        entries += last
         recorded = False
         if self.store is not None and reason != "run_store_unavailable":
             try:
-                if entries:
-                    await self.store.append(run.run_id, entries, run.log.first_seq)
                 await self.store.end(
                     run.run_id,
-                    run.log.next_seq,
-                    reason,
+                    entries,
+                    run.log.first_seq,
+                    end_seq=run.log.next_seq,
+                    reason=reason,
                     ttl_ms=round(run.app.resume_window_seconds * 1000),
                 )
                 recorded = True

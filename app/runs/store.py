@@ -30,15 +30,36 @@ from typing import Any
 
 from redis.exceptions import ResponseError
 
-from app.sessions.redis import RedisBackend
+from app.sessions.redis import LuaScript, RedisBackend
 
 # XADD with an id not above the stream's last one: what a retry after a lost reply meets.
 _ALREADY_ADDED = "equal or smaller than the target stream top item"
 
+# KEYS: meta, events. ARGV: ttl ms, MINID ('' none), entry id, first seq ('' for a bare end
+# marker), data, end reason. The heartbeat key is left to expire: readers see the end first.
+END_RUN = LuaScript.of(
+    """local xadd = {'XADD', KEYS[2]}
+if ARGV[2] ~= '' then
+  xadd[#xadd + 1] = 'MINID'; xadd[#xadd + 1] = '='; xadd[#xadd + 1] = ARGV[2]
+end
+xadd[#xadd + 1] = ARGV[3]
+if ARGV[4] ~= '' then
+  xadd[#xadd + 1] = 'f'; xadd[#xadd + 1] = ARGV[4]; xadd[#xadd + 1] = 'd'; xadd[#xadd + 1] = ARGV[5]
+end
+xadd[#xadd + 1] = 'x'; xadd[#xadd + 1] = ARGV[6]
+local added = redis.pcall(unpack(xadd))
+if type(added) == 'table' and added.err and not string.find(added.err, 'equal or smaller') then
+  return added
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[1])
+redis.call('PEXPIRE', KEYS[2], ARGV[1])
+return 1"""
+)
+
 
 @dataclass(frozen=True, slots=True)
 class Entry:
-    """One stream entry: framed events `first`..`seq` (`data`) or the end marker (`end`)."""
+    """One stream entry: framed events `first`..`seq` (`data`), the end (`end`), or both."""
 
     seq: int
     data: bytes | None = None
@@ -80,11 +101,12 @@ def _entries(raw: Any) -> list[Entry]:
     for item in raw or []:
         entry_id, fields = item[0], _pairs(item[1])
         seq = int(_text(entry_id).partition("-")[2])
-        if "x" in fields:
-            out.append(Entry(seq, end=_text(fields["x"]), first=seq))
-        else:
+        end = _text(fields["x"]) if "x" in fields else None
+        if "d" in fields:
             first = int(_text(fields.get("f", seq)))
-            out.append(Entry(seq, data=bytes(fields.get("d", b"")), first=first))
+            out.append(Entry(seq, data=bytes(fields["d"]), end=end, first=first))
+        else:
+            out.append(Entry(seq, end=end, first=seq))
     return out
 
 
@@ -149,20 +171,27 @@ class RedisRunStore:
         )
         return stop is not None, int(pttl)
 
-    async def end(self, run_id: str, seq: int, reason: str, *, ttl_ms: int) -> None:
-        m, e = self.key(run_id, "m"), self.key(run_id, "e")
+    async def end(
+        self,
+        run_id: str,
+        entries: Sequence[tuple[int, bytes]],
+        first_kept: int,
+        *,
+        end_seq: int,
+        reason: str,
+        ttl_ms: int,
+    ) -> None:
+        """The run's last events (if any) and its end in one entry, and the keys' TTLs set to
+        the window: one script call (`END_RUN`), so the TTLs never precede the entry."""
+        args: list[Any] = [ttl_ms, f"0-{first_kept}" if first_kept > 1 else ""]
+        if entries:
+            data = b"".join(f for _, f in entries)
+            args += [f"0-{entries[-1][0]}", entries[0][0], data, reason]
+        else:
+            args += [f"0-{end_seq}", "", "", reason]
+        keys = [self.key(run_id, "m"), self.key(run_id, "e")]
         execute = self._backend.execute
-
-        async def send() -> None:
-            try:
-                await execute("XADD", e, f"0-{seq}", "x", reason)
-            except ResponseError as err:
-                if _ALREADY_ADDED not in str(err):
-                    raise
-            # The heartbeat key is left to expire: readers see the end entry first.
-            await asyncio.gather(execute("PEXPIRE", m, ttl_ms), execute("PEXPIRE", e, ttl_ms))
-
-        await self._backend._run(send)
+        await self._backend._run(lambda: END_RUN.run(execute, keys, args))
 
     async def meta(self, run_id: str) -> RunMeta | None:
         """The run's owner and application, and its end reason (from its last entry)."""
