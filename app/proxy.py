@@ -144,6 +144,8 @@ PAGE_TYPES = frozenset(
         "*/*",
     }
 )
+# One plain `type/subtype` (RFC 9110 tokens), lower-cased.
+_MIME_RE = re.compile(r"[!#$%&'*+.^_`|~0-9a-z-]+/[!#$%&'*+.^_`|~0-9a-z-]+")
 PROXIED_RESPONSE_HEADERS = (
     ("Content-Security-Policy", PROXIED_CSP),
     ("X-Content-Type-Options", "nosniff"),  # no sniffing a `text/plain` or unknown type into HTML
@@ -542,9 +544,13 @@ def browser_response_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str
 @functools.lru_cache(maxsize=256)
 def _renders_as_page(content_type: str) -> bool:
     """A type a browser shows as a page of its own when navigated to (HTML, XML, SVG, PDF ...),
-    or one it sniffs (empty, unknown). Cached: an upstream's few types repeat."""
+    or one it sniffs (empty, unknown), or a value it may read otherwise than as one plain
+    `type/subtype` (Chromium splits `text/plain, text/html` on the comma and takes the last).
+    Cached: an upstream's few types repeat."""
+    if "," in content_type:
+        return True
     mime = content_type.split(";", 1)[0].strip().lower()
-    return mime in PAGE_TYPES or mime.endswith("+xml")
+    return mime in PAGE_TYPES or mime.endswith("+xml") or _MIME_RE.fullmatch(mime) is None
 
 
 def _force_attachment(headers: CIMultiDict[str]) -> None:
