@@ -189,6 +189,8 @@ NEVER_RELAYED = HOP_BY_HOP | frozenset(
         "public-key-pins",
         "public-key-pins-report-only",
         "set-login",
+        "idp-signin-status",  # the older name of Set-Login (FedCM)
+        "allow-csp-from",
         "use-as-dictionary",
         "observe-browsing-topics",
         "shared-storage-write",

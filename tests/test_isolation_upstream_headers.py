@@ -74,6 +74,8 @@ HOSTILE_RESPONSE_HEADERS = [
     ("Speculation-Rules", '"/apps/other/agent/rules.json"'),
     ("Use-As-Dictionary", 'match="/apps/*"'),
     ("Set-Login", "logged-in"),
+    ("IdP-SignIn-Status", "action=signin"),
+    ("Allow-CSP-From", "*"),
     ("Sec-Session-Registration", '(ES256);path="/apps/other";challenge="x"'),
     ("X-Accel-Redirect", "/metrics"),
     ("X-Accel-Buffering", "yes"),
