@@ -246,3 +246,28 @@ async def test_a_draining_replica_keeps_pumping_its_runs(
     assert [event_id(e) for e in first + rest] == list(range(1, upstream.count + 2))
     assert event_kind(rest[-1]) == "done"
     assert a.wait(10) == 0
+
+
+async def test_redis_dying_mid_run_ends_it_with_a_clear_error_and_cancels_the_upstream(
+    two: tuple[GatewayProcess, GatewayProcess],
+    counting: tuple[CountingUpstream, TestServer],
+    redis: RedisServer,
+) -> None:
+    a, _ = two
+    upstream = counting[0]
+    upstream.count, upstream.delay = 10_000, 0.02
+    async with _client() as client:
+        response = await client.post(
+            f"{a.url}/apps/shop/agent/chat", headers=CSRF, json={"message": "hi"}
+        )
+        await read_events(response, 3)
+        redis.kill()
+        killed = time.monotonic()
+        events = await asyncio.wait_for(read_events(response), 10)
+        took = time.monotonic() - killed
+        response.close()
+    assert error_code(events[-1]) == "run_store_unavailable"
+    ids = [event_id(e) for e in events]
+    assert ids == list(range(4, 4 + len(ids)))  # in order, nothing skipped, up to the error
+    await asyncio.wait_for(upstream.cancelled.wait(), 5)
+    assert took < 5, took  # REDIS_OP_TIMEOUT_SECONDS=1 in the test processes
