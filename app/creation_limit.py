@@ -31,6 +31,7 @@ is first saved: the one hook into session creation.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import logging
 import math
@@ -54,10 +55,11 @@ log = logging.getLogger(__name__)
 _MISCONFIGURED_LOG_SECONDS = 60.0
 
 
+@functools.lru_cache(maxsize=4096)
 def client_bucket(address: str) -> str | None:
     """The part of the bucket key naming the client: the IPv4 address, the IPv6 /64 network,
     the raw text when it is no address (a Unix socket: limited as one client); None for a
-    loopback client (not limited)."""
+    loopback client (not limited). Cached: parsing an address costs ~30k instructions."""
     try:
         ip = ipaddress.ip_address(address.split("%", 1)[0])
     except ValueError:
