@@ -347,3 +347,14 @@ def test_the_conflict_answers_are_http_exceptions_with_a_json_body() -> None:
     assert isinstance(conflict, web.HTTPConflict) and conflict.status == 409
     assert conflict.text is not None
     assert json.loads(conflict.text)["error"]["code"] == "session_conflict"
+
+
+def test_meta_cannot_be_changed_behind_the_storage_s_back() -> None:
+    """A loaded session's meta may be shared with the decode cache: only `set_meta` changes
+    it, and then on a copy."""
+    shared = {"conversation_id": "c"}
+    session = StoredSession("x" * 43, data=None, new=False, meta=shared)
+    with pytest.raises(TypeError):
+        session.meta["conversation_id"] = "d"  # type: ignore[index]
+    session.set_meta("conversation_id", "d")
+    assert shared == {"conversation_id": "c"} and session.meta == {"conversation_id": "d"}

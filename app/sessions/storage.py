@@ -68,6 +68,7 @@ import secrets
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -245,8 +246,9 @@ class StoredSession(Session):
 
     @property
     def meta(self) -> Mapping[str, Any]:
-        """Metadata fields (read only; `set_meta` changes them)."""
-        return self._meta
+        """Metadata fields, read only (`set_meta` changes them): a loaded session's may be
+        shared with other requests reading the same stored value."""
+        return MappingProxyType(self._meta)
 
     @property
     def modified(self) -> bool:
