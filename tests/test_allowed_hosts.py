@@ -11,6 +11,7 @@ setting on a non-loopback address is a start-up warning.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
@@ -22,6 +23,13 @@ from app.state import BACKEND_KEY
 from tests.conftest import CSRF
 from tests.fake_upstream import RunningGateway, ServedUpstream, app_settings, run_gateway
 from tests.gateway_process import GatewayProcess, run_gateway_to_exit
+from tests.test_faults_parsers import Gateway as ParserGateway
+from tests.test_faults_parsers import (
+    exchange,
+    recorder,  # noqa: F401 (module fixture, used by it)
+    statuses,
+)
+from tests.test_faults_parsers import gateway as parser_gateway  # noqa: F401 (module fixture)
 
 ALLOWED = "Shop.Example.com,*.apps.example.net,localhost:8080,[::1]:8443,127.0.0.1"
 FOREIGN = "attacker.example"
@@ -113,8 +121,8 @@ def test_split_host() -> None:
 @pytest.fixture
 async def gw(upstream: ServedUpstream) -> AsyncIterator[RunningGateway]:
     settings = app_settings(upstream.base, {"ALLOWED_HOSTS": ALLOWED, "HOST": "127.0.0.1"})
-    async with run_gateway(settings) as gateway:
-        yield gateway
+    async with run_gateway(settings) as running:
+        yield running
 
 
 def stored_sessions(gw: RunningGateway) -> int:
@@ -239,3 +247,19 @@ def test_an_open_gateway_beyond_loopback_warns_at_start_and_a_listed_one_does_no
     with GatewayProcess({"HOST": "0.0.0.0", "ALLOWED_HOSTS": "127.0.0.1"}) as proc:
         assert warning not in proc.stderr + proc.stdout
         assert proc.get_status("/healthz") == 200
+
+
+@pytest.mark.usefixtures("parser_gateway")
+def test_two_host_headers_are_refused_by_both_parsers_before_any_check(
+    request: pytest.FixtureRequest,
+) -> None:
+    """The allowlist reads one `Host`; a request with two (one listed, one foreign) must never
+    reach it: aiohttp's C and pure-Python parsers both answer 400 and no handler runs."""
+    gateway: ParserGateway = request.getfixturevalue("parser_gateway")
+    gateway.recorder.clear()
+    for hosts in (("127.0.0.1", FOREIGN), (FOREIGN, "127.0.0.1")):
+        head = "".join(f"Host: {host}\r\n" for host in hosts)
+        raw = f"GET /apps/shop/agent/x HTTP/1.1\r\n{head}Connection: close\r\n\r\n"
+        answer = asyncio.run(exchange(gateway.proc.port, raw.encode()))
+        assert statuses(answer) == [400], (gateway.parser, hosts, answer[:200])
+    assert gateway.recorder.paths() == []
