@@ -155,6 +155,10 @@ async def _follow_local(
                 if pos < replay_until:
                     registry.counters.replayed_events += min(len(chunks), replay_until - pos)
                 pos += len(chunks)
+                if run.log.end is not None and pos == run.log.next_seq - 1:
+                    # The last events and the end of the response in one send.
+                    await response.write_eof(b"".join(chunks))
+                    return
                 await response.write(b"".join(chunks))
                 last_write = loop.time()
                 continue
