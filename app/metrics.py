@@ -16,7 +16,8 @@ Series (all prefixed `agent_bff_`):
   `session_store_operation_duration_seconds{operation}`;
 - `redis_pool_connections{state}` (`in_use`, `idle`), `redis_pool_max_connections`;
   `redis_pipelined_batches_total`, `redis_pipelined_commands_total` (automatic pipelining);
-  `memory_sessions` for the memory store;
+  `memory_sessions` and `memory_session_bytes` (against `MEMORY_MAX_BYTES`) for the memory
+  store;
 - `active_streams{application}` (streaming responses and WebSockets currently open) and
   `stream_duration_seconds{application}` (from the first byte of a stream to its end);
 - `upstream_errors_total{application,kind}` (`record_upstream_error`) and
@@ -557,3 +558,11 @@ class _StoreCollector:
                 "Sessions held by the in-process memory store.",
                 value=float(len(self._backend)),  # type: ignore[arg-type]
             )
+            held = getattr(self._backend, "bytes", None)
+            if isinstance(held, int):
+                yield GaugeMetricFamily(
+                    f"{NAMESPACE}_memory_session_bytes",
+                    "Bytes the memory store counts against MEMORY_MAX_BYTES (keys, values and "
+                    "a fixed overhead per entry).",
+                    value=float(held),
+                )

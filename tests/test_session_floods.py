@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import re
 import time
 
 import aiohttp
@@ -322,6 +323,9 @@ async def test_a_flood_of_64_kb_sessions_stays_under_the_bound_through_http(
     assert memory.bytes <= bound
     assert memory.bytes == cost(memory)
     assert 55 <= len(memory) <= 66  # ~4 MiB / 64 KB
+    resp = await gw.client.get("/metrics")
+    exported = re.search(r"^agent_bff_memory_session_bytes (\S+)$", await resp.text(), re.M)
+    assert exported is not None and float(exported.group(1)) == memory.bytes
     gw.client.session.cookie_jar.clear()
     resp = await gw.client.get(SESSION, headers={"Cookie": f"{gw.settings.cookie_name}={alice}"})
     assert (await resp.json())["data"] == {"user": "alice"}
