@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
+from app.forward_headers import DEFAULT_POLICY, ForwardPolicy, forward_policy
+
 APP_ID_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 _ENV_REF_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 # Header names an application may not configure: the gateway owns or forbids them.
@@ -100,6 +102,8 @@ class AppConfig:
     headers: Mapping[str, str] = field(default_factory=dict)
     allowed_origins: frozenset[str] = frozenset()
     forward_authorization: bool = False
+    # The browser's request headers that reach the upstream (app/forward_headers.py).
+    forward: ForwardPolicy = DEFAULT_POLICY
     connect_timeout_seconds: float = 5.0
     idle_timeout_seconds: float = 120.0
     max_body_bytes: int = 1_048_576
@@ -173,6 +177,7 @@ def _parse_app(
         "headers",
         "allowed_origins",
         "forward_authorization",
+        "forward_request_headers",
         "connect_timeout_seconds",
         "idle_timeout_seconds",
         "max_body_bytes",
@@ -236,6 +241,16 @@ def _parse_app(
         problems.append(f"{where}: field 'forward_authorization' must be true or false")
         forward_auth = False
 
+    forward = DEFAULT_POLICY
+    extra_headers = table.get("forward_request_headers", [])
+    if not isinstance(extra_headers, list):
+        problems.append(
+            f"{where}: field 'forward_request_headers' must be a list of header names, "
+            "e.g. ['Anthropic-Beta', 'X-Stainless-*']"
+        )
+    elif extra_headers:
+        forward, forward_problems = forward_policy(extra_headers, where)
+        problems.extend(forward_problems)
     connect_timeout = _positive_number(table, "connect_timeout_seconds", 5.0, where, problems)
     idle_timeout = _positive_number(table, "idle_timeout_seconds", 120.0, where, problems)
     max_body = table.get("max_body_bytes", 1_048_576)
@@ -269,6 +284,7 @@ def _parse_app(
             headers=headers,
             allowed_origins=frozenset(o.rstrip("/").lower() for o in origins),
             forward_authorization=forward_auth,
+            forward=forward,
             connect_timeout_seconds=connect_timeout,
             idle_timeout_seconds=idle_timeout,
             max_body_bytes=max_body,

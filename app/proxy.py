@@ -82,6 +82,7 @@ from app.applications import AppConfig
 from app.capacity import AppSlots, UpstreamBusy, client_key, warn_if_clients_look_alike
 from app.config import Settings
 from app.errors import REQUEST_ID_KEY, ApiError, error_response, store_full, store_unavailable
+from app.forward_headers import HOP_BY_HOP, never_forwarded
 from app.forwarding import client_host, client_scheme, forwarded_chain
 from app.lifecycle import LIFECYCLE_KEY, Lifecycle
 from app.metrics import record_upstream_error, record_upstream_first_byte
@@ -151,21 +152,6 @@ PROXIED_RESPONSE_HEADERS = (
     ("X-Content-Type-Options", "nosniff"),  # no sniffing a `text/plain` or unknown type into HTML
 )
 
-# RFC 9110 §7.6.1 (plus the legacy Proxy-Connection and Keep-Alive): never forwarded, in either
-# direction, together with every header the Connection header names.
-HOP_BY_HOP = frozenset(
-    {
-        "connection",
-        "proxy-connection",
-        "keep-alive",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-        "proxy-authenticate",
-        "proxy-authorization",
-    }
-)
 # Response headers an upstream may not set on the gateway's origin (docs/security.md has why,
 # one by one). Compared lower-cased; with `NEVER_RELAYED_PREFIXES` checked by one `startswith`.
 NEVER_RELAYED = HOP_BY_HOP | frozenset(
@@ -279,70 +265,6 @@ SAFE_LINK_RELATIONS = frozenset(
 _LINK_REL_RE = re.compile(r'(?i)\brel\*?\s*=((?:"[^"]*"|[^;,"])*)')
 # Authentication schemes a browser answers with its own password dialog (on this origin).
 _PROMPTING_AUTH_RE = re.compile(r"(?i)(?:^|[\s,])(?:basic|digest|ntlm|negotiate)(?:$|[\s,])")
-# Request headers the browser's copies of which never reach the upstream (docs/security.md):
-# the gateway's own (`Host` comes from the upstream URL; `Expect` was already answered by this
-# server); forwarding headers (the gateway writes its own, `FORWARDING_SENT`); headers an
-# upstream or its framework may take from "its proxy": client address, scheme, host, original
-# URL, method override, identity of an authenticating proxy, client certificate.
-NEVER_FORWARDED = HOP_BY_HOP | frozenset(
-    {
-        "host",
-        "cookie",
-        "expect",
-        "x-agent-thread-id",
-        "x-application-id",
-        "x-request-id",
-        "forwarded",
-        "x-real-ip",
-        "true-client-ip",
-        "x-client-ip",
-        "x-cluster-client-ip",
-        "client-ip",
-        "fastly-client-ip",
-        "akamai-client-ip",
-        "x-originating-ip",
-        "x-remote-ip",
-        "x-remote-addr",
-        "x-proxyuser-ip",
-        "x-host",
-        "x-rewrite-url",
-        "x-url-scheme",
-        "x-scheme",
-        "front-end-https",
-        "x-http-method-override",
-        "x-http-method",
-        "x-method-override",
-        "remote-user",
-        "x-remote-user",
-        "x-remote-group",
-        "x-authenticated-user",
-        "x-authenticated-userid",
-        "x-webauth-user",
-        "x-client-cert",
-        "x-client-verify",
-        # httpoxy: CGI turns it into HTTP_PROXY, the outbound proxy of many HTTP clients.
-        "proxy",
-    }
-)
-NEVER_FORWARDED_PREFIXES = (
-    "x-forwarded-",  # -for/-proto/-host are the gateway's; -port/-ssl/-prefix/-server... none
-    "x-original-",  # -url, -uri, -host, -method, -forwarded-for
-    "cf-",  # cf-connecting-ip, cf-visitor (the scheme), cf-ipcountry ...
-    "x-envoy-",
-    "x-amzn-oidc-",
-    "x-goog-authenticated-user-",
-    "x-goog-iap-",
-    "x-ms-client-principal",
-    "x-ms-token-",
-    "x-auth-request-",
-    "x-ssl-",
-    "ssl-client-",
-    "x-arr-",
-)
-# A request header name with anything but letters, digits and `-` is never forwarded: servers
-# that map names to variables (CGI, WSGI, PHP) read `X_Forwarded_For` or `X.Forwarded.For` as
-# `X-Forwarded-For`.
-_ODD_NAME_RE = re.compile(r"[^A-Za-z0-9-]")
 # The forwarding headers the gateway sends, built from what it believes (app/forwarding.py).
 FORWARDING_SENT = ("X-Forwarded-For", "X-Forwarded-Proto", "X-Forwarded-Host", "X-Real-IP")
 
@@ -434,12 +356,13 @@ def upstream_request_headers(
 ) -> CIMultiDict[str]:
     """The headers sent upstream for `request`.
 
-    Dropped: hop-by-hop headers and every header named in `Connection`; every name with a
-    character other than a letter, a digit or `-` (some servers map `X_Forwarded_For` to
-    `X-Forwarded-For`); `NEVER_FORWARDED`
-    and `NEVER_FORWARDED_PREFIXES` (`Cookie`, `Host`, forwarding headers of any kind, original
-    URL, method override, proxy-asserted identity ...), whoever sent them, `TRUSTED_PROXIES`
-    included; `Authorization` unless `forward_authorization`.
+    Forwarded from the browser: only the application's allowlist (`app.forward`,
+    app/forward_headers.py: `DEFAULT_FORWARDED` plus the application's
+    `forward_request_headers`), minus every header named in `Connection`; `Authorization` only
+    with `forward_authorization`. Never, whoever sent them (`TRUSTED_PROXIES` included):
+    `Cookie`, `Host`, hop-by-hop, forwarding and client-address headers of any kind, original
+    URL, method override, proxy-asserted identity, names with a character other than a letter,
+    a digit or `-` (the floor, `never_forwarded`).
     Set, from what the gateway believes (app/forwarding.py): `X-Forwarded-For` (the client
     address first, then the trusted proxies it came through, the TCP peer last), `-Proto`,
     `-Host`, `X-Real-IP` (the client address); and `X-Request-Id`, `X-Application-Id`,
@@ -449,18 +372,15 @@ def upstream_request_headers(
     """
     inbound = request.headers
     named = _connection_tokens(inbound) if "Connection" in inbound else None
-    # One search over every name; only a hit needs the per-header look.
-    odd_names = _ODD_NAME_RE.search("".join(inbound.keys())) is not None
+    names, prefixes = app.forward.names, app.forward.prefixes
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in inbound.items():
         lower = name.lower()
-        if (
-            lower in NEVER_FORWARDED
-            or lower.startswith(NEVER_FORWARDED_PREFIXES)
-            or (odd_names and _ODD_NAME_RE.search(name) is not None)
-            or (named is not None and lower in named)
-            or (lower == "authorization" and not app.forward_authorization)
-        ):
+        if not (
+            lower in names
+            or (prefixes and lower.startswith(prefixes) and not never_forwarded(lower))
+            or (lower == "authorization" and app.forward_authorization)
+        ) or (named is not None and lower in named):
             continue
         out.add(name, value)
     trusted = settings.trusted_proxies

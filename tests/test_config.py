@@ -343,6 +343,24 @@ def test_apps_file_replaces_the_default_demo(tmp_path: Path) -> None:
         ("[apps]\ndemo = 1\n", "table"),
         ("[apps.demo]\nheaders = {}\n", "upstream"),
         ('[apps.demo]\nupstream = "builtin:demo"\nfrobnicate = true\n', "frobnicate"),
+        ('[apps.a]\nupstream = "builtin:demo"\nforward_request_headers = "X-A"\n', "a list"),
+        ('[apps.a]\nupstream = "builtin:demo"\nforward_request_headers = [1]\n', "entry 1"),
+        ('[apps.a]\nupstream = "builtin:demo"\nforward_request_headers = ["X_A"]\n', "X_A"),
+        ('[apps.a]\nupstream = "builtin:demo"\nforward_request_headers = ["*X"]\n', "*X"),
+        ('[apps.a]\nupstream = "builtin:demo"\nforward_request_headers = ["Cookie"]\n', "Cookie"),
+        ('[apps.a]\nupstream = "builtin:demo"\nforward_request_headers = ["Via"]\n', "Via"),
+        (
+            '[apps.a]\nupstream = "builtin:demo"\nforward_request_headers = ["X-Real-IP"]\n',
+            "never forwarded",
+        ),
+        (
+            '[apps.a]\nupstream = "builtin:demo"\nforward_request_headers = ["X-Forwarded-*"]\n',
+            "X-Forwarded-*",
+        ),
+        (
+            '[apps.a]\nupstream = "builtin:demo"\nforward_request_headers = ["Authorization"]\n',
+            "forward_authorization",
+        ),
     ],
 )
 def test_invalid_apps_file_is_a_problem_naming_apps_file(

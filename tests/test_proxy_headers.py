@@ -43,7 +43,7 @@ HOSTILE_REQUEST_HEADERS = [
     ("Last-Event-ID", "42"),
     ("Accept-Language", "fr-CH"),
     ("User-Agent", "test-browser/1.0"),
-    ("X-Custom", "kept"),
+    ("X-Custom", "not on the allowlist"),
 ]
 
 
@@ -65,6 +65,7 @@ async def test_request_header_hygiene_for_an_untrusted_peer(
         "Authorization",
         "Forwarded",
         "X-Forwarded-Prefix",
+        "X-Custom",  # not on the allowlist (and the application adds nothing to it)
     ):
         assert dropped not in seen, f"{dropped} reached the upstream"
     # Re-authored by the gateway, from the TCP peer, not from the request.
@@ -83,7 +84,6 @@ async def test_request_header_hygiene_for_an_untrusted_peer(
     assert seen["Last-Event-ID"] == "42"
     assert seen["Accept-Language"] == "fr-CH"
     assert seen["User-Agent"] == "test-browser/1.0"
-    assert seen["X-Custom"] == "kept"
     # Event streams are never compressed: the gateway asks for identity.
     assert seen["Accept-Encoding"] == "identity"
 
@@ -164,6 +164,41 @@ async def test_forward_authorization_passes_the_browsers_credentials(
         )
     assert resp.status == 200
     assert upstream.fake.last.headers.getall("Authorization") == ["Bearer user-token"]
+
+
+async def test_forward_request_headers_extends_the_allowlist_by_name_and_prefix(
+    upstream: ServedUpstream, tmp_path: Path
+) -> None:
+    """An agent API that needs headers of its own gets them when APPS_FILE lists them; the
+    floor (forwarding, client-address, identity headers) still holds."""
+    apps_file = tmp_path / "apps.toml"
+    apps_file.write_text(
+        f"""
+[apps.shop]
+upstream = "{upstream.base}"
+forward_request_headers = ["Anthropic-Beta", "X-Stainless-*"]
+"""
+    )
+    async with run_gateway(make_settings(APPS_FILE=str(apps_file))) as gw:
+        resp = await raw_request(
+            gw.url,
+            f"{AGENT}/chat",
+            headers=[
+                ("anthropic-beta", "tools-1"),
+                ("X-Stainless-Lang", "js"),
+                ("X-Stainless-Retry-Count", "0"),
+                ("X-Stainless-Forwarded-For", "198.51.100.7"),  # the floor wins over a prefix
+                ("X-Other", "not listed"),
+                ("Accept", "application/json"),
+            ],
+        )
+    assert resp.status == 200
+    seen = upstream.fake.last.headers
+    assert seen.getall("Anthropic-Beta") == ["tools-1"]
+    assert seen.getall("X-Stainless-Lang") == ["js"]
+    assert seen.getall("X-Stainless-Retry-Count") == ["0"]
+    assert seen.getall("Accept") == ["application/json"]
+    assert "X-Stainless-Forwarded-For" not in seen and "X-Other" not in seen
 
 
 async def test_apps_file_credentials_reach_the_upstream_and_never_the_browser(
