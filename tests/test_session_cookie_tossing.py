@@ -40,7 +40,7 @@ PLANTED = new_session_id()
         # ... and a planted longer path (/apps/demo/agent) before ours: order proves nothing.
         ([f"agent_sid={PLANTED}; agent_sid={OURS}"], AMBIGUOUS),
         ([f"agent_sid={OURS}", f"agent_sid={PLANTED}"], AMBIGUOUS),  # split over two headers
-        ([f'agent_sid="{OURS}"; x="a;b"; agent_sid={PLANTED}'], AMBIGUOUS),  # aiohttp's parser
+        ([f'agent_sid="{OURS}"; x="a;b"; agent_sid={PLANTED}'], AMBIGUOUS),  # quotes: no meaning
         ([f'x="a; agent_sid={OURS}; b=c"; agent_sid={PLANTED}'], AMBIGUOUS),  # a browser's split
         # The same value twice (a stale duplicate of our own cookie) is one id.
         ([f"agent_sid={OURS}; agent_sid={OURS}"], OURS),
@@ -67,14 +67,17 @@ def test_cookie_values_keeps_every_repeat_in_order() -> None:
         OURS,
         PLANTED,
     ]
-    # Not plain: split as a browser does, then as aiohttp reads it (the same values twice).
+    # A quoted value does not span ";" (browsers give quotes no meaning).
     header = f'agent_sid={OURS}; b="x;y"; agent_sid={PLANTED}'
-    assert cookie_values(header, "agent_sid") == [OURS, PLANTED, OURS, PLANTED]
+    assert cookie_values(header, "agent_sid") == [OURS, PLANTED]
+    header = f'agent_sid="{OURS}"; b="x; agent_sid={PLANTED}"'
+    assert cookie_values(header, "agent_sid") == [OURS, PLANTED + '"']
 
 
 def test_a_quoted_value_cannot_hide_our_cookie_from_the_choice() -> None:
-    """Cookie smuggling: planted `a="x` before ours and `b=y"` after it make aiohttp's parser
-    read ours as part of `a`'s quoted value, while a planted `agent_sid` stays visible."""
+    """Cookie smuggling: planted `a="x` before ours and `b=y"` after it would make a
+    quote-honouring parser (aiohttp's) read ours as part of `a`'s quoted value, while a planted
+    `agent_sid` stayed visible."""
     header = f'agent_sid={PLANTED}; a="x; agent_sid={OURS}; b=y"'
     assert choose_session_id([header], "agent_sid") is AMBIGUOUS
     header = f'a="x; agent_sid={OURS}; b=y"; agent_sid={PLANTED}'

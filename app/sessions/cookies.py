@@ -17,12 +17,16 @@ cookies first. So:
   ignored rather than counted (a planted `agent_sid=junk` cannot log anyone out).
 
 Every `Cookie` header of the request is read (HTTP/2 may split the cookies over several).
-A header is read both as a browser writes it (pairs split at every ";", a value's surrounding
-double quotes removed) and as aiohttp's own parser reads it (which lets a quoted value span
-";"), and every value either finds counts. Browsers do not treat quotes specially, so planted
-cookies `a="x` and `b=y"` around ours would otherwise hide ours inside one quoted value from
-aiohttp's parser while a planted `agent_sid` outside it stayed visible (cookie smuggling).
-aiohttp keeps only the last value of a repeated name, so its list of pairs is walked instead.
+A header is read as a browser writes it, and only so: pairs split at every ";", blanks (space,
+HTAB) around names and values removed, a value's surrounding double quotes removed (RFC 6265
+allows them; browsers keep them as part of the value and never give them a meaning). The
+gateway is the only reader of the header (it never goes upstream), so this framing decides.
+Parsers that honour quotes or resynchronise after whitespace (aiohttp's `request.cookies`,
+`http.cookies`) read other values out of hostile headers: a planted `a="x; agent_sid=<ours>;
+b=y"` hides ours from them (cookie smuggling, issue 12 row 3), and `x=1 agent_sid=<id>` shows
+them a cookie no browser set. Neither is used: on the headers browsers write (`name=value`
+pairs of cookie characters joined by "; ") they read exactly what this module reads, which
+tests/test_hotpath_cookies.py checks against aiohttp's public `request.cookies`.
 """
 
 from __future__ import annotations
@@ -31,16 +35,7 @@ import re
 from collections.abc import Iterable
 from typing import Final
 
-from aiohttp._cookie_helpers import parse_cookie_header
-
 SESSION_ID_RE: Final = re.compile(r"^[A-Za-z0-9_-]{43}$")
-# A `Cookie` header made only of `name=value` pairs of plain characters (no quotes, commas,
-# backslashes or inner whitespace), separated by ";" and at most one space. aiohttp's parser
-# reads such a header as exactly its pairs, split at ";" and at the first "=" of each: it is
-# split here without building a `Morsel` per cookie. Any other header goes through aiohttp's
-# parser.
-_COOKIE_PAIR = r"[A-Za-z0-9_.~+/:%-]+=[A-Za-z0-9_.~+/:%=-]*"
-_PLAIN_COOKIE_HEADER_RE: Final = re.compile(rf"{_COOKIE_PAIR}(?:; ?{_COOKIE_PAIR})*")
 
 
 class Ambiguous:
@@ -56,9 +51,8 @@ AMBIGUOUS: Final = Ambiguous()
 
 
 def cookie_values(header: str, name: str) -> list[str]:
-    """Every value of cookie `name` in `header`: as a browser splits it, then as aiohttp's
-    parser reads it (see the module docstring; a header of plain pairs reads the same both
-    ways, and is split once)."""
+    """Every value of cookie `name` in `header`, in order, as a browser frames the header (see
+    the module docstring): repeats are all kept (a planted cookie repeats our name)."""
     values = []
     for pair in header.split(";"):
         found_name, equals, value = pair.partition("=")
@@ -67,10 +61,6 @@ def cookie_values(header: str, name: str) -> list[str]:
             if len(value) >= 2 and value[0] == value[-1] == '"':
                 value = value[1:-1]
             values.append(value)
-    if not _PLAIN_COOKIE_HEADER_RE.fullmatch(header):
-        values += (
-            morsel.value for found_name, morsel in parse_cookie_header(header) if found_name == name
-        )
     return values
 
 
