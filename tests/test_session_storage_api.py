@@ -358,3 +358,39 @@ def test_meta_cannot_be_changed_behind_the_storage_s_back() -> None:
         session.meta["conversation_id"] = "d"  # type: ignore[index]
     session.set_meta("conversation_id", "d")
     assert shared == {"conversation_id": "c"} and session.meta == {"conversation_id": "d"}
+
+
+async def test_on_a_user_s_redis_client_a_read_is_one_getex_and_a_write_adds_one_script(
+    aiohttp_client: AiohttpClient, shared_redis: RedisServer
+) -> None:
+    """The Redis budget holds on a client the user made: a read is one `GETEX` that slides
+    the TTL; a write of a loaded session adds one round trip, the compare-and-set script
+    (`EVALSHA`; Redis also counts the `GET` and `SET` it runs inside)."""
+    client = aioredis.Redis.from_url(shared_redis.url)
+
+    async def handler(request: web.Request) -> web.Response:
+        session = await get_session(request)
+        if "write" in request.query:
+            session["n"] = session.get("n", 0) + 1
+        return web.json_response(dict(session))
+
+    app = web.Application(middlewares=[session_middleware(SessionStorage(client))])
+    app.router.add_get("/", handler)
+    http = await aiohttp_client(app)
+    await http.get("/?write")  # created (SET NX)
+    await http.get("/?write")  # updated: the script is loaded now (EVALSHA, then EVAL once)
+    wanted = ("getex", "get", "set", "expire", "evalsha", "eval", "exists", "ttl", "pttl")
+
+    def calls() -> dict[str, int]:
+        counted = shared_redis.command_calls()
+        return {c: counted[c] for c in wanted if counted.get(c)}
+
+    with shared_redis.client() as admin:
+        admin.config_resetstat()
+    assert await (await http.get("/")).json() == {"n": 2}
+    assert calls() == {"getex": 1}
+    with shared_redis.client() as admin:
+        admin.config_resetstat()
+    assert await (await http.get("/?write")).json() == {"n": 3}
+    assert calls() == {"getex": 1, "evalsha": 1, "get": 1, "set": 1}
+    await client.aclose()

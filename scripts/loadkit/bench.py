@@ -810,7 +810,15 @@ def memory_fill(lab: Lab, script: Path) -> dict[str, Any]:
     return {
         "sessions_created": created,
         "value_bytes_approx": len(
-            json.dumps({"v": 1, "data": {"p": "x" * 180, "n": 12345}, "gw": {"created_at": 0}})
+            json.dumps(
+                {
+                    "v": 1,
+                    "r": 1,
+                    "created": 1764000000,
+                    "data": {"p": "x" * 180, "n": 12345},
+                    "gw": {"created_at": 1764000000},
+                }
+            )
         ),
         "rss_before_mb": round(before, 1),
         "rss_after_mb": round(after, 1),
