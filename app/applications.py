@@ -16,6 +16,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from app.forward_headers import DEFAULT_POLICY, ForwardPolicy, forward_policy
+from app.relay_headers import DEFAULT_RELAY_POLICY, RelayPolicy, relay_policy
 
 APP_ID_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 _ENV_REF_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -104,6 +105,8 @@ class AppConfig:
     forward_authorization: bool = False
     # The browser's request headers that reach the upstream (app/forward_headers.py).
     forward: ForwardPolicy = DEFAULT_POLICY
+    # The upstream's response headers that reach the browser (app/relay_headers.py).
+    relay: RelayPolicy = DEFAULT_RELAY_POLICY
     connect_timeout_seconds: float = 5.0
     idle_timeout_seconds: float = 120.0
     max_body_bytes: int = 1_048_576
@@ -178,6 +181,7 @@ def _parse_app(
         "allowed_origins",
         "forward_authorization",
         "forward_request_headers",
+        "relay_response_headers",
         "connect_timeout_seconds",
         "idle_timeout_seconds",
         "max_body_bytes",
@@ -251,6 +255,16 @@ def _parse_app(
     elif extra_headers:
         forward, forward_problems = forward_policy(extra_headers, where)
         problems.extend(forward_problems)
+    relay = DEFAULT_RELAY_POLICY
+    extra_relayed = table.get("relay_response_headers", [])
+    if not isinstance(extra_relayed, list):
+        problems.append(
+            f"{where}: field 'relay_response_headers' must be a list of header names, "
+            "e.g. ['OpenAI-*', 'X-Trace']"
+        )
+    elif extra_relayed:
+        relay, relay_problems = relay_policy(extra_relayed, where)
+        problems.extend(relay_problems)
     connect_timeout = _positive_number(table, "connect_timeout_seconds", 5.0, where, problems)
     idle_timeout = _positive_number(table, "idle_timeout_seconds", 120.0, where, problems)
     max_body = table.get("max_body_bytes", 1_048_576)
@@ -285,6 +299,7 @@ def _parse_app(
             allowed_origins=frozenset(o.rstrip("/").lower() for o in origins),
             forward_authorization=forward_auth,
             forward=forward,
+            relay=relay,
             connect_timeout_seconds=connect_timeout,
             idle_timeout_seconds=idle_timeout,
             max_body_bytes=max_body,

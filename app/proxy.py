@@ -82,12 +82,13 @@ from app.applications import AppConfig
 from app.capacity import AppSlots, UpstreamBusy, client_key, warn_if_clients_look_alike
 from app.config import Settings
 from app.errors import REQUEST_ID_KEY, ApiError, error_response, store_full, store_unavailable
-from app.forward_headers import HOP_BY_HOP, never_forwarded
+from app.forward_headers import never_forwarded
 from app.forwarding import client_host, client_scheme, forwarded_chain
 from app.lifecycle import LIFECYCLE_KEY, Lifecycle
 from app.metrics import record_upstream_error, record_upstream_first_byte
 from app.middlewares import APP_CONFIG_KEY
 from app.ratelimit import enforce_rate_limits
+from app.relay_headers import DEFAULT_RELAY_POLICY, RelayPolicy, never_relayed
 from app.sessions.backend import StoreFull, StoreUnavailable
 from app.sessions.middleware import get_session, rotate_session, update_session
 from app.sessions.storage import StoredSession
@@ -152,76 +153,6 @@ PROXIED_RESPONSE_HEADERS = (
     ("X-Content-Type-Options", "nosniff"),  # no sniffing a `text/plain` or unknown type into HTML
 )
 
-# Response headers an upstream may not set on the gateway's origin (docs/security.md has why,
-# one by one). Compared lower-cased; with `NEVER_RELAYED_PREFIXES` checked by one `startswith`.
-NEVER_RELAYED = HOP_BY_HOP | frozenset(
-    {
-        # State of the whole origin, or of the host and its subdomains.
-        "set-cookie",
-        "set-cookie2",
-        "clear-site-data",
-        "strict-transport-security",
-        "alt-svc",
-        "origin-agent-cluster",
-        "service-worker-allowed",
-        "service-worker",
-        "accept-ch",
-        "accept-ch-lifetime",
-        "critical-ch",
-        "nel",
-        "report-to",
-        "reporting-endpoints",
-        "expect-ct",
-        "public-key-pins",
-        "public-key-pins-report-only",
-        "set-login",
-        "idp-signin-status",  # the older name of Set-Login (FedCM)
-        "allow-csp-from",
-        "use-as-dictionary",
-        "observe-browsing-topics",
-        "shared-storage-write",
-        "activate-storage-access",
-        "origin-trial",
-        "speculation-rules",
-        "supports-loading-mode",
-        # Document policies: the gateway's own (`PROXIED_RESPONSE_HEADERS`) apply instead.
-        "x-content-type-options",
-        "x-frame-options",
-        "x-xss-protection",
-        "x-dns-prefetch-control",
-        "x-permitted-cross-domain-policies",
-        "x-download-options",
-        "x-ua-compatible",
-        "feature-policy",
-        "document-policy",
-        "require-document-policy",
-        "document-isolation-policy",
-        "large-allocation",
-        "sourcemap",
-        "x-sourcemap",
-        # Navigation the browser would do by itself.
-        "refresh",
-        # CORS is the gateway's (its origin allowlist); so is who may read timings.
-        "timing-allow-origin",
-        # The gateway's own: who answers, and the rotation signal.
-        "server",
-        "x-session-rotate",
-    }
-)
-NEVER_RELAYED_PREFIXES = (
-    "access-control-",
-    "content-security-policy",  # and -report-only
-    "permissions-policy",  # and -report-only
-    "cross-origin-opener-policy",  # and -report-only (Cross-Origin-Resource-Policy passes)
-    "cross-origin-embedder-policy",
-    "x-accel-",  # nginx acts on these (X-Accel-Redirect: an internal redirect of its choice)
-    "x-sendfile",  # Apache mod_xsendfile, lighttpd: serve a file of the proxy's host
-    "x-lighttpd-send-",  # lighttpd's -file and -tempfile
-    "x-envoy-",  # Envoy acts on some (x-envoy-immediate-health-check-fail, -degraded)
-    "sec-",
-    "attribution-reporting-",
-    "ad-auction-",
-)
 # `Link` relations that only describe (pagination, documentation): nothing the browser fetches,
 # preconnects to or applies because of them.
 SAFE_LINK_RELATIONS = frozenset(
@@ -420,36 +351,33 @@ def forwardable_headers(headers: CIMultiDictProxy[str]) -> bool:
     )
 
 
-def browser_response_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
-    """The headers the browser gets for an upstream answer: the upstream's, minus every header
-    with a meaning for the browser beyond this one response, plus `PROXIED_RESPONSE_HEADERS`.
+def browser_response_headers(
+    upstream: CIMultiDictProxy[str], policy: RelayPolicy = DEFAULT_RELAY_POLICY
+) -> CIMultiDict[str]:
+    """The headers the browser gets for an upstream answer: those of the upstream's the
+    application's `policy` relays (app/relay_headers.py: an allowlist over a floor that nothing
+    reopens), plus `PROXIED_RESPONSE_HEADERS`.
 
-    Dropped (`NEVER_RELAYED`, `NEVER_RELAYED_PREFIXES`; the list and the reasons are in
-    docs/security.md): hop-by-hop headers and those named in `Connection`; cookies
-    (`Set-Cookie`: the gateway's session cookie is the only cookie on this origin);
-    origin-wide controls (`Clear-Site-Data`, `Strict-Transport-Security`, `Alt-Svc`,
-    `Service-Worker-Allowed`, `Origin-Agent-Cluster`, client hints, reporting endpoints ...);
-    document policies the gateway sets itself (`Content-Security-Policy*`,
-    `X-Content-Type-Options`, `X-Frame-Options`, `Permissions-Policy*`,
-    `Cross-Origin-Opener/Embedder-Policy*`); `Access-Control-*` (the gateway answers CORS
-    for its own allowlist) and `Timing-Allow-Origin`; `Refresh`; instructions to the proxy in
-    front (`X-Accel-*`); `Server`; `X-Session-Rotate` (a signal to the gateway, acted on in
-    `_proxy`). `Link` is relayed only when every relation in it is navigational (`next`,
-    `prev`, ... in `SAFE_LINK_RELATIONS`: never `preload`, `prefetch`, `stylesheet` ...);
-    `WWW-Authenticate` only when it names no scheme that makes a browser prompt for a password
-    (`Basic`, `Digest`, `NTLM`, `Negotiate`). Everything else (an API's own headers included)
-    passes unchanged, except `Content-Disposition`, which is `attachment` (with the upstream's
-    parameters) for an answer a browser would show as a page (`PAGE_TYPES`).
+    Of the relayed names, also dropped: those named in `Connection`; `Link` unless every
+    relation in it is navigational (`next`, `prev`, ... in `SAFE_LINK_RELATIONS`: never
+    `preload`, `prefetch`, `stylesheet` ...); `WWW-Authenticate` naming a scheme that makes a
+    browser prompt for a password (`Basic`, `Digest`, `NTLM`, `Negotiate`).
+    `Content-Disposition` is `attachment` (with the upstream's parameters) for an answer a
+    browser would show as a page (`PAGE_TYPES`). The floor (`NEVER_RELAYED`,
+    `NEVER_RELAYED_PREFIXES`; docs/security.md has why, one by one): hop-by-hop headers,
+    cookies, origin-wide controls, document policies the gateway sets itself, CORS,
+    instructions to the proxy in front, `Server`, `X-Session-Rotate`.
     """
     named = _connection_tokens(upstream) if "Connection" in upstream else None
+    names, prefixes = policy.names, policy.prefixes
     out: CIMultiDict[str] = CIMultiDict()
     page = False  # a `Content-Type` a browser would show as a page of its own
     for name, value in upstream.items():
         lower = name.lower()
+        if lower not in names and not (lower.startswith(prefixes) and not never_relayed(lower)):
+            continue
         if (
-            lower in NEVER_RELAYED
-            or lower.startswith(NEVER_RELAYED_PREFIXES)
-            or (named is not None and lower in named)
+            (named is not None and lower in named)
             or (lower == "link" and not _navigational_link(value))
             or (lower == "www-authenticate" and _PROMPTING_AUTH_RE.search(value) is not None)
         ):
@@ -1200,7 +1128,7 @@ async def _relay(
 ) -> None:
     request = exchange.request
     response.set_status(upstream.status, upstream.reason)
-    response.headers.extend(browser_response_headers(upstream.headers))
+    response.headers.extend(browser_response_headers(upstream.headers, exchange.app.relay))
     sse = is_event_stream(upstream.headers)
     if sse or "Content-Length" not in upstream.headers:
         # Streamed answers must not sit in an nginx buffer (X-Accel-Buffering is nginx's

@@ -395,3 +395,26 @@ def test_a_malformed_redis_url_never_shows_its_password(url: str) -> None:
 
 def test_a_userinfo_without_colon_is_hidden_too() -> None:
     assert redact_url("redis://s3cret@localhost:6379/0") == "redis://***@localhost:6379/0"
+
+
+def test_relay_response_headers_in_apps_file(tmp_path: Path) -> None:
+    """Issue 12 row 2: an application lists the upstream headers it relays beyond the default
+    allowlist; a header of the floor (origin-wide, proxy, hop-by-hop) is a start-up problem."""
+    good = write(
+        tmp_path,
+        '[apps.shop]\nupstream = "http://agent:9000"\n'
+        'relay_response_headers = ["OpenAI-*", "X-Trace"]\n',
+    )
+    settings = Settings.from_env({"APPS_FILE": good}, dotenv_path=None)
+    relay = settings.apps["shop"].relay
+    assert relay.relays("openai-version") and relay.relays("x-trace")
+    assert not relay.relays("x-other") and not relay.relays("set-cookie")
+    for bad, hint in (
+        ('["Clear-Site-Data"]', "never relayed"),
+        ('["Access-Control-*"]', "never relayed"),
+        ('["X_Trace"]', "must be a header name"),
+        ('"OpenAI-*"', "must be a list"),
+    ):
+        text = f'[apps.shop]\nupstream = "http://agent:9000"\nrelay_response_headers = {bad}\n'
+        problems = problems_of({"APPS_FILE": write(tmp_path, text)})
+        assert any("relay_response_headers" in p and hint in p for p in problems), (bad, problems)

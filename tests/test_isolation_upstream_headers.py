@@ -18,11 +18,8 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from app.forward_headers import DEFAULT_FORWARDED, NEVER_FORWARDED, forward_policy
 from app.forwarding import client_ip, forwarded_chain
-from app.proxy import (
-    NEVER_RELAYED,
-    PROXIED_CSP,
-    browser_response_headers,
-)
+from app.proxy import PROXIED_CSP, browser_response_headers
+from app.relay_headers import NEVER_RELAYED, relay_policy
 from tests.fake_upstream import (
     RunningGateway,
     ServedUpstream,
@@ -97,13 +94,19 @@ KEPT_RESPONSE_HEADERS = [
     ("Content-Language", "fr"),
     ("Retry-After", "3"),
     ("X-RateLimit-Remaining", "41"),
-    ("openai-processing-ms", "120"),
     ("Server-Timing", "model;dur=120"),
     ("Cross-Origin-Resource-Policy", "same-origin"),
     ("Link", '</v1/items?page=2>; rel="next", </v1/items?page=9>; rel=last'),
     ("WWW-Authenticate", 'Bearer realm="api", error="invalid_token"'),
+]
+# Vendor and custom headers: relayed only when the application lists them
+# (`relay_response_headers`); `CONFIGURED_RELAY` lists these.
+VENDOR_RESPONSE_HEADERS = [
+    ("openai-processing-ms", "120"),
+    ("OpenAI-Version", "2020-10-01"),
     ("X-Upstream-Custom", "kept"),
 ]
+CONFIGURED_RELAY = ["OpenAI-*", "X-Upstream-Custom"]
 
 
 def answer_with(*headers: tuple[str, str]) -> web.Response:
@@ -142,15 +145,78 @@ async def test_I2_what_agent_apis_send_passes_unchanged(
     upstream: ServedUpstream, gw: RunningGateway
 ) -> None:
     async def api(request: web.Request) -> web.Response:
-        return answer_with(*KEPT_RESPONSE_HEADERS)
+        return answer_with(*KEPT_RESPONSE_HEADERS, *VENDOR_RESPONSE_HEADERS)
 
     upstream.fake.on("/v1/api", api)
     resp = await raw_request(gw.url, f"{AGENT}/api")
     assert resp.status == 200
     for name, value in KEPT_RESPONSE_HEADERS:
         assert value in resp.headers.getall(name, []), f"{name}: {value} was dropped"
+    # An allowlist: what the application did not list is not relayed.
+    for name, _ in VENDOR_RESPONSE_HEADERS:
+        assert name not in resp.headers, f"{name} relayed without being listed"
     assert resp.headers["Content-Security-Policy"] == PROXIED_CSP
     assert resp.headers["X-Content-Type-Options"] == "nosniff"
+
+
+async def test_I2_an_application_lists_the_vendor_headers_it_relays(
+    upstream: ServedUpstream,
+) -> None:
+    relay, problems = relay_policy(CONFIGURED_RELAY, "test")
+    assert problems == []
+
+    async def api(request: web.Request) -> web.Response:
+        return answer_with(*VENDOR_RESPONSE_HEADERS, ("Clear-Site-Data", "*"), ("X-Other", "1"))
+
+    upstream.fake.on("/v1/api", api)
+    async with run_gateway(app_settings(upstream.base, relay=relay)) as gw:
+        resp = await raw_request(gw.url, f"{AGENT}/api")
+    assert resp.status == 200
+    for name, value in VENDOR_RESPONSE_HEADERS:
+        assert resp.headers.getall(name, []) == [value], name
+    assert "X-Other" not in resp.headers and "Clear-Site-Data" not in resp.headers
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        "Clear-Site-Data",
+        "Set-Cookie",
+        "Access-Control-Allow-Origin",
+        "Access-Control-*",
+        "Content-Security-Policy-Report-Only",
+        "X-Accel-*",
+        "X-Accel-Redirect",
+        "Sec-*",
+        "Server",
+        "Connection",
+        "X_Custom",
+        "Bad Name",
+    ],
+)
+def test_I2_apps_file_cannot_reopen_the_floor(entry: str) -> None:
+    _, problems = relay_policy([entry], "APPS_FILE [apps.shop]")
+    assert len(problems) == 1 and "relay_response_headers" in problems[0], problems
+
+
+def test_I2_a_star_relays_every_name_but_the_floor() -> None:
+    relay, problems = relay_policy(["*"], "test")
+    assert problems == []
+    upstream: CIMultiDict[str] = CIMultiDict(
+        [(n, "1") for n in ("X-Anything", "Anthropic-Ratelimit-Requests-Remaining")]
+        + [(name, value) for name, value in HOSTILE_RESPONSE_HEADERS]
+    )
+    out = browser_response_headers(CIMultiDictProxy(upstream), relay)
+    relayed = {name.lower() for name in out}
+    assert {"x-anything", "anthropic-ratelimit-requests-remaining"} <= relayed
+    for name, value in HOSTILE_RESPONSE_HEADERS:
+        lower = name.lower()
+        if lower in ("content-security-policy", "x-content-type-options"):
+            assert out.getall(name) != [value]
+        elif lower in ("link", "www-authenticate"):
+            assert value not in out.getall(name, [])
+        else:
+            assert lower not in relayed, name
 
 
 @pytest.mark.parametrize("status", [200, 204, 304, 404, 500])
@@ -222,7 +288,7 @@ def test_I2_the_response_filter_is_case_blind_and_honours_connection() -> None:
             ("X-Kept", "1"),
         ]
     )
-    out = browser_response_headers(CIMultiDictProxy(upstream))
+    out = browser_response_headers(CIMultiDictProxy(upstream), relay_policy(["*"], "t")[0])
     assert list(out.keys()) == ["X-Kept", "Content-Security-Policy", "X-Content-Type-Options"]
 
 

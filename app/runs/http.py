@@ -92,7 +92,7 @@ async def start_run(
 
     run = registry.start(run_id, app, owner, upstream, release)
     response.set_status(200)
-    headers = browser_response_headers(upstream.headers)
+    headers = browser_response_headers(upstream.headers, exchange.app.relay)
     headers.popall("Content-Length", None)
     response.headers.extend(headers)
     _stream_headers(response, run_id)
