@@ -12,6 +12,7 @@ subdomain's `Domain=` cookie.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -187,6 +188,19 @@ async def session_cookie(context: BrowserContext) -> str:
     return cookie["value"]
 
 
+async def sent_session_cookies(context: BrowserContext, url: str) -> int:
+    """How many `agent_sid` cookies the browser would send to `url`, once a `document.cookie`
+    write has reached the browser's cookie store (the renderer hands it over asynchronously, so
+    reading the store at once can miss it); waits up to 5 s for two."""
+    deadline = asyncio.get_running_loop().time() + 5.0
+    while True:
+        names = [c["name"] for c in await context.cookies(url)]
+        count = names.count("agent_sid")
+        if count >= 2 or asyncio.get_running_loop().time() > deadline:
+            return count
+        await asyncio.sleep(0.05)
+
+
 @pytest.mark.browser
 @pytest.mark.parametrize(
     "plant", ["script-path-root", "script-longer-path", "sibling-domain", "quote-smuggling"]
@@ -219,8 +233,9 @@ async def test_a_planted_cookie_never_reads_or_writes_the_attackers_session_in_c
         path = "/" if plant == "script-path-root" else "/apps/demo/"
         page = victim.pages[0]
         await page.evaluate(f"document.cookie = 'agent_sid={attacker_sid}; path={path}'")
-    names = [c["name"] for c in await victim.cookies(base + "/apps/demo/session")]
-    assert names.count("agent_sid") == 2, "the browser sends both cookies"
+    assert await sent_session_cookies(victim, base + "/apps/demo/session") == 2, (
+        "the browser sends both cookies"
+    )
 
     seen = await api(victim, base, "GET")
     assert seen.get("owner") != "attacker", "the victim read the attacker's session"
