@@ -28,7 +28,7 @@ from aiohttp import web
 
 from app.applications import describe_apps
 from app.config import ConfigError, Settings
-from app.lifecycle import LIFECYCLE_KEY
+from app.keys import LIFECYCLE_KEY
 from app.logs import AccessLogger, configure_logging
 from app.main import StoreStartupError, create_app
 

@@ -45,9 +45,10 @@ from app.applications import RateLimit
 from app.config import Settings
 from app.errors import ApiError
 from app.forwarding import client_ip
-from app.ratelimit import FAIL_OPEN_LOG_SECONDS, RATE_LIMITER_KEY, Bucket, RateLimiter
+from app.keys import CREATION_GATE_KEY, RATE_LIMITER_KEY
+from app.ratelimit import FAIL_OPEN_LOG_SECONDS, Bucket, RateLimiter
 from app.sessions.backend import StoreFull, StoreUnavailable
-from app.sessions.middleware import CREATION_GATE_KEY, SessionCreationGate
+from app.sessions.middleware import SessionCreationGate
 
 log = logging.getLogger(__name__)
 

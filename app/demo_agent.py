@@ -30,7 +30,7 @@ from aiohttp import web
 from yarl import URL
 
 from app.applications import DEMO_APP_ID, AppConfig
-from app.state import SETTINGS_KEY
+from app.keys import DEMO_STATE_KEY, SETTINGS_KEY
 
 MAX_MESSAGE_CHARS = 2000
 _QUOTE_CHARS = 200
@@ -53,9 +53,6 @@ class DemoState:
         while len(self.turns) > _MAX_CONVERSATIONS:
             self.turns.popitem(last=False)
         return turn
-
-
-DEMO_STATE_KEY = web.AppKey("demo_state", DemoState)
 
 
 def compose_reply(message: str, turn: int) -> str:

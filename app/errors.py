@@ -11,7 +11,7 @@ from collections.abc import Mapping
 
 from aiohttp import web
 
-REQUEST_ID_KEY = web.RequestKey("request_id", str)
+from app.keys import REQUEST_ID_KEY
 
 
 class ApiError(Exception):

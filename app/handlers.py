@@ -11,10 +11,9 @@ from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from app.errors import ApiError
-from app.lifecycle import LIFECYCLE_KEY
+from app.keys import BACKEND_KEY, LIFECYCLE_KEY, SESSION_KEY, SETTINGS_KEY
 from app.sessions.backend import StoreUnavailable
 from app.sessions.middleware import (
-    SESSION_KEY,
     commit_session,
     get_session,
     rotate_session,
@@ -22,7 +21,6 @@ from app.sessions.middleware import (
     update_session,
 )
 from app.sessions.storage import StoredSession
-from app.state import BACKEND_KEY, SETTINGS_KEY
 
 NO_STORE = {"Cache-Control": "no-store"}
 # The headers `web.json_response(..., headers=NO_STORE)` ends up with, built once: a response

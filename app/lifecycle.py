@@ -34,6 +34,8 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
+from app.keys import LIFECYCLE_KEY
+
 log = logging.getLogger(__name__)
 
 # How often the drain re-checks the connection count (connections have no close event).
@@ -109,9 +111,6 @@ class Lifecycle:
         if open_connections is not None and (left := open_connections()) > 0:
             log.info("closing %d idle connection(s)", left)
         self.stop_streams.set()
-
-
-LIFECYCLE_KEY = web.AppKey("lifecycle", Lifecycle)
 
 
 async def drain_on_shutdown(app: web.Application) -> None:

@@ -52,11 +52,8 @@ from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
 from app.config import IPNetwork
-from app.errors import REQUEST_ID_KEY
 from app.forwarding import client_ip
-from app.sessions.middleware import SESSION_KEY
-from app.sessions.storage import APP_ID_KEY
-from app.state import SETTINGS_KEY
+from app.keys import APP_ID_KEY, REQUEST_ID_KEY, REQUEST_STARTED_KEY, SESSION_KEY, SETTINGS_KEY
 
 _salt: bytes = secrets.token_bytes(32)
 # session id -> its hash under the current salt; cleared with the salt and when it grows past
@@ -168,9 +165,6 @@ class JsonFormatter(logging.Formatter):
 # when the request is done: a task that copied this context (a batch sender, a sweeper started
 # by the first request) and logs later does not speak for a finished request.
 _BOUND: ContextVar[list[web.Request | None] | None] = ContextVar("agent_bff_request", default=None)
-# `time.perf_counter()` when the gateway middleware started on the request: the access line's
-# duration (aiohttp's own comes from `loop.time()`, whole milliseconds under uvloop).
-REQUEST_STARTED_KEY = web.RequestKey("request_started", float)
 _perf_counter = time.perf_counter  # a module global: tests pin it to compare lines
 
 

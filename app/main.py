@@ -12,7 +12,8 @@ from app.config import Settings, redact_url
 from app.creation_limit import creation_limit_ctx
 from app.forwarding import client_scheme
 from app.hosts import EXAMPLE, is_loopback
-from app.lifecycle import LIFECYCLE_KEY, Lifecycle, drain_on_shutdown
+from app.keys import APP_ID_KEY, BACKEND_KEY, LIFECYCLE_KEY, SETTINGS_KEY, STORAGE_APP_KEY
+from app.lifecycle import Lifecycle, drain_on_shutdown
 from app.metrics import instrument_backend, setup_metrics
 from app.middlewares import add_prepare_hook, setup_gateway
 from app.ratelimit import rate_limit_ctx
@@ -21,8 +22,7 @@ from app.runs.runs import runs_ctx
 from app.sessions.backend import SessionBackend, StoreUnavailable
 from app.sessions.memory import MemoryBackend
 from app.sessions.redis import RedisBackend, RedisOptions, make_client
-from app.sessions.storage import APP_ID_KEY, SessionStorage
-from app.state import BACKEND_KEY, SETTINGS_KEY, STORAGE_APP_KEY
+from app.sessions.storage import SessionStorage
 from app.store_hints import startup_hint
 from app.upstream import upstream_ctx
 

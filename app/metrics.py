@@ -56,9 +56,9 @@ from prometheus_client.aiohttp import make_aiohttp_handler
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.utils import floatToGoString
 
+from app.keys import APP_ID_KEY, METRICS_KEY
 from app.sessions.backend import CasResult, SessionBackend, StoreUnavailable
 from app.sessions.pipelining import CommandPipeliner
-from app.sessions.storage import APP_ID_KEY
 
 NAMESPACE = "agent_bff"
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
@@ -271,7 +271,6 @@ class Metrics:
         self.registry.register(self._store_collector)
 
 
-METRICS_KEY = web.AppKey("metrics", Metrics)
 # Set while the gateway middleware is running this request; a streaming response prepared in
 # that window is counted in `active_streams` until the middleware returns.
 _HANDLING_KEY = web.RequestKey("metrics_handling", bool)

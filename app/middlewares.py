@@ -36,25 +36,28 @@ from aiohttp.typedefs import Handler, Middleware
 
 from app.applications import APP_ID_RE, AppConfig
 from app.config import Settings
-from app.errors import REQUEST_ID_KEY, ApiError, error_response, store_full, store_unavailable
+from app.errors import ApiError, error_response, store_full, store_unavailable
 from app.forwarding import client_host, own_origin, peer_is_trusted
 from app.hosts import HostAllowlist
+from app.keys import (
+    APP_CONFIG_KEY,
+    APP_ID_KEY,
+    CORS_ORIGIN_KEY,
+    REQUEST_ID_KEY,
+    RESPONSE_STARTED_KEY,
+    SESSION_KEY,
+    STORAGE_APP_KEY,
+    STORAGE_KEY,
+)
 from app.lifecycle import Lifecycle, close_connections_when_draining
 from app.logs import bind_request, release_request
 from app.metrics import CLIENT_CLOSED, RequestMetrics
 from app.sessions.backend import StoreFull, StoreUnavailable
-from app.sessions.middleware import (
-    SESSION_KEY,
-    STORAGE_KEY,
-    finish_session,
-    session_error_response,
-)
-from app.sessions.storage import APP_ID_KEY, SessionConflict, SessionEnded
-from app.state import STORAGE_APP_KEY
+from app.sessions.middleware import finish_session, session_error_response
+from app.sessions.storage import SessionConflict, SessionEnded
 
 log = logging.getLogger(__name__)
 
-APP_CONFIG_KEY = web.RequestKey("app_config", AppConfig)
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 # The only methods exempt from the CSRF header: safe ones (RFC 9110 §9.2.1) that a form or a
 # plain link can send. Anything else (PROPFIND, QUERY, `get` in lower case, an unknown token)
@@ -70,11 +73,6 @@ SECURITY_HEADERS = {
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
 }
-
-
-CORS_ORIGIN_KEY = web.RequestKey("cors_origin", str)
-# Set once a response for the request has started (headers sent): too late for an error body.
-RESPONSE_STARTED_KEY = web.RequestKey("response_started", bool)
 
 
 def _on_prepare_headers(

@@ -81,19 +81,18 @@ from yarl import URL
 from app.applications import AppConfig
 from app.capacity import AppSlots, UpstreamBusy, client_key, warn_if_clients_look_alike
 from app.config import Settings
-from app.errors import REQUEST_ID_KEY, ApiError, error_response, store_full, store_unavailable
+from app.errors import ApiError, error_response, store_full, store_unavailable
 from app.forward_headers import never_forwarded
 from app.forwarding import client_host, client_scheme, forwarded_chain
-from app.lifecycle import LIFECYCLE_KEY, Lifecycle
+from app.keys import APP_CONFIG_KEY, LIFECYCLE_KEY, REQUEST_ID_KEY, SETTINGS_KEY, UPSTREAM_KEY
+from app.lifecycle import Lifecycle
 from app.metrics import record_upstream_error, record_upstream_first_byte
-from app.middlewares import APP_CONFIG_KEY
 from app.ratelimit import enforce_rate_limits
 from app.relay_headers import DEFAULT_RELAY_POLICY, RelayPolicy, never_relayed
 from app.sessions.backend import StoreFull, StoreUnavailable
 from app.sessions.middleware import get_session, rotate_session, update_session
 from app.sessions.storage import StoredSession
-from app.state import SETTINGS_KEY
-from app.upstream import UPSTREAM_KEY, StreamStop, request_timeout
+from app.upstream import StreamStop, request_timeout
 
 log = logging.getLogger(__name__)
 

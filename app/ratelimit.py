@@ -45,11 +45,10 @@ from aiohttp_session import Session
 from app.applications import RateLimit
 from app.config import Settings
 from app.errors import ApiError
-from app.middlewares import APP_CONFIG_KEY
+from app.keys import APP_CONFIG_KEY, BACKEND_KEY, RATE_LIMITER_KEY, SETTINGS_KEY
 from app.sessions.backend import StoreUnavailable
 from app.sessions.redis import LuaScript, RedisBackend
 from app.sessions.storage import SessionStorage
-from app.state import BACKEND_KEY, SETTINGS_KEY
 
 log = logging.getLogger(__name__)
 
@@ -169,9 +168,6 @@ class RedisRateLimiter:
 
     async def close(self) -> None:
         return None  # the client belongs to the session backend
-
-
-RATE_LIMITER_KEY = web.AppKey("rate_limiter", RateLimiter)
 
 
 def make_rate_limiter(settings: Settings, backend: object) -> RateLimiter:

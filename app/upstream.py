@@ -42,8 +42,7 @@ from app.applications import AppConfig
 from app.capacity import CapacityCollector, UpstreamCapacity
 from app.config import Settings
 from app.demo_agent import start_demo_agent
-from app.lifecycle import LIFECYCLE_KEY
-from app.metrics import METRICS_KEY
+from app.keys import LIFECYCLE_KEY, METRICS_KEY, UPSTREAM_KEY
 
 log = logging.getLogger(__name__)
 
@@ -108,9 +107,6 @@ class Upstream:
                 raise RuntimeError("the built-in demo agent is not running")
             return self.demo_base
         return URL(app.upstream, encoded=True)
-
-
-UPSTREAM_KEY = web.AppKey("upstream", Upstream)
 
 
 @functools.lru_cache(maxsize=64)

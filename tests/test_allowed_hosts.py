@@ -18,8 +18,8 @@ import pytest
 
 from app.config import ConfigError, Settings
 from app.hosts import HostAllowlist, parse_allowed_hosts, split_host
+from app.keys import BACKEND_KEY
 from app.sessions.memory import MemoryBackend
-from app.state import BACKEND_KEY
 from tests.conftest import CSRF
 from tests.fake_upstream import RunningGateway, ServedUpstream, app_settings, run_gateway
 from tests.gateway_process import GatewayProcess, run_gateway_to_exit

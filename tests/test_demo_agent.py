@@ -21,7 +21,7 @@ from app.demo_agent import (
     sse_event,
     tokenize,
 )
-from app.upstream import UPSTREAM_KEY
+from app.keys import UPSTREAM_KEY
 from tests.conftest import CSRF, Gateway, GatewayFactory
 from tests.fake_upstream import sse_events
 

@@ -28,9 +28,8 @@ import redis.asyncio as aioredis
 from aiohttp import ClientResponse, web
 from pytest_aiohttp import AiohttpServer
 
-from app.lifecycle import LIFECYCLE_KEY
+from app.keys import BACKEND_KEY, LIFECYCLE_KEY
 from app.sessions.redis import RedisBackend, RedisOptions, make_client
-from app.state import BACKEND_KEY
 from tests.conftest import CSRF, Gateway, GatewayFactory, GatewayProcessFactory
 from tests.fake_upstream import app_settings, run_gateway, serve_upstream, sse, start_sse
 from tests.fault_proxy import FaultProxy

@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 from cryptography.fernet import Fernet
 
+from app.keys import STORAGE_APP_KEY
 from app.sessions import codec as codec_module
 from app.sessions.codec import SessionCodec
-from app.state import STORAGE_APP_KEY
 from tests.conftest import CSRF, GatewayFactory
 
 MAPPING = {"a": [1, 2]}

@@ -15,10 +15,7 @@ from aiohttp.test_utils import make_mocked_request
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from app import logs
-from app.errors import REQUEST_ID_KEY
-from app.sessions.middleware import SESSION_KEY
-from app.sessions.storage import APP_ID_KEY
-from app.state import SETTINGS_KEY
+from app.keys import APP_ID_KEY, REQUEST_ID_KEY, REQUEST_STARTED_KEY, SESSION_KEY, SETTINGS_KEY
 from tests.conftest import make_settings
 
 DURATIONS = [0.0, 0.00005, 0.00015, 0.00025, 0.01234, 0.099951, 1.23456, 61.0]
@@ -55,7 +52,7 @@ def _request(path: str, headers: dict[str, str], duration: float, middleware: bo
         request[SESSION_KEY] = None
         request[REQUEST_ID_KEY] = "rid-1"
         request[APP_ID_KEY] = "demo"
-        request[logs.REQUEST_STARTED_KEY] = NOW - duration
+        request[REQUEST_STARTED_KEY] = NOW - duration
     return request
 
 

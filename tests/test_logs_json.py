@@ -17,8 +17,7 @@ import aiohttp
 from aiohttp.test_utils import make_mocked_request
 
 from app import logs
-from app.errors import REQUEST_ID_KEY
-from app.sessions.storage import APP_ID_KEY
+from app.keys import APP_ID_KEY, REQUEST_ID_KEY
 from tests.conftest import CSRF, GatewayProcessFactory
 from tests.redis_server import free_port
 

@@ -19,12 +19,12 @@ from aiohttp import web
 from pytest_aiohttp import AiohttpClient
 
 from app.__main__ import serve
-from app.lifecycle import LIFECYCLE_KEY, drain_on_shutdown
+from app.keys import BACKEND_KEY, LIFECYCLE_KEY
+from app.lifecycle import drain_on_shutdown
 from app.main import create_app
 from app.sessions.backend import SessionBackend
 from app.sessions.memory import MemoryBackend
 from app.sessions.redis import RedisBackend
-from app.state import BACKEND_KEY
 from tests.conftest import CSRF, GatewayFactory, GatewayProcessFactory, make_settings
 from tests.gateway_process import GatewayProcess, run_gateway_to_exit
 from tests.redis_server import RedisServer, free_port

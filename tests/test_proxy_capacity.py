@@ -37,8 +37,7 @@ from app.applications import (
 )
 from app.capacity import UpstreamBusy, UpstreamCapacity, client_key
 from app.config import ConfigError, Settings
-from app.lifecycle import LIFECYCLE_KEY
-from app.upstream import UPSTREAM_KEY
+from app.keys import LIFECYCLE_KEY, UPSTREAM_KEY
 from tests.conftest import CSRF, GatewayProcessFactory, make_settings
 from tests.fake_upstream import (
     RunningGateway,

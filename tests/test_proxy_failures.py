@@ -14,7 +14,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from app.lifecycle import LIFECYCLE_KEY
+from app.keys import LIFECYCLE_KEY
 from tests.conftest import CSRF, GatewayProcessFactory
 from tests.fake_upstream import (
     RunningGateway,

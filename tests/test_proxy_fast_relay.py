@@ -18,7 +18,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from app import proxy
-from app.lifecycle import LIFECYCLE_KEY
+from app.keys import LIFECYCLE_KEY
 from app.proxy import READ_CHUNK_BYTES, read_available, take_buffered
 from tests.conftest import CSRF
 from tests.fake_upstream import RunningGateway, ServedUpstream, sse, start_sse

@@ -13,10 +13,9 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
 
-from app.runs.runs import RUNS_KEY
+from app.keys import RUNS_KEY, UPSTREAM_KEY
 from app.runs.store import RedisRunStore
 from app.sessions.backend import StoreUnavailable
-from app.upstream import UPSTREAM_KEY
 from tests.fake_upstream import RunningGateway, app_settings, run_gateway
 from tests.runs_helpers import (
     CountingUpstream,

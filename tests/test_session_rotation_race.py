@@ -18,8 +18,8 @@ import aiohttp
 import pytest
 from playwright.async_api import Browser
 
+from app.keys import STORAGE_APP_KEY
 from app.sessions.backend import SessionBackend
-from app.state import STORAGE_APP_KEY
 from tests.backends import WrappedBackend
 from tests.conftest import CSRF, Gateway, GatewayProcessFactory
 from tests.redis_server import RedisServer

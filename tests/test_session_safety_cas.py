@@ -14,10 +14,10 @@ from aiohttp import web
 from cryptography.fernet import Fernet
 from pytest_aiohttp import AiohttpServer
 
+from app.keys import STORAGE_APP_KEY
 from app.proxy import THREAD_HEADER
 from app.sessions.backend import CasResult, SessionBackend
 from app.sessions.middleware import CAS_ATTEMPTS
-from app.state import STORAGE_APP_KEY
 from tests.backends import WrappedBackend
 from tests.conftest import CSRF, Gateway, GatewayFactory, GatewayProcessFactory
 from tests.fake_upstream import ServedUpstream, serve_upstream

@@ -22,11 +22,11 @@ from cryptography.fernet import Fernet
 from pytest_aiohttp import AiohttpClient
 
 from app.config import ConfigError, Settings
+from app.keys import BACKEND_KEY, STORAGE_APP_KEY
 from app.main import create_app
 from app.sessions.codec import FORMAT_VERSION
 from app.sessions.memory import MemoryBackend
 from app.sessions.redis import RedisBackend
-from app.state import BACKEND_KEY, STORAGE_APP_KEY
 from tests.conftest import (
     CSRF,
     STORE_KINDS,

@@ -13,9 +13,9 @@ import time
 
 import pytest
 
+from app.keys import STORAGE_APP_KEY
 from app.sessions.codec import CREATED_AT, GATEWAY
 from app.sessions.storage import SessionStorage
-from app.state import STORAGE_APP_KEY
 from tests.conftest import Gateway, GatewayFactory, make_settings
 from tests.test_sessions_http import (
     UNKNOWN_SID,

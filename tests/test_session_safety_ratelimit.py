@@ -15,15 +15,10 @@ import pytest
 
 from app.applications import RateLimit, parse_rate_limit
 from app.config import ConfigError, Settings
-from app.ratelimit import (
-    RATE_LIMITER_KEY,
-    Bucket,
-    MemoryRateLimiter,
-    RedisRateLimiter,
-)
+from app.keys import BACKEND_KEY, RATE_LIMITER_KEY
+from app.ratelimit import Bucket, MemoryRateLimiter, RedisRateLimiter
 from app.sessions.backend import StoreUnavailable
 from app.sessions.redis import RedisBackend
-from app.state import BACKEND_KEY
 from tests.conftest import CSRF, Gateway, GatewayFactory, RedisRaw, make_settings
 from tests.fake_upstream import ServedUpstream
 from tests.gateway_process import run_gateway_to_exit

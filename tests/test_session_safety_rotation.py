@@ -17,10 +17,10 @@ import pytest
 from aiohttp import web
 from pytest_aiohttp import AiohttpServer
 
+from app.keys import STORAGE_APP_KEY
 from app.proxy import ROTATE_HEADER, THREAD_HEADER
 from app.sessions.backend import SessionBackend, StoreUnavailable
 from app.sessions.codec import CREATED_AT, GATEWAY
-from app.state import STORAGE_APP_KEY
 from tests.backends import WrappedBackend
 from tests.conftest import CSRF, Gateway, GatewayFactory
 from tests.fake_upstream import ServedUpstream, serve_upstream, sse, start_sse

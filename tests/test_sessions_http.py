@@ -21,11 +21,11 @@ from aiohttp import ClientResponse, web
 from aiohttp.test_utils import TestClient
 from pytest_aiohttp import AiohttpClient
 
+from app.keys import STORAGE_APP_KEY
 from app.main import create_app
 from app.sessions.backend import SessionBackend
 from app.sessions.codec import DATA, FORMAT_VERSION, GATEWAY
 from app.sessions.middleware import commit_session, get_session
-from app.state import STORAGE_APP_KEY
 from tests.backends import WrappedBackend
 from tests.conftest import CSRF, Gateway, GatewayFactory, make_settings
 from tests.fake_upstream import send_and_read_head

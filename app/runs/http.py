@@ -28,14 +28,12 @@ from typing import TYPE_CHECKING
 import aiohttp
 from aiohttp import web
 
-from app.errors import REQUEST_ID_KEY, ApiError
-from app.middlewares import APP_CONFIG_KEY
-from app.runs.runs import ERROR_MESSAGES, RUNS_KEY, Run, RunRegistry, owner_of, reading
+from app.errors import ApiError
+from app.keys import APP_CONFIG_KEY, REQUEST_ID_KEY, RUNS_KEY, SETTINGS_KEY, UPSTREAM_KEY
+from app.runs.runs import ERROR_MESSAGES, Run, RunRegistry, owner_of, reading
 from app.runs.store import RedisRunStore, RunMeta
 from app.sessions.backend import StoreUnavailable
 from app.sessions.middleware import get_session
-from app.state import SETTINGS_KEY
-from app.upstream import UPSTREAM_KEY
 
 if TYPE_CHECKING:
     from app.proxy import _Exchange

@@ -48,15 +48,14 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from app.applications import AppConfig
 from app.config import Settings
-from app.lifecycle import LIFECYCLE_KEY, Lifecycle
-from app.metrics import METRICS_KEY
+from app.keys import BACKEND_KEY, LIFECYCLE_KEY, METRICS_KEY, RUNS_KEY, UPSTREAM_KEY
+from app.lifecycle import Lifecycle
 from app.runs.log import RunLog
 from app.runs.sse import SseParser
 from app.runs.store import RedisRunStore
 from app.sessions.backend import StoreUnavailable
 from app.sessions.redis import RedisBackend, make_client
-from app.state import BACKEND_KEY
-from app.upstream import UPSTREAM_KEY, StreamStop
+from app.upstream import StreamStop
 
 log = logging.getLogger(__name__)
 
@@ -410,9 +409,6 @@ class RunRegistry:
         for handle in self._expiry.values():
             handle.cancel()
         self._expiry.clear()
-
-
-RUNS_KEY = web.AppKey("runs", RunRegistry)
 
 
 class RunsCollector:

@@ -25,6 +25,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from app.errors import ApiError, error_response
+from app.keys import CREATION_GATE_KEY, SESSION_KEY, STORAGE_KEY
 from app.sessions.storage import (
     SessionConflict,
     SessionEnded,
@@ -36,13 +37,6 @@ from app.sessions.storage import (
 
 log = logging.getLogger(__name__)
 
-# The gateway's own request keys, typed (aiohttp-session's are plain strings, which aiohttp
-# 3.14 warns about on every request); what they hold is the public storage and its sessions.
-STORAGE_KEY = web.RequestKey("session_storage", SessionStorage)
-# The request's session once loaded; None before (the gateway middleware sets it first thing:
-# looking up a missing key costs a raised and caught KeyError).
-SESSION_KEY: web.RequestKey[StoredSession | None] = web.RequestKey("session")
-
 # Attempts of one update under contention (each: one read, one compare-and-set), and the
 # random pause before a retry (up to CAS_JITTER_SECONDS x the attempt number), so requests
 # that lost together do not collide again in lockstep.
@@ -52,7 +46,6 @@ CAS_JITTER_SECONDS = 0.005
 # Awaited before a new session is first stored (`commit_session`); it may raise `ApiError`
 # (429: too many new sessions from this client, app/creation_limit.py) so nothing is created.
 SessionCreationGate = Callable[[web.Request], Awaitable[None]]
-CREATION_GATE_KEY: web.AppKey[SessionCreationGate] = web.AppKey("session_creation_gate")
 
 
 def _conflict() -> ApiError:

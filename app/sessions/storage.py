@@ -103,8 +103,6 @@ _SESSION_ID_AT = re.compile(r"[A-Za-z0-9_-]{43}")  # SESSION_ID_RE without ancho
 _AMBIGUITY_LOGGED = web.RequestKey("session_cookie_ambiguity_logged", bool)
 _NAMESPACE_RE = re.compile(r"^[^\s:]{1,128}$")
 
-# The gateway's request key for the application id (set by its middleware; its namespace).
-APP_ID_KEY = web.RequestKey("application_id", str)
 # Stored values the codec keeps decoded (`SessionCodec.decode`): about 2,000 sessions of 250
 # bytes, a few MB of memory at most; values over 1/64 of it are never kept.
 DECODE_CACHE_BYTES = 512 * 1024
@@ -121,7 +119,6 @@ CookieSecure = bool | None | Callable[[web.Request], bool]
 Store = SessionBackend | aioredis.Redis | RedisCluster | str
 
 __all__ = [
-    "APP_ID_KEY",
     "SESSION_ID_RE",
     "SessionConflict",
     "SessionEnded",
