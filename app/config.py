@@ -27,7 +27,7 @@ from app.applications import (
     resolve_apps,
 )
 from app.hosts import parse_allowed_hosts
-from app.sessions.redis import RedisUrlError, parse_redis_url
+from app.sessions.redis_url import RedisUrlError, parse_redis_url
 
 T = TypeVar("T", int, float)
 

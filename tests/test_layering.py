@@ -76,3 +76,20 @@ def test_app_keys_imports_nothing_of_the_gateway_at_run_time() -> None:
 def test_rate_limiter_does_not_import_the_middleware() -> None:
     imported = _imported_modules(APP / "ratelimit.py")
     assert not {m for m in imported if m.startswith("app.middlewares")}
+
+
+def _loaded_after_import(module: str) -> set[str]:
+    """The top-level packages loaded by importing `module` in a fresh interpreter."""
+    code = (
+        f"import sys, {module}; print(' '.join(sorted({{m.split('.')[0] for m in sys.modules}})))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return set(out.stdout.split())
+
+
+def test_configuration_parses_redis_urls_without_redis_py() -> None:
+    """`app.config` validates `REDIS_URL` with the standard library (app/sessions/redis_url.py):
+    reading the configuration loads neither redis-py nor aiohttp."""
+    loaded = _loaded_after_import("app.config")
+    assert "app" in loaded
+    assert not loaded & {"redis", "aiohttp"}

@@ -12,14 +12,8 @@ from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import Connection, SSLConnection
 
 from app.config import ConfigError, Settings, redact_url
-from app.sessions.redis import (
-    RedisBackend,
-    RedisOptions,
-    RedisTarget,
-    RedisUrlError,
-    make_client,
-    parse_redis_url,
-)
+from app.sessions.redis import RedisBackend, RedisOptions, make_client
+from app.sessions.redis_url import RedisTarget, RedisUrlError, parse_redis_url
 from tests.gateway_process import run_gateway_to_exit
 
 

@@ -5,7 +5,7 @@
 
     setup(app, SessionStorage("redis://localhost:6379/0", max_age=3600))
 
-The store is a `redis.asyncio` client, a Redis URL (`app.sessions.redis.parse_redis_url`:
+The store is a `redis.asyncio` client, a Redis URL (`app.sessions.redis_url.parse_redis_url`:
 single server, TLS, Sentinel, Cluster), or a `SessionBackend` (`MemoryBackend()` for one
 process, `RedisBackend(client)`). docs/sessions.md documents every option, the plain-app
 example, and where this storage deliberately differs from aiohttp-session's own storages.
