@@ -1,6 +1,6 @@
 """Encryption at rest (`SESSION_ENCRYPTION_KEYS`): what the store holds reveals nothing, a
 tampered or copied value is no session, keys rotate (first encrypts, all decrypt), and the
-documented transitions (plaintext before the key was set, a retired key) behave as the README
+documented transitions (plaintext before the key was set, a retired key) behave as docs/security.md
 says. Memory store, fakeredis and a real redis-server; several gateways share one store.
 """
 
@@ -397,7 +397,7 @@ def test_a_bad_key_stops_the_process_with_exit_2() -> None:
 
 
 def test_the_cost_script_runs() -> None:
-    """scripts/session_crypto_cost.py (the README's numbers), codec part, briefly."""
+    """scripts/session_crypto_cost.py (the numbers in docs/security.md), codec part, briefly."""
     script = Path(__file__).resolve().parent.parent / "scripts" / "session_crypto_cost.py"
     done = subprocess.run(
         [sys.executable, str(script), "--codec-only", "--iterations", "5"],

@@ -27,7 +27,7 @@ where the token decrypts to `{"k":"<applicationId>:<sessionId>","created":...,"d
   on the first bytes (`app.sessions.backend.revision_of`), never by parsing (or decrypting)
   the value. A value without `r` (written before revisions existed) has revision 0.
 - Encryption is `cryptography`'s `MultiFernet`: the first key encrypts, every key decrypts.
-  Keys change in three deploys (README: Security): add the new key second everywhere, then
+  Keys change in three deploys (docs/security.md): add the new key second everywhere, then
   move it first, then drop the old one; so no replica meets a value it cannot read. Fernet
   is AES-128-CBC with a random IV plus HMAC-SHA256 (encrypt-then-MAC) under a 256-bit key: a
   Redis dump reveals nothing but sizes and revisions, and a changed byte fails the MAC.

@@ -96,7 +96,8 @@ def _parse_redis_url(url: str) -> RedisTarget:
         password = unquote(secret) if colon and secret else None
     if "?" in location or "#" in location:
         raise RedisUrlError(
-            "has a query string or fragment: options go in the REDIS_* settings (see README)"
+            "has a query string or fragment: options go in the REDIS_* settings"
+            " (see docs/configuration.md)"
         )
     hosts, slash, path = location.partition("/")
     nodes = tuple(_parse_node(item, _DEFAULT_PORT[topology]) for item in hosts.split(","))
