@@ -21,6 +21,7 @@ from app.routes import setup_routes
 from app.runs.runs import runs_ctx
 from app.sessions.backend import SessionBackend, StoreUnavailable
 from app.sessions.memory import MemoryBackend
+from app.sessions.options import CookieSecure, SessionOptions
 from app.sessions.redis import RedisBackend, RedisOptions, make_client
 from app.sessions.storage import SessionStorage
 from app.store_hints import startup_hint
@@ -118,26 +119,23 @@ def _cookie_path(request: web.Request) -> str:
 
 
 def gateway_storage(settings: Settings, backend: SessionBackend) -> SessionStorage:
-    """The gateway's session storage: the public `SessionStorage`, namespaced and its cookie
-    scoped per application (`/apps/{applicationId}`), as configured by `settings`."""
-    secure: bool | Callable[[web.Request], bool]
-    if settings.cookie_secure == "auto":
-        proxies = settings.trusted_proxies
+    """The gateway's session storage: the public `SessionStorage` on `backend`, with the
+    options `session_options` builds."""
+    return SessionStorage.from_options(backend, session_options(settings))
 
-        def secure(request: web.Request) -> bool:
-            return client_scheme(request, proxies) == "https"
 
-    else:
-        secure = settings.cookie_secure == "true"
-    return SessionStorage(
-        backend,
+def session_options(settings: Settings) -> SessionOptions:
+    """The session layer's options from the gateway's settings: namespaced and its cookie
+    scoped per application (`/apps/{applicationId}`), the Secure flag decided here
+    (`cookie_secure`). The session package sees these options only, never the settings."""
+    return SessionOptions(
         key_prefix=settings.redis_prefix,
         namespace=_application_id,
         idle_ttl=settings.session_ttl_seconds,
         absolute_lifetime=settings.session_absolute_seconds or None,
         cookie_name=settings.cookie_name,
         path=_cookie_path,
-        secure=secure,
+        secure=cookie_secure(settings),
         httponly=True,
         samesite=settings.cookie_samesite,
         refresh_cookie=False,  # set once per id: a write of a known session sends no cookie
@@ -145,6 +143,19 @@ def gateway_storage(settings: Settings, backend: SessionBackend) -> SessionStora
         max_bytes=settings.session_max_bytes,
         rotation_tombstone_seconds=settings.session_rotation_tombstone_seconds,
     )
+
+
+def cookie_secure(settings: Settings) -> CookieSecure:
+    """`COOKIE_SECURE`: `true`/`false`, or `auto`: Secure when the client used https, as the
+    request says it (directly, or in `X-Forwarded-Proto` from a `TRUSTED_PROXIES` hop)."""
+    if settings.cookie_secure != "auto":
+        return settings.cookie_secure == "true"
+    proxies = settings.trusted_proxies
+
+    def secure(request: web.Request) -> bool:
+        return client_scheme(request, proxies) == "https"
+
+    return secure
 
 
 def redis_options(settings: Settings) -> RedisOptions:

@@ -93,3 +93,24 @@ def test_configuration_parses_redis_urls_without_redis_py() -> None:
     loaded = _loaded_after_import("app.config")
     assert "app" in loaded
     assert not loaded & {"redis", "aiohttp"}
+
+
+def test_sessions_depend_on_their_own_options_not_on_the_gateway() -> None:
+    """app/sessions/ imports, of the gateway, only itself, the keys and the error envelope:
+    never the configuration (`SessionOptions` instead, built in `app.main`) nor proxy trust
+    (`app.forwarding`: the wiring decides the cookie's Secure flag and passes it)."""
+    allowed = {"app", "app.keys", "app.errors", "app.sessions"}
+    outside = {
+        f"{path.name}: {module}"
+        for path in sorted((APP / "sessions").glob("*.py"))
+        for module in _imported_modules(path)
+        if module.split(".")[0] == "app"
+        and module not in allowed
+        and not module.startswith("app.sessions.")
+        and not module.startswith(("app.keys.", "app.errors."))
+    }
+    assert outside == set()
+    modules = ", ".join(f"app.sessions.{p.stem}" for p in (APP / "sessions").glob("[a-z]*.py"))
+    code = f"import sys, {modules}; print(' '.join(sorted(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert not {"app.config", "app.forwarding", "app.main"} & set(out.stdout.split())

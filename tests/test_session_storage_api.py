@@ -6,6 +6,8 @@ real redis-server. The plain-app example of docs/sessions.md is executed here as
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import inspect
 import json
 import re
 import time
@@ -22,6 +24,7 @@ from aiohttp_session import get_session, new_session, session_middleware
 from pytest_aiohttp import AiohttpClient
 
 from app.sessions.memory import MemoryBackend
+from app.sessions.options import SessionOptions
 from app.sessions.storage import (
     SessionConflict,
     SessionStorage,
@@ -394,3 +397,44 @@ async def test_on_a_user_s_redis_client_a_read_is_one_getex_and_a_write_adds_one
     assert await (await http.get("/?write")).json() == {"n": 3}
     assert calls() == {"getex": 1, "evalsha": 1, "get": 1, "set": 1}
     await client.aclose()
+
+
+def test_session_options_are_the_storage_keywords() -> None:
+    """`SessionOptions` (what the gateway's wiring builds) names every keyword option of
+    `SessionStorage` (but the test clock) with the same default, and `from_options` applies
+    them all."""
+    parameters = inspect.signature(SessionStorage).parameters
+    keywords = {
+        name: p.default
+        for name, p in parameters.items()
+        if p.kind is inspect.Parameter.KEYWORD_ONLY and name != "clock"
+    }
+    defaults = {f.name: f.default for f in dataclasses.fields(SessionOptions)}
+    assert defaults == keywords
+    options = SessionOptions(
+        key_prefix="p:",
+        namespace="ns",
+        idle_ttl=7,
+        max_age=9,
+        absolute_lifetime=11,
+        cookie_name="c",
+        domain="example.org",
+        path="/x",
+        secure=True,
+        httponly=False,
+        samesite="Strict",
+        refresh_cookie=False,
+        max_bytes=1000,
+        rotation_tombstone_seconds=5,
+    )
+    storage = SessionStorage.from_options(MemoryBackend(), options)
+    assert (storage.key_prefix, storage.idle_ttl, storage.absolute_lifetime) == ("p:", 7, 11)
+    assert (storage.cookie_name, storage.max_age, storage.rotation_tombstone_seconds) == ("c", 9, 5)
+    assert storage.cookie_params == {
+        "domain": "example.org",
+        "max_age": 9,
+        "path": "/x",
+        "secure": True,
+        "httponly": False,
+        "samesite": "Strict",
+    }

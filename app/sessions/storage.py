@@ -67,7 +67,7 @@ import re
 import secrets
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from types import MappingProxyType
 from typing import Any
 
@@ -94,6 +94,16 @@ from app.sessions.cookies import (
     named_session_ids,
 )
 from app.sessions.memory import MemoryBackend
+from app.sessions.options import (
+    DEFAULT_IDLE_TTL,
+    DEFAULT_KEY_PREFIX,
+    DEFAULT_NAMESPACE,
+    DEFAULT_ROTATION_TOMBSTONE_SECONDS,
+    CookiePath,
+    CookieSecure,
+    Namespace,
+    SessionOptions,
+)
 from app.sessions.redis import RedisBackend, RedisOptions, make_client
 
 log = logging.getLogger(__name__)
@@ -106,22 +116,16 @@ _NAMESPACE_RE = re.compile(r"^[^\s:]{1,128}$")
 # Stored values the codec keeps decoded (`SessionCodec.decode`): about 2,000 sessions of 250
 # bytes, a few MB of memory at most; values over 1/64 of it are never kept.
 DECODE_CACHE_BYTES = 512 * 1024
-DEFAULT_KEY_PREFIX = "agent:sess:"
-DEFAULT_NAMESPACE = "default"
-DEFAULT_IDLE_TTL = 3600
-DEFAULT_ROTATION_TOMBSTONE_SECONDS = 60
 # A rotation tombstone's revision (`tombstone`): a logout never deletes it (`_end`).
 _TOMBSTONE = str(TOMBSTONE_REVISION)
 
-Namespace = str | Callable[[web.Request], str]
-CookiePath = str | Callable[[web.Request], str]
-CookieSecure = bool | None | Callable[[web.Request], bool]
 Store = SessionBackend | aioredis.Redis | RedisCluster | str
 
 __all__ = [
     "SESSION_ID_RE",
     "SessionConflict",
     "SessionEnded",
+    "SessionOptions",
     "SessionRotated",
     "SessionStatus",
     "SessionStorage",
@@ -445,6 +449,15 @@ class SessionStorage(AbstractStorage):
             cache_bytes=DECODE_CACHE_BYTES,
         )
         self._encrypted = self.codec.encrypted
+
+    @classmethod
+    def from_options(
+        cls, store: Store, options: SessionOptions, *, clock: Callable[[], float] = _wall_clock
+    ) -> SessionStorage:
+        """The storage `options` describe (the gateway's wiring builds them from its settings;
+        `app.main.session_options`)."""
+        values = {f.name: getattr(options, f.name) for f in fields(options)}
+        return cls(store, clock=clock, **values)
 
     async def close(self) -> None:
         """Close the Redis client this storage made from a URL (nothing else)."""
