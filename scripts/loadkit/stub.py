@@ -8,7 +8,9 @@ Routes (the last path segment decides, so any upstream base path works, e.g.
   `id: <i>` / `event: token` / `data: <size bytes>`, a pause of `pause_ms` between events and
   `first_ms` before the first, then `event: done` with `data: {"events": <n>}` so a client can
   tell a complete stream from a truncated one. Query parameters override the defaults:
-  `?events=50&size=200&pause_ms=0&first_ms=0`.
+  `?events=50&size=200&pause_ms=0&first_ms=0`. With `stamp=1` each data line begins
+  `<index> <CLOCK_MONOTONIC ns at the write> ` (same size), so a client on this machine can
+  measure each event's delivery time (`loadkit.concurrency`).
 - `*/json`: `{"ok": true, "thread_id": ..., "application_id": ...}` (what the gateway sent).
 - `/healthz`: `{"status": "ok"}`.
 The request body is read and discarded.
@@ -21,6 +23,7 @@ import asyncio
 import functools
 import ipaddress
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -36,6 +39,7 @@ class StreamShape:
     size: int = 200
     pause_ms: float = 0.0
     first_ms: float = 0.0
+    stamp: bool = False
 
 
 STUB_SHAPE_KEY = web.AppKey("stub_shape", StreamShape)
@@ -46,6 +50,15 @@ def event_bytes(index: int, size: int) -> bytes:
     """Event `index` with a data line of exactly `size` bytes (deterministic content)."""
     head = f"{index:06d} "
     body = (head + "abcdefghijklmnopqrstuvwxyz" * (size // 26 + 1))[:size] if size else ""
+    return f"id: {index}\nevent: token\ndata: {body}\n\n".encode("ascii")
+
+
+def stamped_event_bytes(index: int, size: int) -> bytes:
+    """Event `index` whose data line starts with `<index> <time.monotonic_ns()> ` (padded to
+    `size` bytes when that is longer): the moment the stub wrote it, comparable across the
+    processes of one Linux machine (CLOCK_MONOTONIC)."""
+    head = f"{index:06d} {time.monotonic_ns()} "
+    body = head + "x" * (size - len(head)) if size > len(head) else head
     return f"id: {index}\nevent: token\ndata: {body}\n\n".encode("ascii")
 
 
@@ -72,6 +85,7 @@ def shape_from_query(request: web.Request, default: StreamShape) -> StreamShape:
         size=int(number("size", default.size, MAX_SIZE)),
         pause_ms=number("pause_ms", default.pause_ms, 60_000),
         first_ms=number("first_ms", default.first_ms, 60_000),
+        stamp=request.query.get("stamp", "1" if default.stamp else "0") == "1",
     )
 
 
@@ -85,10 +99,11 @@ async def stream(request: web.Request) -> web.StreamResponse:
     await response.prepare(request)
     if shape.first_ms:
         await asyncio.sleep(shape.first_ms / 1000)
+    render = stamped_event_bytes if shape.stamp else event_bytes
     for i in range(shape.events):
         if i and shape.pause_ms:
             await asyncio.sleep(shape.pause_ms / 1000)
-        await response.write(event_bytes(i, shape.size))
+        await response.write(render(i, shape.size))
     await response.write(done_bytes(shape.events))
     await response.write_eof()
     return response
@@ -148,6 +163,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pause-ms", type=float, default=0.0, help="pause between events")
     parser.add_argument("--first-ms", type=float, default=0.0, help="pause before the first")
     parser.add_argument(
+        "--stamp", action="store_true", help="stamp each event with its write time (ns)"
+    )
+    parser.add_argument(
         "--allow-remote", action="store_true", help="allow binding a non-loopback address"
     )
     args = parser.parse_args(argv)
@@ -155,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--host {args.host} is not a loopback address; add --allow-remote")
     if not (0 <= args.events <= MAX_EVENTS and 0 <= args.size <= MAX_SIZE):
         parser.error(f"--events must be 0..{MAX_EVENTS} and --size 0..{MAX_SIZE}")
-    shape = StreamShape(args.events, args.size, args.pause_ms, args.first_ms)
+    shape = StreamShape(args.events, args.size, args.pause_ms, args.first_ms, args.stamp)
     return run(create_stub(shape), args.host, args.port)
 
 

@@ -1,0 +1,496 @@
+"""Many concurrent slow streams through one gateway process: memory per open stream, whether
+every stream completes, event delivery times under that load, and CPU per relayed event.
+
+    .venv/bin/python scripts/concurrency.py --streams 5000     # about 2 minutes, 3 processes
+    .venv/bin/python scripts/concurrency.py --streams 200 --events 3 --pause-ms 300   # smoke
+
+What runs (all on this machine, loopback only; nothing here takes a URL): the upstream stub
+(`loadkit.stub`, `--stamp`: each event carries the CLOCK_MONOTONIC time it was written), one
+gateway (`python -m app`, memory store, `UPSTREAM_POOL_SIZE` and the application's
+`max_concurrent_requests` = `--streams`, `max_concurrent_per_client = 0` and
+`max_concurrent_per_session = 0` since every stream comes from 127.0.0.1) and the client,
+this process. With 2+ CPUs the gateway is pinned to CPU 0, the stub and this client to CPU 1,
+so the gateway's CPU time is its own.
+
+Phases: `--warmup-streams` short streams (lazy imports, first allocations); one session per
+stream created with `PATCH` (so the figure is what a stream costs on top of its session);
+the idle RSS; then `--streams` streams of `--events` events `--pause-ms` apart opened with at
+most `--connect-concurrency` connecting at once (below the gateway's listen backlog, 128),
+each read to its `done` event. The default stream (60 events 1 s apart) outlasts opening 5,000
+streams on a busy 2-core machine (25-50 s), so they are all open at once for a while. RSS, CPU and
+the number of open streams are sampled every `SAMPLE_SECONDS`. The plateau is the samples at
+the largest number of streams open at once (all of them when opening them all takes less than
+one stream's length); CPU is read over the samples with at least 90% of that open.
+
+Figures (`--json` writes them all): RSS per open stream = (largest plateau RSS - idle RSS) /
+streams open; streams completed (all token events, then `done` announcing as many); event
+delivery time (stub write -> client parse) p50/p99/max; stream opening time (request sent ->
+response head) p50/p99; the gateway's CPU per event while >= 90% of the peak is open and the
+events/s per core derived from it; streams per GiB from the per-stream RSS.
+
+Bounded: the whole run stops after `--max-seconds` (default: the stream length plus 120 s)
+whatever happens; every process it started is stopped by its PID. The per-process open-file
+limit is raised to its hard limit first (inherited by the servers): N streams hold N sockets
+in this client, 2N in the gateway and N in the stub.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import resource
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from loadkit.bench import REPO_ROOT, SCRIPTS, Proc, create_sessions, free_port, wait_http
+from loadkit.sse import SSEParser
+
+SAMPLE_SECONDS = 0.25
+AGENT_PATH = "/apps/demo/agent/stream"
+EXIT_OK, EXIT_INCOMPLETE, EXIT_USAGE = 0, 1, 2
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ScaleOptions:
+    streams: int = 5000
+    events: int = 60
+    pause_ms: float = 1000.0
+    size: int = 200
+    connect_concurrency: int = 64
+    warmup_streams: int = 20
+    max_seconds: float | None = None
+    pin: bool = True
+    gateway_env: tuple[tuple[str, str], ...] = ()
+    tracemalloc_dump: Path | None = None  # a snapshot of the gateway at the plateau
+
+    @property
+    def stream_seconds(self) -> float:
+        return max(0, self.events - 1) * self.pause_ms / 1000
+
+    @property
+    def deadline_seconds(self) -> float:
+        return self.max_seconds or self.stream_seconds + 120.0
+
+
+@dataclass(slots=True)
+class Sample:
+    t: float
+    open: int
+    events: int
+    rss_mb: float
+    cpu_s: float
+
+
+@dataclass(slots=True)
+class Tally:
+    """What the client saw, across all streams."""
+
+    open: int = 0
+    events: int = 0
+    completed: int = 0
+    failures: Counter[str] = field(default_factory=Counter)
+    delivery_ns: list[int] = field(default_factory=list)
+    open_s: list[float] = field(default_factory=list)  # request sent -> response head
+
+
+def raise_open_files() -> tuple[int, int]:
+    """Soft `RLIMIT_NOFILE` up to the hard limit (children inherit it); returns the new pair."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 65536)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)
+
+
+def _pinning(pin: bool) -> tuple[int | None, int | None]:
+    """(server CPU, client CPU): 0 and 1 when there are two CPUs and `taskset`."""
+    if pin and (os.cpu_count() or 1) >= 2 and shutil.which("taskset"):
+        return 0, 1
+    return None, None
+
+
+class Servers:
+    """The stub and the gateway of one run, started and stopped by PID."""
+
+    def __init__(self, options: ScaleOptions, tmp: Path) -> None:
+        self.options = options
+        self.tmp = tmp
+        self.server_cpu, self.client_cpu = _pinning(options.pin)
+        self.procs: list[Proc] = []
+        self.stub_url = ""
+        self.gateway_url = ""
+        self.gateway: Proc | None = None
+
+    def start(self) -> None:
+        o = self.options
+        stub_port, gateway_port = free_port(), free_port()
+        stub = Proc(
+            "stub",
+            [
+                sys.executable,
+                str(SCRIPTS / "upstream_stub.py"),
+                "--port",
+                str(stub_port),
+                "--events",
+                str(o.events),
+                "--size",
+                str(o.size),
+                "--pause-ms",
+                str(o.pause_ms),
+                "--stamp",
+            ],
+            cpu=self.client_cpu,
+            log=self.tmp / "stub.log",
+        )
+        self.procs.append(stub)
+        self.stub_url = f"http://127.0.0.1:{stub_port}"
+        wait_http(self.stub_url + "/healthz", stub)
+        apps = self.tmp / "apps.toml"
+        apps.write_text(
+            "[apps.demo]\n"
+            f'upstream = "{self.stub_url}/base"\n'
+            f"max_concurrent_requests = {o.streams + o.warmup_streams}\n"
+            "max_concurrent_per_client = 0\n"
+            "max_concurrent_per_session = 0\n"
+        )
+        env = {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "PYTHONPATH": str(REPO_ROOT),
+            "HOST": "127.0.0.1",
+            "PORT": str(gateway_port),
+            "SESSION_STORE": "memory",
+            "APPS_FILE": str(apps),
+            "UPSTREAM_POOL_SIZE": str(o.streams + o.warmup_streams),
+            "MEMORY_MAX_SESSIONS": str(max(100_000, 2 * o.streams)),
+            **dict(o.gateway_env),
+        }
+        command = [sys.executable, "-m", "app"]
+        if o.tracemalloc_dump is not None:
+            env["LOADKIT_TRACEMALLOC_DUMP"] = str(o.tracemalloc_dump)
+            env["PYTHONPATH"] = f"{SCRIPTS}{os.pathsep}{REPO_ROOT}"
+            command = [sys.executable, "-m", "loadkit.traced_gateway"]
+        gateway = Proc(
+            "gateway", command, cpu=self.server_cpu, env=env, cwd=self.tmp, log=self.tmp / "gw.log"
+        )
+        self.procs.append(gateway)
+        self.gateway = gateway
+        self.gateway_url = f"http://127.0.0.1:{gateway_port}"
+        wait_http(self.gateway_url + "/healthz", gateway)
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):
+            proc.stop()
+
+
+async def _one_stream(
+    http: aiohttp.ClientSession,
+    url: str,
+    cookie: str | None,
+    tally: Tally,
+    connecting: asyncio.Semaphore,
+    *,
+    record: bool = True,
+) -> None:
+    """One agent request read as SSE to its `done` event; the outcome goes to `tally`."""
+    headers = {"X-CSRF": "1", "Content-Type": "application/json", "Accept": "text/event-stream"}
+    if cookie:
+        headers["Cookie"] = cookie
+    opened = False
+    try:
+        async with connecting:
+            sent = time.monotonic()
+            resp = await http.post(url, data=b'{"input":"hi"}', headers=headers)
+            if record:
+                tally.open_s.append(time.monotonic() - sent)
+        async with resp:
+            if resp.status != 200:
+                tally.failures[f"status_{resp.status}"] += 1
+                return
+            opened = True
+            tally.open += 1
+            parser = SSEParser()
+            tokens = 0
+            announced: int | None = None
+            async for chunk in resp.content.iter_any():
+                now = time.monotonic_ns()
+                for event in parser.feed(chunk):
+                    if event.type == "token":
+                        tokens += 1
+                        if record:
+                            tally.events += 1
+                            tally.delivery_ns.append(now - int(event.data.split(" ", 2)[1]))
+                    elif event.type == "done":
+                        announced = json.loads(event.data).get("events")
+            if announced is not None and announced == tokens and not parser.pending:
+                tally.completed += 1
+            else:
+                tally.failures["truncated"] += 1
+    except (aiohttp.ClientError, OSError, ValueError, IndexError) as err:
+        tally.failures[type(err).__name__] += 1
+    finally:
+        if opened:
+            tally.open -= 1
+
+
+async def _sample(
+    servers: Servers, tally: Tally, samples: list[Sample], stop: asyncio.Event
+) -> None:
+    gateway = servers.gateway
+    assert gateway is not None
+    t0 = time.monotonic()
+    dump = servers.options.tracemalloc_dump is not None
+    while not stop.is_set():
+        if dump and tally.open >= 0.9 * servers.options.streams:
+            # --tracemalloc-dump: a snapshot of the gateway once (nearly) all streams are open
+            os.kill(gateway.pid, signal.SIGUSR1)
+            dump = False
+        samples.append(
+            Sample(
+                time.monotonic() - t0,
+                tally.open,
+                tally.events,
+                gateway.rss_mb(),
+                gateway.cpu_seconds(),
+            )
+        )
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), SAMPLE_SECONDS)
+
+
+def _percentile(sorted_values: Sequence[float], q: float) -> float:
+    if not sorted_values:
+        return float("nan")
+    index = min(len(sorted_values) - 1, max(0, round(q * (len(sorted_values) - 1))))
+    return sorted_values[index]
+
+
+async def measure(servers: Servers, log: Callable[[str], None]) -> dict[str, Any]:
+    """The client side of a run (servers started): warm-up, sessions, idle RSS, the streams."""
+    o = servers.options
+    gateway = servers.gateway
+    assert gateway is not None
+    url = servers.gateway_url + AGENT_PATH
+    connector = aiohttp.TCPConnector(limit=0, force_close=True)
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=o.pause_ms / 1000 + 30)
+    async with aiohttp.ClientSession(
+        connector=connector, cookie_jar=aiohttp.DummyCookieJar(), timeout=timeout
+    ) as http:
+        warm = Tally()
+        short = f"{url}?events=2&pause_ms=0"
+        sem = asyncio.Semaphore(o.connect_concurrency)
+        await asyncio.gather(
+            *(
+                _one_stream(http, short, None, warm, sem, record=False)
+                for _ in range(o.warmup_streams)
+            )
+        )
+        if warm.completed != o.warmup_streams:
+            raise RuntimeError(f"warm-up streams failed: {dict(warm.failures)}\n{gateway.tail()}")
+        log(f"creating {o.streams} sessions")
+        cookies = await create_sessions(servers.gateway_url, o.streams)
+        await asyncio.sleep(1.0)
+        idle_rss = gateway.rss_mb()
+        idle_cpu = gateway.cpu_seconds()
+        log(f"idle gateway RSS {idle_rss:.1f} MB; opening {o.streams} streams")
+        tally = Tally()
+        samples: list[Sample] = []
+        stop = asyncio.Event()
+        sampler = asyncio.create_task(_sample(servers, tally, samples, stop))
+        started = time.monotonic()
+        await asyncio.gather(*(_one_stream(http, url, c, tally, sem) for c in cookies))
+        wall = time.monotonic() - started
+        stop.set()
+        await sampler
+    total_cpu = gateway.cpu_seconds() - idle_cpu
+    return summarize(o, tally, samples, idle_rss=idle_rss, wall=wall, total_cpu=total_cpu)
+
+
+def summarize(
+    o: ScaleOptions,
+    tally: Tally,
+    samples: list[Sample],
+    *,
+    idle_rss: float,
+    wall: float,
+    total_cpu: float,
+) -> dict[str, Any]:
+    """The figures of a run (see the module docstring)."""
+    peak = max((s.open for s in samples), default=0)
+    plateau = [s for s in samples if s.open == peak and peak > 0]
+    plateau_rss = max((s.rss_mb for s in plateau), default=idle_rss)
+    per_stream_kb = (plateau_rss - idle_rss) * 1024 / peak if peak else float("nan")
+    delivery = sorted(ns / 1e6 for ns in tally.delivery_ns)
+    opens = sorted(t * 1000 for t in tally.open_s)
+    # CPU per event over the samples with at least 90% of the peak open (the peak itself may
+    # last one sample only while the last streams open and the first ones end).
+    busy = [s for s in samples if peak > 0 and s.open >= 0.9 * peak]
+    if len(busy) >= 2:
+        first, last = busy[0], busy[-1]
+        window_cpu = last.cpu_s - first.cpu_s
+        window_events = last.events - first.events
+        window_wall = last.t - first.t
+    else:
+        window_cpu = window_events = window_wall = 0
+    cpu_us_per_event = window_cpu * 1e6 / window_events if window_events else float("nan")
+    return {
+        "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(o).items()},
+        "streams": o.streams,
+        "completed": tally.completed,
+        "failures": dict(tally.failures),
+        "peak_open": peak,
+        "idle_rss_mb": round(idle_rss, 1),
+        "plateau_rss_mb": round(plateau_rss, 1),
+        "rss_kb_per_open_stream": round(per_stream_kb, 2),
+        "streams_per_gib": round(1024 * 1024 / per_stream_kb) if per_stream_kb > 0 else None,
+        "events_delivered": tally.events,
+        "delivery_ms": {
+            "p50": round(_percentile(delivery, 0.50), 2),
+            "p99": round(_percentile(delivery, 0.99), 2),
+            "max": round(delivery[-1], 2) if delivery else None,
+        },
+        "open_ms": {
+            "p50": round(_percentile(opens, 0.50), 1),
+            "p99": round(_percentile(opens, 0.99), 1),
+        },
+        "busy_seconds": round(window_wall, 2),
+        "busy_gateway_cpu_share": round(window_cpu / window_wall, 3) if window_wall else None,
+        "busy_cpu_us_per_event": round(cpu_us_per_event, 1),
+        "events_per_core_second": round(1e6 / cpu_us_per_event) if window_events else None,
+        "run_seconds": round(wall, 2),
+        "run_gateway_cpu_seconds": round(total_cpu, 2),
+        "samples": [asdict(s) for s in samples],
+    }
+
+
+def format_summary(r: dict[str, Any]) -> str:
+    d = r["delivery_ms"]
+    return "\n".join(
+        [
+            f"streams: {r['completed']}/{r['streams']} completed, peak {r['peak_open']} open at "
+            f"once, failures {r['failures'] or 'none'}",
+            f"gateway RSS: idle {r['idle_rss_mb']} MB, plateau {r['plateau_rss_mb']} MB -> "
+            f"{r['rss_kb_per_open_stream']} KB per open stream ({r['streams_per_gib']} per GiB)",
+            f"event delivery (stub write -> client): p50 {d['p50']} ms, p99 {d['p99']} ms, "
+            f"max {d['max']} ms over {r['events_delivered']} events; stream opening "
+            f"(request -> response head) p50 {r['open_ms']['p50']} ms, "
+            f"p99 {r['open_ms']['p99']} ms",
+            f"gateway CPU while >= 90% of the peak was open ({r['busy_seconds']} s): "
+            f"{r['busy_gateway_cpu_share']} of a core, {r['busy_cpu_us_per_event']} us per "
+            f"event -> {r['events_per_core_second']} events/s per core",
+            f"run: {r['run_seconds']} s; CPU seconds in all: gateway "
+            f"{r['run_gateway_cpu_seconds']}, stub {r.get('stub_cpu_seconds')}, client "
+            f"{r.get('client_cpu_seconds')}",
+        ]
+    )
+
+
+def run(options: ScaleOptions, *, log: Callable[[str], None]) -> dict[str, Any]:
+    """Start the servers, measure, stop them (by PID); bounded by `deadline_seconds`."""
+    limits = raise_open_files()
+    needed = 2 * options.streams + 200
+    if limits[0] < needed:
+        raise RuntimeError(
+            f"the open-file limit is {limits[0]} (hard {limits[1]}); {options.streams} streams "
+            f"need about {needed} in the gateway"
+        )
+    with tempfile.TemporaryDirectory(prefix="agent-bff-concurrency-") as tmp:
+        servers = Servers(options, Path(tmp))
+        try:
+            servers.start()
+            if servers.client_cpu is not None:
+                with contextlib.suppress(OSError):
+                    os.sched_setaffinity(0, {servers.client_cpu})
+
+            async def bounded() -> dict[str, Any]:
+                return await asyncio.wait_for(
+                    measure(servers, log), timeout=options.deadline_seconds
+                )
+
+            cpu0 = _own_cpu_seconds()
+            stub_cpu0 = servers.procs[0].cpu_seconds()
+            with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+                result = runner.run(bounded())
+            result["client_cpu_seconds"] = round(_own_cpu_seconds() - cpu0, 2)
+            result["stub_cpu_seconds"] = round(servers.procs[0].cpu_seconds() - stub_cpu0, 2)
+            result["open_files_limit"] = limits[0]
+            return result
+        finally:
+            servers.stop()
+
+
+def _own_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop when installed (a lighter client leaves more of its CPU for the stub)."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="concurrency.py",
+        description="N concurrent slow streams through one gateway (loopback only; see "
+        "scripts/loadkit/concurrency.py). Exit 0: every stream completed; 1: some did not.",
+    )
+    parser.add_argument("--streams", type=int, default=5000, help="concurrent streams (5000)")
+    parser.add_argument("--events", type=int, default=60, help="events per stream (60)")
+    parser.add_argument("--pause-ms", type=float, default=1000.0, help="between events (1000)")
+    parser.add_argument("--size", type=int, default=200, help="bytes of data per event (200)")
+    parser.add_argument("--connect-concurrency", type=int, default=64, help="connecting at once")
+    parser.add_argument("--warmup-streams", type=int, default=20)
+    parser.add_argument("--max-seconds", type=float, default=None, help="hard bound on the run")
+    parser.add_argument("--no-pin", action="store_true", help="do not pin processes to CPUs")
+    parser.add_argument(
+        "--tracemalloc-dump",
+        type=Path,
+        default=None,
+        help="run the gateway under tracemalloc and write a snapshot here once all are open",
+    )
+    parser.add_argument("--json", type=Path, default=None, help="write every figure here")
+    args = parser.parse_args(argv)
+    if not (1 <= args.streams <= 9000 and 1 <= args.events <= 10_000 and args.pause_ms >= 0):
+        parser.error("--streams must be 1..9000, --events 1..10000, --pause-ms >= 0")
+    options = ScaleOptions(
+        streams=args.streams,
+        events=args.events,
+        pause_ms=args.pause_ms,
+        size=max(args.size, 40),
+        connect_concurrency=args.connect_concurrency,
+        warmup_streams=args.warmup_streams,
+        max_seconds=args.max_seconds,
+        pin=not args.no_pin,
+        tracemalloc_dump=args.tracemalloc_dump.resolve() if args.tracemalloc_dump else None,
+    )
+
+    def log(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    result = run(options, log=log)
+    if args.json is not None:
+        args.json.write_text(json.dumps(result, indent=1))
+    print(format_summary(result))
+    return EXIT_OK if result["completed"] == options.streams else EXIT_INCOMPLETE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

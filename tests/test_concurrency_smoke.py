@@ -1,0 +1,61 @@
+"""`scripts/concurrency.py` (issue 16's concurrency measurement), small: 200 concurrent slow
+streams through one gateway process all complete, every event arrives stamped, and the
+figures are reported. Timing is not asserted (a shared machine makes it noise)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.gateway_process import REPO_ROOT
+
+SCRIPT = REPO_ROOT / "scripts" / "concurrency.py"
+
+
+def test_two_hundred_concurrent_streams_all_complete(tmp_path: Path) -> None:
+    out = tmp_path / "concurrency.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(SCRIPT),
+            "--streams",
+            "200",
+            "--events",
+            "3",
+            "--pause-ms",
+            "300",
+            "--warmup-streams",
+            "5",
+            "--max-seconds",
+            "60",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        timeout=110,
+        check=False,
+    )
+    stderr = proc.stderr.decode(errors="replace")
+    assert proc.returncode == 0, stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["completed"] == 200
+    assert result["failures"] == {}
+    assert result["events_delivered"] == 200 * 3  # every token event, with its stamp parsed
+    assert result["peak_open"] > 0
+    assert result["delivery_ms"]["p99"] >= result["delivery_ms"]["p50"] >= 0
+    assert result["rss_kb_per_open_stream"] > 0
+    assert result["open_files_limit"] >= 2 * 200
+    assert b"completed" in proc.stdout
+
+
+def test_refuses_what_it_cannot_bound() -> None:
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--streams", "0"],
+        capture_output=True,
+        timeout=30,
+        check=False,
+    )
+    assert proc.returncode == 2
+    assert b"--streams must be" in proc.stderr
