@@ -1,14 +1,15 @@
 #!/usr/bin/env python3
-"""The benchmark suite: the gateway beside its peers, ratios measured in one run.
+"""The benchmark suite: the gateway beside its peers, ratios measured in one run (a wrapper of
+`agent-bff-bench`).
 
     .venv/bin/python scripts/bench.py [--smoke] [--json results.json]
 
-See `scripts/loadkit/bench.py` for the layout, rows and targets.
+See `app/loadkit/bench.py` for the layout, rows and targets.
 """
 
 import sys
 
-from loadkit.bench import main
+from app.loadkit.commands import bench
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(bench())

@@ -3,12 +3,12 @@
 
     .venv/bin/python scripts/concurrency.py --streams 5000 [--json out.json]
 
-See `scripts/loadkit/concurrency.py` for what runs and what is measured (loopback only).
+See `app/loadkit/concurrency.py` for what runs and what is measured (loopback only).
 """
 
 import sys
 
-from loadkit.concurrency import main
+from app.loadkit.concurrency import main
 
 if __name__ == "__main__":
     sys.exit(main())

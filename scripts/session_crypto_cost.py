@@ -31,10 +31,9 @@ from pathlib import Path
 
 from cryptography.fernet import Fernet
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO_ROOT))
+from app.sessions.codec import SessionCodec
 
-from app.sessions.codec import SessionCodec  # noqa: E402
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 PATCH_LUA = """
 counter = 0

@@ -10,7 +10,7 @@ What it does, all on 127.0.0.1, everything started here and stopped by PID at th
    crash; `everysec` may lose the last second, see docs/reliability.md) on a free port.
 2. `scripts/cluster up`: N gateway replicas (`python -m app`, SESSION_STORE=redis on that
    Redis) behind nginx (deploy/nginx.conf).
-3. The load kit (scripts/loadkit): `--concurrency` virtual users, each one browser with its own
+3. The load kit (app/loadkit): `--concurrency` virtual users, each one browser with its own
    cookie jar, reading and writing its session and streaming the built-in demo agent through
    nginx; every user checks on every read that its session still holds what it wrote. Some
    streams are resumable runs (`resume` kind): cut at a random event and resumed through nginx
@@ -47,7 +47,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from loadkit.runner import LoadConfig, Recorder, run_load
+from app.loadkit.runner import LoadConfig, Recorder, run_load
 
 REPO = Path(__file__).resolve().parent.parent
 CLUSTER = REPO / "scripts" / "cluster.py"

@@ -1,12 +1,14 @@
 #!/usr/bin/env python3
-"""An upstream agent stub streaming deterministic SSE: `python scripts/upstream_stub.py --port N`.
+"""An upstream agent stub streaming deterministic SSE (a wrapper of `agent-bff-stub`).
 
-See `scripts/loadkit/stub.py` for the routes and options.
+    .venv/bin/python scripts/upstream_stub.py --port N
+
+See `app/loadkit/stub.py` for the routes and options.
 """
 
 import sys
 
-from loadkit.stub import main
+from app.loadkit.commands import stub
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(stub())

@@ -22,11 +22,9 @@ from pathlib import Path
 
 import aiohttp
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT / "scripts") not in sys.path:
-    sys.path.append(str(REPO_ROOT / "scripts"))  # scripts/cluster.py, as mypy sees it
+from scripts import cluster
 
-import cluster  # noqa: E402
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 BROWSER_ADDRESS = "127.0.0.2"
 

@@ -34,6 +34,7 @@ from pathlib import Path
 import pytest
 from ruamel.yaml import YAML
 
+from scripts import cluster
 from tests.gateway_process import REPO_ROOT
 from tests.redis_server import RedisServer, free_port
 
@@ -483,11 +484,6 @@ def test_nginx_config_streams_and_never_replays_non_idempotent_requests(tmp_path
         assert wanted in directives, wanted
     assert not [d for d in directives if "non_idempotent" in d]
     # The same file, rendered for loopback by scripts/cluster, is accepted by nginx.
-    sys.path.insert(0, str(REPO_ROOT / "scripts"))
-    try:
-        import cluster
-    finally:
-        sys.path.remove(str(REPO_ROOT / "scripts"))
     state = cluster.State(
         dir=str(tmp_path),
         lb_port=free_port(),

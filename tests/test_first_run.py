@@ -19,6 +19,7 @@ from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
 from app.__main__ import main
+from scripts import cluster
 from tests.gateway_process import REPO_ROOT, GatewayProcess
 from tests.redis_server import free_port
 
@@ -144,11 +145,6 @@ def test_the_changelog_names_the_current_version() -> None:
 
 def test_cluster_status_after_down_says_how_to_start(tmp_path: Path) -> None:
     """Before: `status` after `down` still said "stop it with: scripts/cluster down"."""
-    sys.path.insert(0, str(REPO_ROOT / "scripts"))
-    try:
-        import cluster
-    finally:
-        sys.path.remove(str(REPO_ROOT / "scripts"))
     state = cluster.State(
         dir=str(tmp_path),
         lb_port=free_port(),

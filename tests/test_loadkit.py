@@ -1,4 +1,4 @@
-"""The load-testing kit (scripts/loadkit): short real runs against `python -m app` processes
+"""The load-testing kit (app/loadkit): short real runs against `python -m app` processes
 with the SSE upstream stub, and in-process runs against fake gateways for the error kinds.
 
 The runs are short (1-3 s) and assert counts, never speed.
@@ -23,18 +23,15 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from pytest_aiohttp import AiohttpClient, AiohttpServer
 
+from app.loadkit.loadgen import TargetRefused, check_target, parse_mix, parse_rate
+from app.loadkit.report import Thresholds, build_report, format_summary
+from app.loadkit.runner import LoadConfig, Recorder, run_load
+from app.loadkit.sse import SSEParser
+from app.loadkit.stub import create_stub
 from tests.gateway_process import REPO_ROOT, GatewayProcess
 from tests.redis_server import RedisServer, free_port
 
 SCRIPTS = REPO_ROOT / "scripts"
-if str(SCRIPTS) not in sys.path:
-    sys.path.insert(0, str(SCRIPTS))
-
-from loadkit.cli import TargetRefused, check_target, parse_mix, parse_rate  # noqa: E402
-from loadkit.report import Thresholds, build_report, format_summary  # noqa: E402
-from loadkit.runner import LoadConfig, Recorder, run_load  # noqa: E402
-from loadkit.sse import SSEParser  # noqa: E402
-from loadkit.stub import create_stub  # noqa: E402
 
 LOADGEN = SCRIPTS / "loadgen.py"
 STUB = SCRIPTS / "upstream_stub.py"

@@ -2,14 +2,13 @@
 
 The report is built from a synthetic recording (every kind, ~0 ms gaps between events as when
 several events arrive in one network read, a threshold, a long configuration value), rendered
-by `loadkit.htmlreport`, opened as a file, checked for horizontal overflow and screenshotted;
+by `app.loadkit.htmlreport`, opened as a file, checked for horizontal overflow and screenshotted;
 the screenshot's path is printed (`pytest -s` or `-rP` shows it).
 """
 
 from __future__ import annotations
 
 import random
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,21 +16,15 @@ import pytest
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from playwright.async_api import Browser
 
-from tests.gateway_process import REPO_ROOT
-
-SCRIPTS = REPO_ROOT / "scripts"
-if str(SCRIPTS) not in sys.path:
-    sys.path.insert(0, str(SCRIPTS))
-
-from loadkit.htmlreport import (  # noqa: E402
+from app.loadkit.htmlreport import (
     GAP_FLOOR_MS,
     config_rows,
     latency_distribution_figure,
     latency_over_time_figure,
     render_html,
 )
-from loadkit.report import Thresholds, build_report  # noqa: E402
-from loadkit.runner import KINDS, LoadConfig, Recorder  # noqa: E402
+from app.loadkit.report import Thresholds, build_report
+from app.loadkit.runner import KINDS, LoadConfig, Recorder
 
 pytestmark = pytest.mark.browser
 

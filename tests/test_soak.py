@@ -11,22 +11,14 @@ import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 
+from app.loadkit.runner import Recorder, ResumeCounts
+from scripts import soak
 from tests.gateway_process import REPO_ROOT
 
 SOAK = REPO_ROOT / "scripts" / "soak.py"
-
-
-def load_soak() -> ModuleType:
-    scripts = str(REPO_ROOT / "scripts")
-    if scripts not in sys.path:
-        sys.path.insert(0, scripts)  # the load kit is imported as `loadkit`
-    import importlib
-
-    return importlib.import_module("soak")
 
 
 @pytest.mark.redis_server
@@ -66,31 +58,25 @@ def test_a_short_soak_loses_no_session_under_redis_and_replica_crashes(tmp_path:
         assert words in done.stdout
 
 
-class FakeRecorder:
-    """What `summarize` reads from a load-kit recording."""
-
-    def __init__(
-        self, *, lost: int = 0, stale: int = 0, ok: int = 1000, resume_lost: int = 0
-    ) -> None:
-        self.total = ok + 3
-        self.ok: Counter[str] = Counter(read=ok)
-        self.errors: Counter[tuple[str, str]] = Counter({("write", "status_503"): 3})
-        self.sessions_created = 8
-        self.sessions_recreated = 1
-        self.checks = 900
-        self.lost = lost
-        self.stale = stale
-        self.users_with_loss = {1} if lost or stale else set()
-        self.streams_completed = 50
-        self.aborted = 0
-        load_soak()  # puts scripts/ on sys.path
-        from loadkit.runner import ResumeCounts
-
-        self.resume = ResumeCounts(runs=20, completed=18, lost=resume_lost, orphaned=2)
+def recording(*, lost: int = 0, stale: int = 0, ok: int = 1000, resume_lost: int = 0) -> Recorder:
+    """A load-kit recording with the figures `summarize` reads set by hand."""
+    recorder = Recorder(planned_seconds=15)
+    recorder.count = Counter(read=ok, write=3)
+    recorder.ok = Counter(read=ok)
+    recorder.errors = Counter({("write", "status_503"): 3})
+    recorder.sessions_created = 8
+    recorder.sessions_recreated = 1
+    recorder.checks = 900
+    recorder.lost = lost
+    recorder.stale = stale
+    recorder.users_with_loss = {1} if lost or stale else set()
+    recorder.streams_completed = 50
+    recorder.aborted = 0
+    recorder.resume = ResumeCounts(runs=20, completed=18, lost=resume_lost, orphaned=2)
+    return recorder
 
 
-def verdict(recorder: FakeRecorder, before_mib: float, after_mib: float) -> list[str]:
-    soak = load_soak()
+def verdict(recorder: Recorder, before_mib: float, after_mib: float) -> list[str]:
     args = argparse.Namespace(max_rss_growth_mib=64.0, min_requests=100, concurrency=8, replicas=2)
     report = soak.SoakReport(duration=15, replicas=2, concurrency=8, max_rss_growth_mib=64.0)
     report.faults = [soak.Fault("x", 1, 1), soak.Fault("y", 2, 1), soak.Fault("z", 3, 1)]
@@ -102,14 +88,13 @@ def verdict(recorder: FakeRecorder, before_mib: float, after_mib: float) -> list
         {0: (100, int(after_mib * mib))},
         args,
     )
-    problems: list[str] = report.problems
-    return problems
+    return report.problems
 
 
 def test_the_soak_verdict_fails_on_a_lost_or_stale_session_and_on_memory_growth() -> None:
-    assert verdict(FakeRecorder(), 60, 70) == []
-    assert any("lost" in p for p in verdict(FakeRecorder(lost=1), 60, 70))
-    assert any("stale" in p for p in verdict(FakeRecorder(stale=1), 60, 70))
-    assert any("grew" in p for p in verdict(FakeRecorder(), 60, 200))
-    assert any("succeeded" in p for p in verdict(FakeRecorder(ok=10), 60, 70))
-    assert any("lost 1 and duplicated" in p for p in verdict(FakeRecorder(resume_lost=1), 60, 70))
+    assert verdict(recording(), 60, 70) == []
+    assert any("lost" in p for p in verdict(recording(lost=1), 60, 70))
+    assert any("stale" in p for p in verdict(recording(stale=1), 60, 70))
+    assert any("grew" in p for p in verdict(recording(), 60, 200))
+    assert any("succeeded" in p for p in verdict(recording(ok=10), 60, 70))
+    assert any("lost 1 and duplicated" in p for p in verdict(recording(resume_lost=1), 60, 70))

@@ -5,7 +5,7 @@ every stream completes, event delivery times under that load, and CPU per relaye
     .venv/bin/python scripts/concurrency.py --streams 200 --events 3 --pause-ms 300   # smoke
 
 What runs (all on this machine, loopback only; nothing here takes a URL): the upstream stub
-(`loadkit.stub`, `--stamp`: each event carries the CLOCK_MONOTONIC time it was written), one
+(`app.loadkit.stub`, `--stamp`: each event carries the CLOCK_MONOTONIC time it was written), one
 gateway (`python -m app`, memory store, `UPSTREAM_POOL_SIZE` and the application's
 `max_concurrent_requests` = `--streams`, `max_concurrent_per_client = 0` and
 `max_concurrent_per_session = 0` since every stream comes from 127.0.0.1) and the client,
@@ -55,8 +55,8 @@ from typing import Any
 
 import aiohttp
 
-from loadkit.bench import REPO_ROOT, SCRIPTS, Proc, create_sessions, free_port, wait_http
-from loadkit.sse import SSEParser
+from app.loadkit.bench import PACKAGE_ROOT, Proc, create_sessions, free_port, wait_http
+from app.loadkit.sse import SSEParser
 
 SAMPLE_SECONDS = 0.25
 AGENT_PATH = "/apps/demo/agent/stream"
@@ -142,7 +142,8 @@ class Servers:
             "stub",
             [
                 sys.executable,
-                str(SCRIPTS / "upstream_stub.py"),
+                "-m",
+                "app.loadkit.stub",
                 "--port",
                 str(stub_port),
                 "--events",
@@ -169,7 +170,7 @@ class Servers:
         )
         env = {
             "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-            "PYTHONPATH": str(REPO_ROOT),
+            "PYTHONPATH": str(PACKAGE_ROOT),
             "HOST": "127.0.0.1",
             "PORT": str(gateway_port),
             "SESSION_STORE": "memory",
@@ -181,8 +182,7 @@ class Servers:
         command = [sys.executable, "-m", "app"]
         if o.tracemalloc_dump is not None:
             env["LOADKIT_TRACEMALLOC_DUMP"] = str(o.tracemalloc_dump)
-            env["PYTHONPATH"] = f"{SCRIPTS}{os.pathsep}{REPO_ROOT}"
-            command = [sys.executable, "-m", "loadkit.traced_gateway"]
+            command = [sys.executable, "-m", "app.loadkit.traced_gateway"]
         gateway = Proc(
             "gateway", command, cpu=self.server_cpu, env=env, cwd=self.tmp, log=self.tmp / "gw.log"
         )
@@ -450,7 +450,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="concurrency.py",
         description="N concurrent slow streams through one gateway (loopback only; see "
-        "scripts/loadkit/concurrency.py). Exit 0: every stream completed; 1: some did not.",
+        "app/loadkit/concurrency.py). Exit 0: every stream completed; 1: some did not.",
     )
     parser.add_argument("--streams", type=int, default=5000, help="concurrent streams (5000)")
     parser.add_argument("--events", type=int, default=60, help="events per stream (60)")

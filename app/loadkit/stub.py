@@ -153,7 +153,6 @@ def _is_loopback(host: str) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="upstream_stub.py",
         description="A deterministic SSE upstream agent for load tests (see module docstring).",
     )
     parser.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")

@@ -1,6 +1,6 @@
 """Peer servers for the benchmark suite: the same session API on other stacks.
 
-    PYTHONPATH=scripts python -m loadkit.peers --kind stock --port 8101 --redis redis://...
+    python -m app.loadkit.peers --kind stock --port 8101 --redis redis://...
 
 Kinds (each serves `GET` and `PATCH /apps/demo/session` like the gateway, on uvloop):
 - `stock`: aiohttp-session's own `RedisStorage` (the peer): a read is one `GET` (no TTL
@@ -102,7 +102,7 @@ def rawget_app(redis_url: str) -> web.Application:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m loadkit.peers")
+    parser = argparse.ArgumentParser(prog="python -m app.loadkit.peers")
     parser.add_argument("--kind", choices=("stock", "nosession", "rawget"), required=True)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)

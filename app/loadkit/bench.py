@@ -1,7 +1,7 @@
 """The benchmark suite: the gateway beside its peers, measured in one run, as ratios.
 
-    .venv/bin/python scripts/bench.py              # the full run (about 8 minutes)
-    .venv/bin/python scripts/bench.py --smoke      # every row once, briefly (about 30 s)
+    agent-bff-bench              # the full run (about 8 minutes); scripts/bench.py in a checkout
+    agent-bff-bench --smoke      # every row once, briefly (about 30 s)
 
 Layout (2+ cores): every server under test (gateway, peers, nginx, and the upstream stub)
 pinned to CPU 0 with `taskset`; wrk, Redis, the kit and this script on CPU 1. The SSE rows
@@ -46,12 +46,12 @@ from typing import Any
 import aiohttp
 import redis
 
-from loadkit import profiles
-from loadkit.sse import SSEParser
-from loadkit.wrk import WrkResult, run_wrk, write_script, wrk_binary
+from app.loadkit import profiles
+from app.loadkit.sse import SSEParser
+from app.loadkit.wrk import WrkResult, run_wrk, write_script, wrk_binary
 
-SCRIPTS = Path(__file__).resolve().parent.parent
-REPO_ROOT = SCRIPTS.parent
+# The directory holding the `app` package: child processes import the same gateway and kit.
+PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 SESSION_PATH = "/apps/demo/session"
 AGENT_PATH = "/apps/demo/agent/stream"
 # Commands that observe or keep connections alive, not session work.
@@ -304,7 +304,8 @@ class Lab:
             "stub",
             [
                 sys.executable,
-                str(SCRIPTS / "upstream_stub.py"),
+                "-m",
+                "app.loadkit.stub",
                 "--port",
                 str(self.stub_port),
                 "--events",
@@ -337,7 +338,7 @@ class Lab:
         )
         full = {
             "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-            "PYTHONPATH": str(REPO_ROOT),
+            "PYTHONPATH": str(PACKAGE_ROOT),
             "HOST": "127.0.0.1",
             "PORT": str(port),
             "SESSION_STORE": store,
@@ -358,14 +359,14 @@ class Lab:
         port = free_port()
         env = {
             "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-            "PYTHONPATH": f"{SCRIPTS}{os.pathsep}{REPO_ROOT}",
+            "PYTHONPATH": str(PACKAGE_ROOT),
         }
         proc = self.start(
             name,
             [
                 sys.executable,
                 "-m",
-                "loadkit.peers",
+                "app.loadkit.peers",
                 "--kind",
                 kind,
                 "--port",
@@ -837,7 +838,8 @@ def mixed_run(lab: Lab) -> dict[str, Any]:
     def kit(seconds: float) -> dict[str, Any]:
         command = [
             sys.executable,
-            str(SCRIPTS / "loadgen.py"),
+            "-m",
+            "app.loadkit.loadgen",
             "--url",
             url,
             "-c",
@@ -1317,7 +1319,7 @@ def format_results(results: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="bench.py", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="every row once, briefly")
     parser.add_argument("--reps", type=int, help="interleaved repetitions (3)")
     parser.add_argument("--seconds", type=float, help="seconds per measured run (8)")
@@ -1357,3 +1359,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,4 +1,4 @@
-"""`scripts/loadgen.py`: command line, target checks, progress line, outputs, exit code.
+"""`agent-bff-loadgen` (scripts/loadgen.py): command line, target checks, progress, outputs, exit.
 
 Exit codes: 0 the run passed its thresholds; 1 a threshold was violated (including lost
 sessions, default limit 0); 2 bad usage (including a non-loopback URL without
@@ -20,14 +20,14 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
-from loadkit.report import (
+from app.loadkit.report import (
     DEFAULT_MAX_ERROR_RATE,
     DEFAULT_MIN_SAMPLES,
     Thresholds,
     build_report,
     format_summary,
 )
-from loadkit.runner import (
+from app.loadkit.runner import (
     DEFAULT_AGENT_PATH,
     DEFAULT_MIX,
     DEFAULT_STREAM_BODY,
@@ -168,7 +168,6 @@ class DefaultsHelpFormatter(argparse.HelpFormatter):
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="loadgen.py",
         formatter_class=DefaultsHelpFormatter,
         description=(
             "Session-aware load generator for agent-bff: virtual users with their own cookies "
@@ -356,7 +355,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--payload-bytes must be 0..60000 (sessions are capped by the gateway)")
     if args.html is not None:
         try:
-            import loadkit.htmlreport  # noqa: F401 - fail now, not after the run
+            import app.loadkit.htmlreport  # noqa: F401 - fail now, not after the run
         except ImportError as err:
             print(
                 f"loadgen: --html needs matplotlib ({err}); pip install 'agent-bff[load]'",
@@ -422,7 +421,7 @@ def _run(
     elif args.json is not None:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     if args.html is not None:
-        from loadkit.htmlreport import write_html
+        from app.loadkit.htmlreport import write_html
 
         write_html(report, Path(args.html))
     if not args.quiet:
@@ -436,3 +435,7 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     except ImportError:
         return None
     return uvloop.new_event_loop
+
+
+if __name__ == "__main__":
+    sys.exit(main())

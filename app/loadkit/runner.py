@@ -29,15 +29,15 @@ from typing import Any
 
 import aiohttp
 
-from loadkit.sse import SSEParser
-from loadkit.stats import Latency, Timeline
+from app.loadkit.sse import SSEParser
+from app.loadkit.stats import Latency, Timeline
 
 SESSION_KINDS = ("create", "read", "write")
 KINDS = (*SESSION_KINDS, "stream", "resume")
 MIX_KINDS = ("read", "write", "stream", "resume")
 DEFAULT_MIX: Mapping[str, float] = {"read": 60.0, "write": 20.0, "stream": 20.0}
 # What the built-in demo agent (`upstream = "builtin:demo"`) answers, and the stub too: with no
-# options, `scripts/run` + `loadgen.py` is a meaningful run.
+# options, `scripts/run` + `agent-bff-loadgen` is a meaningful run.
 DEFAULT_AGENT_PATH = "chat"
 DEFAULT_STREAM_BODY = '{"message": "hello"}'
 

@@ -1,4 +1,4 @@
-"""`python -m app` under tracemalloc, for `loadkit.concurrency --tracemalloc-dump`: SIGUSR1
+"""`python -m app` under tracemalloc, for `app.loadkit.concurrency --tracemalloc-dump`: SIGUSR1
 writes a snapshot to `$LOADKIT_TRACEMALLOC_DUMP` (read it with `tracemalloc.Snapshot.load`).
 
 A profiling aid only (tracemalloc slows allocation several times over); never a way to serve.
