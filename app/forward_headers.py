@@ -50,7 +50,7 @@ DEFAULT_FORWARDED = frozenset(
         # Content and negotiation.
         "accept",
         "accept-charset",
-        "accept-encoding",  # an event stream's is replaced by `identity` (app/proxy.py)
+        "accept-encoding",  # an event stream's is replaced by `identity` (app/proxy/headers.py)
         "accept-language",
         "content-type",
         "content-length",

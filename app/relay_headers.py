@@ -10,7 +10,7 @@ browser:
 
 - `DEFAULT_RELAYED` (and the `DEFAULT_RELAYED_PREFIXES`): representation, caching,
   redirects, `Retry-After`, rate-limit headers, `Link` and `WWW-Authenticate` (both filtered
-  further in app/proxy.py), `Server-Timing`, `Cross-Origin-Resource-Policy` ...;
+  further in app/proxy/headers.py), `Server-Timing`, `Cross-Origin-Resource-Policy` ...;
 - the application's own `relay_response_headers` from `APPS_FILE`: names, or prefixes ending
   in `*` (`"OpenAI-*"`; `"*"` alone relays every name the floor below allows).
 
@@ -127,11 +127,11 @@ DEFAULT_RELAYED = frozenset(
         "vary",
         "date",
         # API semantics.
-        "location",  # redirects checked in app/proxy.py
+        "location",  # redirects checked in app/proxy/urls.py
         "retry-after",
         "allow",
-        "www-authenticate",  # only non-prompting schemes (app/proxy.py)
-        "link",  # only navigational relations (app/proxy.py)
+        "www-authenticate",  # only non-prompting schemes (app/proxy/headers.py)
+        "link",  # only navigational relations (app/proxy/headers.py)
         "preference-applied",
         "deprecation",
         "sunset",
@@ -169,7 +169,7 @@ class RelayPolicy:
 
     def relays(self, lower: str) -> bool:
         """Whether the lower-cased name `lower` reaches the browser (before the per-header
-        checks of `Link`, `WWW-Authenticate` and `Connection` in app/proxy.py)."""
+        checks of `Link`, `WWW-Authenticate` and `Connection` in app/proxy/headers.py)."""
         return lower in self.names or (lower.startswith(self.prefixes) and not never_relayed(lower))
 
 

@@ -6,7 +6,7 @@ from aiohttp import web
 
 from app import handlers
 from app.demo_agent import STATIC_DIR, demo_page
-from app.proxy import agent_proxy
+from app.proxy.handler import agent_proxy
 from app.runs import http as run_handlers
 
 

@@ -28,7 +28,8 @@ from playwright.async_api import Error as PlaywrightError
 from pytest_aiohttp import AiohttpServer
 
 from app.applications import AppConfig
-from app.proxy import PROXIED_CSP, redirect_leaves_application
+from app.proxy.headers import PROXIED_CSP
+from app.proxy.urls import redirect_leaves_application
 from tests.conftest import make_settings
 from tests.fake_upstream import (
     RunningGateway,

@@ -18,7 +18,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from app.forward_headers import DEFAULT_FORWARDED, NEVER_FORWARDED, forward_policy
 from app.forwarding import client_ip, forwarded_chain
-from app.proxy import PROXIED_CSP, browser_response_headers
+from app.proxy.headers import PROXIED_CSP, browser_response_headers
 from app.relay_headers import NEVER_RELAYED, relay_policy
 from tests.fake_upstream import (
     RunningGateway,

@@ -17,9 +17,10 @@ from aiohttp.client_proto import ResponseHandler
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-from app import proxy
 from app.keys import LIFECYCLE_KEY
-from app.proxy import READ_CHUNK_BYTES, read_available, take_buffered
+from app.proxy import exchange, fastread, headers, urls
+from app.proxy.fastread import read_available, take_buffered
+from app.proxy.relay import READ_CHUNK_BYTES
 from tests.conftest import CSRF
 from tests.fake_upstream import RunningGateway, ServedUpstream, sse, start_sse
 
@@ -119,13 +120,13 @@ async def test_take_buffered_resumes_a_paused_connection() -> None:
 
 
 def test_the_installed_aiohttp_has_the_reader_internals_the_fast_reads_use() -> None:
-    assert proxy.FAST_READS, "aiohttp's StreamReader changed: the relay fell back to read_nowait"
+    assert fastread.FAST_READS, "aiohttp's StreamReader changed: the relay fell back to read_nowait"
 
 
 async def test_without_the_internals_the_reads_are_aiohttps_own(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(proxy, "FAST_READS", False)
+    monkeypatch.setattr(fastread, "FAST_READS", False)
     protocol, payload = _fed(EVENTS)
     assert take_buffered(payload, READ_CHUNK_BYTES) == b"".join(EVENTS)
     assert protocol.resumes == len(EVENTS), "one resume per chunk: aiohttp's read_nowait ran"
@@ -265,7 +266,7 @@ async def test_a_small_body_that_arrived_with_the_head_is_sent_without_streaming
     def no_streaming(self: object, cap: int) -> None:
         raise AssertionError("the arrived body was read through the streaming path")
 
-    monkeypatch.setattr(proxy._Exchange, "body", no_streaming)
+    monkeypatch.setattr(exchange.Exchange, "body", no_streaming)
     async with gw.client.put(f"{AGENT}/doc", headers=CSRF, data=b"x" * 500) as resp:
         assert resp.status == 200
         assert await resp.json() == {"method": "PUT", "path": "/v1/doc", "body_bytes": 500}
@@ -278,14 +279,14 @@ async def test_a_small_body_that_arrived_with_the_head_is_sent_without_streaming
 
 def test_a_repeated_agent_path_is_checked_and_built_once() -> None:
     base = URL("http://agent.internal:9000/v1")
-    proxy.build_upstream_url.cache_clear()
-    first = proxy.build_upstream_url(base, "chat/stream", "a=1")
-    assert proxy.build_upstream_url(base, "chat/stream", "a=1") is first
-    assert proxy.build_upstream_url.cache_info().hits == 1
+    urls.build_upstream_url.cache_clear()
+    first = urls.build_upstream_url(base, "chat/stream", "a=1")
+    assert urls.build_upstream_url(base, "chat/stream", "a=1") is first
+    assert urls.build_upstream_url.cache_info().hits == 1
     assert str(first) == "http://agent.internal:9000/v1/chat/stream?a=1"
     for _ in range(2):  # a refusal is not cached: it is refused every time
-        with pytest.raises(proxy.InvalidPath):
-            proxy.build_upstream_url(base, "%2e%2e/admin", "")
+        with pytest.raises(urls.InvalidPath):
+            urls.build_upstream_url(base, "%2e%2e/admin", "")
 
 
 def _headers(*pairs: tuple[str, str]) -> CIMultiDictProxy[str]:
@@ -293,17 +294,17 @@ def _headers(*pairs: tuple[str, str]) -> CIMultiDictProxy[str]:
 
 
 def test_forwardable_headers_with_one_search_and_the_cookie_exception() -> None:
-    assert proxy.forwardable_headers(_headers(("Accept", "text/event-stream"), ("X-A", "a\tb")))
+    assert headers.forwardable_headers(_headers(("Accept", "text/event-stream"), ("X-A", "a\tb")))
     # Cookie is never forwarded: its value may hold anything.
-    assert proxy.forwardable_headers(_headers(("Cookie", "s=caf\xe9"), ("Accept", "*/*")))
-    assert not proxy.forwardable_headers(_headers(("Cookie", "s=1"), ("X-Name", "caf\xe9")))
+    assert headers.forwardable_headers(_headers(("Cookie", "s=caf\xe9"), ("Accept", "*/*")))
+    assert not headers.forwardable_headers(_headers(("Cookie", "s=1"), ("X-Name", "caf\xe9")))
 
 
 def test_invalid_upstream_header_with_one_search() -> None:
     def answer(reason: str, *pairs: tuple[str, str]) -> Any:
         return SimpleNamespace(reason=reason, headers=_headers(*pairs))
 
-    assert not proxy.has_invalid_header(answer("OK", ("X-A", "a\tb"), ("Server", "s")))
-    assert proxy.has_invalid_header(answer("O\x01K", ("X-A", "a")))
-    assert proxy.has_invalid_header(answer("OK", ("X-A", "a"), ("X-B", "b\x7f")))
-    assert proxy.has_invalid_header(answer("OK", ("X-\x02", "a")))
+    assert not headers.has_invalid_header(answer("OK", ("X-A", "a\tb"), ("Server", "s")))
+    assert headers.has_invalid_header(answer("O\x01K", ("X-A", "a")))
+    assert headers.has_invalid_header(answer("OK", ("X-A", "a"), ("X-B", "b\x7f")))
+    assert headers.has_invalid_header(answer("OK", ("X-\x02", "a")))

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from app.proxy import THREAD_HEADER
+from app.proxy.headers import THREAD_HEADER
 from tests.conftest import make_settings
 from tests.fake_upstream import (
     RunningGateway,

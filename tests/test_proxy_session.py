@@ -15,7 +15,7 @@ import pytest
 from aiohttp import web
 from pytest_aiohttp import AiohttpServer
 
-from app.proxy import APPLICATION_HEADER, THREAD_HEADER
+from app.proxy.headers import APPLICATION_HEADER, THREAD_HEADER
 from tests.conftest import CSRF, STORE_KINDS, Gateway, GatewayFactory
 from tests.fake_upstream import ServedUpstream, serve_upstream, sse, start_sse
 from tests.redis_server import RedisServer

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 import aiohttp
 from aiohttp import web
 
-from app.proxy import KEEPALIVE_COMMENT
+from app.proxy.relay import KEEPALIVE_COMMENT
 from tests.conftest import CSRF
 from tests.fake_upstream import (
     RunningGateway,

@@ -19,7 +19,7 @@ from aiohttp import web
 from cryptography.fernet import Fernet
 from pytest_aiohttp import AiohttpServer
 
-from app.proxy import THREAD_HEADER
+from app.proxy.headers import THREAD_HEADER
 from app.sessions.codec import FORMAT_VERSION, SessionCodec
 from tests.conftest import CSRF, STORE_KINDS, Gateway, GatewayFactory
 from tests.fake_upstream import ServedUpstream, serve_upstream, sse, start_sse

@@ -15,7 +15,7 @@ from cryptography.fernet import Fernet
 from pytest_aiohttp import AiohttpServer
 
 from app.keys import STORAGE_APP_KEY
-from app.proxy import THREAD_HEADER
+from app.proxy.headers import THREAD_HEADER
 from app.sessions.backend import CasResult, SessionBackend
 from app.sessions.middleware import CAS_ATTEMPTS
 from tests.backends import WrappedBackend

@@ -18,7 +18,7 @@ from aiohttp import web
 from pytest_aiohttp import AiohttpServer
 
 from app.keys import STORAGE_APP_KEY
-from app.proxy import ROTATE_HEADER, THREAD_HEADER
+from app.proxy.headers import ROTATE_HEADER, THREAD_HEADER
 from app.sessions.backend import SessionBackend, StoreUnavailable
 from app.sessions.codec import CREATED_AT, GATEWAY
 from tests.backends import WrappedBackend

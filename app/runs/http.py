@@ -23,20 +23,18 @@ import json
 import logging
 import re
 import secrets
-from typing import TYPE_CHECKING
 
 import aiohttp
 from aiohttp import web
 
 from app.errors import ApiError
 from app.keys import APP_CONFIG_KEY, REQUEST_ID_KEY, RUNS_KEY, SETTINGS_KEY, UPSTREAM_KEY
+from app.proxy.exchange import Exchange
+from app.proxy.headers import browser_response_headers
 from app.runs.runs import ERROR_MESSAGES, Run, RunRegistry, owner_of, reading
 from app.runs.store import RedisRunStore, RunMeta
 from app.sessions.backend import StoreUnavailable
 from app.sessions.middleware import get_session
-
-if TYPE_CHECKING:
-    from app.proxy import _Exchange
 
 log = logging.getLogger(__name__)
 
@@ -49,15 +47,13 @@ _READ_COUNT = 512
 
 
 async def start_run(
-    exchange: _Exchange,
+    exchange: Exchange,
     response: web.StreamResponse,
     upstream: aiohttp.ClientResponse,
     conversation_id: str,
 ) -> web.StreamResponse | None:
     """The proxy's hook for an event stream of a resumable application: start a run, answer
     with it; None when the run store failed (the proxy then relays as usual, no resume)."""
-    from app.proxy import browser_response_headers  # app.proxy imports this module lazily
-
     request, app = exchange.request, exchange.app
     registry = request.app[RUNS_KEY]
     run_id = secrets.token_urlsafe(16)

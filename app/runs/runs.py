@@ -50,6 +50,7 @@ from app.applications import AppConfig
 from app.config import Settings
 from app.keys import BACKEND_KEY, LIFECYCLE_KEY, METRICS_KEY, RUNS_KEY, UPSTREAM_KEY
 from app.lifecycle import Lifecycle
+from app.proxy.fastread import read_available
 from app.runs.log import RunLog
 from app.runs.sse import SseParser
 from app.runs.store import RedisRunStore
@@ -270,8 +271,6 @@ class RunRegistry:
                 await self._end(run, reason)
 
     async def _pump_events(self, run: Run, upstream: aiohttp.ClientResponse) -> str:
-        from app.proxy import read_available  # the proxy's fast reader (app.proxy imports us)
-
         loop = asyncio.get_running_loop()
         content = upstream.content
         parser = SseParser()

@@ -1,0 +1,120 @@
+"""One agent request in flight (`Exchange`): the state the handler, its relay and the
+disconnect watch share, and the browser's body as it is sent upstream (the upload timers:
+`BODY_TIMEOUT_SECONDS` per pause, `upload_deadline` in all, the upstream's header timer paused
+while the gateway waits for the browser).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import AsyncGenerator, Mapping
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from app.applications import AppConfig
+from app.capacity import AppSlots
+from app.config import Settings
+from app.errors import error_response
+from app.keys import REQUEST_ID_KEY
+from app.lifecycle import Lifecycle
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+class BodyStalled(Exception):
+    pass
+
+
+@dataclass(slots=True)
+class Exchange:
+    """State shared by the handler, its relay task and the disconnect watcher."""
+
+    request: web.Request
+    app: AppConfig
+    settings: Settings
+    lifecycle: Lifecycle
+    response: web.StreamResponse | None = None
+    client_gone: bool = False
+    body_too_large: bool = False
+    body_stalled: bool = False
+    # The timer of the upstream's response headers while it runs (see `body`).
+    header_deadline: asyncio.Timeout | None = None
+    # Upstream capacity (app/capacity.py): what this request holds, returned by
+    # `_proxy_holding_slots`; the loop time by which a streamed upload must be complete.
+    slots: AppSlots | None = None
+    client_key: str | None = None
+    session_key: str | None = None
+    upload_deadline: float = math.inf
+
+    @property
+    def request_id(self) -> str:
+        return self.request[REQUEST_ID_KEY]
+
+    def error(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        *,
+        headers: Mapping[str, str] | None = None,
+    ) -> web.Response:
+        """Our JSON error, carrying any session cookie already set on the stream response."""
+        response = error_response(self.request, status, code, message, headers=headers)
+        if self.response is not None:
+            for name, morsel in self.response.cookies.items():
+                response.cookies[name] = morsel
+        return response
+
+    def arrived_body(self, cap: int) -> bytes | None:
+        """The browser's whole body when all of it has already arrived (typical of a small
+        one: it comes with the request head), else None (read it with `body`). Over `cap`
+        bytes: `BodyTooLarge`, as from `body`."""
+        content = self.request.content
+        if not content.is_eof():
+            return None
+        data = content.read_nowait(-1)
+        if len(data) > cap:
+            self.body_too_large = True
+            raise BodyTooLarge
+        return data
+
+    async def body(self, cap: int) -> AsyncGenerator[bytes, None]:
+        """The browser's body, streamed upstream: cut at `cap` (413 `body_too_large`), at
+        a pause over `BODY_TIMEOUT_SECONDS` and at `upload_deadline` (408 `body_timeout`).
+
+        While it waits for the browser, the upstream's header timer (`connect_timeout`) is
+        paused: a slow upload is the browser's doing, never a 504. Each chunk handed over (and
+        the end of the body) restarts it in full, so it runs while the upstream reads (or
+        does not) and after the whole body was sent.
+        """
+        loop = asyncio.get_running_loop()
+        chunks = self.request.content.iter_any()
+        received = 0
+        pause = self.settings.body_timeout_seconds
+        while True:
+            self._set_header_deadline(None)
+            try:
+                async with asyncio.timeout_at(min(loop.time() + pause, self.upload_deadline)):
+                    chunk = await anext(chunks, b"")
+            except TimeoutError:
+                self.body_stalled = True
+                raise BodyStalled from None
+            finally:
+                self._set_header_deadline(loop.time() + self.app.connect_timeout_seconds)
+            if not chunk:
+                return
+            received += len(chunk)
+            if received > cap:
+                self.body_too_large = True
+                raise BodyTooLarge
+            yield chunk
+
+    def _set_header_deadline(self, when: float | None) -> None:
+        deadline = self.header_deadline
+        # Once the headers arrived (or the timer fired) the upload may go on: leave it be.
+        if deadline is not None and not deadline.expired():
+            deadline.reschedule(when)

@@ -1,0 +1,96 @@
+"""The browser's side of an exchange, watched without a task: a browser that disconnected,
+or that accepts no byte of a waiting answer for `idle_timeout_seconds`, cancels the exchange
+(`web.run_app` does not cancel handlers on disconnect, so the transport is watched here).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import logging
+import sys
+import termios
+
+from aiohttp import web
+
+from app.proxy.exchange import Exchange
+
+log = logging.getLogger(__name__)
+
+# How often an open exchange checks that the browser is still connected.
+DISCONNECT_POLL_SECONDS = 0.25
+
+# The ioctl that reads a TCP socket's unacknowledged send queue (Linux: SIOCOUTQ, the same
+# number as TIOCOUTQ); None elsewhere.
+_SIOCOUTQ: int | None = getattr(termios, "TIOCOUTQ", None) if sys.platform == "linux" else None
+
+
+def unacknowledged_bytes(transport: asyncio.BaseTransport) -> int:
+    """Bytes the kernel holds for the peer that it has not acknowledged yet (Linux `SIOCOUTQ`);
+    0 where that cannot be read. Called only for a connection whose writing is paused."""
+    sock = transport.get_extra_info("socket")
+    if sock is None or _SIOCOUTQ is None:
+        return 0
+    try:
+        reply = fcntl.ioctl(sock.fileno(), _SIOCOUTQ, b"\0\0\0\0")
+    except (OSError, ValueError):
+        return 0
+    return int.from_bytes(reply, sys.byteorder, signed=True)
+
+
+class DisconnectWatch:
+    """Every `DISCONNECT_POLL_SECONDS` until `inner` is done: when the browser's transport is
+    gone or closing, mark the exchange `client_gone` and cancel `inner`. A timer callback that
+    re-arms itself, not a task: nothing runs per request until the first poll is due.
+
+    A browser that stops reading is gone too: when its connection's writing stays paused (the
+    gateway's write buffer above its high-water mark) and the browser accepts not one byte of
+    it for the application's `idle_timeout_seconds`, the connection is aborted. Otherwise a
+    client that never reads would hold its upstream slot and connection for as long as the
+    upstream has bytes for it (app/capacity.py). A slow reader that accepts anything is fine.
+    """
+
+    __slots__ = ("_buffered", "_exchange", "_handle", "_inner", "_loop", "_stalled_since")
+
+    def __init__(self, exchange: Exchange, inner: asyncio.Task[web.StreamResponse]) -> None:
+        self._exchange = exchange
+        self._inner = inner
+        self._loop = asyncio.get_running_loop()
+        self._stalled_since = 0.0  # while paused: since when the browser accepted nothing
+        self._buffered = -1  # the write buffer's size at the last poll while paused, else -1
+        self._handle = self._loop.call_later(DISCONNECT_POLL_SECONDS, self._poll)
+
+    def _poll(self) -> None:
+        if self._inner.done():
+            return
+        exchange = self._exchange
+        transport = exchange.request.transport
+        if transport is None or transport.is_closing():
+            exchange.client_gone = True
+            self._inner.cancel()
+            return
+        if exchange.request.protocol.writing_paused:
+            # Paused, the relay adds (almost) nothing: what is still to be delivered (our
+            # buffer plus the kernel's unacknowledged bytes) only shrinks as the browser
+            # reads, so any shrinking is progress.
+            buffered = transport.get_write_buffer_size() + unacknowledged_bytes(transport)
+            if self._buffered < 0 or buffered < self._buffered:
+                self._stalled_since = self._loop.time()
+            self._buffered = buffered
+            if self._loop.time() - self._stalled_since >= exchange.app.idle_timeout_seconds:
+                log.info(
+                    "browser read nothing for %ss; connection closed (app %s, request %s)",
+                    exchange.app.idle_timeout_seconds,
+                    exchange.app.app_id,
+                    exchange.request_id,
+                )
+                exchange.client_gone = True
+                transport.abort()
+                self._inner.cancel()
+                return
+        else:
+            self._buffered = -1
+        self._handle = self._loop.call_later(DISCONNECT_POLL_SECONDS, self._poll)
+
+    def cancel(self) -> None:
+        self._handle.cancel()
