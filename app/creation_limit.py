@@ -14,8 +14,9 @@ sessions are never limited by this.
 - Loopback clients are not limited: load tests, the local cluster and same-host tools. A
   proxy on the same host must therefore be in `TRUSTED_PROXIES` (it should be anyway), or
   every browser behind it looks like loopback and is not limited.
-- Buckets are GCRA token buckets (`app.ratelimit`): `N/period` lets N creations through at
-  once, then one every `period/N`. On Redis they are shared by every replica (key
+- Buckets are GCRA token buckets, checked by the session store's `rate_limit` operation (as
+  the agent limits of `app.ratelimit`): `N/period` lets N creations through at once, then one
+  every `period/N`. On Redis they are shared by every replica (key
   `{REDIS_AUX_PREFIX}rl:create:<address>`, one `EVALSHA` per creation); on the memory store
   they are per process.
 - The buckets live in the session store, so when it is down, frozen, full or read-only the
@@ -24,7 +25,7 @@ sessions are never limited by this.
   store refuses for its content (a foreign key of another type: `WRONGTYPE`) lets the creation
   through (fail open, logged at most every `FAIL_OPEN_LOG_SECONDS`), as for the agent limits.
 
-Wiring: `creation_limit_ctx` (after `rate_limit_ctx`, whose limiter it shares) sets
+Wiring: `creation_limit_ctx` (after the session store's context, whose store it uses) sets
 `CREATION_GATE_KEY`, which `app.sessions.middleware.commit_session` awaits before a new session
 is first saved: the one hook into session creation.
 """
@@ -45,9 +46,9 @@ from app.applications import RateLimit
 from app.config import Settings
 from app.errors import ApiError
 from app.forwarding import client_ip
-from app.keys import CREATION_GATE_KEY, RATE_LIMITER_KEY
-from app.ratelimit import FAIL_OPEN_LOG_SECONDS, Bucket, RateLimiter
-from app.sessions.backend import StoreFull, StoreUnavailable
+from app.keys import CREATION_GATE_KEY, STORAGE_APP_KEY
+from app.ratelimit import FAIL_OPEN_LOG_SECONDS, token_bucket
+from app.sessions.backend import SessionBackend, StoreFull, StoreUnavailable
 from app.sessions.middleware import SessionCreationGate
 
 log = logging.getLogger(__name__)
@@ -92,11 +93,11 @@ def creation_key(aux_prefix: str, bucket: str) -> str:
 class CreationGate:
     """`await gate(request)` before a new session is stored: 429 over the client's limit."""
 
-    def __init__(self, settings: Settings, rate: RateLimit, limiter: RateLimiter) -> None:
+    def __init__(self, settings: Settings, rate: RateLimit, store: SessionBackend) -> None:
         self._trusted = settings.trusted_proxies
         self._aux_prefix = settings.redis_aux_prefix
         self._rate = rate
-        self._limiter = limiter
+        self._store = store
         self._last_fail_open_log = -math.inf
         self._last_hint_log = -math.inf
 
@@ -106,8 +107,8 @@ class CreationGate:
         if bucket is None:
             return
         try:
-            wait = await self._limiter.acquire(
-                [Bucket(creation_key(self._aux_prefix, bucket), self._rate)]
+            wait = await self._store.rate_limit(
+                [token_bucket(creation_key(self._aux_prefix, bucket), self._rate)]
             )
         except StoreUnavailable as err:
             if not _refused_for_content(err):
@@ -148,13 +149,14 @@ class CreationGate:
 
 
 def creation_limit_ctx(settings: Settings) -> Callable[[web.Application], AsyncIterator[None]]:
-    """Cleanup context (after `rate_limit_ctx`): the gate on the same limiter, when
-    `SESSION_CREATE_RATE` is not off."""
+    """Cleanup context (after the session store's): the gate on the store the sessions use
+    (metrics included), when `SESSION_CREATE_RATE` is not off."""
 
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         rate = settings.session_create_rate
         if rate is not None:
-            gate: SessionCreationGate = CreationGate(settings, rate, app[RATE_LIMITER_KEY])
+            store = app[STORAGE_APP_KEY].backend
+            gate: SessionCreationGate = CreationGate(settings, rate, store)
             app[CREATION_GATE_KEY] = gate
         yield
 

@@ -24,7 +24,6 @@ if TYPE_CHECKING:
     from app.demo_agent import DemoState
     from app.lifecycle import Lifecycle
     from app.metrics import Metrics
-    from app.ratelimit import RateLimiter
     from app.runs.runs import RunRegistry
     from app.sessions.backend import SessionBackend
     from app.sessions.middleware import SessionCreationGate
@@ -43,8 +42,6 @@ BACKEND_KEY: web.AppKey[SessionBackend] = web.AppKey("session_backend")
 STORAGE_APP_KEY: web.AppKey[SessionStorage] = web.AppKey("session_storage")
 # The application's Prometheus metrics (`app.metrics.setup_metrics`).
 METRICS_KEY: web.AppKey[Metrics] = web.AppKey("metrics")
-# Agent rate limits, on the session store (`app.ratelimit.rate_limit_ctx`).
-RATE_LIMITER_KEY: web.AppKey[RateLimiter] = web.AppKey("rate_limiter")
 # Awaited before a new session is first stored (`app.creation_limit`, read by
 # `app.sessions.middleware.commit_session`).
 CREATION_GATE_KEY: web.AppKey[SessionCreationGate] = web.AppKey("session_creation_gate")

@@ -16,7 +16,6 @@ from app.keys import APP_ID_KEY, BACKEND_KEY, LIFECYCLE_KEY, SETTINGS_KEY, STORA
 from app.lifecycle import Lifecycle, drain_on_shutdown
 from app.metrics import instrument_backend, setup_metrics
 from app.middlewares import add_prepare_hook, setup_gateway
-from app.ratelimit import rate_limit_ctx
 from app.routes import setup_routes
 from app.runs.runs import runs_ctx
 from app.sessions.backend import SessionBackend, StoreUnavailable
@@ -52,9 +51,8 @@ def create_app(settings: Settings, *, backend: SessionBackend | None = None) -> 
     app.middlewares.append(setup_gateway(settings, lifecycle, request_metrics))
     warn_if_any_host_is_served(settings)
     app.cleanup_ctx.append(session_store_ctx(settings, backend))
-    # Rate-limit buckets live in the session store (Redis: shared by every replica).
-    app.cleanup_ctx.append(rate_limit_ctx(settings))
-    # New sessions per client address, on the same limiter (app/creation_limit.py).
+    # New sessions per client address, a rate limit on the session store
+    # (app/creation_limit.py; the agent limits, app/ratelimit.py, need no set-up).
     app.cleanup_ctx.append(creation_limit_ctx(settings))
     # After the store: contexts clean up in reverse, so the upstream client (and the demo
     # agent) close before Redis, which closes last.

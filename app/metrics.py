@@ -41,7 +41,7 @@ import bisect
 import contextlib
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 from aiohttp import web
 from prometheus_client import (
@@ -57,7 +57,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.utils import floatToGoString
 
 from app.keys import APP_ID_KEY, METRICS_KEY
-from app.sessions.backend import CasResult, SessionBackend, StoreUnavailable
+from app.sessions.backend import CasResult, SessionBackend, StoreUnavailable, TokenBucket
 from app.sessions.pipelining import CommandPipeliner
 
 NAMESPACE = "agent_bff"
@@ -486,6 +486,10 @@ class InstrumentedBackend:
     async def ping(self) -> None:
         with self._observe("ping"):
             await self.backend.ping()
+
+    async def rate_limit(self, buckets: Sequence[TokenBucket]) -> float:
+        with self._observe("rate_limit"):
+            return await self.backend.rate_limit(buckets)
 
     async def close(self) -> None:
         await self.backend.close()

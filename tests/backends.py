@@ -7,7 +7,9 @@ operations under test.
 
 from __future__ import annotations
 
-from app.sessions.backend import CasResult, SessionBackend
+from collections.abc import Sequence
+
+from app.sessions.backend import CasResult, SessionBackend, TokenBucket
 
 
 class WrappedBackend:
@@ -45,6 +47,9 @@ class WrappedBackend:
 
     async def ping(self) -> None:
         await self.inner.ping()
+
+    async def rate_limit(self, buckets: Sequence[TokenBucket]) -> float:
+        return await self.inner.rate_limit(buckets)
 
     async def close(self) -> None:
         await self.inner.close()

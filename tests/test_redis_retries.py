@@ -29,10 +29,8 @@ import pytest
 import redis
 from redis.crc import key_slot
 
-from app.applications import RateLimit
 from app.config import Settings
-from app.ratelimit import Bucket, RedisRateLimiter
-from app.sessions.backend import StoreUnavailable
+from app.sessions.backend import StoreUnavailable, TokenBucket
 from app.sessions.redis import (
     BACKOFF_BASE,
     BACKOFF_CAP,
@@ -150,7 +148,7 @@ OPERATIONS: dict[str, Operation] = {
     "replace": lambda b: b.replace("k", b"v", 10),
     "delete": lambda b: b.delete("k"),
     "ping": lambda b: b.ping(),
-    "rate_limit": lambda b: RedisRateLimiter(b).acquire([Bucket("rl", RateLimit(5, 60))]),
+    "rate_limit": lambda b: b.rate_limit([TokenBucket("rl", 5, 60)]),
     "start_check": lambda b: b.check_server(5.0),
 }
 

@@ -15,13 +15,12 @@ import pytest
 
 from app.applications import RateLimit, parse_rate_limit
 from app.config import ConfigError, Settings
-from app.keys import BACKEND_KEY, RATE_LIMITER_KEY
-from app.ratelimit import Bucket, MemoryRateLimiter, RedisRateLimiter
-from app.sessions.backend import StoreUnavailable
-from app.sessions.redis import RedisBackend
+from app.keys import STORAGE_APP_KEY
+from app.sessions.backend import StoreUnavailable, TokenBucket
 from tests.conftest import CSRF, Gateway, GatewayFactory, RedisRaw, make_settings
 from tests.fake_upstream import ServedUpstream
 from tests.gateway_process import run_gateway_to_exit
+from tests.test_metrics import scrape, value
 from tests.test_sessions_http import assert_envelope, reset_stats, session_commands
 
 
@@ -212,10 +211,10 @@ async def test_a_failing_limit_store_lets_requests_through(
 ) -> None:
     """Fail open: a rate-limit store failure is logged, never a 500 or 503."""
 
-    async def failing(buckets: Sequence[Bucket]) -> float:
+    async def failing(buckets: Sequence[TokenBucket]) -> float:
         raise StoreUnavailable("ConnectionError: simulated")
 
-    monkeypatch.setattr(gw.app[RATE_LIMITER_KEY], "acquire", failing)
+    monkeypatch.setattr(gw.app[STORAGE_APP_KEY].backend, "rate_limit", failing)
     monkeypatch.setattr("app.ratelimit._last_fail_open_log", -1e9)
     with caplog.at_level(logging.WARNING):
         for _ in range(5):
@@ -226,6 +225,18 @@ async def test_a_failing_limit_store_lets_requests_through(
     assert len(warnings) == 1  # logged, but not once per request
 
 
+async def test_limit_checks_are_store_operations_with_their_metrics(gw: Gateway) -> None:
+    """A rate-limit check is the session store's `rate_limit` operation: counted and timed
+    like every other store operation (ok and error), one per agent request."""
+    for _ in range(4):
+        await agent(gw, "shop")
+    samples = await scrape(gw.client)
+    ops = "agent_bff_session_store_operations_total"
+    assert value(samples, ops, operation="rate_limit", result="ok") == 4
+    latency = "agent_bff_session_store_operation_duration_seconds_count"
+    assert value(samples, latency, operation="rate_limit") == 4
+
+
 async def test_a_broken_bucket_key_in_redis_fails_open(
     gateway_factory: GatewayFactory, upstream: ServedUpstream, tmp_path: Path
 ) -> None:
@@ -234,49 +245,6 @@ async def test_a_broken_bucket_key_in_redis_fails_open(
     await gw.raw.client.hset("agent:aux:rl:{blog}:app", "x", "1")  # the script fails: WRONGTYPE
     for _ in range(6):
         assert (await agent(gw, "blog", jar=False)).status == 200
-
-
-# -- the limiters themselves ----------------------------------------------------------------
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-async def test_memory_limiter_is_a_token_bucket() -> None:
-    clock = FakeClock()
-    limiter = MemoryRateLimiter(clock=clock)
-    bucket = [Bucket("k", RateLimit(count=3, period_seconds=60))]
-    assert [await limiter.acquire(bucket) for _ in range(3)] == [0.0, 0.0, 0.0]
-    assert await limiter.acquire(bucket) == pytest.approx(20.0)
-    clock.now += 19.9
-    assert await limiter.acquire(bucket) == pytest.approx(0.1)
-    clock.now += 0.1
-    assert await limiter.acquire(bucket) == 0.0
-    clock.now += 600  # idle for long: a full burst again, never more
-    assert [await limiter.acquire(bucket) for _ in range(4)][-1] > 0
-
-
-async def test_memory_limiter_is_bounded() -> None:
-    clock = FakeClock()
-    limiter = MemoryRateLimiter(max_entries=10, clock=clock)
-    for i in range(1000):
-        await limiter.acquire([Bucket(f"k{i}", RateLimit(count=5, period_seconds=60))])
-    assert len(limiter) <= 10
-
-
-async def test_redis_limiter_is_a_token_bucket(redis_gateway: Gateway) -> None:
-    backend = redis_gateway.app[BACKEND_KEY]
-    assert isinstance(backend, RedisBackend)
-    limiter = RedisRateLimiter(backend)
-    bucket = [Bucket("agent:aux:rl:{t}:k", RateLimit(count=3, period_seconds=60))]
-    assert [await limiter.acquire(bucket) for _ in range(3)] == [0.0, 0.0, 0.0]
-    wait = await limiter.acquire(bucket)
-    assert 19.0 < wait <= 20.0
 
 
 # -- configuration ---------------------------------------------------------------------------

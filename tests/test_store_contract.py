@@ -20,7 +20,7 @@ import fakeredis
 import pytest
 import redis.asyncio as aioredis
 
-from app.sessions.backend import SessionBackend, revision_of
+from app.sessions.backend import SessionBackend, TokenBucket, revision_of
 from app.sessions.memory import MemoryBackend
 from app.sessions.redis import RedisBackend, RedisOptions, make_client
 from tests.conftest import STORE_KINDS, MemoryRaw, RawStore, RedisRaw
@@ -278,6 +278,60 @@ async def test_a_key_of_another_type_is_no_session_and_removed(store: Store) -> 
     await store.raw.client.hset(KEY, "field", "value")
     assert await store.backend.delete_unless_revision(KEY, "1") == "ok"  # a logout: 204
     assert await store.raw.get(KEY) is None
+
+
+# -- rate_limit: GCRA token buckets ----------------------------------------------------------
+
+BUCKET_KEY = "agent:aux:rl:{t}:k"
+
+
+async def test_rate_limit_is_a_token_bucket(store: Store) -> None:
+    """3/60 s: a burst of 3, then the wait until the next token (20 s, on the store's clock)."""
+    bucket = [TokenBucket(BUCKET_KEY, 3, 60)]
+    assert [await store.backend.rate_limit(bucket) for _ in range(3)] == [0.0, 0.0, 0.0]
+    wait = await store.backend.rate_limit(bucket)
+    assert 19.0 < wait <= 20.0
+    if store.kind != "memory":  # the bucket expires once it is full again
+        ttl = await store.raw.ttl(BUCKET_KEY)
+        assert ttl is not None and 0 < ttl <= 60
+
+
+async def test_rate_limit_refused_by_one_bucket_takes_from_none(store: Store) -> None:
+    tight, loose = (
+        TokenBucket("agent:aux:rl:{t}:a", 1, 60),
+        TokenBucket("agent:aux:rl:{t}:b", 3, 60),
+    )
+    assert await store.backend.rate_limit([tight, loose]) == 0.0
+    assert await store.backend.rate_limit([tight, loose]) > 0  # refused by `tight`
+    # `loose` lost one token (the first call), not two.
+    assert [await store.backend.rate_limit([loose]) for _ in range(2)] == [0.0, 0.0]
+    assert await store.backend.rate_limit([loose]) > 0
+
+
+async def test_rate_limit_tokens_come_back_at_the_rate() -> None:
+    clock = FakeClock()
+    memory = MemoryBackend(clock=clock)
+    bucket = [TokenBucket("k", 3, 60)]
+    assert [await memory.rate_limit(bucket) for _ in range(3)] == [0.0, 0.0, 0.0]
+    assert await memory.rate_limit(bucket) == pytest.approx(20.0)
+    clock.now += 19.9
+    assert await memory.rate_limit(bucket) == pytest.approx(0.1)
+    clock.now += 0.1
+    assert await memory.rate_limit(bucket) == 0.0
+    clock.now += 600  # idle for long: a full burst again, never more
+    assert [await memory.rate_limit(bucket) for _ in range(4)][-1] > 0
+
+
+async def test_memory_rate_limit_buckets_are_bounded() -> None:
+    """At most `max_entries` buckets: the oldest goes first (and comes back full)."""
+    clock = FakeClock()
+    memory = MemoryBackend(max_entries=10, clock=clock)
+    first = [TokenBucket("k0", 1, 60)]
+    assert await memory.rate_limit(first) == 0.0
+    assert await memory.rate_limit(first) > 0
+    for i in range(1, 1000):
+        assert await memory.rate_limit([TokenBucket(f"k{i}", 1, 60)]) == 0.0
+    assert await memory.rate_limit(first) == 0.0  # evicted: a full bucket again
 
 
 # -- memory only: bounded -------------------------------------------------------------------

@@ -24,7 +24,16 @@ Each method is one store operation (one round trip) on one key:
   make it fail, and the value returned is the last one any write left there.
 - `delete(key)`: remove (idempotent).
 - `ping()`: raises unless the store answers.
+- `rate_limit(buckets)`: take one request from every `TokenBucket`, or from none; 0 when
+  allowed, else the seconds until it would be (GCRA, below). Redis: one `EVALSHA` over every
+  bucket's key, on Redis's clock (`TIME`), so every replica shares the buckets; memory: the
+  same algorithm in the process (bounded like its sessions). The rate limits of
+  app/ratelimit.py and app/creation_limit.py are this operation.
 Every failure to reach the store raises `StoreUnavailable`, never a backend-specific error.
+
+Rate limits are GCRA token buckets: `count/period` lets a burst of up to `count` requests
+through at once, then one every `period/count` on average. A bucket is one small key holding
+its "theoretical arrival time" (milliseconds), which expires as soon as the bucket is full again.
 
 Revisions: a stored value's revision is read from its first bytes, `{"v":<digits>,"r":<digits>,`
 (`revision_of`); a value without that prefix (an older format, a hand-written value) has
@@ -35,6 +44,8 @@ backends treat values otherwise as opaque bytes.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Literal, Protocol
 
 CasResult = Literal["ok", "conflict", "missing"]
@@ -56,6 +67,24 @@ class StoreUnavailable(Exception):
 class StoreFull(StoreUnavailable):
     """The store refused a write for lack of memory (Redis `OOM`: `maxmemory` reached with the
     `noeviction` policy). Reads and deletes still work; answered 503 `session_store_full`."""
+
+
+@dataclass(frozen=True, slots=True)
+class TokenBucket:
+    """One rate limit to check (`rate_limit`): at most `count` requests per `period_seconds`,
+    the bucket's state at `key`."""
+
+    key: str
+    count: int
+    period_seconds: float
+
+    @property
+    def interval_ms(self) -> float:
+        return self.period_seconds * 1000 / self.count
+
+    @property
+    def period_ms(self) -> float:
+        return self.period_seconds * 1000.0
 
 
 class SessionBackend(Protocol):
@@ -80,5 +109,7 @@ class SessionBackend(Protocol):
     async def delete(self, key: str) -> None: ...
 
     async def ping(self) -> None: ...
+
+    async def rate_limit(self, buckets: Sequence[TokenBucket]) -> float: ...
 
     async def close(self) -> None: ...

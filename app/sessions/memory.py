@@ -3,7 +3,8 @@
 Entries expire `ttl` seconds after their last touch, like Redis keys with `EX`. The store holds
 at most `max_entries` and at most `max_bytes` (each entry counted as its key, its stored value
 and `ENTRY_OVERHEAD_BYTES`); a background sweep drops expired entries. Sessions here are per
-process: they do not survive a restart or span replicas.
+process: they do not survive a restart or span replicas. Rate-limit buckets (`rate_limit`) are
+kept apart from the sessions, at most `max_entries` of them too.
 
 Eviction is a segmented LRU, so a flood of one-shot sessions (cookieless agent calls, scanners)
 cannot push out the sessions people use: a new entry starts in the *probation* segment; when it
@@ -36,9 +37,10 @@ import contextlib
 import itertools
 import struct
 import time
-from collections.abc import Callable
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
 
-from app.sessions.backend import CasResult, revision_of
+from app.sessions.backend import CasResult, TokenBucket, revision_of
 
 PROTECTED_SHARE = 0.8
 ENTRY_OVERHEAD_BYTES = 160
@@ -52,6 +54,21 @@ _EXPIRY_BYTES = _EXPIRY.size
 
 def _b(key: str) -> bytes:
     return key.encode("utf-8", "surrogatepass")
+
+
+def gcra(
+    tats: Sequence[float], buckets: Sequence[TokenBucket], now: float
+) -> tuple[float, list[float]]:
+    """(milliseconds to wait, new arrival times) for one request against every bucket, given
+    their theoretical arrival times `tats` (ms; 0 for a full bucket) at `now` (ms)."""
+    wait = 0.0
+    new_tats: list[float] = []
+    for tat, bucket in zip(tats, buckets, strict=True):
+        new_tat = max(tat, now) + bucket.interval_ms
+        allow_at = new_tat - bucket.period_ms
+        wait = max(wait, allow_at - now)
+        new_tats.append(new_tat)
+    return wait, new_tats
 
 
 class MemoryBackend:
@@ -78,6 +95,9 @@ class MemoryBackend:
         self._epoch = clock() - 1.0
         self._sweeper: asyncio.Task[None] | None = None
         self.evictions = 0
+        # Rate-limit buckets (`rate_limit`): key -> theoretical arrival time (ms), oldest
+        # first, at most `max_entries`; apart from the sessions and their byte count.
+        self._buckets: OrderedDict[str, float] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._probation) + len(self._protected)
@@ -315,6 +335,22 @@ class MemoryBackend:
     async def ping(self) -> None:
         return None
 
+    async def rate_limit(self, buckets: Sequence[TokenBucket]) -> float:
+        """GCRA over every bucket at once, on this process's clock: a request refused by one
+        bucket takes nothing from the others."""
+        now = self._clock() * 1000
+        tats = self._buckets
+        wait, new_tats = gcra([tats.get(b.key, 0.0) for b in buckets], buckets, now)
+        if wait > 0:
+            return wait / 1000
+        for bucket, tat in zip(buckets, new_tats, strict=True):
+            tats[bucket.key] = tat
+            tats.move_to_end(bucket.key)
+        # A bucket whose arrival time has passed is full again: dropping it changes nothing.
+        while tats and (len(tats) > self._max_entries or next(iter(tats.values())) <= now):
+            tats.popitem(last=False)
+        return 0.0
+
     def sweep(self) -> int:
         """Drop every expired entry; returns how many were dropped."""
         now = self._clock()
@@ -344,4 +380,5 @@ class MemoryBackend:
             self._sweeper = None
         self._probation.clear()
         self._protected.clear()
+        self._buckets.clear()
         self.bytes = 0

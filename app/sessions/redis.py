@@ -37,7 +37,7 @@ import hashlib
 import logging
 import random
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -62,7 +62,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import OutOfMemoryError as RedisOutOfMemoryError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from app.sessions.backend import CasResult, StoreFull, StoreUnavailable
+from app.sessions.backend import CasResult, StoreFull, StoreUnavailable, TokenBucket
 from app.sessions.pipelining import CommandPipeliner
 from app.sessions.redis_url import RedisTarget, parse_redis_url
 
@@ -281,6 +281,31 @@ local revision = string.match(current, '{_REVISION_PATTERN}') or '0'
 if revision == ARGV[1] then return 'conflict' end
 redis.call('DEL', KEYS[1])
 return 'ok'"""
+)
+
+# KEYS: one per bucket (same hash slot). ARGV: interval_ms, period_ms per bucket (GCRA, as
+# `app.sessions.memory.gcra`, on Redis's clock). Answers 0 (allowed, every bucket updated) or
+# the milliseconds to wait (nothing updated).
+RATE_LIMIT = LuaScript.of(
+    """local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local wait = 0
+local tats = {}
+for i = 1, #KEYS do
+  local interval = tonumber(ARGV[2 * i - 1])
+  local period = tonumber(ARGV[2 * i])
+  local tat = tonumber(redis.call('GET', KEYS[i]) or '0') or 0
+  if tat < now then tat = now end
+  local new_tat = tat + interval
+  local allow_at = new_tat - period
+  if allow_at - now > wait then wait = allow_at - now end
+  tats[i] = new_tat
+end
+if wait > 0 then return math.ceil(wait) end
+for i = 1, #KEYS do
+  redis.call('SET', KEYS[i], string.format('%.3f', tats[i]), 'PX', math.ceil(tats[i] - now))
+end
+return 0"""
 )
 
 _CAS_RESULTS: dict[bytes, CasResult] = {b"ok": "ok", b"conflict": "conflict", b"missing": "missing"}
@@ -530,6 +555,16 @@ class RedisBackend:
             await self._run(lambda: self._cluster_ping_any(client))
         else:
             await self._run(client.ping)
+
+    async def rate_limit(self, buckets: Sequence[TokenBucket]) -> float:
+        """One `EVALSHA` (`RATE_LIMIT`) over every bucket's key: they must share a hash slot on
+        a cluster (a `{hash tag}` in the keys)."""
+        keys = [b.key for b in buckets]
+        args: list[Any] = []
+        for bucket in buckets:
+            args += [f"{bucket.interval_ms:.3f}", f"{bucket.period_ms:.3f}"]
+        reply = await self._run(lambda: RATE_LIMIT.run(self.execute, keys, args))
+        return int(reply) / 1000
 
     @staticmethod
     async def _cluster_ping_any(client: RedisCluster) -> None:
