@@ -11,7 +11,11 @@ APP = Path(__file__).resolve().parent.parent / "app"
 
 
 def _modules() -> list[Path]:
-    return sorted(p for p in APP.rglob("*.py") if "static" not in p.parts)
+    """The gateway's modules: not the load kit (app/loadkit/, its own aiohttp programs with
+    their own keys)."""
+    return sorted(
+        p for p in APP.rglob("*.py") if "static" not in p.parts and "loadkit" not in p.parts
+    )
 
 
 def _key_definitions(path: Path) -> list[str]:
