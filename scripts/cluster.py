@@ -43,6 +43,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from app.loadkit.ports import free_port
+
 REPO = Path(__file__).resolve().parent.parent
 NGINX_TEMPLATE = REPO / "deploy" / "nginx.conf"
 DEFAULT_DIR = REPO / ".cluster"
@@ -127,13 +129,6 @@ def spawn(argv: list[str], *, env: dict[str, str], cwd: Path, log: Path) -> Proc
     if started is None:
         raise ClusterError(f"{argv[0]} exited at once; see {log}")
     return Proc(pid=popen.pid, started=started, log=str(log))
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((LOOPBACK, 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def http_status(url: str, timeout: float = 1.0) -> int | None:

@@ -19,7 +19,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -31,6 +30,7 @@ from pathlib import Path
 
 from cryptography.fernet import Fernet
 
+from app.loadkit.ports import free_port
 from app.sessions.codec import SessionCodec
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -43,13 +43,6 @@ request = function()
   return wrk.format("PATCH", nil, {["Content-Type"] = "application/json", ["X-CSRF"] = "1"}, body)
 end
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def codec_costs(iterations: int) -> None:

@@ -17,7 +17,6 @@ import argparse
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,6 +25,8 @@ import urllib.request
 from pathlib import Path
 
 import aiohttp
+
+from app.loadkit.ports import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 MIB = 1024 * 1024
@@ -36,13 +37,6 @@ def rss_bytes(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
     raise RuntimeError("no VmRSS")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def start_gateway(env_pairs: list[str], workdir: str) -> tuple[subprocess.Popen[bytes], str]:

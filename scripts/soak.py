@@ -47,6 +47,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from app.loadkit.ports import free_port
 from app.loadkit.runner import LoadConfig, Recorder, run_load
 
 REPO = Path(__file__).resolve().parent.parent
@@ -60,13 +61,6 @@ class SoakError(Exception):
 
 
 # -- Redis, owned by this script (so it can be restarted) -----------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((LOOPBACK, 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def ping(port: int) -> bool:

@@ -23,8 +23,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
 
+from app.loadkit.ports import free_port
 from tests.processes import Leftovers, kill_process, signal_and_wait
-from tests.redis_server import free_port
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

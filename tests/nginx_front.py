@@ -22,6 +22,7 @@ from pathlib import Path
 
 import aiohttp
 
+from app.loadkit.ports import free_port
 from scripts import cluster
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -34,7 +35,7 @@ async def nginx_in_front(directory: Path, gateway_port: int) -> AsyncIterator[in
     directory.mkdir(parents=True, exist_ok=True)
     state = cluster.State(
         dir=str(directory),
-        lb_port=cluster.free_port(),
+        lb_port=free_port(),
         redis_port=None,
         redis_url="",
         store="memory",

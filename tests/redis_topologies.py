@@ -34,8 +34,9 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from app.loadkit.ports import free_port
 from tests.processes import Leftovers, kill_process
-from tests.redis_server import RedisServer, free_port, redis_server_binary
+from tests.redis_server import RedisServer, redis_server_binary
 
 _LIVE_SENTINELS: Leftovers[SentinelProcess] = Leftovers(lambda proc: proc.close())
 

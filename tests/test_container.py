@@ -34,9 +34,10 @@ from pathlib import Path
 import pytest
 from ruamel.yaml import YAML
 
+from app.loadkit.ports import free_port
 from scripts import cluster
 from tests.gateway_process import REPO_ROOT
-from tests.redis_server import RedisServer, free_port
+from tests.redis_server import RedisServer
 
 BIN = Path(sys.executable).parent
 DOCKERFILE = REPO_ROOT / "Dockerfile"

@@ -30,9 +30,9 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from app.loadkit.ports import free_port
 from tests.fake_upstream import FakeUpstream, sse, sse_events, start_sse
 from tests.gateway_process import REPO_ROOT
-from tests.redis_server import free_port
 
 pytestmark = pytest.mark.redis_server
 

@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 import pytest
 from aiohttp import web
 
+from app.loadkit.ports import free_port
 from tests.gateway_process import GatewayProcess
-from tests.redis_server import free_port
 
 HEADER_TIMEOUT = 1.5
 AGENT = "/apps/shop/agent"

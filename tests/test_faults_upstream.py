@@ -27,6 +27,7 @@ import pytest
 from aiohttp import web
 from pytest_aiohttp import AiohttpServer
 
+from app.loadkit.ports import free_port
 from tests.conftest import CSRF
 from tests.fake_upstream import (
     RunningGateway,
@@ -40,7 +41,6 @@ from tests.fake_upstream import (
 )
 from tests.fault_proxy import FaultProxy
 from tests.gateway_process import GatewayProcess
-from tests.redis_server import free_port
 
 AGENT = "/apps/shop/agent"
 SESSION = "/apps/shop/session"

@@ -19,9 +19,9 @@ from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
 from app.__main__ import main
+from app.loadkit.ports import free_port
 from scripts import cluster
 from tests.gateway_process import REPO_ROOT, GatewayProcess
-from tests.redis_server import free_port
 
 RUN = REPO_ROOT / "scripts" / "run"
 

@@ -18,8 +18,8 @@ from aiohttp.test_utils import make_mocked_request
 
 from app import logs
 from app.keys import APP_ID_KEY, REQUEST_ID_KEY
+from app.loadkit.ports import free_port
 from tests.conftest import CSRF, GatewayProcessFactory
-from tests.redis_server import free_port
 
 ISO_UTC_MS = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
 

@@ -15,6 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from pytest_aiohttp import AiohttpClient, AiohttpServer
 
 from app import logs
+from app.loadkit.ports import free_port
 from app.main import create_app
 from app.sessions.backend import StoreUnavailable
 from app.sessions.memory import MemoryBackend
@@ -27,7 +28,6 @@ from tests.fake_upstream import (
     sse_events,
     start_sse,
 )
-from tests.redis_server import free_port
 
 SESSION_ROUTE = "/apps/{applicationId}/session"
 AGENT_ROUTE = "/apps/{applicationId}/agent/{path}"

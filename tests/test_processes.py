@@ -21,13 +21,14 @@ from pytest_aiohttp import AiohttpClient
 from app.__main__ import serve
 from app.keys import BACKEND_KEY, LIFECYCLE_KEY
 from app.lifecycle import drain_on_shutdown
+from app.loadkit.ports import free_port
 from app.main import create_app
 from app.sessions.backend import SessionBackend
 from app.sessions.memory import MemoryBackend
 from app.sessions.redis import RedisBackend
 from tests.conftest import CSRF, GatewayFactory, GatewayProcessFactory, make_settings
 from tests.gateway_process import GatewayProcess, run_gateway_to_exit
-from tests.redis_server import RedisServer, free_port
+from tests.redis_server import RedisServer
 
 # -- replicas ------------------------------------------------------------------------------
 

@@ -15,6 +15,7 @@ import pytest
 from aiohttp import web
 
 from app.keys import LIFECYCLE_KEY
+from app.loadkit.ports import free_port
 from tests.conftest import CSRF, GatewayProcessFactory
 from tests.fake_upstream import (
     RunningGateway,
@@ -25,7 +26,6 @@ from tests.fake_upstream import (
     sse_events,
     start_sse,
 )
-from tests.redis_server import free_port
 
 AGENT = "/apps/shop/agent"
 FIRST = sse("token", {"text": "first"})

@@ -17,11 +17,12 @@ import pytest
 from aiohttp import ClientResponse
 
 from app.config import Settings
+from app.loadkit.ports import free_port
 from app.main import StoreStartupError, open_store
 from app.sessions.backend import StoreUnavailable
 from app.sessions.redis import RedisBackend, RedisOptions, make_client
 from tests.conftest import CSRF, Gateway, GatewayFactory, make_settings
-from tests.redis_server import RedisServer, free_port
+from tests.redis_server import RedisServer
 
 _DEFAULTS = Settings()
 # The production budget, so "within ~2 s" is proven for what ships.

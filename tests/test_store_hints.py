@@ -11,9 +11,10 @@ from collections.abc import Iterator
 
 import pytest
 
+from app.loadkit.ports import free_port
 from app.store_hints import GENERIC_HINT, startup_hint
 from tests.gateway_process import run_gateway_to_exit
-from tests.redis_server import RedisServer, free_port
+from tests.redis_server import RedisServer
 
 pytestmark = pytest.mark.redis_server
 

@@ -30,7 +30,6 @@ import platform
 import secrets
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -47,6 +46,7 @@ import aiohttp
 import redis
 
 from app.loadkit import profiles
+from app.loadkit.ports import free_port
 from app.loadkit.sse import SSEParser
 from app.loadkit.wrk import WrkResult, run_wrk, write_script, wrk_binary
 
@@ -115,13 +115,6 @@ class Options:
 
 
 # -- processes ------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 _LIVE: list[Proc] = []

@@ -55,7 +55,8 @@ from typing import Any
 
 import aiohttp
 
-from app.loadkit.bench import PACKAGE_ROOT, Proc, create_sessions, free_port, wait_http
+from app.loadkit.bench import PACKAGE_ROOT, Proc, create_sessions, wait_http
+from app.loadkit.ports import free_port
 from app.loadkit.sse import SSEParser
 
 SAMPLE_SECONDS = 0.25
