@@ -137,6 +137,10 @@ class Settings:
     # dead pumper is noticed within 4 of them) and the connections blocking reads may hold.
     run_heartbeat_seconds: float = 0.5
     run_follow_connections: int = 64
+    # Resume readers per replica (app/runs/readers.py): open resume streams of one run, and
+    # runs one client address may have followed from Redis in one application.
+    run_readers_per_run: int = 8
+    run_follows_per_client: int = 4
 
     @classmethod
     def from_env(
@@ -356,6 +360,8 @@ def _parse(env: Mapping[str, str]) -> Settings:
         upload_timeout_seconds=r.positive_float("UPLOAD_TIMEOUT_SECONDS", 300.0),
         run_heartbeat_seconds=r.positive_float("RUN_HEARTBEAT_SECONDS", 0.5),
         run_follow_connections=r.positive_int("RUN_FOLLOW_CONNECTIONS", 64),
+        run_readers_per_run=r.positive_int("RUN_READERS_PER_RUN", 8),
+        run_follows_per_client=r.positive_int("RUN_FOLLOWS_PER_CLIENT", 4),
     )
     # Upstream capacity: the applications' caps must fit in the pool (app/capacity.py).
     if not app_problems:

@@ -14,6 +14,7 @@ import pytest
 from aiohttp.test_utils import TestServer
 
 from app.keys import RUNS_KEY, UPSTREAM_KEY
+from app.proxy.headers import PROXIED_CSP
 from app.runs.store import RedisRunStore
 from app.sessions.backend import StoreUnavailable
 from tests.fake_upstream import RunningGateway, app_settings, run_gateway
@@ -42,11 +43,13 @@ async def counting() -> AsyncIterator[tuple[CountingUpstream, TestServer]]:
         await server.close()
 
 
-def _gateway(server: TestServer, **fields: Any) -> Any:
+def _gateway(server: TestServer, env: dict[str, str] | None = None, **fields: Any) -> Any:
     fields.setdefault("resumable", True)
     fields.setdefault("resume_window_seconds", 5.0)
     return run_gateway(
-        app_settings(server.make_url("/v1"), {"RUN_HEARTBEAT_SECONDS": HEARTBEAT}, **fields)
+        app_settings(
+            server.make_url("/v1"), {"RUN_HEARTBEAT_SECONDS": HEARTBEAT, **(env or {})}, **fields
+        )
     )
 
 
@@ -287,3 +290,50 @@ async def test_a_second_session_gets_404(
                 await own.read()
             async with other.get(f"/apps/shop/runs/{run_id}") as response:
                 assert response.status == 404
+
+
+def _sandboxed(response: aiohttp.ClientResponse) -> bool:
+    headers = response.headers
+    return (
+        headers.get("Content-Security-Policy") == PROXIED_CSP
+        and headers.get("X-Content-Type-Options") == "nosniff"
+    )
+
+
+async def test_every_answer_of_the_runs_endpoints_is_sandboxed_like_a_proxied_one(
+    counting: tuple[CountingUpstream, TestServer],
+) -> None:
+    """The resume stream, its JSON errors (400, 404, 503), 204 and the stop's 202 carry the
+    sandbox CSP and `nosniff` that every proxied answer carries."""
+    upstream, server = counting
+    upstream.count, upstream.delay = 200, 0.02
+    async with _gateway(server, {"RUN_READERS_PER_RUN": "1"}) as gw:
+        run_id, _ = await _start(gw, 2)
+        runs = f"/apps/shop/runs/{run_id}"
+        async with gw.client.get(runs, headers={"Last-Event-ID": "2"}) as resumed:
+            assert resumed.status == 200 and _sandboxed(resumed)
+            await read_events(resumed, 1)
+            async with gw.client.get(runs) as busy:  # one reader per run here
+                assert busy.status == 503 and _sandboxed(busy)
+                assert (await busy.json())["error"]["code"] == "upstream_busy"
+                assert busy.headers["Retry-After"] == "1"
+        for path, headers, status in (
+            (runs, {"Last-Event-ID": "x"}, 400),
+            ("/apps/shop/runs/not-a-run", {}, 404),
+            (f"/apps/shop/runs/{'A' * 22}", {}, 404),
+        ):
+            async with gw.client.get(path, headers=headers) as response:
+                assert response.status == status and _sandboxed(response), path
+                assert response.content_type == "application/json"
+        async with gw.client.post(f"{runs}/stop", headers=CSRF) as stop:
+            assert stop.status == 202 and _sandboxed(stop)
+        async with gw.client.post(f"/apps/shop/runs/{'A' * 22}/stop", headers=CSRF) as none:
+            assert none.status == 404 and _sandboxed(none)
+        await asyncio.wait_for(upstream.cancelled.wait(), 5)
+        async with gw.client.get(runs) as ended:
+            events = await read_events(ended)
+            assert error_code(events[-1]) == "run_stopped"
+        async with gw.client.get(
+            runs, headers={"Last-Event-ID": str(event_id(events[-1]))}
+        ) as done:
+            assert done.status == 204 and _sandboxed(done)

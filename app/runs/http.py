@@ -11,9 +11,13 @@ and stop endpoints.
   `invalid_last_event_id`. A run that ended with nothing after `<seq>`: 204 (`EventSource`
   stops reconnecting). Events before `<seq>` dropped by the run's limits: one `event: error`
   `resume_too_old`. A pumping replica that died (heartbeat gone, no end recorded):
-  `event: error` `run_orphaned` within 4 heartbeats plus one.
+  `event: error` `run_orphaned` within 4 heartbeats plus one. A reader limit full
+  (app/runs/readers.py): 503 `upstream_busy` with `Retry-After: 1`, before the stream starts.
 - `POST /apps/{applicationId}/runs/{runId}/stop` (CSRF header, same session): 202; the pump,
   wherever it runs, ends the run (`run_stopped`) within a heartbeat and cancels the upstream.
+
+Every answer of both (streams, 204, 202, JSON errors) carries `PROXIED_RESPONSE_HEADERS` (the
+sandbox CSP, `nosniff`), as every proxied answer does.
 """
 
 from __future__ import annotations
@@ -23,17 +27,20 @@ import json
 import logging
 import re
 import secrets
+from collections.abc import Awaitable, Callable
 
 import aiohttp
 from aiohttp import web
 
-from app.errors import ApiError
+from app.capacity import client_key
+from app.errors import ApiError, store_full, store_unavailable
 from app.keys import APP_CONFIG_KEY, REQUEST_ID_KEY, RUNS_KEY, SETTINGS_KEY, UPSTREAM_KEY
 from app.proxy.exchange import Exchange
-from app.proxy.headers import browser_response_headers
+from app.proxy.headers import PROXIED_RESPONSE_HEADERS, browser_response_headers
+from app.runs.readers import READ_COUNT, Follower
 from app.runs.runs import ERROR_MESSAGES, Run, RunRegistry, owner_of, reading
-from app.runs.store import RedisRunStore, RunMeta
-from app.sessions.backend import StoreUnavailable
+from app.runs.store import Entry, RedisRunStore, RunMeta
+from app.sessions.backend import StoreFull, StoreUnavailable
 from app.sessions.middleware import get_session
 
 log = logging.getLogger(__name__)
@@ -42,8 +49,6 @@ RUN_HEADER = "X-Run-Id"
 _RUN_ID_RE = re.compile(r"^[A-Za-z0-9_-]{22}$")
 _SEQ_RE = re.compile(r"^[0-9]{1,18}$")
 KEEPALIVE_COMMENT = b": keep-alive\n\n"
-# Entries per Redis read.
-_READ_COUNT = 512
 
 
 async def start_run(
@@ -176,41 +181,41 @@ async def _follow_remote(
     run_id: str,
     after: int,
     registry: RunRegistry,
-    window_ms: int,
+    follower: Follower | None,
+    replay_until: int,
 ) -> None:
-    """The same from Redis, for a run pumped by another replica: replay with `XRANGE`, then
-    follow with `XREAD BLOCK` (one heartbeat at most), checking the pumper's heartbeat."""
+    """The same from Redis, for a run pumped by another replica (or ended): what the run's
+    follower here holds (app/runs/readers.py), and before that (a resume from further back,
+    or an ended run: `follower` None) what `XRANGE` reads; events up to `replay_until` count
+    as replayed."""
     settings = request.app[SETTINGS_KEY]
-    block_ms = max(1, round(registry.heartbeat * 1000))
     keepalive = settings.sse_keepalive_seconds
+    wait = min(keepalive, registry.heartbeat)
     loop = asyncio.get_running_loop()
-    last_write = last_tick = loop.time()
+    last_write = loop.time()
     pos = after
-    replaying = True
     try:
         while True:
-            if replaying:
-                entries = await store.range_after(run_id, pos, _READ_COUNT)
-                replaying = bool(entries)
+            entries: list[Entry] = []
+            if follower is None or pos < follower.base:
+                entries = await store.range_after(run_id, pos, READ_COUNT)
+                if not entries and follower is None:
+                    break  # an ended run read to its end (its entries expired meanwhile)
             else:
-                entries = await store.follow(run_id, pos, block_ms=block_ms, count=_READ_COUNT)
-            now = loop.time()
-            if not entries or now - last_tick >= registry.heartbeat:
-                last_tick = now
-                if _gone(request):
-                    return
-                alive = await store.reader_tick(run_id, window_ms=window_ms)
-                if not entries and not alive:
-                    # The end may have been written just before the heartbeat was removed.
-                    entries = await store.range_after(run_id, pos, _READ_COUNT)
-                    if not entries:
-                        registry.counters.orphaned += 1
-                        await response.write(_error_event(request, "run_orphaned"))
-                        break
+                entries = follower.after(pos)
             if not entries:
-                if loop.time() - last_write >= keepalive:
-                    await response.write(KEEPALIVE_COMMENT)
-                    last_write = loop.time()
+                assert follower is not None
+                if follower.failure is not None and follower.pos <= pos:
+                    if follower.failure == "run_orphaned":
+                        registry.counters.orphaned += 1
+                    await response.write(_error_event(request, follower.failure))
+                    break
+                if not await follower.wait(wait):
+                    if _gone(request):
+                        return
+                    if loop.time() - last_write >= keepalive:
+                        await response.write(KEEPALIVE_COMMENT)
+                        last_write = loop.time()
                 continue
             out: list[bytes] = []
             ended = False
@@ -226,8 +231,8 @@ async def _follow_remote(
                 if entry.end is not None:
                     ended = True
                     break
-            if replaying:
-                registry.counters.replayed_events += pos - before
+            if before < replay_until:
+                registry.counters.replayed_events += min(pos, replay_until) - before
             if out:
                 await response.write(b"".join(out))
                 last_write = loop.time()
@@ -279,6 +284,32 @@ async def _owner(request: web.Request) -> str | None:
     return owner_of(conversation) if isinstance(conversation, str) else None
 
 
+def sandboxed(
+    handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    """`handler`'s answers, its JSON errors included, carry the headers of every proxied
+    answer (`PROXIED_RESPONSE_HEADERS`: the sandbox CSP, `nosniff`): a run's events are the
+    upstream's bytes, served from the origin every application shares."""
+
+    async def wrapped(request: web.Request) -> web.StreamResponse:
+        try:
+            response = await handler(request)
+        except ApiError as err:
+            err.headers.update(PROXIED_RESPONSE_HEADERS)
+            raise
+        except StoreUnavailable as err:
+            log.warning("session store unavailable: %s", err)
+            error = store_full() if isinstance(err, StoreFull) else store_unavailable()
+            error.headers.update(PROXIED_RESPONSE_HEADERS)
+            raise error from err
+        if not response.prepared:
+            response.headers.update(PROXIED_RESPONSE_HEADERS)
+        return response
+
+    return wrapped
+
+
+@sandboxed
 async def resume_run(request: web.Request) -> web.StreamResponse:
     """`GET /apps/{applicationId}/runs/{runId}` (see the module docstring)."""
     app = request[APP_CONFIG_KEY]
@@ -289,19 +320,23 @@ async def resume_run(request: web.Request) -> web.StreamResponse:
     run = registry.runs.get(run_id)
     if owner is None:
         raise _not_found()
+    caps = registry.readers
+    client = client_key(request, request.app[SETTINGS_KEY].trusted_proxies)
     if run is not None:
         if run.owner != owner or run.app.app_id != app.app_id:
             raise _not_found()
         if after >= run.log.next_seq:
-            raise ApiError(
-                400, "invalid_last_event_id", "Last-Event-ID is past this run's last event."
-            )
+            raise _past_the_end()
         if run.log.end is not None and after == run.log.next_seq - 1:
             return web.Response(status=204)
-        registry.counters.resumes += 1
-        response = _event_stream_response(run_id)
-        with reading(run):
-            await _follow_local(request, response, run, after, registry, resume=True)
+        caps.enter(app.app_id, run_id, client)  # 503 `upstream_busy` when full
+        try:
+            registry.counters.resumes += 1
+            response = _event_stream_response(run_id)
+            with reading(run):
+                await _follow_local(request, response, run, after, registry, resume=True)
+        finally:
+            caps.leave(app.app_id, run_id, client)
         return response
     store = registry.store
     if store is None:
@@ -309,31 +344,74 @@ async def resume_run(request: web.Request) -> web.StreamResponse:
     meta = await store.meta(run_id)
     if meta is None or meta.owner != owner or meta.app_id != app.app_id:
         raise _not_found()
-    if meta.end is not None:
-        left = await store.range_after(run_id, after, 1)
-        if not left or (left[0].end is not None and left[0].data is None):
-            return web.Response(status=204)
-    registry.counters.resumes += 1
-    response = _event_stream_response(run_id)
-    await response.prepare(request)
-    await _follow_remote(
-        request,
-        response,
-        store,
-        run_id,
-        after,
-        registry,
-        round(app.resume_window_seconds * 1000),
-    )
-    return response
+    if after > meta.last_seq:
+        raise _past_the_end()
+    if meta.end is not None and after == meta.last_seq:
+        return web.Response(status=204)
+    caps.enter(app.app_id, run_id, client)
+    try:
+        return await _resume_remote(request, registry, store, run_id, after, meta, client)
+    finally:
+        caps.leave(app.app_id, run_id, client)
+
+
+async def _resume_remote(
+    request: web.Request,
+    registry: RunRegistry,
+    store: RedisRunStore,
+    run_id: str,
+    after: int,
+    meta: RunMeta,
+    client: str,
+) -> web.StreamResponse:
+    """A resume of a run pumped elsewhere (or ended), its reader counted: through the run's
+    follower here (shared; a new one when none follows it yet, 503 when the application or
+    the client may not follow one more), or, ended, from `XRANGE` alone."""
+    app = request[APP_CONFIG_KEY]
+    window_ms = round(app.resume_window_seconds * 1000)
+    follower: Follower | None = None
+    if meta.end is None:
+        settings = request.app[SETTINGS_KEY]
+
+        def start(release: Callable[[], None]) -> Follower:
+            return Follower(
+                store,
+                run_id,
+                after,
+                heartbeat=registry.heartbeat,
+                window_ms=window_ms,
+                retry_seconds=2 * settings.redis_op_timeout_seconds,
+                release=release,
+            )
+
+        follower = registry.readers.follower(app.app_id, run_id, client, start)
+        # Counted before any await: the follower's task has not run yet (no reader: it ends).
+        follower.readers += 1
+    try:
+        registry.counters.resumes += 1
+        response = _event_stream_response(run_id)
+        await response.prepare(request)
+        await _follow_remote(
+            request, response, store, run_id, after, registry, follower, meta.last_seq
+        )
+        return response
+    finally:
+        if follower is not None:
+            follower.readers -= 1
+
+
+def _past_the_end() -> ApiError:
+    return ApiError(400, "invalid_last_event_id", "Last-Event-ID is past this run's last event.")
 
 
 def _event_stream_response(run_id: str) -> web.StreamResponse:
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    response.headers.extend(PROXIED_RESPONSE_HEADERS)
     _stream_headers(response, run_id)
     return response
 
 
+@sandboxed
 async def stop_run(request: web.Request) -> web.Response:
     """`POST /apps/{applicationId}/runs/{runId}/stop` (see the module docstring)."""
     app = request[APP_CONFIG_KEY]

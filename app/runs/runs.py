@@ -52,6 +52,7 @@ from app.keys import BACKEND_KEY, LIFECYCLE_KEY, METRICS_KEY, RUNS_KEY, UPSTREAM
 from app.lifecycle import Lifecycle
 from app.proxy.fastread import read_available
 from app.runs.log import RunLog
+from app.runs.readers import READER_LIMITS, ReaderCaps
 from app.runs.sse import SseParser
 from app.runs.store import RedisRunStore
 from app.sessions.backend import StoreUnavailable
@@ -197,6 +198,7 @@ class RunRegistry:
         store: RedisRunStore | None,
         lifecycle: Lifecycle,
         stop: StreamStop,
+        readers: ReaderCaps,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -204,6 +206,7 @@ class RunRegistry:
         self.heartbeat = settings.run_heartbeat_seconds
         self.runs: dict[str, Run] = {}
         self.counters = RunCounters()
+        self.readers = readers
         self._stop = stop
         self._expiry: dict[str, asyncio.TimerHandle] = {}
         stop.subscribe(self._on_shutdown)
@@ -408,6 +411,8 @@ class RunRegistry:
         for handle in self._expiry.values():
             handle.cancel()
         self._expiry.clear()
+        followers = [f for slots in self.readers.apps.values() for f in slots.followers.values()]
+        await asyncio.gather(*(follower.close() for follower in followers))
 
 
 class RunsCollector:
@@ -456,6 +461,23 @@ class RunsCollector:
         for reason, count in sorted(counters.ended.items()):
             ended.add_metric([reason], count)
         yield ended
+        refused = CounterMetricFamily(
+            "agent_bff_run_resumes_refused",
+            "Resume requests refused with 503 upstream_busy, by application and full limit "
+            "(app/runs/readers.py).",
+            labels=["application", "limit"],
+        )
+        followed = GaugeMetricFamily(
+            "agent_bff_runs_followed",
+            "Runs pumped elsewhere that this process follows from Redis, by application.",
+            labels=["application"],
+        )
+        for app_id, slots in sorted(registry.readers.apps.items()):
+            followed.add_metric([app_id], slots.follows)
+            for limit in READER_LIMITS:
+                refused.add_metric([app_id, limit], slots.refused[limit])
+        yield refused
+        yield followed
 
 
 def runs_ctx(settings: Settings) -> Callable[[web.Application], AsyncIterator[None]]:
@@ -466,10 +488,11 @@ def runs_ctx(settings: Settings) -> Callable[[web.Application], AsyncIterator[No
         backend = app[BACKEND_KEY]
         store: RedisRunStore | None = None
         follow: RedisBackend | None = None
+        readers = reader_caps(settings)
         if isinstance(backend, RedisBackend):
-            follow = follow_backend(settings, backend)
+            follow = follow_backend(settings, backend, readers.pool_size)
             store = RedisRunStore(backend, follow, settings.redis_aux_prefix)
-        registry = RunRegistry(settings, store, app[LIFECYCLE_KEY], app[UPSTREAM_KEY].stop)
+        registry = RunRegistry(settings, store, app[LIFECYCLE_KEY], app[UPSTREAM_KEY].stop, readers)
         app[RUNS_KEY] = registry
         metrics = app.get(METRICS_KEY)
         collector = RunsCollector(registry)
@@ -487,9 +510,20 @@ def runs_ctx(settings: Settings) -> Callable[[web.Application], AsyncIterator[No
     return ctx
 
 
-def follow_backend(settings: Settings, backend: RedisBackend) -> RedisBackend:
-    """A second client for blocking `XREAD`s: at most `RUN_FOLLOW_CONNECTIONS` connections,
-    socket and operation deadlines stretched by one heartbeat (the longest block)."""
+def reader_caps(settings: Settings) -> ReaderCaps:
+    """The resume readers' caps (app/runs/readers.py) the settings describe."""
+    return ReaderCaps(
+        settings.apps,
+        follow_connections=settings.run_follow_connections,
+        follows_per_client=settings.run_follows_per_client,
+        readers_per_run=settings.run_readers_per_run,
+    )
+
+
+def follow_backend(settings: Settings, backend: RedisBackend, connections: int) -> RedisBackend:
+    """A second client for blocking `XREAD`s: at most `connections` (the sum of the
+    applications' follow shares, app/runs/readers.py), socket and operation deadlines
+    stretched by one heartbeat (the longest block)."""
     from app.main import redis_options  # the one place Redis options are built
 
     if settings.redis_url is None:  # a test backend without settings: share it
@@ -498,7 +532,7 @@ def follow_backend(settings: Settings, backend: RedisBackend) -> RedisBackend:
     options = type(options)(
         **{
             **{name: getattr(options, name) for name in options.__dataclass_fields__},
-            "max_connections": settings.run_follow_connections,
+            "max_connections": connections,
             "socket_timeout": options.socket_timeout + settings.run_heartbeat_seconds,
             "client_name": f"{options.client_name}-follow",
         }

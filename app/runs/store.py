@@ -11,13 +11,15 @@ Keys (all with the run id as hash tag, so one run's keys share a Redis Cluster s
   flight at a time, so always in order), trimmed with `MINID` to its in-process log's bounds.
 - `{...}:h`  the pumper's heartbeat, `PX` = 4 heartbeats, refreshed every heartbeat (left to
   expire at the end). Missing while the run has no end entry: its pumper died.
-- `{...}:r`  readers on other replicas, `PX` = the application's window, refreshed by each
-  of them every heartbeat: the pumper's view of "somebody is still reading".
+- `{...}:r`  readers on other replicas, `PX` = the application's window, refreshed every
+  heartbeat by each replica following the run (once for all its readers,
+  app/runs/readers.py): the pumper's view of "somebody is still reading".
 `m` and `e` expire one window (plus a heartbeat TTL) after the last heartbeat or the end.
 
 Every command goes through `RedisBackend._run` (3 retries, one deadline, `StoreUnavailable`);
 simple ones through the auto-pipeliner. Blocking `XREAD`s use their own bounded client
-(`follow`), so a reader never holds a connection the sessions need. Replies are normalised:
+(`follow`, one connection per followed run: app/runs/readers.py), so a reader never holds a
+connection the sessions need. Replies are normalised:
 the pipeliner returns raw RESP2, a cluster client parses it.
 """
 
@@ -81,6 +83,8 @@ class RunMeta:
     owner: str
     app_id: str
     end: str | None = None
+    # The sequence number of the last event stored (0: none yet).
+    last_seq: int = 0
 
 
 def _text(value: Any) -> str:
@@ -194,7 +198,8 @@ class RedisRunStore:
         await self._backend._run(lambda: END_RUN.run(execute, keys, args))
 
     async def meta(self, run_id: str) -> RunMeta | None:
-        """The run's owner and application, and its end reason (from its last entry)."""
+        """The run's owner and application, its end reason and its last event's sequence
+        number (from its last entry)."""
         raw, last = await self._all(
             ("HGETALL", self.key(run_id, "m")),
             ("XREVRANGE", self.key(run_id, "e"), "+", "-", "COUNT", 1),
@@ -203,8 +208,12 @@ class RedisRunStore:
         if "o" not in fields or "a" not in fields:
             return None
         tail = _entries(last)
-        end = tail[0].end if tail else None
-        return RunMeta(_text(fields["o"]), _text(fields["a"]), end)
+        if not tail:
+            return RunMeta(_text(fields["o"]), _text(fields["a"]))
+        entry = tail[0]
+        # A bare end marker's id is the sequence number after the last event.
+        last_seq = entry.seq if entry.data is not None else entry.seq - 1
+        return RunMeta(_text(fields["o"]), _text(fields["a"]), entry.end, last_seq)
 
     async def range_after(self, run_id: str, after: int, count: int) -> list[Entry]:
         (raw,) = await self._all(
