@@ -10,13 +10,20 @@ from __future__ import annotations
 import os
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from app.forward_headers import DEFAULT_POLICY, ForwardPolicy, forward_policy
 from app.relay_headers import DEFAULT_RELAY_POLICY, RelayPolicy, relay_policy
+
+P = TypeVar("P")  # a header policy (`ForwardPolicy`, `RelayPolicy`)
+# A valid value of each header-list field, quoted when the field is not a list.
+_HEADER_LIST_EXAMPLES = {
+    "forward_request_headers": "['Anthropic-Beta', 'X-Stainless-*']",
+    "relay_response_headers": "['OpenAI-*', 'X-Trace']",
+}
 
 APP_ID_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 _ENV_REF_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -245,26 +252,12 @@ def _parse_app(
         problems.append(f"{where}: field 'forward_authorization' must be true or false")
         forward_auth = False
 
-    forward = DEFAULT_POLICY
-    extra_headers = table.get("forward_request_headers", [])
-    if not isinstance(extra_headers, list):
-        problems.append(
-            f"{where}: field 'forward_request_headers' must be a list of header names, "
-            "e.g. ['Anthropic-Beta', 'X-Stainless-*']"
-        )
-    elif extra_headers:
-        forward, forward_problems = forward_policy(extra_headers, where)
-        problems.extend(forward_problems)
-    relay = DEFAULT_RELAY_POLICY
-    extra_relayed = table.get("relay_response_headers", [])
-    if not isinstance(extra_relayed, list):
-        problems.append(
-            f"{where}: field 'relay_response_headers' must be a list of header names, "
-            "e.g. ['OpenAI-*', 'X-Trace']"
-        )
-    elif extra_relayed:
-        relay, relay_problems = relay_policy(extra_relayed, where)
-        problems.extend(relay_problems)
+    forward = _header_policy(
+        table, "forward_request_headers", forward_policy, DEFAULT_POLICY, where, problems
+    )
+    relay = _header_policy(
+        table, "relay_response_headers", relay_policy, DEFAULT_RELAY_POLICY, where, problems
+    )
     connect_timeout = _positive_number(table, "connect_timeout_seconds", 5.0, where, problems)
     idle_timeout = _positive_number(table, "idle_timeout_seconds", 120.0, where, problems)
     max_body = table.get("max_body_bytes", 1_048_576)
@@ -411,6 +404,29 @@ def concurrency_caps(
     for app_id in shared:
         caps[app_id] = remaining // len(shared)
     return caps, problems
+
+
+def _header_policy(
+    table: Mapping[str, Any],
+    name: str,
+    build: Callable[[list[object], str], tuple[P, list[str]]],
+    default: P,
+    where: str,
+    problems: list[str],
+) -> P:
+    """The header policy an application's field `name` describes (a list of header names or
+    prefixes added to the default set, turned into a policy by `build`): `default` when the
+    field is absent or empty. Problems go to `problems`."""
+    entries = table.get(name, [])
+    if not isinstance(entries, list):
+        example = _HEADER_LIST_EXAMPLES[name]
+        problems.append(f"{where}: field {name!r} must be a list of header names, e.g. {example}")
+        return default
+    if not entries:
+        return default
+    policy, found = build(entries, where)
+    problems.extend(found)
+    return policy
 
 
 def _positive_number(
