@@ -55,8 +55,9 @@ from typing import Any
 
 import aiohttp
 
-from app.loadkit.bench import PACKAGE_ROOT, Proc, create_sessions, wait_http
+from app.loadkit.bench.lab import create_sessions
 from app.loadkit.ports import free_port
+from app.loadkit.processes import PACKAGE_ROOT, Proc, wait_http
 from app.loadkit.sse import SSEParser
 
 SAMPLE_SECONDS = 0.25
