@@ -271,3 +271,29 @@ async def test_redis_dying_mid_run_ends_it_with_a_clear_error_and_cancels_the_up
     assert ids == list(range(4, 4 + len(ids)))  # in order, nothing skipped, up to the error
     await asyncio.wait_for(upstream.cancelled.wait(), 5)
     assert took < 5, took  # REDIS_OP_TIMEOUT_SECONDS=1 in the test processes
+
+
+async def test_readers_of_one_run_at_different_positions_share_one_follower(
+    two: tuple[GatewayProcess, GatewayProcess], counting: tuple[CountingUpstream, TestServer]
+) -> None:
+    """All readers of a run on a replica share one blocking reader (one follow connection);
+    one from further back replays from Redis first; each gets every event once, in order."""
+    a, b = two
+    upstream = counting[0]
+    total = upstream.count + 1
+    async with _client() as client:
+        run_id, _ = await _start(client, a, 20)
+        url = f"{b.url}/apps/shop/runs/{run_id}"
+        late = await client.get(url, headers={"Last-Event-ID": "20"})
+        head = await read_events(late, 3)
+        early = await client.get(url)  # from the start: behind what the follower holds
+        async with client.get(f"{b.url}/metrics") as metrics:
+            text = await metrics.text()
+        assert 'agent_bff_runs_followed{application="shop"} 1.0' in text
+        rest = await asyncio.wait_for(read_events(late), 10)
+        whole = await asyncio.wait_for(read_events(early), 10)
+        late.close()
+        early.close()
+    assert [event_id(e) for e in head + rest] == list(range(21, total + 1))
+    assert [event_id(e) for e in whole] == list(range(1, total + 1))
+    assert event_kind(whole[-1]) == "done"

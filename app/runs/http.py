@@ -205,10 +205,12 @@ async def _follow_remote(
                 entries = follower.after(pos)
             if not entries:
                 assert follower is not None
-                if follower.failure is not None and follower.pos <= pos:
-                    if follower.failure == "run_orphaned":
+                if follower.done and (follower.pos <= pos or pos < follower.base):
+                    # Nothing more will come: it gave up, or what it had is gone from Redis.
+                    code = follower.failure or "resume_too_old"
+                    if code == "run_orphaned":
                         registry.counters.orphaned += 1
-                    await response.write(_error_event(request, follower.failure))
+                    await response.write(_error_event(request, code))
                     break
                 if not await follower.wait(wait):
                     if _gone(request):
@@ -318,7 +320,7 @@ async def resume_run(request: web.Request) -> web.StreamResponse:
     owner = await _owner(request)
     registry = request.app[RUNS_KEY]
     run = registry.runs.get(run_id)
-    if owner is None:
+    if owner is None or not app.resumable:  # (a replica configured otherwise)
         raise _not_found()
     caps = registry.readers
     client = client_key(request, request.app[SETTINGS_KEY].trusted_proxies)
@@ -381,6 +383,7 @@ async def _resume_remote(
                 heartbeat=registry.heartbeat,
                 window_ms=window_ms,
                 retry_seconds=2 * settings.redis_op_timeout_seconds,
+                max_bytes=app.resume_max_bytes,
                 release=release,
             )
 

@@ -21,15 +21,16 @@ A request over any of them: 503 `upstream_busy` with `Retry-After: 1`, at once (
 response starts, before anything blocks), counted in `agent_bff_run_resumes_refused_total
 {application,limit}` (`run`, `client`, `follow`, `follow_client`).
 
-A follower reads with `XREAD BLOCK` (a heartbeat at most), keeps the entries it read (the last
-`MIRROR_ENTRIES` of them) and wakes its readers; every heartbeat it refreshes the run's
-readers key once for all of them and checks the pumper's heartbeat (`run_orphaned` when it is
-gone and no end was written). A read that fails is retried (the readers get keep-alives) for
-up to twice `REDIS_OP_TIMEOUT_SECONDS` of consecutive failures; then `run_store_unavailable`.
-A reader whose position is older than the copy (a resume from further back) replays from Redis
-with `XRANGE` on the session client (non-blocking) until it reaches the copy. The follower ends
-when its last reader has left (after its read in flight, at most a heartbeat), when the run's
-end arrives, or on a failure; its connection share is returned then.
+A follower reads with `XREAD BLOCK` (a heartbeat at most), keeps the entries it read (the
+last `MIRROR_ENTRIES` of them, at most the application's `resume_max_bytes`) and wakes its
+readers; every heartbeat it refreshes the run's readers key once for all of them and checks
+the pumper's heartbeat (`run_orphaned` when it is gone and no end was written). A read that
+fails is retried (the readers get keep-alives) for up to twice `REDIS_OP_TIMEOUT_SECONDS` of
+consecutive failures; then `run_store_unavailable`. A reader whose position is older than the
+copy (a resume from further back) replays from Redis with `XRANGE` on the session client
+(non-blocking) until it reaches the copy. The follower ends when its last reader has left
+(after its read in flight, at most a heartbeat), when the run's end arrives, or on a failure;
+its connection share is returned then.
 """
 
 from __future__ import annotations
@@ -187,7 +188,9 @@ class Follower:
     """The one blocking reader of a run pumped elsewhere, for every local reader of it (see
     the module docstring). `base`: the entries kept cover the sequence numbers after it;
     `pos`: the last sequence number read; `failure`: `run_orphaned` or `run_store_unavailable`
-    once it gave up; `ended`: the run's end was read."""
+    once it gave up; `ended`: the run's end was read; `done`: it reads no more. It keeps at
+    most `MIRROR_ENTRIES` entries and `max_bytes` of events (the application's
+    `resume_max_bytes`)."""
 
     def __init__(
         self,
@@ -198,6 +201,7 @@ class Follower:
         heartbeat: float,
         window_ms: int,
         retry_seconds: float,
+        max_bytes: int,
         release: Callable[[], None],
     ) -> None:
         self.run_id = run_id
@@ -207,6 +211,8 @@ class Follower:
         self.failure: str | None = None
         self.ended = False
         self.done = False
+        self.bytes = 0
+        self._max_bytes = max_bytes
         self._store = store
         self._entries: deque[Entry] = deque()
         self._waiters: list[asyncio.Future[None]] = []
@@ -256,10 +262,15 @@ class Follower:
                 continue
             self._entries.append(entry)
             self.pos = max(self.pos, entry.seq)
+            self.bytes += len(entry.data or b"")
             if entry.end is not None:
                 self.ended = True
-        while len(self._entries) > MIRROR_ENTRIES:
-            self.base = self._entries.popleft().seq
+        while len(self._entries) > 1 and (
+            len(self._entries) > MIRROR_ENTRIES or self.bytes > self._max_bytes
+        ):
+            dropped = self._entries.popleft()
+            self.base = dropped.seq
+            self.bytes -= len(dropped.data or b"")
         self._wake()
 
     async def _loop(self) -> None:
@@ -297,6 +308,9 @@ class Follower:
                     continue
                 if entries:
                     self._add(entries)
+        except Exception:
+            log.exception("run %s: following failed", self.run_id)
+            self.failure = "run_store_unavailable"
         finally:
             self.done = True
             self._release()
