@@ -10,15 +10,13 @@ from __future__ import annotations
 import os
 import re
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 from urllib.parse import urlsplit
 
-from app.forward_headers import DEFAULT_POLICY, ForwardPolicy, forward_policy
-from app.relay_headers import DEFAULT_RELAY_POLICY, RelayPolicy, relay_policy
+from app.proxy.header_policy import REQUESTS, RESPONSES, Direction, HeaderPolicy, header_policy
 
-P = TypeVar("P")  # a header policy (`ForwardPolicy`, `RelayPolicy`)
 # A valid value of each header-list field, quoted when the field is not a list.
 _HEADER_LIST_EXAMPLES = {
     "forward_request_headers": "['Anthropic-Beta', 'X-Stainless-*']",
@@ -110,10 +108,10 @@ class AppConfig:
     headers: Mapping[str, str] = field(default_factory=dict)
     allowed_origins: frozenset[str] = frozenset()
     forward_authorization: bool = False
-    # The browser's request headers that reach the upstream (app/forward_headers.py).
-    forward: ForwardPolicy = DEFAULT_POLICY
-    # The upstream's response headers that reach the browser (app/relay_headers.py).
-    relay: RelayPolicy = DEFAULT_RELAY_POLICY
+    # The browser's request headers that reach the upstream (app/proxy/header_policy.py).
+    forward: HeaderPolicy = REQUESTS.default
+    # The upstream's response headers that reach the browser (app/proxy/header_policy.py).
+    relay: HeaderPolicy = RESPONSES.default
     connect_timeout_seconds: float = 5.0
     idle_timeout_seconds: float = 120.0
     max_body_bytes: int = 1_048_576
@@ -252,12 +250,8 @@ def _parse_app(
         problems.append(f"{where}: field 'forward_authorization' must be true or false")
         forward_auth = False
 
-    forward = _header_policy(
-        table, "forward_request_headers", forward_policy, DEFAULT_POLICY, where, problems
-    )
-    relay = _header_policy(
-        table, "relay_response_headers", relay_policy, DEFAULT_RELAY_POLICY, where, problems
-    )
+    forward = _header_policy(table, REQUESTS, where, problems)
+    relay = _header_policy(table, RESPONSES, where, problems)
     connect_timeout = _positive_number(table, "connect_timeout_seconds", 5.0, where, problems)
     idle_timeout = _positive_number(table, "idle_timeout_seconds", 120.0, where, problems)
     max_body = table.get("max_body_bytes", 1_048_576)
@@ -407,16 +401,12 @@ def concurrency_caps(
 
 
 def _header_policy(
-    table: Mapping[str, Any],
-    name: str,
-    build: Callable[[list[object], str], tuple[P, list[str]]],
-    default: P,
-    where: str,
-    problems: list[str],
-) -> P:
-    """The header policy an application's field `name` describes (a list of header names or
-    prefixes added to the default set, turned into a policy by `build`): `default` when the
-    field is absent or empty. Problems go to `problems`."""
+    table: Mapping[str, Any], direction: Direction, where: str, problems: list[str]
+) -> HeaderPolicy:
+    """The header policy an application's field `direction.setting` describes (a list of
+    header names or prefixes added to the default set): `direction.default` when the field is
+    absent or empty. Problems go to `problems`."""
+    name, default = direction.setting, direction.default
     entries = table.get(name, [])
     if not isinstance(entries, list):
         example = _HEADER_LIST_EXAMPLES[name]
@@ -424,7 +414,7 @@ def _header_policy(
         return default
     if not entries:
         return default
-    policy, found = build(entries, where)
+    policy, found = header_policy(direction, entries, where)
     problems.extend(found)
     return policy
 

@@ -16,10 +16,16 @@ from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from app.forward_headers import DEFAULT_FORWARDED, NEVER_FORWARDED, forward_policy
 from app.forwarding import client_ip, forwarded_chain
+from app.proxy.header_policy import (
+    DEFAULT_FORWARDED,
+    NEVER_FORWARDED,
+    NEVER_RELAYED,
+    REQUESTS,
+    RESPONSES,
+    header_policy,
+)
 from app.proxy.headers import PROXIED_CSP, browser_response_headers
-from app.relay_headers import NEVER_RELAYED, relay_policy
 from tests.fake_upstream import (
     RunningGateway,
     ServedUpstream,
@@ -162,7 +168,7 @@ async def test_I2_what_agent_apis_send_passes_unchanged(
 async def test_I2_an_application_lists_the_vendor_headers_it_relays(
     upstream: ServedUpstream,
 ) -> None:
-    relay, problems = relay_policy(CONFIGURED_RELAY, "test")
+    relay, problems = header_policy(RESPONSES, CONFIGURED_RELAY, "test")
     assert problems == []
 
     async def api(request: web.Request) -> web.Response:
@@ -195,12 +201,12 @@ async def test_I2_an_application_lists_the_vendor_headers_it_relays(
     ],
 )
 def test_I2_apps_file_cannot_reopen_the_floor(entry: str) -> None:
-    _, problems = relay_policy([entry], "APPS_FILE [apps.shop]")
+    _, problems = header_policy(RESPONSES, [entry], "APPS_FILE [apps.shop]")
     assert len(problems) == 1 and "relay_response_headers" in problems[0], problems
 
 
 def test_I2_a_star_relays_every_name_but_the_floor() -> None:
-    relay, problems = relay_policy(["*"], "test")
+    relay, problems = header_policy(RESPONSES, ["*"], "test")
     assert problems == []
     upstream: CIMultiDict[str] = CIMultiDict(
         [(n, "1") for n in ("X-Anything", "Anthropic-Ratelimit-Requests-Remaining")]
@@ -288,7 +294,9 @@ def test_I2_the_response_filter_is_case_blind_and_honours_connection() -> None:
             ("X-Kept", "1"),
         ]
     )
-    out = browser_response_headers(CIMultiDictProxy(upstream), relay_policy(["*"], "t")[0])
+    out = browser_response_headers(
+        CIMultiDictProxy(upstream), header_policy(RESPONSES, ["*"], "t")[0]
+    )
     assert list(out.keys()) == ["X-Kept", "Content-Security-Policy", "X-Content-Type-Options"]
 
 
@@ -509,15 +517,15 @@ async def test_I5_every_line_of_x_forwarded_for_counts(upstream: ServedUpstream)
 def test_I5_the_request_filter_covers_the_documented_names() -> None:
     """Not on the allowlist, and refused by the floor even for an application that forwards
     every other name (`forward_request_headers = ["*"]`)."""
-    everything, problems = forward_policy(["*"], "test")
+    everything, problems = header_policy(REQUESTS, ["*"], "test")
     assert problems == []
     for name, _ in HOSTILE_FORWARDING:
         assert name.lower() not in DEFAULT_FORWARDED, name
-        assert not everything.forwards(name.lower()), name
-    assert everything.forwards("x-custom") and everything.forwards("anthropic-beta")
+        assert not everything.allows(name.lower()), name
+    assert everything.allows("x-custom") and everything.allows("anthropic-beta")
     # The gateway's own headers are in the floor (the browser's copies never pass) ...
     assert {"x-agent-thread-id", "x-application-id", "x-request-id", "cookie"} <= NEVER_FORWARDED
-    assert not any(everything.forwards(name) for name in NEVER_FORWARDED)
+    assert not any(everything.allows(name) for name in NEVER_FORWARDED)
     # ... and no response filter entry names something agent APIs need.
     assert not {"content-type", "cache-control", "location", "retry-after"} & NEVER_RELAYED
 

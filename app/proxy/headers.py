@@ -2,8 +2,8 @@
 upstream and what the gateway adds (`upstream_request_headers`), which of the upstream's reach
 the browser and what every relayed answer carries (`browser_response_headers`), and the checks
 that refuse a message whose headers cannot be passed on (`forwardable_headers`,
-`has_invalid_header`). The per-application allowlists and their floors are app/forward_headers.py
-and app/relay_headers.py.
+`has_invalid_header`). The per-application allowlists and their floors (both directions, one
+`HeaderPolicy` type) are app/proxy/header_policy.py.
 """
 
 from __future__ import annotations
@@ -18,10 +18,9 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from app.applications import AppConfig
 from app.config import Settings
-from app.forward_headers import never_forwarded
 from app.forwarding import client_host, client_scheme, forwarded_chain
 from app.keys import REQUEST_ID_KEY
-from app.relay_headers import DEFAULT_RELAY_POLICY, RelayPolicy, never_relayed
+from app.proxy.header_policy import RESPONSES, HeaderPolicy
 
 THREAD_HEADER = "X-Agent-Thread-Id"
 # An upstream response carrying `X-Session-Rotate: 1` gets the session a new id (handler.py).
@@ -128,7 +127,7 @@ def upstream_request_headers(
     """The headers sent upstream for `request`.
 
     Forwarded from the browser: only the application's allowlist (`app.forward`,
-    app/forward_headers.py: `DEFAULT_FORWARDED` plus the application's
+    app/proxy/header_policy.py: `DEFAULT_FORWARDED` plus the application's
     `forward_request_headers`), minus every header named in `Connection`; `Authorization` only
     with `forward_authorization`. Never, whoever sent them (`TRUSTED_PROXIES` included):
     `Cookie`, `Host`, hop-by-hop, forwarding and client-address headers of any kind, original
@@ -143,13 +142,13 @@ def upstream_request_headers(
     """
     inbound = request.headers
     named = _connection_tokens(inbound) if "Connection" in inbound else None
-    names, prefixes = app.forward.names, app.forward.prefixes
+    names, prefixes, floor = app.forward.names, app.forward.prefixes, app.forward.floor
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in inbound.items():
         lower = name.lower()
         if not (
             lower in names
-            or (prefixes and lower.startswith(prefixes) and not never_forwarded(lower))
+            or (prefixes and lower.startswith(prefixes) and not floor(lower))
             or (lower == "authorization" and app.forward_authorization)
         ) or (named is not None and lower in named):
             continue
@@ -192,11 +191,11 @@ def forwardable_headers(headers: CIMultiDictProxy[str]) -> bool:
 
 
 def browser_response_headers(
-    upstream: CIMultiDictProxy[str], policy: RelayPolicy = DEFAULT_RELAY_POLICY
+    upstream: CIMultiDictProxy[str], policy: HeaderPolicy = RESPONSES.default
 ) -> CIMultiDict[str]:
     """The headers the browser gets for an upstream answer: those of the upstream's the
-    application's `policy` relays (app/relay_headers.py: an allowlist over a floor that nothing
-    reopens), plus `PROXIED_RESPONSE_HEADERS`.
+    application's `policy` relays (app/proxy/header_policy.py: an allowlist over a floor that
+    nothing reopens), plus `PROXIED_RESPONSE_HEADERS`.
 
     Of the relayed names, also dropped: those named in `Connection`; `Link` unless every
     relation in it is navigational (`next`, `prev`, ... in `SAFE_LINK_RELATIONS`: never
@@ -209,12 +208,12 @@ def browser_response_headers(
     instructions to the proxy in front, `Server`, `X-Session-Rotate`.
     """
     named = _connection_tokens(upstream) if "Connection" in upstream else None
-    names, prefixes = policy.names, policy.prefixes
+    names, prefixes, floor = policy.names, policy.prefixes, policy.floor
     out: CIMultiDict[str] = CIMultiDict()
     page = False  # a `Content-Type` a browser would show as a page of its own
     for name, value in upstream.items():
         lower = name.lower()
-        if lower not in names and not (lower.startswith(prefixes) and not never_relayed(lower)):
+        if lower not in names and not (lower.startswith(prefixes) and not floor(lower)):
             continue
         if (
             (named is not None and lower in named)
