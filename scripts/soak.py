@@ -48,7 +48,8 @@ from pathlib import Path
 from typing import Any
 
 from app.loadkit.ports import free_port
-from app.loadkit.runner import LoadConfig, Recorder, run_load
+from app.loadkit.recording import LoadConfig, Recorder
+from app.loadkit.runner import run_load
 
 REPO = Path(__file__).resolve().parent.parent
 CLUSTER = REPO / "scripts" / "cluster.py"

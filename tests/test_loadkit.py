@@ -25,8 +25,9 @@ from pytest_aiohttp import AiohttpClient, AiohttpServer
 
 from app.loadkit.loadgen import TargetRefused, check_target, parse_mix, parse_rate
 from app.loadkit.ports import free_port
+from app.loadkit.recording import LoadConfig, Recorder
 from app.loadkit.report import Thresholds, build_report, format_summary
-from app.loadkit.runner import LoadConfig, Recorder, run_load
+from app.loadkit.runner import run_load
 from app.loadkit.sse import SSEParser
 from app.loadkit.stub import create_stub
 from tests.gateway_process import REPO_ROOT, GatewayProcess

@@ -23,8 +23,8 @@ from app.loadkit.htmlreport import (
     latency_over_time_figure,
     render_html,
 )
+from app.loadkit.recording import KINDS, LoadConfig, Recorder
 from app.loadkit.report import Thresholds, build_report
-from app.loadkit.runner import KINDS, LoadConfig, Recorder
 
 pytestmark = pytest.mark.browser
 

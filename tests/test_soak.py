@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from app.loadkit.runner import Recorder, ResumeCounts
+from app.loadkit.recording import Recorder, ResumeCounts
 from scripts import soak
 from tests.gateway_process import REPO_ROOT
 

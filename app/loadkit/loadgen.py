@@ -20,14 +20,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
-from app.loadkit.report import (
-    DEFAULT_MAX_ERROR_RATE,
-    DEFAULT_MIN_SAMPLES,
-    Thresholds,
-    build_report,
-    format_summary,
-)
-from app.loadkit.runner import (
+from app.loadkit.recording import (
     DEFAULT_AGENT_PATH,
     DEFAULT_MIX,
     DEFAULT_STREAM_BODY,
@@ -35,8 +28,15 @@ from app.loadkit.runner import (
     LoadConfig,
     Recorder,
     classify,
-    run_load,
 )
+from app.loadkit.report import (
+    DEFAULT_MAX_ERROR_RATE,
+    DEFAULT_MIN_SAMPLES,
+    Thresholds,
+    build_report,
+    format_summary,
+)
+from app.loadkit.runner import run_load
 
 EXIT_OK, EXIT_THRESHOLDS, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 

@@ -25,7 +25,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from app.loadkit.runner import KINDS, SESSION_KINDS, LoadConfig, Recorder
+from app.loadkit.recording import KINDS, SESSION_KINDS, LoadConfig, Recorder
 
 REPORT_FORMAT = 1
 
