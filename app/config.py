@@ -141,6 +141,11 @@ class Settings:
     # runs one client address may have followed from Redis in one application.
     run_readers_per_run: int = 8
     run_follows_per_client: int = 4
+    # Ended runs this process keeps readable (memory store; on Redis only those whose end
+    # could not be recorded there): at most this many, and this many bytes of their events;
+    # the oldest ended are forgotten first (app/runs/runs.py).
+    run_ended_max_runs: int = 10_000
+    run_ended_max_bytes: int = 256 * 1024 * 1024
 
     @classmethod
     def from_env(
@@ -362,6 +367,8 @@ def _parse(env: Mapping[str, str]) -> Settings:
         run_follow_connections=r.positive_int("RUN_FOLLOW_CONNECTIONS", 64),
         run_readers_per_run=r.positive_int("RUN_READERS_PER_RUN", 8),
         run_follows_per_client=r.positive_int("RUN_FOLLOWS_PER_CLIENT", 4),
+        run_ended_max_runs=r.positive_int("RUN_ENDED_MAX_RUNS", 10_000),
+        run_ended_max_bytes=r.positive_int("RUN_ENDED_MAX_BYTES", 256 * 1024 * 1024),
     )
     # Upstream capacity: the applications' caps must fit in the pool (app/capacity.py).
     if not app_problems:

@@ -337,3 +337,39 @@ async def test_every_answer_of_the_runs_endpoints_is_sandboxed_like_a_proxied_on
             runs, headers={"Last-Event-ID": str(event_id(events[-1]))}
         ) as done:
             assert done.status == 204 and _sandboxed(done)
+
+
+@pytest.mark.parametrize(
+    "env",
+    [{"RUN_ENDED_MAX_RUNS": "2"}, {"RUN_ENDED_MAX_BYTES": "2000"}],
+    ids=["runs", "bytes"],
+)
+async def test_ended_runs_kept_in_memory_are_bounded_oldest_ended_first(
+    counting: tuple[CountingUpstream, TestServer], env: dict[str, str]
+) -> None:
+    """Each run here holds 31 events of ~45 bytes (1,000-2,000 bytes): with at most 2 ended
+    runs, or 2,000 bytes of them, the oldest ended is forgotten (404) when a newer one ends."""
+    upstream, server = counting
+    upstream.delay = 0.0
+    async with _gateway(server, env) as gw:
+        registry = gw.app[RUNS_KEY]
+        run_ids = []
+        for _ in range(3):
+            response = await gw.client.post(CHAT, headers=CSRF, json={"message": "hi"})
+            run_ids.append(response.headers["X-Run-Id"])
+            await read_events(response)
+            await _wait_for(lambda: registry.active == 0)
+        kept = 2 if "RUN_ENDED_MAX_RUNS" in env else 1
+        for index, run_id in enumerate(run_ids):
+            async with gw.client.get(f"/apps/shop/runs/{run_id}") as response:
+                if index < len(run_ids) - kept:
+                    assert response.status == 404, index
+                else:
+                    assert response.status == 200, index
+                    events = await read_events(response)
+                    assert [event_id(e) for e in events] == list(range(1, upstream.count + 2))
+        assert 1000 <= registry.ended_bytes / kept <= 2000
+        assert registry.ended_bytes <= int(env.get("RUN_ENDED_MAX_BYTES", 10**9))
+        async with gw.client.get("/metrics") as metrics:
+            text = await metrics.text()
+        assert f"agent_bff_runs_evicted_total {float(len(run_ids) - kept)}" in text

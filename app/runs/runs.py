@@ -29,7 +29,9 @@ events are waiting for Redis.
 Every `RUN_HEARTBEAT_SECONDS` the pump refreshes its heartbeat key (TTL: 4 heartbeats), reads
 the stop flag and the readers' presence key, and refreshes the keys' TTLs: one pipelined round
 trip per run and heartbeat. An ended run stays readable for its window: from Redis (the copy
-in this process is dropped once the end is recorded there), or, on the memory store, here.
+in this process is dropped once the end is recorded there), or, on the memory store, here:
+at most `RUN_ENDED_MAX_RUNS` ended runs and `RUN_ENDED_MAX_BYTES` of their events per process
+(with those whose end Redis did not record), the oldest ended forgotten first.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ import contextlib
 import hashlib
 import json
 import logging
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -186,6 +189,7 @@ class RunCounters:
     replayed_events: int = 0
     orphaned: int = 0
     expired: int = 0
+    evicted: int = 0
     ended: dict[str, int] = field(default_factory=dict)
 
 
@@ -209,6 +213,9 @@ class RunRegistry:
         self.readers = readers
         self._stop = stop
         self._expiry: dict[str, asyncio.TimerHandle] = {}
+        # Ended runs kept here for their window, oldest ended first: run id -> bytes held.
+        self._ended: OrderedDict[str, int] = OrderedDict()
+        self.ended_bytes = 0
         stop.subscribe(self._on_shutdown)
 
     @property
@@ -388,10 +395,31 @@ class RunRegistry:
         keep = 0.0 if recorded else run.app.resume_window_seconds
         handle = asyncio.get_running_loop().call_later(keep, self._forget, run.run_id)
         self._expiry[run.run_id] = handle
+        if keep > 0:
+            self._keep_ended(run)
+
+    def _keep_ended(self, run: Run) -> None:
+        """Count `run` among the ended runs kept here; past `RUN_ENDED_MAX_RUNS` or
+        `RUN_ENDED_MAX_BYTES` of them, the oldest ended are forgotten (a resume: 404)."""
+        self._ended[run.run_id] = run.log.bytes
+        self.ended_bytes += run.log.bytes
+        settings = self.settings
+        while len(self._ended) > settings.run_ended_max_runs or (
+            self.ended_bytes > settings.run_ended_max_bytes and len(self._ended) > 1
+        ):
+            oldest = next(iter(self._ended))
+            handle = self._expiry.get(oldest)
+            if handle is not None:
+                handle.cancel()
+            self.counters.evicted += 1
+            self._forget(oldest)
 
     def _forget(self, run_id: str) -> None:
         self._expiry.pop(run_id, None)
         self.runs.pop(run_id, None)
+        held = self._ended.pop(run_id, None)
+        if held is not None:
+            self.ended_bytes -= held
 
     def stop_local(self, run: Run) -> None:
         run.stop_requested = True
@@ -430,6 +458,11 @@ class RunsCollector:
         yield GaugeMetricFamily(
             "agent_bff_runs_active", "Resumable runs pumping in this process.", registry.active
         )
+        yield GaugeMetricFamily(
+            "agent_bff_runs_ended_bytes",
+            "Bytes of events of the ended runs this process keeps readable.",
+            registry.ended_bytes,
+        )
         for name, text, value in (
             ("agent_bff_runs_started", "Resumable runs started here.", counters.started),
             (
@@ -452,6 +485,11 @@ class RunsCollector:
                 "agent_bff_runs_expired",
                 "Runs cancelled because nobody read them within their window.",
                 counters.expired,
+            ),
+            (
+                "agent_bff_runs_evicted",
+                "Ended runs forgotten before their window (RUN_ENDED_MAX_RUNS/_BYTES).",
+                counters.evicted,
             ),
         ):
             yield CounterMetricFamily(name, text, value=value)
