@@ -27,9 +27,8 @@ Applications run without `python -m app` (tests) still drain through `drain_on_s
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from aiohttp import web
@@ -70,15 +69,6 @@ class Lifecycle:
         self.in_flight -= 1
         if self.in_flight == 0:
             self._idle.set()
-
-    @contextlib.asynccontextmanager
-    async def track(self) -> AsyncIterator[None]:
-        """`request_started()` ... `request_finished()` as a context manager."""
-        self.request_started()
-        try:
-            yield
-        finally:
-            self.request_finished()
 
     def begin_shutdown(self) -> None:
         """Not ready any more; responses from now on close their connection."""

@@ -130,20 +130,33 @@ class RawStore(Protocol):
 
 
 class MemoryRaw:
+    """A memory store read and written as tests need, through its public operations (`peek`
+    neither slides nor counts as a use); only `keys` looks inside."""
+
     def __init__(self, backend: MemoryBackend) -> None:
         self.backend = backend
 
     async def get(self, key: str) -> bytes | None:
-        return self.backend._live(key)
+        peeked = await self.backend.peek(key)
+        return None if peeked is None else peeked[0]
 
     async def set(self, key: str, value: bytes, ttl: int) -> None:
-        self.backend._put(key, value, ttl)
+        if await self.backend.replace(key, value, ttl) is None:
+            await self.backend.create(key, value, ttl)
 
     async def ttl(self, key: str) -> float | None:
-        return await self.backend.ttl(key)
+        peeked = await self.backend.peek(key)
+        return None if peeked is None else peeked[1]
+
+    def entries(self) -> list[str]:
+        """Every key (live or not yet swept), least recently used first per segment."""
+        memory = self.backend
+        return [
+            k.decode("utf-8", "surrogatepass") for k in (*memory._probation, *memory._protected)
+        ]
 
     async def keys(self) -> list[str]:
-        return [k for k in list(self.backend._entries) if self.backend._live(k) is not None]
+        return [k for k in self.entries() if await self.get(k) is not None]
 
     async def delete(self, key: str) -> None:
         await self.backend.delete(key)

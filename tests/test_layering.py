@@ -7,6 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from app.sessions.backend import SessionBackend
+from app.sessions.memory import MemoryBackend
+from app.sessions.redis import RedisBackend
+
 APP = Path(__file__).resolve().parent.parent / "app"
 
 
@@ -118,3 +122,14 @@ def test_sessions_depend_on_their_own_options_not_on_the_gateway() -> None:
     code = f"import sys, {modules}; print(' '.join(sorted(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert not {"app.config", "app.forwarding", "app.main"} & set(out.stdout.split())
+
+
+def test_stores_offer_the_contract_and_only_what_the_gateway_calls() -> None:
+    """Each store implements every operation of the contract (app/sessions/backend.py), and
+    beyond it only what the wiring calls (the memory sweep, the Redis start-up check): no
+    method that only tests use (tests read and plant values through `tests.conftest.MemoryRaw`)."""
+    contract = {name for name in vars(SessionBackend) if not name.startswith("_")}
+    extras = {MemoryBackend: {"start_sweeping", "sweep"}, RedisBackend: {"check_server"}}
+    for store, wired in extras.items():
+        public = {n for n, v in vars(store).items() if not n.startswith("_") and callable(v)}
+        assert public == contract | wired, store.__name__

@@ -152,7 +152,7 @@ async def test_backend_operations_fail_fast_when_nothing_listens() -> None:
         for op in (
             backend.get_and_touch("k", 10),
             backend.create("k", b"v", 10),
-            backend.update("k", b"v", 10),
+            backend.compare_and_set("k", "1", b"v", 10),
             backend.delete("k"),
             backend.ping(),
         ):

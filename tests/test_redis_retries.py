@@ -141,7 +141,6 @@ OPERATIONS: dict[str, Operation] = {
     "peek": lambda b: b.peek("k"),
     "expire": lambda b: b.expire("k", 10),
     "create": lambda b: b.create("k", b"v", 10),
-    "update": lambda b: b.update("k", b"v", 10),
     "compare_and_set": lambda b: b.compare_and_set("k", "1", b"v", 10),
     "delete_if_revision": lambda b: b.delete_if_revision("k", "1"),
     "delete_unless_revision": lambda b: b.delete_unless_revision("k", "1"),

@@ -31,6 +31,7 @@ from app.sessions.storage import (
     StoredSession,
     session_key,
 )
+from tests.conftest import MemoryRaw
 from tests.redis_server import RedisServer
 
 # aiohttp-session 2.12.1 keeps the session under plain string request keys (aiohttp warns).
@@ -54,7 +55,7 @@ class Store:
             assert value is None or isinstance(value, bytes)
             return value
         assert self.memory is not None
-        return self.memory._live(key)
+        return await MemoryRaw(self.memory).get(key)
 
     async def delete(self, key: str) -> None:
         if self.client is not None:
@@ -68,7 +69,7 @@ class Store:
             ms = await self.client.pttl(key)
             return None if ms < 0 else ms / 1000
         assert self.memory is not None
-        return await self.memory.ttl(key)
+        return await MemoryRaw(self.memory).ttl(key)
 
     async def keys(self) -> list[str]:
         if self.client is not None:
@@ -76,7 +77,7 @@ class Store:
                 k.decode() if isinstance(k, bytes) else k for k in await self.client.keys("*")
             )
         assert self.memory is not None
-        return sorted(self.memory._entries)
+        return sorted(MemoryRaw(self.memory).entries())
 
 
 @pytest.fixture(params=["memory", "redis"])

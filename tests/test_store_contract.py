@@ -401,4 +401,4 @@ async def test_memory_expired_entry_is_invisible_before_any_sweep() -> None:
     await memory.create("k", b"v", 10)
     clock.now += 10  # exactly at the deadline: gone, like Redis
     assert await memory.get_and_touch("k", 10) is None
-    assert await memory.ttl("k") is None
+    assert await MemoryRaw(memory).ttl("k") is None

@@ -56,6 +56,7 @@ from pytest_aiohttp import AiohttpClient
 from app.sessions.codec import SessionCodec
 from app.sessions.memory import MemoryBackend
 from app.sessions.storage import SessionStorage, StoredSession, new_session_id, session_key
+from tests.conftest import MemoryRaw
 from tests.redis_server import RedisServer
 
 # aiohttp-session 2.12.1 keeps the session and the storage under plain string request keys,
@@ -93,7 +94,7 @@ class Store:
             await self.client.set(self.key(session_id), raw)
         else:
             assert self.memory is not None
-            self.memory._put(self.key(session_id), raw, 3600)
+            await MemoryRaw(self.memory).set(self.key(session_id), raw, 3600)
 
     async def raw(self, session_id: str) -> bytes | None:
         if self.client is not None:
@@ -101,13 +102,13 @@ class Store:
             assert value is None or isinstance(value, bytes)
             return value
         assert self.memory is not None
-        return self.memory._live(self.key(session_id))
+        return await MemoryRaw(self.memory).get(self.key(session_id))
 
     async def ttl(self, session_id: str) -> float:
         if self.client is not None:
             return float(await self.client.ttl(self.key(session_id)))
         assert self.memory is not None
-        left = await self.memory.ttl(self.key(session_id))
+        left = await MemoryRaw(self.memory).ttl(self.key(session_id))
         return -2 if left is None else left
 
     async def exists(self, session_id: str) -> bool:

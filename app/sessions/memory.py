@@ -102,11 +102,6 @@ class MemoryBackend:
     def __len__(self) -> int:
         return len(self._probation) + len(self._protected)
 
-    @property
-    def _entries(self) -> list[str]:
-        """Every key (live or not yet swept), least recently used first per segment."""
-        return [k.decode("utf-8", "surrogatepass") for k in (*self._probation, *self._protected)]
-
     def _pack(self, ttl: float, value: bytes, now: float | None = None) -> bytes:
         # Rounded down: an entry may expire up to one tick early, never late.
         ticks = int(((self._clock() if now is None else now) + ttl - self._epoch) * _TICKS)
@@ -132,19 +127,12 @@ class MemoryBackend:
             return None
         return raw
 
-    def _live(self, key: str) -> bytes | None:
-        raw = self._raw(_b(key))
-        return None if raw is None else raw[_EXPIRY_BYTES:]
-
     def _remove(self, k: bytes) -> None:
         raw = self._protected.pop(k, None)
         if raw is None:
             raw = self._probation.pop(k, None)
         if raw is not None:
             self.bytes -= self._cost(k, raw)
-
-    def _put(self, key: str, value: bytes, ttl: int) -> None:
-        self._store(_b(key), value, ttl)
 
     def _store(self, k: bytes, value: bytes, ttl: float) -> None:
         """Store `value` for `ttl` seconds as a *new* entry (probation) unless `k` is already
@@ -231,15 +219,6 @@ class MemoryBackend:
         self._store(k, value, ttl)
         return True
 
-    async def update(self, key: str, value: bytes, ttl: int) -> bool:
-        """Unconditional `SET XX EX` (not used by the gateway, which writes with
-        `compare_and_set`)."""
-        k = _b(key)
-        if self._raw(k) is None:
-            return False
-        self._store(k, value, ttl)
-        return True
-
     async def compare_and_set(self, key: str, expected: str, value: bytes, ttl: int) -> CasResult:
         # No await between the check and the write: atomic on the event loop, like the script.
         # `_raw` then `_store`, folded as in `get_and_touch` (every session write).
@@ -320,17 +299,6 @@ class MemoryBackend:
 
     async def delete(self, key: str) -> None:
         self._remove(_b(key))
-
-    async def ttl(self, key: str) -> float | None:
-        """Seconds left for `key` (None when absent); for tests and the status endpoint."""
-        k = _b(key)
-        raw = self._protected.get(k)
-        if raw is None:
-            raw = self._probation.get(k)
-        if raw is None:
-            return None
-        left = self._expiry(raw) - self._clock()
-        return left if left > 0 else None
 
     async def ping(self) -> None:
         return None

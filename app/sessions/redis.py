@@ -476,10 +476,6 @@ class RedisBackend:
     async def create(self, key: str, value: bytes, ttl: int) -> bool:
         return bool(await self._run(lambda: self.execute("SET", key, value, "EX", ttl, "NX")))
 
-    async def update(self, key: str, value: bytes, ttl: int) -> bool:
-        """Unconditional `SET XX EX` (the gateway itself writes with `compare_and_set`)."""
-        return bool(await self._run(lambda: self.execute("SET", key, value, "EX", ttl, "XX")))
-
     async def replace(self, key: str, value: bytes, ttl: int) -> bytes | None:
         """`SET key value XX GET EX ttl` (Redis >= 6.2). A retry after a lost reply returns
         the value this call stored (rotation recognises its own tombstone)."""
