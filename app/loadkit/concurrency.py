@@ -94,6 +94,7 @@ class Sample:
     events: int
     rss_mb: float
     cpu_s: float
+    at_ns: int
 
 
 @dataclass(slots=True)
@@ -105,6 +106,8 @@ class Tally:
     completed: int = 0
     failures: Counter[str] = field(default_factory=Counter)
     delivery_ns: list[int] = field(default_factory=list)
+    arrival_ns: list[int] = field(default_factory=list)  # beside delivery_ns, when it came
+    open_at_dump: int | None = None  # streams open when the tracemalloc snapshot was asked for
     open_s: list[float] = field(default_factory=list)  # request sent -> response head
 
 
@@ -235,6 +238,7 @@ async def _one_stream(
                         if record:
                             tally.events += 1
                             tally.delivery_ns.append(now - int(event.data.split(" ", 2)[1]))
+                            tally.arrival_ns.append(now)
                     elif event.type == "done":
                         announced = json.loads(event.data).get("events")
             if announced is not None and announced == tokens and not parser.pending:
@@ -256,9 +260,10 @@ async def _sample(
     t0 = time.monotonic()
     dump = servers.options.tracemalloc_dump is not None
     while not stop.is_set():
-        if dump and tally.open >= 0.9 * servers.options.streams:
-            # --tracemalloc-dump: a snapshot of the gateway once (nearly) all streams are open
+        if dump and tally.open >= 0.8 * servers.options.streams:
+            # --tracemalloc-dump: a snapshot of the gateway once most streams are open
             os.kill(gateway.pid, signal.SIGUSR1)
+            tally.open_at_dump = tally.open
             dump = False
         samples.append(
             Sample(
@@ -267,6 +272,7 @@ async def _sample(
                 tally.events,
                 gateway.rss_mb(),
                 gateway.cpu_seconds(),
+                time.monotonic_ns(),
             )
         )
         with contextlib.suppress(TimeoutError):
@@ -308,6 +314,9 @@ async def measure(servers: Servers, log: Callable[[str], None]) -> dict[str, Any
         idle_rss = gateway.rss_mb()
         idle_cpu = gateway.cpu_seconds()
         log(f"idle gateway RSS {idle_rss:.1f} MB; opening {o.streams} streams")
+        if o.tracemalloc_dump is not None:
+            os.kill(gateway.pid, signal.SIGUSR2)  # tracing starts now (loadkit.traced_gateway)
+            await asyncio.sleep(0.2)
         tally = Tally()
         samples: list[Sample] = []
         stop = asyncio.Event()
@@ -345,8 +354,14 @@ def summarize(
         window_cpu = last.cpu_s - first.cpu_s
         window_events = last.events - first.events
         window_wall = last.t - first.t
+        steady = sorted(
+            d / 1e6
+            for d, at in zip(tally.delivery_ns, tally.arrival_ns, strict=True)
+            if first.at_ns <= at <= last.at_ns
+        )
     else:
         window_cpu = window_events = window_wall = 0
+        steady = []
     cpu_us_per_event = window_cpu * 1e6 / window_events if window_events else float("nan")
     return {
         "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(o).items()},
@@ -364,6 +379,11 @@ def summarize(
             "p99": round(_percentile(delivery, 0.99), 2),
             "max": round(delivery[-1], 2) if delivery else None,
         },
+        "delivery_ms_busy": {
+            "p50": round(_percentile(steady, 0.50), 2),
+            "p99": round(_percentile(steady, 0.99), 2),
+            "events": len(steady),
+        },
         "open_ms": {
             "p50": round(_percentile(opens, 0.50), 1),
             "p99": round(_percentile(opens, 0.99), 1),
@@ -372,6 +392,7 @@ def summarize(
         "busy_gateway_cpu_share": round(window_cpu / window_wall, 3) if window_wall else None,
         "busy_cpu_us_per_event": round(cpu_us_per_event, 1),
         "events_per_core_second": round(1e6 / cpu_us_per_event) if window_events else None,
+        "tracemalloc_open_streams": tally.open_at_dump,
         "run_seconds": round(wall, 2),
         "run_gateway_cpu_seconds": round(total_cpu, 2),
         "samples": [asdict(s) for s in samples],
@@ -390,6 +411,8 @@ def format_summary(r: dict[str, Any]) -> str:
             f"max {d['max']} ms over {r['events_delivered']} events; stream opening "
             f"(request -> response head) p50 {r['open_ms']['p50']} ms, "
             f"p99 {r['open_ms']['p99']} ms",
+            f"event delivery while >= 90% of the peak was open: p50 "
+            f"{r['delivery_ms_busy']['p50']} ms, p99 {r['delivery_ms_busy']['p99']} ms",
             f"gateway CPU while >= 90% of the peak was open ({r['busy_seconds']} s): "
             f"{r['busy_gateway_cpu_share']} of a core, {r['busy_cpu_us_per_event']} us per "
             f"event -> {r['events_per_core_second']} events/s per core",
@@ -425,13 +448,23 @@ def run(options: ScaleOptions, *, log: Callable[[str], None]) -> dict[str, Any]:
             cpu0 = _own_cpu_seconds()
             stub_cpu0 = servers.procs[0].cpu_seconds()
             with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-                result = runner.run(bounded())
+                try:
+                    result = runner.run(bounded())
+                except TimeoutError:
+                    raise RunTimedOut(
+                        f"the run did not end within {options.deadline_seconds:g} s "
+                        "(--max-seconds); every process was stopped"
+                    ) from None
             result["client_cpu_seconds"] = round(_own_cpu_seconds() - cpu0, 2)
             result["stub_cpu_seconds"] = round(servers.procs[0].cpu_seconds() - stub_cpu0, 2)
             result["open_files_limit"] = limits[0]
             return result
         finally:
             servers.stop()
+
+
+class RunTimedOut(RuntimeError):
+    """The run reached its bound (`--max-seconds`) before every stream ended."""
 
 
 def _own_cpu_seconds() -> float:
@@ -487,7 +520,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     def log(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
-    result = run(options, log=log)
+    try:
+        result = run(options, log=log)
+    except RunTimedOut as err:
+        print(f"concurrency.py: {err}", file=sys.stderr)
+        return EXIT_INCOMPLETE
     if args.json is not None:
         args.json.write_text(json.dumps(result, indent=1))
     print(format_summary(result))

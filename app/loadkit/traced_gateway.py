@@ -1,7 +1,9 @@
-"""`python -m app` under tracemalloc, for `app.loadkit.concurrency --tracemalloc-dump`: SIGUSR1
-writes a snapshot to `$LOADKIT_TRACEMALLOC_DUMP` (read it with `tracemalloc.Snapshot.load`).
+"""`python -m app` with tracemalloc on demand, for `app.loadkit.concurrency --tracemalloc-dump`:
+SIGUSR2 starts tracing (so only what is allocated from then on is traced: the streams, not
+start-up or the sessions made before), SIGUSR1 writes a snapshot to
+`$LOADKIT_TRACEMALLOC_DUMP` (read it with `tracemalloc.Snapshot.load`).
 
-A profiling aid only (tracemalloc slows allocation several times over); never a way to serve.
+A profiling aid only (tracing slows allocation several times over); never a way to serve.
 """
 
 from __future__ import annotations
@@ -12,7 +14,11 @@ import signal
 import tracemalloc
 from types import FrameType
 
-FRAMES = 8
+FRAMES = 6
+
+
+def _start(signum: int, frame: FrameType | None) -> None:
+    tracemalloc.start(FRAMES)
 
 
 def _dump(signum: int, frame: FrameType | None) -> None:
@@ -20,7 +26,7 @@ def _dump(signum: int, frame: FrameType | None) -> None:
 
 
 def main() -> None:
-    tracemalloc.start(FRAMES)
+    signal.signal(signal.SIGUSR2, _start)
     signal.signal(signal.SIGUSR1, _dump)
     runpy.run_module("app", run_name="__main__", alter_sys=True)
 
