@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tracemalloc
 from pathlib import Path
 
 from tests.gateway_process import REPO_ROOT
@@ -59,3 +60,38 @@ def test_refuses_what_it_cannot_bound() -> None:
     )
     assert proc.returncode == 2
     assert b"--streams must be" in proc.stderr
+
+
+def test_tracemalloc_dump_holds_what_the_open_streams_allocated(tmp_path: Path) -> None:
+    """`--tracemalloc-dump`: tracing starts with the streams, the snapshot is taken while they
+    are open, and what it holds was allocated by the gateway's stream handling."""
+    snap = tmp_path / "gw.snap"
+    out = tmp_path / "concurrency.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(SCRIPT),
+            "--streams",
+            "40",
+            "--events",
+            "10",
+            "--pause-ms",
+            "200",
+            "--warmup-streams",
+            "2",
+            "--max-seconds",
+            "60",
+            "--tracemalloc-dump",
+            str(snap),
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        timeout=110,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")[-3000:]
+    assert json.loads(out.read_text())["tracemalloc_open_streams"] >= 32
+    snapshot = tracemalloc.Snapshot.load(str(snap))
+    files = {frame.filename for trace in snapshot.traces for frame in trace.traceback}
+    assert any(name.endswith("/app/proxy/handler.py") for name in files)
