@@ -26,10 +26,11 @@ from collections.abc import Sequence
 
 from aiohttp import web
 
+from app.access_log import AccessLogger, enable_fast_path
 from app.applications import describe_apps
 from app.config import ConfigError, Settings
 from app.keys import LIFECYCLE_KEY
-from app.logs import AccessLogger, configure_logging
+from app.logs import configure_logging
 from app.main import StoreStartupError, create_app
 
 log = logging.getLogger("app")
@@ -169,7 +170,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for problem in err.problems:
             print(f"agent-bff: configuration error: {problem}", file=sys.stderr)
         return 2
-    configure_logging(settings.log_level, settings.log_format, salt=settings.log_salt)
+    handler = configure_logging(settings.log_level, settings.log_format, salt=settings.log_salt)
+    enable_fast_path(handler, settings.fast_paths)
     _log_applications(settings)
     try:
         with asyncio.Runner(loop_factory=_new_loop) as runner:

@@ -103,6 +103,10 @@ class Settings:
     log_format: Literal["text", "json"] = "text"
     # Salt of the session hash in access lines; empty: random per process (app/logs.py).
     log_salt: str = field(default="", repr=False)
+    # FAST_PATHS=auto: the fenced fast paths (app/fast_metrics.py, the access log's own
+    # formatting in app/logs.py, app/redis_internals.py) where their start-up self-checks pass;
+    # off: the public API of prometheus-client, logging and redis-py only.
+    fast_paths: bool = True
     # Redis budget: a dead or frozen Redis must answer within about two seconds.
     redis_op_timeout_seconds: float = 2.0
     redis_socket_timeout_seconds: float = 0.5
@@ -343,6 +347,7 @@ def _parse(env: Mapping[str, str]) -> Settings:
         log_level=r.choice("LOG_LEVEL", "info", _LOG_LEVELS),
         log_format="json" if r.choice("LOG_FORMAT", "text", ("text", "json")) == "json" else "text",
         log_salt=env.get("LOG_SALT", ""),
+        fast_paths=r.choice("FAST_PATHS", "auto", ("auto", "off")) == "auto",
         redis_op_timeout_seconds=r.positive_float("REDIS_OP_TIMEOUT_SECONDS", 2.0),
         redis_socket_timeout_seconds=r.positive_float("REDIS_SOCKET_TIMEOUT_SECONDS", 0.5),
         redis_connect_timeout_seconds=r.positive_float("REDIS_CONNECT_TIMEOUT_SECONDS", 0.5),

@@ -24,19 +24,12 @@ text can neither start a forged line nor reach a terminal as an escape sequence.
 traceback are escaped the same way and indented by two spaces, so only a record starts in column
 0. JSON lines need no such step: `json.dumps` escapes every control and non-ASCII character.
 
-Cost: the access line is on every request's path, so when the only handler that would see it is
-the one `configure_logging` installed, `AccessLogger` formats the line itself (same text and
-JSON layout as the formatters, no `LogRecord`/`Formatter` round trip, the timestamp prefix
-formatted once per second, the session hash computed once per session) and writes it to that
-handler's stream at the end of the event-loop iteration, together with the other access lines of
-that iteration (one write and flush per iteration, not per request). Any other logging setup
-(tests' `caplog`, extra handlers, filters) gets the ordinary `logger.info` path.
+The access log (`AccessLogger`) and its fenced fast path are app/access_log.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-import atexit
 import hashlib
 import json
 import logging
@@ -46,14 +39,10 @@ import sys
 import time
 from collections.abc import Callable
 from contextvars import ContextVar, Token
-from json.encoder import encode_basestring_ascii
 
 from aiohttp import web
-from aiohttp.abc import AbstractAccessLogger
 
-from app.config import IPNetwork
-from app.forwarding import client_ip
-from app.keys import APP_ID_KEY, REQUEST_ID_KEY, REQUEST_STARTED_KEY, SESSION_KEY, SETTINGS_KEY
+from app.keys import APP_ID_KEY, REQUEST_ID_KEY, REQUEST_STARTED_KEY
 
 _salt: bytes = secrets.token_bytes(32)
 # session id -> its hash under the current salt; cleared with the salt and when it grows past
@@ -165,7 +154,6 @@ class JsonFormatter(logging.Formatter):
 # when the request is done: a task that copied this context (a batch sender, a sweeper started
 # by the first request) and logs later does not speak for a finished request.
 _BOUND: ContextVar[list[web.Request | None] | None] = ContextVar("agent_bff_request", default=None)
-_perf_counter = time.perf_counter  # a module global: tests pin it to compare lines
 
 
 def bind_request(request: web.Request, started: float) -> Token[list[web.Request | None] | None]:
@@ -211,17 +199,67 @@ def _escape_match(match: re.Match[str]) -> str:
     return _escape_char(match.group())
 
 
-class _GatewayHandler(logging.StreamHandler):  # type: ignore[type-arg]
-    """The handler `configure_logging` installs; `json` says which layout it writes."""
+class GatewayHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """The handler `configure_logging` installs (stderr): `json_lines` says which layout it
+    writes. Records are written at once, as `StreamHandler` writes them.
+
+    `write_line` is the access log's fast path (app/access_log.py, used only when
+    `fast_access`): a line already formatted as the formatter would, held until the end of the
+    event-loop iteration and written together with the others of that iteration (one write and
+    flush instead of one per request). `flush()` writes what is held: at the end of the
+    iteration, before any record (lines stay in order), at the app's cleanup (`flush_logs`) and
+    at interpreter exit (`logging.shutdown` flushes every handler).
+    """
 
     def __init__(self, json_lines: bool) -> None:
         super().__init__(sys.stderr)
         self.json_lines = json_lines
+        self.fast_access = False
+        self._held: list[str] = []
+
+    def write_line(self, line: str) -> None:
+        """Write `line` (ending in a newline) at the end of this event-loop iteration."""
+        held = self._held
+        held.append(line)
+        if len(held) == 1:
+            try:
+                asyncio.get_running_loop().call_soon(self.flush)
+            except RuntimeError:  # no event loop: write now
+                self.flush()
+
+    def flush(self) -> None:
+        self.acquire()
+        try:
+            self._write_held()
+            super().flush()
+        finally:
+            self.release()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self._held:
+            self.acquire()
+            try:
+                self._write_held()
+            finally:
+                self.release()
+        super().emit(record)
+
+    def _write_held(self) -> None:
+        if not self._held:
+            return
+        text = "".join(self._held)
+        self._held.clear()
+        try:
+            self.stream.write(text)
+        except Exception:  # as StreamHandler.emit: a broken stderr must not fail the request
+            self.handleError(logging.makeLogRecord({"msg": text}))
 
 
-def configure_logging(level: str, fmt: str, *, salt: str | None = None) -> None:
+def configure_logging(level: str, fmt: str, *, salt: str | None = None) -> GatewayHandler:
+    """The root logger writes to stderr through one `GatewayHandler` (text or JSON lines) at
+    `level`; returns that handler (app/access_log.py decides whether its fast path is used)."""
     set_log_salt(salt)
-    handler = _GatewayHandler(fmt == "json")
+    handler = GatewayHandler(fmt == "json")
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
@@ -229,26 +267,13 @@ def configure_logging(level: str, fmt: str, *, salt: str | None = None) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    return handler
 
 
-def _sole_handler(logger: logging.Logger) -> _GatewayHandler | None:
-    """Our handler, when it is the only place an INFO record of `logger` would go and nothing
-    (a filter, a level) would change or drop it; otherwise None."""
-    found: _GatewayHandler | None = None
-    current: logging.Logger | None = logger
-    while current is not None:
-        if current.filters:
-            return None
-        for handler in current.handlers:
-            if found is not None or not isinstance(handler, _GatewayHandler):
-                return None
-            if handler.filters or handler.level > logging.INFO:
-                return None
-            found = handler
-        if not current.propagate:
-            break
-        current = current.parent
-    return found
+async def flush_logs(app: web.Application) -> None:
+    """Write what the root logger's handlers hold (the app's `on_cleanup` hook)."""
+    for handler in logging.getLogger().handlers:
+        handler.flush()
 
 
 class _Clock:
@@ -274,206 +299,7 @@ class _Clock:
 
 # ",000" ... ",999" and ".000Z" ... ".999Z": the millisecond parts without formatting a number
 # per line.
-_asctime = _Clock("%Y-%m-%d %H:%M:%S", time.localtime, tuple(f",{ms:03d}" for ms in range(1000)))
+# `text_time(time.time())` -> e.g. `2026-12-03 18:20:52,123` (what `%(asctime)s` writes).
+text_time = _Clock("%Y-%m-%d %H:%M:%S", time.localtime, tuple(f",{ms:03d}" for ms in range(1000)))
 iso_time = _Clock("%Y-%m-%dT%H:%M:%S", time.gmtime, tuple(f".{ms:03d}Z" for ms in range(1000)))
 """`iso_time(time.time())` -> e.g. `2026-12-03T18:20:52.123Z` (the `ts` of JSON lines)."""
-
-# Access lines of one event-loop iteration, written together at its end (one write and flush
-# instead of one per request); `_flush` also runs at exit.
-_pending: list[str] = []
-_pending_handler: _GatewayHandler | None = None
-
-
-def _queue(handler: _GatewayHandler, line: str) -> None:
-    global _pending_handler
-    if _pending_handler is not handler:
-        _flush()
-        _pending_handler = handler
-    _pending.append(line)
-    if len(_pending) == 1:
-        try:
-            asyncio.get_running_loop().call_soon(_flush)
-        except RuntimeError:  # no event loop: write now
-            _flush()
-
-
-def _flush() -> None:
-    handler = _pending_handler
-    if not _pending or handler is None:
-        return
-    text = "".join(_pending)
-    _pending.clear()
-    stream = handler.stream
-    handler.acquire()
-    try:
-        stream.write(text)
-        stream.flush()
-    except Exception:  # as StreamHandler.emit: a broken stderr must not fail the request
-        handler.handleError(logging.makeLogRecord({"msg": text}))
-    finally:
-        handler.release()
-
-
-atexit.register(_flush)
-
-
-class _AccessLine:
-    """The fields of one access line and its three renderings: the message (text lines and the
-    JSON `msg`), the JSON fields, and the whole line as the formatters would write it."""
-
-    __slots__ = (
-        "app_id",
-        "client",
-        "duration",
-        "hashed",
-        "method",
-        "path",
-        "raw_path",
-        "request_id",
-        "sent",
-        "status",
-        "user_agent",
-    )
-
-    def __init__(
-        self,
-        request_id: str | None,
-        app_id: str | None,
-        method: str,
-        path: str,
-        raw_path: str,
-        status: int,
-        duration: float,
-        hashed: str,
-        client: str,
-        sent: int,
-        user_agent: str,
-    ) -> None:
-        self.request_id = request_id
-        self.app_id = app_id
-        self.method = method
-        self.path = path
-        self.raw_path = raw_path
-        self.status = status
-        self.duration = duration
-        self.hashed = hashed
-        self.client = client
-        self.sent = sent
-        self.user_agent = user_agent
-
-    def message(self) -> str:
-        """Space-separated fields, so the path is the one the browser sent, percent-encoded (a
-        decoded `%20` would make a request's own text look like fields); the user agent comes
-        last: it has spaces, so it runs to the end of the line."""
-        millis = "%.3f" % (self.duration * 1000)  # %-format: cheaper than an f-string spec
-        return (
-            f"{self.method} {self.raw_path} {self.status} {millis}ms "
-            f"request_id={self.request_id or '-'} "
-            f"app={self.app_id or '-'} session={self.hashed or '-'} "
-            f"client={self.client or '-'} bytes_sent={self.sent} ua={self.user_agent or '-'}"
-        )
-
-    def fields(self) -> dict[str, object]:
-        return {
-            "request_id": self.request_id,
-            "application": self.app_id,
-            "method": self.method,
-            "path": self.path,
-            "status": self.status,
-            "duration_ms": round(self.duration * 1000, 3),
-            "session": self.hashed,
-            "client": self.client,
-            "bytes_sent": self.sent,
-            "user_agent": self.user_agent,
-        }
-
-    def text(self, logger_name: str) -> str:
-        """What `TextFormatter` writes for `message()`."""
-        return f"{_asctime(time.time())} INFO {logger_name}: {escape_control(self.message())}\n"
-
-    def json(self, logger_name: str) -> str:
-        """What `JsonFormatter` writes for `message()` and `fields()`."""
-        # `json.dumps` of a str is this function (its C part) behind two layers of Python.
-        dumps = encode_basestring_ascii
-        ts = iso_time(time.time())
-        msg = self.message()
-        request_id = "null" if self.request_id is None else dumps(self.request_id)
-        app_id = "null" if self.app_id is None else dumps(self.app_id)
-        line = (
-            f'{{"ts": "{ts}", "level": "info", "logger": {dumps(logger_name)}, '
-            f'"msg": {dumps(msg)}, "request_id": {request_id}, '
-            f'"application": {app_id}, "method": {dumps(self.method)}, '
-            f'"path": {dumps(self.path)}, "status": {self.status}, '
-            f'"duration_ms": {round(self.duration * 1000, 3)!r}, "session": "{self.hashed}", '
-            f'"client": {dumps(self.client)}, "bytes_sent": {self.sent}, '
-            f'"user_agent": {dumps(self.user_agent)}}}\n'
-        )
-        # Every text field is in `msg`: ASCII there (O(1) to know) means no surrogate anywhere.
-        if not msg.isascii() and "\\ud" in line:  # maybe a lone surrogate: `json_line` decides
-            fields = {"ts": ts, "level": "info", "logger": logger_name, "msg": msg}
-            line = json_line(fields | self.fields()) + "\n"
-        return line
-
-
-class AccessLogger(AbstractAccessLogger):
-    """One line per request, without query strings (they may carry tokens)."""
-
-    # `TRUSTED_PROXIES` of the app served, read from the first request that reaches it (a
-    # request aiohttp refused before routing has no app); `client_ip` needs it.
-    _trusted: tuple[IPNetwork, ...] | None = None
-
-    def log(self, request: web.BaseRequest, response: web.StreamResponse, duration: float) -> None:
-        # `request.get` is `Mapping.get` (Python code around `__getitem__`); the gateway
-        # middleware sets the session and request id on every request it sees, so look them up
-        # directly and fall back only for requests that never reached it.
-        try:
-            session = request[SESSION_KEY]
-            request_id: str | None = request[REQUEST_ID_KEY]
-            # Sub-millisecond: aiohttp's `duration` is `loop.time()`, whole ms under uvloop.
-            duration = _perf_counter() - request[REQUEST_STARTED_KEY]
-        except KeyError:
-            session = request.get(SESSION_KEY)
-            request_id = request.get(REQUEST_ID_KEY)
-        identity = session.identity if session is not None else None
-        hashed = session_hash(identity) if isinstance(identity, str) else ""
-        trusted = self._trusted
-        if trusted is None:
-            trusted = self._trusted_proxies(request)
-        line = _AccessLine(
-            request_id,
-            request.get(APP_ID_KEY),
-            request.method,
-            request.rel_url.path,
-            request.rel_url.raw_path,
-            response.status,
-            duration,
-            hashed,
-            client_ip(request, trusted),
-            response.body_length,
-            request.headers.get("User-Agent", ""),
-        )
-        handler = _sole_handler(self.logger)
-        if handler is not None:
-            _queue(
-                handler,
-                line.json(self.logger.name) if handler.json_lines else line.text(self.logger.name),
-            )
-            return
-        self.logger.info(line.message(), extra={"fields": line.fields()})
-
-    def _trusted_proxies(self, request: web.BaseRequest) -> tuple[IPNetwork, ...]:
-        if not isinstance(request, web.Request):
-            return ()
-        try:
-            app = request.app
-        except (AssertionError, AttributeError):  # refused before routing: no app (yet)
-            return ()
-        settings = app.get(SETTINGS_KEY)
-        if settings is None:  # not the gateway's app (a test's)
-            return ()
-        self._trusted = settings.trusted_proxies
-        return settings.trusted_proxies
-
-    @property
-    def enabled(self) -> bool:
-        return self.logger.isEnabledFor(logging.INFO)

@@ -14,6 +14,7 @@ from app.forwarding import client_scheme
 from app.hosts import EXAMPLE, is_loopback
 from app.keys import APP_ID_KEY, BACKEND_KEY, LIFECYCLE_KEY, SETTINGS_KEY, STORAGE_APP_KEY
 from app.lifecycle import Lifecycle, drain_on_shutdown
+from app.logs import flush_logs
 from app.metrics import instrument_backend, setup_metrics
 from app.middlewares import add_prepare_hook, setup_gateway
 from app.routes import setup_routes
@@ -42,7 +43,7 @@ def create_app(settings: Settings, *, backend: SessionBackend | None = None) -> 
     app = web.Application(handler_args=server_options(settings))
     app[SETTINGS_KEY] = settings
     app[LIFECYCLE_KEY] = lifecycle
-    request_metrics = setup_metrics(app)
+    request_metrics = setup_metrics(app, fast=settings.fast_paths)
     # One middleware, outermost first: metrics see every request and its final status; the
     # request id exists before anything can fail; errors are enveloped for everything inside;
     # the application is resolved before origin/CSRF checks (which depend on it); the session
@@ -61,6 +62,8 @@ def create_app(settings: Settings, *, backend: SessionBackend | None = None) -> 
     # pumps end (and record their end in Redis) before either closes.
     app.cleanup_ctx.append(runs_ctx(settings))
     app.on_shutdown.append(drain_on_shutdown)
+    # Access lines held for the end of an event-loop iteration are written before the exit.
+    app.on_cleanup.append(flush_logs)
     # One prepare hook: Connection: close while draining, X-Request-Id and security/CORS
     # headers, open streams counted.
     add_prepare_hook(app, lifecycle, request_metrics)

@@ -30,16 +30,17 @@ Wiring (`main.create_app`): `setup_metrics(app)` adds the `/metrics` route and r
 `instrument_backend(app, store)` wraps the session backend the storage uses.
 
 Cost: the series updated on every request (`http_requests_total`, the request and store
-histograms, the store operation counter) are `FastCounter`/`FastHistogram`: plain numbers
-without a lock, exported exactly as prometheus-client's `Counter`/`Histogram` would export
-them; `http_requests_in_flight` is read from a plain count at scrape time.
+histograms, the store operation counter) come from app/fast_metrics.py, the fenced fast path:
+plain numbers without a lock, exported exactly as prometheus-client's `Counter`/`Histogram`
+(checked at start-up), or those classes themselves (`FAST_PATHS=off`, or a failed check);
+`http_requests_in_flight` is read from a plain count at scrape time.
 """
 
 from __future__ import annotations
 
-import bisect
 import contextlib
-import math
+import functools
+import logging
 import time
 from collections.abc import Iterator, Sequence
 
@@ -51,11 +52,11 @@ from prometheus_client import (
     PlatformCollector,
     ProcessCollector,
 )
-from prometheus_client import metrics as prometheus_metrics
 from prometheus_client.aiohttp import make_aiohttp_handler
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.utils import floatToGoString
 
+from app import fast_metrics, redis_internals
+from app.fast_metrics import CounterChild, HistogramChild
 from app.keys import APP_ID_KEY, METRICS_KEY
 from app.sessions.backend import CasResult, SessionBackend, StoreUnavailable, TokenBucket
 from app.sessions.pipelining import CommandPipeliner
@@ -74,134 +75,55 @@ UPSTREAM_FIRST_BYTE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5,
 STREAM_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 # The `application` label of a request without a configured application.
 NO_APPLICATION = "-"
+# The attribute of redis-py's `ConnectionPool.get_connection_count()` that says which state a
+# count is of (OpenTelemetry's semantic-convention name).
+CONNECTION_STATE = "db.client.connection.state"
 # Store latency: a healthy Redis answers in well under a millisecond on a LAN; the per-operation
 # deadline is about two seconds.
 STORE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5)
 
 
-def _created_series() -> bool:
-    """Whether `_created` samples are exported (prometheus-client's switch:
-    `PROMETHEUS_DISABLE_CREATED_SERIES`, `disable_created_metrics()`)."""
-    return bool(getattr(prometheus_metrics, "_use_created", True))
+_log = logging.getLogger(__name__)
 
 
-class FastCounter:
-    """A labelled counter kept as plain numbers, exported as prometheus-client's `Counter`
-    exports it (`_total`, `_created`).
-
-    `cell(labels)` is the series' `[value, created]` list: add to `cell[0]`. No lock and no
-    child object per update (a `Counter` child takes a lock on every `inc`): only the event
-    loop's thread updates it, and a scrape runs there too.
-    """
-
-    def __init__(self, name: str, documentation: str, labelnames: tuple[str, ...]) -> None:
-        self.name = f"{NAMESPACE}_{name}"
-        self.documentation = documentation
-        self.labelnames = labelnames
-        self._cells: dict[tuple[str, ...], list[float]] = {}
-
-    def cell(self, labels: tuple[str, ...]) -> list[float]:
-        cell = self._cells.get(labels)
-        if cell is None:
-            cell = self._cells[labels] = [0.0, time.time()]
-        return cell
-
-    def describe(self) -> list[Metric]:
-        return [Metric(self.name, self.documentation, "counter")]
-
-    def collect(self) -> list[Metric]:
-        metric = Metric(self.name, self.documentation, "counter")
-        created = _created_series()
-        for labels, (value, since) in list(self._cells.items()):
-            names = dict(zip(self.labelnames, labels, strict=True))
-            metric.add_sample(self.name + "_total", names, value)
-            if created:
-                metric.add_sample(self.name + "_created", dict(names), since)
-        return [metric]
-
-
-class FastHistogram:
-    """A labelled histogram kept as plain numbers, exported as prometheus-client's
-    `Histogram` exports it (`_bucket`, `_count`, `_sum`, `_created`).
-
-    `cell(labels)` is the series' list: one count per bucket (not cumulative), then the sum,
-    then the creation time; `observe(cell, amount)` records one value. Same threading rule as
-    `FastCounter`.
-    """
-
-    def __init__(
-        self,
-        name: str,
-        documentation: str,
-        labelnames: tuple[str, ...],
-        buckets: tuple[float, ...],
-    ) -> None:
-        self.name = f"{NAMESPACE}_{name}"
-        self.documentation = documentation
-        self.labelnames = labelnames
-        bounds = [float(b) for b in buckets]
-        if bounds != sorted(bounds) or not bounds or bounds[0] < 0:
-            raise ValueError("buckets must be sorted and non-negative")
-        if bounds[-1] != math.inf:
-            bounds.append(math.inf)
-        self._bounds = bounds
-        self._sum_index = len(bounds)
-        # The `le` labels exactly as prometheus-client writes them.
-        self._le: list[str] = [floatToGoString(b) for b in bounds]  # type: ignore[no-untyped-call]
-        self._cells: dict[tuple[str, ...], list[float]] = {}
-
-    def cell(self, labels: tuple[str, ...]) -> list[float]:
-        cell = self._cells.get(labels)
-        if cell is None:
-            cell = self._cells[labels] = [0.0] * self._sum_index + [0.0, time.time()]
-        return cell
-
-    def observe(self, cell: list[float], amount: float) -> None:
-        # The first bucket whose upper bound is >= amount (the `le` semantics).
-        cell[bisect.bisect_left(self._bounds, amount)] += 1.0
-        cell[self._sum_index] += amount
-
-    def describe(self) -> list[Metric]:
-        return [Metric(self.name, self.documentation, "histogram")]
-
-    def collect(self) -> list[Metric]:
-        metric = Metric(self.name, self.documentation, "histogram")
-        created = _created_series()
-        n = self._sum_index
-        for labels, cell in list(self._cells.items()):
-            names = dict(zip(self.labelnames, labels, strict=True))
-            total = 0.0
-            for le, count in zip(self._le, cell[:n], strict=True):
-                total += count
-                metric.add_sample(self.name + "_bucket", {**names, "le": le}, total)
-            metric.add_sample(self.name + "_count", dict(names), total)
-            metric.add_sample(self.name + "_sum", dict(names), cell[n])
-            if created:
-                metric.add_sample(self.name + "_created", dict(names), cell[n + 1])
-        return [metric]
+@functools.cache
+def fast_series_problem() -> str | None:
+    """`fast_metrics.self_check()`, once per process: None when the fast series may be used."""
+    problem = fast_metrics.self_check()
+    if problem is not None:
+        _log.warning(
+            "metrics: prometheus-client's own series instead of the fast ones: %s", problem
+        )
+    return problem
 
 
 class Metrics:
-    """The application's metrics and the registry they live in."""
+    """The application's metrics and the registry they live in.
 
-    def __init__(self) -> None:
+    `fast`: the per-request series are app/fast_metrics.py's plain numbers (when its start-up
+    self-check passes), else prometheus-client's `Counter`/`Histogram` (`FAST_PATHS=off`)."""
+
+    def __init__(self, *, fast: bool = True) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        # The per-request series are plain numbers (`FastCounter`, `FastHistogram`): counted
-        # on every request, scraped rarely.
-        self.requests = FastCounter(
-            "http_requests",
+        # Per-state connection counts of a Redis cluster (app/redis_internals.py, fenced).
+        self.cluster_counts = fast and redis_internals.usable()
+        self.fast = fast = fast and fast_series_problem() is None
+        self.requests = fast_metrics.counter(
+            f"{NAMESPACE}_http_requests",
             "HTTP requests answered, by application, route pattern, method and status.",
             ("application", "route", "method", "status"),
+            r,
+            fast=fast,
         )
-        r.register(self.requests)
-        self.request_duration = FastHistogram(
-            "http_request_duration_seconds",
+        self.request_duration = fast_metrics.histogram(
+            f"{NAMESPACE}_http_request_duration_seconds",
             "Time from request to the end of the response (streams: until they end).",
             ("application", "route", "method"),
             HTTP_BUCKETS,
+            r,
+            fast=fast,
         )
-        r.register(self.request_duration)
         # Requests being handled now: `in_flight_count`, read at scrape time.
         self.in_flight_count = 0
         self.in_flight = Gauge(
@@ -211,12 +133,13 @@ class Metrics:
             registry=r,
         )
         self.in_flight.set_function(lambda: self.in_flight_count)
-        self.store_operations = FastCounter(
-            "session_store_operations",
+        self.store_operations = fast_metrics.counter(
+            f"{NAMESPACE}_session_store_operations",
             "Session store operations, by operation and result (ok or error).",
             ("operation", "result"),
+            r,
+            fast=fast,
         )
-        r.register(self.store_operations)
         self.store_errors = Counter(
             "session_store_errors",
             "Session store operations that failed (store unavailable), by underlying error.",
@@ -224,13 +147,14 @@ class Metrics:
             namespace=NAMESPACE,
             registry=r,
         )
-        self.store_duration = FastHistogram(
-            "session_store_operation_duration_seconds",
+        self.store_duration = fast_metrics.histogram(
+            f"{NAMESPACE}_session_store_operation_duration_seconds",
             "Session store operation latency, failures included.",
             ("operation",),
             STORE_BUCKETS,
+            r,
+            fast=fast,
         )
-        r.register(self.store_duration)
         self.active_streams = Gauge(
             "active_streams",
             "Streaming responses (SSE, WebSocket) open now, by application.",
@@ -238,13 +162,14 @@ class Metrics:
             namespace=NAMESPACE,
             registry=r,
         )
-        self.stream_duration = FastHistogram(
-            "stream_duration_seconds",
+        self.stream_duration = fast_metrics.histogram(
+            f"{NAMESPACE}_stream_duration_seconds",
             "Streaming responses (SSE, WebSocket), from their first byte to their end.",
             ("application",),
             STREAM_BUCKETS,
+            r,
+            fast=fast,
         )
-        r.register(self.stream_duration)
         self.upstream_errors = Counter(
             "upstream_errors",
             "Failures talking to agent upstreams, by application and kind.",
@@ -252,13 +177,14 @@ class Metrics:
             namespace=NAMESPACE,
             registry=r,
         )
-        self.upstream_first_byte = FastHistogram(
-            "upstream_time_to_first_byte_seconds",
+        self.upstream_first_byte = fast_metrics.histogram(
+            f"{NAMESPACE}_upstream_time_to_first_byte_seconds",
             "From sending a request to an agent upstream to its response headers.",
             ("application",),
             UPSTREAM_FIRST_BYTE_BUCKETS,
+            r,
+            fast=fast,
         )
-        r.register(self.upstream_first_byte)
         ProcessCollector(registry=r)
         PlatformCollector(registry=r)
         self._store_collector: _StoreCollector | None = None
@@ -267,7 +193,7 @@ class Metrics:
         """Export the pool usage (Redis) or the entry count (memory) of `backend`."""
         if self._store_collector is not None:
             self.registry.unregister(self._store_collector)
-        self._store_collector = _StoreCollector(backend)
+        self._store_collector = _StoreCollector(backend, cluster_counts=self.cluster_counts)
         self.registry.register(self._store_collector)
 
 
@@ -296,10 +222,10 @@ class RequestMetrics:
 
     def __init__(self, metrics: Metrics) -> None:
         self._metrics = metrics
-        # (application, route, method, status) -> the request counter's cell and the duration
-        # histogram's cell. The key space is bounded (configured applications x route patterns
-        # x methods x statuses).
-        self._cells: dict[tuple[str, str, str, str], tuple[list[float], list[float]]] = {}
+        # (application, route, method, status) -> the request counter's and the duration
+        # histogram's series. The key space is bounded (configured applications x route
+        # patterns x methods x statuses).
+        self._cells: dict[tuple[str, str, str, str], tuple[CounterChild, HistogramChild]] = {}
 
     def begin(self, request: web.Request) -> None:
         request[_HANDLING_KEY] = True
@@ -320,8 +246,7 @@ class RequestMetrics:
         stream_started = request[_STREAM_KEY]
         if stream_started:
             metrics.active_streams.labels(application).dec()
-            stream_duration = metrics.stream_duration
-            stream_duration.observe(stream_duration.cell((application,)), now - stream_started)
+            metrics.stream_duration.child((application,)).observe(now - stream_started)
         method = request.method
         if method not in METHODS:
             method = "other"
@@ -329,11 +254,11 @@ class RequestMetrics:
         cells = self._cells.get(key)
         if cells is None:
             cells = self._cells[key] = (
-                metrics.requests.cell(key),
-                metrics.request_duration.cell(key[:3]),
+                metrics.requests.child(key),
+                metrics.request_duration.child(key[:3]),
             )
-        cells[0][0] += 1.0
-        metrics.request_duration.observe(cells[1], now - started)
+        cells[0].inc()
+        cells[1].observe(now - started)
 
     def count_stream(self, request: web.Request, response: web.StreamResponse) -> None:
         """From `on_response_prepare`: a plain `web.Response` is prepared after the handler
@@ -346,10 +271,12 @@ class RequestMetrics:
             self._metrics.active_streams.labels(application_label(request)).inc()
 
 
-def setup_metrics(app: web.Application) -> RequestMetrics:
+def setup_metrics(app: web.Application, *, fast: bool = True) -> RequestMetrics:
     """Create the app's metrics and `GET /metrics`; the returned `RequestMetrics` goes to the
-    gateway middleware (`app.middlewares.setup_gateway`), which counts every request."""
-    metrics = Metrics()
+    gateway middleware (`app.middlewares.setup_gateway`), which counts every request. `fast`:
+    the fenced fast paths (app/fast_metrics.py, app/redis_internals.py) where their start-up
+    self-checks pass; False (`FAST_PATHS=off`): prometheus-client's and redis-py's public API."""
+    metrics = Metrics(fast=fast)
     app[METRICS_KEY] = metrics
     app.router.add_get("/metrics", make_aiohttp_handler(metrics.registry), allow_head=False)
     return RequestMetrics(metrics)
@@ -376,8 +303,8 @@ def record_upstream_first_byte(request: web.Request, sent: float) -> None:
     """The upstream's response headers arrived for a request sent at `sent` (`perf_counter`)."""
     metrics = request.app.get(METRICS_KEY)
     if metrics is not None:
-        histogram = metrics.upstream_first_byte
-        histogram.observe(histogram.cell((application_label(request),)), time.perf_counter() - sent)
+        histogram = metrics.upstream_first_byte.child((application_label(request),))
+        histogram.observe(time.perf_counter() - sent)
 
 
 def route_label(request: web.Request) -> str:
@@ -394,20 +321,20 @@ class InstrumentedBackend:
     def __init__(self, backend: SessionBackend, metrics: Metrics) -> None:
         self.backend = backend
         self._metrics = metrics
-        # (operation, ok) -> the operation counter's cell and the duration histogram's cell
+        # (operation, ok) -> the operation counter's and the duration histogram's series
         # (created on first use: a series appears once it has something to count).
-        self._cells: dict[tuple[str, bool], tuple[list[float], list[float]]] = {}
+        self._cells: dict[tuple[str, bool], tuple[CounterChild, HistogramChild]] = {}
 
     def _done(self, operation: str, started: float, ok: bool) -> None:
         cells = self._cells.get((operation, ok))
         if cells is None:
             m = self._metrics
             cells = self._cells[operation, ok] = (
-                m.store_operations.cell((operation, "ok" if ok else "error")),
-                m.store_duration.cell((operation,)),
+                m.store_operations.child((operation, "ok" if ok else "error")),
+                m.store_duration.child((operation,)),
             )
-        cells[0][0] += 1.0
-        self._metrics.store_duration.observe(cells[1], time.perf_counter() - started)
+        cells[0].inc()
+        cells[1].observe(time.perf_counter() - started)
 
     def _failed(self, operation: str, err: StoreUnavailable) -> None:
         cause = err.__cause__
@@ -495,33 +422,47 @@ class InstrumentedBackend:
         await self.backend.close()
 
 
-def _pool_usage(client: object) -> tuple[float, float, float]:
-    """(in use, idle, bound) of a redis-py asyncio client's connections.
+def _pool_usage(
+    client: object, *, cluster_counts: bool
+) -> tuple[float | None, float | None, float]:
+    """(in use, idle, bound) of a redis-py asyncio client's connections; the counts are None
+    when unknown.
 
-    redis-py keeps these as plain attributes (4.x through 8.x): one pool for a standalone or
-    Sentinel client, one connection list per node for a cluster. Read defensively, so a
-    future rename costs a series, not a scrape.
+    A standalone or Sentinel client has one pool, counted through redis-py's public
+    `get_connection_count()` ([(count, {CONNECTION_STATE: "idle" or "used", ...}), ...]).
+    A cluster has one connection list per node, with no public count: app/redis_internals.py
+    reads them when `cluster_counts` (its start-up self-check passed, `FAST_PATHS` not off).
     """
     pool = getattr(client, "connection_pool", None)
     if pool is not None:
-        in_use = len(getattr(pool, "_in_use_connections", ()))
-        idle = len(getattr(pool, "_available_connections", ()))
-        return in_use, idle, float(getattr(pool, "max_connections", 0) or 0)
+        counts = {"idle": 0.0, "used": 0.0}
+        for count, attributes in pool.get_connection_count():
+            state = attributes.get(CONNECTION_STATE)
+            if state in counts:
+                counts[state] += count
+        return counts["used"], counts["idle"], float(getattr(pool, "max_connections", 0) or 0)
     total_in_use = total_idle = total_bound = 0.0
+    known = cluster_counts
     get_nodes = getattr(client, "get_nodes", None)
     for node in get_nodes() if callable(get_nodes) else ():
-        idle = len(getattr(node, "_free", ()))
-        total_idle += idle
-        total_in_use += max(len(getattr(node, "_connections", ())) - idle, 0)
+        usage = redis_internals.node_connections(node) if cluster_counts else None
+        if usage is None:
+            known = False
+        else:
+            total_in_use += usage[0]
+            total_idle += usage[1]
         total_bound += float(getattr(node, "max_connections", 0) or 0)
+    if not known:
+        return None, None, total_bound
     return total_in_use, total_idle, total_bound
 
 
 class _StoreCollector:
     """Scrape-time gauges of the store: Redis pool usage, or memory-store entries."""
 
-    def __init__(self, backend: SessionBackend) -> None:
+    def __init__(self, backend: SessionBackend, *, cluster_counts: bool) -> None:
         self._backend = backend
+        self._cluster_counts = cluster_counts
 
     def describe(self) -> list[Metric]:
         return list(self.collect())
@@ -529,15 +470,16 @@ class _StoreCollector:
     def collect(self) -> Iterator[Metric]:
         client = getattr(self._backend, "client", None)
         if client is not None:
-            in_use, idle, bound = _pool_usage(client)
-            connections = GaugeMetricFamily(
-                f"{NAMESPACE}_redis_pool_connections",
-                "Redis connections held by this process, by state (all cluster nodes summed).",
-                labels=["state"],
-            )
-            connections.add_metric(["in_use"], in_use)
-            connections.add_metric(["idle"], idle)
-            yield connections
+            in_use, idle, bound = _pool_usage(client, cluster_counts=self._cluster_counts)
+            if in_use is not None and idle is not None:
+                connections = GaugeMetricFamily(
+                    f"{NAMESPACE}_redis_pool_connections",
+                    "Redis connections held by this process, by state (all cluster nodes summed).",
+                    labels=["state"],
+                )
+                connections.add_metric(["in_use"], in_use)
+                connections.add_metric(["idle"], idle)
+                yield connections
             yield GaugeMetricFamily(
                 f"{NAMESPACE}_redis_pool_max_connections",
                 "The pool's bound (REDIS_MAX_CONNECTIONS; per node for a cluster, summed).",

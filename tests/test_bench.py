@@ -33,7 +33,7 @@ def test_bench_smoke_runs_every_row(tmp_path: Path) -> None:
         "gw_redis_read", "gw_redis_write", "gw_mem_read", "gw_mem_write", "stock_read",
         "stock_write", "nosession", "rawget", "sse_direct", "sse_gateway", "sse_nginx",
         "gw_redis_read_enc", "gw_redis_write_enc", "sse_gateway_limited",
-        "sse_gateway_resumable",
+        "sse_gateway_resumable", "gw_mem_read_public", "gw_redis_read_public",
     }  # fmt: skip
     assert set(rows) == expected
     for key, row in rows.items():

@@ -1,7 +1,10 @@
-"""The access log's own line formatting writes what the logging formatters would write."""
+"""The access log's fast path (app/access_log.py) writes what the logging formatters would
+write; it is checked at start-up and gives way to `logging` when the check fails or
+`FAST_PATHS=off`; held lines are written in order and on cleanup."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import io
 import json
@@ -14,7 +17,7 @@ from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from app import logs
+from app import access_log, logs
 from app.keys import APP_ID_KEY, REQUEST_ID_KEY, REQUEST_STARTED_KEY, SESSION_KEY, SETTINGS_KEY
 from tests.conftest import make_settings
 
@@ -58,24 +61,27 @@ def _request(path: str, headers: dict[str, str], duration: float, middleware: bo
 
 def _lines(monkeypatch: pytest.MonkeyPatch, json_lines: bool) -> tuple[list[str], list[str]]:
     """(the fast path's lines, the formatter's lines) for the same requests."""
-    handler = logs._GatewayHandler(json_lines)
+    handler = logs.GatewayHandler(json_lines)
+    handler.fast_access = True
     handler.setFormatter(logs.JsonFormatter() if json_lines else logs.TextFormatter())
     stream = io.StringIO()
     handler.setStream(stream)
     root = logging.getLogger()
     monkeypatch.setattr(root, "handlers", [handler])
     monkeypatch.setattr(root, "level", logging.INFO)
-    monkeypatch.setattr(logs, "_perf_counter", lambda: NOW)
+    monkeypatch.setattr(access_log, "_perf_counter", lambda: NOW)
     fast: list[str] = []
     slow: list[str] = []
     for path, headers, middleware in REQUESTS:
-        access = logs.AccessLogger(logging.getLogger("hotpath.access"), "")  # a pristine logger
+        access = access_log.AccessLogger(
+            logging.getLogger("hotpath.access"), ""
+        )  # a pristine logger
         for duration in DURATIONS:
             request = _request(path, headers, duration, middleware)
             # aiohttp's own duration differs: the middleware's start must win when there is one.
             aiohttp_duration = duration + 1 if middleware else duration
             access.log(request, web.Response(status=201), aiohttp_duration)
-            logs._flush()
+            handler.flush()  # no event loop here: already written
             fast.append(stream.getvalue())
             stream.seek(0)
             stream.truncate()
@@ -120,3 +126,84 @@ def test_the_duration_is_the_middlewares_when_there_is_one(
     expected = [round(d * 1000, 3) for d in DURATIONS]
     assert durations == expected * len(REQUESTS)
     assert [json.loads(line)["request_id"] for line in fast][-1] is None  # refused early
+
+
+def _gateway_logger(
+    monkeypatch: pytest.MonkeyPatch, json_lines: bool = False
+) -> tuple[logs.GatewayHandler, io.StringIO, access_log.AccessLogger]:
+    handler = logs.GatewayHandler(json_lines)
+    handler.setFormatter(logs.JsonFormatter() if json_lines else logs.TextFormatter())
+    stream = io.StringIO()
+    handler.setStream(stream)
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", [handler])
+    monkeypatch.setattr(root, "level", logging.INFO)
+    return handler, stream, access_log.AccessLogger(logging.getLogger("hotpath.access"), "")
+
+
+async def test_the_self_check_passes_and_turns_the_fast_path_on(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    handler, stream, access = _gateway_logger(monkeypatch)
+    assert access_log.self_check() is None
+    assert access_log.enable_fast_path(handler, True) is True
+    access.log(_request(*REQUESTS[0][:2], 0.001, True), web.Response(), 0.001)
+    assert stream.getvalue() == ""  # held: the fast path
+    handler.flush()
+    assert "GET /apps/demo/session " in stream.getvalue()
+
+
+@pytest.mark.parametrize("json_lines", [False, True])
+def test_fast_paths_off_writes_every_line_through_logging(
+    monkeypatch: pytest.MonkeyPatch, json_lines: bool
+) -> None:
+    handler, stream, access = _gateway_logger(monkeypatch, json_lines)
+    assert access_log.enable_fast_path(handler, False) is False
+    monkeypatch.setattr(logs.GatewayHandler, "write_line", _never)
+    spy = mock.patch.object(handler, "handle", wraps=handler.handle)
+    with spy as handled:
+        access.log(_request(*REQUESTS[1][:2], 0.001, True), web.Response(), 0.001)
+    assert handled.call_count == 1  # one `LogRecord` through `Logger.handle`
+    line = stream.getvalue()
+    assert line.count("\n") == 1 and "forged" in line  # written at once, escaped
+    if json_lines:
+        assert json.loads(line)["request_id"] == "rid-1"
+
+
+def _never(self: logs.GatewayHandler, line: str) -> None:
+    raise AssertionError("the fast path was taken")
+
+
+def test_a_failed_self_check_keeps_the_fast_path_off(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A fast rendering that drifted from the formatter's (here: the user agent dropped from
+    JSON lines) is caught at start-up."""
+    handler = logs.GatewayHandler(json_lines=True)
+    original = access_log._AccessLine.json
+
+    def drifted(self: access_log._AccessLine, logger_name: str) -> str:
+        return original(self, logger_name).replace('"user_agent"', '"agent"')
+
+    monkeypatch.setattr(access_log._AccessLine, "json", drifted)
+    problem = access_log.self_check()
+    assert problem is not None and problem.startswith("JSON line differs")
+    assert access_log.enable_fast_path(handler, True) is False
+    assert "every line through logging, not the fast path" in caplog.text
+
+
+async def test_held_lines_come_before_later_records_and_are_flushed_at_cleanup(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    handler, stream, _ = _gateway_logger(monkeypatch)
+    handler.write_line("one\n")
+    handler.write_line("two\n")
+    logging.getLogger("hotpath.app").warning("three")
+    assert stream.getvalue().splitlines()[:2] == ["one", "two"]
+    assert stream.getvalue().splitlines()[2].endswith("WARNING hotpath.app: three")
+    handler.write_line("four\n")
+    await logs.flush_logs(web.Application())  # the app's on_cleanup hook
+    assert stream.getvalue().endswith("four\n")
+    handler.write_line("five\n")
+    await asyncio.sleep(0)  # the end of the loop iteration
+    assert stream.getvalue().endswith("five\n")

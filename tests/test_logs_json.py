@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 from aiohttp.test_utils import make_mocked_request
 
 from app import logs
@@ -28,9 +29,12 @@ def _records(stderr: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in stderr.splitlines()]
 
 
+@pytest.mark.parametrize("fast_paths", ["auto", "off"])
 async def test_json_lines_carry_iso_time_request_context_and_client_details(
-    gateway_process: GatewayProcessFactory, tmp_path: Path
+    gateway_process: GatewayProcessFactory, tmp_path: Path, fast_paths: str
 ) -> None:
+    """The same lines from the access log's fast path (app/access_log.py) and through
+    `logging` (`FAST_PATHS=off`)."""
     apps = tmp_path / "apps.toml"
     apps.write_text(
         '[apps.demo]\nupstream = "builtin:demo"\n\n'
@@ -42,6 +46,7 @@ async def test_json_lines_carry_iso_time_request_context_and_client_details(
             "SESSION_STORE": "memory",
             "APPS_FILE": str(apps),
             "TRUSTED_PROXIES": "127.0.0.1/32",
+            "FAST_PATHS": fast_paths,
         }
     )
     before = datetime.datetime.now(datetime.UTC)

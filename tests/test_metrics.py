@@ -9,12 +9,14 @@ import urllib.request
 
 import aiohttp
 import prometheus_client
+import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 from pytest_aiohttp import AiohttpClient, AiohttpServer
 
-from app import logs
+from app import fast_metrics, logs
+from app.keys import METRICS_KEY
 from app.loadkit.ports import free_port
 from app.main import create_app
 from app.sessions.backend import StoreUnavailable
@@ -56,11 +58,25 @@ async def scrape(
         return parse(await response.text())
 
 
+@pytest.fixture(params=["auto", "off"])
+def fast_paths(request: pytest.FixtureRequest) -> str:
+    """`FAST_PATHS`: the per-request series as app/fast_metrics.py's plain numbers (`auto`) or
+    prometheus-client's `Counter`/`Histogram` (`off`); both must export the same."""
+    value: str = request.param
+    return value
+
+
+def uses_fast_series(app: web.Application) -> bool:
+    metrics = app[METRICS_KEY]
+    return metrics.fast and isinstance(metrics.requests, fast_metrics.FastCounter)
+
+
 async def test_requests_are_counted_by_route_pattern_method_and_status(
-    gateway_factory: GatewayFactory,
+    gateway_factory: GatewayFactory, fast_paths: str
 ) -> None:
-    gw = await gateway_factory("memory")
+    gw = await gateway_factory("memory", FAST_PATHS=fast_paths)
     client = gw.client
+    assert uses_fast_series(client.app) is (fast_paths == "auto")
     assert (await client.patch("/apps/demo/session", json={"a": 1}, headers=CSRF)).status == 200
     for _ in range(2):
         assert (await client.get("/apps/demo/session")).status == 200
@@ -120,9 +136,13 @@ class FlakyBackend(MemoryBackend):
         return await super().get_and_touch(key, ttl)
 
 
-async def test_store_operations_errors_and_latency(aiohttp_client: AiohttpClient) -> None:
+async def test_store_operations_errors_and_latency(
+    aiohttp_client: AiohttpClient, fast_paths: str
+) -> None:
     backend = FlakyBackend()
-    client = await aiohttp_client(create_app(make_settings(), backend=backend))
+    settings = make_settings(FAST_PATHS=fast_paths)
+    client = await aiohttp_client(create_app(settings, backend=backend))
+    assert uses_fast_series(client.app) is (fast_paths == "auto")
     assert (await client.patch("/apps/demo/session", json={"a": 1}, headers=CSRF)).status == 200
     assert (await client.get("/apps/demo/session")).status == 200
     backend.down = True
@@ -144,8 +164,12 @@ async def test_store_operations_errors_and_latency(aiohttp_client: AiohttpClient
     assert value(samples, requests, **labels) == 1
 
 
-async def test_redis_pool_usage_is_exported(gateway_factory: GatewayFactory) -> None:
-    gw = await gateway_factory("redis", REDIS_MAX_CONNECTIONS="7")
+async def test_redis_pool_usage_is_exported(
+    gateway_factory: GatewayFactory, fast_paths: str
+) -> None:
+    # A standalone pool is counted through redis-py's public `get_connection_count()`: the
+    # same with the fenced internals off.
+    gw = await gateway_factory("redis", REDIS_MAX_CONNECTIONS="7", FAST_PATHS=fast_paths)
     assert (await gw.client.patch("/apps/demo/session", json={"a": 1}, headers=CSRF)).status == 200
     samples = await scrape(gw.client)
     assert value(samples, "agent_bff_redis_pool_max_connections") == 7

@@ -61,6 +61,8 @@ def ratios(results: dict[str, Any]) -> list[dict[str, Any]]:
     ratio("(cost) encrypted Redis read / plain Redis read", "gw_redis_read_enc", "gw_redis_read", 0)
     ratio("(cost) encrypted Redis write / plain", "gw_redis_write_enc", "gw_redis_write", 0)
     ratio("(cost) SSE with rate limits / without", "sse_gateway_limited", "sse_gateway", 0.0)
+    ratio("(cost) memory read, FAST_PATHS=off / auto", "gw_mem_read_public", "gw_mem_read", 0.0)
+    ratio("(cost) Redis read, FAST_PATHS=off / auto", "gw_redis_read_public", "gw_redis_read", 0.0)
     plain, resumable = rows_of(results, "sse_gateway"), rows_of(results, "sse_gateway_resumable")
     if plain and resumable and plain["own_cpu_us_per_request"]:
         value = resumable["own_cpu_us_per_request"] / plain["own_cpu_us_per_request"]

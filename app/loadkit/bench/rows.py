@@ -178,6 +178,23 @@ def cost_rows() -> list[Row]:
             cookies="gw_redis_enc",
             redis=True,
         ),
+        # The public-API paths instead of the fenced fast ones (app/fast_metrics.py, the access
+        # log's own formatting in app/access_log.py): what those fast paths save.
+        Row(
+            "gw_mem_read_public",
+            "gateway, memory store: read, FAST_PATHS=off",
+            "gw_mem_public",
+            SESSION_PATH,
+            cookies="gw_mem_public",
+        ),
+        Row(
+            "gw_redis_read_public",
+            "gateway, Redis store: read, FAST_PATHS=off",
+            "gw_redis_public",
+            SESSION_PATH,
+            cookies="gw_redis_public",
+            redis=True,
+        ),
         Row(
             "sse_gateway_limited",
             "SSE 50x200 B: via gateway, with per-session and per-app rate limits",

@@ -95,6 +95,8 @@ def run(options: Options, *, log: Callable[[str], None]) -> dict[str, Any]:
             key = base64.urlsafe_b64encode(os.urandom(32)).decode("ascii")
             lab.start_gateway("gw_redis_enc", "redis", wait=False, SESSION_ENCRYPTION_KEYS=key)
             lab.start_gateway("gw_redis_limited", "redis", wait=False, app_extra=UNREACHED_LIMITS)
+            lab.start_gateway("gw_mem_public", "memory", wait=False, FAST_PATHS="off")
+            lab.start_gateway("gw_redis_public", "redis", wait=False, FAST_PATHS="off")
         # Resumable runs (app/runs/): a short window, so ended runs leave Redis within seconds.
         lab.start_gateway("gw_redis_resumable", "redis", wait=False, app_extra=RESUMABLE_APP)
         lab.start_peer("stock", "stock")
@@ -112,6 +114,8 @@ def run(options: Options, *, log: Callable[[str], None]) -> dict[str, Any]:
             "gw_redis_quiet",
             "gw_redis_enc",
             "gw_redis_limited",
+            "gw_mem_public",
+            "gw_redis_public",
         ):
             if name in lab.urls:
                 lines = asyncio.run(create_sessions(lab.urls[name], options.sessions))
