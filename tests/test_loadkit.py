@@ -23,7 +23,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from pytest_aiohttp import AiohttpClient, AiohttpServer
 
-from app.loadkit.loadgen import TargetRefused, check_target, parse_mix, parse_rate
+from app.loadkit.arguments import TargetRefused, check_target, parse_mix, parse_rate
 from app.loadkit.ports import free_port
 from app.loadkit.recording import LoadConfig, Recorder
 from app.loadkit.report import Thresholds, build_report, format_summary

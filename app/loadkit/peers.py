@@ -23,6 +23,8 @@ from aiohttp import web
 from aiohttp_session import get_session, session_middleware
 from aiohttp_session.redis_storage import RedisStorage
 
+from app.loadkit.loops import loop_factory
+
 PATH = "/apps/demo/session"
 RAW_PREFIX = "bench:raw:"
 REDIS_KEY = web.AppKey("redis", aioredis.Redis)
@@ -114,13 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         app = rawget_app(args.redis)
     else:
         app = nosession_app()
-    loop: asyncio.AbstractEventLoop
-    try:
-        import uvloop
-
-        loop = uvloop.new_event_loop()
-    except ImportError:  # pragma: no cover - uvloop is a gateway dependency
-        loop = asyncio.new_event_loop()
+    loop = (loop_factory() or asyncio.new_event_loop)()
     web.run_app(app, host=args.host, port=args.port, access_log=None, print=None, loop=loop)
     return 0
 

@@ -24,10 +24,11 @@ import functools
 import ipaddress
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from aiohttp import web
+
+from app.loadkit.loops import loop_factory
 
 MAX_EVENTS = 100_000
 MAX_SIZE = 1_048_576
@@ -192,21 +193,12 @@ def run(app: web.Application, host: str, port: int) -> int:
             await runner.cleanup()
 
     try:
-        new_loop = _loop_factory()
+        new_loop = loop_factory()
         with asyncio.Runner(loop_factory=new_loop) as runner:
             runner.run(serve())
     except (KeyboardInterrupt, web.GracefulExit):
         pass
     return 0
-
-
-def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
-    """uvloop when installed (the gateway runs on it too), else asyncio's default loop."""
-    try:
-        import uvloop
-    except ImportError:
-        return None
-    return uvloop.new_event_loop
 
 
 if __name__ == "__main__":
