@@ -18,6 +18,9 @@ COPY pyproject.toml ./
 COPY scripts/install scripts/install
 RUN scripts/install --venv /opt/venv --deps-only
 # Then the application itself, as a regular (non-editable) install: /src is not in the image.
+# app/ holds the load kit (app/loadkit) too: a plain install, so its code ships (never imported
+# by `python -m app`) but not its `load` extra (hdrhistogram, matplotlib); agent-bff-stub runs,
+# agent-bff-loadgen and agent-bff-bench say what to install.
 COPY README.md LICENSE ./
 COPY app app
 RUN scripts/install --venv /opt/venv --no-editable

@@ -310,6 +310,29 @@ def _proc_uid(pid: int) -> int:
     raise AssertionError("no Uid line")
 
 
+def test_the_image_ships_the_load_kit_code_but_not_its_extra(image: Image) -> None:
+    """The image is a plain install: the kit's commands exist; the stub (aiohttp only) runs,
+    the load generator and the bench say which extra they need instead of a traceback."""
+    env, workdir = image.env({}), image.paths[image.runtime.last("WORKDIR")]
+    answers = {
+        command: subprocess.run(
+            image.user_argv([f"/opt/venv/bin/{command}", "--help"]),
+            env=env,
+            cwd=workdir,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        for command in ("agent-bff-stub", "agent-bff-loadgen", "agent-bff-bench")
+    }
+    assert answers["agent-bff-stub"].returncode == 0, answers["agent-bff-stub"].stderr
+    for command in ("agent-bff-loadgen", "agent-bff-bench"):
+        assert answers[command].returncode == 2, answers[command].stderr
+        assert "pip install 'agent-bff[load]'" in answers[command].stderr
+        assert "Traceback" not in answers[command].stderr
+
+
 def test_the_image_steps_run_as_plain_processes(image: Image, shared_redis: RedisServer) -> None:
     installed = image.paths["/opt/venv"] / "lib" / "python3.11" / "site-packages" / "app"
     assert (installed / "__main__.py").exists(), "a regular install (not editable)"
