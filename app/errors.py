@@ -8,10 +8,12 @@ Every error the gateway itself produces looks like
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import ClassVar
 
 from aiohttp import web
 
 from app.keys import REQUEST_ID_KEY
+from app.sessions.backend import StoreFull, StoreUnavailable
 
 
 class ApiError(Exception):
@@ -30,6 +32,32 @@ class ApiError(Exception):
         self.code = code
         self.message = message
         self.headers = dict(headers or {})
+
+
+class FixedError(ApiError):
+    """An `ApiError` whose status, code, message (and headers) are those of its class, so each
+    code is spelled once: subclasses set `status`, `code`, `message` (`default_headers`).
+    `detail` says more, for the log only."""
+
+    default_headers: ClassVar[Mapping[str, str]] = {}
+
+    def __init__(self, detail: str = "") -> None:
+        super().__init__(self.status, self.code, self.message, headers=self.default_headers)
+        self.detail = detail
+
+
+class BodyTooLarge(FixedError):
+    """A request body over its cap (declared, or counted as it arrives)."""
+
+    status, code = 413, "body_too_large"
+    message = "The request body is too large."
+
+
+class BodyTimeout(FixedError):
+    """A request body that paused too long, or was not complete in time."""
+
+    status, code = 408, "body_timeout"
+    message = "The request body did not arrive in time."
 
 
 def error_response(
@@ -69,3 +97,9 @@ def store_unavailable(retry_after: int = 1) -> ApiError:
         "The session store is unavailable; retry shortly.",
         headers={"Retry-After": str(retry_after)},
     )
+
+
+def store_error(err: StoreUnavailable) -> ApiError:
+    """The answer to a session store failure: 503 `session_store_full` for `StoreFull`, else
+    503 `session_store_unavailable`."""
+    return store_full() if isinstance(err, StoreFull) else store_unavailable()

@@ -10,7 +10,7 @@ from typing import Any
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from app.errors import ApiError
+from app.errors import ApiError, BodyTimeout, BodyTooLarge
 from app.keys import BACKEND_KEY, LIFECYCLE_KEY, SESSION_KEY, SETTINGS_KEY
 from app.sessions.backend import StoreUnavailable
 from app.sessions.middleware import (
@@ -165,7 +165,7 @@ async def _json_object(request: web.Request) -> dict[str, Any]:
         except TimeoutError as err:
             # A stalled body must not hold the handler (and a shutdown) forever; the unread
             # rest makes the connection unusable, so aiohttp closes it after this answer.
-            raise ApiError(408, "body_timeout", "The request body did not arrive in time.") from err
+            raise BodyTimeout() from err
     try:
         value = _JSON_DECODER.decode(bytes(raw).decode("utf-8"))
         # Each level of nesting takes a `{` or `[`: fewer of them than the limit (strings
@@ -190,7 +190,7 @@ async def _read_body(request: web.Request, cap: int) -> bytes | bytearray:
     # A PATCH can never yield a session over SESSION_MAX_BYTES, so reading more than twice
     # that (JSON escaping slack) is pointless: refuse early, nothing changed.
     if request.content_length is not None and request.content_length > cap:
-        raise ApiError(413, "body_too_large", "The request body is too large.")
+        raise BodyTooLarge()
     content = request.content
     raw: bytes | bytearray
     if content.is_eof():
@@ -206,7 +206,7 @@ async def _read_body(request: web.Request, cap: int) -> bytes | bytearray:
                 break
             raw += piece
     if len(raw) > cap:
-        raise ApiError(413, "body_too_large", "The request body is too large.")
+        raise BodyTooLarge()
     return raw
 
 

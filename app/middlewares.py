@@ -36,7 +36,7 @@ from aiohttp.typedefs import Handler, Middleware
 
 from app.applications import APP_ID_RE, AppConfig
 from app.config import Settings
-from app.errors import ApiError, error_response, store_full, store_unavailable
+from app.errors import ApiError, error_response, store_error
 from app.forwarding import client_host, own_origin, peer_is_trusted
 from app.hosts import HostAllowlist
 from app.keys import (
@@ -52,7 +52,7 @@ from app.keys import (
 from app.lifecycle import Lifecycle, close_connections_when_draining
 from app.logs import bind_request, release_request
 from app.metrics import CLIENT_CLOSED, RequestMetrics
-from app.sessions.backend import StoreFull, StoreUnavailable
+from app.sessions.backend import StoreUnavailable
 from app.sessions.middleware import finish_session, session_error_response
 from app.sessions.storage import SessionConflict, SessionEnded
 
@@ -99,7 +99,7 @@ def _envelope(request: web.Request, exc: Exception) -> web.StreamResponse | None
         return error_response(request, exc.status, exc.code, exc.message, headers=exc.headers)
     if isinstance(exc, StoreUnavailable):
         log.warning("session store unavailable: %s", exc)
-        unavailable = store_full() if isinstance(exc, StoreFull) else store_unavailable()
+        unavailable = store_error(exc)
         return error_response(
             request, 503, unavailable.code, unavailable.message, headers=unavailable.headers
         )

@@ -18,7 +18,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from app.keys import LIFECYCLE_KEY
-from app.proxy import exchange, fastread, headers, urls
+from app.proxy import errors, exchange, fastread, headers, urls
 from app.proxy.fastread import read_available, take_buffered
 from app.proxy.relay import READ_CHUNK_BYTES
 from tests.conftest import CSRF
@@ -285,7 +285,7 @@ def test_a_repeated_agent_path_is_checked_and_built_once() -> None:
     assert urls.build_upstream_url.cache_info().hits == 1
     assert str(first) == "http://agent.internal:9000/v1/chat/stream?a=1"
     for _ in range(2):  # a refusal is not cached: it is refused every time
-        with pytest.raises(urls.InvalidPath):
+        with pytest.raises(errors.InvalidPath):
             urls.build_upstream_url(base, "%2e%2e/admin", "")
 
 

@@ -52,11 +52,15 @@ Contract, in request order:
   `idle_timeout_seconds` counts as gone: its connection is aborted (see `DisconnectWatch`).
 
 The package, one concern per module:
-- `handler`: `agent_proxy`, the steps above in order (the route's only entry point).
+- `handler`: `agent_proxy`, the steps above in order (the route's only entry point), and
+  `render`, the one place a refusal becomes the JSON envelope.
+- `errors`: one exception type per error code the proxy answers with.
 - `urls`: the upstream URL from the raw path; whether a redirect leaves the application.
+- `header_policy`: which headers cross, per direction (allowlists over floors, APPS_FILE).
 - `headers`: the headers sent upstream and relayed to the browser, and the checks on both.
 - `exchange`: one request in flight (`Exchange`) and the browser's body streamed upstream.
+- `call`: the upstream call, an async context manager that raises typed errors.
 - `relay`: the answer streamed to the browser; keep-alives; failures after the start.
 - `watch`: the browser's disconnect (and a browser that reads nothing) noticed, no task.
-- `fastread`: aiohttp's `StreamReader` internals, fenced (the relay's buffered reads).
+- `fastread`: aiohttp's private internals, fenced (the relay's buffered reads).
 """

@@ -7,8 +7,9 @@ while the gateway waits for the browser).
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -16,17 +17,11 @@ from aiohttp import web
 from app.applications import AppConfig
 from app.capacity import AppSlots
 from app.config import Settings
-from app.errors import error_response
+from app.errors import BodyTimeout, BodyTooLarge
 from app.keys import REQUEST_ID_KEY
 from app.lifecycle import Lifecycle
 
-
-class BodyTooLarge(Exception):
-    pass
-
-
-class BodyStalled(Exception):
-    pass
+log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -38,9 +33,11 @@ class Exchange:
     settings: Settings
     lifecycle: Lifecycle
     response: web.StreamResponse | None = None
+    # Set by `lose_client` only: the browser is gone.
     client_gone: bool = False
-    body_too_large: bool = False
-    body_stalled: bool = False
+    # Why the browser's body was cut (413 `BodyTooLarge`, 408 `BodyTimeout`), raised from
+    # `body` inside the upstream client, which wraps it: the upstream call raises this instead.
+    upload_error: BodyTooLarge | BodyTimeout | None = None
     # The timer of the upstream's response headers while it runs (see `body`).
     header_deadline: asyncio.Timeout | None = None
     # Upstream capacity (app/capacity.py): what this request holds, returned by
@@ -54,20 +51,11 @@ class Exchange:
     def request_id(self) -> str:
         return self.request[REQUEST_ID_KEY]
 
-    def error(
-        self,
-        status: int,
-        code: str,
-        message: str,
-        *,
-        headers: Mapping[str, str] | None = None,
-    ) -> web.Response:
-        """Our JSON error, carrying any session cookie already set on the stream response."""
-        response = error_response(self.request, status, code, message, headers=headers)
-        if self.response is not None:
-            for name, morsel in self.response.cookies.items():
-                response.cookies[name] = morsel
-        return response
+    def lose_client(self) -> None:
+        """The browser is gone: its connection failed under a write (app/proxy/relay.py) or
+        closed, or it read nothing for too long (app/proxy/watch.py). The upstream answer is
+        then closed, not pooled, and a cancelled exchange ends as 499."""
+        self.client_gone = True
 
     def arrived_body(self, cap: int) -> bytes | None:
         """The browser's whole body when all of it has already arrived (typical of a small
@@ -78,8 +66,7 @@ class Exchange:
             return None
         data = content.read_nowait(-1)
         if len(data) > cap:
-            self.body_too_large = True
-            raise BodyTooLarge
+            raise self._cut(BodyTooLarge())
         return data
 
     async def body(self, cap: int) -> AsyncGenerator[bytes, None]:
@@ -101,17 +88,26 @@ class Exchange:
                 async with asyncio.timeout_at(min(loop.time() + pause, self.upload_deadline)):
                     chunk = await anext(chunks, b"")
             except TimeoutError:
-                self.body_stalled = True
-                raise BodyStalled from None
+                log.info(
+                    "browser body paused for %ss or not complete by its upload deadline "
+                    "(app %s, request %s)",
+                    pause,
+                    self.app.app_id,
+                    self.request_id,
+                )
+                raise self._cut(BodyTimeout()) from None
             finally:
                 self._set_header_deadline(loop.time() + self.app.connect_timeout_seconds)
             if not chunk:
                 return
             received += len(chunk)
             if received > cap:
-                self.body_too_large = True
-                raise BodyTooLarge
+                raise self._cut(BodyTooLarge())
             yield chunk
+
+    def _cut(self, error: BodyTooLarge | BodyTimeout) -> BodyTooLarge | BodyTimeout:
+        self.upload_error = error
+        return error
 
     def _set_header_deadline(self, when: float | None) -> None:
         deadline = self.header_deadline

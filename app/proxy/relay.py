@@ -1,6 +1,10 @@
 """The relay: an upstream answer streamed to the browser as it arrives, with SSE keep-alives
 between events, and a failure after the response started framed so the browser can tell it
 from a normal end (`event: error` between two events of an event stream, else an abort).
+
+The browser's side fails one way: a `ConnectionError` from a write, which ends the relay and
+marks the exchange (`Exchange.lose_client`) in one place, `relay`. The upstream's side fails
+as a typed error (app/proxy/errors.py) rendered by `_fail`.
 """
 
 from __future__ import annotations
@@ -14,7 +18,9 @@ import aiohttp
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 
+from app.errors import BodyTooLarge, FixedError
 from app.metrics import record_upstream_error
+from app.proxy.errors import ShuttingDown, UpstreamIdleTimeout, UpstreamStreamError
 from app.proxy.exchange import Exchange
 from app.proxy.fastread import read_available, take_buffered
 from app.proxy.headers import browser_response_headers, is_event_stream
@@ -26,6 +32,10 @@ log = logging.getLogger(__name__)
 READ_CHUNK_BYTES = 64 * 1024
 
 KEEPALIVE_COMMENT = b": keep-alive\n\n"
+# What a read of the upstream's body raises when it breaks off. RuntimeError: aiohttp's C
+# response parser, on bad chunk framing mid-body, drops the connection without failing the
+# payload; the next read raises RuntimeError("Connection closed.").
+_UPSTREAM_ERRORS = (aiohttp.ClientError, OSError, RuntimeError)
 
 
 class _SseBoundary:
@@ -51,8 +61,8 @@ class _SseBoundary:
 
 class RelayResponse(web.StreamResponse):
     """The relayed response. `prepare()` holds its head back until the first write (aiohttp
-    sends it together with those bytes); `relay` sends it on its own (`_send_head`) as soon as
-    no body bytes are ready, so the head never waits for the upstream."""
+    sends it together with those bytes); `relay` sends it on its own (`send_headers()`) as
+    soon as no body bytes are ready, so the head never waits for the upstream."""
 
     _send_headers_immediately = False
 
@@ -63,7 +73,8 @@ async def relay(
     upstream: aiohttp.ClientResponse,
     stop: StreamStop,
 ) -> None:
-    request = exchange.request
+    """Relay `upstream`'s answer on `response` until it ends, fails (`_fail`) or the browser
+    is gone (recorded on `exchange`, not raised)."""
     response.set_status(upstream.status, upstream.reason)
     response.headers.extend(browser_response_headers(upstream.headers, exchange.app.relay))
     sse = is_event_stream(upstream.headers)
@@ -73,23 +84,39 @@ async def relay(
         response.headers["X-Accel-Buffering"] = "no"
     if sse:
         response.headers.setdefault("Cache-Control", "no-cache")
+    boundary = _SseBoundary()
     try:
         # The head is held back (`RelayResponse`): it goes out with the first bytes when they
-        # are already here, and on its own (`_send_head`) before anything else happens.
-        writer = await response.prepare(request)
+        # are already here, and on its own (`writer.send_headers()`) before anything else.
+        writer = await response.prepare(exchange.request)
+        assert writer is not None
+        failure = await _stream(exchange, response, writer, upstream.content, stop, sse, boundary)
+        if failure is not None:
+            await _fail(exchange, response, writer, sse, boundary, *failure)
     except ConnectionError:
-        exchange.client_gone = True
-        return
-    assert writer is not None
+        # Only the browser's side raises it here: `_stream` catches the upstream's errors.
+        exchange.lose_client()
 
-    # One reader loop, no task or wait set per chunk: whatever the upstream already delivered
-    # is taken without waiting (several buffered events go out in one write; the last bytes of
-    # a complete body go out with its end); only an empty buffer waits, under one deadline
-    # (idle timeout, or the next keep-alive of an event stream). The shutdown signal
-    # (`stop_streams`, via `stop`) cuts that wait short.
+
+async def _stream(
+    exchange: Exchange,
+    response: web.StreamResponse,
+    writer: AbstractStreamWriter,
+    content: aiohttp.StreamReader,
+    stop: StreamStop,
+    sse: bool,
+    boundary: _SseBoundary,
+) -> tuple[FixedError, str] | None:
+    """Copy `content` to `response`: None once the answer ended normally, else why it could
+    not (the error and a detail for the log). A failed write raises `ConnectionError`.
+
+    One reader loop, no task or wait set per chunk: whatever the upstream already delivered
+    is taken without waiting (several buffered events go out in one write; the last bytes of
+    a complete body go out with its end); only an empty buffer waits, under one deadline
+    (idle timeout, or the next keep-alive of an event stream). The shutdown signal
+    (`stop_streams`, via `stop`) cuts that wait short.
+    """
     loop = asyncio.get_running_loop()
-    content = upstream.content
-    boundary = _SseBoundary()
     idle_timeout = exchange.app.idle_timeout_seconds
     keepalive = exchange.settings.sse_keepalive_seconds
     waiting: list[asyncio.Timeout] = []  # the wait in progress, for the stop callback
@@ -104,49 +131,39 @@ async def relay(
     try:
         while True:
             if stop.is_set:
-                await _fail(
-                    exchange, response, writer, sse, boundary, "shutting_down", "shutdown timeout"
-                )
-                return
+                return ShuttingDown(), "shutdown timeout"
             chunk: bytes | None
             try:
                 chunk = take_buffered(content, READ_CHUNK_BYTES)
-                if not chunk and not content.is_eof():
-                    if not _send_head(exchange, writer):
-                        return
-                    deadline = last_data + idle_timeout
-                    if sse:
-                        deadline = min(deadline, last_write + keepalive)
-                    chunk = None
-                    if deadline > loop.time():
-                        try:
-                            async with asyncio.timeout_at(deadline) as timeout:
-                                waiting.append(timeout)
-                                try:
-                                    chunk = await read_available(content, READ_CHUNK_BYTES)
-                                finally:
-                                    waiting.clear()
-                        except TimeoutError:
-                            chunk = None
-            # RuntimeError: aiohttp's C response parser, on bad chunk framing mid-body,
-            # drops the connection without failing the payload; the next read raises
-            # RuntimeError("Connection closed.").
-            except (aiohttp.ClientError, OSError, RuntimeError) as err:
-                code = "body_too_large" if exchange.body_too_large else "upstream_stream_error"
-                await _fail(exchange, response, writer, sse, boundary, code, type(err).__name__)
-                return
+                wait = not chunk and not content.is_eof()
+            except _UPSTREAM_ERRORS as err:
+                return _broke_off(exchange, err)
+            if wait:
+                writer.send_headers()  # if still held back: nothing is ready to go with it
+                deadline = last_data + idle_timeout
+                if sse:
+                    deadline = min(deadline, last_write + keepalive)
+                chunk = None
+                if deadline > loop.time():
+                    try:
+                        async with asyncio.timeout_at(deadline) as timeout:
+                            waiting.append(timeout)
+                            try:
+                                chunk = await read_available(content, READ_CHUNK_BYTES)
+                            finally:
+                                waiting.clear()
+                    except TimeoutError:
+                        chunk = None
+                    except _UPSTREAM_ERRORS as err:
+                        return _broke_off(exchange, err)
             if chunk is not None:
                 if not chunk:
                     break
                 if content.at_eof():
                     # The body is complete: its last bytes and its end in one send.
-                    try:
-                        await response.write_eof(chunk)
-                    except ConnectionError:
-                        exchange.client_gone = True
-                    return
-                if not await _write(exchange, response, chunk):
-                    return
+                    await response.write_eof(chunk)
+                    return None
+                await response.write(chunk)  # awaits the drain: the browser's pace
                 boundary.feed(chunk)
                 last_data = last_write = loop.time()
                 continue
@@ -155,56 +172,27 @@ async def relay(
                 continue
             now = loop.time()
             if now >= last_data + idle_timeout:
-                await _fail(
-                    exchange,
-                    response,
-                    writer,
-                    sse,
-                    boundary,
-                    "upstream_idle_timeout",
-                    "idle timeout",
-                )
-                return
+                return UpstreamIdleTimeout(), "idle timeout"
             if sse and now >= last_write + keepalive:
                 # Not while the browser is not reading: the comment would only pile up in
                 # the write buffer (and a stalled reader needs no keep-alive).
-                if boundary.at_boundary and not request.protocol.writing_paused:
-                    if not await _write(exchange, response, KEEPALIVE_COMMENT):
-                        return
+                if boundary.at_boundary and not exchange.request.protocol.writing_paused:
+                    await response.write(KEEPALIVE_COMMENT)
                     boundary.feed(KEEPALIVE_COMMENT)
                 last_write = now
         with contextlib.suppress(ConnectionError):
             await response.write_eof()
+        return None
     finally:
         stop.unsubscribe(on_stop)
 
 
-def _send_head(exchange: Exchange, writer: AbstractStreamWriter) -> bool:
-    """Send the response head now if it is still held back; False when the browser is gone."""
-    try:
-        writer.send_headers()
-    except ConnectionError:
-        exchange.client_gone = True
-        return False
-    return True
-
-
-async def _write(exchange: Exchange, response: web.StreamResponse, data: bytes) -> bool:
-    """Write (awaiting drain: the browser's pace); False when the browser is gone."""
-    try:
-        await response.write(data)
-    except ConnectionError:
-        exchange.client_gone = True
-        return False
-    return True
-
-
-_ERROR_MESSAGES = {
-    "upstream_stream_error": "The agent service stream broke off.",
-    "upstream_idle_timeout": "The agent service sent nothing for too long.",
-    "shutting_down": "This instance is shutting down; retry.",
-    "body_too_large": "The request body is too large.",
-}
+def _broke_off(exchange: Exchange, err: BaseException) -> tuple[FixedError, str]:
+    """Why the upstream's body ended early: 413 when the browser's body was cut at its cap
+    (the upstream saw it end), else `upstream_stream_error`."""
+    if isinstance(exchange.upload_error, BodyTooLarge):
+        return BodyTooLarge(), type(err).__name__
+    return UpstreamStreamError(), type(err).__name__
 
 
 async def _fail(
@@ -213,10 +201,13 @@ async def _fail(
     writer: AbstractStreamWriter,
     sse: bool,
     boundary: _SseBoundary,
-    code: str,
+    error: FixedError,
     detail: str,
 ) -> None:
-    """End a started response so the browser can tell it from a normal end."""
+    """End a started response so the browser can tell it from a normal end: an event stream
+    between two events gets `event: error` (the error's code and message) and ends; anything
+    else is aborted after its head."""
+    code = error.code
     if code.startswith("upstream_"):
         record_upstream_error(exchange.request, code.removeprefix("upstream_"))
     log.warning(
@@ -228,17 +219,14 @@ async def _fail(
     )
     response.force_close()
     if sse and boundary.at_boundary:
-        payload = {
-            "code": code,
-            "message": _ERROR_MESSAGES.get(code, code),
-            "request_id": exchange.request_id,
-        }
-        event = f"event: error\ndata: {json.dumps(payload)}\n\n".encode()
-        if await _write(exchange, response, event):
-            with contextlib.suppress(ConnectionError):
-                await response.write_eof()
+        payload = {"code": code, "message": error.message, "request_id": exchange.request_id}
+        await response.write(f"event: error\ndata: {json.dumps(payload)}\n\n".encode())
+        with contextlib.suppress(ConnectionError):
+            await response.write_eof()
         return
     transport = exchange.request.transport
     if transport is not None:
-        _send_head(exchange, writer)  # the browser sees the response start, then the cut
-        transport.abort()
+        try:
+            writer.send_headers()  # the browser sees the response start, then the cut
+        finally:
+            transport.abort()

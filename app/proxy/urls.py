@@ -17,6 +17,7 @@ from yarl import URL
 from app.applications import AppConfig
 from app.config import Settings
 from app.forwarding import client_host
+from app.proxy.errors import InvalidPath
 
 # RFC 3986 pchar, minus `@` (userinfo tricks are refused outright).
 _SEGMENT_RE = re.compile(r"^(?:[A-Za-z0-9\-._~!$&'()*+,;=:]|%[0-9A-Fa-f]{2})+$")
@@ -28,10 +29,6 @@ _UNSAFE_LOCATION_RE = re.compile(r"[^\x21-\x5b\x5d-\x7e]|%(?:2[eEfF]|5[cC])")
 _PLACEHOLDER_HOST = "gateway.invalid"
 _HEX = frozenset("0123456789abcdef")
 _PLACEHOLDER_ORIGIN = f"https://{_PLACEHOLDER_HOST}"
-
-
-class InvalidPath(ValueError):
-    """The agent path could escape the upstream base; answered 400 `invalid_path`."""
 
 
 @functools.lru_cache(maxsize=1024)

@@ -66,7 +66,7 @@ class DisconnectWatch:
         exchange = self._exchange
         transport = exchange.request.transport
         if transport is None or transport.is_closing():
-            exchange.client_gone = True
+            exchange.lose_client()
             self._inner.cancel()
             return
         if exchange.request.protocol.writing_paused:
@@ -84,7 +84,7 @@ class DisconnectWatch:
                     exchange.app.app_id,
                     exchange.request_id,
                 )
-                exchange.client_gone = True
+                exchange.lose_client()
                 transport.abort()
                 self._inner.cancel()
                 return
