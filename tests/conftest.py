@@ -16,6 +16,10 @@ Fixtures (all function-scoped unless noted):
   (`RunningGateway`, served as `python -m app` serves it) whose only app, `shop`, points at it.
   Modules needing other app settings or routes override either fixture.
 - `browser`: a headless Chromium (`CHROMIUM`) driven by Playwright, closed at teardown.
+
+Tiers: every test gets one marker, `fast`, `integration` or `system`, from the fixtures it uses
+(tests/tiers.py); a test that starts processes without a fixture says so with
+`@pytest.mark.system` (or `integration` for a redis-server). `-m fast` is the inner loop.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from app.sessions.backend import SessionBackend
 from app.sessions.memory import MemoryBackend
 from app.sessions.redis import RedisBackend
 from app.sessions.storage import session_key
+from tests import tiers
 from tests.gateway_process import GatewayProcess
 from tests.redis_server import RedisServer
 
@@ -62,6 +67,47 @@ TEST_ENV: dict[str, str] = {
 
 STORE_KINDS = ("memory", "fakeredis", "redis")
 CSRF = {"X-CSRF": "1"}
+
+
+# -- tiers (tests/tiers.py) -----------------------------------------------------------------
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` selects by the markers given here
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test gets its tier marker: fast, integration or system."""
+    for item in items:
+        tiers.assign(item)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item: pytest.Item) -> Iterator[None]:
+    """A test's fixtures are set up under its tier's guard."""
+    with tiers.guard(item):
+        return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
+    """A test runs under its tier's guard."""
+    with tiers.guard(item):
+        return (yield)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """A fixture beyond the tier of the guarded test fails it (`tiers.FixtureGuard`)."""
+    config.pluginmanager.register(tiers.FixtureGuard(), "tiers-fixture-guard")
+
+
+@pytest.fixture(scope="session")
+def tier_integration() -> None:
+    """Requested by a fixture that starts a redis-server (or a topology) of its own: every test
+    using that fixture is `integration` at least."""
+
+
+@pytest.fixture(scope="session")
+def tier_system() -> None:
+    """Requested by a fixture that starts other processes (`python -m app`, scripts, nginx):
+    every test using that fixture is `system`."""
 
 
 # -- real redis-server ----------------------------------------------------------------------

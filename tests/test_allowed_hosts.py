@@ -228,6 +228,7 @@ async def test_without_the_setting_every_host_is_served(upstream: ServedUpstream
 # -- a real process ---------------------------------------------------------------------------
 
 
+@pytest.mark.system
 def test_a_bad_entry_stops_a_real_process_with_exit_2() -> None:
     code, stderr, _ = run_gateway_to_exit({"ALLOWED_HOSTS": "example.com,https://example.com/"})
     assert code == 2, stderr
@@ -238,6 +239,7 @@ def test_a_bad_entry_stops_a_real_process_with_exit_2() -> None:
     )
 
 
+@pytest.mark.system
 def test_an_open_gateway_beyond_loopback_warns_at_start_and_a_listed_one_does_not() -> None:
     warning = "ALLOWED_HOSTS is empty"
     with GatewayProcess({"HOST": "0.0.0.0"}) as proc:

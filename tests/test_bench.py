@@ -12,11 +12,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.gateway_process import REPO_ROOT
 
 BENCH = REPO_ROOT / "scripts" / "bench.py"
 
 
+@pytest.mark.system
 def test_bench_smoke_runs_every_row(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     proc = subprocess.run(

@@ -10,11 +10,14 @@ import sys
 import tracemalloc
 from pathlib import Path
 
+import pytest
+
 from tests.gateway_process import REPO_ROOT
 
 SCRIPT = REPO_ROOT / "scripts" / "concurrency.py"
 
 
+@pytest.mark.system
 def test_two_hundred_concurrent_streams_all_complete(tmp_path: Path) -> None:
     out = tmp_path / "concurrency.json"
     proc = subprocess.run(
@@ -51,6 +54,7 @@ def test_two_hundred_concurrent_streams_all_complete(tmp_path: Path) -> None:
     assert b"completed" in proc.stdout
 
 
+@pytest.mark.system
 def test_refuses_what_it_cannot_bound() -> None:
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), "--streams", "0"],
@@ -62,6 +66,7 @@ def test_refuses_what_it_cannot_bound() -> None:
     assert b"--streams must be" in proc.stderr
 
 
+@pytest.mark.system
 def test_tracemalloc_dump_holds_what_the_open_streams_allocated(tmp_path: Path) -> None:
     """`--tracemalloc-dump`: tracing starts with the streams, the snapshot is taken while they
     are open, and what it holds was allocated by the gateway's stream handling."""

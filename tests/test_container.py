@@ -129,6 +129,7 @@ def stages() -> list[Stage]:
     return parse_dockerfile(DOCKERFILE.read_text())
 
 
+@pytest.mark.system
 def test_dockerfile_is_hadolint_clean() -> None:
     done = tool("hadolint", str(DOCKERFILE))
     assert done.returncode == 0, done.stdout + done.stderr
@@ -310,6 +311,7 @@ def _proc_uid(pid: int) -> int:
     raise AssertionError("no Uid line")
 
 
+@pytest.mark.system
 def test_the_image_ships_the_load_kit_code_but_not_its_extra(image: Image) -> None:
     """The image is a plain install: the kit's commands exist; the stub (aiohttp only) runs,
     the load generator and the bench say which extra they need instead of a traceback."""
@@ -333,6 +335,7 @@ def test_the_image_ships_the_load_kit_code_but_not_its_extra(image: Image) -> No
         assert "Traceback" not in answers[command].stderr
 
 
+@pytest.mark.system
 def test_the_image_steps_run_as_plain_processes(image: Image, shared_redis: RedisServer) -> None:
     installed = image.paths["/opt/venv"] / "lib" / "python3.11" / "site-packages" / "app"
     assert (installed / "__main__.py").exists(), "a regular install (not editable)"
@@ -426,6 +429,7 @@ def test_the_image_steps_run_as_plain_processes(image: Image, shared_redis: Redi
 # -- deployment files -----------------------------------------------------------------------
 
 
+@pytest.mark.system
 def test_compose_file_is_valid_and_has_the_topology() -> None:
     done = tool("check-jsonschema", "--builtin-schema", "vendor.compose-spec", str(COMPOSE))
     assert done.returncode == 0, done.stdout + done.stderr
@@ -459,6 +463,7 @@ def _k8s_documents() -> list[dict[str, object]]:
     return documents
 
 
+@pytest.mark.system
 def test_kubernetes_manifests_are_valid() -> None:
     done = tool("kubernetes-validate", "--strict", "--quiet", *map(str, K8S))
     assert done.returncode == 0, done.stdout + done.stderr
@@ -491,6 +496,7 @@ def test_kubernetes_deployment_drains_gracefully() -> None:
     assert pod["securityContext"]["runAsNonRoot"] is True
 
 
+@pytest.mark.system
 def test_nginx_config_streams_and_never_replays_non_idempotent_requests(tmp_path: Path) -> None:
     text = NGINX_CONF.read_text()
     directives = [

@@ -122,7 +122,7 @@ class Cluster:
 
 
 @pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[Cluster]:
+def cluster(tier_system: None, tmp_path: Path) -> Iterator[Cluster]:
     topology = Cluster(tmp_path / "cluster")
     workdir = tmp_path / "work"  # no stray .env is read by the gateways
     workdir.mkdir()

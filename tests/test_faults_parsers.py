@@ -98,6 +98,7 @@ class Gateway:
 
 @pytest.fixture(scope="module", params=list(PARSERS))
 def gateway(
+    tier_system: None,
     request: pytest.FixtureRequest,
     recorder: Recorder,
     tmp_path_factory: pytest.TempPathFactory,

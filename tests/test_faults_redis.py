@@ -767,6 +767,7 @@ async def test_R21_sigterm_with_streams_and_sessions_in_flight_leaves_nothing_un
 # -- R22: the memory store with several replicas ---------------------------------------------
 
 
+@pytest.mark.system
 def test_R22_the_local_cluster_refuses_several_replicas_on_the_memory_store(
     tmp_path: Path,
 ) -> None:

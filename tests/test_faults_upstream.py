@@ -393,7 +393,9 @@ RSS_GROWTH_BOUND = 24 * MIB
 
 
 @pytest.fixture(scope="module")
-def big_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
+def big_gateway(
+    tier_system: None, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[GatewayProcess]:
     apps = tmp_path_factory.mktemp("u6") / "apps.toml"
     apps.write_text(
         "[apps.shop]\n"

@@ -40,6 +40,7 @@ def run_script(cwd: Path, *args: str, **env: str) -> subprocess.CompletedProcess
     )
 
 
+@pytest.mark.system
 def test_scripts_run_help_prints_usage_and_serves_nothing(tmp_path: Path) -> None:
     """Before: `scripts/run --help` ignored the argument and started a server."""
     done = run_script(tmp_path, "--help")
@@ -50,6 +51,7 @@ def test_scripts_run_help_prints_usage_and_serves_nothing(tmp_path: Path) -> Non
     assert "listening on" not in done.stderr
 
 
+@pytest.mark.system
 def test_scripts_run_reads_the_env_file_of_the_working_directory(tmp_path: Path) -> None:
     """Before: scripts/run changed to the repository and read its `.env`, not the caller's."""
     (tmp_path / ".env").write_text("SESSION_TTL_SECONDS=soon\n")
@@ -80,6 +82,7 @@ def test_python_m_app_help_and_bad_arguments(capsys: pytest.CaptureFixture[str])
     assert done.value.code == 2
 
 
+@pytest.mark.system
 def test_the_start_up_log_lists_the_applications(tmp_path: Path) -> None:
     apps = tmp_path / "apps.toml"
     apps.write_text(
@@ -100,6 +103,7 @@ def test_the_start_up_log_lists_the_applications(tmp_path: Path) -> None:
 # -- packaging ------------------------------------------------------------------------------
 
 
+@pytest.mark.system
 def test_the_build_prints_no_deprecation_and_ships_the_licence(tmp_path: Path) -> None:
     """Before: every install printed `project.license as a TOML table is deprecated` (3 x 15
     lines). The build backend runs as pip runs it, with every warning shown."""

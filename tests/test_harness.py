@@ -14,6 +14,7 @@ from tests.conftest import CSRF, Gateway, GatewayProcessFactory
 from tests.redis_server import RedisServer
 
 
+@pytest.mark.integration
 def test_kill_restart_keeps_port_and_reloads_aof() -> None:
     with RedisServer(appendonly=True, extra_args=["--appendfsync", "always"]) as server:
         port, pid = server.port, server.pid
@@ -41,6 +42,7 @@ def test_pause_freezes_and_resume_thaws(redis_server: RedisServer) -> None:
         assert client.ping()
 
 
+@pytest.mark.integration
 def test_password_and_command_calls() -> None:
     with RedisServer(password="s3cret") as server:
         assert ":s3cret@" in server.url

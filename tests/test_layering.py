@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from app.sessions.backend import SessionBackend
 from app.sessions.memory import MemoryBackend
 from app.sessions.redis import RedisBackend
@@ -73,6 +75,7 @@ def test_shared_keys_are_defined_only_in_app_keys() -> None:
     assert "APP_CONFIG_KEY" in public["app/keys.py"]
 
 
+@pytest.mark.system
 def test_app_keys_imports_nothing_of_the_gateway_at_run_time() -> None:
     """Any module can import the keys without an import cycle."""
     assert not {m for m in _imported_modules(APP / "keys.py") if m.startswith("app")}
@@ -95,6 +98,7 @@ def _loaded_after_import(module: str) -> set[str]:
     return set(out.stdout.split())
 
 
+@pytest.mark.system
 def test_configuration_parses_redis_urls_without_redis_py() -> None:
     """`app.config` validates `REDIS_URL` with the standard library (app/sessions/redis_url.py):
     reading the configuration loads neither redis-py nor aiohttp."""
@@ -103,6 +107,7 @@ def test_configuration_parses_redis_urls_without_redis_py() -> None:
     assert not loaded & {"redis", "aiohttp"}
 
 
+@pytest.mark.system
 def test_sessions_depend_on_their_own_options_not_on_the_gateway() -> None:
     """app/sessions/ imports, of the gateway, only itself, the keys and the error envelope:
     never the configuration (`SessionOptions` instead, built in `app.main`) nor proxy trust

@@ -28,6 +28,7 @@ print(any(name.startswith("cryptography.hazmat.bindings") for name in sys.module
 
 
 @pytest.mark.parametrize("with_keys", [False, True])
+@pytest.mark.system
 def test_the_fernet_bindings_load_only_with_encryption_keys(with_keys: bool) -> None:
     args = [Fernet.generate_key().decode()] if with_keys else []
     done = subprocess.run(

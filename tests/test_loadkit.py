@@ -60,7 +60,7 @@ def _wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 15.0) -
 
 
 @pytest.fixture(scope="module")
-def stub_url() -> Iterator[str]:
+def stub_url(tier_system: None) -> Iterator[str]:
     """`scripts/upstream_stub.py` as a process; its base URL (with a base path)."""
     port = free_port()
     proc = subprocess.Popen(
@@ -91,7 +91,9 @@ def _apps_file(directory: Path, stub_url: str) -> Path:
 
 
 @pytest.fixture(scope="module")
-def memory_gateway_url(stub_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def memory_gateway_url(
+    tier_system: None, stub_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
     """One memory-store gateway process for the module's runs (apps `demo` and `dead`)."""
     apps = _apps_file(tmp_path_factory.mktemp("loadkit"), stub_url)
     env = {"SESSION_STORE": "memory", "APPS_FILE": str(apps), "LOG_LEVEL": "warning"}
@@ -277,6 +279,7 @@ def test_flushing_redis_mid_run_counts_lost_sessions(
     assert "lost sessions" in " ".join(report["thresholds"]["violations"])
 
 
+@pytest.mark.system
 def test_non_loopback_url_refused_without_allow_remote() -> None:
     # TEST-NET-1 (RFC 5737): refused before anything is sent.
     proc = subprocess.run(
@@ -300,6 +303,7 @@ def test_non_loopback_url_refused_without_allow_remote() -> None:
     check_target("http://example.com", allow_remote=True)
 
 
+@pytest.mark.system
 def test_unreachable_target_exits_3() -> None:
     code, _, stderr = loadgen("--url", f"http://127.0.0.1:{free_port()}", "-d", "1")
     assert code == 3
@@ -318,6 +322,7 @@ def test_option_parsing() -> None:
     assert parse_rate("none") is None
 
 
+@pytest.mark.system
 def test_help_shows_the_defaults() -> None:
     proc = subprocess.run(
         [sys.executable, str(LOADGEN), "--help"], capture_output=True, text=True, check=False
@@ -367,6 +372,7 @@ def test_no_completed_stream_fails_whatever_the_error_rate(memory_gateway_url: s
     assert "hint: 404 on streams" in stderr
 
 
+@pytest.mark.system
 def test_defaults_run_against_the_built_in_demo_agent() -> None:
     """`scripts/run` + `loadgen.py` with no options (only the test's port and a short run)."""
     with GatewayProcess({"LOG_LEVEL": "warning"}) as gateway:

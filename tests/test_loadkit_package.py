@@ -25,6 +25,7 @@ def test_the_kit_declares_its_three_commands() -> None:
 
 
 @pytest.mark.parametrize("command", sorted(COMMANDS))
+@pytest.mark.system
 def test_each_installed_command_answers_help(command: str) -> None:
     """The console scripts pip wrote into the virtualenv (scripts/install reinstalls it when
     pyproject.toml changes) run and print their own usage."""
@@ -36,6 +37,7 @@ def test_each_installed_command_answers_help(command: str) -> None:
 
 
 @pytest.mark.parametrize("command", ["loadgen", "bench"])
+@pytest.mark.system
 def test_a_command_without_the_load_extra_says_what_to_install(command: str) -> None:
     """As after a plain `pip install agent-bff`: hdrhistogram cannot be imported."""
     code = (
@@ -49,6 +51,7 @@ def test_a_command_without_the_load_extra_says_what_to_install(command: str) -> 
     assert "Traceback" not in done.stderr
 
 
+@pytest.mark.system
 def test_the_stub_needs_no_extra() -> None:
     code = (
         "import sys; sys.modules['hdrh'] = sys.modules['matplotlib'] = None; "
@@ -58,6 +61,7 @@ def test_the_stub_needs_no_extra() -> None:
     assert done.returncode == 0, done.stderr
 
 
+@pytest.mark.system
 def test_the_gateway_loads_no_part_of_the_kit() -> None:
     """`python -m app` imports app.__main__ and builds the application through create_app: none
     of it may import app.loadkit or the kit's extra dependencies."""

@@ -164,6 +164,7 @@ async def test_store_operations_errors_and_latency(
     assert value(samples, requests, **labels) == 1
 
 
+@pytest.mark.integration
 async def test_redis_pool_usage_is_exported(
     gateway_factory: GatewayFactory, fast_paths: str
 ) -> None:
@@ -182,6 +183,7 @@ async def test_redis_pool_usage_is_exported(
     assert value(samples, ops, operation="create", result="ok") == 1
 
 
+@pytest.mark.integration
 async def test_pipelined_batches_and_commands_are_exported(gateway_factory: GatewayFactory) -> None:
     gw = await gateway_factory("redis")
     assert (await gw.client.patch("/apps/demo/session", json={"a": 1}, headers=CSRF)).status == 200

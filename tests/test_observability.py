@@ -82,6 +82,7 @@ def alert_exprs() -> list[str]:
     return [rule["expr"] for group in rules["groups"] for rule in group["rules"]]
 
 
+@pytest.mark.system
 def test_promtool_checks_and_unit_tests_the_alert_rules() -> None:
     run_promtool("check", "rules", str(ALERTS))
     run_promtool("test", "rules", str(ALERT_TESTS))
@@ -94,6 +95,7 @@ def test_promtool_checks_and_unit_tests_the_alert_rules() -> None:
         assert any(topic in name for name in names), topic
 
 
+@pytest.mark.system
 def test_every_dashboard_and_documented_query_is_valid_promql(tmp_path: Path) -> None:
     """promtool parses each panel's query and each example of docs/observability.md (as
     recording rules; Grafana's variables filled in)."""

@@ -67,6 +67,7 @@ def config_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.strip()]
 
 
+@pytest.mark.system
 def test_missing_redis_url_exits_2_with_one_line() -> None:
     code, stderr, _ = run_gateway_to_exit({"SESSION_STORE": "redis"})
     assert code == 2
@@ -75,6 +76,7 @@ def test_missing_redis_url_exits_2_with_one_line() -> None:
     assert "REDIS_URL" in lines[0]
 
 
+@pytest.mark.system
 def test_bad_values_exit_2_with_one_line_per_problem() -> None:
     code, stderr, _ = run_gateway_to_exit(
         {
@@ -91,6 +93,7 @@ def test_bad_values_exit_2_with_one_line_per_problem() -> None:
         assert sum(name in line for line in lines) == 1, (name, stderr)
 
 
+@pytest.mark.system
 def test_a_bad_value_in_dotenv_exits_2(tmp_path: Path) -> None:
     (tmp_path / ".env").write_text("SESSION_TTL_SECONDS=soon\n")
     proc = GatewayProcess({}, cwd=tmp_path)
@@ -103,6 +106,7 @@ def test_a_bad_value_in_dotenv_exits_2(tmp_path: Path) -> None:
         proc.close()
 
 
+@pytest.mark.system
 def test_a_password_is_never_printed_on_config_errors() -> None:
     code, stderr, _ = run_gateway_to_exit(
         {"SESSION_STORE": "redis", "REDIS_URL": "redis://:hunter2@localhost:99999/0"}
@@ -112,6 +116,7 @@ def test_a_password_is_never_printed_on_config_errors() -> None:
     assert "hunter2" not in stderr
 
 
+@pytest.mark.system
 def test_redis_down_at_start_exits_1_within_10s() -> None:
     # The production timeouts (no test defaults): what ships must fail fast.
     url = f"redis://:hunter2@127.0.0.1:{free_port()}/0"
@@ -128,6 +133,7 @@ def test_redis_down_at_start_exits_1_within_10s() -> None:
     assert "troubleshooting" in stderr.lower()
 
 
+@pytest.mark.system
 def test_a_frozen_redis_at_start_exits_1_without_ever_listening(
     redis_server: RedisServer,
 ) -> None:

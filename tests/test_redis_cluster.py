@@ -248,6 +248,7 @@ async def test_a_replica_takes_over_a_dead_primary_and_the_gateway_follows(
         assert gateway.returncode is None
 
 
+@pytest.mark.system
 def test_start_fails_fast_when_a_primary_is_down(cluster: RedisClusterTopology) -> None:
     cluster.nodes[1].kill()
     code, stderr, seconds = run_gateway_to_exit(env_for(cluster.url))
@@ -256,6 +257,7 @@ def test_start_fails_fast_when_a_primary_is_down(cluster: RedisClusterTopology) 
     assert seconds < 10
 
 
+@pytest.mark.system
 def test_start_fails_on_a_server_without_cluster_mode() -> None:
     with RedisServer(password="s3cret") as plain:
         url = f"redis+cluster://:s3cret@127.0.0.1:{plain.port}"

@@ -37,7 +37,7 @@ FAST_FAIL_BOUND = 3.0  # "about two seconds", generously
 
 
 @pytest.fixture
-def durable_redis() -> Iterator[RedisServer]:
+def durable_redis(tier_integration: None) -> Iterator[RedisServer]:
     """A private server whose data survives kill -9 (AOF, fsync on every write)."""
     with RedisServer(appendonly=True, extra_args=["--appendfsync", "always"]) as server:
         yield server
@@ -139,6 +139,7 @@ async def test_frozen_redis_answers_503_not_a_hang(
     assert await resp.json() == {"data": {"a": 1, "b": 2}}
 
 
+@pytest.mark.integration
 async def test_backend_operations_fail_fast_when_nothing_listens() -> None:
     url = f"redis://127.0.0.1:{free_port()}/0"
     options = RedisOptions(
@@ -164,6 +165,7 @@ async def test_backend_operations_fail_fast_when_nothing_listens() -> None:
         await backend.close()
 
 
+@pytest.mark.integration
 async def test_store_down_at_start_fails_fast_with_a_redacted_message() -> None:
     url = f"redis://:hunter2@127.0.0.1:{free_port()}/0"
     settings = make_settings(

@@ -242,6 +242,7 @@ def test_start_authenticates_to_sentinels_and_names_a_wrong_master(
         assert "sentinel-pw" not in gateway.stderr + stderr
 
 
+@pytest.mark.system
 def test_start_fails_fast_when_no_sentinel_answers() -> None:
     url = f"redis+sentinel://127.0.0.1:{free_port()},127.0.0.1:{free_port()}/sessions/0"
     code, stderr, seconds = run_gateway_to_exit(env_for(url))

@@ -64,6 +64,7 @@ async def test_session_round_trip_over_tls_with_the_test_ca(
     assert PASSWORD not in gateway.stderr
 
 
+@pytest.mark.system
 def test_an_unrelated_ca_stops_the_start_with_a_clear_message(
     tls_files: TlsFiles, tls_server: tuple[RedisServer, str]
 ) -> None:

@@ -114,6 +114,7 @@ def test_a_malformed_url_is_one_problem_naming_redis_url_without_the_password(
     "url",
     ["redis+sentinel://:hunter2@s1:26379,s2:26379", "redis+cluster://:hunter2@n1:7000/1"],
 )
+@pytest.mark.system
 def test_python_m_app_exits_2_on_a_malformed_url(url: str) -> None:
     code, stderr, _ = run_gateway_to_exit(redis_env(url))
     assert code == 2, stderr

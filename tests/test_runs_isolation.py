@@ -31,7 +31,7 @@ FOLLOW_CONNECTIONS = 4  # two resumable applications: a share of 2 each
 
 
 @pytest.fixture
-def redis() -> Iterator[RedisServer]:
+def redis(tier_integration: None) -> Iterator[RedisServer]:
     with RedisServer() as server:
         yield server
 
@@ -45,7 +45,7 @@ async def _serve(upstream: CountingUpstream, stack: AsyncExitStack) -> str:
 
 @pytest.fixture
 async def setup(
-    tmp_path: Path, redis: RedisServer
+    tier_system: None, tmp_path: Path, redis: RedisServer
 ) -> AsyncIterator[tuple[GatewayProcess, GatewayProcess, CountingUpstream, CountingUpstream]]:
     # The attacker's runs last long; the victim's is short.
     attacker = CountingUpstream(count=400, delay=1.0)

@@ -70,7 +70,10 @@ def _replicas(
 
 @pytest.fixture
 async def two(
-    tmp_path: Path, redis: RedisServer, counting: tuple[CountingUpstream, TestServer]
+    tier_system: None,
+    tmp_path: Path,
+    redis: RedisServer,
+    counting: tuple[CountingUpstream, TestServer],
 ) -> AsyncIterator[tuple[GatewayProcess, GatewayProcess]]:
     a, b = _replicas(tmp_path, redis, str(counting[1].make_url("/v1")))
     with a, b:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 from aiohttp import web
 
 from app.middlewares import SERVER_HEADER
@@ -21,6 +22,7 @@ def server_headers(raw: bytes) -> list[bytes]:
     return [line for line in head.split(b"\r\n") if line.lower().startswith(b"server:")]
 
 
+@pytest.mark.system
 def test_every_kind_of_answer_of_a_real_process_says_agent_bff() -> None:
     with GatewayProcess({}) as proc:
         requests = {

@@ -242,6 +242,7 @@ def test_the_setting(value: str, expected: RateLimit | None) -> None:
     assert settings.session_create_rate == expected
 
 
+@pytest.mark.system
 def test_a_bad_setting_stops_a_real_process_with_exit_2() -> None:
     code, stderr, _ = run_gateway_to_exit({"SESSION_CREATE_RATE": "lots"})
     assert code == 2, stderr
@@ -376,6 +377,7 @@ async def flood(url: str, count: int, size: int, concurrency: int = 16) -> list[
     return statuses
 
 
+@pytest.mark.system
 def test_a_real_process_stays_near_its_memory_bound_under_a_64_kb_flood() -> None:
     """3,000 cookieless PATCHes of 64 KB (~190 MB of sessions) against MEMORY_MAX_BYTES=48 MiB:
     the process grows by the bound plus what requests and the allocator hold, not by 190 MB."""

@@ -389,6 +389,7 @@ def test_a_bad_key_is_a_config_error_naming_the_variable(value: str) -> None:
             assert part not in problem, "a key was echoed"
 
 
+@pytest.mark.system
 def test_a_bad_key_stops_the_process_with_exit_2() -> None:
     code, stderr, _ = run_gateway_to_exit({"SESSION_ENCRYPTION_KEYS": f"{K1},nope-not-a-key"})
     assert code == 2, stderr
@@ -396,6 +397,7 @@ def test_a_bad_key_stops_the_process_with_exit_2() -> None:
     assert K1 not in stderr and "nope-not-a-key" not in stderr
 
 
+@pytest.mark.system
 def test_the_cost_script_runs() -> None:
     """scripts/session_crypto_cost.py (the numbers in docs/security.md), codec part, briefly."""
     script = Path(__file__).resolve().parent.parent / "scripts" / "session_crypto_cost.py"

@@ -151,6 +151,7 @@ async def test_new_sessions_get_the_absolute_lifetime_when_it_is_shorter(
     assert 55 < await store_ttl(gateway, sid) <= 60
 
 
+@pytest.mark.integration
 async def test_near_the_deadline_a_read_costs_one_extra_expire(
     gateway_factory: GatewayFactory,
 ) -> None:

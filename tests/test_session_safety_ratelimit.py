@@ -144,6 +144,7 @@ async def test_tokens_come_back_at_the_configured_rate(
 # -- shared by replicas (Redis), per process (memory) ---------------------------------------
 
 
+@pytest.mark.integration
 async def test_limits_are_shared_by_replicas_on_redis(
     gateway_factory: GatewayFactory, upstream: ServedUpstream, tmp_path: Path
 ) -> None:
@@ -178,6 +179,7 @@ async def test_limits_are_per_process_on_the_memory_store(
 # -- Redis keys and commands ----------------------------------------------------------------
 
 
+@pytest.mark.integration
 async def test_redis_keys_and_one_round_trip_per_check(
     gateway_factory: GatewayFactory, upstream: ServedUpstream, tmp_path: Path
 ) -> None:
@@ -237,6 +239,7 @@ async def test_limit_checks_are_store_operations_with_their_metrics(gw: Gateway)
     assert value(samples, latency, operation="rate_limit") == 4
 
 
+@pytest.mark.integration
 async def test_a_broken_bucket_key_in_redis_fails_open(
     gateway_factory: GatewayFactory, upstream: ServedUpstream, tmp_path: Path
 ) -> None:
@@ -280,6 +283,7 @@ def test_a_bad_rate_limit_is_a_config_error(tmp_path: Path, value: str) -> None:
     assert "[apps.shop]" in problem and "rate_limit_per_app" in problem
 
 
+@pytest.mark.system
 def test_a_bad_rate_limit_stops_the_process_with_exit_2(tmp_path: Path) -> None:
     path = tmp_path / "apps.toml"
     path.write_text(

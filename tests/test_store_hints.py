@@ -22,14 +22,14 @@ PASSWORD = "right-horse-battery"
 
 
 @pytest.fixture(scope="module")
-def locked_redis() -> Iterator[RedisServer]:
+def locked_redis(tier_integration: None) -> Iterator[RedisServer]:
     """A redis-server with `requirepass`."""
     with RedisServer(password=PASSWORD) as server:
         yield server
 
 
 @pytest.fixture(scope="module")
-def open_redis() -> Iterator[RedisServer]:
+def open_redis(tier_integration: None) -> Iterator[RedisServer]:
     """A redis-server without a password."""
     with RedisServer() as server:
         yield server
@@ -45,6 +45,7 @@ def start_error(url: str) -> str:
     return line
 
 
+@pytest.mark.system
 def test_a_wrong_password(locked_redis: RedisServer) -> None:
     line = start_error(f"redis://:wrong-password@127.0.0.1:{locked_redis.port}/0")
     assert "AuthenticationError" in line
@@ -52,34 +53,40 @@ def test_a_wrong_password(locked_redis: RedisServer) -> None:
     assert "wrong-password" not in line
 
 
+@pytest.mark.system
 def test_no_password_where_one_is_required(locked_redis: RedisServer) -> None:
     line = start_error(f"redis://127.0.0.1:{locked_redis.port}/0")
     assert "the server requires a password and REDIS_URL has none" in line
 
 
+@pytest.mark.system
 def test_a_password_the_server_does_not_have(open_redis: RedisServer) -> None:
     line = start_error(f"redis://:{PASSWORD}@127.0.0.1:{open_redis.port}/0")
     assert "REDIS_URL carries a password but the server has none" in line
     assert PASSWORD not in line
 
 
+@pytest.mark.system
 def test_a_database_index_out_of_range(locked_redis: RedisServer) -> None:
     line = start_error(f"redis://:{PASSWORD}@127.0.0.1:{locked_redis.port}/99")
     assert "DB index is out of range" in line
     assert "the database number in REDIS_URL (/99)" in line and "0-15" in line
 
 
+@pytest.mark.system
 def test_a_sentinel_url_aimed_at_a_plain_redis(open_redis: RedisServer) -> None:
     line = start_error(f"redis+sentinel://127.0.0.1:{open_redis.port}/mymaster")
     assert "unknown command 'SENTINEL'" in line
     assert "answer as a plain Redis server, not a Sentinel" in line
 
 
+@pytest.mark.system
 def test_a_cluster_url_aimed_at_a_plain_redis(open_redis: RedisServer) -> None:
     line = start_error(f"redis+cluster://127.0.0.1:{open_redis.port}")
     assert "the server is not a cluster node" in line
 
 
+@pytest.mark.system
 def test_nothing_listening() -> None:
     port = free_port()
     line = start_error(f"redis://127.0.0.1:{port}/0")

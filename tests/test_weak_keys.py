@@ -69,6 +69,7 @@ def test_generated_keys_always_pass() -> None:
     assert len(settings.session_encryption_keys) == 2
 
 
+@pytest.mark.system
 def test_a_real_process_exits_2_on_an_all_zero_key() -> None:
     code, stderr, _ = run_gateway_to_exit({"SESSION_ENCRYPTION_KEYS": WEAK["all zero"]})
     assert code == 2, stderr
