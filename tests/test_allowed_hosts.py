@@ -23,13 +23,13 @@ from app.sessions.memory import MemoryBackend
 from tests.conftest import CSRF
 from tests.fake_upstream import RunningGateway, ServedUpstream, app_settings, run_gateway
 from tests.gateway_process import GatewayProcess, run_gateway_to_exit
-from tests.test_faults_parsers import Gateway as ParserGateway
-from tests.test_faults_parsers import (
+from tests.test_http_parsers import Gateway as ParserGateway
+from tests.test_http_parsers import (
     exchange,
     recorder,  # noqa: F401 (module fixture, used by it)
     statuses,
 )
-from tests.test_faults_parsers import gateway as parser_gateway  # noqa: F401 (module fixture)
+from tests.test_http_parsers import gateway as parser_gateway  # noqa: F401 (module fixture)
 
 ALLOWED = "Shop.Example.com,*.apps.example.net,localhost:8080,[::1]:8443,127.0.0.1"
 FOREIGN = "attacker.example"

@@ -18,7 +18,7 @@ import pytest
 
 from tests.conftest import CSRF
 from tests.fake_upstream import RunningGateway, ServedUpstream, raw_request
-from tests.test_faults_parsers import (  # noqa: F401 (module fixtures: one process per parser)
+from tests.test_http_parsers import (  # noqa: F401 (module fixtures: one process per parser)
     Gateway,
     exchange,
     gateway,

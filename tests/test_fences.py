@@ -30,7 +30,7 @@ from app.sessions.memory import MemoryBackend
 
 APP = Path(__file__).resolve().parent.parent / "app"
 # The modules allowed to read other libraries' private names, each with a start-up self-check
-# and a public-API fallback (tested here and in tests/test_hotpath_*.py).
+# and a public-API fallback (tested here, in tests/test_access_log.py and test_fast_metrics.py).
 FENCED = {
     "redis_internals.py",
     # aiohttp `StreamReader` fields on the relay (its fence: the proxy split, issue 14).

@@ -5,7 +5,7 @@ The gateway is served on a real socket (`run_gateway`, as `python -m app` serves
 `INFO commandstats` proves that refused input never reached the store. Each test also checks
 that what was there before is intact (session value, cookie) and that input bytes are never
 echoed back. Parser-level rows (B9 huge heads, B12 slowloris, B14 smuggling) run against real
-processes with both HTTP parsers in `tests/test_faults_parsers.py`.
+processes with both HTTP parsers in `tests/test_http_parsers.py`.
 """
 
 from __future__ import annotations

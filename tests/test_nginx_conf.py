@@ -19,7 +19,7 @@ import pytest
 
 from tests.fake_upstream import ServedUpstream, app_settings, run_gateway
 from tests.nginx_front import BROWSER_ADDRESS, connect_from, nginx_in_front, read_response
-from tests.test_isolation_upstream_headers import HOSTILE_FORWARDING, raw_upstream
+from tests.test_proxy_isolation import HOSTILE_FORWARDING, raw_upstream
 
 pytestmark = pytest.mark.system  # a real nginx in front of the gateway
 

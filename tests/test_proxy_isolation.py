@@ -1,6 +1,6 @@
 """Issue 12, rows 2, 4 and 5 (docs/reliability.md I2, I4, I5) over HTTP, in process: what an
 upstream may not set on the gateway's origin, which statuses are relayed, and which forwarding
-headers reach the upstream. The same through the shipped nginx: tests/test_isolation_nginx.py.
+headers reach the upstream. The same through the shipped nginx: tests/test_nginx_conf.py.
 """
 
 from __future__ import annotations

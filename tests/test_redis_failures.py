@@ -5,7 +5,7 @@ for latency, held writes and dropped connections).
 Every test checks the row's outcome *and* that nothing was lost: the prior session value is
 intact in Redis, the browser's cookie is kept (unless the row ends the session), no pooled
 connection stays checked out, no request stays in flight, and the next good request succeeds.
-Rows already proven elsewhere are listed in `tests/test_faults_catalogue.py`.
+Rows already proven elsewhere are listed in `tests/test_reliability_catalogue.py`.
 """
 
 from __future__ import annotations

@@ -71,10 +71,10 @@ MANDATORY = frozenset(
     )
 )
 
-FR = "tests/test_faults_redis.py::"
-FB = "tests/test_faults_browser.py::"
-FP = "tests/test_faults_parsers.py::"
-FU = "tests/test_faults_upstream.py::"
+FR = "tests/test_redis_failures.py::"
+FB = "tests/test_hostile_requests.py::"
+FP = "tests/test_http_parsers.py::"
+FU = "tests/test_upstream_failures.py::"
 SH = "tests/test_sessions_http.py::"
 PF = "tests/test_proxy_failures.py::"
 PR = "tests/test_proxy_routing.py::"
@@ -130,8 +130,8 @@ PROVEN: dict[str, tuple[str, ...]] = {
         SH + "test_a_new_session_over_the_limit_is_not_created",
     ),
     "R14": (
-        "tests/test_session_safety_cas.py::test_concurrent_patches_on_two_replicas_all_survive",
-        "tests/test_session_safety_cas.py::test_concurrent_patches_of_different_keys_both_survive",
+        "tests/test_session_concurrent_writes.py::test_concurrent_patches_on_two_replicas_all_survive",
+        "tests/test_session_concurrent_writes.py::test_concurrent_patches_of_different_keys_both_survive",
         "tests/test_session_storage_api.py::test_a_lost_race_is_a_409_json_answer_never_a_500",
     ),
     "R15": (
@@ -147,12 +147,11 @@ PROVEN: dict[str, tuple[str, ...]] = {
         SH + "test_an_expired_session_is_gone",
     ),
     "R18": (
-        "tests/test_session_safety_lifetime.py::test_an_active_session_ends_at_its_absolute_deadline",
+        "tests/test_session_lifetime.py::test_an_active_session_ends_at_its_absolute_deadline",
     ),
     "R19": (
-        "tests/test_session_safety_rotation.py::"
-        "test_rotate_moves_the_data_to_a_new_id_and_kills_the_old",
-        "tests/test_session_safety_rotation.py::test_a_write_with_the_old_id_does_not_come_back",
+        "tests/test_session_rotation.py::test_rotate_moves_the_data_to_a_new_id_and_kills_the_old",
+        "tests/test_session_rotation.py::test_a_write_with_the_old_id_does_not_come_back",
     ),
     "R20": (
         SH + "test_delete_removes_the_key_and_expires_the_cookie",

@@ -14,7 +14,7 @@ from app.middlewares import SERVER_HEADER
 from tests.conftest import CSRF
 from tests.fake_upstream import RunningGateway, ServedUpstream
 from tests.gateway_process import GatewayProcess
-from tests.test_faults_parsers import exchange
+from tests.test_http_parsers import exchange
 
 
 def server_headers(raw: bytes) -> list[bytes]:

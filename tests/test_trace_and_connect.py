@@ -1,7 +1,7 @@
 """Issue 12 row 5 (docs/reliability.md 12.5), on both of aiohttp's request parsers: TRACE and
 TRACK never reach an upstream (it would echo the configured credential headers), CONNECT never
 opens anything. Two real `python -m app` processes (the C parser refuses TRACK itself; the
-pure-Python one accepts any token) and a recording upstream, from tests/test_faults_parsers.py.
+pure-Python one accepts any token) and a recording upstream, from tests/test_http_parsers.py.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 
-from tests.test_faults_parsers import (  # noqa: F401 (module fixtures: one process per parser)
+from tests.test_http_parsers import (  # noqa: F401 (module fixtures: one process per parser)
     Gateway,
     exchange,
     gateway,

@@ -5,7 +5,7 @@ disconnect), in front of a fake upstream agent, with `tests/fault_proxy.py` in b
 network faults (refused, black hole, resets) or a raw-socket upstream for malformed HTTP.
 After every fault: the browser got the documented answer, the session (its data and its
 conversation id) is unchanged, the gateway released its upstream connection, and the next
-request succeeds. Rows proven elsewhere are listed in `tests/test_faults_catalogue.py`.
+request succeeds. Rows proven elsewhere are listed in `tests/test_reliability_catalogue.py`.
 
 The large-stream rows (U6 huge events and endless lines, U10 compression bombs) run against a
 real `python -m app` process, so its memory (RSS) can be measured while a browser stalls.

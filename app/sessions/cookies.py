@@ -26,7 +26,7 @@ Parsers that honour quotes or resynchronise after whitespace (aiohttp's `request
 b=y"` hides ours from them (cookie smuggling, issue 12 row 3), and `x=1 agent_sid=<id>` shows
 them a cookie no browser set. Neither is used: on the headers browsers write (`name=value`
 pairs of cookie characters joined by "; ") they read exactly what this module reads, which
-tests/test_hotpath_cookies.py checks against aiohttp's public `request.cookies`.
+tests/test_session_cookies.py checks against aiohttp's public `request.cookies`.
 """
 
 from __future__ import annotations
