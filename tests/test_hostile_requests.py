@@ -1,4 +1,4 @@
-"""Catalogue rows B* (`../shared/RELIABILITY.md` §4.2): hostile or broken browsers, in process.
+"""Catalogue rows B* (docs/reliability.md): hostile or broken browsers, in process.
 
 The gateway is served on a real socket (`run_gateway`, as `python -m app` serves it) with a real
 `redis-server` behind it, so raw bytes no well-behaved client would send can be tried, and

@@ -1,6 +1,6 @@
 """Catalogue rows B9 (huge heads), B12 (slowloris) and B14 (request smuggling) against real
 `python -m app` processes, once with aiohttp's C (llhttp) request parser and once with its
-pure-Python parser (`AIOHTTP_NO_EXTENSIONS=1`): the advisories of `RELIABILITY.md` §5 hit one
+pure-Python parser (`AIOHTTP_NO_EXTENSIONS=1`): the advisories behind the dependency floors hit one
 parser or the other, so every case runs on both.
 
 Raw bytes go over a plain socket. The oracle is an upstream agent that records every request

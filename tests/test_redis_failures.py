@@ -1,4 +1,4 @@
-"""Catalogue rows R* (`../shared/RELIABILITY.md` §4.1): the session store misbehaves under a
+"""Catalogue rows R* (docs/reliability.md): the session store misbehaves under a
 running gateway, a real `redis-server` each time (plus `tests/fault_proxy.py` in front of it
 for latency, held writes and dropped connections).
 

@@ -1,4 +1,4 @@
-"""Catalogue rows U* (`../shared/RELIABILITY.md` §4.3): the upstream agent misbehaves.
+"""Catalogue rows U* (docs/reliability.md): the upstream agent misbehaves.
 
 The gateway runs as `python -m app` runs it (`run_gateway`: no handler cancellation on
 disconnect), in front of a fake upstream agent, with `tests/fault_proxy.py` in between for
