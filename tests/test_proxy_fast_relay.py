@@ -1,7 +1,8 @@
 """The relay's fast paths: buffered upstream bytes taken in one step, the response head and a
 complete body leaving in one write, a head never held back by a silent upstream, no task per
-stream for the shutdown signal or the disconnect watch, an arrived small body sent as is,
-header checks in one search, upstream URLs cached per agent path."""
+stream for the shutdown signal or the disconnect watch, one disconnect timer for all streams,
+no timer per relayed event (and the public-API fallback of each), an arrived small body sent
+as is, header checks in one search, upstream URLs cached per agent path."""
 
 from __future__ import annotations
 
@@ -18,11 +19,18 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from app.keys import LIFECYCLE_KEY
-from app.proxy import errors, exchange, fastread, headers, urls
-from app.proxy.fastread import read_available, take_buffered
-from app.proxy.relay import READ_CHUNK_BYTES
+from app.proxy import errors, exchange, fastread, headers, urls, watch
+from app.proxy.fastread import read_available, take_buffered, wait_readable, wake
+from app.proxy.relay import KEEPALIVE_COMMENT, READ_CHUNK_BYTES
 from tests.conftest import CSRF
-from tests.fake_upstream import RunningGateway, ServedUpstream, sse, start_sse
+from tests.fake_upstream import (
+    RunningGateway,
+    ServedUpstream,
+    app_settings,
+    run_gateway,
+    sse,
+    start_sse,
+)
 
 AGENT = "/apps/shop/agent"
 EVENTS = [sse("token", {"i": i, "text": "x" * 150}) for i in range(40)]
@@ -156,7 +164,140 @@ async def test_read_available_waits_then_takes_every_chunk_that_arrived_in_one_s
         await reading
 
 
+async def test_wait_readable_ends_on_data_on_the_end_on_an_error_and_on_wake() -> None:
+    protocol, payload = _fed([])
+    assert fastread.can_wake(payload)
+    waiting = asyncio.ensure_future(wait_readable(payload))
+    await asyncio.sleep(0)
+    assert not waiting.done()
+    wake(payload)  # woken: returns, nothing read, nothing lost
+    await waiting
+    assert take_buffered(payload, READ_CHUNK_BYTES) == b""
+    wake(payload)  # no wait pending: nothing happens
+    waiting = asyncio.ensure_future(wait_readable(payload))
+    await asyncio.sleep(0)
+    protocol.data_received(b"%x\r\n%s\r\n" % (len(EVENTS[0]), EVENTS[0]))
+    await waiting
+    assert take_buffered(payload, READ_CHUNK_BYTES) == EVENTS[0]
+    waiting = asyncio.ensure_future(wait_readable(payload))
+    await asyncio.sleep(0)
+    protocol.data_received(b"0\r\n\r\n")
+    await waiting
+    assert payload.at_eof()
+    _, failing = _fed([])
+    waiting = asyncio.ensure_future(wait_readable(failing))
+    await asyncio.sleep(0)
+    failing.set_exception(aiohttp.ClientPayloadError("cut"))
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await waiting
+    assert not fastread.can_wake(failing)  # a stored error: the public read reports it
+
+
+async def test_without_the_internals_the_relay_waits_through_the_public_read(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(fastread, "FAST_READS", False)
+    _, payload = _fed([])
+    assert not fastread.can_wake(payload)
+
+
 # -- through the gateway ----------------------------------------------------------------------
+
+
+@pytest.fixture(params=["internals", "public"])
+def read_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Each test using it runs on both relay waits: aiohttp's reader internals (the fenced fast
+    path: `wait_readable` ended by one lazy alarm) and the public fallback (`read` under an
+    `asyncio.timeout` per wait)."""
+    if request.param == "public":
+        monkeypatch.setattr(fastread, "FAST_READS", False)
+    return str(request.param)
+
+
+async def test_keepalives_and_events_on_both_relay_waits(
+    upstream: ServedUpstream, read_path: str
+) -> None:
+    release = asyncio.Event()
+
+    async def pauses(request: web.Request) -> web.StreamResponse:
+        response = await start_sse(request)
+        for event in EVENTS[:5]:
+            await response.write(event)
+            await asyncio.sleep(0.01)
+        await release.wait()
+        await response.write(EVENTS[5])
+        await response.write_eof()
+        return response
+
+    upstream.fake.on("/v1/chat", pauses)
+    settings = app_settings(upstream.base, {"SSE_KEEPALIVE_SECONDS": "0.05"})
+    async with run_gateway(settings) as gw, gw.client.post(f"{AGENT}/chat", headers=CSRF) as resp:
+        got = b""
+        async with asyncio.timeout(5):
+            while got.count(KEEPALIVE_COMMENT) < 2:
+                got += await resp.content.readany()
+        release.set()
+        got += await resp.content.read()
+    assert got.replace(KEEPALIVE_COMMENT, b"") == b"".join(EVENTS[:6])
+
+
+async def test_relaying_events_schedules_no_timer_per_event(
+    upstream: ServedUpstream, gw: RunningGateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """40 events with pauses between them (a wait before each): the relay's idle and keep-alive
+    deadline is one lazy timer, not an `asyncio.timeout` per wait (40 of them before)."""
+
+    async def paced(request: web.Request) -> web.StreamResponse:
+        response = await start_sse(request)
+        for event in EVENTS:
+            await response.write(event)
+            await asyncio.sleep(0.002)
+        await response.write_eof()
+        return response
+
+    upstream.fake.on("/v1/chat", paced)
+    created = 0
+    original = asyncio.Timeout.__init__
+
+    def counting(self: asyncio.Timeout, when: float | None) -> None:
+        nonlocal created
+        created += 1
+        original(self, when)
+
+    monkeypatch.setattr(asyncio.Timeout, "__init__", counting)
+    async with gw.client.post(f"{AGENT}/chat", headers=CSRF) as resp:
+        assert await resp.read() == b"".join(EVENTS)
+    assert created < 10, f"{created} asyncio.Timeout objects for one stream of 40 waits"
+
+
+async def test_open_streams_share_one_disconnect_timer(
+    upstream: ServedUpstream, gw: RunningGateway
+) -> None:
+    async def first_then_silence(request: web.Request) -> web.StreamResponse:
+        response = await start_sse(request)
+        await response.write(EVENTS[0])
+        await asyncio.sleep(60)
+        return response
+
+    upstream.fake.on("/v1/chat", first_then_silence)
+    loop = asyncio.get_running_loop()
+    responses = []
+    for _ in range(3):
+        resp = await gw.client.post(f"{AGENT}/chat", headers=CSRF)
+        assert await resp.content.readexactly(len(EVENTS[0])) == EVENTS[0]
+        responses.append(resp)
+    wheel = watch._WHEELS[loop]
+    assert len(wheel.watches) == 3 and wheel.handle is not None  # one timer, three watches
+    responses[0].close()  # a browser gone: its watch (polled by the wheel) cancels its exchange
+    async with asyncio.timeout(5):
+        while len(wheel.watches) != 2:
+            await asyncio.sleep(0.05)
+    for resp in responses[1:]:
+        resp.close()
+    async with asyncio.timeout(5):
+        while loop in watch._WHEELS:
+            await asyncio.sleep(0.05)
+    assert wheel.handle is None  # no watch left: no timer left
 
 
 @pytest.fixture
@@ -231,7 +372,7 @@ def _tasks_running(name: str) -> int:
 
 
 async def test_open_streams_share_one_shutdown_waiter_and_no_watcher_task(
-    upstream: ServedUpstream, gw: RunningGateway
+    upstream: ServedUpstream, gw: RunningGateway, read_path: str
 ) -> None:
     async def first_then_silence(request: web.Request) -> web.StreamResponse:
         response = await start_sse(request)

@@ -28,6 +28,9 @@ delivery time (stub write -> client parse) p50/p99/max; stream opening time (req
 response head) p50/p99; the gateway's CPU per event while >= 90% of the peak is open and the
 events/s per core derived from it; streams per GiB from the per-stream RSS.
 
+`--direct` is the baseline: the same streams straight to the stub (the gateway idles), for the
+delivery times the stub and this client account for by themselves on this machine.
+
 Bounded: the whole run stops after `--max-seconds` (default: the stream length plus 120 s)
 whatever happens; every process it started is stopped by its PID. The per-process open-file
 limit is raised to its hard limit first (inherited by the servers): N streams hold N sockets
@@ -77,6 +80,7 @@ class ScaleOptions:
     pin: bool = True
     gateway_env: tuple[tuple[str, str], ...] = ()
     tracemalloc_dump: Path | None = None  # a snapshot of the gateway at the plateau
+    direct: bool = False  # the streams go to the stub itself: the baseline without a gateway
 
     @property
     def stream_seconds(self) -> float:
@@ -322,7 +326,8 @@ async def measure(servers: Servers, log: Callable[[str], None]) -> dict[str, Any
         stop = asyncio.Event()
         sampler = asyncio.create_task(_sample(servers, tally, samples, stop))
         started = time.monotonic()
-        await asyncio.gather(*(_one_stream(http, url, c, tally, sem) for c in cookies))
+        target = servers.stub_url + "/base/stream" if o.direct else url
+        await asyncio.gather(*(_one_stream(http, target, c, tally, sem) for c in cookies))
         wall = time.monotonic() - started
         stop.set()
         await sampler
@@ -391,7 +396,9 @@ def summarize(
         "busy_seconds": round(window_wall, 2),
         "busy_gateway_cpu_share": round(window_cpu / window_wall, 3) if window_wall else None,
         "busy_cpu_us_per_event": round(cpu_us_per_event, 1),
-        "events_per_core_second": round(1e6 / cpu_us_per_event) if window_events else None,
+        "events_per_core_second": (
+            round(1e6 / cpu_us_per_event) if window_events and window_cpu > 0 else None
+        ),
         "tracemalloc_open_streams": tally.open_at_dump,
         "run_seconds": round(wall, 2),
         "run_gateway_cpu_seconds": round(total_cpu, 2),
@@ -501,6 +508,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=None,
         help="run the gateway under tracemalloc and write a snapshot here once all are open",
     )
+    parser.add_argument(
+        "--direct",
+        action="store_true",
+        help="the baseline: streams straight to the stub (delivery and client figures only)",
+    )
     parser.add_argument("--json", type=Path, default=None, help="write every figure here")
     args = parser.parse_args(argv)
     if not (1 <= args.streams <= 9000 and 1 <= args.events <= 10_000 and args.pause_ms >= 0):
@@ -514,6 +526,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         warmup_streams=args.warmup_streams,
         max_seconds=args.max_seconds,
         pin=not args.no_pin,
+        direct=args.direct,
         tracemalloc_dump=args.tracemalloc_dump.resolve() if args.tracemalloc_dump else None,
     )
 

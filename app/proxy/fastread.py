@@ -1,7 +1,9 @@
 """Fast reads of an upstream body: aiohttp's `StreamReader` internals, fenced here.
 
 `take_buffered` and `read_available` are `read_nowait` and `read` that take every buffered HTTP
-chunk in one step. No other module touches aiohttp's underscore names.
+chunk in one step; `wait_readable` and `wake` are a wait for bytes that another callback can end
+early, so a relay needs no timer per wait (app/proxy/relay.py). No other module touches
+aiohttp's underscore names.
 """
 
 from __future__ import annotations
@@ -82,3 +84,27 @@ async def read_available(content: aiohttp.StreamReader, limit: int) -> bytes:
     while not content._buffer and not content._eof:
         await content._wait("read")
     return _join_buffered(content, limit)
+
+
+def can_wake(content: aiohttp.StreamReader) -> bool:
+    """True when `wait_readable`/`wake` work on `content` (aiohttp's own reader, with the
+    internals this module knows, and no stored error); else the caller waits through the public
+    `read` under a timeout (the fallback)."""
+    return FAST_READS and type(content) is aiohttp.StreamReader and content._exception is None
+
+
+async def wait_readable(content: aiohttp.StreamReader) -> None:
+    """Wait until `content` has bytes or its end, or until `wake(content)` is called (then it
+    returns with nothing to read); reads nothing. Raises what aiohttp's `_wait` raises (a
+    connection closed, the stream's error). Only where `can_wake(content)`."""
+    if content._buffer or content._eof:
+        return
+    await content._wait("read")
+
+
+def wake(content: aiohttp.StreamReader) -> None:
+    """End a pending `wait_readable` on `content` now, as if bytes had come (none did); nothing
+    when no wait is pending. What aiohttp's `feed_data` does to the waiter, minus the data."""
+    waiter = content._waiter
+    if waiter is not None and not waiter.done():
+        waiter.set_result(None)

@@ -22,7 +22,13 @@ from app.errors import BodyTooLarge, FixedError
 from app.metrics import record_upstream_error
 from app.proxy.errors import ShuttingDown, UpstreamIdleTimeout, UpstreamStreamError
 from app.proxy.exchange import Exchange
-from app.proxy.fastread import read_available, take_buffered
+from app.proxy.fastread import (
+    can_wake,
+    read_available,
+    take_buffered,
+    wait_readable,
+    wake,
+)
 from app.proxy.headers import browser_response_headers, is_event_stream
 from app.upstream import StreamStop
 
@@ -57,6 +63,43 @@ class _SseBoundary:
     @property
     def at_boundary(self) -> bool:
         return self.tail.endswith(self._ENDS)
+
+
+class _Alarm:
+    """One relay's wake-up for its idle/keep-alive deadline: a lazy timer, not one per wait.
+
+    `arm(deadline)` records the deadline of the wait about to start; a timer is scheduled only
+    when none is pending. A relay's deadline never moves earlier (it is the last data or write
+    plus a constant), so a pending timer fires no later than needed: when it fires before the
+    current deadline (data came since it was set) it re-arms itself for that deadline, and when
+    the deadline has come it ends the wait (`wake`). An event stream's relay thus schedules one
+    timer per keep-alive interval, not one per event (as `asyncio.timeout` per wait did).
+    """
+
+    __slots__ = ("_content", "_deadline", "_handle", "_loop")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, content: aiohttp.StreamReader) -> None:
+        self._loop = loop
+        self._content = content
+        self._deadline = 0.0
+        self._handle: asyncio.TimerHandle | None = None
+
+    def arm(self, deadline: float) -> None:
+        self._deadline = deadline
+        if self._handle is None:
+            self._handle = self._loop.call_at(deadline, self._fire)
+
+    def _fire(self) -> None:
+        if self._loop.time() < self._deadline:
+            self._handle = self._loop.call_at(self._deadline, self._fire)
+            return
+        self._handle = None
+        wake(self._content)
+
+    def cancel(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
 
 
 class RelayResponse(web.StreamResponse):
@@ -114,14 +157,18 @@ async def _stream(
     is taken without waiting (several buffered events go out in one write; the last bytes of
     a complete body go out with its end); only an empty buffer waits, under one deadline
     (idle timeout, or the next keep-alive of an event stream). The shutdown signal
-    (`stop_streams`, via `stop`) cuts that wait short.
+    (`stop_streams`, via `stop`) cuts that wait short. On aiohttp's own reader the wait is
+    ended by the relay's `_Alarm` (one lazy timer); otherwise by `asyncio.timeout` per wait.
     """
     loop = asyncio.get_running_loop()
     idle_timeout = exchange.app.idle_timeout_seconds
     keepalive = exchange.settings.sse_keepalive_seconds
-    waiting: list[asyncio.Timeout] = []  # the wait in progress, for the stop callback
+    alarm = _Alarm(loop, content) if can_wake(content) else None
+    waiting: list[asyncio.Timeout] = []  # the fallback's wait in progress, for `on_stop`
 
     def on_stop() -> None:
+        if alarm is not None:
+            wake(content)
         for timeout in waiting:
             if not timeout.expired():
                 timeout.reschedule(loop.time())
@@ -146,12 +193,20 @@ async def _stream(
                 chunk = None
                 if deadline > loop.time():
                     try:
-                        async with asyncio.timeout_at(deadline) as timeout:
-                            waiting.append(timeout)
-                            try:
-                                chunk = await read_available(content, READ_CHUNK_BYTES)
-                            finally:
-                                waiting.clear()
+                        if alarm is not None:
+                            alarm.arm(deadline)
+                            await wait_readable(content)
+                            # Empty without the end: woken by the alarm or the stop signal.
+                            chunk = take_buffered(content, READ_CHUNK_BYTES)
+                            if not chunk and not content.is_eof():
+                                chunk = None
+                        else:
+                            async with asyncio.timeout_at(deadline) as timeout:
+                                waiting.append(timeout)
+                                try:
+                                    chunk = await read_available(content, READ_CHUNK_BYTES)
+                                finally:
+                                    waiting.clear()
                     except TimeoutError:
                         chunk = None
                     except _UPSTREAM_ERRORS as err:
@@ -185,6 +240,8 @@ async def _stream(
         return None
     finally:
         stop.unsubscribe(on_stop)
+        if alarm is not None:
+            alarm.cancel()
 
 
 def _broke_off(exchange: Exchange, err: BaseException) -> tuple[FixedError, str]:

@@ -38,10 +38,55 @@ def unacknowledged_bytes(transport: asyncio.BaseTransport) -> int:
     return int.from_bytes(reply, sys.byteorder, signed=True)
 
 
+class _Wheel:
+    """One timer for every watch of an event loop: each `DISCONNECT_POLL_SECONDS` tick polls
+    every open exchange, instead of one timer per exchange re-armed at each poll (a timer
+    handle, a heap push and a callback per exchange every tick: 20,000 a second at 5,000 open
+    streams). The wheel of a loop exists while it has watches."""
+
+    __slots__ = ("handle", "loop", "watches")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.watches: dict[DisconnectWatch, None] = {}  # insertion-ordered set
+        self.handle: asyncio.TimerHandle | None = None
+
+    def add(self, watch: DisconnectWatch) -> None:
+        self.watches[watch] = None
+        if self.handle is None:
+            self.handle = self.loop.call_later(DISCONNECT_POLL_SECONDS, self._tick)
+
+    def discard(self, watch: DisconnectWatch) -> None:
+        self.watches.pop(watch, None)
+        if not self.watches:
+            self._close()
+
+    def _tick(self) -> None:
+        self.handle = None
+        for watch in list(self.watches):
+            if not watch.poll():
+                self.watches.pop(watch, None)
+        if self.watches:
+            self.handle = self.loop.call_later(DISCONNECT_POLL_SECONDS, self._tick)
+        else:
+            self._close()
+
+    def _close(self) -> None:
+        if self.handle is not None:
+            self.handle.cancel()
+            self.handle = None
+        if _WHEELS.get(self.loop) is self:
+            del _WHEELS[self.loop]
+
+
+_WHEELS: dict[asyncio.AbstractEventLoop, _Wheel] = {}
+
+
 class DisconnectWatch:
     """Every `DISCONNECT_POLL_SECONDS` until `inner` is done: when the browser's transport is
-    gone or closing, mark the exchange `client_gone` and cancel `inner`. A timer callback that
-    re-arms itself, not a task: nothing runs per request until the first poll is due.
+    gone or closing, mark the exchange `client_gone` and cancel `inner`. Polled by its loop's
+    `_Wheel` (one timer for all exchanges), not a task or a timer of its own: nothing runs per
+    request until a tick is due.
 
     A browser that stops reading is gone too: when its connection's writing stays paused (the
     gateway's write buffer above its high-water mark) and the browser accepts not one byte of
@@ -50,34 +95,43 @@ class DisconnectWatch:
     upstream has bytes for it (app/capacity.py). A slow reader that accepts anything is fine.
     """
 
-    __slots__ = ("_buffered", "_exchange", "_handle", "_inner", "_loop", "_stalled_since")
+    __slots__ = ("_buffered", "_exchange", "_inner", "_stalled_since", "_transport", "_wheel")
 
     def __init__(self, exchange: Exchange, inner: asyncio.Task[web.StreamResponse]) -> None:
         self._exchange = exchange
         self._inner = inner
-        self._loop = asyncio.get_running_loop()
+        # The connection's transport (the same for the request's whole life; closing once the
+        # browser is gone): read once, not through `request.transport` at every poll.
+        self._transport = exchange.request.transport
         self._stalled_since = 0.0  # while paused: since when the browser accepted nothing
         self._buffered = -1  # the write buffer's size at the last poll while paused, else -1
-        self._handle = self._loop.call_later(DISCONNECT_POLL_SECONDS, self._poll)
+        loop = asyncio.get_running_loop()
+        wheel = _WHEELS.get(loop)
+        if wheel is None:
+            wheel = _WHEELS[loop] = _Wheel(loop)
+        self._wheel = wheel
+        wheel.add(self)
 
-    def _poll(self) -> None:
+    def poll(self) -> bool:
+        """One check (at a tick of the wheel); False once there is nothing left to watch."""
         if self._inner.done():
-            return
+            return False
         exchange = self._exchange
-        transport = exchange.request.transport
+        transport = self._transport
         if transport is None or transport.is_closing():
             exchange.lose_client()
             self._inner.cancel()
-            return
+            return False
         if exchange.request.protocol.writing_paused:
             # Paused, the relay adds (almost) nothing: what is still to be delivered (our
             # buffer plus the kernel's unacknowledged bytes) only shrinks as the browser
             # reads, so any shrinking is progress.
+            loop = self._wheel.loop
             buffered = transport.get_write_buffer_size() + unacknowledged_bytes(transport)
             if self._buffered < 0 or buffered < self._buffered:
-                self._stalled_since = self._loop.time()
+                self._stalled_since = loop.time()
             self._buffered = buffered
-            if self._loop.time() - self._stalled_since >= exchange.app.idle_timeout_seconds:
+            if loop.time() - self._stalled_since >= exchange.app.idle_timeout_seconds:
                 log.info(
                     "browser read nothing for %ss; connection closed (app %s, request %s)",
                     exchange.app.idle_timeout_seconds,
@@ -87,10 +141,10 @@ class DisconnectWatch:
                 exchange.lose_client()
                 transport.abort()
                 self._inner.cancel()
-                return
+                return False
         else:
             self._buffered = -1
-        self._handle = self._loop.call_later(DISCONNECT_POLL_SECONDS, self._poll)
+        return True
 
     def cancel(self) -> None:
-        self._handle.cancel()
+        self._wheel.discard(self)
