@@ -1,6 +1,7 @@
-"""Rate limits on agent requests, per session and per application (`APPS_FILE`), shared by
-every replica through Redis; per process with the memory store. Through HTTP against a fake
-upstream, on the memory store, fakeredis and a real redis-server.
+"""The rate limiter (app/ratelimit.py): limits on agent requests, per session and per
+application (`APPS_FILE`), shared by every replica through Redis; per process with the memory
+store. Through HTTP against a fake upstream, on the memory store, fakeredis and a real
+redis-server. The stores' `rate_limit` operation itself (GCRA) is in tests/test_store_contract.py.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import pytest
 from app.applications import RateLimit, parse_rate_limit
 from app.config import ConfigError, Settings
 from app.keys import STORAGE_APP_KEY
+from app.ratelimit import bucket_keys
 from app.sessions.backend import StoreUnavailable, TokenBucket
 from tests.conftest import CSRF, Gateway, GatewayFactory, RedisRaw, make_settings
 from tests.fake_upstream import ServedUpstream
@@ -225,6 +227,43 @@ async def test_a_failing_limit_store_lets_requests_through(
         r.getMessage() for r in caplog.records if "rate limits not checked" in r.getMessage()
     ]
     assert len(warnings) == 1  # logged, but not once per request
+
+
+@pytest.mark.parametrize(("wait", "retry_after"), [(0.2, "1"), (1.0, "1"), (19.01, "20")])
+async def test_retry_after_is_the_wait_rounded_up_and_at_least_one_second(
+    gateway_factory: GatewayFactory,
+    upstream: ServedUpstream,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    wait: float,
+    retry_after: str,
+) -> None:
+    """What the store says to wait becomes whole seconds, never 0 (a client would retry at
+    once), and the refused request never reaches the upstream."""
+    gw = await gateway_factory("memory", APPS_FILE=apps_file(tmp_path, upstream, LIMITED_APPS))
+
+    async def over(buckets: Sequence[TokenBucket]) -> float:
+        return wait
+
+    monkeypatch.setattr(gw.app[STORAGE_APP_KEY].backend, "rate_limit", over)
+    resp = await agent(gw, "shop")
+    assert resp.status == 429
+    assert resp.headers["Retry-After"] == retry_after
+    assert upstream_calls(upstream) == 0
+
+
+def test_bucket_keys_name_the_application_and_never_the_session_id() -> None:
+    sid = "A" * 43
+    app_key, session_key = bucket_keys("lim:", "shop", sid)
+    assert app_key == "lim:rl:{shop}:app"
+    assert session_key is not None and session_key.startswith("lim:rl:{shop}:s:")
+    assert sid not in session_key and len(session_key.rsplit(":", 1)[1]) == 32
+    # Both keys of one check hash to one Redis Cluster slot: the `{shop}` tag.
+    assert {k[k.index("{") : k.index("}") + 1] for k in (app_key, session_key)} == {"{shop}"}
+    other_app, other_session = bucket_keys("lim:", "shop", "B" * 43)
+    assert other_app == app_key and other_session != session_key
+    assert bucket_keys("lim:", "shop", None) == (app_key, None)
+    assert bucket_keys("lim:", "blog", sid)[1] != session_key
 
 
 async def test_limit_checks_are_store_operations_with_their_metrics(gw: Gateway) -> None:

@@ -230,7 +230,7 @@ PROVEN: dict[str, tuple[str, ...]] = {
         FB + "test_B17_configured_headers_with_crlf_are_a_configuration_error",
     ),
     "B18": (
-        SH + "test_an_insane_request_id_is_replaced",
+        "tests/test_middlewares.py::test_an_insane_request_id_is_replaced",
         FB + "test_B02_B05_malformed_cookies_are_no_session_and_never_reach_the_store",
     ),
     "B19": (FB + "test_B19_unknown_and_lower_case_methods_on_session_routes_touch_nothing",),
