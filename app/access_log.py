@@ -8,10 +8,14 @@ once per second, the session hash once per session), with no `LogRecord`, no `Lo
 and no `Formatter` round trip, and hands it to `GatewayHandler.write_line`, which writes the
 lines of one event-loop iteration together.
 
-Measured gain (why it exists): one access line, 12.5 us here against 23 to 30 us through
-`logger.info` and the formatters (JSON / text), about 14% of a memory-store read's 70 us of CPU;
-bench rows `gw_mem_read` and `gw_mem_read_public` (`FAST_PATHS=off`, which also turns off
-app/fast_metrics.py), one run: see docs/observability.md, "Fast paths".
+Measured gain (why it exists): one access line (`AccessLogger.log`, `timeit`, best of 5,
+2026-12-03, shared 2-core VM), text 10.2 us here against 35.9 us through `logger.info` and
+`TextFormatter`, JSON 8.3 against 23.0 us. Gateway CPU per request in two bench runs (the
+`_public` rows run `FAST_PATHS=off`, which also switches app/fast_metrics.py): memory-store
+read 67 and 76 us against 116 and 96 us, Redis read 86 and 92 against 137 and 119 us:
+
+    .venv/bin/python scripts/bench.py --rows \
+        gw_mem_read,gw_mem_read_public,gw_redis_read,gw_redis_read_public --reps 3 --seconds 5
 
 Fence: `enable_fast_path(handler, wanted)` runs `self_check()` at start-up (`python -m app`):
 sample lines (hostile text included) rendered both ways must be equal but for the time of day;
