@@ -17,6 +17,7 @@ from app.lifecycle import Lifecycle, drain_on_shutdown
 from app.logs import flush_logs
 from app.metrics import instrument_backend, setup_metrics
 from app.middlewares import add_prepare_hook, setup_gateway
+from app.proxy.fastread import use as use_relay_fast_paths
 from app.routes import setup_routes
 from app.runs.runs import runs_ctx
 from app.sessions.backend import SessionBackend, StoreUnavailable
@@ -44,6 +45,7 @@ def create_app(settings: Settings, *, backend: SessionBackend | None = None) -> 
     app[SETTINGS_KEY] = settings
     app[LIFECYCLE_KEY] = lifecycle
     request_metrics = setup_metrics(app, fast=settings.fast_paths)
+    use_relay_fast_paths(settings.fast_paths)  # app/proxy/fastread.py
     # One middleware, outermost first: metrics see every request and its final status; the
     # request id exists before anything can fail; errors are enveloped for everything inside;
     # the application is resolved before origin/CSRF checks (which depend on it); the session

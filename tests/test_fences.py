@@ -35,7 +35,7 @@ APP = Path(__file__).resolve().parent.parent / "app"
 # and a public-API fallback (tested here, in tests/test_access_log.py and test_fast_metrics.py).
 FENCED = {
     "redis_internals.py",
-    # aiohttp `StreamReader` fields on the relay (its fence: the proxy split, issue 14).
+    # aiohttp `StreamReader` fields and the held-back head of the relay (issue 14 item 2).
     "proxy/fastread.py",
 }
 KNOWN_PRIVATE = {
@@ -66,6 +66,7 @@ KNOWN_PRIVATE = {
     "_transport",
     "_low_water",
     "_http_chunk_splits",
+    "_send_headers_immediately",
     # aiohttp-session
     "_cookie_params",
     "_max_age",

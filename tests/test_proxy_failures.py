@@ -16,6 +16,7 @@ from aiohttp import web
 
 from app.keys import LIFECYCLE_KEY
 from app.loadkit.ports import free_port
+from app.proxy import fastread
 from tests.conftest import CSRF, GatewayProcessFactory
 from tests.fake_upstream import (
     RunningGateway,
@@ -28,6 +29,18 @@ from tests.fake_upstream import (
 )
 
 AGENT = "/apps/shop/agent"
+
+
+@pytest.fixture(autouse=True, params=["fast", "public"])
+def relay_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test here on both of the relay's paths (app/proxy/fastread.py): aiohttp's
+    internals, and its public API (as when the start-up self-check fails)."""
+    monkeypatch.setattr(fastread, "ACTIVE", fastread.ACTIVE)  # restored after the test
+    if request.param == "public":
+        monkeypatch.setattr(fastread, "self_check", lambda: "the public path, for this test")
+    return str(request.param)
+
+
 FIRST = sse("token", {"text": "first"})
 
 

@@ -7,7 +7,7 @@ as is, header checks in one search, upstream URLs cached per agent path."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, Iterator
+from collections.abc import AsyncGenerator, Callable, Iterator
 from types import SimpleNamespace
 from typing import Any
 
@@ -128,13 +128,14 @@ async def test_take_buffered_resumes_a_paused_connection() -> None:
 
 
 def test_the_installed_aiohttp_has_the_reader_internals_the_fast_reads_use() -> None:
-    assert fastread.FAST_READS, "aiohttp's StreamReader changed: the relay fell back to read_nowait"
+    assert fastread.self_check() is None, "aiohttp changed: the relay fell back to its public API"
+    assert fastread.ACTIVE
 
 
 async def test_without_the_internals_the_reads_are_aiohttps_own(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(fastread, "FAST_READS", False)
+    monkeypatch.setattr(fastread, "ACTIVE", False)
     protocol, payload = _fed(EVENTS)
     assert take_buffered(payload, READ_CHUNK_BYTES) == b"".join(EVENTS)
     assert protocol.resumes == len(EVENTS), "one resume per chunk: aiohttp's read_nowait ran"
@@ -142,6 +143,55 @@ async def test_without_the_internals_the_reads_are_aiohttps_own(
     _, reference = _fed(EVENTS)
     assert await read_available(payload, READ_CHUNK_BYTES) == await reference.read(READ_CHUNK_BYTES)
     assert protocol.resumes > 1, "aiohttp's read ran (it resumes once per chunk)"
+
+
+def test_the_self_check_refuses_internals_that_differ(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(fastread, "ACTIVE", fastread.ACTIVE)  # restored after the test
+    monkeypatch.setattr(fastread, "_READER_FIELDS", fastread._READER_FIELDS | {"_gone"})
+    assert fastread.self_check() == "aiohttp.StreamReader lacks _gone"
+    assert fastread.use(True) is False
+    assert "relay fast paths off" in caplog.text and "_gone" in caplog.text
+    assert type(fastread.relay_response()) is web.StreamResponse
+    monkeypatch.undo()
+    # A reader whose buffer is read otherwise than the fast path expects.
+    monkeypatch.setattr(fastread, "ACTIVE", fastread.ACTIVE)
+
+    def wrong(content: aiohttp.StreamReader, limit: int) -> bytes:
+        return content.read_nowait(limit)[:-1]
+
+    monkeypatch.setattr(fastread, "_join_buffered", wrong)
+    assert "not read as expected" in (fastread.self_check() or "")
+    assert fastread.use(True) is False
+
+
+def test_fast_paths_off_takes_the_public_api(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(fastread, "ACTIVE", fastread.ACTIVE)  # restored after the test
+    assert fastread.use(False) is False
+    assert type(fastread.relay_response()) is web.StreamResponse
+    assert fastread.use(True) is True
+    assert type(fastread.relay_response()) is not web.StreamResponse
+
+
+async def test_fast_paths_off_in_the_settings_relays_through_the_public_api(
+    upstream: ServedUpstream, monkeypatch: pytest.MonkeyPatch, browser_writes_all: list[int]
+) -> None:
+    monkeypatch.setattr(fastread, "ACTIVE", fastread.ACTIVE)  # restored after the test
+
+    async def burst(request: web.Request) -> web.StreamResponse:
+        response = web.Response(body=b"".join(EVENTS), content_type="text/event-stream")
+        response.enable_chunked_encoding()
+        return response
+
+    upstream.fake.on("/v1/chat", burst)
+    async with run_gateway(app_settings(upstream.base, {"FAST_PATHS": "off"})) as gw:
+        assert not fastread.ACTIVE
+        async with gw.client.post(f"{AGENT}/chat", headers=CSRF) as resp:
+            assert resp.status == 200
+            assert await resp.read() == b"".join(EVENTS)
+    # The head leaves at `prepare()`, on its own: two writes, not one.
+    assert len(browser_writes_all) == 2, browser_writes_all
 
 
 async def test_read_available_waits_then_takes_every_chunk_that_arrived_in_one_step() -> None:
@@ -196,7 +246,7 @@ async def test_wait_readable_ends_on_data_on_the_end_on_an_error_and_on_wake() -
 async def test_without_the_internals_the_relay_waits_through_the_public_read(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(fastread, "FAST_READS", False)
+    monkeypatch.setattr(fastread, "ACTIVE", False)
     _, payload = _fed([])
     assert not fastread.can_wake(payload)
 
@@ -209,8 +259,11 @@ def read_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -
     """Each test using it runs on both relay waits: aiohttp's reader internals (the fenced fast
     path: `wait_readable` ended by one lazy alarm) and the public fallback (`read` under an
     `asyncio.timeout` per wait)."""
+    monkeypatch.setattr(fastread, "ACTIVE", fastread.ACTIVE)  # restored after the test
     if request.param == "public":
-        monkeypatch.setattr(fastread, "FAST_READS", False)
+        monkeypatch.setattr(fastread, "ACTIVE", False)
+        # A gateway created in the test sets the switch again (`fastread.use`): fail its check.
+        monkeypatch.setattr(fastread, "self_check", lambda: "the public path, for this test")
     return str(request.param)
 
 
@@ -303,13 +356,30 @@ async def test_open_streams_share_one_disconnect_timer(
 @pytest.fixture
 def browser_writes(gw: RunningGateway) -> Iterator[list[int]]:
     """Byte counts of each write the gateway makes to a browser connection."""
+    yield from _writes(lambda protocol: getattr(protocol, "_manager", None) is gw.runner.server)
+
+
+@pytest.fixture
+def browser_writes_all(upstream: ServedUpstream) -> Iterator[list[int]]:
+    """Byte counts of each write of any aiohttp server in this test but `upstream`'s (for a
+    test that starts its one gateway itself)."""
+    assert upstream.server.runner is not None
+    upstream_side = upstream.server.runner.server
+
+    def gateway_side(protocol: Any) -> bool:
+        manager = getattr(protocol, "_manager", None)
+        return manager is not None and manager is not upstream_side
+
+    yield from _writes(gateway_side)
+
+
+def _writes(server_side: Callable[[Any], bool]) -> Iterator[list[int]]:
     writes: list[int] = []
-    server = gw.runner.server
     original_write = http_writer.StreamWriter._write
     original_writelines = http_writer.StreamWriter._writelines
 
     def ours(writer: http_writer.StreamWriter) -> bool:
-        return getattr(writer.protocol, "_manager", None) is server
+        return server_side(writer.protocol)
 
     def write(self: http_writer.StreamWriter, chunk: Any) -> None:
         if ours(self):

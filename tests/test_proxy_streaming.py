@@ -9,8 +9,10 @@ import os
 from collections.abc import AsyncIterator
 
 import aiohttp
+import pytest
 from aiohttp import web
 
+from app.proxy import fastread
 from app.proxy.relay import KEEPALIVE_COMMENT
 from tests.conftest import CSRF
 from tests.fake_upstream import (
@@ -24,6 +26,16 @@ from tests.fake_upstream import (
 )
 
 AGENT = "/apps/shop/agent"
+
+
+@pytest.fixture(autouse=True, params=["fast", "public"])
+def relay_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test here on both of the relay's paths (app/proxy/fastread.py): aiohttp's
+    internals, and its public API (as when the start-up self-check fails)."""
+    monkeypatch.setattr(fastread, "ACTIVE", fastread.ACTIVE)  # restored after the test
+    if request.param == "public":
+        monkeypatch.setattr(fastread, "self_check", lambda: "the public path, for this test")
+    return str(request.param)
 
 
 async def read_until(

@@ -27,13 +27,14 @@ from app.proxy.errors import (
     WebSocketNotSupported,
 )
 from app.proxy.exchange import Exchange
+from app.proxy.fastread import relay_response
 from app.proxy.headers import (
     ROTATE_HEADER,
     forwardable_headers,
     is_event_stream,
     is_websocket_upgrade,
 )
-from app.proxy.relay import RelayResponse, relay
+from app.proxy.relay import relay
 from app.proxy.urls import build_upstream_url
 from app.proxy.watch import DisconnectWatch
 from app.ratelimit import enforce_rate_limits
@@ -174,7 +175,7 @@ async def _proxy(exchange: Exchange) -> web.StreamResponse:
     # re-applies on a concurrent write, so racing first requests agree on one conversation.
     session = await get_session(request)
     await enforce_rate_limits(request, session)
-    response = RelayResponse()
+    response = relay_response()
     exchange.response = response
     session = await update_session(request, response, ensure_conversation)
     conversation_id = ensure_conversation(session)  # already there: changes nothing

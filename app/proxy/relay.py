@@ -102,14 +102,6 @@ class _Alarm:
             self._handle = None
 
 
-class RelayResponse(web.StreamResponse):
-    """The relayed response. `prepare()` holds its head back until the first write (aiohttp
-    sends it together with those bytes); `relay` sends it on its own (`send_headers()`) as
-    soon as no body bytes are ready, so the head never waits for the upstream."""
-
-    _send_headers_immediately = False
-
-
 async def relay(
     exchange: Exchange,
     response: web.StreamResponse,
@@ -129,8 +121,8 @@ async def relay(
         response.headers.setdefault("Cache-Control", "no-cache")
     boundary = _SseBoundary()
     try:
-        # The head is held back (`RelayResponse`): it goes out with the first bytes when they
-        # are already here, and on its own (`writer.send_headers()`) before anything else.
+        # The head may be held back (fastread.relay_response): it goes out with the first bytes
+        # when they are already here, and on its own (`send_headers()`) before anything else.
         writer = await response.prepare(exchange.request)
         assert writer is not None
         failure = await _stream(exchange, response, writer, upstream.content, stop, sse, boundary)
