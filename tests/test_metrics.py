@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import json
 import urllib.request
+from collections.abc import Iterator
 
 import aiohttp
 import prometheus_client
@@ -30,6 +31,7 @@ from tests.fake_upstream import (
     sse_events,
     start_sse,
 )
+from tests.redis_topologies import RedisClusterTopology
 
 SESSION_ROUTE = "/apps/{applicationId}/session"
 AGENT_ROUTE = "/apps/{applicationId}/agent/{path}"
@@ -348,3 +350,33 @@ async def test_json_access_lines_carry_a_salted_session_hash_never_the_id(
     # Never the id, the cookie or the query string (it may carry tokens).
     assert sid not in proc.stderr
     assert "secret-query" not in proc.stderr
+
+
+@pytest.fixture
+def cluster() -> Iterator[RedisClusterTopology]:
+    with RedisClusterTopology(3) as topology:
+        yield topology
+
+
+@pytest.mark.redis_server
+async def test_a_cluster_pool_is_counted_through_the_fence_and_only_bounded_without_it(
+    cluster: RedisClusterTopology, gateway_process: GatewayProcessFactory
+) -> None:
+    """A cluster node has no public connection count: app/redis_internals.py reads it
+    (`FAST_PATHS=auto`); with `FAST_PATHS=off` only the bound is exported."""
+    env = {"SESSION_STORE": "redis", "REDIS_URL": cluster.url, "REDIS_MAX_CONNECTIONS": "5"}
+    fenced = gateway_process({**env, "FAST_PATHS": "auto"})
+    public = gateway_process({**env, "FAST_PATHS": "off"})
+    for proc in (fenced, public):
+        async with aiohttp.ClientSession(str(proc.url)) as client:
+            for n in range(6):  # sessions on every primary, most likely
+                async with client.patch("/apps/demo/session", json={"n": n}, headers=CSRF) as r:
+                    assert r.status == 200
+            samples = await scrape(client)
+        assert value(samples, "agent_bff_redis_pool_max_connections") >= 5
+        idle = ("agent_bff_redis_pool_connections", frozenset({("state", "idle")}))
+        in_use = ("agent_bff_redis_pool_connections", frozenset({("state", "in_use")}))
+        if proc is fenced:
+            assert samples[idle] >= 1 and samples[in_use] == 0  # all back in the nodes' pools
+        else:
+            assert idle not in samples and in_use not in samples
