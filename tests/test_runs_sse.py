@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from app.runs.log import RunLog
@@ -89,3 +91,25 @@ def test_a_stored_entry_of_several_events_splits_after_any_position() -> None:
     assert entry.after(4) == events[1] + events[2]
     assert entry.after(5) == events[2]
     assert entry.after(6) == b""
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_the_plain_stream_shortcut_parses_exactly_as_the_line_loop(seed: int) -> None:
+    """Random streams (events, comment lines, extra blank lines, LF/CRLF/CR line ends, a BOM),
+    cut at random: the parser with its plain-stream shortcut gives the same events as without."""
+    rng = random.Random(seed)
+    pieces = [rng.choice([b"", b"\xef\xbb\xbf"])]
+    for _ in range(rng.randint(1, 30)):
+        lines = [
+            rng.choice([b"data: x", b"event: e", b"id: 3", b"data:", b"retry: 9", b": c", b":"])
+            for _ in range(rng.randint(1, 4))
+        ]
+        end = rng.choice([b"\n", b"\n", b"\n", b"\n", b"\r\n", b"\r"])
+        pieces.append(end.join(lines) + end + rng.choice([b"", b"", end]) + end)
+    stream = b"".join(pieces)
+    cuts = sorted(rng.sample(range(1, len(stream)), min(len(stream) - 1, rng.randint(0, 12))))
+    chunks = [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)], strict=True)]
+    fast, reference = SseParser(), SseParser(shortcut=False)
+    fast_events = [event for chunk in chunks for event in fast.feed(chunk)]
+    assert fast_events == [event for chunk in chunks for event in reference.feed(chunk)]
+    assert fast.mid_event == reference.mid_event

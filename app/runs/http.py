@@ -144,7 +144,12 @@ async def _follow_local(
         if not response.prepared:
             writer = await response.prepare(request)
             if writer is not None and not run.log.after(pos):
-                writer.send_headers()  # the head (X-Run-Id) never waits for a first event
+                # One turn of the loop: the pump takes what the upstream sent already, which
+                # then goes out with the head in one send. Nothing yet: the head goes alone
+                # (X-Run-Id never waits for a first event).
+                await asyncio.sleep(0)
+                if not run.log.after(pos) and run.log.end is None:
+                    writer.send_headers()
         while True:
             if pos + 1 < run.log.first_seq:
                 await response.write(_error_event(request, "resume_too_old"))

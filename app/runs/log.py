@@ -49,6 +49,20 @@ class RunLog:
         self._wake()
         return seq, framed
 
+    def extend(self, events: list[bytes]) -> list[tuple[int, bytes]]:
+        """`append` for several events at once (one trim, one wake-up): their sequence numbers
+        and framed bytes."""
+        seq = self.next_seq
+        out = [(seq + i, frame(seq + i, event)) for i, event in enumerate(events)]
+        entries = self._entries
+        entries.extend(framed for _, framed in out)
+        self.next_seq = seq + len(out)
+        self.bytes += sum(len(framed) for _, framed in out)
+        while len(entries) > 1 and (len(entries) > self.max_events or self.bytes > self.max_bytes):
+            self.bytes -= len(entries.popleft())
+        self._wake()
+        return out
+
     def after(self, pos: int) -> list[bytes]:
         """The framed events after sequence number `pos` (`pos + 1 >= first_seq`)."""
         start = pos + 1 - self.first_seq

@@ -321,7 +321,7 @@ class RunRegistry:
             events = parser.feed(chunk)
             if not events:
                 continue
-            appended = [run.log.append(event) for event in events]
+            appended = run.log.extend(events)
             if writer is not None:
                 writer.add(appended)
                 if writer.backlog > WRITE_BACKLOG:

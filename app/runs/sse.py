@@ -24,13 +24,15 @@ _BOM = b"\xef\xbb\xbf"
 class SseParser:
     """Incremental splitter of an event stream into events (see the module docstring)."""
 
-    __slots__ = ("_buffer", "_lines", "_skip_lf", "_started")
+    __slots__ = ("_buffer", "_lines", "_shortcut", "_skip_lf", "_started")
 
-    def __init__(self) -> None:
+    def __init__(self, *, shortcut: bool = True) -> None:
         self._buffer = b""
         self._lines: list[bytes] = []
         self._skip_lf = False
         self._started = False
+        # False: never `_feed_plain` (tests compare both ways).
+        self._shortcut = shortcut
 
     @property
     def mid_event(self) -> bool:
@@ -56,6 +58,14 @@ class SseParser:
         if b"\r" in data:
             self._skip_lf = data.endswith(b"\r")
             data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        elif (
+            self._shortcut
+            and b"\n\n\n" not in data
+            and b"\n:" not in data
+            and data[:1] not in (b"\n", b":")
+            and not self._lines
+        ):
+            return self._feed_plain(data)
         lines = data.split(b"\n")
         self._buffer = lines.pop()
         events: list[bytes] = []
@@ -68,6 +78,21 @@ class SseParser:
                 events.append(b"\n".join(held))
                 held = []
         self._lines = held
+        return events
+
+    def _feed_plain(self, data: bytes) -> list[bytes]:
+        """`feed` for what most agents send: LF line ends, no comment line, no blank line
+        beyond the one ending each event, no line held from before. Then every event is
+        exactly a piece between two `\n\n` (its lines joined with LF): one split instead of
+        one step per line, the same result."""
+        events = data.split(b"\n\n")
+        rest = events.pop()
+        if rest:
+            lines = rest.split(b"\n")
+            self._buffer = lines.pop()
+            self._lines = lines
+        else:
+            self._buffer = b""
         return events
 
 

@@ -37,6 +37,14 @@ from app.sessions.redis import LuaScript, RedisBackend
 # XADD with an id not above the stream's last one: what a retry after a lost reply meets.
 _ALREADY_ADDED = "equal or smaller than the target stream top item"
 
+# KEYS: meta, heartbeat. ARGV: owner, application id, ttl ms, heartbeat ms.
+CREATE_RUN = LuaScript.of(
+    """redis.call('HSET', KEYS[1], 'o', ARGV[1], 'a', ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+redis.call('SET', KEYS[2], '1', 'PX', ARGV[4])
+return 1"""
+)
+
 # KEYS: meta, events. ARGV: ttl ms, MINID ('' none), entry id, first seq ('' for a bare end
 # marker), data, end reason. The heartbeat key is left to expire: readers see the end first.
 END_RUN = LuaScript.of(
@@ -140,13 +148,12 @@ class RedisRunStore:
     ) -> None:
         # No `r` yet: the request that starts the run reads it on this replica, which the
         # pump knows without Redis.
+        # One script call (`CREATE_RUN`): one command to send and parse, not three.
         del window_ms
-        m = self.key(run_id, "m")
-        await self._all(
-            ("HSET", m, "o", meta.owner, "a", meta.app_id),
-            ("PEXPIRE", m, ttl_ms),
-            ("SET", self.key(run_id, "h"), "1", "PX", heartbeat_ms),
-        )
+        keys = [self.key(run_id, "m"), self.key(run_id, "h")]
+        args = [meta.owner, meta.app_id, ttl_ms, heartbeat_ms]
+        execute = self._backend.execute
+        await self._backend._run(lambda: CREATE_RUN.run(execute, keys, args))
 
     async def append(
         self, run_id: str, entries: Sequence[tuple[int, bytes]], first_kept: int
