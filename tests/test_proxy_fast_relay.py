@@ -7,6 +7,7 @@ as is, header checks in one search, upstream URLs cached per agent path."""
 from __future__ import annotations
 
 import asyncio
+import tracemalloc
 from collections.abc import AsyncGenerator, Callable, Iterator
 from types import SimpleNamespace
 from typing import Any
@@ -519,3 +520,42 @@ def test_invalid_upstream_header_with_one_search() -> None:
     assert headers.has_invalid_header(answer("O\x01K", ("X-A", "a")))
     assert headers.has_invalid_header(answer("OK", ("X-A", "a"), ("X-B", "b\x7f")))
     assert headers.has_invalid_header(answer("OK", ("X-\x02", "a")))
+
+
+async def test_an_open_stream_does_not_hold_the_browsers_body(
+    upstream: ServedUpstream, gw: RunningGateway
+) -> None:
+    """A small body (read whole, sent as bytes) is dropped once it was sent: a stream that runs
+    for minutes does not keep its request (a chat history) in memory. Six open streams (one
+    session) with a 60 KB body each hold no allocation of that size (the upstream here drops
+    what it reads)."""
+    size = 60_000
+    release = asyncio.Event()
+
+    async def consume_then_wait(request: web.Request) -> web.StreamResponse:
+        while await request.content.read(65_536):
+            pass  # read and dropped (request.read() would keep it on the request)
+        response = await start_sse(request)
+        await response.write(EVENTS[0])
+        await release.wait()
+        await response.write_eof()
+        return response
+
+    upstream.fake.on("/v1/chat", consume_then_wait)
+    body = b"x" * size
+    tracemalloc.start(25)
+    try:
+        responses = []
+        for _ in range(6):  # under the per-session cap (8)
+            resp = await gw.client.post(f"{AGENT}/chat", data=body, headers=CSRF)
+            assert resp.status == 200, await resp.text()
+            assert await resp.content.readexactly(len(EVENTS[0])) == EVENTS[0]
+            responses.append(resp)
+        held = [trace for trace in tracemalloc.take_snapshot().traces if trace.size >= size]
+    finally:
+        tracemalloc.stop()
+        release.set()
+    for resp in responses:
+        await resp.read()
+        resp.close()
+    assert held == [], f"{len(held)} request bodies held by open streams"

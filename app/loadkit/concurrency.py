@@ -74,6 +74,7 @@ class ScaleOptions:
     events: int = 60
     pause_ms: float = 1000.0
     size: int = 200
+    body_bytes: int = 0  # padding of each stream's request body (a chat history's size)
     connect_concurrency: int = 64
     warmup_streams: int = 20
     max_seconds: float | None = None
@@ -213,6 +214,7 @@ async def _one_stream(
     connecting: asyncio.Semaphore,
     *,
     record: bool = True,
+    body: bytes = b'{"input":"hi"}',
 ) -> None:
     """One agent request read as SSE to its `done` event; the outcome goes to `tally`."""
     headers = {"X-CSRF": "1", "Content-Type": "application/json", "Accept": "text/event-stream"}
@@ -222,7 +224,7 @@ async def _one_stream(
     try:
         async with connecting:
             sent = time.monotonic()
-            resp = await http.post(url, data=b'{"input":"hi"}', headers=headers)
+            resp = await http.post(url, data=body, headers=headers)
             if record:
                 tally.open_s.append(time.monotonic() - sent)
         async with resp:
@@ -327,7 +329,10 @@ async def measure(servers: Servers, log: Callable[[str], None]) -> dict[str, Any
         sampler = asyncio.create_task(_sample(servers, tally, samples, stop))
         started = time.monotonic()
         target = servers.stub_url + "/base/stream" if o.direct else url
-        await asyncio.gather(*(_one_stream(http, target, c, tally, sem) for c in cookies))
+        body = json.dumps({"input": "hi", "history": "x" * o.body_bytes}).encode()
+        await asyncio.gather(
+            *(_one_stream(http, target, c, tally, sem, body=body) for c in cookies)
+        )
         wall = time.monotonic() - started
         stop.set()
         await sampler
@@ -498,6 +503,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--events", type=int, default=60, help="events per stream (60)")
     parser.add_argument("--pause-ms", type=float, default=1000.0, help="between events (1000)")
     parser.add_argument("--size", type=int, default=200, help="bytes of data per event (200)")
+    parser.add_argument(
+        "--body-bytes", type=int, default=0, help="pad each request body by this much (0)"
+    )
     parser.add_argument("--connect-concurrency", type=int, default=64, help="connecting at once")
     parser.add_argument("--warmup-streams", type=int, default=20)
     parser.add_argument("--max-seconds", type=float, default=None, help="hard bound on the run")
@@ -522,6 +530,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         events=args.events,
         pause_ms=args.pause_ms,
         size=max(args.size, 40),
+        body_bytes=max(0, min(args.body_bytes, 1_000_000)),
         connect_concurrency=args.connect_concurrency,
         warmup_streams=args.warmup_streams,
         max_seconds=args.max_seconds,

@@ -124,6 +124,8 @@ class UpstreamCall:
                     )
                 finally:
                     exchange.header_deadline = None
+                    # Sent (or failed): the browser's body is not held for the answer's life.
+                    self._data = None
         except (TimeoutError, aiohttp.ClientError, OSError) as err:
             if exchange.upload_error is not None:
                 raise exchange.upload_error from None  # the browser's doing, not the upstream's
