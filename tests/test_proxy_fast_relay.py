@@ -10,7 +10,7 @@ import asyncio
 import tracemalloc
 from collections.abc import AsyncGenerator, Callable, Iterator
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 import pytest
@@ -559,3 +559,31 @@ async def test_an_open_stream_does_not_hold_the_browsers_body(
         await resp.read()
         resp.close()
     assert held == [], f"{len(held)} request bodies held by open streams"
+
+
+async def test_a_failing_disconnect_poll_never_stops_the_others(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The wheel polls every open exchange in one callback: one poll that raises is dropped
+    and logged, the others are still polled at the next ticks."""
+
+    class Probe:
+        def __init__(self, fail: bool) -> None:
+            self.fail, self.polls = fail, 0
+
+        def poll(self) -> bool:
+            self.polls += 1
+            if self.fail:
+                raise RuntimeError("broken poll")
+            return True
+
+    loop = asyncio.get_running_loop()
+    wheel = watch._Wheel(loop)
+    broken, healthy = Probe(fail=True), Probe(fail=False)
+    for probe in (broken, healthy):
+        wheel.add(cast(watch.DisconnectWatch, probe))
+    await asyncio.sleep(watch.DISCONNECT_POLL_SECONDS * 2.5)
+    assert broken.polls == 1 and healthy.polls >= 2
+    assert "disconnect watch failed" in caplog.text
+    wheel.discard(cast(watch.DisconnectWatch, healthy))
+    assert wheel.handle is None

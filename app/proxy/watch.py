@@ -62,9 +62,16 @@ class _Wheel:
             self._close()
 
     def _tick(self) -> None:
+        """Poll every watch; one that fails is dropped (and logged), never the others: a
+        raised poll must not end disconnect detection for every open stream."""
         self.handle = None
         for watch in list(self.watches):
-            if not watch.poll():
+            try:
+                keep = watch.poll()
+            except Exception:
+                log.exception("disconnect watch failed; that request is no longer watched")
+                keep = False
+            if not keep:
                 self.watches.pop(watch, None)
         if self.watches:
             self.handle = self.loop.call_later(DISCONNECT_POLL_SECONDS, self._tick)
