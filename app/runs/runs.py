@@ -137,7 +137,10 @@ class RunWriter:
         self._written = asyncio.Event()
         self._closing = False
         self.failed: StoreUnavailable | None = None
-        self._task = asyncio.create_task(self._loop())
+        # Started one loop turn after the first `add` (`_start`): a run whose events and end
+        # arrive together (one burst) writes them with its end and never needs the task.
+        self._task: asyncio.Task[None] | None = None
+        self._starting = False
 
     @property
     def backlog(self) -> int:
@@ -145,11 +148,25 @@ class RunWriter:
 
     def add(self, entries: list[tuple[int, bytes]]) -> None:
         self._pending.extend(entries)
+        if self._task is not None:
+            self._wake.set()
+        elif not self._starting:
+            self._starting = True
+            asyncio.get_running_loop().call_soon(self._start)
+
+    def _start(self) -> None:
+        if self._closing or self._task is not None:
+            return
         self._wake.set()
+        self._task = asyncio.create_task(self._loop())
 
     async def drained(self) -> None:
         """Wait until the backlog was written (or a write failed)."""
-        while self._pending and self.failed is None and not self._task.done():
+        while (
+            self._pending
+            and self.failed is None
+            and not (self._task is not None and self._task.done())
+        ):
             self._written.clear()
             await self._written.wait()
 
@@ -157,8 +174,9 @@ class RunWriter:
         """Stop after the write in flight; returns what is still unwritten (it goes out with
         the run's end, in one entry)."""
         self._closing = True
-        self._wake.set()
-        await asyncio.gather(self._task, return_exceptions=True)
+        if self._task is not None:
+            self._wake.set()
+            await asyncio.gather(self._task, return_exceptions=True)
         pending, self._pending = self._pending, []
         return pending
 
