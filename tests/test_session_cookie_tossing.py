@@ -56,6 +56,9 @@ PLANTED = new_session_id()
         ([""], None),
         ([], None),
     ],
+    ids=lambda value: (
+        {OURS: "ours", PLANTED: "planted"}.get(value) if isinstance(value, str) else None
+    ),
 )
 def test_one_distinct_well_formed_value_wins_several_are_none(
     headers: list[str], expected: object

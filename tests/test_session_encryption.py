@@ -378,6 +378,7 @@ def test_keys_are_parsed_in_order_and_kept_out_of_repr() -> None:
         f"{K1},{K1}",
         "clé-é" * 9,
     ],
+    ids=lambda value: value.replace(K1, "<k1>"),
 )
 def test_a_bad_key_is_a_config_error_naming_the_variable(value: str) -> None:
     with pytest.raises(ConfigError) as info:
