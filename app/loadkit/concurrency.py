@@ -59,6 +59,7 @@ from typing import Any
 import aiohttp
 
 from app.loadkit.bench.lab import create_sessions
+from app.loadkit.loops import loop_factory
 from app.loadkit.ports import free_port
 from app.loadkit.processes import PACKAGE_ROOT, Proc, wait_http
 from app.loadkit.sse import SSEParser
@@ -459,7 +460,7 @@ def run(options: ScaleOptions, *, log: Callable[[str], None]) -> dict[str, Any]:
 
             cpu0 = _own_cpu_seconds()
             stub_cpu0 = servers.procs[0].cpu_seconds()
-            with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+            with asyncio.Runner(loop_factory=loop_factory()) as runner:
                 try:
                     result = runner.run(bounded())
                 except TimeoutError:
@@ -482,15 +483,6 @@ class RunTimedOut(RuntimeError):
 def _own_cpu_seconds() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
-
-
-def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
-    """uvloop when installed (a lighter client leaves more of its CPU for the stub)."""
-    try:
-        import uvloop
-    except ImportError:
-        return None
-    return uvloop.new_event_loop
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -33,14 +33,14 @@ import aiohttp
 from aiohttp import web
 
 from app.capacity import client_key
-from app.errors import ApiError, store_full, store_unavailable
+from app.errors import ApiError, store_error
 from app.keys import APP_CONFIG_KEY, REQUEST_ID_KEY, RUNS_KEY, SETTINGS_KEY, UPSTREAM_KEY
 from app.proxy.exchange import Exchange
 from app.proxy.headers import PROXIED_RESPONSE_HEADERS, browser_response_headers
 from app.runs.readers import READ_COUNT, Follower
 from app.runs.runs import ERROR_MESSAGES, Run, RunRegistry, owner_of, reading
 from app.runs.store import Entry, RedisRunStore, RunMeta
-from app.sessions.backend import StoreFull, StoreUnavailable
+from app.sessions.backend import StoreUnavailable
 from app.sessions.middleware import get_session
 
 log = logging.getLogger(__name__)
@@ -306,7 +306,7 @@ def sandboxed(
             raise
         except StoreUnavailable as err:
             log.warning("session store unavailable: %s", err)
-            error = store_full() if isinstance(err, StoreFull) else store_unavailable()
+            error = store_error(err)
             error.headers.update(PROXIED_RESPONSE_HEADERS)
             raise error from err
         if not response.prepared:

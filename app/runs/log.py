@@ -8,17 +8,17 @@ events and is told so, never served a stream with a hole.
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 from collections import deque
 
 from app.runs.sse import frame
+from app.runs.wakeup import Wakeup
 
 
 class RunLog:
     """The framed events of one run (see the module docstring)."""
 
-    __slots__ = ("_entries", "_waiters", "bytes", "end", "max_bytes", "max_events", "next_seq")
+    __slots__ = ("_entries", "_wakeup", "bytes", "end", "max_bytes", "max_events", "next_seq")
 
     def __init__(self, *, max_events: int, max_bytes: int) -> None:
         self.max_events = max_events
@@ -28,7 +28,7 @@ class RunLog:
         self.bytes = 0
         # Why the run ended (`"done"`, or an error code); None while it runs.
         self.end: str | None = None
-        self._waiters: list[asyncio.Future[None]] = []
+        self._wakeup = Wakeup()
 
     @property
     def first_seq(self) -> int:
@@ -46,7 +46,7 @@ class RunLog:
             len(self._entries) > self.max_events or self.bytes > self.max_bytes
         ):
             self.bytes -= len(self._entries.popleft())
-        self._wake()
+        self._wakeup.wake()
         return seq, framed
 
     def extend(self, events: list[bytes]) -> list[tuple[int, bytes]]:
@@ -60,7 +60,7 @@ class RunLog:
         self.bytes += sum(len(framed) for _, framed in out)
         while len(entries) > 1 and (len(entries) > self.max_events or self.bytes > self.max_bytes):
             self.bytes -= len(entries.popleft())
-        self._wake()
+        self._wakeup.wake()
         return out
 
     def after(self, pos: int) -> list[bytes]:
@@ -74,24 +74,8 @@ class RunLog:
         """The run ended (`reason`); waiters wake and see `end`."""
         if self.end is None:
             self.end = reason
-        self._wake()
+        self._wakeup.wake()
 
     async def wait(self, seconds: float) -> bool:
         """Wait up to `seconds` for an append or the end; False when it timed out."""
-        future = asyncio.get_running_loop().create_future()
-        self._waiters.append(future)
-        try:
-            async with asyncio.timeout(seconds):
-                await future
-        except TimeoutError:
-            return False
-        finally:
-            if future in self._waiters:
-                self._waiters.remove(future)
-        return True
-
-    def _wake(self) -> None:
-        waiters, self._waiters = self._waiters, []
-        for future in waiters:
-            if not future.done():
-                future.set_result(None)
+        return await self._wakeup.wait(seconds)

@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 from app.applications import AppConfig
 from app.errors import ApiError
 from app.runs.store import Entry, RedisRunStore
+from app.runs.wakeup import Wakeup
 from app.sessions.backend import StoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -215,7 +216,7 @@ class Follower:
         self._max_bytes = max_bytes
         self._store = store
         self._entries: deque[Entry] = deque()
-        self._waiters: list[asyncio.Future[None]] = []
+        self._wakeup = Wakeup()
         self._heartbeat = heartbeat
         self._window_ms = window_ms
         self._retry_seconds = retry_seconds
@@ -234,27 +235,11 @@ class Follower:
 
     async def wait(self, seconds: float) -> bool:
         """Wait up to `seconds` for new entries, the end or a failure; False on timeout."""
-        future = asyncio.get_running_loop().create_future()
-        self._waiters.append(future)
-        try:
-            async with asyncio.timeout(seconds):
-                await future
-        except TimeoutError:
-            return False
-        finally:
-            if future in self._waiters:
-                self._waiters.remove(future)
-        return True
+        return await self._wakeup.wait(seconds)
 
     async def close(self) -> None:
         self._task.cancel()
         await asyncio.gather(self._task, return_exceptions=True)
-
-    def _wake(self) -> None:
-        waiters, self._waiters = self._waiters, []
-        for future in waiters:
-            if not future.done():
-                future.set_result(None)
 
     def _add(self, entries: list[Entry]) -> None:
         for entry in entries:
@@ -271,7 +256,7 @@ class Follower:
             dropped = self._entries.popleft()
             self.base = dropped.seq
             self.bytes -= len(dropped.data or b"")
-        self._wake()
+        self._wakeup.wake()
 
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -314,4 +299,4 @@ class Follower:
         finally:
             self.done = True
             self._release()
-            self._wake()
+            self._wakeup.wake()
