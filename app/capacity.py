@@ -43,6 +43,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from app.applications import AppConfig, concurrency_caps
 from app.config import IPNetwork
+from app.counts import decrement
 from app.errors import ApiError
 from app.forwarding import client_ip, peer_is_trusted
 
@@ -146,9 +147,9 @@ class UpstreamCapacity:
         slots.in_use -= 1
         self.in_use -= 1
         if client is not None:
-            _decrement(slots.clients, client)
+            decrement(slots.clients, client)
         if session_id is not None:
-            _decrement(slots.sessions, session_id)
+            decrement(slots.sessions, session_id)
 
     def _refuse(self, slots: AppSlots, limit: str) -> UpstreamBusy:
         slots.refused[limit] += 1
@@ -165,14 +166,6 @@ class UpstreamCapacity:
                 self.in_use,
             )
         return UpstreamBusy(limit)
-
-
-def _decrement(counts: dict[str, int], key: str) -> None:
-    left = counts[key] - 1
-    if left:
-        counts[key] = left
-    else:
-        del counts[key]
 
 
 def client_key(request: web.BaseRequest, trusted: Sequence[IPNetwork]) -> str:

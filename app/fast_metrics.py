@@ -35,7 +35,8 @@ import math
 import random
 import re
 import time
-from typing import Protocol
+from collections.abc import Callable
+from typing import Generic, Protocol, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import Metric
@@ -66,55 +67,32 @@ def created_series() -> bool:
     return any(s.name.endswith("_created") for m in probe.collect() for s in m.samples)
 
 
-class _CounterCell:
-    __slots__ = ("created", "value")
+class _Cell:
+    __slots__ = ("created",)
 
     def __init__(self) -> None:
-        self.value = 0.0
         self.created = time.time()
+
+
+class _CounterCell(_Cell):
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.value = 0.0
 
     def inc(self, amount: float = 1.0) -> None:
         self.value += amount
 
 
-class FastCounter:
-    """A labelled counter kept as plain numbers, exported as prometheus-client's `Counter`
-    exports it (`_total`, `_created`). `child(labels)` is the series (create it once, keep it)."""
-
-    def __init__(self, name: str, documentation: str, labelnames: tuple[str, ...]) -> None:
-        self.name = name
-        self.documentation = documentation
-        self.labelnames = labelnames
-        self._cells: dict[tuple[str, ...], _CounterCell] = {}
-
-    def child(self, labels: tuple[str, ...]) -> _CounterCell:
-        cell = self._cells.get(labels)
-        if cell is None:
-            cell = self._cells[labels] = _CounterCell()
-        return cell
-
-    def describe(self) -> list[Metric]:
-        return [Metric(self.name, self.documentation, "counter")]
-
-    def collect(self) -> list[Metric]:
-        metric = Metric(self.name, self.documentation, "counter")
-        created = created_series()
-        for labels, cell in list(self._cells.items()):
-            names = dict(zip(self.labelnames, labels, strict=True))
-            metric.add_sample(self.name + "_total", names, cell.value)
-            if created:
-                metric.add_sample(self.name + "_created", dict(names), cell.created)
-        return [metric]
-
-
-class _HistogramCell:
-    __slots__ = ("_bounds", "counts", "created", "sum")
+class _HistogramCell(_Cell):
+    __slots__ = ("_bounds", "counts", "sum")
 
     def __init__(self, bounds: list[float]) -> None:
+        super().__init__()
         self._bounds = bounds
         self.counts = [0.0] * len(bounds)  # per bucket, not cumulative
         self.sum = 0.0
-        self.created = time.time()
 
     def observe(self, amount: float) -> None:
         # The first bucket whose upper bound is >= amount (the `le` semantics).
@@ -122,9 +100,70 @@ class _HistogramCell:
         self.sum += amount
 
 
-class FastHistogram:
+_CellT = TypeVar("_CellT", bound=_Cell)
+
+
+class _FastFamily(Generic[_CellT]):
+    """A labelled family of `kind` kept as plain numbers: one cell per label values
+    (`child(labels)`: create it once, keep it); `collect` adds each cell's samples
+    (`_add_samples`) and its `_created` one when prometheus-client exports those."""
+
+    kind = ""
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labelnames: tuple[str, ...],
+        new_cell: Callable[[], _CellT],
+    ) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.labelnames = labelnames
+        self._new_cell = new_cell
+        self._cells: dict[tuple[str, ...], _CellT] = {}
+
+    def child(self, labels: tuple[str, ...]) -> _CellT:
+        cell = self._cells.get(labels)
+        if cell is None:
+            cell = self._cells[labels] = self._new_cell()
+        return cell
+
+    def describe(self) -> list[Metric]:
+        return [Metric(self.name, self.documentation, self.kind)]
+
+    def collect(self) -> list[Metric]:
+        metric = Metric(self.name, self.documentation, self.kind)
+        created = created_series()
+        for labels, cell in list(self._cells.items()):
+            names = dict(zip(self.labelnames, labels, strict=True))
+            self._add_samples(metric, names, cell)
+            if created:
+                metric.add_sample(self.name + "_created", dict(names), cell.created)
+        return [metric]
+
+    def _add_samples(self, metric: Metric, names: dict[str, str], cell: _CellT) -> None:
+        raise NotImplementedError
+
+
+class FastCounter(_FastFamily[_CounterCell]):
+    """A labelled counter kept as plain numbers, exported as prometheus-client's `Counter`
+    exports it (`_total`, `_created`). `child(labels)` is the series (create it once, keep it)."""
+
+    kind = "counter"
+
+    def __init__(self, name: str, documentation: str, labelnames: tuple[str, ...]) -> None:
+        super().__init__(name, documentation, labelnames, _CounterCell)
+
+    def _add_samples(self, metric: Metric, names: dict[str, str], cell: _CounterCell) -> None:
+        metric.add_sample(self.name + "_total", names, cell.value)
+
+
+class FastHistogram(_FastFamily[_HistogramCell]):
     """A labelled histogram kept as plain numbers, exported as prometheus-client's
     `Histogram` exports it (`_bucket`, `_count`, `_sum`, `_created`)."""
+
+    kind = "histogram"
 
     def __init__(
         self,
@@ -133,45 +172,42 @@ class FastHistogram:
         labelnames: tuple[str, ...],
         buckets: tuple[float, ...],
     ) -> None:
-        self.name = name
-        self.documentation = documentation
-        self.labelnames = labelnames
         bounds = [float(b) for b in buckets]
         if bounds != sorted(bounds) or not bounds or bounds[0] < 0:
             raise ValueError("buckets must be sorted and non-negative")
         if bounds[-1] != math.inf:
             bounds.append(math.inf)
-        self._bounds = bounds
+        super().__init__(name, documentation, labelnames, lambda: _HistogramCell(bounds))
         # The `le` labels exactly as prometheus-client writes them.
         self._le: list[str] = [floatToGoString(b) for b in bounds]  # type: ignore[no-untyped-call]
-        self._cells: dict[tuple[str, ...], _HistogramCell] = {}
 
-    def child(self, labels: tuple[str, ...]) -> _HistogramCell:
-        cell = self._cells.get(labels)
-        if cell is None:
-            cell = self._cells[labels] = _HistogramCell(self._bounds)
-        return cell
-
-    def describe(self) -> list[Metric]:
-        return [Metric(self.name, self.documentation, "histogram")]
-
-    def collect(self) -> list[Metric]:
-        metric = Metric(self.name, self.documentation, "histogram")
-        created = created_series()
-        for labels, cell in list(self._cells.items()):
-            names = dict(zip(self.labelnames, labels, strict=True))
-            total = 0.0
-            for le, count in zip(self._le, cell.counts, strict=True):
-                total += count
-                metric.add_sample(self.name + "_bucket", {**names, "le": le}, total)
-            metric.add_sample(self.name + "_count", dict(names), total)
-            metric.add_sample(self.name + "_sum", dict(names), cell.sum)
-            if created:
-                metric.add_sample(self.name + "_created", dict(names), cell.created)
-        return [metric]
+    def _add_samples(self, metric: Metric, names: dict[str, str], cell: _HistogramCell) -> None:
+        total = 0.0
+        for le, count in zip(self._le, cell.counts, strict=True):
+            total += count
+            metric.add_sample(self.name + "_bucket", {**names, "le": le}, total)
+        metric.add_sample(self.name + "_count", dict(names), total)
+        metric.add_sample(self.name + "_sum", dict(names), cell.sum)
 
 
-class PublicCounter:
+_ChildT = TypeVar("_ChildT")
+
+
+class _CachedChildren(Generic[_ChildT]):
+    """prometheus-client's labelled children (`labelled(*labels)`), each made once."""
+
+    def __init__(self, labelled: Callable[..., _ChildT]) -> None:
+        self._labelled = labelled
+        self._children: dict[tuple[str, ...], _ChildT] = {}
+
+    def child(self, labels: tuple[str, ...]) -> _ChildT:
+        child = self._children.get(labels)
+        if child is None:
+            child = self._children[labels] = self._labelled(*labels)
+        return child
+
+
+class PublicCounter(_CachedChildren[CounterChild]):
     """prometheus-client's `Counter`, its labelled children cached (`labels()` costs ~4 us)."""
 
     def __init__(
@@ -182,16 +218,10 @@ class PublicCounter:
         registry: CollectorRegistry,
     ) -> None:
         self.metric = Counter(name, documentation, labelnames, registry=registry)
-        self._children: dict[tuple[str, ...], CounterChild] = {}
-
-    def child(self, labels: tuple[str, ...]) -> CounterChild:
-        child = self._children.get(labels)
-        if child is None:
-            child = self._children[labels] = self.metric.labels(*labels)
-        return child
+        super().__init__(self.metric.labels)
 
 
-class PublicHistogram:
+class PublicHistogram(_CachedChildren[HistogramChild]):
     """prometheus-client's `Histogram`, its labelled children cached."""
 
     def __init__(
@@ -203,13 +233,7 @@ class PublicHistogram:
         registry: CollectorRegistry,
     ) -> None:
         self.metric = Histogram(name, documentation, labelnames, buckets=buckets, registry=registry)
-        self._children: dict[tuple[str, ...], HistogramChild] = {}
-
-    def child(self, labels: tuple[str, ...]) -> HistogramChild:
-        child = self._children.get(labels)
-        if child is None:
-            child = self._children[labels] = self.metric.labels(*labels)
-        return child
+        super().__init__(self.metric.labels)
 
 
 def counter(

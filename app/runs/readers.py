@@ -42,6 +42,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from app.applications import AppConfig
+from app.counts import decrement, increment
 from app.errors import ApiError
 from app.runs.store import Entry, RedisRunStore
 from app.runs.wakeup import Wakeup
@@ -123,13 +124,13 @@ class ReaderCaps:
             raise _refuse(slots, "run")
         if slots.per_client and slots.clients.get(client, 0) >= slots.per_client:
             raise _refuse(slots, "client")
-        _increment(slots.runs, run_id)
-        _increment(slots.clients, client)
+        increment(slots.runs, run_id)
+        increment(slots.clients, client)
 
     def leave(self, app_id: str, run_id: str, client: str) -> None:
         slots = self.apps[app_id]
-        _decrement(slots.runs, run_id)
-        _decrement(slots.clients, client)
+        decrement(slots.runs, run_id)
+        decrement(slots.clients, client)
 
     def follower(
         self,
@@ -150,7 +151,7 @@ class ReaderCaps:
         if slots.follow_clients.get(client, 0) >= slots.follows_per_client:
             raise _refuse(slots, "follow_client")
         slots.follows += 1
-        _increment(slots.follow_clients, client)
+        increment(slots.follow_clients, client)
         released = False
 
         def release() -> None:
@@ -159,7 +160,7 @@ class ReaderCaps:
                 return
             released = True
             slots.follows -= 1
-            _decrement(slots.follow_clients, client)
+            decrement(slots.follow_clients, client)
             if slots.followers.get(run_id) is follower:
                 del slots.followers[run_id]
 
@@ -171,18 +172,6 @@ class ReaderCaps:
 def _refuse(slots: AppReaders, limit: str) -> ReadersBusy:
     slots.refused[limit] += 1
     return ReadersBusy(limit)
-
-
-def _increment(counts: dict[str, int], key: str) -> None:
-    counts[key] = counts.get(key, 0) + 1
-
-
-def _decrement(counts: dict[str, int], key: str) -> None:
-    left = counts[key] - 1
-    if left:
-        counts[key] = left
-    else:
-        del counts[key]
 
 
 class Follower:
