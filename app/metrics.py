@@ -26,8 +26,9 @@ Series (all prefixed `agent_bff_`):
 - the standard `process_*` and `python_info` series.
 
 Wiring (`main.create_app`): `setup_metrics(app)` adds the `/metrics` route and returns the
-`RequestMetrics` the gateway middleware (app/middlewares.py, outermost) and its prepare hook feed;
-`instrument_backend(app, store)` wraps the session backend the storage uses.
+`RequestMetrics` (app/request_metrics.py) the gateway middleware (app/middlewares.py,
+outermost) and its prepare hook feed; `instrument_backend(app, store)` wraps the session
+backend the storage uses (`InstrumentedBackend`, app/store_metrics.py).
 
 Cost: the series updated on every request (`http_requests_total`, the request and store
 histograms, the store operation counter) come from app/fast_metrics.py, the fenced fast path:
@@ -38,11 +39,9 @@ plain numbers without a lock, exported exactly as prometheus-client's `Counter`/
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
-import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 
 from aiohttp import web
 from prometheus_client import (
@@ -56,16 +55,13 @@ from prometheus_client.aiohttp import make_aiohttp_handler
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from app import fast_metrics, redis_internals
-from app.fast_metrics import CounterChild, HistogramChild
-from app.keys import APP_ID_KEY, METRICS_KEY
-from app.sessions.backend import CasResult, SessionBackend, StoreUnavailable, TokenBucket
+from app.keys import METRICS_KEY
+from app.request_metrics import RequestMetrics
+from app.sessions.backend import SessionBackend
 from app.sessions.pipelining import CommandPipeliner
+from app.store_metrics import InstrumentedBackend
 
 NAMESPACE = "agent_bff"
-METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
-UNMATCHED_ROUTE = "unmatched"
-# Client went away before the response (nginx's convention for "client closed request").
-CLIENT_CLOSED = "499"
 # Request latency: sub-millisecond memory-store hits up to minutes-long streams.
 HTTP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 # Upstream time to first byte: an agent answers its headers in milliseconds to seconds (a model
@@ -73,8 +69,6 @@ HTTP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5,
 UPSTREAM_FIRST_BYTE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 # Stream duration: a token stream lasts seconds to minutes; an idle subscription hours.
 STREAM_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
-# The `application` label of a request without a configured application.
-NO_APPLICATION = "-"
 # The attribute of redis-py's `ConnectionPool.get_connection_count()` that says which state a
 # count is of (OpenTelemetry's semantic-convention name).
 CONNECTION_STATE = "db.client.connection.state"
@@ -197,80 +191,6 @@ class Metrics:
         self.registry.register(self._store_collector)
 
 
-# Set while the gateway middleware is running this request; a streaming response prepared in
-# that window is counted in `active_streams` until the middleware returns.
-_HANDLING_KEY = web.RequestKey("metrics_handling", bool)
-# `perf_counter()` when the request's stream started; 0.0 while it is not a stream.
-_STREAM_KEY = web.RequestKey("metrics_stream", float)
-
-
-def application_label(request: web.Request) -> str:
-    """The request's configured application id, or `NO_APPLICATION`: bounded by `APPS_FILE`
-    (the gateway middleware sets the id only for a configured application)."""
-    # Indexed, not `request.get` (Python code around `__getitem__`): agent and session routes,
-    # the busy ones, have an id.
-    try:
-        return request[APP_ID_KEY]
-    except KeyError:
-        return NO_APPLICATION
-
-
-class RequestMetrics:
-    """The per-request series, fed by the gateway middleware (app/middlewares.py), which is
-    the outermost step: `begin` when a request arrives, `end` with its status when it leaves
-    the middleware (streams: when they end), `count_stream` from the prepare hook."""
-
-    def __init__(self, metrics: Metrics) -> None:
-        self._metrics = metrics
-        # (application, route, method, status) -> the request counter's and the duration
-        # histogram's series. The key space is bounded (configured applications x route
-        # patterns x methods x statuses).
-        self._cells: dict[tuple[str, str, str, str], tuple[CounterChild, HistogramChild]] = {}
-
-    def begin(self, request: web.Request) -> None:
-        request[_HANDLING_KEY] = True
-        request[_STREAM_KEY] = 0.0  # set, not left missing: a missing key is a costly lookup
-        self._metrics.in_flight_count += 1
-
-    def end(self, request: web.Request, status: str, started: float) -> None:
-        """Count the request (`status`: its status code, `CLIENT_CLOSED` when the client went
-        away first, "500" for a failure) and its duration since `started` (`perf_counter`)."""
-        metrics = self._metrics
-        request[_HANDLING_KEY] = False
-        metrics.in_flight_count -= 1
-        try:  # `application_label`, inlined: this runs on every request
-            application = request[APP_ID_KEY]
-        except KeyError:
-            application = NO_APPLICATION
-        now = time.perf_counter()
-        stream_started = request[_STREAM_KEY]
-        if stream_started:
-            metrics.active_streams.labels(application).dec()
-            metrics.stream_duration.child((application,)).observe(now - stream_started)
-        method = request.method
-        if method not in METHODS:
-            method = "other"
-        key = (application, route_label(request), method, status)
-        cells = self._cells.get(key)
-        if cells is None:
-            cells = self._cells[key] = (
-                metrics.requests.child(key),
-                metrics.request_duration.child(key[:3]),
-            )
-        cells[0].inc()
-        cells[1].observe(now - started)
-
-    def count_stream(self, request: web.Request, response: web.StreamResponse) -> None:
-        """From `on_response_prepare`: a plain `web.Response` is prepared after the handler
-        returned; only a response prepared while the handler still runs (SSE, WebSocket,
-        chunked copies) is a stream."""
-        if isinstance(response, web.Response):
-            return
-        if request.get(_HANDLING_KEY) and not request.get(_STREAM_KEY):
-            request[_STREAM_KEY] = time.perf_counter()
-            self._metrics.active_streams.labels(application_label(request)).inc()
-
-
 def setup_metrics(app: web.Application, *, fast: bool = True) -> RequestMetrics:
     """Create the app's metrics and `GET /metrics`; the returned `RequestMetrics` goes to the
     gateway middleware (`app.middlewares.setup_gateway`), which counts every request. `fast`:
@@ -289,137 +209,6 @@ def instrument_backend(app: web.Application, backend: SessionBackend) -> Session
         return backend
     metrics.watch_store(backend)
     return InstrumentedBackend(backend, metrics)
-
-
-def record_upstream_error(request: web.Request, kind: str) -> None:
-    """Count one upstream failure of `kind` (e.g. `connect`, `timeout`, `status`, `truncated`)
-    for the request's application."""
-    metrics = request.app.get(METRICS_KEY)
-    if metrics is not None:
-        metrics.upstream_errors.labels(application_label(request), kind).inc()
-
-
-def record_upstream_first_byte(request: web.Request, sent: float) -> None:
-    """The upstream's response headers arrived for a request sent at `sent` (`perf_counter`)."""
-    metrics = request.app.get(METRICS_KEY)
-    if metrics is not None:
-        histogram = metrics.upstream_first_byte.child((application_label(request),))
-        histogram.observe(time.perf_counter() - sent)
-
-
-def route_label(request: web.Request) -> str:
-    """The route's pattern, bounded: never the raw path (ids, junk from scanners)."""
-    resource = request.match_info.route.resource
-    if resource is None:
-        return UNMATCHED_ROUTE
-    return resource.canonical
-
-
-class InstrumentedBackend:
-    """A `SessionBackend` that counts and times each operation of the one it wraps."""
-
-    def __init__(self, backend: SessionBackend, metrics: Metrics) -> None:
-        self.backend = backend
-        self._metrics = metrics
-        # (operation, ok) -> the operation counter's and the duration histogram's series
-        # (created on first use: a series appears once it has something to count).
-        self._cells: dict[tuple[str, bool], tuple[CounterChild, HistogramChild]] = {}
-
-    def _done(self, operation: str, started: float, ok: bool) -> None:
-        cells = self._cells.get((operation, ok))
-        if cells is None:
-            m = self._metrics
-            cells = self._cells[operation, ok] = (
-                m.store_operations.child((operation, "ok" if ok else "error")),
-                m.store_duration.child((operation,)),
-            )
-        cells[0].inc()
-        cells[1].observe(time.perf_counter() - started)
-
-    def _failed(self, operation: str, err: StoreUnavailable) -> None:
-        cause = err.__cause__
-        error = type(cause).__name__ if cause is not None else "StoreUnavailable"
-        self._metrics.store_errors.labels(operation, error).inc()
-
-    @contextlib.contextmanager
-    def _observe(self, operation: str) -> Iterator[None]:
-        started = time.perf_counter()
-        ok = False
-        try:
-            yield
-            ok = True
-        except StoreUnavailable as err:
-            self._failed(operation, err)
-            raise
-        finally:
-            self._done(operation, started, ok)
-
-    async def get_and_touch(self, key: str, ttl: int) -> bytes | None:
-        # Every request's read: `_observe` inlined (no generator context manager per call).
-        started = time.perf_counter()
-        ok = False
-        try:
-            value = await self.backend.get_and_touch(key, ttl)
-            ok = True
-            return value
-        except StoreUnavailable as err:
-            self._failed("get_and_touch", err)
-            raise
-        finally:
-            self._done("get_and_touch", started, ok)
-
-    async def create(self, key: str, value: bytes, ttl: int) -> bool:
-        with self._observe("create"):
-            return await self.backend.create(key, value, ttl)
-
-    async def peek(self, key: str) -> tuple[bytes, float | None] | None:
-        with self._observe("peek"):
-            return await self.backend.peek(key)
-
-    async def expire(self, key: str, ttl: int) -> None:
-        with self._observe("expire"):
-            await self.backend.expire(key, ttl)
-
-    async def compare_and_set(self, key: str, expected: str, value: bytes, ttl: int) -> CasResult:
-        # Every write: inlined like `get_and_touch`.
-        started = time.perf_counter()
-        ok = False
-        try:
-            result = await self.backend.compare_and_set(key, expected, value, ttl)
-            ok = True
-            return result
-        except StoreUnavailable as err:
-            self._failed("compare_and_set", err)
-            raise
-        finally:
-            self._done("compare_and_set", started, ok)
-
-    async def delete_if_revision(self, key: str, expected: str) -> CasResult:
-        with self._observe("delete_if_revision"):
-            return await self.backend.delete_if_revision(key, expected)
-
-    async def delete_unless_revision(self, key: str, kept: str) -> CasResult:
-        with self._observe("delete_unless_revision"):
-            return await self.backend.delete_unless_revision(key, kept)
-
-    async def replace(self, key: str, value: bytes, ttl: int) -> bytes | None:
-        with self._observe("replace"):
-            return await self.backend.replace(key, value, ttl)
-
-    async def delete(self, key: str) -> None:
-        with self._observe("delete"):
-            await self.backend.delete(key)
-
-    async def ping(self) -> None:
-        with self._observe("ping"):
-            await self.backend.ping()
-
-    async def rate_limit(self, buckets: Sequence[TokenBucket]) -> float:
-        with self._observe("rate_limit"):
-            return await self.backend.rate_limit(buckets)
-
-    async def close(self) -> None:
-        await self.backend.close()
 
 
 def _pool_usage(

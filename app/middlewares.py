@@ -1,6 +1,6 @@
 """Cross-cutting request handling: one middleware (`setup_gateway`), steps in this order.
 
-0. Metrics (`app.metrics.RequestMetrics`): every request counted with its final status and
+0. Metrics (`app.request_metrics.RequestMetrics`): every request counted with its final status and
    timed, whatever happens inside.
 1. Request id: keeps a sane inbound `X-Request-Id` or mints one; echoed on every response.
 2. Errors: our failures become the JSON envelope (`_envelope`); never a bare 500 page.
@@ -51,7 +51,7 @@ from app.keys import (
 )
 from app.lifecycle import Lifecycle, close_connections_when_draining
 from app.logs import bind_request, release_request
-from app.metrics import CLIENT_CLOSED, RequestMetrics
+from app.request_metrics import CLIENT_CLOSED, RequestMetrics
 from app.sessions.backend import StoreUnavailable
 from app.sessions.middleware import finish_session, session_error_response
 from app.sessions.storage import SessionConflict, SessionEnded

@@ -33,7 +33,6 @@ import aiohttp
 from yarl import URL
 
 from app.keys import UPSTREAM_KEY
-from app.metrics import record_upstream_error, record_upstream_first_byte
 from app.proxy.errors import (
     UpstreamProtocolError,
     UpstreamRedirectNotAllowed,
@@ -43,6 +42,7 @@ from app.proxy.errors import (
 from app.proxy.exchange import Exchange
 from app.proxy.headers import has_invalid_header, upstream_request_headers
 from app.proxy.urls import redirect_leaves_application
+from app.request_metrics import record_upstream_error, record_upstream_first_byte
 from app.upstream import request_timeout
 
 log = logging.getLogger(__name__)

@@ -19,7 +19,6 @@ from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 
 from app.errors import BodyTooLarge, FixedError
-from app.metrics import record_upstream_error
 from app.proxy.errors import ShuttingDown, UpstreamIdleTimeout, UpstreamStreamError
 from app.proxy.exchange import Exchange
 from app.proxy.fastread import (
@@ -30,6 +29,7 @@ from app.proxy.fastread import (
     wake,
 )
 from app.proxy.headers import browser_response_headers, is_event_stream
+from app.request_metrics import record_upstream_error
 from app.upstream import StreamStop
 
 log = logging.getLogger(__name__)
