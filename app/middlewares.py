@@ -16,6 +16,8 @@
    (`check_csrf`).
 6. Session: after the handler, a changed session is saved (`finish_session`); a session that
    ended or kept changing meanwhile answers 409 (app/sessions/middleware.py).
+7. Unread body: an error answer (4xx, 5xx) sent before the request body was all received
+   says `Connection: close` and the connection closes right after it (`answer_and_close`).
 
 One middleware rather than seven, and one `on_response_prepare` hook (`add_prepare_hook`)
 rather than three: a coroutine frame per step per request was a measurable share of a
@@ -233,6 +235,27 @@ def check_csrf(request: web.Request) -> None:
         )
 
 
+async def answer_and_close(
+    request: web.Request, response: web.StreamResponse
+) -> web.StreamResponse:
+    """Send `response` (an error answered before the request body was all received) with
+    `Connection: close`, then close the connection at once: left to itself aiohttp would
+    read and discard the rest of the body for up to 10 s (its `lingering_time`), so an
+    uploader that stalled (408) or was refused (413, 403 ...) would hold the connection.
+
+    A response already started (a relayed stream) or a connection already gone is left as
+    it is."""
+    transport = request.transport
+    if response.prepared or transport is None or transport.is_closing():
+        return response
+    response.force_close()
+    _ = request.remote  # cached now: the access log reads it after the transport is gone
+    await response.prepare(request)
+    await response.write_eof()
+    request.protocol.force_close()  # flushes the answer, then closes; aiohttp skips lingering
+    return response
+
+
 class _RequestIds:
     """128 random bits as 32 hex digits per id (what `secrets.token_hex(16)` gives), the
     random bytes fetched from the OS for 64 ids at a time instead of one system call each; a
@@ -311,6 +334,8 @@ def setup_gateway(
             finally:
                 lifecycle.request_finished()
             status = str(response.status)
+            if response.status >= 400 and not request.content.is_eof():
+                return await answer_and_close(request, response)
             return response
         except web.HTTPException as exc:
             status = str(exc.status)

@@ -241,6 +241,27 @@ async def send_and_read_head(
     return head, body
 
 
+async def stall_and_time_close(
+    host: str | None, port: int | None, data: bytes, *, timeout: float = 15.0
+) -> tuple[bytes, float]:
+    """Write `data` (a request whose body stops part way) and keep the connection open without
+    sending more: (everything the gateway sent until it closed the connection, the seconds
+    from the answer's first byte to that close). `timeout` bounds the whole wait."""
+    loop = asyncio.get_running_loop()
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        writer.write(data)
+        await writer.drain()
+        async with asyncio.timeout(timeout):
+            received = await reader.read(1)
+            answered = loop.time()
+            received += await reader.read()  # to EOF
+            closed = loop.time()
+    finally:
+        writer.close()
+    return received, closed - answered
+
+
 def parse_raw_response(raw: bytes) -> RawResponse:
     """An HTTP/1.1 response read to the end of the connection: status, headers, body (a
     chunked body de-chunked)."""

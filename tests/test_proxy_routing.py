@@ -19,6 +19,7 @@ from tests.fake_upstream import (
     raw_request,
     run_gateway,
     send_and_read_head,
+    stall_and_time_close,
     start_sse,
 )
 
@@ -285,6 +286,55 @@ async def test_a_stalled_upload_is_408_body_timeout(upstream: ServedUpstream) ->
         )
     assert head.startswith(b"HTTP/1.1 408 "), head
     assert error_code(body) == "body_timeout"
+
+
+async def test_a_stalled_upload_gets_408_and_the_connection_closes_at_once(
+    upstream: ServedUpstream,
+) -> None:
+    """The 408 says `Connection: close` and the gateway closes then: a stalled uploader does
+    not hold the connection while aiohttp waits (10 s) for the rest of a body nobody reads."""
+    settings = app_settings(
+        upstream.base, {"BODY_TIMEOUT_SECONDS": "0.3"}, connect_timeout_seconds=0.2
+    )
+    async with run_gateway(settings) as gateway:
+        url = gateway.url
+        assert url.host is not None and url.port is not None
+        raw, seconds_to_close = await stall_and_time_close(
+            url.host,
+            url.port,
+            f"POST {AGENT}/chat HTTP/1.1\r\nHost: {url.host}:{url.port}\r\n".encode()
+            + b"X-CSRF: 1\r\nContent-Length: 100\r\n\r\n"
+            + b"x" * 10,  # and nothing more
+        )
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408 "), head
+    assert b"\r\nConnection: close" in head, head
+    assert error_code(body) == "body_timeout"
+    assert seconds_to_close < 1.0, seconds_to_close
+
+
+async def test_a_refused_body_is_answered_then_the_connection_closes(
+    upstream: ServedUpstream, gw: RunningGateway
+) -> None:
+    """Any error answered before the body was read (here 403 without `X-CSRF`, 413 over the
+    declared cap) closes the connection after the answer, whatever the rest of the body does."""
+    url = gw.url
+    assert url.host is not None and url.port is not None
+    for extra, status in ((b"", b"403"), (b"X-CSRF: 1\r\n", b"413")):
+        length = b"100" if status == b"403" else b"5000"
+        raw, seconds_to_close = await stall_and_time_close(
+            url.host,
+            url.port,
+            f"POST {AGENT}/chat HTTP/1.1\r\nHost: {url.host}:{url.port}\r\n".encode()
+            + extra
+            + b"Content-Length: "
+            + length
+            + b"\r\n\r\n"
+            + b"x" * 10,
+        )
+        assert raw.startswith(b"HTTP/1.1 " + status + b" "), raw
+        assert b"\r\nConnection: close" in raw, raw
+        assert seconds_to_close < 1.0, (status, seconds_to_close)
 
 
 # -- Origin, CORS, CSRF on the agent route --------------------------------------------------

@@ -27,7 +27,7 @@ from app.sessions.codec import DATA, FORMAT_VERSION, GATEWAY
 from app.sessions.middleware import commit_session, get_session
 from tests.backends import WrappedBackend
 from tests.conftest import CSRF, Gateway, GatewayFactory, make_settings
-from tests.fake_upstream import send_and_read_head
+from tests.fake_upstream import send_and_read_head, stall_and_time_close
 from tests.redis_server import RedisServer
 
 SID_RE = re.compile(r"^[A-Za-z0-9_-]{43}$")
@@ -874,6 +874,24 @@ async def test_a_stalled_body_is_408_and_changes_nothing(gateway_factory: Gatewa
     assert head.startswith(b"HTTP/1.1 408 "), head
     assert json.loads(body)["error"]["code"] == "body_timeout"
     assert await gateway.raw.get(gateway.key(sid)) == before
+
+
+async def test_a_stalled_patch_body_gets_408_and_the_connection_closes_at_once(
+    gateway_factory: GatewayFactory,
+) -> None:
+    gateway = await gateway_factory("memory", BODY_TIMEOUT_SECONDS="0.3")
+    server = gateway.client.server
+    raw, seconds_to_close = await stall_and_time_close(
+        server.host,
+        server.port,
+        b"PATCH /apps/demo/session HTTP/1.1\r\n"
+        + f"Host: {server.host}:{server.port}\r\n".encode()
+        + b"X-CSRF: 1\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+        + b'{"a":',  # and nothing more
+    )
+    assert raw.startswith(b"HTTP/1.1 408 "), raw
+    assert b"\r\nConnection: close" in raw, raw
+    assert seconds_to_close < 1.0, seconds_to_close
 
 
 # -- start-up notices ------------------------------------------------------------------------
