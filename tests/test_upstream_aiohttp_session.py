@@ -15,6 +15,9 @@ Adapted only in
   `exists(...)` instead of `redis.get/ttl/exists` on upstream's key, and `stored(morsel.value)`
   instead of `json.loads(morsel.value)` where upstream's cookie carried the data itself.
 Every test runs on the memory store and on a real redis-server (`tests/redis_server.py`).
+One deviation in time: upstream's `asyncio.sleep(5)` in
+test_load_session_dont_load_expired_session is `Store.wait(5)`, which on the memory store moves
+the store's clock 5 s on instead of waiting them out (on redis-server it still sleeps).
 
 Deliberate differences (docs/sessions.md, "Differences from aiohttp-session") are the tests
 marked `xfail(strict=True, raises=...)`: they run unchanged and must fail, exactly there. Not
@@ -79,7 +82,11 @@ class Store:
     def __init__(self, kind: str, client: aioredis.Redis | None = None) -> None:
         self.kind = kind
         self.client = client
-        self.memory = MemoryBackend() if client is None else None
+        # The memory store's clock runs `skew` seconds ahead of time.monotonic (`wait`).
+        self.skew = 0.0
+        self.memory = (
+            MemoryBackend(clock=lambda: time.monotonic() + self.skew) if client is None else None
+        )
 
     @property
     def target(self) -> Any:
@@ -113,6 +120,15 @@ class Store:
 
     async def exists(self, session_id: str) -> bool:
         return await self.raw(session_id) is not None
+
+    async def wait(self, seconds: float) -> None:
+        """Let `seconds` pass for the store's expiries: a real sleep on redis-server; on the
+        memory store its clock moves on at once (the fast tier waits nothing out)."""
+        if self.client is not None:
+            await asyncio.sleep(seconds)
+        else:
+            self.skew += seconds
+            await asyncio.sleep(0)
 
 
 @pytest.fixture(params=["memory", "redis"])
@@ -433,7 +449,7 @@ class TestRedisStorage:
         resp = await client.get("/")
         assert resp.status == 200
 
-        await asyncio.sleep(5)
+        await redis.wait(5)  # upstream: asyncio.sleep(5) (the module docstring: deviations)
 
         resp = await client.get("/?exp=yes")
         assert resp.status == 200
