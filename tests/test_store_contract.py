@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
@@ -40,12 +41,15 @@ class Store:
     kind: str
     backend: SessionBackend
     raw: RawStore
-    # Let `seconds` pass for the store (a fake clock for memory, real time for Redis).
+    # Let `seconds` pass for the store: a fake clock for memory, `time.time` moved on for
+    # fakeredis (it reads `time.time()` at every command), real time for a redis-server.
     advance: Callable[[float], Awaitable[None]]
 
 
 @pytest.fixture(params=STORE_KINDS)
-async def store(request: pytest.FixtureRequest) -> AsyncIterator[Store]:
+async def store(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[Store]:
     kind: str = request.param
     if kind == "memory":
         clock = FakeClock()
@@ -64,7 +68,19 @@ async def store(request: pytest.FixtureRequest) -> AsyncIterator[Store]:
     if kind == "fakeredis":
         fake = fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer())
         backend = RedisBackend(fake, op_timeout=1.0)
-        yield Store(kind, backend, RedisRaw(fake), sleep)
+        skew = 0.0
+        real_time = time.time
+
+        def skewed_time() -> float:
+            return real_time() + skew
+
+        monkeypatch.setattr(time, "time", skewed_time)
+
+        async def skew_time(seconds: float) -> None:
+            nonlocal skew
+            skew += seconds
+
+        yield Store(kind, backend, RedisRaw(fake), skew_time)
         await backend.close()
         return
     server: RedisServer = request.getfixturevalue("shared_redis")
