@@ -47,7 +47,7 @@ METRICS_KEY: web.AppKey[Metrics] = web.AppKey("metrics")
 CREATION_GATE_KEY: web.AppKey[SessionCreationGate] = web.AppKey("session_creation_gate")
 # The upstream HTTP client and its capacity (`app.upstream.upstream_ctx`).
 UPSTREAM_KEY: web.AppKey[Upstream] = web.AppKey("upstream")
-# Resumable runs (`app.runs.runs.runs_ctx`).
+# Resumable runs (`app.runs.wiring.runs_ctx`).
 RUNS_KEY: web.AppKey[RunRegistry] = web.AppKey("runs")
 # The built-in demo agent's conversation turns (`app.demo_agent`).
 DEMO_STATE_KEY: web.AppKey[DemoState] = web.AppKey("demo_state")

@@ -19,7 +19,7 @@ from app.metrics import instrument_backend, setup_metrics
 from app.middlewares import add_prepare_hook, setup_gateway
 from app.proxy.fastread import use as use_relay_fast_paths
 from app.routes import setup_routes
-from app.runs.runs import runs_ctx
+from app.runs.wiring import runs_ctx
 from app.sessions.backend import SessionBackend, StoreUnavailable
 from app.sessions.memory import MemoryBackend
 from app.sessions.options import CookieSecure, SessionOptions

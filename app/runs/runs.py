@@ -21,10 +21,10 @@ Every end but `done` appends one `event: error` (`data: {"code", "message", "run
 its own id, so every reader learns it. Then the upstream response is released (complete) or
 closed (which cancels the upstream), and the capacity slots are returned, exactly once.
 
-Redis writes are group commits: a run has at most one `XADD` in flight (`RunWriter`); the
-events that arrive meanwhile go out together in the next one, so a burst costs one command
-and order is kept. The pump waits (upstream backpressure) when more than `WRITE_BACKLOG`
-events are waiting for Redis.
+Redis writes are group commits: a run has at most one `XADD` in flight (`RunWriter`,
+app/runs/writer.py); the events that arrive meanwhile go out together in the next one, so a
+burst costs one command and order is kept. The pump waits (upstream backpressure) when more
+than `WRITE_BACKLOG` events are waiting for Redis.
 
 Every `RUN_HEARTBEAT_SECONDS` the pump refreshes its heartbeat key (TTL: 4 heartbeats), reads
 the stop flag and the readers' presence key, and refreshes the keys' TTLs: one pipelined round
@@ -42,24 +42,21 @@ import hashlib
 import json
 import logging
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import aiohttp
-from aiohttp import web
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from app.applications import AppConfig
 from app.config import Settings
-from app.keys import BACKEND_KEY, LIFECYCLE_KEY, METRICS_KEY, RUNS_KEY, UPSTREAM_KEY
 from app.lifecycle import Lifecycle
 from app.proxy.fastread import read_available
 from app.runs.log import RunLog
-from app.runs.readers import READER_LIMITS, ReaderCaps
+from app.runs.readers import ReaderCaps
 from app.runs.sse import SseParser
 from app.runs.store import RedisRunStore
+from app.runs.writer import RunWriter
 from app.sessions.backend import StoreUnavailable
-from app.sessions.redis import RedisBackend, make_client
 from app.upstream import StreamStop
 
 log = logging.getLogger(__name__)
@@ -122,81 +119,6 @@ class Run:
         waiting = self.waiting
         if waiting is not None and not waiting.expired():
             waiting.reschedule(asyncio.get_running_loop().time())
-
-
-class RunWriter:
-    """A run's events on their way to Redis: one `XADD` in flight at a time, carrying every
-    event that arrived while the previous one was (see the module docstring). `failed` holds
-    the store's error once a write failed (nothing more is written then)."""
-
-    def __init__(self, store: RedisRunStore, run: Run) -> None:
-        self._store = store
-        self._run = run
-        self._pending: list[tuple[int, bytes]] = []
-        self._wake = asyncio.Event()
-        self._written = asyncio.Event()
-        self._closing = False
-        self.failed: StoreUnavailable | None = None
-        # Started one loop turn after the first `add` (`_start`): a run whose events and end
-        # arrive together (one burst) writes them with its end and never needs the task.
-        self._task: asyncio.Task[None] | None = None
-        self._starting = False
-
-    @property
-    def backlog(self) -> int:
-        return len(self._pending)
-
-    def add(self, entries: list[tuple[int, bytes]]) -> None:
-        self._pending.extend(entries)
-        if self._task is not None:
-            self._wake.set()
-        elif not self._starting:
-            self._starting = True
-            asyncio.get_running_loop().call_soon(self._start)
-
-    def _start(self) -> None:
-        if self._closing or self._task is not None:
-            return
-        self._wake.set()
-        self._task = asyncio.create_task(self._loop())
-
-    async def drained(self) -> None:
-        """Wait until the backlog was written (or a write failed)."""
-        while (
-            self._pending
-            and self.failed is None
-            and not (self._task is not None and self._task.done())
-        ):
-            self._written.clear()
-            await self._written.wait()
-
-    async def finish(self) -> list[tuple[int, bytes]]:
-        """Stop after the write in flight; returns what is still unwritten (it goes out with
-        the run's end, in one entry)."""
-        self._closing = True
-        if self._task is not None:
-            self._wake.set()
-            await asyncio.gather(self._task, return_exceptions=True)
-        pending, self._pending = self._pending, []
-        return pending
-
-    async def _loop(self) -> None:
-        run = self._run
-        try:
-            while True:
-                await self._wake.wait()
-                self._wake.clear()
-                while self._pending and not self._closing:
-                    batch, self._pending = self._pending, []
-                    await self._store.append(run.run_id, batch, run.log.first_seq)
-                    self._written.set()
-                if self._closing:
-                    return
-        except StoreUnavailable as err:
-            log.warning("run %s: the run store failed (%s)", run.run_id, err)
-            self.failed = err
-            self._written.set()
-            run.wake()
 
 
 @dataclass(slots=True)
@@ -459,145 +381,6 @@ class RunRegistry:
         self._expiry.clear()
         followers = [f for slots in self.readers.apps.values() for f in slots.followers.values()]
         await asyncio.gather(*(follower.close() for follower in followers))
-
-
-class RunsCollector:
-    """The run counters as Prometheus series, read at scrape time."""
-
-    def __init__(self, registry: RunRegistry) -> None:
-        self._registry = registry
-
-    def describe(self) -> list[Metric]:
-        return list(self.collect())
-
-    def collect(self) -> Iterator[Metric]:
-        registry = self._registry
-        counters = registry.counters
-        yield GaugeMetricFamily(
-            "agent_bff_runs_active", "Resumable runs pumping in this process.", registry.active
-        )
-        yield GaugeMetricFamily(
-            "agent_bff_runs_ended_bytes",
-            "Bytes of events of the ended runs this process keeps readable.",
-            registry.ended_bytes,
-        )
-        for name, text, value in (
-            ("agent_bff_runs_started", "Resumable runs started here.", counters.started),
-            (
-                "agent_bff_runs_unresumable",
-                "Resumable streams relayed without a run (the run store failed at start).",
-                counters.unresumable,
-            ),
-            ("agent_bff_run_resumes", "Resume requests served here.", counters.resumes),
-            (
-                "agent_bff_run_replayed_events",
-                "Events sent by resumes that were already stored when the resume began.",
-                counters.replayed_events,
-            ),
-            (
-                "agent_bff_runs_orphaned",
-                "Readers here that found a run's pumping replica gone.",
-                counters.orphaned,
-            ),
-            (
-                "agent_bff_runs_expired",
-                "Runs cancelled because nobody read them within their window.",
-                counters.expired,
-            ),
-            (
-                "agent_bff_runs_evicted",
-                "Ended runs forgotten before their window (RUN_ENDED_MAX_RUNS/_BYTES).",
-                counters.evicted,
-            ),
-        ):
-            yield CounterMetricFamily(name, text, value=value)
-        ended = CounterMetricFamily(
-            "agent_bff_runs_ended", "Runs pumped here that ended, by reason.", labels=["reason"]
-        )
-        for reason, count in sorted(counters.ended.items()):
-            ended.add_metric([reason], count)
-        yield ended
-        refused = CounterMetricFamily(
-            "agent_bff_run_resumes_refused",
-            "Resume requests refused with 503 upstream_busy, by application and full limit "
-            "(app/runs/readers.py).",
-            labels=["application", "limit"],
-        )
-        followed = GaugeMetricFamily(
-            "agent_bff_runs_followed",
-            "Runs pumped elsewhere that this process follows from Redis, by application.",
-            labels=["application"],
-        )
-        for app_id, slots in sorted(registry.readers.apps.items()):
-            followed.add_metric([app_id], slots.follows)
-            for limit in READER_LIMITS:
-                refused.add_metric([app_id, limit], slots.refused[limit])
-        yield refused
-        yield followed
-
-
-def runs_ctx(settings: Settings) -> Callable[[web.Application], AsyncIterator[None]]:
-    """Cleanup context (after the store's and the upstream's): the registry, with a Redis
-    run store on the session store's Redis (plus a small pool for blocking reads)."""
-
-    async def ctx(app: web.Application) -> AsyncIterator[None]:
-        backend = app[BACKEND_KEY]
-        store: RedisRunStore | None = None
-        follow: RedisBackend | None = None
-        readers = reader_caps(settings)
-        if isinstance(backend, RedisBackend):
-            follow = follow_backend(settings, backend, readers.pool_size)
-            store = RedisRunStore(backend, follow, settings.redis_aux_prefix)
-        registry = RunRegistry(settings, store, app[LIFECYCLE_KEY], app[UPSTREAM_KEY].stop, readers)
-        app[RUNS_KEY] = registry
-        metrics = app.get(METRICS_KEY)
-        collector = RunsCollector(registry)
-        if metrics is not None:
-            metrics.registry.register(collector)
-        try:
-            yield
-        finally:
-            if metrics is not None:
-                metrics.registry.unregister(collector)
-            await registry.close()
-            if follow is not None and follow is not backend:
-                await follow.close()
-
-    return ctx
-
-
-def reader_caps(settings: Settings) -> ReaderCaps:
-    """The resume readers' caps (app/runs/readers.py) the settings describe."""
-    return ReaderCaps(
-        settings.apps,
-        follow_connections=settings.run_follow_connections,
-        follows_per_client=settings.run_follows_per_client,
-        readers_per_run=settings.run_readers_per_run,
-    )
-
-
-def follow_backend(settings: Settings, backend: RedisBackend, connections: int) -> RedisBackend:
-    """A second client for blocking `XREAD`s: at most `connections` (the sum of the
-    applications' follow shares, app/runs/readers.py), socket and operation deadlines
-    stretched by one heartbeat (the longest block)."""
-    from app.main import redis_options  # the one place Redis options are built
-
-    if settings.redis_url is None:  # a test backend without settings: share it
-        return backend
-    options = redis_options(settings)
-    options = type(options)(
-        **{
-            **{name: getattr(options, name) for name in options.__dataclass_fields__},
-            "max_connections": connections,
-            "socket_timeout": options.socket_timeout + settings.run_heartbeat_seconds,
-            "client_name": f"{options.client_name}-follow",
-        }
-    )
-    return RedisBackend(
-        make_client(options),
-        op_timeout=settings.redis_op_timeout_seconds + settings.run_heartbeat_seconds,
-        pipelining=False,
-    )
 
 
 @contextlib.contextmanager

@@ -1,0 +1,86 @@
+"""The run counters of this process as Prometheus series (`agent_bff_runs_*`,
+`agent_bff_run_*`), read at scrape time."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from app.runs.readers import READER_LIMITS
+from app.runs.runs import RunRegistry
+
+
+class RunsCollector:
+    """The run counters as Prometheus series, read at scrape time."""
+
+    def __init__(self, registry: RunRegistry) -> None:
+        self._registry = registry
+
+    def describe(self) -> list[Metric]:
+        return list(self.collect())
+
+    def collect(self) -> Iterator[Metric]:
+        registry = self._registry
+        counters = registry.counters
+        yield GaugeMetricFamily(
+            "agent_bff_runs_active", "Resumable runs pumping in this process.", registry.active
+        )
+        yield GaugeMetricFamily(
+            "agent_bff_runs_ended_bytes",
+            "Bytes of events of the ended runs this process keeps readable.",
+            registry.ended_bytes,
+        )
+        for name, text, value in (
+            ("agent_bff_runs_started", "Resumable runs started here.", counters.started),
+            (
+                "agent_bff_runs_unresumable",
+                "Resumable streams relayed without a run (the run store failed at start).",
+                counters.unresumable,
+            ),
+            ("agent_bff_run_resumes", "Resume requests served here.", counters.resumes),
+            (
+                "agent_bff_run_replayed_events",
+                "Events sent by resumes that were already stored when the resume began.",
+                counters.replayed_events,
+            ),
+            (
+                "agent_bff_runs_orphaned",
+                "Readers here that found a run's pumping replica gone.",
+                counters.orphaned,
+            ),
+            (
+                "agent_bff_runs_expired",
+                "Runs cancelled because nobody read them within their window.",
+                counters.expired,
+            ),
+            (
+                "agent_bff_runs_evicted",
+                "Ended runs forgotten before their window (RUN_ENDED_MAX_RUNS/_BYTES).",
+                counters.evicted,
+            ),
+        ):
+            yield CounterMetricFamily(name, text, value=value)
+        ended = CounterMetricFamily(
+            "agent_bff_runs_ended", "Runs pumped here that ended, by reason.", labels=["reason"]
+        )
+        for reason, count in sorted(counters.ended.items()):
+            ended.add_metric([reason], count)
+        yield ended
+        refused = CounterMetricFamily(
+            "agent_bff_run_resumes_refused",
+            "Resume requests refused with 503 upstream_busy, by application and full limit "
+            "(app/runs/readers.py).",
+            labels=["application", "limit"],
+        )
+        followed = GaugeMetricFamily(
+            "agent_bff_runs_followed",
+            "Runs pumped elsewhere that this process follows from Redis, by application.",
+            labels=["application"],
+        )
+        for app_id, slots in sorted(registry.readers.apps.items()):
+            followed.add_metric([app_id], slots.follows)
+            for limit in READER_LIMITS:
+                refused.add_metric([app_id, limit], slots.refused[limit])
+        yield refused
+        yield followed

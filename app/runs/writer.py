@@ -1,0 +1,91 @@
+"""A run's events on their way to Redis: group commits, one `XADD` in flight at a time
+(app/runs/runs.py's module docstring)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING
+
+from app.runs.store import RedisRunStore
+from app.sessions.backend import StoreUnavailable
+
+if TYPE_CHECKING:
+    from app.runs.runs import Run
+
+log = logging.getLogger(__name__)
+
+
+class RunWriter:
+    """A run's events on their way to Redis: one `XADD` in flight at a time, carrying every
+    event that arrived while the previous one was (see the module docstring). `failed` holds
+    the store's error once a write failed (nothing more is written then)."""
+
+    def __init__(self, store: RedisRunStore, run: Run) -> None:
+        self._store = store
+        self._run = run
+        self._pending: list[tuple[int, bytes]] = []
+        self._wake = asyncio.Event()
+        self._written = asyncio.Event()
+        self._closing = False
+        self.failed: StoreUnavailable | None = None
+        # Started one loop turn after the first `add` (`_start`): a run whose events and end
+        # arrive together (one burst) writes them with its end and never needs the task.
+        self._task: asyncio.Task[None] | None = None
+        self._starting = False
+
+    @property
+    def backlog(self) -> int:
+        return len(self._pending)
+
+    def add(self, entries: list[tuple[int, bytes]]) -> None:
+        self._pending.extend(entries)
+        if self._task is not None:
+            self._wake.set()
+        elif not self._starting:
+            self._starting = True
+            asyncio.get_running_loop().call_soon(self._start)
+
+    def _start(self) -> None:
+        if self._closing or self._task is not None:
+            return
+        self._wake.set()
+        self._task = asyncio.create_task(self._loop())
+
+    async def drained(self) -> None:
+        """Wait until the backlog was written (or a write failed)."""
+        while (
+            self._pending
+            and self.failed is None
+            and not (self._task is not None and self._task.done())
+        ):
+            self._written.clear()
+            await self._written.wait()
+
+    async def finish(self) -> list[tuple[int, bytes]]:
+        """Stop after the write in flight; returns what is still unwritten (it goes out with
+        the run's end, in one entry)."""
+        self._closing = True
+        if self._task is not None:
+            self._wake.set()
+            await asyncio.gather(self._task, return_exceptions=True)
+        pending, self._pending = self._pending, []
+        return pending
+
+    async def _loop(self) -> None:
+        run = self._run
+        try:
+            while True:
+                await self._wake.wait()
+                self._wake.clear()
+                while self._pending and not self._closing:
+                    batch, self._pending = self._pending, []
+                    await self._store.append(run.run_id, batch, run.log.first_seq)
+                    self._written.set()
+                if self._closing:
+                    return
+        except StoreUnavailable as err:
+            log.warning("run %s: the run store failed (%s)", run.run_id, err)
+            self.failed = err
+            self._written.set()
+            run.wake()
