@@ -53,6 +53,7 @@ from app.keys import (
 )
 from app.lifecycle import Lifecycle, close_connections_when_draining
 from app.logs import bind_request, release_request
+from app.proxy.headers import PROXIED_CSP
 from app.request_metrics import CLIENT_CLOSED, RequestMetrics
 from app.sessions.backend import StoreUnavailable
 from app.sessions.middleware import finish_session, session_error_response
@@ -71,9 +72,14 @@ CORS_ALLOW_METHODS = "GET, POST, PUT, PATCH, DELETE, OPTIONS"
 # `Python/3.x aiohttp/3.y`, tells a scanner which advisories to try). Also replaces an
 # upstream's own `Server` on proxied answers.
 SERVER_HEADER = "agent-bff"
+# On every response the gateway sends, unless the response set its own (the demo page its
+# page policy): no sniffing, no referrer, and the sandbox policy of relayed answers
+# (`PROXIED_CSP`): a JSON error, a session document or a probe answer opened as a page is
+# inert in the gateway's origin, like anything an upstream sends (docs/security.md).
 SECURITY_HEADERS = {
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
+    "Content-Security-Policy": PROXIED_CSP,
 }
 
 

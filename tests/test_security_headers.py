@@ -11,13 +11,19 @@ from aiohttp import ClientResponse
 from playwright.async_api import Browser
 
 from app.demo_agent import DEMO_PAGE_CSP
-from tests.conftest import CSRF, Gateway, GatewayProcessFactory
+from app.proxy.headers import PROXIED_CSP
+from tests.conftest import CSRF, Gateway, GatewayFactory, GatewayProcessFactory
 from tests.test_sessions_http import patch
 
 
 def assert_security_headers(resp: ClientResponse, what: str) -> None:
+    """`nosniff`, no referrer, and the sandbox policy (the demo page has its own)."""
     assert resp.headers.get("X-Content-Type-Options") == "nosniff", what
     assert resp.headers.get("Referrer-Policy") == "no-referrer", what
+    page = resp.url.path == "/" and resp.status == 200
+    assert resp.headers.get("Content-Security-Policy") == (
+        DEMO_PAGE_CSP if page else PROXIED_CSP
+    ), what
 
 
 async def test_every_own_response_carries_the_security_headers(gateway: Gateway) -> None:
@@ -47,6 +53,31 @@ async def test_every_own_response_carries_the_security_headers(gateway: Gateway)
         resp = await client.request(method, path, json=body, headers=headers)
         await resp.read()
         assert_security_headers(resp, f"{method} {path} -> {resp.status}")
+
+
+async def test_refusals_before_any_handler_carry_the_sandbox_policy(
+    gateway_factory: GatewayFactory,
+) -> None:
+    """The middleware's own refusals on `/apps/` (host, application, origin, CSRF) are JSON
+    that must be as inert as a relayed answer if a browser opens one as a page."""
+    gateway = await gateway_factory("memory", ALLOWED_HOSTS="gateway.example")
+    client = gateway.client
+    host = {"Host": "gateway.example"}
+    requests: list[tuple[str, str, dict[str, str], int]] = [
+        ("GET", "/apps/demo/session", {"Host": "evil.example"}, 421),
+        ("GET", "/apps/nope/agent/x", host, 404),
+        ("GET", "/apps/Bad!/agent/x", host, 400),
+        ("GET", "/apps/demo/agent/x", {**host, "Origin": "https://evil.example"}, 403),
+        ("POST", "/apps/demo/agent/x", host, 403),
+        ("POST", "/apps/demo/session/rotate", {**host, "Origin": "https://evil.example"}, 403),
+    ]
+    for method, path, headers, status in requests:
+        resp = await client.request(method, path, headers=headers)
+        await resp.read()
+        what = f"{method} {path} {headers} -> {resp.status}"
+        assert resp.status == status, what
+        assert resp.content_type == "application/json", what
+        assert_security_headers(resp, what)
 
 
 async def test_session_endpoints_are_never_cached(gateway: Gateway) -> None:
