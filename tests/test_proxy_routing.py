@@ -256,13 +256,13 @@ async def test_an_upload_slower_than_connect_timeout_is_not_an_upstream_timeout(
 ) -> None:
     """The 504 timer is the upstream's: it does not run while the browser is still sending."""
     settings = app_settings(
-        upstream.base, {"BODY_TIMEOUT_SECONDS": "10"}, connect_timeout_seconds=0.3
+        upstream.base, {"BODY_TIMEOUT_SECONDS": "10"}, connect_timeout_seconds=0.15
     )
 
     async def slow_chunks() -> AsyncIterator[bytes]:
         for _ in range(5):
             yield b"y" * 100
-            await asyncio.sleep(0.2)  # the upload takes ~1 s, over the 0.3 s connect timeout
+            await asyncio.sleep(0.08)  # the upload takes ~0.4 s, over the 0.15 s connect timeout
 
     async with run_gateway(settings) as gateway:
         resp = await gateway.client.post(f"{AGENT}/chat", headers=CSRF, data=slow_chunks())
@@ -272,12 +272,12 @@ async def test_an_upload_slower_than_connect_timeout_is_not_an_upstream_timeout(
 
 async def test_a_stalled_upload_is_408_body_timeout(upstream: ServedUpstream) -> None:
     settings = app_settings(
-        upstream.base, {"BODY_TIMEOUT_SECONDS": "0.5"}, connect_timeout_seconds=0.2
+        upstream.base, {"BODY_TIMEOUT_SECONDS": "0.3"}, connect_timeout_seconds=0.2
     )
     async with run_gateway(settings) as gateway:
         url = gateway.url
         assert url.host is not None and url.port is not None
-        head, body = await send_and_read_head(  # 10 s: generous, the body deadline is 0.5 s
+        head, body = await send_and_read_head(  # 10 s: generous, the body deadline is 0.3 s
             url.host,
             url.port,
             f"POST {AGENT}/chat HTTP/1.1\r\nHost: {url.host}:{url.port}\r\n".encode()

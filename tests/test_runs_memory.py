@@ -34,7 +34,7 @@ HEARTBEAT = "0.1"
 
 @pytest.fixture
 async def counting() -> AsyncIterator[tuple[CountingUpstream, TestServer]]:
-    upstream = CountingUpstream(count=30, delay=0.02)
+    upstream = CountingUpstream(count=30, delay=0.01)
     server = TestServer(upstream.app(), host="127.0.0.1")
     await server.start_server()
     try:
@@ -113,7 +113,7 @@ async def test_a_run_nobody_reads_within_its_window_is_cancelled(
 ) -> None:
     upstream, server = counting
     upstream.count = 10_000
-    async with _gateway(server, resume_window_seconds=0.4) as gw:
+    async with _gateway(server, resume_window_seconds=0.2) as gw:
         started = time.monotonic()
         run_id, _ = await _start(gw, 1)
         await asyncio.wait_for(upstream.cancelled.wait(), 5)
@@ -124,16 +124,16 @@ async def test_a_run_nobody_reads_within_its_window_is_cancelled(
         async with gw.client.get(f"/apps/shop/runs/{run_id}?last_event_id=1") as late:
             events = await read_events(late)
         assert error_code(events[-1]) == "run_expired"
-    assert 0.4 <= took < 2.0
+    assert 0.2 <= took < 2.0
 
 
 async def test_a_reader_keeps_the_run_alive_past_the_window(
     counting: tuple[CountingUpstream, TestServer],
 ) -> None:
     upstream, server = counting
-    upstream.count, upstream.delay = 60, 0.02  # 1.2 s, three windows
+    upstream.count, upstream.delay = 60, 0.01  # 0.6 s, three windows
     async with (
-        _gateway(server, resume_window_seconds=0.4) as gw,
+        _gateway(server, resume_window_seconds=0.2) as gw,
         gw.client.post(CHAT, headers=CSRF, json={"message": "hi"}) as response,
     ):
         events = await asyncio.wait_for(read_events(response), 5)
@@ -202,12 +202,12 @@ async def test_the_run_holds_its_upstream_slot_until_it_ends_and_returns_it_once
     counting: tuple[CountingUpstream, TestServer],
 ) -> None:
     upstream, server = counting
-    upstream.delay = 0.03
+    upstream.delay = 0.015  # 30 events: 0.45 s
     async with _gateway(server, max_concurrent_requests=1) as gw:
         slots = gw.app[UPSTREAM_KEY].capacity.apps["shop"]
         capacity = gw.app[UPSTREAM_KEY].capacity
         run_id, _ = await _start(gw, 1)
-        await asyncio.sleep(0.2)  # the browser is gone; the run pumps on
+        await asyncio.sleep(0.1)  # the browser is gone; the run pumps on
         assert slots.in_use == 1 and not upstream.finished.is_set()
         async with gw.client.post(CHAT, headers=CSRF, json={"message": "2"}) as busy:
             assert busy.status == 503
