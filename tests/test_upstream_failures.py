@@ -361,8 +361,8 @@ async def test_U07_bad_chunk_framing_after_the_stream_started_is_never_a_clean_e
     event = b'event: token\ndata: {"n": 0}\n\n'
     head = OK_HEAD + b"Content-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
     chunk = b"%x\r\n%s\r\n" % (len(event), event)
-    raw_upstream.script.append([head + chunk, 0.2, BAD_CHUNKS[case], 0.3])
-    settings = app_settings(f"http://127.0.0.1:{raw_upstream.port}/v1", idle_timeout_seconds=1)
+    raw_upstream.script.append([head + chunk, 0.1, BAD_CHUNKS[case], 0.15])
+    settings = app_settings(f"http://127.0.0.1:{raw_upstream.port}/v1", idle_timeout_seconds=0.4)
     async with run_gateway(settings) as gw:
         async with gw.client.post(f"{AGENT}/chat", headers=CSRF) as resp:
             assert resp.status == 200
