@@ -22,8 +22,6 @@ sandbox CSP, `nosniff`), as every proxied answer does.
 
 from __future__ import annotations
 
-import asyncio
-import json
 import logging
 import re
 import secrets
@@ -34,12 +32,13 @@ from aiohttp import web
 
 from app.capacity import client_key
 from app.errors import ApiError, store_error
-from app.keys import APP_CONFIG_KEY, REQUEST_ID_KEY, RUNS_KEY, SETTINGS_KEY, UPSTREAM_KEY
+from app.keys import APP_CONFIG_KEY, RUNS_KEY, SETTINGS_KEY, UPSTREAM_KEY
 from app.proxy.exchange import Exchange
 from app.proxy.headers import PROXIED_RESPONSE_HEADERS, browser_response_headers
-from app.runs.readers import READ_COUNT, Follower
-from app.runs.runs import ERROR_MESSAGES, Run, RunRegistry, owner_of, reading
-from app.runs.store import Entry, RedisRunStore, RunMeta
+from app.runs.feed import follow_local, follow_remote
+from app.runs.readers import Follower
+from app.runs.runs import RunRegistry, owner_of, reading
+from app.runs.store import RedisRunStore, RunMeta
 from app.sessions.backend import StoreUnavailable
 from app.sessions.middleware import get_session
 
@@ -48,7 +47,6 @@ log = logging.getLogger(__name__)
 RUN_HEADER = "X-Run-Id"
 _RUN_ID_RE = re.compile(r"^[A-Za-z0-9_-]{22}$")
 _SEQ_RE = re.compile(r"^[0-9]{1,18}$")
-KEEPALIVE_COMMENT = b": keep-alive\n\n"
 
 
 async def start_run(
@@ -96,7 +94,7 @@ async def start_run(
     response.headers.extend(headers)
     _stream_headers(response, run_id)
     try:
-        await _follow_local(request, response, run, 0, registry)
+        await follow_local(request, response, run, 0, registry)
     finally:
         run.local_readers -= 1  # `registry.start` counted this request as its first reader
     return response
@@ -106,155 +104,6 @@ def _stream_headers(response: web.StreamResponse, run_id: str) -> None:
     response.headers[RUN_HEADER] = run_id
     response.headers["X-Accel-Buffering"] = "no"
     response.headers.setdefault("Cache-Control", "no-cache")
-
-
-def _error_event(request: web.Request, code: str) -> bytes:
-    payload = {
-        "code": code,
-        "message": ERROR_MESSAGES.get(code, code),
-        "request_id": request[REQUEST_ID_KEY],
-    }
-    return f"event: error\ndata: {json.dumps(payload)}\n\n".encode()
-
-
-def _gone(request: web.Request) -> bool:
-    transport = request.transport
-    return transport is None or transport.is_closing()
-
-
-async def _follow_local(
-    request: web.Request,
-    response: web.StreamResponse,
-    run: Run,
-    after: int,
-    registry: RunRegistry,
-    *,
-    resume: bool = False,
-) -> None:
-    """Send `run`'s events after `after` from this process's log, then the live ones, until
-    the run ends or the browser leaves."""
-    settings = request.app[SETTINGS_KEY]
-    wait = min(settings.sse_keepalive_seconds, registry.heartbeat)
-    keepalive = settings.sse_keepalive_seconds
-    loop = asyncio.get_running_loop()
-    last_write = loop.time()
-    pos = after
-    replay_until = run.log.next_seq - 1 if resume else 0
-    try:
-        if not response.prepared:
-            writer = await response.prepare(request)
-            if writer is not None and not run.log.after(pos):
-                # One turn of the loop: the pump takes what the upstream sent already, which
-                # then goes out with the head in one send. Nothing yet: the head goes alone
-                # (X-Run-Id never waits for a first event).
-                await asyncio.sleep(0)
-                if not run.log.after(pos) and run.log.end is None:
-                    writer.send_headers()
-        while True:
-            if pos + 1 < run.log.first_seq:
-                await response.write(_error_event(request, "resume_too_old"))
-                break
-            chunks = run.log.after(pos)
-            if chunks:
-                if pos < replay_until:
-                    registry.counters.replayed_events += min(len(chunks), replay_until - pos)
-                pos += len(chunks)
-                if run.log.end is not None and pos == run.log.next_seq - 1:
-                    # The last events and the end of the response in one send.
-                    await response.write_eof(b"".join(chunks))
-                    return
-                await response.write(b"".join(chunks))
-                last_write = loop.time()
-                continue
-            if run.log.end is not None:
-                break
-            if not await run.log.wait(wait):
-                if _gone(request):
-                    return
-                if loop.time() - last_write >= keepalive:
-                    await response.write(KEEPALIVE_COMMENT)
-                    last_write = loop.time()
-        await response.write_eof()
-    except ConnectionError:
-        return
-
-
-async def _follow_remote(
-    request: web.Request,
-    response: web.StreamResponse,
-    store: RedisRunStore,
-    run_id: str,
-    after: int,
-    registry: RunRegistry,
-    follower: Follower | None,
-    replay_until: int,
-) -> None:
-    """The same from Redis, for a run pumped by another replica (or ended): what the run's
-    follower here holds (app/runs/readers.py), and before that (a resume from further back,
-    or an ended run: `follower` None) what `XRANGE` reads; events up to `replay_until` count
-    as replayed."""
-    settings = request.app[SETTINGS_KEY]
-    keepalive = settings.sse_keepalive_seconds
-    wait = min(keepalive, registry.heartbeat)
-    loop = asyncio.get_running_loop()
-    last_write = loop.time()
-    pos = after
-    try:
-        while True:
-            entries: list[Entry] = []
-            if follower is None or pos < follower.base:
-                entries = await store.range_after(run_id, pos, READ_COUNT)
-                if not entries and follower is None:
-                    break  # an ended run read to its end (its entries expired meanwhile)
-            else:
-                entries = follower.after(pos)
-            if not entries:
-                assert follower is not None
-                if follower.done and (follower.pos <= pos or pos < follower.base):
-                    # Nothing more will come: it gave up, or what it had is gone from Redis.
-                    code = follower.failure or "resume_too_old"
-                    if code == "run_orphaned":
-                        registry.counters.orphaned += 1
-                    await response.write(_error_event(request, code))
-                    break
-                if not await follower.wait(wait):
-                    if _gone(request):
-                        return
-                    if loop.time() - last_write >= keepalive:
-                        await response.write(KEEPALIVE_COMMENT)
-                        last_write = loop.time()
-                continue
-            out: list[bytes] = []
-            ended = False
-            before = pos
-            for entry in entries:
-                if entry.first > pos + 1:
-                    out.append(_error_event(request, "resume_too_old"))
-                    ended = True
-                    break
-                if entry.data is not None:
-                    out.append(entry.after(pos))
-                    pos = entry.seq
-                if entry.end is not None:
-                    ended = True
-                    break
-            if before < replay_until:
-                registry.counters.replayed_events += min(pos, replay_until) - before
-            if out:
-                await response.write(b"".join(out))
-                last_write = loop.time()
-            if ended:
-                break
-        await response.write_eof()
-    except StoreUnavailable as err:
-        log.warning("run %s: reading failed (%s)", run_id, err)
-        try:
-            await response.write(_error_event(request, "run_store_unavailable"))
-            await response.write_eof()
-        except ConnectionError:
-            return
-    except ConnectionError:
-        return
 
 
 def _run_id(request: web.Request) -> str:
@@ -341,7 +190,7 @@ async def resume_run(request: web.Request) -> web.StreamResponse:
             registry.counters.resumes += 1
             response = _event_stream_response(run_id)
             with reading(run):
-                await _follow_local(request, response, run, after, registry, resume=True)
+                await follow_local(request, response, run, after, registry, resume=True)
         finally:
             caps.leave(app.app_id, run_id, client)
         return response
@@ -399,7 +248,7 @@ async def _resume_remote(
         registry.counters.resumes += 1
         response = _event_stream_response(run_id)
         await response.prepare(request)
-        await _follow_remote(
+        await follow_remote(
             request, response, store, run_id, after, registry, follower, meta.last_seq
         )
         return response

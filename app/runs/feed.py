@@ -1,0 +1,170 @@
+"""A run's events to one browser response: from this process's log (`follow_local`, a run
+pumped here) or from Redis through the run's follower here (`follow_remote`, a run pumped by
+another replica, or ended), with keep-alives while nothing comes, until the run ends, fails
+(one `event: error`) or the browser leaves."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+
+from aiohttp import web
+
+from app.keys import REQUEST_ID_KEY, SETTINGS_KEY
+from app.proxy.relay import KEEPALIVE_COMMENT
+from app.runs.readers import READ_COUNT, Follower
+from app.runs.runs import ERROR_MESSAGES, Run, RunRegistry
+from app.runs.store import Entry, RedisRunStore
+from app.sessions.backend import StoreUnavailable
+
+log = logging.getLogger(__name__)
+
+
+def _error_event(request: web.Request, code: str) -> bytes:
+    payload = {
+        "code": code,
+        "message": ERROR_MESSAGES.get(code, code),
+        "request_id": request[REQUEST_ID_KEY],
+    }
+    return f"event: error\ndata: {json.dumps(payload)}\n\n".encode()
+
+
+def _gone(request: web.Request) -> bool:
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
+async def follow_local(
+    request: web.Request,
+    response: web.StreamResponse,
+    run: Run,
+    after: int,
+    registry: RunRegistry,
+    *,
+    resume: bool = False,
+) -> None:
+    """Send `run`'s events after `after` from this process's log, then the live ones, until
+    the run ends or the browser leaves."""
+    settings = request.app[SETTINGS_KEY]
+    wait = min(settings.sse_keepalive_seconds, registry.heartbeat)
+    keepalive = settings.sse_keepalive_seconds
+    loop = asyncio.get_running_loop()
+    last_write = loop.time()
+    pos = after
+    replay_until = run.log.next_seq - 1 if resume else 0
+    try:
+        if not response.prepared:
+            writer = await response.prepare(request)
+            if writer is not None and not run.log.after(pos):
+                # One turn of the loop: the pump takes what the upstream sent already, which
+                # then goes out with the head in one send. Nothing yet: the head goes alone
+                # (X-Run-Id never waits for a first event).
+                await asyncio.sleep(0)
+                if not run.log.after(pos) and run.log.end is None:
+                    writer.send_headers()
+        while True:
+            if pos + 1 < run.log.first_seq:
+                await response.write(_error_event(request, "resume_too_old"))
+                break
+            chunks = run.log.after(pos)
+            if chunks:
+                if pos < replay_until:
+                    registry.counters.replayed_events += min(len(chunks), replay_until - pos)
+                pos += len(chunks)
+                if run.log.end is not None and pos == run.log.next_seq - 1:
+                    # The last events and the end of the response in one send.
+                    await response.write_eof(b"".join(chunks))
+                    return
+                await response.write(b"".join(chunks))
+                last_write = loop.time()
+                continue
+            if run.log.end is not None:
+                break
+            if not await run.log.wait(wait):
+                if _gone(request):
+                    return
+                if loop.time() - last_write >= keepalive:
+                    await response.write(KEEPALIVE_COMMENT)
+                    last_write = loop.time()
+        await response.write_eof()
+    except ConnectionError:
+        return
+
+
+async def follow_remote(
+    request: web.Request,
+    response: web.StreamResponse,
+    store: RedisRunStore,
+    run_id: str,
+    after: int,
+    registry: RunRegistry,
+    follower: Follower | None,
+    replay_until: int,
+) -> None:
+    """The same from Redis, for a run pumped by another replica (or ended): what the run's
+    follower here holds (app/runs/readers.py), and before that (a resume from further back,
+    or an ended run: `follower` None) what `XRANGE` reads; events up to `replay_until` count
+    as replayed."""
+    settings = request.app[SETTINGS_KEY]
+    keepalive = settings.sse_keepalive_seconds
+    wait = min(keepalive, registry.heartbeat)
+    loop = asyncio.get_running_loop()
+    last_write = loop.time()
+    pos = after
+    try:
+        while True:
+            entries: list[Entry] = []
+            if follower is None or pos < follower.base:
+                entries = await store.range_after(run_id, pos, READ_COUNT)
+                if not entries and follower is None:
+                    break  # an ended run read to its end (its entries expired meanwhile)
+            else:
+                entries = follower.after(pos)
+            if not entries:
+                assert follower is not None
+                if follower.done and (follower.pos <= pos or pos < follower.base):
+                    # Nothing more will come: it gave up, or what it had is gone from Redis.
+                    code = follower.failure or "resume_too_old"
+                    if code == "run_orphaned":
+                        registry.counters.orphaned += 1
+                    await response.write(_error_event(request, code))
+                    break
+                if not await follower.wait(wait):
+                    if _gone(request):
+                        return
+                    if loop.time() - last_write >= keepalive:
+                        await response.write(KEEPALIVE_COMMENT)
+                        last_write = loop.time()
+                continue
+            out: list[bytes] = []
+            ended = False
+            before = pos
+            for entry in entries:
+                if entry.first > pos + 1:
+                    out.append(_error_event(request, "resume_too_old"))
+                    ended = True
+                    break
+                if entry.data is not None:
+                    out.append(entry.after(pos))
+                    pos = entry.seq
+                if entry.end is not None:
+                    ended = True
+                    break
+            if before < replay_until:
+                registry.counters.replayed_events += min(pos, replay_until) - before
+            if out:
+                await response.write(b"".join(out))
+                last_write = loop.time()
+            if ended:
+                break
+        await response.write_eof()
+    except StoreUnavailable as err:
+        log.warning("run %s: reading failed (%s)", run_id, err)
+        try:
+            await response.write(_error_event(request, "run_store_unavailable"))
+            await response.write_eof()
+        except ConnectionError:
+            return
+    except ConnectionError:
+        return
