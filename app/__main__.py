@@ -85,7 +85,7 @@ async def serve(app: web.Application, settings: Settings) -> None:
         # connections only once it can serve them. Inside the `try`: when a later startup step
         # fails, `cleanup()` still exits the contexts already entered (Redis pool, sweeper).
         await runner.setup()
-        site = web.TCPSite(runner, settings.host, settings.port)
+        site = web.TCPSite(runner, settings.host, settings.port, backlog=settings.listen_backlog)
         try:
             await site.start()
         except OSError as err:

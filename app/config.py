@@ -63,6 +63,11 @@ class Settings:
 
     host: str = "0.0.0.0"
     port: int = 8080
+    # Connections the kernel completes and holds for the gateway to accept (listen(2)'s
+    # backlog; the kernel caps it at net.core.somaxconn). aiohttp's 128 drops SYNs when a few
+    # hundred clients connect at once (a reconnect wave after a deploy): they retry after 1 s,
+    # 3 s ... and streams time out. 1024: several such waves, a few hundred KB of kernel memory.
+    listen_backlog: int = 1024
     session_store: StoreKind = "memory"
     session_ttl_seconds: int = 3600
     # Absolute lifetime from creation, however active the session (OWASP/ASVS 7.3.2). 0: off,
@@ -305,6 +310,7 @@ def _parse(env: Mapping[str, str]) -> Settings:
     apps, app_problems = resolve_apps(apps_file, env)
     r.problems.extend(app_problems)
     port = r.positive_int("PORT", 8080, maximum=65535)
+    listen_backlog = r.positive_int("LISTEN_BACKLOG", 1024, maximum=65535)
     session_max_bytes = r.positive_int("SESSION_MAX_BYTES", 65536)
     memory_max_bytes = r.positive_int("MEMORY_MAX_BYTES", DEFAULT_MEMORY_MAX_BYTES)
     if memory_max_bytes < MEMORY_MIN_SESSIONS_OF_MAX_SIZE * session_max_bytes:
@@ -318,6 +324,7 @@ def _parse(env: Mapping[str, str]) -> Settings:
     settings = Settings(
         host=r.text("HOST", "0.0.0.0"),
         port=port,
+        listen_backlog=listen_backlog,
         session_store="redis" if store == "redis" else "memory",
         session_ttl_seconds=r.positive_int("SESSION_TTL_SECONDS", 3600),
         session_absolute_seconds=r.non_negative_int("SESSION_ABSOLUTE_SECONDS", 0),

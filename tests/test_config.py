@@ -58,6 +58,7 @@ def test_every_variable_is_read() -> None:
         {
             "HOST": "127.0.0.1",
             "PORT": "9000",
+            "LISTEN_BACKLOG": "2048",
             "SESSION_STORE": "redis",
             "SESSION_TTL_SECONDS": "120",
             "REDIS_URL": "rediss://user:pw@redis.example:6380/2",
@@ -83,6 +84,7 @@ def test_every_variable_is_read() -> None:
         }
     )
     assert (s.host, s.port) == ("127.0.0.1", 9000)
+    assert s.listen_backlog == 2048
     assert s.session_store == "redis"
     assert s.session_ttl_seconds == 120
     assert s.redis_url == "rediss://user:pw@redis.example:6380/2"
@@ -226,6 +228,9 @@ BAD_VALUES: list[tuple[str, dict[str, str]]] = [
     ("LOG_FORMAT", {"LOG_FORMAT": "xml"}),
     ("PORT", {"PORT": "70000"}),
     ("PORT", {"PORT": "http"}),
+    ("LISTEN_BACKLOG", {"LISTEN_BACKLOG": "0"}),
+    ("LISTEN_BACKLOG", {"LISTEN_BACKLOG": "70000"}),
+    ("LISTEN_BACKLOG", {"LISTEN_BACKLOG": "many"}),
     ("REDIS_OP_TIMEOUT_SECONDS", {"REDIS_OP_TIMEOUT_SECONDS": "0"}),
     ("REDIS_SOCKET_TIMEOUT_SECONDS", {"REDIS_SOCKET_TIMEOUT_SECONDS": "x"}),
     ("REDIS_CONNECT_TIMEOUT_SECONDS", {"REDIS_CONNECT_TIMEOUT_SECONDS": "-0.5"}),

@@ -15,7 +15,7 @@ so the gateway's CPU time is its own.
 Phases: `--warmup-streams` short streams (lazy imports, first allocations); one session per
 stream created with `PATCH` (so the figure is what a stream costs on top of its session);
 the idle RSS; then `--streams` streams of `--events` events `--pause-ms` apart opened with at
-most `--connect-concurrency` connecting at once (below the gateway's listen backlog, 128),
+most `--connect-concurrency` connecting at once (below a listen backlog of 128, aiohttp's),
 each read to its `done` event. The default stream (60 events 1 s apart) outlasts opening 5,000
 streams on a busy 2-core machine (25-50 s), so they are all open at once for a while. RSS, CPU and
 the number of open streams are sampled every `SAMPLE_SECONDS`. The plateau is the samples at
