@@ -2,20 +2,16 @@
 
 `Settings.from_env` collects every problem into one `ConfigError`, so a bad deployment learns
 all of its mistakes from one start. `python -m app` prints them one per line and exits 2
-before binding a port. Passwords in `REDIS_URL` are never echoed back (see `redact_url`).
+before binding a port. Passwords in `REDIS_URL` are never echoed back (`app.redis_env.redact_url`).
 """
 
 from __future__ import annotations
 
-import base64
 import ipaddress
-import itertools
-import math
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal, TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from typing import Literal
 
 from dotenv import dotenv_values
 
@@ -26,10 +22,10 @@ from app.applications import (
     parse_rate_limit,
     resolve_apps,
 )
+from app.encryption_keys import parse_encryption_keys
+from app.env_reader import EnvReader
 from app.hosts import parse_allowed_hosts
-from app.sessions.redis_url import RedisUrlError, parse_redis_url
-
-T = TypeVar("T", int, float)
+from app.redis_env import check_redis_url, redis_tls_settings
 
 StoreKind = Literal["memory", "redis"]
 # 256 MiB: with the ~50 MB a replica needs itself, a memory-store replica fits a 512 MiB
@@ -168,96 +164,8 @@ class Settings:
         return _parse(env)
 
 
-def redact_url(url: str) -> str:
-    """`url` with any password replaced by `***`, safe for logs and error messages.
-
-    Both places redis-py reads a password from are redacted: the userinfo and `?password=`.
-    The userinfo ends at the *last* `@`, as in `parse_redis_url`: that also covers multi-host
-    Sentinel/Cluster URLs and passwords holding an unescaped `/`, `?` or `#`.
-    """
-    scheme, sep, rest = url.partition("://")
-    userinfo, at, location = rest.rpartition("@")
-    if sep and at and ":" in userinfo:
-        url = f"{scheme}://{userinfo.partition(':')[0]}:***@{location}"
-    elif at or (not sep and "@" in url):
-        # A userinfo without `:` may still be a password written in the wrong place, and a
-        # malformed URL (`redis:/:pw@host`) has no reliable structure: hide all of it.
-        url = f"{scheme}://***@{location}" if sep else "***@" + url.rpartition("@")[2]
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<unparseable URL>"
-    query = "&".join(
-        f"{item.partition('=')[0]}=***" if item.partition("=")[0].lower() == "password" else item
-        for item in parts.query.split("&")
-    )
-    if query == parts.query:
-        return url
-    return urlunsplit((parts.scheme, parts.netloc, parts.path, query, parts.fragment))
-
-
-class _Reader:
-    """Reads typed values from the environment, recording a problem instead of raising."""
-
-    def __init__(self, env: Mapping[str, str]) -> None:
-        self.env = env
-        self.problems: list[str] = []
-
-    def text(self, name: str, default: str) -> str:
-        return self.env.get(name, default).strip() or default
-
-    def choice(self, name: str, default: str, choices: tuple[str, ...]) -> str:
-        value = self.env.get(name, default).strip() or default
-        for choice in choices:
-            if value.lower() == choice.lower():
-                return choice
-        self.problems.append(f"{name}={value!r} is not valid: use one of {', '.join(choices)}")
-        return default
-
-    def _number(
-        self,
-        name: str,
-        default: T,
-        convert: Callable[[str], T],
-        valid: Callable[[T], bool],
-        use: str,
-    ) -> T:
-        """`name` converted and checked; empty gives `default`; a bad value is recorded (the
-        problem says what to `use`) and gives `default`."""
-        raw = self.env.get(name, "").strip()
-        if not raw:
-            return default
-        try:
-            value = convert(raw)
-        except ValueError:
-            value = None
-        if value is None or not valid(value):
-            self.problems.append(f"{name}={raw!r} is not valid: use {use}")
-            return default
-        return value
-
-    def positive_int(self, name: str, default: int, *, maximum: int | None = None) -> int:
-        limit = f" no larger than {maximum}" if maximum is not None else ""
-        return self._number(
-            name,
-            default,
-            int,
-            lambda v: v > 0 and (maximum is None or v <= maximum),
-            f"a positive integer{limit}",
-        )
-
-    def non_negative_int(self, name: str, default: int) -> int:
-        """A whole number of at least 0 (empty: `default`); 0 usually means "off"."""
-        return self._number(name, default, int, lambda v: v >= 0, "0 (off) or a positive integer")
-
-    def positive_float(self, name: str, default: float) -> float:
-        return self._number(
-            name, default, float, lambda v: 0 < v < math.inf, "a positive number of seconds"
-        )
-
-
 def _parse(env: Mapping[str, str]) -> Settings:
-    r = _Reader(env)
+    r = EnvReader(env)
     store = r.choice("SESSION_STORE", "memory", ("memory", "redis"))
     redis_url = env.get("REDIS_URL", "").strip() or None
     if store == "redis":
@@ -267,8 +175,8 @@ def _parse(env: Mapping[str, str]) -> Settings:
                 "REDIS_URL=redis://localhost:6379"
             )
         else:
-            _check_redis_url(redis_url, r.problems)
-    tls = _redis_tls_settings(env, r, redis_url if store == "redis" else None)
+            check_redis_url(redis_url, r.problems)
+    tls = redis_tls_settings(env, r, redis_url if store == "redis" else None)
     prefix = env.get("REDIS_PREFIX", "agent:sess:")
     if not prefix or any(c.isspace() for c in prefix) or any(c in prefix for c in "*?[]"):
         r.problems.append(
@@ -291,7 +199,7 @@ def _parse(env: Mapping[str, str]) -> Settings:
             "prefix of the other), so an application id could collide with a rate-limit key: "
             "use disjoint prefixes, e.g. agent:sess: and agent:aux:"
         )
-    encryption_keys = _encryption_keys(env.get("SESSION_ENCRYPTION_KEYS", ""), r.problems)
+    encryption_keys = parse_encryption_keys(env.get("SESSION_ENCRYPTION_KEYS", ""), r.problems)
     cookie_name = r.text("SESSION_COOKIE_NAME", "agent_sid")
     if not all(c.isalnum() or c in "_-." for c in cookie_name):
         r.problems.append(
@@ -403,143 +311,6 @@ def _session_create_rate(raw: str, problems: list[str]) -> RateLimit | None:
     except ValueError as err:
         problems.append(f"SESSION_CREATE_RATE={raw.strip()!r} is not valid: {err}, or 'off'")
         return DEFAULT_SESSION_CREATE_RATE
-
-
-def _check_redis_url(url: str, problems: list[str]) -> None:
-    safe = redact_url(url)
-    try:
-        parse_redis_url(url)
-    except RedisUrlError as err:
-        problems.append(f"REDIS_URL={safe!r} {err}: use e.g. {err.example}")
-
-
-@dataclass(frozen=True, slots=True)
-class _RedisExtras:
-    ca_file: str | None = None
-    cert_file: str | None = None
-    key_file: str | None = None
-    verify: bool = True
-    sentinel_password: str | None = None
-
-
-def _redis_tls_settings(env: Mapping[str, str], r: _Reader, url: str | None) -> _RedisExtras:
-    """REDIS_TLS_* (only with rediss://) and REDIS_SENTINEL_PASSWORD (only with Sentinel).
-
-    Checked only for SESSION_STORE=redis with a parseable REDIS_URL; a setting that the URL's
-    scheme would silently ignore is a problem, because it usually means TLS is not in use."""
-    try:
-        target = parse_redis_url(url) if url else None
-    except RedisUrlError:
-        target = None
-    if target is None:
-        return _RedisExtras()
-    files: dict[str, str | None] = {}
-    for name in ("REDIS_TLS_CA_FILE", "REDIS_TLS_CERT_FILE", "REDIS_TLS_KEY_FILE"):
-        path = env.get(name, "").strip() or None
-        files[name] = path
-        if path is None:
-            continue
-        if not target.tls:
-            r.problems.append(
-                f"{name} is set but REDIS_URL is not rediss://: use a rediss:// URL for TLS, "
-                f"or unset {name}"
-            )
-        elif not os.path.isfile(path) or not os.access(path, os.R_OK):
-            r.problems.append(f"{name}={path!r} is not a readable file: give the PEM file path")
-    if files["REDIS_TLS_KEY_FILE"] and not files["REDIS_TLS_CERT_FILE"]:
-        r.problems.append(
-            "REDIS_TLS_KEY_FILE is set without REDIS_TLS_CERT_FILE: set both for a client "
-            "certificate"
-        )
-    verify_raw = env.get("REDIS_TLS_VERIFY", "").strip()
-    verify = r.choice("REDIS_TLS_VERIFY", "true", ("true", "false")) == "true"
-    if verify_raw and not target.tls:
-        r.problems.append(
-            "REDIS_TLS_VERIFY is set but REDIS_URL is not rediss://: unset it or use rediss://"
-        )
-    sentinel_password = env.get("REDIS_SENTINEL_PASSWORD") or None
-    if sentinel_password is not None and target.topology != "sentinel":
-        r.problems.append(
-            "REDIS_SENTINEL_PASSWORD is set but REDIS_URL is not redis+sentinel://: unset it"
-        )
-    return _RedisExtras(
-        ca_file=files["REDIS_TLS_CA_FILE"],
-        cert_file=files["REDIS_TLS_CERT_FILE"],
-        key_file=files["REDIS_TLS_KEY_FILE"],
-        verify=verify,
-        sentinel_password=sentinel_password,
-    )
-
-
-# A Fernet key is 32 bytes: a 16-byte signing key and a 16-byte encryption key. For 16 random
-# bytes, fewer than 8 distinct byte values has a probability of about 6e-13 (for the 15 steps
-# between them, about 2e-11), and 32 random bytes all printable ASCII about 2e-14: such a key
-# was typed, counted or derived from text, not generated.
-_MIN_DISTINCT_BYTES_PER_HALF = 8
-_PRINTABLE_ASCII = frozenset(range(0x20, 0x7F))
-_KEY_HINT = (
-    "generate one with: python -c 'from cryptography.fernet import Fernet; "
-    "print(Fernet.generate_key().decode())'"
-)
-
-
-def key_weakness(key: bytes) -> str | None:
-    """Why the 32 raw bytes of a Fernet key cannot have come from a random generator, or None.
-
-    Refused: a half (the signing or the encryption key) with fewer than
-    `_MIN_DISTINCT_BYTES_PER_HALF` distinct byte values (all zeros, a repeated pattern) or
-    distinct steps from one byte to the next (a counter such as 00 01 02 ...), both halves equal,
-    or every byte printable ASCII (a password or a phrase, encoded). A key from
-    `Fernet.generate_key()` fails one of these with a probability under 1e-10."""
-    signing, encryption = key[:16], key[16:]
-    if len(set(key)) == 1:
-        return f"every byte is {key[0]:#04x}"
-    for half in (signing, encryption):
-        steps = {(b - a) % 256 for a, b in itertools.pairwise(half)}
-        if min(len(set(half)), len(steps)) < _MIN_DISTINCT_BYTES_PER_HALF:
-            return "too few distinct bytes (a pattern or a counter, not random bytes)"
-    if signing == encryption:
-        return "its signing and encryption halves are equal"
-    if _PRINTABLE_ASCII.issuperset(key):
-        return "it is printable text, not random bytes"
-    return None
-
-
-def _encryption_keys(raw: str, problems: list[str]) -> tuple[str, ...]:
-    """`SESSION_ENCRYPTION_KEYS`: comma-separated Fernet keys (32 random bytes, URL-safe
-    base64). A bad entry is reported by position, never echoed (it is a secret): one that does
-    not decode, a weak one (`key_weakness`), or one repeating an earlier entry (compared as
-    bytes, so another spelling of the same base64 is a repeat too)."""
-    entries = [item.strip() for item in raw.split(",") if item.strip()]
-    if not entries:
-        return ()
-    # Imported only when keys are set: cryptography's OpenSSL bindings add ~8.6 MB of RSS to
-    # every replica, which the default (no encryption) does not need.
-    from cryptography.fernet import Fernet
-
-    keys: list[str] = []
-    seen: set[bytes] = set()
-    for position, item in enumerate(entries, start=1):
-        where = f"SESSION_ENCRYPTION_KEYS entry {position} of {len(entries)}"
-        try:
-            Fernet(item.encode("ascii"))
-            key = base64.urlsafe_b64decode(item.encode("ascii"))
-        except (ValueError, UnicodeEncodeError):
-            problems.append(
-                f"{where} is not a valid key: each key is 32 random bytes in URL-safe base64 "
-                f"(44 characters); {_KEY_HINT}"
-            )
-            continue
-        weakness = key_weakness(key)
-        if weakness is not None:
-            problems.append(f"{where} is a weak key ({weakness}): {_KEY_HINT}")
-            continue
-        if key in seen:
-            problems.append(f"{where} repeats an earlier key: remove it")
-            continue
-        seen.add(key)
-        keys.append(item)
-    return tuple(keys)
 
 
 def _parse_networks(raw: str, problems: list[str]) -> tuple[IPNetwork, ...]:

@@ -8,7 +8,7 @@ from typing import Any
 
 from aiohttp import web
 
-from app.config import Settings, redact_url
+from app.config import Settings
 from app.creation_limit import creation_limit_ctx
 from app.forwarding import client_scheme
 from app.hosts import EXAMPLE, is_loopback
@@ -18,6 +18,7 @@ from app.logs import flush_logs
 from app.metrics import instrument_backend, setup_metrics
 from app.middlewares import add_prepare_hook, setup_gateway
 from app.proxy.fastread import use as use_relay_fast_paths
+from app.redis_env import redact_url
 from app.routes import setup_routes
 from app.runs.wiring import runs_ctx
 from app.sessions.backend import SessionBackend, StoreUnavailable

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from app.applications import BUILTIN_DEMO_UPSTREAM
-from app.config import ConfigError, Settings, redact_url
+from app.config import ConfigError, Settings
+from app.redis_env import redact_url
 
 
 def parse(env: dict[str, str]) -> Settings:

@@ -11,7 +11,8 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import Connection, SSLConnection
 
-from app.config import ConfigError, Settings, redact_url
+from app.config import ConfigError, Settings
+from app.redis_env import redact_url
 from app.sessions.redis import RedisBackend, RedisOptions, make_client
 from app.sessions.redis_url import RedisTarget, RedisUrlError, parse_redis_url
 from tests.gateway_process import run_gateway_to_exit

@@ -9,7 +9,8 @@ import base64
 import pytest
 from cryptography.fernet import Fernet
 
-from app.config import ConfigError, Settings, key_weakness
+from app.config import ConfigError, Settings
+from app.encryption_keys import key_weakness
 from tests.gateway_process import run_gateway_to_exit
 
 
