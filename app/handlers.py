@@ -20,7 +20,7 @@ from app.sessions.middleware import (
     storage_of,
     update_session,
 )
-from app.sessions.storage import StoredSession
+from app.sessions.stored_session import StoredSession
 
 NO_STORE = {"Cache-Control": "no-store"}
 # The headers `web.json_response(..., headers=NO_STORE)` ends up with, built once: a response

@@ -27,7 +27,8 @@ if TYPE_CHECKING:
     from app.runs.runs import RunRegistry
     from app.sessions.backend import SessionBackend
     from app.sessions.middleware import SessionCreationGate
-    from app.sessions.storage import SessionStorage, StoredSession
+    from app.sessions.storage import SessionStorage
+    from app.sessions.stored_session import StoredSession
     from app.upstream import Upstream
 
 # -- application keys (set at start-up, read by handlers) ----------------------------------------

@@ -56,8 +56,8 @@ from app.logs import bind_request, release_request
 from app.proxy.headers import PROXIED_CSP
 from app.request_metrics import CLIENT_CLOSED, RequestMetrics
 from app.sessions.backend import StoreUnavailable
+from app.sessions.conflicts import SessionConflict, SessionEnded
 from app.sessions.middleware import finish_session, session_error_response
-from app.sessions.storage import SessionConflict, SessionEnded
 
 log = logging.getLogger(__name__)
 

@@ -40,9 +40,9 @@ from app.config import Settings
 from app.keys import BACKEND_KEY, SETTINGS_KEY
 from app.main import create_app
 from app.sessions.backend import SessionBackend
+from app.sessions.ids import session_key
 from app.sessions.memory import MemoryBackend
 from app.sessions.redis import RedisBackend
-from app.sessions.storage import session_key
 from tests import tiers
 from tests.gateway_process import GatewayProcess
 from tests.redis_server import RedisServer

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from app.sessions.storage import session_key
+from app.sessions.ids import session_key
 from tests.conftest import GatewayProcessFactory
 from tests.gateway_process import PROCESS_TEST_ENV, run_gateway_to_exit
 from tests.redis_server import RedisServer

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from redis.crc import key_slot
 
-from app.sessions.storage import session_key
+from app.sessions.ids import session_key
 from tests.conftest import GatewayProcessFactory
 from tests.redis_topologies import GatewayHttp, RedisClusterTopology
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import pytest
 
 from app.loadkit.ports import free_port
-from app.sessions.storage import session_key
+from app.sessions.ids import session_key
 from tests.conftest import CSRF, GatewayFactory, GatewayProcessFactory
 from tests.gateway_process import PROCESS_TEST_ENV, run_gateway_to_exit
 from tests.redis_server import RedisServer

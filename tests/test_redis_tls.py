@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from app.main import StoreStartupError, open_store
-from app.sessions.storage import session_key
+from app.sessions.ids import session_key
 from tests.conftest import CSRF, GatewayFactory, GatewayProcessFactory, make_settings
 from tests.gateway_process import run_gateway_to_exit
 from tests.redis_server import RedisServer

@@ -21,7 +21,7 @@ import pytest
 from playwright.async_api import Browser, BrowserContext
 
 from app.sessions.cookies import AMBIGUOUS, choose_session_id, cookie_values
-from app.sessions.storage import new_session_id
+from app.sessions.ids import new_session_id
 from tests.conftest import CHROMIUM, CHROMIUM_ARGS, CSRF, GatewayFactory, GatewayProcessFactory
 
 OURS = new_session_id()
@@ -108,7 +108,7 @@ async def test_two_distinct_ids_read_and_write_neither_session(
         f"agent_sid={attacker}; agent_sid={victim}",
     ):
         caplog.clear()
-        with caplog.at_level(logging.WARNING, logger="app.sessions.storage"):
+        with caplog.at_level(logging.WARNING, logger="app.sessions.storage_base"):
             resp = await gw.client.get("/apps/demo/session", headers={"Cookie": header})
             assert resp.status == 200 and await resp.json() == {"data": {}}
             resp = await gw.client.patch(

@@ -21,9 +21,10 @@ from aiohttp.test_utils import make_mocked_request
 from multidict import CIMultiDict
 
 from app.sessions import cookies as cookies_module
-from app.sessions.cookies import cookie_values
+from app.sessions.cookies import SESSION_ID_RE, cookie_values
+from app.sessions.ids import new_session_id
 from app.sessions.memory import MemoryBackend
-from app.sessions.storage import SESSION_ID_RE, SessionStorage, new_session_id
+from app.sessions.storage import SessionStorage
 from tests.conftest import CSRF, GatewayFactory
 
 SID = "A" * 20 + "b-_" + "9" * 20

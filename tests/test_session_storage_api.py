@@ -23,14 +23,12 @@ from aiohttp.typedefs import Handler
 from aiohttp_session import get_session, new_session, session_middleware
 from pytest_aiohttp import AiohttpClient
 
+from app.sessions.conflicts import SessionConflict
+from app.sessions.ids import session_key
 from app.sessions.memory import MemoryBackend
 from app.sessions.options import SessionOptions
-from app.sessions.storage import (
-    SessionConflict,
-    SessionStorage,
-    StoredSession,
-    session_key,
-)
+from app.sessions.storage import SessionStorage
+from app.sessions.stored_session import StoredSession
 from tests.conftest import MemoryRaw
 from tests.redis_server import RedisServer
 

@@ -57,8 +57,10 @@ from aiohttp_session import (
 from pytest_aiohttp import AiohttpClient
 
 from app.sessions.codec import SessionCodec
+from app.sessions.ids import new_session_id, session_key
 from app.sessions.memory import MemoryBackend
-from app.sessions.storage import SessionStorage, StoredSession, new_session_id, session_key
+from app.sessions.storage import SessionStorage
+from app.sessions.stored_session import StoredSession
 from tests.conftest import MemoryRaw
 from tests.redis_server import RedisServer
 

@@ -41,7 +41,7 @@ from app.ratelimit import enforce_rate_limits
 from app.runs.http import start_run
 from app.sessions.backend import StoreUnavailable
 from app.sessions.middleware import get_session, rotate_session, update_session
-from app.sessions.storage import StoredSession
+from app.sessions.stored_session import StoredSession
 
 log = logging.getLogger(__name__)
 

@@ -26,14 +26,10 @@ from aiohttp import web
 
 from app.errors import ApiError, error_response
 from app.keys import CREATION_GATE_KEY, SESSION_KEY, STORAGE_KEY
-from app.sessions.storage import (
-    SessionConflict,
-    SessionEnded,
-    SessionRotated,
-    SessionStorage,
-    SessionTooLarge,
-    StoredSession,
-)
+from app.sessions.codec import SessionTooLarge
+from app.sessions.conflicts import SessionConflict, SessionEnded, SessionRotated
+from app.sessions.storage import SessionStorage
+from app.sessions.stored_session import StoredSession
 
 log = logging.getLogger(__name__)
 
