@@ -247,21 +247,19 @@ class MemoryBackend:
         return "ok"
 
     async def delete_if_revision(self, key: str, expected: str) -> CasResult:
-        k = _b(key)
-        raw = self._raw(k)
-        if raw is None:
-            return "missing"
-        if revision_of(raw[_EXPIRY_BYTES:]) != expected:
-            return "conflict"
-        self._remove(k)
-        return "ok"
+        return self._delete_when(key, lambda revision: revision == expected)
 
     async def delete_unless_revision(self, key: str, kept: str) -> CasResult:
+        return self._delete_when(key, lambda revision: revision != kept)
+
+    def _delete_when(self, key: str, deletes: Callable[[str], bool]) -> CasResult:
+        """Delete the value at `key` when `deletes(its revision)`: "ok"; "conflict" when not;
+        "missing" without a value. No await: atomic on the event loop, like the Lua scripts."""
         k = _b(key)
         raw = self._raw(k)
         if raw is None:
             return "missing"
-        if revision_of(raw[_EXPIRY_BYTES:]) == kept:
+        if not deletes(revision_of(raw[_EXPIRY_BYTES:])):
             return "conflict"
         self._remove(k)
         return "ok"
