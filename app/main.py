@@ -24,7 +24,8 @@ from app.runs.wiring import runs_ctx
 from app.sessions.backend import SessionBackend, StoreUnavailable
 from app.sessions.memory import MemoryBackend
 from app.sessions.options import CookieSecure, SessionOptions
-from app.sessions.redis import RedisBackend, RedisOptions, make_client
+from app.sessions.redis import RedisBackend
+from app.sessions.redis_client import RedisOptions, make_client
 from app.sessions.storage import SessionStorage
 from app.store_hints import startup_hint
 from app.upstream import upstream_ctx

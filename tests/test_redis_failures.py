@@ -29,7 +29,8 @@ from aiohttp import ClientResponse, web
 from pytest_aiohttp import AiohttpServer
 
 from app.keys import BACKEND_KEY, LIFECYCLE_KEY
-from app.sessions.redis import RedisBackend, RedisOptions, make_client
+from app.sessions.redis import RedisBackend
+from app.sessions.redis_client import RedisOptions, make_client
 from tests.conftest import CSRF, Gateway, GatewayFactory, GatewayProcessFactory
 from tests.fake_upstream import app_settings, run_gateway, serve_upstream, sse, start_sse
 from tests.fault_proxy import FaultProxy

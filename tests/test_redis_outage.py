@@ -20,7 +20,8 @@ from app.config import Settings
 from app.loadkit.ports import free_port
 from app.main import StoreStartupError, open_store
 from app.sessions.backend import StoreUnavailable
-from app.sessions.redis import RedisBackend, RedisOptions, make_client
+from app.sessions.redis import RedisBackend
+from app.sessions.redis_client import RedisOptions, make_client
 from tests.conftest import CSRF, Gateway, GatewayFactory, make_settings
 from tests.redis_server import RedisServer
 

@@ -21,7 +21,8 @@ from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from app.sessions.pipelining import CommandPipeliner, pack_command
-from app.sessions.redis import RedisBackend, RedisOptions, make_client
+from app.sessions.redis import RedisBackend
+from app.sessions.redis_client import RedisOptions, make_client
 from tests.conftest import CSRF, GatewayFactory
 from tests.fault_proxy import FaultProxy
 from tests.redis_server import RedisServer

@@ -31,15 +31,9 @@ from redis.crc import key_slot
 
 from app.config import Settings
 from app.sessions.backend import StoreUnavailable, TokenBucket
-from app.sessions.redis import (
-    BACKOFF_BASE,
-    BACKOFF_CAP,
-    RETRIES,
-    RedisBackend,
-    RedisOptions,
-    backoff_delay,
-    make_client,
-)
+from app.sessions.redis import RedisBackend
+from app.sessions.redis_client import RedisOptions, make_client
+from app.sessions.redis_retry import BACKOFF_BASE, BACKOFF_CAP, RETRIES, backoff_delay
 from tests.conftest import CSRF, GatewayFactory
 from tests.fault_proxy import FaultProxy
 from tests.redis_server import RedisServer

@@ -13,7 +13,8 @@ from redis.asyncio.connection import Connection, SSLConnection
 
 from app.config import ConfigError, Settings
 from app.redis_env import redact_url
-from app.sessions.redis import RedisBackend, RedisOptions, make_client
+from app.sessions.redis import RedisBackend
+from app.sessions.redis_client import RedisOptions, make_client
 from app.sessions.redis_url import RedisTarget, RedisUrlError, parse_redis_url
 from tests.gateway_process import run_gateway_to_exit
 

@@ -23,7 +23,8 @@ import redis.asyncio as aioredis
 
 from app.sessions.backend import SessionBackend, TokenBucket, revision_of
 from app.sessions.memory import MemoryBackend
-from app.sessions.redis import RedisBackend, RedisOptions, make_client
+from app.sessions.redis import RedisBackend
+from app.sessions.redis_client import RedisOptions, make_client
 from tests.conftest import STORE_KINDS, MemoryRaw, RawStore, RedisRaw
 from tests.redis_server import RedisServer
 

@@ -32,7 +32,8 @@ from typing import Any
 
 from redis.exceptions import ResponseError
 
-from app.sessions.redis import LuaScript, RedisBackend
+from app.sessions.redis import RedisBackend
+from app.sessions.redis_scripts import LuaScript
 
 # XADD with an id not above the stream's last one: what a retry after a lost reply meets.
 _ALREADY_ADDED = "equal or smaller than the target stream top item"

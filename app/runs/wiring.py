@@ -13,7 +13,8 @@ from app.runs.collector import RunsCollector
 from app.runs.readers import ReaderCaps
 from app.runs.runs import RunRegistry
 from app.runs.store import RedisRunStore
-from app.sessions.redis import RedisBackend, make_client
+from app.sessions.redis import RedisBackend
+from app.sessions.redis_client import make_client
 
 
 def runs_ctx(settings: Settings) -> Callable[[web.Application], AsyncIterator[None]]:

@@ -50,7 +50,7 @@ from typing import Literal, Protocol
 
 CasResult = Literal["ok", "conflict", "missing"]
 
-# Keep in sync with the Lua pattern in app/sessions/redis.py (`_REVISION_PATTERN`).
+# Keep in sync with the Lua pattern in app/sessions/redis_scripts.py (`_REVISION_PATTERN`).
 REVISION_RE = re.compile(rb'^\{"v":\d+,"r":(\d+),')
 
 

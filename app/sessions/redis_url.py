@@ -1,7 +1,7 @@
 """`REDIS_URL` parsing, pure (standard library only): which topology, nodes, credentials and
 database a URL names, or `RedisUrlError` saying what is wrong with it.
 
-Apart from the Redis client (`app.sessions.redis.make_client`, which connects to what this
+Apart from the Redis client (`app.sessions.redis_client.make_client`, which connects to what this
 names) so that the configuration (`app.config`) validates a URL without importing redis-py.
 Accepted forms (`EXAMPLES`):
 - `redis://[user:password@]host[:6379][/db]`, `rediss://…` (TLS): one server;

@@ -31,7 +31,8 @@ from app.sessions.options import (
     CookieSecure,
     Namespace,
 )
-from app.sessions.redis import RedisBackend, RedisOptions, make_client
+from app.sessions.redis import RedisBackend
+from app.sessions.redis_client import RedisOptions, make_client
 
 log = logging.getLogger(__name__)
 
