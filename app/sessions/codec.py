@@ -61,6 +61,9 @@ where the token decrypts to `{"k":"<applicationId>:<sessionId>","created":...,"d
 - `SESSION_MAX_BYTES` limits the plaintext serialization (what the browser controls), so
   turning encryption on does not change which writes are accepted; the stored ciphertext is
   about 4/3 of it plus ~100 bytes.
+
+Over ~400 lines because this docstring (a sixth of it) states the stored format, which the
+code reads and writes both ways: one concern, kept in one place.
 """
 
 from __future__ import annotations
