@@ -20,8 +20,8 @@ from app.applications import (
     RateLimit,
     concurrency_caps,
     parse_rate_limit,
-    resolve_apps,
 )
+from app.apps_file import resolve_apps
 from app.encryption_keys import parse_encryption_keys
 from app.env_reader import EnvReader
 from app.hosts import parse_allowed_hosts

@@ -367,6 +367,15 @@ def test_apps_file_replaces_the_default_demo(tmp_path: Path) -> None:
             '[apps.a]\nupstream = "builtin:demo"\nforward_request_headers = ["Authorization"]\n',
             "forward_authorization",
         ),
+        (
+            '[apps.a]\nupstream = "builtin:demo"\nresume_max_events = 0\n',
+            "field 'resume_max_events' must be a positive integer",
+        ),
+        (
+            '[apps.a]\nupstream = "builtin:demo"\nresume_max_bytes = true\n',
+            "field 'resume_max_bytes' must be a positive integer",
+        ),
+        ('[apps.a]\nupstream = "builtin:demo"\nresumable = 1\n', "'resumable' must be true"),
     ],
 )
 def test_invalid_apps_file_is_a_problem_naming_apps_file(

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from pytest_aiohttp import AiohttpServer
 
-from app.applications import load_apps_file
+from app.apps_file import load_apps_file
 from tests.conftest import CSRF
 from tests.fake_upstream import (
     FakeUpstream,
