@@ -46,7 +46,7 @@ FIRST = sse("token", {"text": "first"})
 
 @pytest.fixture
 async def gw(upstream: ServedUpstream) -> AsyncIterator[RunningGateway]:
-    settings = app_settings(upstream.base, connect_timeout_seconds=0.5, idle_timeout_seconds=0.5)
+    settings = app_settings(upstream.base, connect_timeout_seconds=0.25, idle_timeout_seconds=0.25)
     async with run_gateway(settings) as gateway:
         yield gateway
 
@@ -183,7 +183,7 @@ async def test_idle_upstream_stream_ends_with_an_idle_timeout_error_event(
     upstream.fake.on("/v1/chat", first_event_then_silence)
     # Keep-alives every 50 ms must not count as upstream activity.
     settings = app_settings(
-        upstream.base, {"SSE_KEEPALIVE_SECONDS": "0.05"}, idle_timeout_seconds=0.4
+        upstream.base, {"SSE_KEEPALIVE_SECONDS": "0.05"}, idle_timeout_seconds=0.25
     )
     async with run_gateway(settings) as gw:
         started = time.monotonic()

@@ -174,7 +174,7 @@ async def test_a_slow_browser_slows_the_upstream_read(
         async with asyncio.timeout(20):
             while sent != previous:
                 previous = sent
-                await asyncio.sleep(0.3)
+                await asyncio.sleep(0.15)
         assert 0 < sent < total // 2, f"upstream wrote {sent} bytes to a browser not reading"
         received = 0
         async for data in resp.content.iter_any():
@@ -194,7 +194,7 @@ async def test_keepalive_comments_during_upstream_silence(upstream: ServedUpstre
         return response
 
     upstream.fake.on("/v1/chat", thinking)
-    settings = app_settings(upstream.base, {"SSE_KEEPALIVE_SECONDS": "0.05"})
+    settings = app_settings(upstream.base, {"SSE_KEEPALIVE_SECONDS": "0.02"})
     async with run_gateway(settings) as gw, gw.client.post(f"{AGENT}/chat", headers=CSRF) as resp:
         got = await read_until(resp.content, b"\n\n")
         got += await read_until(resp.content, KEEPALIVE_COMMENT, count=2)
@@ -221,7 +221,7 @@ async def test_no_keepalive_while_the_browser_is_not_reading(upstream: ServedUps
         return response
 
     upstream.fake.on("/v1/chat", chat)
-    settings = app_settings(upstream.base, {"SSE_KEEPALIVE_SECONDS": "0.05"})
+    settings = app_settings(upstream.base, {"SSE_KEEPALIVE_SECONDS": "0.02"})
     async with run_gateway(settings) as gw, gw.client.post(f"{AGENT}/chat", headers=CSRF) as resp:
         got = await read_until(resp.content, b"\n\n")
         # What the transport does when the browser stops reading and the write buffer passes
@@ -229,7 +229,7 @@ async def test_no_keepalive_while_the_browser_is_not_reading(upstream: ServedUps
         # megabytes in flight (the buffer sizes differ from machine to machine).
         [connection] = gw.connections()
         connection.pause_writing()
-        await asyncio.sleep(0.5)  # ten keep-alive periods
+        await asyncio.sleep(0.2)  # ten keep-alive periods
         send_b.set()
         got += await read_until(resp.content, b"event: b")
         connection.resume_writing()
@@ -257,7 +257,7 @@ async def test_no_keepalive_inside_a_half_written_event(upstream: ServedUpstream
     settings = app_settings(upstream.base, {"SSE_KEEPALIVE_SECONDS": "0.02"})
     async with run_gateway(settings) as gw, gw.client.post(f"{AGENT}/chat", headers=CSRF) as resp:
         assert await read_until(resp.content, b"hal") == head
-        await asyncio.sleep(0.4)  # twenty keep-alive periods inside the event
+        await asyncio.sleep(0.2)  # ten keep-alive periods inside the event
         release.set()
         rest = await resp.content.read()
     assert head + rest == head + tail, "a comment inside an event would corrupt it"
@@ -279,7 +279,7 @@ async def test_no_keepalive_on_other_streams(upstream: ServedUpstream) -> None:
     settings = app_settings(upstream.base, {"SSE_KEEPALIVE_SECONDS": "0.02"})
     async with run_gateway(settings) as gw, gw.client.post(f"{AGENT}/run", headers=CSRF) as resp:
         got = await read_until(resp.content, b"\n")
-        await asyncio.sleep(0.3)
+        await asyncio.sleep(0.2)  # ten keep-alive periods
         release.set()
         got += await resp.content.read()
     assert got == b'{"a": 1}\n{"b": 2}\n'
