@@ -43,7 +43,7 @@ def write_apps_file(tmp_path: Path, upstream: ServedUpstream) -> str:
         f"""
 [apps.shop]
 upstream = "{upstream.base}"
-connect_timeout_seconds = 0.5
+connect_timeout_seconds = 0.25
 
 [apps.blog]
 upstream = "{upstream.base}"

@@ -139,7 +139,7 @@ async def test_tokens_come_back_at_the_configured_rate(
     gw = await gateway_factory(kind, APPS_FILE=apps_file(tmp_path, upstream, body))
     statuses = [(await agent(gw, "fast")).status for _ in range(5)]
     assert statuses == [200, 200, 200, 200, 429]
-    await asyncio.sleep(0.6)  # 4/second: a token every 0.25 s; two are back by now
+    await asyncio.sleep(0.35)  # 4/second: a token every 0.25 s; one is back by now
     assert (await agent(gw, "fast")).status == 200
 
 

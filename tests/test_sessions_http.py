@@ -856,13 +856,13 @@ async def test_a_chunked_body_over_the_cap_is_413(memory_gateway: Gateway) -> No
 
 async def test_a_stalled_body_is_408_and_changes_nothing(gateway_factory: GatewayFactory) -> None:
     """A PATCH whose body stops arriving must not hold its handler (and a shutdown) forever."""
-    gateway = await gateway_factory("memory", BODY_TIMEOUT_SECONDS="0.5")
+    gateway = await gateway_factory("memory", BODY_TIMEOUT_SECONDS="0.3")
     await patch(gateway.client, {"a": 1})
     sid = gateway.session_id()
     assert sid is not None
     before = await gateway.raw.get(gateway.key(sid))
     server = gateway.client.server
-    head, body = await send_and_read_head(  # 10 s: generous, the deadline is 0.5 s
+    head, body = await send_and_read_head(  # 10 s: generous, the deadline is 0.3 s
         server.host,
         server.port,
         b"PATCH /apps/demo/session HTTP/1.1\r\n"
