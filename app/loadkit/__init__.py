@@ -14,8 +14,9 @@ Which module for which change:
   it recorded), `stats` (HDR histograms, timeline), `sse` (the SSE parser).
 - `report` (figures, thresholds, verdict) and `htmlreport` (the HTML page with plots).
 - `stub` (the SSE upstream), `peers` (the servers the bench compares with).
-- `bench/` (the benchmark suite), `concurrency` and `traced_gateway` (concurrent slow
-  streams), `wrk` (driving wrk), `profiles` (py-spy).
+- `bench/` (the benchmark suite), `concurrency` (concurrent slow streams; its servers in
+  `concurrency_servers`, its figures in `concurrency_figures`) and `traced_gateway`, `wrk`
+  (driving wrk), `profiles` (py-spy).
 - `processes`, `ports`, `loops`: starting child processes, free ports, the event loop.
 """
 
