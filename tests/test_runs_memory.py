@@ -34,7 +34,7 @@ HEARTBEAT = "0.1"
 
 @pytest.fixture
 async def counting() -> AsyncIterator[tuple[CountingUpstream, TestServer]]:
-    upstream = CountingUpstream(count=30, delay=0.01)
+    upstream = CountingUpstream(count=30, delay=0.005)
     server = TestServer(upstream.app(), host="127.0.0.1")
     await server.start_server()
     try:
@@ -202,7 +202,7 @@ async def test_the_run_holds_its_upstream_slot_until_it_ends_and_returns_it_once
     counting: tuple[CountingUpstream, TestServer],
 ) -> None:
     upstream, server = counting
-    upstream.delay = 0.015  # 30 events: 0.45 s
+    upstream.delay = 0.01  # 30 events: 0.3 s
     async with _gateway(server, max_concurrent_requests=1) as gw:
         slots = gw.app[UPSTREAM_KEY].capacity.apps["shop"]
         capacity = gw.app[UPSTREAM_KEY].capacity
