@@ -449,7 +449,7 @@ async def test_slots_are_returned_however_200_requests_end(upstream: ServedUpstr
         "max_concurrent_per_client": 0,
         "idle_timeout_seconds": 0.2,
         "max_body_bytes": 1000,
-        "connect_timeout_seconds": 0.3,
+        "connect_timeout_seconds": 0.2,
     }
     settings = two_apps(
         upstream.base,
@@ -491,13 +491,13 @@ async def test_slots_are_returned_however_200_requests_end(upstream: ServedUpstr
                     return f"{r.status} then gone"
             if kind == 2:  # browser gone before the upstream answered
                 with contextlib.suppress(TimeoutError):
-                    short = aiohttp.ClientTimeout(total=0.15)
+                    short = aiohttp.ClientTimeout(total=0.1)
                     async with browser.post(path + "slow", headers=CSRF, timeout=short) as r:
                         return str(r.status)
                 return "gone before the answer"
             if kind == 3:
                 async with browser.post(path + "slow", headers=CSRF, timeout=timeout) as r:
-                    return str(r.status)  # 504 (connect timeout 0.3 s)
+                    return str(r.status)  # 504 (connect timeout 0.2 s)
             if kind == 4:
                 async with browser.post(path + "reset", headers=CSRF, timeout=timeout) as r:
                     with contextlib.suppress(aiohttp.ClientPayloadError):
