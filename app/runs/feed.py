@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import Iterable, Iterator
 
 from aiohttp import web
 
@@ -19,6 +20,46 @@ from app.runs.store import Entry, RedisRunStore
 from app.sessions.backend import StoreUnavailable
 
 log = logging.getLogger(__name__)
+
+PIECE_BYTES = 64 * 1024
+"""What one `response.write` of a run's events sends at most (about). aiohttp's write drains
+(waits while the transport is paused above its high-water mark) once more than 64 KiB went
+out since the last drain, so a reader that reads slowly or not at all holds about one or two
+pieces beyond that mark here, never a copy of the whole log it asked for."""
+
+
+def _pieces(chunks: Iterable[bytes]) -> Iterator[bytes]:
+    """`chunks` joined and cut into pieces of at most `PIECE_BYTES` (a chunk over it in
+    several), lazily: at most one piece exists beyond the chunks themselves."""
+    buffered: list[bytes] = []
+    size = 0
+    for chunk in chunks:
+        for start in range(0, len(chunk), PIECE_BYTES):
+            part = chunk[start : start + PIECE_BYTES]
+            if size + len(part) > PIECE_BYTES and buffered:
+                yield b"".join(buffered)
+                buffered.clear()
+                size = 0
+            buffered.append(part)
+            size += len(part)
+    if buffered:
+        yield b"".join(buffered)
+
+
+async def _write_pieces(
+    response: web.StreamResponse, chunks: Iterable[bytes], *, eof: bool = False
+) -> None:
+    """Write `chunks` to `response` in drained pieces (`_pieces`); with `eof`, the last piece
+    goes with the end of the response in one send."""
+    last: bytes | None = None
+    for piece in _pieces(chunks):
+        if last is not None:
+            await response.write(last)
+        last = piece
+    if eof:
+        await response.write_eof(last or b"")
+    elif last is not None:
+        await response.write(last)
 
 
 def _error_event(request: web.Request, code: str) -> bytes:
@@ -74,9 +115,9 @@ async def follow_local(
                 pos += len(chunks)
                 if run.log.end is not None and pos == run.log.next_seq - 1:
                     # The last events and the end of the response in one send.
-                    await response.write_eof(b"".join(chunks))
+                    await _write_pieces(response, chunks, eof=True)
                     return
-                await response.write(b"".join(chunks))
+                await _write_pieces(response, chunks)
                 last_write = loop.time()
                 continue
             if run.log.end is not None:
@@ -154,7 +195,7 @@ async def follow_remote(
             if before < replay_until:
                 registry.counters.replayed_events += min(pos, replay_until) - before
             if out:
-                await response.write(b"".join(out))
+                await _write_pieces(response, out)
                 last_write = loop.time()
             if ended:
                 break
