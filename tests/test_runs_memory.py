@@ -339,6 +339,27 @@ async def test_every_answer_of_the_runs_endpoints_is_sandboxed_like_a_proxied_on
             assert done.status == 204 and _sandboxed(done)
 
 
+async def test_a_wrong_method_or_unknown_application_on_a_runs_url_is_sandboxed(
+    counting: tuple[CountingUpstream, TestServer],
+) -> None:
+    """The router's 405 (POST or DELETE on a run, GET on its stop) and the 404 of an unknown
+    application's runs URL carry the same sandbox CSP and `nosniff` (docs/resumable-streams.md:
+    every answer of the runs endpoints)."""
+    _, server = counting
+    async with _gateway(server) as gw:
+        run_id, _ = await _start(gw, 2)
+        for method, path, status in (
+            ("POST", f"/apps/shop/runs/{run_id}", 405),
+            ("DELETE", f"/apps/shop/runs/{run_id}", 405),
+            ("GET", f"/apps/shop/runs/{run_id}/stop", 405),
+            ("GET", f"/apps/nope/runs/{run_id}", 404),
+            ("POST", f"/apps/nope/runs/{run_id}/stop", 404),
+        ):
+            async with gw.client.request(method, path, headers=CSRF) as response:
+                assert response.status == status, (method, path)
+                assert _sandboxed(response), (method, path, dict(response.headers))
+
+
 @pytest.mark.parametrize(
     "env",
     [{"RUN_ENDED_MAX_RUNS": "2"}, {"RUN_ENDED_MAX_BYTES": "2000"}],
