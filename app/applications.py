@@ -107,6 +107,9 @@ class AppConfig:
     resume_window_seconds: float = 60.0
     resume_max_events: int = 10_000
     resume_max_bytes: int = 4 * 1024 * 1024
+    # Bytes of the application's ended runs kept in Redis (one to two windows) past which its new
+    # runs are relayed without resume: one application never fills Redis for the others (F3).
+    resume_redis_budget_bytes: int = 64 * 1024 * 1024
 
     @property
     def is_builtin_demo(self) -> bool:

@@ -234,6 +234,7 @@ _RESUMABLE_FIELDS = (
     "resume_window_seconds",
     "resume_max_events",
     "resume_max_bytes",
+    "resume_redis_budget_bytes",
 )
 
 
@@ -250,7 +251,12 @@ def _parse_resumable(table: dict[str, Any], where: str, problems: list[str]) -> 
             table, "resume_window_seconds", 60.0, where, problems
         )
     fields.update(
-        _integers(table, (("resume_max_events", 1), ("resume_max_bytes", 1)), where, problems)
+        _integers(
+            table,
+            (("resume_max_events", 1), ("resume_max_bytes", 1), ("resume_redis_budget_bytes", 1)),
+            where,
+            problems,
+        )
     )
     return fields
 

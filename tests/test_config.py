@@ -375,6 +375,14 @@ def test_apps_file_replaces_the_default_demo(tmp_path: Path) -> None:
             '[apps.a]\nupstream = "builtin:demo"\nresume_max_bytes = true\n',
             "field 'resume_max_bytes' must be a positive integer",
         ),
+        (
+            '[apps.a]\nupstream = "builtin:demo"\nresume_redis_budget_bytes = 0\n',
+            "field 'resume_redis_budget_bytes' must be a positive integer",
+        ),
+        (
+            '[apps.a]\nupstream = "builtin:demo"\nresume_redis_budget_bytes = "64MiB"\n',
+            "field 'resume_redis_budget_bytes' must be a positive integer",
+        ),
         ('[apps.a]\nupstream = "builtin:demo"\nresumable = 1\n', "'resumable' must be true"),
     ],
 )

@@ -223,8 +223,21 @@ async def test_the_run_holds_its_upstream_slot_until_it_ends_and_returns_it_once
 
 
 class _FailingStore:
+    async def budget_used(self, *args: Any, **kwargs: Any) -> int:
+        return 0
+
     async def create(self, *args: Any, **kwargs: Any) -> None:
         raise StoreUnavailable("ConnectionError: refused")
+
+
+class _OverBudgetStore:
+    """The application's ended runs hold more than its `resume_redis_budget_bytes`."""
+
+    async def budget_used(self, *args: Any, **kwargs: Any) -> int:
+        return 64 * 1024 * 1024
+
+    async def create(self, *args: Any, **kwargs: Any) -> None:
+        raise AssertionError("no run is created over the budget")
 
 
 async def test_run_store_down_at_the_start_relays_without_resume(
@@ -241,6 +254,23 @@ async def test_run_store_down_at_the_start_relays_without_resume(
         expected = b"".join(CountingUpstream.event(i) for i in range(upstream.count))
         assert body == expected + b"event: done\ndata: {}\n\n"  # today's byte-exact relay
         assert registry.counters.unresumable == 1 and not registry.runs
+
+
+async def test_an_application_over_its_redis_budget_relays_without_resume(
+    counting: tuple[CountingUpstream, TestServer],
+) -> None:
+    upstream, server = counting
+    async with _gateway(server) as gw:
+        registry = gw.app[RUNS_KEY]
+        registry.store = cast(RedisRunStore, _OverBudgetStore())
+        async with gw.client.post(CHAT, headers=CSRF, json={"message": "hi"}) as response:
+            assert response.status == 200
+            assert "X-Run-Id" not in response.headers
+            body = await response.read()
+        expected = b"".join(CountingUpstream.event(i) for i in range(upstream.count))
+        assert body == expected + b"event: done\ndata: {}\n\n"  # today's byte-exact relay
+        counters = registry.counters
+        assert counters.over_budget == 1 and counters.unresumable == 1 and not registry.runs
 
 
 async def test_a_plain_application_is_relayed_byte_exact_without_a_run(

@@ -35,8 +35,15 @@ class RunsCollector:
             ("agent_bff_runs_started", "Resumable runs started here.", counters.started),
             (
                 "agent_bff_runs_unresumable",
-                "Resumable streams relayed without a run (the run store failed at start).",
+                "Resumable streams relayed without a run (the run store failed at start, or "
+                "the application was over resume_redis_budget_bytes).",
                 counters.unresumable,
+            ),
+            (
+                "agent_bff_runs_over_budget",
+                "Resumable streams relayed without a run: the application's ended runs held "
+                "its resume_redis_budget_bytes in Redis.",
+                counters.over_budget,
             ),
             ("agent_bff_run_resumes", "Resume requests served here.", counters.resumes),
             (

@@ -23,8 +23,10 @@ sandbox CSP, `nosniff`), as every proxied answer does.
 from __future__ import annotations
 
 import logging
+import math
 import re
 import secrets
+import time
 from collections.abc import Awaitable, Callable
 
 import aiohttp
@@ -49,6 +51,24 @@ _RUN_ID_RE = re.compile(r"^[A-Za-z0-9_-]{22}$")
 _SEQ_RE = re.compile(r"^[0-9]{1,18}$")
 
 
+_OVER_BUDGET_LOG_SECONDS = 10.0
+_last_over_budget_log: dict[str, float] = {}
+
+
+def _log_over_budget(app_id: str, used: int) -> None:
+    """Say (at most every `_OVER_BUDGET_LOG_SECONDS` per application) that runs are relayed
+    without resume because the application's ended runs hold its Redis budget."""
+    now = time.monotonic()
+    if now - _last_over_budget_log.get(app_id, -math.inf) >= _OVER_BUDGET_LOG_SECONDS:
+        _last_over_budget_log[app_id] = now
+        log.warning(
+            "app %s: its ended runs hold %d bytes in Redis (resume_redis_budget_bytes): new "
+            "runs relayed without resume",
+            app_id,
+            used,
+        )
+
+
 async def start_run(
     exchange: Exchange,
     response: web.StreamResponse,
@@ -56,13 +76,22 @@ async def start_run(
     conversation_id: str,
 ) -> web.StreamResponse | None:
     """The proxy's hook for an event stream of a resumable application: start a run, answer
-    with it; None when the run store failed (the proxy then relays as usual, no resume)."""
+    with it; None when the run store failed or the application's runs are over their Redis
+    budget (`resume_redis_budget_bytes`): the proxy then relays as usual, no resume."""
     request, app = exchange.request, exchange.app
     registry = request.app[RUNS_KEY]
     run_id = secrets.token_urlsafe(16)
     owner = owner_of(conversation_id)
     try:
         if registry.store is not None:
+            used = await registry.store.budget_used(
+                app.app_id, window_ms=round(app.resume_window_seconds * 1000)
+            )
+            if used >= app.resume_redis_budget_bytes:
+                registry.counters.unresumable += 1
+                registry.counters.over_budget += 1
+                _log_over_budget(app.app_id, used)
+                return None
             await registry.store.create(
                 run_id,
                 RunMeta(owner, app.app_id),

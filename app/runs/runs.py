@@ -125,6 +125,8 @@ class Run:
 class RunCounters:
     started: int = 0
     unresumable: int = 0
+    # Of those, the runs relayed without resume because their application was over its budget.
+    over_budget: int = 0
     resumes: int = 0
     replayed_events: int = 0
     orphaned: int = 0
@@ -327,6 +329,11 @@ class RunRegistry:
                     ttl_ms=round(run.app.resume_window_seconds * 1000),
                 )
                 recorded = True
+                await self.store.budget_add(
+                    run.app.app_id,
+                    run.log.bytes,
+                    window_ms=round(run.app.resume_window_seconds * 1000),
+                )
             except StoreUnavailable as err:
                 log.warning("run %s: its end could not be recorded (%s)", run.run_id, err)
         # Recorded in Redis: resumes read it from there, this process's copy can go now (a

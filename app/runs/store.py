@@ -16,6 +16,15 @@ Keys (all with the run id as hash tag, so one run's keys share a Redis Cluster s
   app/runs/readers.py): the pumper's view of "somebody is still reading".
 `m` and `e` expire one window (plus a heartbeat TTL) after the last heartbeat or the end.
 
+Each application's budget of run data (`resume_redis_budget_bytes`, F3): counters
+`{REDIS_AUX_PREFIX}runs:{<applicationId>}:bytes:<slot>`, one per slot of one window
+(`slot = now // window`, this replica's clock), each `INCRBY` the framed bytes a run left in
+Redis when its end is recorded, expiring two windows after its slot began. What the current
+and the previous slot hold is at least what the application's ended runs keep in Redis (an
+ended run is kept one window after its end); a new run starts only while it is under the budget
+(`budget_used`; over it, `app.runs.http.start_run` relays without resume). A retried `INCRBY`
+may count twice: the error is on the safe side.
+
 Every command goes through `RedisBackend._run` (3 retries, one deadline, `StoreUnavailable`);
 simple ones through the auto-pipeliner. Blocking `XREAD`s use their own bounded client
 (`follow`, one connection per followed run: app/runs/readers.py), so a reader never holds a
@@ -26,6 +35,7 @@ the pipeliner returns raw RESP2, a cluster client parses it.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -143,6 +153,23 @@ class RedisRunStore:
             return list(await asyncio.gather(*(execute(*command) for command in commands)))
 
         return await self._backend._run(send)
+
+    def _budget_keys(self, app_id: str, window_ms: int) -> tuple[str, str]:
+        """(current slot's counter, previous slot's counter) of `app_id`'s run bytes."""
+        slot = int(time.time() * 1000) // max(1, window_ms)
+        base = f"{self._prefix}runs:{{{app_id}}}:bytes:"
+        return base + str(slot), base + str(slot - 1)
+
+    async def budget_used(self, app_id: str, *, window_ms: int) -> int:
+        """The bytes `app_id`'s runs ended in Redis within the last one to two windows."""
+        current, previous = self._budget_keys(app_id, window_ms)
+        (raw,) = await self._all(("MGET", current, previous))
+        return sum(int(_text(value)) for value in raw or [] if value is not None)
+
+    async def budget_add(self, app_id: str, size: int, *, window_ms: int) -> None:
+        """Count `size` bytes of an ended run of `app_id` (kept in Redis for a window)."""
+        current, _ = self._budget_keys(app_id, window_ms)
+        await self._all(("INCRBY", current, size), ("PEXPIRE", current, 2 * max(1, window_ms)))
 
     async def create(
         self, run_id: str, meta: RunMeta, *, ttl_ms: int, heartbeat_ms: int, window_ms: int

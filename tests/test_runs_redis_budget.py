@@ -1,0 +1,121 @@
+"""F3 (attack-runs): one anonymous client of application A (whose upstream it controls) ends
+run after run of ~3.5 MiB (each under the default resume_max_bytes, kept in Redis for the
+window, created at the client's own rate). Without a per-application budget of run data in
+Redis (`resume_redis_budget_bytes`, app/runs/store.py) they fill Redis, and application B's new
+users get 503 `session_store_full`. Two real replicas, a real redis-server at maxmemory 96mb."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import AsyncExitStack
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from tests.gateway_process import GatewayProcess
+from tests.redis_server import RedisServer
+from tests.runs_helpers import CountingUpstream, error_code, event_id, read_events
+
+pytestmark = pytest.mark.redis_server
+
+CSRF = {"X-CSRF": "1"}
+
+
+class BigRunUpstream:
+    """App A's (hostile) upstream: 7 events of 512 KiB at once (3.5 MiB, under the default
+    resume_max_bytes of 4 MiB), then the end."""
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_post("/v1/chat", self.chat)
+        return app
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write((b"data: " + b"y" * (512 * 1024) + b"\n\n") * 7)
+        await response.write_eof()
+        return response
+
+
+@pytest.fixture
+def redis(tier_integration: None) -> Iterator[RedisServer]:
+    with RedisServer(
+        extra_args=["--maxmemory", "96mb", "--maxmemory-policy", "noeviction"]
+    ) as server:
+        yield server
+
+
+@pytest.fixture
+async def setup(
+    tier_system: None, tmp_path: Path, redis: RedisServer
+) -> AsyncIterator[tuple[GatewayProcess, GatewayProcess, CountingUpstream, RedisServer]]:
+    victim = CountingUpstream(count=30, delay=0.03)
+    async with AsyncExitStack() as stack:
+        urls = []
+        for upstream_app in (BigRunUpstream().app(), victim.app()):
+            server = TestServer(upstream_app, host="127.0.0.1")
+            await server.start_server()
+            stack.push_async_callback(server.close)
+            urls.append(str(server.make_url("/v1")))
+        apps = tmp_path / "apps.toml"
+        apps.write_text(
+            f'[apps.shop]\nupstream = "{urls[0]}"\nresumable = true\n'
+            "resume_window_seconds = 30\n"
+            f'[apps.other]\nupstream = "{urls[1]}"\nresumable = true\n'
+            "resume_window_seconds = 30\n"
+        )
+        env = {
+            "SESSION_STORE": "redis",
+            "REDIS_URL": redis.url,
+            "APPS_FILE": str(apps),
+            "RUN_HEARTBEAT_SECONDS": "0.25",
+        }
+        with GatewayProcess(env) as a, GatewayProcess(env) as b:
+            yield a, b, victim, redis
+
+
+async def test_one_clients_ended_runs_never_fill_redis_for_another_application(
+    setup: tuple[GatewayProcess, GatewayProcess, CountingUpstream, RedisServer],
+) -> None:
+    a, b, victim, redis = setup
+    statuses: list[int] = []
+    resumable = 0
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as attacker:
+        started = time.monotonic()
+        for _ in range(40):  # 40 x 3.5 MiB, one at a time, one address, one session
+            response = await attacker.post(
+                f"{a.url}/apps/shop/agent/chat", headers=CSRF, json={"message": "hi"}
+            )
+            statuses.append(response.status)
+            resumable += "X-Run-Id" in response.headers
+            await response.read()
+        took = time.monotonic() - started
+    # The default budget (64 MiB) holds 18 such runs; the ones past it are relayed, not kept.
+    assert statuses == [200] * 40
+    assert 10 <= resumable < 25, resumable
+    used = int(redis.client().info("memory")["used_memory"])
+    assert used < 88 * 1024 * 1024, (
+        f"{resumable} runs kept; Redis holds {used / 2**20:.1f} MiB of 96 after the attack"
+    )
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as user:
+        response = await user.post(
+            f"{b.url}/apps/other/agent/chat", headers=CSRF, json={"message": "hi"}
+        )
+        body = await response.read()
+        assert response.status == 200 and "X-Run-Id" in response.headers, (
+            f"after one client's 40 runs of app shop in {took:.1f} s (statuses "
+            f"{sorted(set(statuses))}), app other's new user got {response.status} "
+            f"{body[:120]!r}, X-Run-Id {'X-Run-Id' in response.headers}"
+        )
+        run_id = response.headers["X-Run-Id"]
+        async with user.get(f"{a.url}/apps/other/runs/{run_id}") as resumed:
+            assert resumed.status == 200
+            events = await asyncio.wait_for(read_events(resumed), 15)
+    assert [error_code(e) for e in events if error_code(e)] == []
+    assert [event_id(e) for e in events] == list(range(1, victim.count + 2))
