@@ -48,7 +48,7 @@ from tests.gateway_process import GatewayProcess
 from tests.redis_server import RedisServer
 
 if TYPE_CHECKING:
-    from playwright.async_api import Browser
+    from playwright.async_api import Browser, Page, Route
 
     from tests.fake_upstream import RunningGateway, ServedUpstream
 
@@ -425,3 +425,19 @@ async def browser() -> AsyncIterator[Browser]:
             yield browser
         finally:
             await browser.close()
+
+
+FRONTEND_PAGE = "/__frontend__.html"
+
+
+async def open_frontend_page(page: Page, origin: str) -> None:
+    """Open a blank page of `origin` on which script may run, as a frontend served on the
+    gateway's origin would be. Every answer of the gateway itself carries the sandbox CSP
+    (docs/security.md), so none of its own URLs can serve as one: the browser answers
+    `FRONTEND_PAGE` itself, and every other request of the page goes to the network."""
+
+    async def fulfill(route: Route) -> None:
+        await route.fulfill(status=200, content_type="text/html", body="<!doctype html>")
+
+    await page.route(origin + FRONTEND_PAGE, fulfill)
+    await page.goto(origin + FRONTEND_PAGE)

@@ -30,7 +30,7 @@ from pytest_aiohttp import AiohttpServer
 from app.applications import AppConfig
 from app.proxy.headers import PROXIED_CSP
 from app.proxy.urls import redirect_leaves_application
-from tests.conftest import make_settings
+from tests.conftest import make_settings, open_frontend_page
 from tests.fake_upstream import (
     RunningGateway,
     ServedUpstream,
@@ -252,12 +252,13 @@ async def test_I1_control_without_the_gateways_headers_the_document_runs_its_scr
 async def test_I1_control_the_same_script_succeeds_where_script_may_run(
     browser: Browser, two_apps: TwoApps
 ) -> None:
-    """Proves the assertions above can fail: on a gateway page that is not a proxied answer
-    (`/healthz`), the attack script reads and changes B and drives B's agent."""
+    """Proves the assertions above can fail: on a page of the gateway's origin without the
+    sandbox (a frontend served beside it), the attack script reads and changes B and drives
+    B's agent."""
     context = await victim_context(browser, two_apps)
     page = await context.new_page()
     try:
-        await page.goto(f"{two_apps.gateway.url}/healthz")
+        await open_frontend_page(page, str(two_apps.gateway.url))
         await page.evaluate(ATTACK_JS)
         assert attack_reached(two_apps) == ["b POST /v1/drive", "a POST /v1/report"]
         stolen = json.loads(json.loads(two_apps.hostile.fake.seen[-1].body or b"{}")["loot"])
@@ -281,7 +282,7 @@ async def test_I1_event_streams_and_json_still_work_for_fetch_and_eventsource(
     context = await browser.new_context(base_url=str(two_apps.gateway.url))
     page = await context.new_page()
     try:
-        await page.goto(f"{two_apps.gateway.url}/healthz")
+        await open_frontend_page(page, str(two_apps.gateway.url))
         got = await page.evaluate(
             """async () => {
                 const json = await (await fetch('/apps/a/agent/echo')).json();

@@ -10,7 +10,7 @@ import pytest
 from playwright.async_api import Browser
 
 from app.demo_agent import compose_reply
-from tests.conftest import GatewayProcessFactory
+from tests.conftest import GatewayProcessFactory, open_frontend_page
 from tests.gateway_process import REPO_ROOT
 
 pytestmark = pytest.mark.browser
@@ -35,8 +35,8 @@ async def test_the_documented_snippet_works_against_the_gateway(
     snippet, usage = snippet_blocks()
     proc = gateway_process({"DEMO_TOKEN_DELAY_SECONDS": "0.001"})
     page = await browser.new_page()
-    # A page of the gateway's own origin (like a frontend it serves); no CSP on /healthz.
-    await page.goto(proc.url + "/healthz")
+    # A page of the gateway's own origin, like a frontend served beside it.
+    await open_frontend_page(page, str(proc.url))
     done = await page.evaluate(
         as_function(snippet, usage, result="{ data, reply, cookie: document.cookie }")
     )
