@@ -158,7 +158,7 @@ def _parse_app(
         max_body = 1_048_576
 
     limits: dict[str, RateLimit | None] = {}
-    for name in ("rate_limit_per_session", "rate_limit_per_app"):
+    for name in ("rate_limit_per_session", "rate_limit_per_app", "resume_runs_per_client"):
         raw_limit = table.get(name)
         limits[name] = None
         if raw_limit is None:
@@ -190,6 +190,7 @@ def _parse_app(
             max_body_bytes=max_body,
             rate_limit_per_session=limits["rate_limit_per_session"],
             rate_limit_per_app=limits["rate_limit_per_app"],
+            resume_runs_per_client=limits["resume_runs_per_client"],
             **capacity,
             **resumable,
         ),
@@ -235,6 +236,7 @@ _RESUMABLE_FIELDS = (
     "resume_max_events",
     "resume_max_bytes",
     "resume_redis_budget_bytes",
+    "resume_runs_per_client",
 )
 
 

@@ -376,6 +376,14 @@ def test_apps_file_replaces_the_default_demo(tmp_path: Path) -> None:
             "field 'resume_max_bytes' must be a positive integer",
         ),
         (
+            '[apps.a]\nupstream = "builtin:demo"\nresume_runs_per_client = 10\n',
+            "field 'resume_runs_per_client' must be a string",
+        ),
+        (
+            '[apps.a]\nupstream = "builtin:demo"\nresume_runs_per_client = "10/fortnight"\n',
+            "field 'resume_runs_per_client' = '10/fortnight' is not valid",
+        ),
+        (
             '[apps.a]\nupstream = "builtin:demo"\nresume_redis_budget_bytes = 0\n',
             "field 'resume_redis_budget_bytes' must be a positive integer",
         ),

@@ -13,6 +13,7 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
 
+from app.applications import parse_rate_limit
 from app.keys import RUNS_KEY, UPSTREAM_KEY
 from app.proxy.headers import PROXIED_CSP
 from app.runs.store import RedisRunStore
@@ -271,6 +272,24 @@ async def test_an_application_over_its_redis_budget_relays_without_resume(
         assert body == expected + b"event: done\ndata: {}\n\n"  # today's byte-exact relay
         counters = registry.counters
         assert counters.over_budget == 1 and counters.unresumable == 1 and not registry.runs
+
+
+async def test_a_client_over_its_run_rate_is_relayed_without_resume(
+    counting: tuple[CountingUpstream, TestServer],
+) -> None:
+    upstream, server = counting
+    async with _gateway(server, resume_runs_per_client=parse_rate_limit("2/minute")) as gw:
+        run_ids = []
+        for _ in range(3):
+            async with gw.client.post(CHAT, headers=CSRF, json={"message": "hi"}) as response:
+                assert response.status == 200
+                run_ids.append(response.headers.get("X-Run-Id"))
+                body = await response.read()
+        assert run_ids[0] and run_ids[1] and run_ids[2] is None
+        expected = b"".join(CountingUpstream.event(i) for i in range(upstream.count))
+        assert body == expected + b"event: done\ndata: {}\n\n"  # today's byte-exact relay
+        counters = gw.app[RUNS_KEY].counters
+        assert counters.rate_limited == 1 and counters.unresumable == 1
 
 
 async def test_a_plain_application_is_relayed_byte_exact_without_a_run(

@@ -45,6 +45,12 @@ class RunsCollector:
                 "its resume_redis_budget_bytes in Redis.",
                 counters.over_budget,
             ),
+            (
+                "agent_bff_runs_rate_limited",
+                "Resumable streams relayed without a run: their client address was over the "
+                "application's resume_runs_per_client.",
+                counters.rate_limited,
+            ),
             ("agent_bff_run_resumes", "Resume requests served here.", counters.resumes),
             (
                 "agent_bff_run_replayed_events",

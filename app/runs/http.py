@@ -34,9 +34,10 @@ from aiohttp import web
 
 from app.capacity import client_key
 from app.errors import ApiError, store_error
-from app.keys import APP_CONFIG_KEY, RUNS_KEY, SETTINGS_KEY, UPSTREAM_KEY
+from app.keys import APP_CONFIG_KEY, RUNS_KEY, SETTINGS_KEY, STORAGE_APP_KEY, UPSTREAM_KEY
 from app.proxy.exchange import Exchange
 from app.proxy.headers import PROXIED_RESPONSE_HEADERS, browser_response_headers
+from app.ratelimit import token_bucket
 from app.runs.feed import follow_local, follow_remote
 from app.runs.readers import Follower
 from app.runs.runs import RunRegistry, owner_of, reading
@@ -69,6 +70,23 @@ def _log_over_budget(app_id: str, used: int) -> None:
         )
 
 
+async def _client_may_start(exchange: Exchange) -> bool:
+    """Whether the request's client address is within its application's
+    `resume_runs_per_client` (a GCRA bucket in the session store, shared by the replicas on
+    Redis: `{REDIS_AUX_PREFIX}rl:{<applicationId>}:runs:<address>`); takes one token if so.
+    `StoreUnavailable` propagates (the caller relays without resume)."""
+    rate = exchange.app.resume_runs_per_client
+    if rate is None:
+        return True
+    request = exchange.request
+    settings = request.app[SETTINGS_KEY]
+    address = exchange.client_key or client_key(request, settings.trusted_proxies)
+    key = f"{settings.redis_aux_prefix}rl:{{{exchange.app.app_id}}}:runs:{address}"
+    store = request.app[STORAGE_APP_KEY].backend
+    wait = await store.rate_limit([token_bucket(key, rate)])
+    return wait <= 0
+
+
 async def start_run(
     exchange: Exchange,
     response: web.StreamResponse,
@@ -83,6 +101,10 @@ async def start_run(
     run_id = secrets.token_urlsafe(16)
     owner = owner_of(conversation_id)
     try:
+        if not await _client_may_start(exchange):
+            registry.counters.unresumable += 1
+            registry.counters.rate_limited += 1
+            return None
         if registry.store is not None:
             used = await registry.store.budget_used(
                 app.app_id, window_ms=round(app.resume_window_seconds * 1000)

@@ -127,6 +127,8 @@ class RunCounters:
     unresumable: int = 0
     # Of those, the runs relayed without resume because their application was over its budget.
     over_budget: int = 0
+    # Of those, the runs relayed without resume because their client was over its run rate.
+    rate_limited: int = 0
     resumes: int = 0
     replayed_events: int = 0
     orphaned: int = 0
