@@ -88,7 +88,7 @@ async def rig(aiohttp_server: AiohttpServer) -> AsyncIterator[Rig]:
     upstream.fake.on("/v1/ok", ok)
     async with FaultProxy(upstream.server.port or 0) as proxy:
         settings = app_settings(
-            f"{proxy.url}/v1", connect_timeout_seconds=0.25, idle_timeout_seconds=0.25
+            f"{proxy.url}/v1", connect_timeout_seconds=0.5, idle_timeout_seconds=0.25
         )
         async with run_gateway(settings) as gw:
             rig = Rig(upstream=upstream, proxy=proxy, gw=gw)
