@@ -6,11 +6,17 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from pathlib import Path
 
+import aiohttp
+import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from yarl import URL
 
 from tests.fake_upstream import app_settings, run_gateway
+from tests.gateway_process import GatewayProcess
+from tests.redis_server import RedisServer
 
 CSRF = {"X-CSRF": "1"}
 CHAT = "/apps/shop/agent/chat"
@@ -37,9 +43,9 @@ class BigRunUpstream:
         return response
 
 
-def _rss() -> int:
-    """This process's resident set size in bytes (the gateway runs in this process)."""
-    with open("/proc/self/statm") as statm:
+def _rss(pid: str = "self") -> int:
+    """The resident set size in bytes of process `pid` (default: this one)."""
+    with open(f"/proc/{pid}/statm") as statm:
         return int(statm.read().split()[1]) * 4096
 
 
@@ -95,5 +101,72 @@ async def test_readers_that_never_read_hold_no_copy_of_the_run_each() -> None:
             assert grown < 64 * 1024 * 1024, (
                 f"48 silent readers of 6 ended 3.5 MiB runs: gateway RSS +{grown >> 20} MiB"
             )
+    finally:
+        await server.close()
+
+
+async def _silent_readers(
+    url: str, runs: list[str], cookie: str, per_run: int
+) -> list[socket.socket]:
+    base = URL(url)
+    host, port = base.host, base.port
+    assert host is not None and port is not None
+    return [
+        await _silent_reader(host, port, f"/apps/shop/runs/{run_id}", cookie)
+        for run_id in runs
+        for _ in range(per_run)
+    ]
+
+
+@pytest.mark.redis_server
+async def test_silent_readers_on_another_replica_hold_no_copy_of_the_run_each(
+    tier_system: None, tmp_path: Path
+) -> None:
+    """The same through Redis: 6 ended 3.5 MiB runs pumped by replica A, 48 silent readers on
+    replica B (`follow_remote`, XRANGE). A stores the burst in entries of about 256 KiB, B
+    reads them a few at a time and writes each batch in drained pieces: each reader holds
+    about one 512 KiB event and its read buffers (+50 MiB measured; the whole run in one
+    entry, read in one XRANGE: +221 MiB)."""
+    upstream = BigRunUpstream(events=7)
+    server = TestServer(upstream.app(), host="127.0.0.1")
+    await server.start_server()
+    try:
+        with RedisServer() as redis:
+            apps = tmp_path / "apps.toml"
+            apps.write_text(
+                f'[apps.shop]\nupstream = "{server.make_url("/v1")}"\nresumable = true\n'
+                "resume_window_seconds = 60\n"
+            )
+            env = {
+                "SESSION_STORE": "redis",
+                "REDIS_URL": redis.url,
+                "APPS_FILE": str(apps),
+                "RUN_HEARTBEAT_SECONDS": "0.25",
+            }
+            with GatewayProcess(env) as a, GatewayProcess(env) as b:
+                jar = aiohttp.CookieJar(unsafe=True)
+                async with aiohttp.ClientSession(cookie_jar=jar) as client:
+                    runs = []
+                    for _ in range(6):
+                        async with client.post(
+                            f"{a.url}{CHAT}", headers=CSRF, json={"message": "hi"}
+                        ) as response:
+                            assert response.status == 200
+                            runs.append(response.headers["X-Run-Id"])
+                            assert len(await response.read()) > 7 * EVENT_BYTES
+                    async with client.get(f"{b.url}/apps/shop/runs/{runs[0]}") as check:
+                        assert len(await check.read()) > 7 * EVENT_BYTES  # B reads Redis
+                    cookie = "; ".join(f"{m.key}={m.value}" for m in jar)
+                before = _rss(str(b.pid))
+                socks = await _silent_readers(b.url, runs, cookie, 8)
+                try:
+                    await asyncio.sleep(2.0)
+                    grown = _rss(str(b.pid)) - before
+                finally:
+                    for sock in socks:
+                        sock.close()
+                assert grown < 112 * 1024 * 1024, (
+                    f"48 silent readers on replica B: its RSS +{grown >> 20} MiB"
+                )
     finally:
         await server.close()

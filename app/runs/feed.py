@@ -28,6 +28,20 @@ out since the last drain, so a reader that reads slowly or not at all holds abou
 pieces beyond that mark here, never a copy of the whole log it asked for."""
 
 
+CATCHUP_BYTES = 4 * PIECE_BYTES
+"""About what one catch-up `XRANGE` of `follow_remote` reads at most: a reader whose pieces
+wait to drain holds that batch (or one larger entry), not the whole run."""
+
+
+def _next_count(count: int, entries: list[Entry]) -> int:
+    """How many entries the next catch-up `XRANGE` asks for, after a batch of `count` gave
+    `entries`: one when the batch was over `CATCHUP_BYTES`, else twice as many (up to
+    `READ_COUNT`), so a run of small events still goes in few round trips."""
+    if sum(len(entry.data or b"") for entry in entries) > CATCHUP_BYTES:
+        return 1
+    return min(READ_COUNT, count * 2)
+
+
 def _pieces(chunks: Iterable[bytes]) -> Iterator[bytes]:
     """`chunks` joined and cut into pieces of at most `PIECE_BYTES` (a chunk over it in
     several), lazily: at most one piece exists beyond the chunks themselves."""
@@ -145,19 +159,21 @@ async def follow_remote(
 ) -> None:
     """The same from Redis, for a run pumped by another replica (or ended): what the run's
     follower here holds (app/runs/readers.py), and before that (a resume from further back,
-    or an ended run: `follower` None) what `XRANGE` reads; events up to `replay_until` count
-    as replayed."""
+    or an ended run: `follower` None) what `XRANGE` reads, a few entries at a time
+    (`_next_count`); events up to `replay_until` count as replayed."""
     settings = request.app[SETTINGS_KEY]
     keepalive = settings.sse_keepalive_seconds
     wait = min(keepalive, registry.heartbeat)
     loop = asyncio.get_running_loop()
     last_write = loop.time()
     pos = after
+    count = 1  # the first catch-up read: one entry, then more while they are small
     try:
         while True:
             entries: list[Entry] = []
             if follower is None or pos < follower.base:
-                entries = await store.range_after(run_id, pos, READ_COUNT)
+                entries = await store.range_after(run_id, pos, count)
+                count = _next_count(count, entries)
                 if not entries and follower is None:
                     break  # an ended run read to its end (its entries expired meanwhile)
             else:

@@ -23,8 +23,8 @@ closed (which cancels the upstream), and the capacity slots are returned, exactl
 
 Redis writes are group commits: a run has at most one `XADD` in flight (`RunWriter`,
 app/runs/writer.py); the events that arrive meanwhile go out together in the next one, so a
-burst costs one command and order is kept. The pump waits (upstream backpressure) when more
-than `WRITE_BACKLOG` events are waiting for Redis.
+burst costs one command per `ENTRY_BYTES` (app/runs/store.py) and order is kept. The pump
+waits (upstream backpressure) when more than `WRITE_BACKLOG` events are waiting for Redis.
 
 Every `RUN_HEARTBEAT_SECONDS` the pump refreshes its heartbeat key (TTL: 4 heartbeats), reads
 the stop flag and the readers' presence key, and refreshes the keys' TTLs: one pipelined round

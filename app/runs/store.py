@@ -186,16 +186,15 @@ class RedisRunStore:
     async def append(
         self, run_id: str, entries: Sequence[tuple[int, bytes]], first_kept: int
     ) -> None:
-        """One `XADD` of the consecutive `(seq, framed)` events, trimming entries that end below
-        `first_kept` (exactly)."""
-        if not entries:
-            return
-        command: tuple[Any, ...] = ("XADD", self.key(run_id, "e"))
-        if first_kept > 1:
-            command += ("MINID", "=", f"0-{first_kept}")
-        data = entries[0][1] if len(entries) == 1 else b"".join(f for _, f in entries)
-        command += (f"0-{entries[-1][0]}", "f", entries[0][0], "d", data)
-        await self._backend._run(_idempotent_xadd(self._backend.execute, command))
+        """The consecutive `(seq, framed)` events in one `XADD` per `ENTRY_BYTES` group
+        (`_groups`), trimming entries that end below `first_kept` (exactly)."""
+        for group in _groups(entries):
+            command: tuple[Any, ...] = ("XADD", self.key(run_id, "e"))
+            if first_kept > 1:
+                command += ("MINID", "=", f"0-{first_kept}")
+            data = group[0][1] if len(group) == 1 else b"".join(f for _, f in group)
+            command += (f"0-{group[-1][0]}", "f", group[0][0], "d", data)
+            await self._backend._run(_idempotent_xadd(self._backend.execute, command))
 
     async def tick(self, run_id: str, *, heartbeat_ms: int, ttl_ms: int) -> tuple[bool, int]:
         """The pumper's heartbeat: refresh it and the TTLs; (stop asked for, reader key's
@@ -221,7 +220,12 @@ class RedisRunStore:
         ttl_ms: int,
     ) -> None:
         """The run's last events (if any) and its end in one entry, and the keys' TTLs set to
-        the window: one script call (`END_RUN`), so the TTLs never precede the entry."""
+        the window: one script call (`END_RUN`), so the TTLs never precede the entry. Events
+        beyond the last `ENTRY_BYTES` group go before it (`append`)."""
+        groups = _groups(entries)
+        if len(groups) > 1:
+            await self.append(run_id, [e for group in groups[:-1] for e in group], first_kept)
+            entries = groups[-1]
         args: list[Any] = [ttl_ms, f"0-{first_kept}" if first_kept > 1 else ""]
         if entries:
             data = b"".join(f for _, f in entries)
@@ -281,6 +285,25 @@ class RedisRunStore:
 
     async def request_stop(self, run_id: str) -> None:
         await self._all(("HSET", self.key(run_id, "m"), "stop", "1"))
+
+
+ENTRY_BYTES = 256 * 1024
+"""About the most bytes of events one stream entry carries (one larger event: its own entry):
+a reader on another replica holds an `XRANGE` batch while it drains to a slow browser
+(app/runs/feed.py), so a burst of events grouped in one commit is never one huge entry."""
+
+
+def _groups(entries: Sequence[tuple[int, bytes]]) -> list[list[tuple[int, bytes]]]:
+    """`entries` in consecutive groups of at most `ENTRY_BYTES` (a larger event alone)."""
+    groups: list[list[tuple[int, bytes]]] = []
+    size = 0
+    for entry in entries:
+        if not groups or size + len(entry[1]) > ENTRY_BYTES:
+            groups.append([])
+            size = 0
+        groups[-1].append(entry)
+        size += len(entry[1])
+    return groups
 
 
 def _idempotent_xadd(
