@@ -42,7 +42,7 @@ class RunLog:
         self._entries.append(framed)
         self.next_seq = seq + 1
         self.bytes += len(framed)
-        while len(self._entries) > 1 and (
+        while self._entries and (
             len(self._entries) > self.max_events or self.bytes > self.max_bytes
         ):
             self.bytes -= len(self._entries.popleft())
@@ -58,7 +58,7 @@ class RunLog:
         entries.extend(framed for _, framed in out)
         self.next_seq = seq + len(out)
         self.bytes += sum(len(framed) for _, framed in out)
-        while len(entries) > 1 and (len(entries) > self.max_events or self.bytes > self.max_bytes):
+        while entries and (len(entries) > self.max_events or self.bytes > self.max_bytes):
             self.bytes -= len(entries.popleft())
         self._wakeup.wake()
         return out

@@ -239,9 +239,9 @@ class Follower:
             self.bytes += len(entry.data or b"")
             if entry.end is not None:
                 self.ended = True
-        while len(self._entries) > 1 and (
-            len(self._entries) > MIRROR_ENTRIES or self.bytes > self._max_bytes
-        ):
+        # Never more than `max_bytes` kept, not even of one entry (an end entry has no bytes:
+        # the byte limit never drops it, the count limit keeps the last one).
+        while self.bytes > self._max_bytes or len(self._entries) > max(MIRROR_ENTRIES, 1):
             dropped = self._entries.popleft()
             self.base = dropped.seq
             self.bytes -= len(dropped.data or b"")

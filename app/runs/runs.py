@@ -53,7 +53,7 @@ from app.lifecycle import Lifecycle
 from app.proxy.fastread import read_available
 from app.runs.log import RunLog
 from app.runs.readers import ReaderCaps
-from app.runs.sse import SseParser
+from app.runs.sse import FRAME_OVERHEAD, EventTooLarge, SseParser
 from app.runs.store import RedisRunStore
 from app.runs.writer import RunWriter
 from app.sessions.backend import StoreUnavailable
@@ -74,6 +74,7 @@ WRITE_BACKLOG = 1024
 ERROR_MESSAGES = {
     "upstream_stream_error": "The agent service stream broke off.",
     "upstream_idle_timeout": "The agent service sent nothing for too long.",
+    "upstream_event_too_large": "The agent service sent an event larger than a run keeps.",
     "shutting_down": "The instance running this answer shut down; start a new one.",
     "run_stopped": "The run was stopped.",
     "run_expired": "Nobody read this run within its window; it was cancelled.",
@@ -227,7 +228,8 @@ class RunRegistry:
     async def _pump_events(self, run: Run, upstream: aiohttp.ClientResponse) -> str:
         loop = asyncio.get_running_loop()
         content = upstream.content
-        parser = SseParser()
+        # An event must fit the run's log once framed (`resume_max_bytes`).
+        parser = SseParser(max_held=max(run.app.resume_max_bytes - FRAME_OVERHEAD, 0))
         idle = run.app.idle_timeout_seconds
         last_data = loop.time()
         next_tick = last_data + self.heartbeat
@@ -262,7 +264,10 @@ class RunRegistry:
             if not chunk:
                 return "done"
             last_data = loop.time()
-            events = parser.feed(chunk)
+            try:
+                events = parser.feed(chunk)
+            except EventTooLarge:
+                return "upstream_event_too_large"
             if not events:
                 continue
             appended = run.log.extend(events)

@@ -19,27 +19,56 @@ always the gateway's sequence number.
 from __future__ import annotations
 
 _BOM = b"\xef\xbb\xbf"
+# What `frame` adds to an event at most: `\nid: <seq>\n\n` with a 64-bit sequence number.
+FRAME_OVERHEAD = 32
+
+
+class EventTooLarge(Exception):
+    """The upstream's current event outgrew the parser's `max_held` bytes."""
 
 
 class SseParser:
-    """Incremental splitter of an event stream into events (see the module docstring)."""
+    """Incremental splitter of an event stream into events (see the module docstring).
 
-    __slots__ = ("_buffer", "_lines", "_shortcut", "_skip_lf", "_started")
+    Linear time: a chunk without a line end is only scanned once and kept as a piece; the
+    pieces are joined once, when a line end arrives. With `max_held`, the bytes of the current
+    (unfinished) event held, and each completed event, stay within it: past it `feed` raises
+    `EventTooLarge` (the caller ends the stream)."""
 
-    def __init__(self, *, shortcut: bool = True) -> None:
-        self._buffer = b""
+    __slots__ = (
+        "_held",
+        "_lines",
+        "_max_held",
+        "_pieces",
+        "_shortcut",
+        "_skip_lf",
+        "_started",
+    )
+
+    def __init__(self, *, shortcut: bool = True, max_held: int | None = None) -> None:
+        # The unfinished last line, in pieces (no line end, no CR in them).
+        self._pieces: list[bytes] = []
+        # Bytes in `_pieces` plus `_lines` (with their separators).
+        self._held = 0
         self._lines: list[bytes] = []
         self._skip_lf = False
         self._started = False
         # False: never `_feed_plain` (tests compare both ways).
         self._shortcut = shortcut
+        self._max_held = max_held
 
     @property
     def mid_event(self) -> bool:
         """True when bytes of an unfinished event are held (an added event would corrupt it)."""
-        return bool(self._buffer or self._lines)
+        return bool(self._pieces or self._lines)
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of the unfinished event held (its complete lines and its last line)."""
+        return self._held
 
     def feed(self, chunk: bytes) -> list[bytes]:
+        """The events `chunk` completed; raises `EventTooLarge` past `max_held`."""
         if not chunk:
             return []
         if self._skip_lf:
@@ -47,27 +76,52 @@ class SseParser:
             self._skip_lf = False
             if chunk[:1] == b"\n":
                 chunk = chunk[1:]
-        data = self._buffer + chunk
+                if not chunk:
+                    return []
         if not self._started:
+            data = b"".join(self._pieces) + chunk
             if len(data) < len(_BOM) and _BOM.startswith(data):
-                self._buffer = data
+                self._pieces = [data]
                 return []
             self._started = True
-            if data.startswith(_BOM):
-                data = data[len(_BOM) :]
-        if b"\r" in data:
-            self._skip_lf = data.endswith(b"\r")
-            data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-        elif (
+            self._pieces = []
+            chunk = data[len(_BOM) :] if data.startswith(_BOM) else data
+        if b"\n" not in chunk and b"\r" not in chunk:
+            # No line end: only the new bytes are scanned, the line grows by one piece.
+            self._pieces.append(chunk)
+            self._held += len(chunk)
+            self._check(self._held)
+            return []
+        if b"\r" in chunk:
+            self._skip_lf = chunk.endswith(b"\r")
+            chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        data = b"".join(self._pieces) + chunk if self._pieces else chunk
+        self._pieces = []
+        if (
             self._shortcut
             and b"\n\n\n" not in data
             and b"\n:" not in data
             and data[:1] not in (b"\n", b":")
             and not self._lines
         ):
-            return self._feed_plain(data)
+            events = self._feed_plain(data)
+        else:
+            events = self._feed_lines(data)
+        for event in events:
+            self._check(len(event))
+        self._held = sum(len(line) + 1 for line in self._lines) + sum(map(len, self._pieces))
+        self._check(self._held)
+        return events
+
+    def _check(self, size: int) -> None:
+        if self._max_held is not None and size > self._max_held:
+            raise EventTooLarge(f"an upstream event outgrew {self._max_held} bytes")
+
+    def _feed_lines(self, data: bytes) -> list[bytes]:
+        """`feed` for `data` (LF line ends only): one step per line."""
         lines = data.split(b"\n")
-        self._buffer = lines.pop()
+        rest = lines.pop()
+        self._pieces = [rest] if rest else []
         events: list[bytes] = []
         held = self._lines
         for line in lines:
@@ -89,10 +143,9 @@ class SseParser:
         rest = events.pop()
         if rest:
             lines = rest.split(b"\n")
-            self._buffer = lines.pop()
+            last = lines.pop()
+            self._pieces = [last] if last else []
             self._lines = lines
-        else:
-            self._buffer = b""
         return events
 
 
