@@ -239,9 +239,11 @@ class Follower:
             self.bytes += len(entry.data or b"")
             if entry.end is not None:
                 self.ended = True
-        # Never more than `max_bytes` kept, not even of one entry (an end entry has no bytes:
-        # the byte limit never drops it, the count limit keeps the last one).
-        while self.bytes > self._max_bytes or len(self._entries) > max(MIRROR_ENTRIES, 1):
+        # The last entry stays: it is one `ENTRY_BYTES` group of events (each within
+        # `max_bytes`, the pump's parser ends a run before), or the end.
+        while len(self._entries) > 1 and (
+            len(self._entries) > MIRROR_ENTRIES or self.bytes > self._max_bytes
+        ):
             dropped = self._entries.popleft()
             self.base = dropped.seq
             self.bytes -= len(dropped.data or b"")
