@@ -124,7 +124,7 @@ def test_the_parser_takes_a_never_ending_line_in_linear_time() -> None:
 
     small, large = feed(16), feed(128)  # 1 MiB, 8 MiB
     # Linear: 8x the bytes, ~8x the time. Quadratic: ~64x.
-    assert large < 20 * max(small, 1e-4), (
+    assert large < 20 * max(small, 1e-3), (  # floor: a scheduler hiccup is not quadratic
         f"1 MiB: {small * 1000:.0f} ms, 8 MiB: {large * 1000:.0f} ms (x{large / small:.0f})"
     )
 
