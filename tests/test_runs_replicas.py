@@ -251,6 +251,34 @@ async def test_a_draining_replica_keeps_pumping_its_runs(
     assert a.wait(10) == 0
 
 
+async def test_a_resume_ahead_of_redis_on_a_live_run_gets_the_rest_not_a_400(
+    two: tuple[GatewayProcess, GatewayProcess], counting: tuple[CountingUpstream, TestServer]
+) -> None:
+    """A live run's events reach its browser before Redis, so a browser resuming at once on
+    another replica may name an id Redis does not hold yet: it gets what follows that id and
+    the end (this raced in test_a_draining_replica_keeps_pumping_its_runs: 400, no events).
+    Only an ended run's last id is final."""
+    a, b = two
+    upstream = counting[0]
+    upstream.count, upstream.delay = 12, 0.1
+    async with _client() as client:
+        run_id, _ = await _start(client, a, 2)
+        ahead = 5  # not sent by the upstream yet, let alone stored
+        async with client.get(
+            f"{b.url}/apps/shop/runs/{run_id}", headers={"Last-Event-ID": str(ahead)}
+        ) as reader:
+            assert reader.status == 200, await reader.text()
+            rest = await asyncio.wait_for(read_events(reader), 10)
+        assert [event_id(e) for e in rest] == list(range(ahead + 1, upstream.count + 2))
+        assert event_kind(rest[-1]) == "done"
+        # Ended: an id past its last event is refused.
+        async with client.get(
+            f"{b.url}/apps/shop/runs/{run_id}",
+            headers={"Last-Event-ID": str(upstream.count + 2)},
+        ) as past:
+            assert past.status == 400
+
+
 async def test_redis_dying_mid_run_ends_it_with_a_clear_error_and_cancels_the_upstream(
     two: tuple[GatewayProcess, GatewayProcess],
     counting: tuple[CountingUpstream, TestServer],
