@@ -241,6 +241,56 @@ class _OverBudgetStore:
         raise AssertionError("no run is created over the budget")
 
 
+class _SlowEndStore:
+    """Redis holds nothing of the application yet, and recording a run's end takes until
+    `recorded` is set (a slow Redis, a big run)."""
+
+    def __init__(self) -> None:
+        self.recorded = asyncio.Event()
+        self.counted: list[int] = []
+
+    async def budget_used(self, *args: Any, **kwargs: Any) -> int:
+        return 0
+
+    async def create(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+    async def append(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+    async def tick(self, *args: Any, **kwargs: Any) -> tuple[bool, int]:
+        return False, 1000
+
+    async def end(self, *args: Any, **kwargs: Any) -> None:
+        await self.recorded.wait()
+
+    async def budget_add(self, app_id: str, size: int, **kwargs: Any) -> None:
+        self.counted.append(size)
+
+
+async def test_a_run_not_recorded_yet_counts_in_the_budget(
+    counting: tuple[CountingUpstream, TestServer],
+) -> None:
+    """A client starts its next run as soon as the last answer arrived, before that run's end
+    reached Redis: the replica adds its own uncounted runs, so the budget is not overrun."""
+    _, server = counting
+    async with _gateway(server, resume_redis_budget_bytes=1) as gw:
+        registry = gw.app[RUNS_KEY]
+        store = _SlowEndStore()
+        registry.store = cast(RedisRunStore, store)
+        run_ids = []
+        for _ in range(2):
+            async with gw.client.post(CHAT, headers=CSRF, json={"message": "hi"}) as response:
+                assert response.status == 200
+                run_ids.append(response.headers.get("X-Run-Id"))
+                await response.read()
+        assert run_ids[0] is not None and run_ids[1] is None
+        assert registry.counters.over_budget == 1 and registry.uncounted.get("shop") > 0
+        store.recorded.set()
+        await _wait_for(lambda: store.counted)
+        assert registry.uncounted.get("shop") == 0 and store.counted[0] > 0
+
+
 async def test_run_store_down_at_the_start_relays_without_resume(
     counting: tuple[CountingUpstream, TestServer],
 ) -> None:

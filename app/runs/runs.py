@@ -51,6 +51,7 @@ from app.applications import AppConfig
 from app.config import Settings
 from app.lifecycle import Lifecycle
 from app.proxy.fastread import read_available
+from app.runs.budget import UncountedBytes
 from app.runs.log import RunLog
 from app.runs.readers import ReaderCaps
 from app.runs.sse import FRAME_OVERHEAD, EventTooLarge, SseParser
@@ -114,6 +115,8 @@ class Run:
     waiting: asyncio.Timeout | None = None
     task: asyncio.Task[None] | None = None
     writer: RunWriter | None = None
+    # The log bytes of this run counted in its registry's `uncounted` (not yet in the budget).
+    uncounted: int = 0
 
     def wake(self) -> None:
         """Cut the pump's current wait short (a stop, the shutdown)."""
@@ -161,6 +164,7 @@ class RunRegistry:
         # Ended runs kept here for their window, oldest ended first: run id -> bytes held.
         self._ended: OrderedDict[str, int] = OrderedDict()
         self.ended_bytes = 0
+        self.uncounted = UncountedBytes()
         stop.subscribe(self._on_shutdown)
 
     @property
@@ -271,6 +275,8 @@ class RunRegistry:
             if not events:
                 continue
             appended = run.log.extend(events)
+            self.uncounted.add(run.app.app_id, run.log.bytes - run.uncounted)
+            run.uncounted = run.log.bytes
             if writer is not None:
                 writer.add(appended)
                 if writer.backlog > WRITE_BACKLOG:
@@ -318,6 +324,23 @@ class RunRegistry:
             log.info("run %s ended: %s (app %s)", run.run_id, reason, run.app.app_id)
         last = [] if reason == "done" else [run.log.append(error_event(reason, run.run_id))]
         run.log.close(reason)
+        try:
+            recorded = await self._record_end(run, reason, last)
+        finally:  # counted in Redis now, or never will be
+            self.uncounted.add(run.app.app_id, -run.uncounted)
+            run.uncounted = 0
+        # Recorded in Redis: resumes read it from there, this process's copy can go now (a
+        # busy replica would otherwise hold every answer of the last window). Memory store:
+        # the copy here is the run, kept for its window.
+        keep = 0.0 if recorded else run.app.resume_window_seconds
+        handle = asyncio.get_running_loop().call_later(keep, self._forget, run.run_id)
+        self._expiry[run.run_id] = handle
+        if keep > 0:
+            self._keep_ended(run)
+
+    async def _record_end(self, run: Run, reason: str, last: list[tuple[int, bytes]]) -> bool:
+        """Write the run's unwritten events, `last` and its end to Redis and count its bytes
+        in its application's budget; whether the end is recorded there."""
         entries: list[tuple[int, bytes]] = []
         if run.writer is not None:
             entries = await run.writer.finish()  # unwritten events go out with the end
@@ -343,14 +366,7 @@ class RunRegistry:
                 )
             except StoreUnavailable as err:
                 log.warning("run %s: its end could not be recorded (%s)", run.run_id, err)
-        # Recorded in Redis: resumes read it from there, this process's copy can go now (a
-        # busy replica would otherwise hold every answer of the last window). Memory store:
-        # the copy here is the run, kept for its window.
-        keep = 0.0 if recorded else run.app.resume_window_seconds
-        handle = asyncio.get_running_loop().call_later(keep, self._forget, run.run_id)
-        self._expiry[run.run_id] = handle
-        if keep > 0:
-            self._keep_ended(run)
+        return recorded
 
     def _keep_ended(self, run: Run) -> None:
         """Count `run` among the ended runs kept here; past `RUN_ENDED_MAX_RUNS` or

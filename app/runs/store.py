@@ -18,12 +18,14 @@ Keys (all with the run id as hash tag, so one run's keys share a Redis Cluster s
 
 Each application's budget of run data (`resume_redis_budget_bytes`, F3): counters
 `{REDIS_AUX_PREFIX}runs:{<applicationId>}:bytes:<slot>`, one per slot of one window
-(`slot = now // window`, this replica's clock), each `INCRBY` the framed bytes a run left in
-Redis when its end is recorded, expiring two windows after its slot began. What the current
-and the previous slot hold is at least what the application's ended runs keep in Redis (an
-ended run is kept one window after its end); a new run starts only while it is under the budget
-(`budget_used`; over it, `app.runs.http.start_run` relays without resume). A retried `INCRBY`
-may count twice: the error is on the safe side.
+(`slot = now // window`, this replica's clock), each `INCRBY` the memory (`redis_cost` of the
+framed bytes) a run left in Redis when its end is recorded, expiring two windows after its slot
+began. What the current and the previous slot hold is at least what the application's ended
+runs keep in Redis (an ended run is kept one window after its end); a new run starts only while
+that plus what this replica's own runs of the application hold but have not counted yet
+(`app.runs.budget.UncountedBytes`) is under the budget (`budget_used`; over it,
+`app.runs.http.start_run` relays without resume). A retried `INCRBY` may count twice: the error
+is on the safe side.
 
 Every command goes through `RedisBackend._run` (3 retries, one deadline, `StoreUnavailable`);
 simple ones through the auto-pipeliner. Blocking `XREAD`s use their own bounded client
@@ -42,6 +44,7 @@ from typing import Any
 
 from redis.exceptions import ResponseError
 
+from app.runs.budget import redis_cost
 from app.sessions.redis import RedisBackend
 from app.sessions.redis_scripts import LuaScript
 
@@ -167,9 +170,11 @@ class RedisRunStore:
         return sum(int(_text(value)) for value in raw or [] if value is not None)
 
     async def budget_add(self, app_id: str, size: int, *, window_ms: int) -> None:
-        """Count `size` bytes of an ended run of `app_id` (kept in Redis for a window)."""
+        """Count an ended run of `app_id` that left `size` framed bytes in Redis (kept there for
+        a window), as the memory Redis needs for them (`redis_cost`)."""
         current, _ = self._budget_keys(app_id, window_ms)
-        await self._all(("INCRBY", current, size), ("PEXPIRE", current, 2 * max(1, window_ms)))
+        cost = redis_cost(size)
+        await self._all(("INCRBY", current, cost), ("PEXPIRE", current, 2 * max(1, window_ms)))
 
     async def create(
         self, run_id: str, meta: RunMeta, *, ttl_ms: int, heartbeat_ms: int, window_ms: int
