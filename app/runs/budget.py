@@ -1,33 +1,53 @@
 """Each application's budget of run data in Redis (`resume_redis_budget_bytes`, F3): what a run
-is assumed to cost Redis, and the bytes this replica's runs hold but have not counted yet.
+is assumed to cost Redis, and what this replica's runs cost that is not counted there yet.
 
 The counters themselves live in Redis (`app.runs.store.RedisRunStore.budget_used` /
-`budget_add`): a run's cost is added when its end is recorded. Until then its bytes are only
-known here, so a new run's check adds this replica's `UncountedBytes` of its application: a
-client that starts its next run as soon as the last one's answer has arrived (before its end
-is recorded) is not missed.
+`budget_add`): a run's cost is added when its end is recorded. Until then it is only known
+here, so a new run's check adds this replica's `UncountedCosts` of its application: a client
+that starts its next run as soon as the last one's answer has arrived (before its end is
+recorded), or many runs at once, is not missed. A run counts from the moment it starts (its
+keys), its events as they arrive.
 """
 
 from __future__ import annotations
 
-# Redis's memory for a run's stream beyond its framed bytes: the allocator's size classes (up to
-# a quarter more: a 512 KiB entry takes a 640 KiB allocation) and, per run, its keys and stream
-# nodes. Measured: runs of 3.5 MiB in 512 KiB events took about 4.4 MiB of `used_memory` each.
+from app.runs.log import RunLog
+
+# Redis's memory for a run beyond its framed bytes (measured on Redis 7.0, `MEMORY USAGE` and
+# `used_memory`): the allocator's size classes (up to a quarter more: a 512 KiB entry takes a
+# 640 KiB allocation); per stream entry ~17-24 bytes (a run of tiny events, one entry each);
+# per run its keys and the stream's first node (~4.7-5.0 KiB, even for a run without events).
 _ALLOCATOR_SLACK_DIVISOR = 4
-_RUN_OVERHEAD_BYTES = 4096
+ENTRY_OVERHEAD_BYTES = 32
+RUN_OVERHEAD_BYTES = 6 * 1024
 
 
-def redis_cost(framed_bytes: int) -> int:
-    """The memory (bytes) Redis is assumed to need for runs of `framed_bytes` framed bytes:
-    what the application's budget counts (0 for none)."""
-    if framed_bytes <= 0:
-        return 0
-    return framed_bytes + framed_bytes // _ALLOCATOR_SLACK_DIVISOR + _RUN_OVERHEAD_BYTES
+def redis_cost(framed_bytes: int, entries: int, *, runs: int = 1) -> int:
+    """The memory (bytes) Redis is assumed to need for `runs` runs holding `framed_bytes`
+    framed bytes in at most `entries` stream entries: what the application's budget counts."""
+    return (
+        framed_bytes
+        + framed_bytes // _ALLOCATOR_SLACK_DIVISOR
+        + entries * ENTRY_OVERHEAD_BYTES
+        + runs * RUN_OVERHEAD_BYTES
+    )
 
 
-class UncountedBytes:
-    """Per application: the framed bytes its runs in this process hold that its Redis counter
-    does not count yet. Each run reports its total (`note`) and leaves when counted (`drop`)."""
+def run_cost(log: RunLog, entry_bytes: int) -> int:
+    """What one run with `log` costs Redis: the events its log holds (at most one entry each)
+    plus, once the log has dropped its oldest events, one more entry of `entry_bytes`: the
+    stream's oldest entry may still hold events the log no longer has (trimming keeps an entry
+    while its last event is kept)."""
+    events = log.next_seq - log.first_seq
+    if log.first_seq > 1:
+        return redis_cost(log.bytes + entry_bytes, events + 1)
+    return redis_cost(log.bytes, events)
+
+
+class UncountedCosts:
+    """Per application: what its runs in this process cost Redis that its Redis counter does
+    not count yet. Each run reports changes of its cost (`add`) and takes it back when its end
+    is counted (or will never be)."""
 
     __slots__ = ("_by_app",)
 
@@ -38,7 +58,7 @@ class UncountedBytes:
         return self._by_app.get(app_id, 0)
 
     def add(self, app_id: str, delta: int) -> None:
-        """Add `delta` (negative: remove) to `app_id`'s uncounted bytes."""
+        """Add `delta` (negative: remove) to `app_id`'s uncounted cost."""
         left = self._by_app.get(app_id, 0) + delta
         if left > 0:
             self._by_app[app_id] = left

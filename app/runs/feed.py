@@ -15,7 +15,8 @@ from aiohttp import web
 from app.keys import REQUEST_ID_KEY, SETTINGS_KEY
 from app.proxy.relay import KEEPALIVE_COMMENT
 from app.runs.readers import READ_COUNT, Follower
-from app.runs.runs import ERROR_MESSAGES, Run, RunRegistry
+from app.runs.run import ERROR_MESSAGES, Run
+from app.runs.runs import RunRegistry
 from app.runs.store import Entry, RedisRunStore
 from app.sessions.backend import StoreUnavailable
 

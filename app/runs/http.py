@@ -38,10 +38,10 @@ from app.keys import APP_CONFIG_KEY, RUNS_KEY, SETTINGS_KEY, STORAGE_APP_KEY, UP
 from app.proxy.exchange import Exchange
 from app.proxy.headers import PROXIED_RESPONSE_HEADERS, browser_response_headers
 from app.ratelimit import token_bucket
-from app.runs.budget import redis_cost
 from app.runs.feed import follow_local, follow_remote
 from app.runs.readers import Follower
-from app.runs.runs import RunRegistry, owner_of, reading
+from app.runs.run import owner_of
+from app.runs.runs import RunRegistry, reading
 from app.runs.store import RedisRunStore, RunMeta
 from app.sessions.backend import StoreUnavailable
 from app.sessions.middleware import get_session
@@ -109,7 +109,7 @@ async def start_run(
         if registry.store is not None:
             used = await registry.store.budget_used(
                 app.app_id, window_ms=round(app.resume_window_seconds * 1000)
-            ) + redis_cost(registry.uncounted.get(app.app_id))
+            ) + registry.uncounted.get(app.app_id)
             if used >= app.resume_redis_budget_bytes:
                 registry.counters.unresumable += 1
                 registry.counters.over_budget += 1

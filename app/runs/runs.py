@@ -38,12 +38,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import json
 import logging
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 
 import aiohttp
 
@@ -51,11 +48,12 @@ from app.applications import AppConfig
 from app.config import Settings
 from app.lifecycle import Lifecycle
 from app.proxy.fastread import read_available
-from app.runs.budget import UncountedBytes
+from app.runs.budget import UncountedCosts, run_cost
 from app.runs.log import RunLog
 from app.runs.readers import ReaderCaps
+from app.runs.run import Run, RunCounters, error_event
 from app.runs.sse import FRAME_OVERHEAD, EventTooLarge, SseParser
-from app.runs.store import RedisRunStore
+from app.runs.store import ENTRY_BYTES, RedisRunStore
 from app.runs.writer import RunWriter
 from app.sessions.backend import StoreUnavailable
 from app.upstream import StreamStop
@@ -71,74 +69,6 @@ _PRESENT_BEATS = 3
 _CLOSE_SECONDS = 2.0
 # Events waiting for their Redis write beyond which the pump stops reading the upstream.
 WRITE_BACKLOG = 1024
-
-ERROR_MESSAGES = {
-    "upstream_stream_error": "The agent service stream broke off.",
-    "upstream_idle_timeout": "The agent service sent nothing for too long.",
-    "upstream_event_too_large": "The agent service sent an event larger than a run keeps.",
-    "shutting_down": "The instance running this answer shut down; start a new one.",
-    "run_stopped": "The run was stopped.",
-    "run_expired": "Nobody read this run within its window; it was cancelled.",
-    "run_limit_reached": "This run outgrew what is kept while nobody reads it; it was cancelled.",
-    "run_store_unavailable": "The run store is unavailable; this run cannot continue.",
-    "run_orphaned": "The instance running this answer is gone; the rest of it is lost.",
-    "resume_too_old": "Events after your Last-Event-ID were dropped (the run's limits); "
-    "this run cannot be resumed from there.",
-}
-
-
-def owner_of(conversation_id: str) -> str:
-    """What binds a run to its session: a hash of the session's conversation id (stable
-    across session id rotations, never stored in clear next to the run)."""
-    return hashlib.sha256(conversation_id.encode()).hexdigest()[:32]
-
-
-def error_event(code: str, run_id: str) -> bytes:
-    """The body of the `event: error` added to a run (framed by the log like any event)."""
-    payload = {"code": code, "message": ERROR_MESSAGES.get(code, code), "run_id": run_id}
-    return b"event: error\ndata: " + json.dumps(payload).encode()
-
-
-@dataclass(eq=False, slots=True)
-class Run:
-    """A run pumped by this process (or recently ended here)."""
-
-    run_id: str
-    app: AppConfig
-    owner: str
-    log: RunLog
-    local_readers: int = 0
-    stop_requested: bool = False
-    # The last sequence number known to have been reachable by a reader (see `_tick`).
-    attached_seq: int = 0
-    detached_at: float | None = None
-    waiting: asyncio.Timeout | None = None
-    task: asyncio.Task[None] | None = None
-    writer: RunWriter | None = None
-    # The log bytes of this run counted in its registry's `uncounted` (not yet in the budget).
-    uncounted: int = 0
-
-    def wake(self) -> None:
-        """Cut the pump's current wait short (a stop, the shutdown)."""
-        waiting = self.waiting
-        if waiting is not None and not waiting.expired():
-            waiting.reschedule(asyncio.get_running_loop().time())
-
-
-@dataclass(slots=True)
-class RunCounters:
-    started: int = 0
-    unresumable: int = 0
-    # Of those, the runs relayed without resume because their application was over its budget.
-    over_budget: int = 0
-    # Of those, the runs relayed without resume because their client was over its run rate.
-    rate_limited: int = 0
-    resumes: int = 0
-    replayed_events: int = 0
-    orphaned: int = 0
-    expired: int = 0
-    evicted: int = 0
-    ended: dict[str, int] = field(default_factory=dict)
 
 
 class RunRegistry:
@@ -164,7 +94,7 @@ class RunRegistry:
         # Ended runs kept here for their window, oldest ended first: run id -> bytes held.
         self._ended: OrderedDict[str, int] = OrderedDict()
         self.ended_bytes = 0
-        self.uncounted = UncountedBytes()
+        self.uncounted = UncountedCosts()
         stop.subscribe(self._on_shutdown)
 
     @property
@@ -198,10 +128,11 @@ class RunRegistry:
         )
         self.runs[run_id] = run
         self.counters.started += 1
+        self._note_cost(run)  # its keys count from now on
         # A pump is a request in flight for the drain: a draining replica keeps pumping.
         self.lifecycle.request_started()
         if self.store is not None:
-            run.writer = RunWriter(self.store, run)
+            run.writer = RunWriter(self.store, run, ttl_ms=self.ttl_ms(app))
         run.task = asyncio.create_task(self._pump(run, upstream, release))
         return run
 
@@ -275,12 +206,19 @@ class RunRegistry:
             if not events:
                 continue
             appended = run.log.extend(events)
-            self.uncounted.add(run.app.app_id, run.log.bytes - run.uncounted)
-            run.uncounted = run.log.bytes
+            self._note_cost(run)
             if writer is not None:
                 writer.add(appended)
                 if writer.backlog > WRITE_BACKLOG:
                     await writer.drained()
+
+    def _note_cost(self, run: Run) -> None:
+        """Bring `uncounted` of `run`'s application up to what `run` costs Redis now."""
+        cost = run_cost(run.log, ENTRY_BYTES)
+        delta = cost - run.uncounted
+        if delta:
+            run.uncounted = cost
+            self.uncounted.add(run.app.app_id, delta)
 
     async def _tick(self, run: Run, now: float) -> str | None:
         """The heartbeat: stop asked for, nobody reading for the window, or limits: a reason
@@ -361,7 +299,7 @@ class RunRegistry:
                 recorded = True
                 await self.store.budget_add(
                     run.app.app_id,
-                    run.log.bytes,
+                    run_cost(run.log, ENTRY_BYTES),
                     window_ms=round(run.app.resume_window_seconds * 1000),
                 )
             except StoreUnavailable as err:

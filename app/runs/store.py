@@ -18,12 +18,12 @@ Keys (all with the run id as hash tag, so one run's keys share a Redis Cluster s
 
 Each application's budget of run data (`resume_redis_budget_bytes`, F3): counters
 `{REDIS_AUX_PREFIX}runs:{<applicationId>}:bytes:<slot>`, one per slot of one window
-(`slot = now // window`, this replica's clock), each `INCRBY` the memory (`redis_cost` of the
-framed bytes) a run left in Redis when its end is recorded, expiring two windows after its slot
+(`slot = now // window`, this replica's clock), each `INCRBY` the memory a run costs Redis
+(`app.runs.budget.run_cost`) when its end is recorded, expiring two windows after its slot
 began. What the current and the previous slot hold is at least what the application's ended
 runs keep in Redis (an ended run is kept one window after its end); a new run starts only while
 that plus what this replica's own runs of the application hold but have not counted yet
-(`app.runs.budget.UncountedBytes`) is under the budget (`budget_used`; over it,
+(`app.runs.budget.UncountedCosts`) is under the budget (`budget_used`; over it,
 `app.runs.http.start_run` relays without resume). A retried `INCRBY` may count twice: the error
 is on the safe side.
 
@@ -44,7 +44,6 @@ from typing import Any
 
 from redis.exceptions import ResponseError
 
-from app.runs.budget import redis_cost
 from app.sessions.redis import RedisBackend
 from app.sessions.redis_scripts import LuaScript
 
@@ -61,8 +60,12 @@ return 1"""
 
 # KEYS: meta, events. ARGV: ttl ms, MINID ('' none), entry id, first seq ('' for a bare end
 # marker), data, end reason. The heartbeat key is left to expire: readers see the end first.
+# The TTLs are set before the XADD too: at `maxmemory` the XADD is refused (OOM) but PEXPIRE
+# is not, so the run's keys never outlive their window (F6, attack-budget).
 END_RUN = LuaScript.of(
-    """local xadd = {'XADD', KEYS[2]}
+    """redis.call('PEXPIRE', KEYS[1], ARGV[1])
+redis.call('PEXPIRE', KEYS[2], ARGV[1])
+local xadd = {'XADD', KEYS[2]}
 if ARGV[2] ~= '' then
   xadd[#xadd + 1] = 'MINID'; xadd[#xadd + 1] = '='; xadd[#xadd + 1] = ARGV[2]
 end
@@ -169,11 +172,10 @@ class RedisRunStore:
         (raw,) = await self._all(("MGET", current, previous))
         return sum(int(_text(value)) for value in raw or [] if value is not None)
 
-    async def budget_add(self, app_id: str, size: int, *, window_ms: int) -> None:
-        """Count an ended run of `app_id` that left `size` framed bytes in Redis (kept there for
-        a window), as the memory Redis needs for them (`redis_cost`)."""
+    async def budget_add(self, app_id: str, cost: int, *, window_ms: int) -> None:
+        """Count an ended run of `app_id` that costs Redis `cost` bytes for a window
+        (`app.runs.budget.run_cost`)."""
         current, _ = self._budget_keys(app_id, window_ms)
-        cost = redis_cost(size)
         await self._all(("INCRBY", current, cost), ("PEXPIRE", current, 2 * max(1, window_ms)))
 
     async def create(
@@ -189,17 +191,27 @@ class RedisRunStore:
         await self._backend._run(lambda: CREATE_RUN.run(execute, keys, args))
 
     async def append(
-        self, run_id: str, entries: Sequence[tuple[int, bytes]], first_kept: int
+        self,
+        run_id: str,
+        entries: Sequence[tuple[int, bytes]],
+        first_kept: int,
+        *,
+        expire_ms: int | None = None,
     ) -> None:
-        """The consecutive `(seq, framed)` events in one `XADD` per `ENTRY_BYTES` group
-        (`_groups`), trimming entries that end below `first_kept` (exactly)."""
-        for group in _groups(entries):
-            command: tuple[Any, ...] = ("XADD", self.key(run_id, "e"))
+        """The consecutive `(seq, framed)` events from `first_kept` on (those before it are
+        no longer in the run's log: not written) in one `XADD` per `ENTRY_BYTES` group
+        (`_groups`), trimming entries that end below `first_kept` (exactly). `expire_ms`: the
+        stream's TTL, set with its first `XADD` (a run's first write creates the stream)."""
+        key = self.key(run_id, "e")
+        for group in _groups(_kept(entries, first_kept)):
+            command: tuple[Any, ...] = ("XADD", key)
             if first_kept > 1:
                 command += ("MINID", "=", f"0-{first_kept}")
             data = group[0][1] if len(group) == 1 else b"".join(f for _, f in group)
             command += (f"0-{group[-1][0]}", "f", group[0][0], "d", data)
-            await self._backend._run(_idempotent_xadd(self._backend.execute, command))
+            expire = None if expire_ms is None else ("PEXPIRE", key, expire_ms)
+            await self._backend._run(_idempotent_xadd(self._backend.execute, command, expire))
+            expire_ms = None
 
     async def tick(self, run_id: str, *, heartbeat_ms: int, ttl_ms: int) -> tuple[bool, int]:
         """The pumper's heartbeat: refresh it and the TTLs; (stop asked for, reader key's
@@ -225,12 +237,13 @@ class RedisRunStore:
         ttl_ms: int,
     ) -> None:
         """The run's last events (if any) and its end in one entry, and the keys' TTLs set to
-        the window: one script call (`END_RUN`), so the TTLs never precede the entry. Events
-        beyond the last `ENTRY_BYTES` group go before it (`append`)."""
-        groups = _groups(entries)
+        the window: one script call (`END_RUN`), so the TTLs and the entry go together (the
+        TTLs even when Redis refuses the entry). Events beyond the last `ENTRY_BYTES` group go
+        before it (`append`)."""
+        groups = _groups(_kept(entries, first_kept))
         if len(groups) > 1:
             await self.append(run_id, [e for group in groups[:-1] for e in group], first_kept)
-            entries = groups[-1]
+        entries = groups[-1] if groups else []
         args: list[Any] = [ttl_ms, f"0-{first_kept}" if first_kept > 1 else ""]
         if entries:
             data = b"".join(f for _, f in entries)
@@ -311,15 +324,31 @@ def _groups(entries: Sequence[tuple[int, bytes]]) -> list[list[tuple[int, bytes]
     return groups
 
 
+def _kept(entries: Sequence[tuple[int, bytes]], first_kept: int) -> Sequence[tuple[int, bytes]]:
+    """`entries` from sequence number `first_kept` on (the run's log dropped the others)."""
+    if not entries or entries[0][0] >= first_kept:
+        return entries
+    return [entry for entry in entries if entry[0] >= first_kept]
+
+
 def _idempotent_xadd(
-    execute: Callable[..., Awaitable[Any]], command: tuple[Any, ...]
+    execute: Callable[..., Awaitable[Any]],
+    command: tuple[Any, ...],
+    expire: tuple[Any, ...] | None = None,
 ) -> Callable[[], Awaitable[None]]:
+    """One attempt of `command` (an `XADD`), and `expire` in the same round trip if given."""
+
     async def send() -> None:
+        added = execute(*command)
+        expired = None if expire is None else execute(*expire)
         try:
-            await execute(*command)
+            await added
         except ResponseError as err:
             # A retry after a lost reply: the entry is there already.
             if _ALREADY_ADDED not in str(err):
                 raise
+        finally:
+            if expired is not None:
+                await expired
 
     return send

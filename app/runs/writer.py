@@ -11,7 +11,7 @@ from app.runs.store import RedisRunStore
 from app.sessions.backend import StoreUnavailable
 
 if TYPE_CHECKING:
-    from app.runs.runs import Run
+    from app.runs.run import Run
 
 log = logging.getLogger(__name__)
 
@@ -21,9 +21,12 @@ class RunWriter:
     event that arrived while the previous one was (see the module docstring). `failed` holds
     the store's error once a write failed (nothing more is written then)."""
 
-    def __init__(self, store: RedisRunStore, run: Run) -> None:
+    def __init__(self, store: RedisRunStore, run: Run, *, ttl_ms: int) -> None:
         self._store = store
         self._run = run
+        # The stream's TTL, set with the run's first write (which creates it): a run that
+        # fails before its first heartbeat leaves no key without a TTL.
+        self._first_write_ttl_ms: int | None = ttl_ms
         self._pending: list[tuple[int, bytes]] = []
         self._wake = asyncio.Event()
         self._written = asyncio.Event()
@@ -80,7 +83,10 @@ class RunWriter:
                 self._wake.clear()
                 while self._pending and not self._closing:
                     batch, self._pending = self._pending, []
-                    await self._store.append(run.run_id, batch, run.log.first_seq)
+                    expire_ms, self._first_write_ttl_ms = self._first_write_ttl_ms, None
+                    await self._store.append(
+                        run.run_id, batch, run.log.first_seq, expire_ms=expire_ms
+                    )
                     self._written.set()
                 if self._closing:
                     return
