@@ -39,9 +39,9 @@ from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
-from redis.asyncio.sentinel import Sentinel
+from redis.asyncio.sentinel import MasterNotFoundError, Sentinel
 from redis.exceptions import OutOfMemoryError as RedisOutOfMemoryError
-from redis.exceptions import ReadOnlyError, RedisClusterException
+from redis.exceptions import ReadOnlyError, RedisClusterException, RedisError, ResponseError
 
 from app.sessions.backend import CasResult, StoreFull, StoreUnavailable, TokenBucket
 from app.sessions.pipelining import CommandPipeliner
@@ -325,7 +325,15 @@ class RedisBackend:
             await client.ping()
             return [await client.info("server")]
 
-        infos = await self._run(infos_of_every_server, budget=deadline)
+        try:
+            infos = await self._run(infos_of_every_server, budget=deadline)
+        except StoreUnavailable as err:
+            detail = None
+            if isinstance(err.__cause__, MasterNotFoundError):
+                detail = await self._sentinel_refusal()
+            if detail is None:
+                raise
+            raise StoreUnavailable(f"{err} ({detail})") from err.__cause__
         versions = [str(info.get("redis_version", "0")) for info in infos]
         for version in versions:
             numbers = tuple(int(p) for p in version.split(".")[:2] if p.isdigit())
@@ -334,6 +342,20 @@ class RedisBackend:
                     f"Redis {version} is too old: 6.2 or newer is needed (GETEX)"
                 )
         return min(versions)
+
+    async def _sentinel_refusal(self) -> str | None:
+        """Why the Sentinels found no primary, when one of them refuses Sentinel commands (a
+        plain Redis server named as a Sentinel): redis-py 8.2 reports only "No master found",
+        8.1 also the server's "unknown command 'SENTINEL'"."""
+        manager = getattr(getattr(self.client, "connection_pool", None), "sentinel_manager", None)
+        for sentinel in getattr(manager, "sentinels", None) or []:
+            try:
+                await asyncio.wait_for(sentinel.execute_command("SENTINEL", "MASTERS"), 1.0)
+            except ResponseError as err:
+                return f"ResponseError: {err}"
+            except (OSError, TimeoutError, RedisError):
+                continue
+        return None
 
     @staticmethod
     async def _cluster_infos(client: RedisCluster) -> list[dict[str, Any]]:
