@@ -15,10 +15,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import aiohttp
 from aiohttp import web
+from aiohttp.test_utils import TestServer
 
 
 @dataclass
@@ -109,3 +112,47 @@ async def close_quietly(response: aiohttp.ClientResponse) -> None:
     response.close()
     with contextlib.suppress(Exception):
         await asyncio.sleep(0)
+
+
+async def start_upstreams(stack: AsyncExitStack, *apps: web.Application) -> list[str]:
+    """Serve each of `apps` on loopback until `stack` closes; their `/v1` base URLs."""
+    urls = []
+    for upstream_app in apps:
+        server = TestServer(upstream_app, host="127.0.0.1")
+        await server.start_server()
+        stack.push_async_callback(server.close)
+        urls.append(str(server.make_url("/v1")))
+    return urls
+
+
+def redis_runs_env(tmp_path: Path, redis_url: str, apps_toml: str) -> dict[str, str]:
+    """A gateway process's environment: sessions and runs in Redis at `redis_url`, the
+    applications of `apps_toml`, a short heartbeat."""
+    apps = tmp_path / "apps.toml"
+    apps.write_text(apps_toml)
+    return {
+        "SESSION_STORE": "redis",
+        "REDIS_URL": redis_url,
+        "APPS_FILE": str(apps),
+        "RUN_HEARTBEAT_SECONDS": "0.25",
+    }
+
+
+class SseUpstream:
+    """An agent upstream whose `POST /v1/chat` answers an event stream: what `write_events`
+    writes (subclasses), then its end."""
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_post("/v1/chat", self.chat)
+        return app
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await self.write_events(response)
+        await response.write_eof()
+        return response
+
+    async def write_events(self, response: web.StreamResponse) -> None:
+        raise NotImplementedError

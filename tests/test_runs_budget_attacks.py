@@ -13,6 +13,7 @@ on other replicas add"). Each fails on the code of 2fc50df; the docstrings give 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Iterator
 from contextlib import AsyncExitStack
@@ -21,44 +22,27 @@ from pathlib import Path
 import aiohttp
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestServer
 
 from tests.gateway_process import GatewayProcess
 from tests.redis_server import RedisServer
-from tests.runs_helpers import CountingUpstream
+from tests.runs_helpers import CountingUpstream, SseUpstream, redis_runs_env, start_upstreams
 
 pytestmark = pytest.mark.redis_server
 
 CSRF = {"X-CSRF": "1"}
 
 
-@pytest.fixture
-def redis(tier_integration: None) -> Iterator[RedisServer]:
-    with RedisServer(
-        extra_args=["--maxmemory", "96mb", "--maxmemory-policy", "noeviction"]
-    ) as server:
+@contextlib.contextmanager
+def _redis_at(maxmemory: str, policy: str) -> Iterator[RedisServer]:
+    """A redis-server of its own at `maxmemory` with `policy`."""
+    with RedisServer(extra_args=["--maxmemory", maxmemory, "--maxmemory-policy", policy]) as server:
         yield server
 
 
-async def _upstreams(stack: AsyncExitStack, *apps: web.Application) -> list[str]:
-    urls = []
-    for upstream_app in apps:
-        server = TestServer(upstream_app, host="127.0.0.1")
-        await server.start_server()
-        stack.push_async_callback(server.close)
-        urls.append(str(server.make_url("/v1")))
-    return urls
-
-
-def _env(tmp_path: Path, redis: RedisServer, apps_toml: str) -> dict[str, str]:
-    apps = tmp_path / "apps.toml"
-    apps.write_text(apps_toml)
-    return {
-        "SESSION_STORE": "redis",
-        "REDIS_URL": redis.url,
-        "APPS_FILE": str(apps),
-        "RUN_HEARTBEAT_SECONDS": "0.25",
-    }
+@pytest.fixture
+def redis(tier_integration: None) -> Iterator[RedisServer]:
+    with _redis_at("96mb", "noeviction") as server:
+        yield server
 
 
 def _run_keys_bytes(redis: RedisServer, app_id: str) -> tuple[int, int]:
@@ -85,21 +69,12 @@ def _counted(redis: RedisServer, app_id: str) -> int:
     )
 
 
-class EmptyRunUpstream:
+class EmptyRunUpstream(SseUpstream):
     """`shop`'s hostile upstream: an event stream that ends at once, without a single event
     (or with only a comment): a `done` run of 0 framed bytes."""
 
-    def app(self) -> web.Application:
-        app = web.Application()
-        app.router.add_post("/v1/chat", self.chat)
-        return app
-
-    async def chat(self, request: web.Request) -> web.StreamResponse:
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await response.prepare(request)
+    async def write_events(self, response: web.StreamResponse) -> None:
         await response.write(b": nothing\n\n")
-        await response.write_eof()
-        return response
 
 
 async def _flood(
@@ -163,11 +138,11 @@ async def test_runs_without_events_are_counted_in_the_budget(
     Fix: count every recorded run at least `_RUN_OVERHEAD_BYTES` (`redis_cost(0)` must not be
     0: a run's keys exist from `create`), better measured (an empty stream is ~4.6 KiB)."""
     async with AsyncExitStack() as stack:
-        (url,) = await _upstreams(stack, EmptyRunUpstream().app())
+        (url,) = await start_upstreams(stack, EmptyRunUpstream().app())
         budget = 256 * 1024
-        env = _env(
+        env = redis_runs_env(
             tmp_path,
-            redis,
+            redis.url,
             f'[apps.shop]\nupstream = "{url}"\nresumable = true\nresume_window_seconds = 60\n'
             f"resume_redis_budget_bytes = {budget}\n",
         )
@@ -184,15 +159,11 @@ async def test_runs_without_events_are_counted_in_the_budget(
     )
 
 
-class OneTinyEventUpstream(EmptyRunUpstream):
+class OneTinyEventUpstream(SseUpstream):
     """`shop`'s hostile upstream: one 1-byte event (`x`, a bare field name), then the end."""
 
-    async def chat(self, request: web.Request) -> web.StreamResponse:
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await response.prepare(request)
+    async def write_events(self, response: web.StreamResponse) -> None:
         await response.write(b"x\n\n")
-        await response.write_eof()
-        return response
 
 
 async def test_the_budget_counts_what_a_small_run_holds(
@@ -211,10 +182,10 @@ async def test_the_budget_counts_what_a_small_run_holds(
     Redis 7's defaults; better derived from `stream-node-max-bytes`), and count it per run
     also for the uncounted runs (`redis_cost` of their sum adds it once)."""
     async with AsyncExitStack() as stack:
-        (url,) = await _upstreams(stack, OneTinyEventUpstream().app())
-        env = _env(
+        (url,) = await start_upstreams(stack, OneTinyEventUpstream().app())
+        env = redis_runs_env(
             tmp_path,
-            redis,
+            redis.url,
             f'[apps.shop]\nupstream = "{url}"\nresumable = true\nresume_window_seconds = 60\n',
         )
         env["RUN_HEARTBEAT_SECONDS"] = "0.5"
@@ -230,7 +201,7 @@ async def test_the_budget_counts_what_a_small_run_holds(
     )
 
 
-class TinyEventsUpstream:
+class TinyEventsUpstream(SseUpstream):
     """`shop`'s hostile upstream: `count` one-byte events (`x`, a bare field name), one per
     write, `delay` apart: each reaches Redis in its own `XADD` entry."""
 
@@ -238,19 +209,10 @@ class TinyEventsUpstream:
         self.count = count
         self.delay = delay
 
-    def app(self) -> web.Application:
-        app = web.Application()
-        app.router.add_post("/v1/chat", self.chat)
-        return app
-
-    async def chat(self, request: web.Request) -> web.StreamResponse:
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await response.prepare(request)
+    async def write_events(self, response: web.StreamResponse) -> None:
         for _ in range(self.count):
             await response.write(b"x\n\n")
             await asyncio.sleep(self.delay)
-        await response.write_eof()
-        return response
 
 
 async def test_the_budget_counts_what_redis_needs_for_many_tiny_events(
@@ -272,10 +234,10 @@ async def test_the_budget_counts_what_redis_needs_for_many_tiny_events(
     Fix: count per stream entry as well (e.g. `redis_cost(bytes, entries)` adding ~24 bytes
     an entry: the pump knows how many `XADD` entries it wrote), or group tiny events."""
     async with AsyncExitStack() as stack:
-        (url,) = await _upstreams(stack, TinyEventsUpstream(3000, 0.001).app())
-        env = _env(
+        (url,) = await start_upstreams(stack, TinyEventsUpstream(3000, 0.001).app())
+        env = redis_runs_env(
             tmp_path,
-            redis,
+            redis.url,
             f'[apps.shop]\nupstream = "{url}"\nresumable = true\nresume_window_seconds = 60\n',
         )
         with GatewayProcess(env) as gateway:
@@ -292,9 +254,7 @@ async def test_the_budget_counts_what_redis_needs_for_many_tiny_events(
 
 @pytest.fixture
 def small_redis(tier_integration: None) -> Iterator[RedisServer]:
-    with RedisServer(
-        extra_args=["--maxmemory", "24mb", "--maxmemory-policy", "noeviction"]
-    ) as server:
+    with _redis_at("24mb", "noeviction") as server:
         yield server
 
 
@@ -314,11 +274,11 @@ async def test_runs_without_events_fill_redis_for_another_application(
     redis = small_redis
     victim = CountingUpstream(count=5, delay=0.01)
     async with AsyncExitStack() as stack:
-        urls = await _upstreams(stack, EmptyRunUpstream().app(), victim.app())
+        urls = await start_upstreams(stack, EmptyRunUpstream().app(), victim.app())
         mib = 1024 * 1024
-        env = _env(
+        env = redis_runs_env(
             tmp_path,
-            redis,
+            redis.url,
             f'[apps.shop]\nupstream = "{urls[0]}"\nresumable = true\n'
             f"resume_window_seconds = 60\nresume_redis_budget_bytes = {mib}\n"
             f'[apps.other]\nupstream = "{urls[1]}"\nresumable = true\n'
@@ -344,7 +304,7 @@ async def test_runs_without_events_fill_redis_for_another_application(
     )
 
 
-class TinyBurstsUpstream:
+class TinyBurstsUpstream(SseUpstream):
     """`shop`'s hostile upstream: `chunks` writes of `per_chunk` 1-byte events (`x\\n\\n`)
     each, `pause` apart: far more events than a run keeps (`resume_max_events`, 10 000)."""
 
@@ -353,19 +313,10 @@ class TinyBurstsUpstream:
         self.per_chunk = per_chunk
         self.pause = pause
 
-    def app(self) -> web.Application:
-        app = web.Application()
-        app.router.add_post("/v1/chat", self.chat)
-        return app
-
-    async def chat(self, request: web.Request) -> web.StreamResponse:
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await response.prepare(request)
+    async def write_events(self, response: web.StreamResponse) -> None:
         for _ in range(self.chunks):
             await response.write(b"x\n\n" * self.per_chunk)
             await asyncio.sleep(self.pause)
-        await response.write_eof()
-        return response
 
 
 async def test_a_capped_run_holds_no_more_in_redis_than_its_log(
@@ -388,10 +339,10 @@ async def test_a_capped_run_holds_no_more_in_redis_than_its_log(
     the first one kept, not `run.log.bytes`), or cut the groups at the log's bounds (never
     send events already trimmed from the log; start a new group where the log starts)."""
     async with AsyncExitStack() as stack:
-        (url,) = await _upstreams(stack, TinyBurstsUpstream(40, 21_000, 0.05).app())
-        env = _env(
+        (url,) = await start_upstreams(stack, TinyBurstsUpstream(40, 21_000, 0.05).app())
+        env = redis_runs_env(
             tmp_path,
-            redis,
+            redis.url,
             f'[apps.shop]\nupstream = "{url}"\nresumable = true\nresume_window_seconds = 60\n',
         )
         with GatewayProcess(env) as gateway:
@@ -406,35 +357,30 @@ async def test_a_capped_run_holds_no_more_in_redis_than_its_log(
     )
 
 
-class MixedUpstream:
+class MixedUpstream(SseUpstream):
     """`shop`'s hostile upstream: for `{"message": "empty"}` an empty event stream (a run
     counted 0: test_runs_without_events_are_counted_in_the_budget); otherwise one 8 KB event,
     50 ms later a second one and the end: the first goes to Redis in its own `XADD` (which
     creates the `e` stream, with no TTL yet), the end comes before the run's first heartbeat
     (which would give it one)."""
 
-    def app(self) -> web.Application:
-        app = web.Application()
-        app.router.add_post("/v1/chat", self.chat)
-        return app
-
     async def chat(self, request: web.Request) -> web.StreamResponse:
-        message = (await request.json()).get("message")
+        if (await request.json()).get("message") != "empty":
+            return await super().chat(request)
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
-        if message != "empty":
-            await response.write(b"data: " + b"z" * 8000 + b"\n\n")
-            await asyncio.sleep(0.05)
-            await response.write(b"data: end\n\n")
         await response.write_eof()
         return response
+
+    async def write_events(self, response: web.StreamResponse) -> None:
+        await response.write(b"data: " + b"z" * 8000 + b"\n\n")
+        await asyncio.sleep(0.05)
+        await response.write(b"data: end\n\n")
 
 
 @pytest.fixture
 def tiny_redis(tier_integration: None) -> Iterator[RedisServer]:
-    with RedisServer(
-        extra_args=["--maxmemory", "8mb", "--maxmemory-policy", "noeviction"]
-    ) as server:
+    with _redis_at("8mb", "noeviction") as server:
         yield server
 
 
@@ -466,11 +412,11 @@ async def test_a_run_whose_end_redis_refused_leaves_nothing_behind_for_ever(
     refused (`PEXPIRE` first: it is not `denyoom`)."""
     redis = tiny_redis
     async with AsyncExitStack() as stack:
-        (url,) = await _upstreams(stack, MixedUpstream().app())
+        (url,) = await start_upstreams(stack, MixedUpstream().app())
         window = 5
-        env = _env(
+        env = redis_runs_env(
             tmp_path,
-            redis,
+            redis.url,
             f'[apps.shop]\nupstream = "{url}"\nresumable = true\n'
             f"resume_window_seconds = {window}\nresume_redis_budget_bytes = {4 * 2**20}\n",
         )
@@ -501,9 +447,7 @@ async def test_a_run_whose_end_redis_refused_leaves_nothing_behind_for_ever(
 
 @pytest.fixture
 def lfu_redis(tier_integration: None) -> Iterator[RedisServer]:
-    with RedisServer(
-        extra_args=["--maxmemory", "24mb", "--maxmemory-policy", "volatile-lfu"]
-    ) as server:
+    with _redis_at("24mb", "volatile-lfu") as server:
         yield server
 
 
@@ -526,11 +470,11 @@ async def test_runs_without_events_never_evict_another_applications_runs(
     redis = lfu_redis
     victim = CountingUpstream(count=30, delay=0.001)
     async with AsyncExitStack() as stack:
-        urls = await _upstreams(stack, EmptyRunUpstream().app(), victim.app())
+        urls = await start_upstreams(stack, EmptyRunUpstream().app(), victim.app())
         mib = 1024 * 1024
-        env = _env(
+        env = redis_runs_env(
             tmp_path,
-            redis,
+            redis.url,
             f'[apps.shop]\nupstream = "{urls[0]}"\nresumable = true\n'
             f"resume_window_seconds = 60\nresume_redis_budget_bytes = {mib}\n"
             f'[apps.other]\nupstream = "{urls[1]}"\nresumable = true\n'

@@ -16,6 +16,7 @@ from aiohttp.test_utils import TestServer
 from app.runs.log import RunLog
 from app.runs.sse import EventTooLarge, SseParser
 from tests.fake_upstream import RunningGateway, app_settings, run_gateway
+from tests.runs_helpers import SseUpstream
 
 CSRF = {"X-CSRF": "1"}
 CHAT = "/apps/shop/agent/chat"
@@ -29,18 +30,13 @@ async def _replay_tail(gw: RunningGateway, run_id: str) -> bytes:
     return body
 
 
-class EndlessLineUpstream:
+class EndlessLineUpstream(SseUpstream):
     """A hostile upstream: one event whose `data:` line never ends, 256 KiB per write."""
 
     def __init__(self, total: int) -> None:
         self.total = total
         self.sent = 0
         self.cut = asyncio.Event()
-
-    def app(self) -> web.Application:
-        app = web.Application()
-        app.router.add_post("/v1/chat", self.chat)
-        return app
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})

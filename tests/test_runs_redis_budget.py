@@ -15,32 +15,30 @@ from pathlib import Path
 import aiohttp
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestServer
 
 from tests.gateway_process import GatewayProcess
 from tests.redis_server import RedisServer
-from tests.runs_helpers import CountingUpstream, error_code, event_id, read_events
+from tests.runs_helpers import (
+    CountingUpstream,
+    SseUpstream,
+    error_code,
+    event_id,
+    read_events,
+    redis_runs_env,
+    start_upstreams,
+)
 
 pytestmark = pytest.mark.redis_server
 
 CSRF = {"X-CSRF": "1"}
 
 
-class BigRunUpstream:
+class BigRunUpstream(SseUpstream):
     """App A's (hostile) upstream: 7 events of 512 KiB at once (3.5 MiB, under the default
     resume_max_bytes of 4 MiB), then the end."""
 
-    def app(self) -> web.Application:
-        app = web.Application()
-        app.router.add_post("/v1/chat", self.chat)
-        return app
-
-    async def chat(self, request: web.Request) -> web.StreamResponse:
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await response.prepare(request)
+    async def write_events(self, response: web.StreamResponse) -> None:
         await response.write((b"data: " + b"y" * (512 * 1024) + b"\n\n") * 7)
-        await response.write_eof()
-        return response
 
 
 @pytest.fixture
@@ -51,37 +49,16 @@ def redis(tier_integration: None) -> Iterator[RedisServer]:
         yield server
 
 
-async def _upstreams(stack: AsyncExitStack, *apps: web.Application) -> list[str]:
-    urls = []
-    for upstream_app in apps:
-        server = TestServer(upstream_app, host="127.0.0.1")
-        await server.start_server()
-        stack.push_async_callback(server.close)
-        urls.append(str(server.make_url("/v1")))
-    return urls
-
-
-def _env(tmp_path: Path, redis: RedisServer, apps_toml: str) -> dict[str, str]:
-    apps = tmp_path / "apps.toml"
-    apps.write_text(apps_toml)
-    return {
-        "SESSION_STORE": "redis",
-        "REDIS_URL": redis.url,
-        "APPS_FILE": str(apps),
-        "RUN_HEARTBEAT_SECONDS": "0.25",
-    }
-
-
 @pytest.fixture
 async def setup(
     tier_system: None, tmp_path: Path, redis: RedisServer
 ) -> AsyncIterator[tuple[GatewayProcess, GatewayProcess, CountingUpstream, RedisServer]]:
     victim = CountingUpstream(count=30, delay=0.03)
     async with AsyncExitStack() as stack:
-        urls = await _upstreams(stack, BigRunUpstream().app(), victim.app())
-        env = _env(
+        urls = await start_upstreams(stack, BigRunUpstream().app(), victim.app())
+        env = redis_runs_env(
             tmp_path,
-            redis,
+            redis.url,
             f'[apps.shop]\nupstream = "{urls[0]}"\nresumable = true\n'
             "resume_window_seconds = 30\n"
             f'[apps.other]\nupstream = "{urls[1]}"\nresumable = true\n'
@@ -140,10 +117,10 @@ async def test_the_budget_counts_what_redis_needs_for_a_run_not_its_framed_bytes
     before the next): exactly 3 are kept. Counted as framed bytes (3 x 3.5 < 11) a 4th would be.
     (Runs not recorded yet: test_runs_memory::test_a_run_not_recorded_yet_counts_in_the_budget.)"""
     async with AsyncExitStack() as stack:
-        (url,) = await _upstreams(stack, BigRunUpstream().app())
-        env = _env(
+        (url,) = await start_upstreams(stack, BigRunUpstream().app())
+        env = redis_runs_env(
             tmp_path,
-            redis,
+            redis.url,
             f'[apps.shop]\nupstream = "{url}"\nresumable = true\nresume_window_seconds = 30\n'
             f"resume_redis_budget_bytes = {11 * 1024 * 1024}\n",
         )

@@ -17,30 +17,21 @@ from yarl import URL
 from tests.fake_upstream import app_settings, run_gateway
 from tests.gateway_process import GatewayProcess
 from tests.redis_server import RedisServer
+from tests.runs_helpers import SseUpstream
 
 CSRF = {"X-CSRF": "1"}
 CHAT = "/apps/shop/agent/chat"
 EVENT_BYTES = 512 * 1024
 
 
-class BigRunUpstream:
+class BigRunUpstream(SseUpstream):
     """An upstream whose answer is `events` events of 512 KiB, all at once, then the end."""
 
     def __init__(self, events: int) -> None:
         self.events = events
 
-    def app(self) -> web.Application:
-        app = web.Application()
-        app.router.add_post("/v1/chat", self.chat)
-        return app
-
-    async def chat(self, request: web.Request) -> web.StreamResponse:
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await response.prepare(request)
-        body = b"data: " + b"y" * EVENT_BYTES + b"\n\n"
-        await response.write(body * self.events)
-        await response.write_eof()
-        return response
+    async def write_events(self, response: web.StreamResponse) -> None:
+        await response.write((b"data: " + b"y" * EVENT_BYTES + b"\n\n") * self.events)
 
 
 def _rss(pid: str = "self") -> int:
