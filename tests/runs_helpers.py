@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+from collections.abc import Iterator
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,8 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+
+from tests.redis_server import RedisServer
 
 
 @dataclass
@@ -114,6 +117,9 @@ async def close_quietly(response: aiohttp.ClientResponse) -> None:
         await asyncio.sleep(0)
 
 
+CSRF = {"X-CSRF": "1"}
+
+
 async def start_upstreams(stack: AsyncExitStack, *apps: web.Application) -> list[str]:
     """Serve each of `apps` on loopback until `stack` closes; their `/v1` base URLs."""
     urls = []
@@ -156,3 +162,76 @@ class SseUpstream:
 
     async def write_events(self, response: web.StreamResponse) -> None:
         raise NotImplementedError
+
+
+def run_keys_bytes(redis: RedisServer, app_id: str) -> tuple[int, int]:
+    """(runs of `app_id` in Redis, bytes their keys take: `MEMORY USAGE ... SAMPLES 0`)."""
+    client = redis.client()
+    runs = 0
+    total = 0
+    for meta in client.scan_iter(match=b"*run:{*}:m", count=1000):
+        if client.hget(meta, "a") != app_id.encode():
+            continue
+        runs += 1
+        for kind in (b"m", b"e", b"h", b"r"):
+            key = meta[:-1] + kind
+            total += int(client.memory_usage(key, samples=0) or 0)
+    return runs, total
+
+
+def budget_counted(redis: RedisServer, app_id: str) -> int:
+    """What `app_id`'s budget counters hold (all slots)."""
+    client = redis.client()
+    return sum(
+        int(client.get(key) or 0)
+        for key in client.scan_iter(match=f"*runs:{{{app_id}}}:bytes:*".encode(), count=1000)
+    )
+
+
+async def flood_runs(
+    url: str,
+    runs: int,
+    *,
+    sessions: int = 8,
+    per_session: int = 8,
+    message: str = "hi",
+    strict: bool = True,
+) -> int:
+    """`runs` agent requests of `shop` (`sessions` cookie jars, `per_session` at once each);
+    how many came back resumable (`X-Run-Id`). `strict`: each must answer 200."""
+    resumable = 0
+    left = runs
+
+    async def one_session() -> None:
+        nonlocal resumable, left
+        async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as client:
+            # A first request so the session cookie exists before the concurrent ones.
+            async def one() -> None:
+                nonlocal resumable
+                async with client.post(
+                    f"{url}/apps/shop/agent/chat", headers=CSRF, json={"message": message}
+                ) as response:
+                    assert response.status == 200 or not strict, response.status
+                    resumable += "X-Run-Id" in response.headers
+                    await response.read()
+
+            left -= 1
+            await one()
+
+            async def worker() -> None:
+                nonlocal left
+                while left > 0:
+                    left -= 1
+                    await one()
+
+            await asyncio.gather(*(worker() for _ in range(per_session)))
+
+    await asyncio.gather(*(one_session() for _ in range(sessions)))
+    return resumable
+
+
+@contextlib.contextmanager
+def redis_at(maxmemory: str, policy: str) -> Iterator[RedisServer]:
+    """A redis-server of its own at `maxmemory` with `policy`."""
+    with RedisServer(extra_args=["--maxmemory", maxmemory, "--maxmemory-policy", policy]) as server:
+        yield server

@@ -13,7 +13,6 @@ on other replicas add"). Each fails on the code of 2fc50df; the docstrings give 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Iterator
 from contextlib import AsyncExitStack
@@ -25,48 +24,25 @@ from aiohttp import web
 
 from tests.gateway_process import GatewayProcess
 from tests.redis_server import RedisServer
-from tests.runs_helpers import CountingUpstream, SseUpstream, redis_runs_env, start_upstreams
+from tests.runs_helpers import (
+    CSRF,
+    CountingUpstream,
+    SseUpstream,
+    budget_counted,
+    flood_runs,
+    redis_at,
+    redis_runs_env,
+    run_keys_bytes,
+    start_upstreams,
+)
 
 pytestmark = pytest.mark.redis_server
-
-CSRF = {"X-CSRF": "1"}
-
-
-@contextlib.contextmanager
-def _redis_at(maxmemory: str, policy: str) -> Iterator[RedisServer]:
-    """A redis-server of its own at `maxmemory` with `policy`."""
-    with RedisServer(extra_args=["--maxmemory", maxmemory, "--maxmemory-policy", policy]) as server:
-        yield server
 
 
 @pytest.fixture
 def redis(tier_integration: None) -> Iterator[RedisServer]:
-    with _redis_at("96mb", "noeviction") as server:
+    with redis_at("96mb", "noeviction") as server:
         yield server
-
-
-def _run_keys_bytes(redis: RedisServer, app_id: str) -> tuple[int, int]:
-    """(runs of `app_id` in Redis, bytes their keys take: `MEMORY USAGE ... SAMPLES 0`)."""
-    client = redis.client()
-    runs = 0
-    total = 0
-    for meta in client.scan_iter(match=b"*run:{*}:m", count=1000):
-        if client.hget(meta, "a") != app_id.encode():
-            continue
-        runs += 1
-        for kind in (b"m", b"e", b"h", b"r"):
-            key = meta[:-1] + kind
-            total += int(client.memory_usage(key, samples=0) or 0)
-    return runs, total
-
-
-def _counted(redis: RedisServer, app_id: str) -> int:
-    """What `app_id`'s budget counters hold (all slots)."""
-    client = redis.client()
-    return sum(
-        int(client.get(key) or 0)
-        for key in client.scan_iter(match=f"*runs:{{{app_id}}}:bytes:*".encode(), count=1000)
-    )
 
 
 class EmptyRunUpstream(SseUpstream):
@@ -75,48 +51,6 @@ class EmptyRunUpstream(SseUpstream):
 
     async def write_events(self, response: web.StreamResponse) -> None:
         await response.write(b": nothing\n\n")
-
-
-async def _flood(
-    url: str,
-    runs: int,
-    *,
-    sessions: int = 8,
-    per_session: int = 8,
-    message: str = "hi",
-    strict: bool = True,
-) -> int:
-    """`runs` agent requests of `shop` (`sessions` cookie jars, `per_session` at once each);
-    how many came back resumable (`X-Run-Id`). `strict`: each must answer 200."""
-    resumable = 0
-    left = runs
-
-    async def one_session() -> None:
-        nonlocal resumable, left
-        async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as client:
-            # A first request so the session cookie exists before the concurrent ones.
-            async def one() -> None:
-                nonlocal resumable
-                async with client.post(
-                    f"{url}/apps/shop/agent/chat", headers=CSRF, json={"message": message}
-                ) as response:
-                    assert response.status == 200 or not strict, response.status
-                    resumable += "X-Run-Id" in response.headers
-                    await response.read()
-
-            left -= 1
-            await one()
-
-            async def worker() -> None:
-                nonlocal left
-                while left > 0:
-                    left -= 1
-                    await one()
-
-            await asyncio.gather(*(worker() for _ in range(per_session)))
-
-    await asyncio.gather(*(one_session() for _ in range(sessions)))
-    return resumable
 
 
 async def test_runs_without_events_are_counted_in_the_budget(
@@ -148,11 +82,11 @@ async def test_runs_without_events_are_counted_in_the_budget(
         )
         with GatewayProcess(env) as gateway:
             started = time.monotonic()
-            resumable = await _flood(gateway.url, 1500)
+            resumable = await flood_runs(gateway.url, 1500)
             took = time.monotonic() - started
             await asyncio.sleep(0.5)  # every end recorded
-            runs, held = _run_keys_bytes(redis, "shop")
-            counted = _counted(redis, "shop")
+            runs, held = run_keys_bytes(redis, "shop")
+            counted = budget_counted(redis, "shop")
     assert held <= max(counted, budget) * 1.2, (
         f"{resumable} of 1500 runs resumable in {took:.1f} s; {runs} runs of shop in Redis "
         f"hold {held / 2**20:.2f} MiB, its budget counts {counted} bytes (budget {budget})"
@@ -190,10 +124,10 @@ async def test_the_budget_counts_what_a_small_run_holds(
         )
         env["RUN_HEARTBEAT_SECONDS"] = "0.5"
         with GatewayProcess(env) as gateway:
-            resumable = await _flood(gateway.url, 1000)
+            resumable = await flood_runs(gateway.url, 1000)
             await asyncio.sleep(0.5)
-            runs, held = _run_keys_bytes(redis, "shop")
-            counted = _counted(redis, "shop")
+            runs, held = run_keys_bytes(redis, "shop")
+            counted = budget_counted(redis, "shop")
     assert resumable == runs == 1000
     assert held <= counted, (
         f"{runs} one-event runs: their keys take {held / 1000:.0f} KB in Redis, the budget "
@@ -241,10 +175,10 @@ async def test_the_budget_counts_what_redis_needs_for_many_tiny_events(
             f'[apps.shop]\nupstream = "{url}"\nresumable = true\nresume_window_seconds = 60\n',
         )
         with GatewayProcess(env) as gateway:
-            resumable = await _flood(gateway.url, 6, sessions=1, per_session=6)
+            resumable = await flood_runs(gateway.url, 6, sessions=1, per_session=6)
             await asyncio.sleep(0.5)
-            runs, held = _run_keys_bytes(redis, "shop")
-            counted = _counted(redis, "shop")
+            runs, held = run_keys_bytes(redis, "shop")
+            counted = budget_counted(redis, "shop")
     assert resumable == 6 and runs == 6
     assert held <= counted, (
         f"{runs} runs of 3000 tiny events: their keys take {held / 1024:.0f} KiB in Redis, "
@@ -254,7 +188,7 @@ async def test_the_budget_counts_what_redis_needs_for_many_tiny_events(
 
 @pytest.fixture
 def small_redis(tier_integration: None) -> Iterator[RedisServer]:
-    with _redis_at("24mb", "noeviction") as server:
+    with redis_at("24mb", "noeviction") as server:
         yield server
 
 
@@ -288,7 +222,7 @@ async def test_runs_without_events_fill_redis_for_another_application(
             started = time.monotonic()
             resumable = sum(
                 await asyncio.gather(
-                    _flood(a.url, 4500, strict=False), _flood(b.url, 4500, strict=False)
+                    flood_runs(a.url, 4500, strict=False), flood_runs(b.url, 4500, strict=False)
                 )
             )
             took = time.monotonic() - started
@@ -346,10 +280,10 @@ async def test_a_capped_run_holds_no_more_in_redis_than_its_log(
             f'[apps.shop]\nupstream = "{url}"\nresumable = true\nresume_window_seconds = 60\n',
         )
         with GatewayProcess(env) as gateway:
-            resumable = await _flood(gateway.url, 4, sessions=4, per_session=1)
+            resumable = await flood_runs(gateway.url, 4, sessions=4, per_session=1)
             await asyncio.sleep(0.5)
-            runs, held = _run_keys_bytes(redis, "shop")
-            counted = _counted(redis, "shop")
+            runs, held = run_keys_bytes(redis, "shop")
+            counted = budget_counted(redis, "shop")
     assert resumable == runs == 4
     assert held <= counted, (
         f"{runs} runs of tiny-event bursts: their keys take {held / 1000:.0f} KB in Redis, "
@@ -380,7 +314,7 @@ class MixedUpstream(SseUpstream):
 
 @pytest.fixture
 def tiny_redis(tier_integration: None) -> Iterator[RedisServer]:
-    with _redis_at("8mb", "noeviction") as server:
+    with redis_at("8mb", "noeviction") as server:
         yield server
 
 
@@ -426,7 +360,7 @@ async def test_a_run_whose_end_redis_refused_leaves_nothing_behind_for_ever(
             async def runs(message: str, sessions: int) -> int:
                 kept = 0
                 while time.monotonic() - started < 20:
-                    kept += await _flood(
+                    kept += await flood_runs(
                         gateway.url, 200, sessions=sessions, message=message, strict=False
                     )
                 return kept
@@ -447,7 +381,7 @@ async def test_a_run_whose_end_redis_refused_leaves_nothing_behind_for_ever(
 
 @pytest.fixture
 def lfu_redis(tier_integration: None) -> Iterator[RedisServer]:
-    with _redis_at("24mb", "volatile-lfu") as server:
+    with redis_at("24mb", "volatile-lfu") as server:
         yield server
 
 
@@ -490,7 +424,7 @@ async def test_runs_without_events_never_evict_another_applications_runs(
                     await response.read()
                 resumable = sum(
                     await asyncio.gather(
-                        _flood(a.url, 5000, strict=False), _flood(b.url, 5000, strict=False)
+                        flood_runs(a.url, 5000, strict=False), flood_runs(b.url, 5000, strict=False)
                     )
                 )
                 used = int(redis.client().info("memory")["used_memory"])

@@ -14,11 +14,13 @@ from __future__ import annotations
 from app.runs.log import RunLog
 
 # Redis's memory for a run beyond its framed bytes (measured on Redis 7.0, `MEMORY USAGE` and
-# `used_memory`): the allocator's size classes (up to a quarter more: a 512 KiB entry takes a
-# 640 KiB allocation); per stream entry ~17-24 bytes (a run of tiny events, one entry each);
+# `used_memory`, by two outside attacks): the allocator's size classes (up to a quarter more: a
+# 512 KiB entry takes a 640 KiB allocation); per stream entry ~17-24 bytes, but an entry of
+# ~2 KiB sits alone in a stream node shrunk to a 2560-byte allocation plus ~260 bytes of index
+# (2031 framed bytes held 2831: a third more, plus 160 per entry, covers it with ~2 % to spare);
 # per run its keys and the stream's first node (~4.7-5.0 KiB, even for a run without events).
-_ALLOCATOR_SLACK_DIVISOR = 4
-ENTRY_OVERHEAD_BYTES = 32
+_ALLOCATOR_SLACK_DIVISOR = 3
+ENTRY_OVERHEAD_BYTES = 160
 RUN_OVERHEAD_BYTES = 6 * 1024
 
 

@@ -61,6 +61,8 @@ class Run:
     writer: RunWriter | None = None
     # What this run costs Redis as counted in its registry's `uncounted` (app/runs/budget.py).
     uncounted: int = 0
+    # Its cost was added to its application's Redis counter (at its end).
+    counted: bool = False
 
     def wake(self) -> None:
         """Cut the pump's current wait short (a stop, the shutdown)."""

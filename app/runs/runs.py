@@ -220,6 +220,18 @@ class RunRegistry:
             run.uncounted = cost
             self.uncounted.add(run.app.app_id, delta)
 
+    def _settle_cost(self, run: Run) -> None:
+        """At the end: `run`'s cost leaves `uncounted` now if Redis counts it (or there is no
+        Redis); else once its keys have expired (their TTL: a window plus a heartbeat TTL),
+        so that a run whose count failed still counts here meanwhile."""
+        cost, run.uncounted = run.uncounted, 0
+        app_id = run.app.app_id
+        if run.counted or self.store is None:
+            self.uncounted.add(app_id, -cost)
+        else:
+            loop = asyncio.get_running_loop()
+            loop.call_later(self.ttl_ms(run.app) / 1000, self.uncounted.add, app_id, -cost)
+
     async def _tick(self, run: Run, now: float) -> str | None:
         """The heartbeat: stop asked for, nobody reading for the window, or limits: a reason
         to end; else None."""
@@ -262,11 +274,11 @@ class RunRegistry:
             log.info("run %s ended: %s (app %s)", run.run_id, reason, run.app.app_id)
         last = [] if reason == "done" else [run.log.append(error_event(reason, run.run_id))]
         run.log.close(reason)
+        recorded = False
         try:
             recorded = await self._record_end(run, reason, last)
-        finally:  # counted in Redis now, or never will be
-            self.uncounted.add(run.app.app_id, -run.uncounted)
-            run.uncounted = 0
+        finally:
+            self._settle_cost(run)
         # Recorded in Redis: resumes read it from there, this process's copy can go now (a
         # busy replica would otherwise hold every answer of the last window). Memory store:
         # the copy here is the run, kept for its window.
@@ -302,6 +314,7 @@ class RunRegistry:
                     run_cost(run.log, ENTRY_BYTES),
                     window_ms=round(run.app.resume_window_seconds * 1000),
                 )
+                run.counted = True
             except StoreUnavailable as err:
                 log.warning("run %s: its end could not be recorded (%s)", run.run_id, err)
         return recorded

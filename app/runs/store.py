@@ -59,13 +59,15 @@ return 1"""
 )
 
 # KEYS: meta, events. ARGV: ttl ms, MINID ('' none), entry id, first seq ('' for a bare end
-# marker), data, end reason. The heartbeat key is left to expire: readers see the end first.
-# The TTLs are set before the XADD too: at `maxmemory` the XADD is refused (OOM) but PEXPIRE
-# is not, so the run's keys never outlive their window (F6, attack-budget).
+# marker), data, end reason, last event's seq. The heartbeat key is left to expire: readers see
+# the end first. The end reason and the last seq also go into the meta hash (`x`, `l`; only
+# while it exists), so that `meta` of an ended run never reads the stream. The XADD goes
+# first: at `maxmemory` Redis refuses a script's first write (OOM) but lets a script that has
+# written go on, so a PEXPIRE first would let the XADD past `maxmemory` (attack-budget-2). The
+# TTLs are set whatever the XADD answered (PEXPIRE is never refused), so the run's keys never
+# outlive their window (attack-budget F6).
 END_RUN = LuaScript.of(
-    """redis.call('PEXPIRE', KEYS[1], ARGV[1])
-redis.call('PEXPIRE', KEYS[2], ARGV[1])
-local xadd = {'XADD', KEYS[2]}
+    """local xadd = {'XADD', KEYS[2]}
 if ARGV[2] ~= '' then
   xadd[#xadd + 1] = 'MINID'; xadd[#xadd + 1] = '='; xadd[#xadd + 1] = ARGV[2]
 end
@@ -75,12 +77,45 @@ if ARGV[4] ~= '' then
 end
 xadd[#xadd + 1] = 'x'; xadd[#xadd + 1] = ARGV[6]
 local added = redis.pcall(unpack(xadd))
+local meta = redis.pcall('PEXPIRE', KEYS[1], ARGV[1])
+redis.pcall('PEXPIRE', KEYS[2], ARGV[1])
 if type(added) == 'table' and added.err and not string.find(added.err, 'equal or smaller') then
   return added
 end
-redis.call('PEXPIRE', KEYS[1], ARGV[1])
-redis.call('PEXPIRE', KEYS[2], ARGV[1])
+if meta == 1 then
+  redis.pcall('HSET', KEYS[1], 'x', ARGV[6], 'l', ARGV[7])
+end
 return 1"""
+)
+
+# KEYS: meta. A stop sets the flag only on a run that still has its meta key: an HSET on a key
+# that just expired would create it again without a TTL (attack-budget-2).
+REQUEST_STOP = LuaScript.of(
+    """if redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('HSET', KEYS[1], 'stop', '1')
+  return 1
+end
+return 0"""
+)
+
+# KEYS: meta, events. The meta hash and, of the last entry, only its id, its end reason (false
+# when none) and whether it holds events (1/0): never the entry's data, which may be MiBs that
+# a resume answered 204 does not need (Redis buffers replies: attack-budget-2). An ended run's
+# meta hash has its end (`x`, `l`): the stream is not read at all then.
+RUN_META = LuaScript.of(
+    """local meta = redis.call('HGETALL', KEYS[1])
+for i = 1, #meta, 2 do
+  if meta[i] == 'l' then return {meta} end
+end
+local last = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
+if #last == 0 then return {meta} end
+local fields = last[1][2]
+local reason = false
+local data = 0
+for i = 1, #fields, 2 do
+  if fields[i] == 'x' then reason = fields[i + 1] elseif fields[i] == 'd' then data = 1 end
+end
+return {meta, last[1][1], reason, data}"""
 )
 
 
@@ -201,7 +236,8 @@ class RedisRunStore:
         """The consecutive `(seq, framed)` events from `first_kept` on (those before it are
         no longer in the run's log: not written) in one `XADD` per `ENTRY_BYTES` group
         (`_groups`), trimming entries that end below `first_kept` (exactly). `expire_ms`: the
-        stream's TTL, set with its first `XADD` (a run's first write creates the stream)."""
+        stream's TTL, set in the same round trip as each `XADD` (any of them may create the
+        stream: the first, or one after a Redis restart or an eviction)."""
         key = self.key(run_id, "e")
         for group in _groups(_kept(entries, first_kept)):
             command: tuple[Any, ...] = ("XADD", key)
@@ -211,7 +247,6 @@ class RedisRunStore:
             command += (f"0-{group[-1][0]}", "f", group[0][0], "d", data)
             expire = None if expire_ms is None else ("PEXPIRE", key, expire_ms)
             await self._backend._run(_idempotent_xadd(self._backend.execute, command, expire))
-            expire_ms = None
 
     async def tick(self, run_id: str, *, heartbeat_ms: int, ttl_ms: int) -> tuple[bool, int]:
         """The pumper's heartbeat: refresh it and the TTLs; (stop asked for, reader key's
@@ -247,30 +282,32 @@ class RedisRunStore:
         args: list[Any] = [ttl_ms, f"0-{first_kept}" if first_kept > 1 else ""]
         if entries:
             data = b"".join(f for _, f in entries)
-            args += [f"0-{entries[-1][0]}", entries[0][0], data, reason]
+            args += [f"0-{entries[-1][0]}", entries[0][0], data, reason, entries[-1][0]]
         else:
-            args += [f"0-{end_seq}", "", "", reason]
+            args += [f"0-{end_seq}", "", "", reason, end_seq - 1]
         keys = [self.key(run_id, "m"), self.key(run_id, "e")]
         execute = self._backend.execute
         await self._backend._run(lambda: END_RUN.run(execute, keys, args))
 
     async def meta(self, run_id: str) -> RunMeta | None:
         """The run's owner and application, its end reason and its last event's sequence
-        number (from its last entry)."""
-        raw, last = await self._all(
-            ("HGETALL", self.key(run_id, "m")),
-            ("XREVRANGE", self.key(run_id, "e"), "+", "-", "COUNT", 1),
-        )
-        fields = _pairs(raw)
+        number (from its last entry's id, read without its data: `RUN_META`)."""
+        keys = [self.key(run_id, "m"), self.key(run_id, "e")]
+        execute = self._backend.execute
+        reply = list(await self._backend._run(lambda: RUN_META.run(execute, keys, [])))
+        fields = _pairs(reply[0])
         if "o" not in fields or "a" not in fields:
             return None
-        tail = _entries(last)
-        if not tail:
-            return RunMeta(_text(fields["o"]), _text(fields["a"]))
-        entry = tail[0]
+        owner, app_id = _text(fields["o"]), _text(fields["a"])
+        if "l" in fields and "x" in fields:  # ended (END_RUN)
+            return RunMeta(owner, app_id, _text(fields["x"]), int(_text(fields["l"])))
+        if len(reply) < 4:
+            return RunMeta(owner, app_id)
+        seq = int(_text(reply[1]).partition("-")[2])
+        end = _text(reply[2]) if reply[2] is not None else None
         # A bare end marker's id is the sequence number after the last event.
-        last_seq = entry.seq if entry.data is not None else entry.seq - 1
-        return RunMeta(_text(fields["o"]), _text(fields["a"]), entry.end, last_seq)
+        last_seq = seq if int(reply[3]) else seq - 1
+        return RunMeta(owner, app_id, end, last_seq)
 
     async def range_after(self, run_id: str, after: int, count: int) -> list[Entry]:
         (raw,) = await self._all(
@@ -302,7 +339,9 @@ class RedisRunStore:
         return bool(int(alive))
 
     async def request_stop(self, run_id: str) -> None:
-        await self._all(("HSET", self.key(run_id, "m"), "stop", "1"))
+        keys = [self.key(run_id, "m")]
+        execute = self._backend.execute
+        await self._backend._run(lambda: REQUEST_STOP.run(execute, keys, []))
 
 
 ENTRY_BYTES = 256 * 1024

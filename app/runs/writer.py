@@ -24,9 +24,10 @@ class RunWriter:
     def __init__(self, store: RedisRunStore, run: Run, *, ttl_ms: int) -> None:
         self._store = store
         self._run = run
-        # The stream's TTL, set with the run's first write (which creates it): a run that
-        # fails before its first heartbeat leaves no key without a TTL.
-        self._first_write_ttl_ms: int | None = ttl_ms
+        # The stream's TTL, set with every write (any may create the stream: the first, or one
+        # after a Redis restart): a run that fails before its next heartbeat leaves no key
+        # without a TTL.
+        self._ttl_ms = ttl_ms
         self._pending: list[tuple[int, bytes]] = []
         self._wake = asyncio.Event()
         self._written = asyncio.Event()
@@ -83,9 +84,8 @@ class RunWriter:
                 self._wake.clear()
                 while self._pending and not self._closing:
                     batch, self._pending = self._pending, []
-                    expire_ms, self._first_write_ttl_ms = self._first_write_ttl_ms, None
                     await self._store.append(
-                        run.run_id, batch, run.log.first_seq, expire_ms=expire_ms
+                        run.run_id, batch, run.log.first_seq, expire_ms=self._ttl_ms
                     )
                     self._written.set()
                 if self._closing:
