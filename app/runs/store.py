@@ -277,7 +277,10 @@ class RedisRunStore:
         before it (`append`)."""
         groups = _groups(_kept(entries, first_kept))
         if len(groups) > 1:
-            await self.append(run_id, [e for group in groups[:-1] for e in group], first_kept)
+            earlier = [e for group in groups[:-1] for e in group]
+            # With the TTL: these XADDs may create the stream, and one refused at `maxmemory`
+            # stops the end before END_RUN sets it (attack-budget-3).
+            await self.append(run_id, earlier, first_kept, expire_ms=ttl_ms)
         entries = groups[-1] if groups else []
         args: list[Any] = [ttl_ms, f"0-{first_kept}" if first_kept > 1 else ""]
         if entries:
