@@ -142,6 +142,9 @@ class Settings:
     # dead pumper is noticed within 4 of them) and the connections blocking reads may hold.
     run_heartbeat_seconds: float = 0.5
     run_follow_connections: int = 64
+    # Catch-up reads of run events (`XRANGE`) in flight per process: each is a reply Redis
+    # buffers against `maxmemory` (app/runs/store.py).
+    run_catchup_reads: int = 4
     # Resume readers per replica (app/runs/readers.py): open resume streams of one run, and
     # runs one client address may have followed from Redis in one application.
     run_readers_per_run: int = 8
@@ -285,6 +288,7 @@ def _parse(env: Mapping[str, str]) -> Settings:
         upload_timeout_seconds=r.positive_float("UPLOAD_TIMEOUT_SECONDS", 300.0),
         run_heartbeat_seconds=r.positive_float("RUN_HEARTBEAT_SECONDS", 0.5),
         run_follow_connections=r.positive_int("RUN_FOLLOW_CONNECTIONS", 64),
+        run_catchup_reads=r.positive_int("RUN_CATCHUP_READS", 4),
         run_readers_per_run=r.positive_int("RUN_READERS_PER_RUN", 8),
         run_follows_per_client=r.positive_int("RUN_FOLLOWS_PER_CLIENT", 4),
         run_ended_max_runs=r.positive_int("RUN_ENDED_MAX_RUNS", 10_000),

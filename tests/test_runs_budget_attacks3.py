@@ -1,23 +1,36 @@
 """Third attack on resumable runs in Redis (branch attack-budget-3, after 4ea47cb): an end
-whose earlier groups create the stream and are refused at `maxmemory` left it without a TTL.
-(Its other finding, resumes from the start of ended runs with ~4 MiB entries taking Redis past
-`maxmemory` through reply buffers, is open: docs/resumable-streams.md.) Fails on 4ea47cb.
+whose earlier groups create the stream and are refused at `maxmemory` left it without a TTL
+(fails on 4ea47cb); resumes from the start of ended runs with ~4 MiB entries took Redis past
+`maxmemory` through reply buffers (fails on 1673a67).
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterator
+from contextlib import AsyncExitStack
+from pathlib import Path
 
+import aiohttp
 import pytest
+from aiohttp import web
 from redis import exceptions as redis_errors
 
 from app.runs.store import RedisRunStore, RunMeta
 from app.sessions.backend import StoreUnavailable
 from app.sessions.redis import RedisBackend
 from app.sessions.redis_client import RedisOptions, make_client
+from tests.gateway_process import GatewayProcess
 from tests.redis_server import RedisServer
-from tests.runs_helpers import redis_at
+from tests.runs_helpers import (
+    CSRF,
+    CountingUpstream,
+    SseUpstream,
+    redis_at,
+    redis_runs_env,
+    start_upstreams,
+)
 
 pytestmark = pytest.mark.redis_server
 
@@ -88,4 +101,113 @@ async def test_an_end_with_several_groups_refused_at_maxmemory_leaves_no_key_wit
     assert pttl != -1, (
         f"end of a run with 3 groups at maxmemory: {type(failure).__name__}: {failure}; its "
         f"events key left with PTTL {pttl} (no TTL), {held / 1000:.0f} KB held"
+    )
+
+
+@pytest.fixture
+def redis(tier_integration: None) -> Iterator[RedisServer]:
+    with redis_at("96mb", "noeviction") as server:
+        yield server
+
+
+class OneBigEventUpstream(SseUpstream):
+    """`shop`'s upstream: one event of ~4.1 MB (within the default `resume_max_bytes`,
+    4 MiB), then the end: a run whose one stream entry is that event."""
+
+    async def write_events(self, response: web.StreamResponse) -> None:
+        await response.write(b"data: " + b"b" * 4_100_000 + b"\n\n")
+
+
+async def test_resumes_from_the_start_of_ended_runs_never_take_redis_past_maxmemory(
+    tier_system: None, tmp_path: Path, redis: RedisServer
+) -> None:
+    """Attack: 8 runs of `shop` (within its budget: one ~4.1 MB event each) end; their owner
+    then replays each from its start (`Last-Event-ID: 0`) with 8 readers per run (the
+    per-run reader cap), 64 at a time, for 4 s. Each replay is one `XRANGE ... COUNT 1`
+    whose reply is the whole 4.1 MB entry, and Redis builds each reply in the connection's
+    output buffer, counted against `maxmemory`.
+
+    Measured (1673a67, one replica, Redis `maxmemory` 96mb `noeviction`): Redis peaked at
+    199-271 MiB and `other`'s new users got 503 (`session_store_full`); in this test 250 MiB
+    (371 replays answered in 4 s, 2 of 8 `other` users got 503).
+    Fixed: at most `RUN_CATCHUP_READS` (4) catch-up reads in flight per process: 49-54 MiB,
+    534-645 whole replays (4.1 MB each) in 4 s, every `other` user 200 resumable."""
+    async with AsyncExitStack() as stack:
+        url, other_url = await start_upstreams(
+            stack, OneBigEventUpstream().app(), CountingUpstream(count=3, delay=0.001).app()
+        )
+        env = redis_runs_env(
+            tmp_path,
+            redis.url,
+            f'[apps.shop]\nupstream = "{url}"\nresumable = true\n'
+            f'[apps.other]\nupstream = "{other_url}"\nresumable = true\n',
+        )
+        client = redis.client()
+        maxmemory = int(str(client.config_get("maxmemory")["maxmemory"]))
+        with GatewayProcess(env) as gateway:
+            http = aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True))
+            stack.push_async_callback(http.close)
+            run_ids = []
+            for _ in range(8):
+                async with http.post(
+                    f"{gateway.url}/apps/shop/agent/chat", headers=CSRF, json={"message": "x"}
+                ) as response:
+                    await response.read()
+                    run_ids.append(response.headers["X-Run-Id"])
+            peak = 0
+            polling = True
+
+            def poll() -> None:
+                nonlocal peak
+                watcher = redis.client()
+                while polling:
+                    peak = max(peak, int(watcher.info("memory")["used_memory"]))
+                    time.sleep(0.01)
+
+            watcher = asyncio.get_running_loop().run_in_executor(None, poll)
+            until = time.monotonic() + 4
+            replays: dict[int, int] = {}
+            replayed_bytes = 0
+            others: dict[tuple[int, bool], int] = {}
+
+            async def replay(run_id: str) -> None:
+                nonlocal replayed_bytes
+                while time.monotonic() < until:
+                    async with http.get(
+                        f"{gateway.url}/apps/shop/runs/{run_id}", headers={"Last-Event-ID": "0"}
+                    ) as response:
+                        body = await response.read()
+                        replayed_bytes += len(body)
+                        replays[response.status] = replays.get(response.status, 0) + 1
+
+            async def other_user() -> None:
+                await asyncio.sleep(0.5)
+                while time.monotonic() < until:
+                    async with (
+                        aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as user,
+                        user.post(
+                            f"{gateway.url}/apps/other/agent/chat",
+                            headers=CSRF,
+                            json={"message": "hi"},
+                        ) as response,
+                    ):
+                        await response.read()
+                        key = (response.status, "X-Run-Id" in response.headers)
+                        others[key] = others.get(key, 0) + 1
+                    await asyncio.sleep(0.05)
+
+            try:
+                await asyncio.gather(
+                    *(replay(run_id) for run_id in run_ids for _ in range(8)), other_user()
+                )
+            finally:
+                polling = False
+                await watcher
+    mib = 2**20
+    # Each replay read the whole event (replays wait for the gate, they are not refused).
+    assert replayed_bytes == replays.get(200, 0) * 4_100_014 > 0, (replays, replayed_bytes)
+    assert peak <= maxmemory and set(others) == {(200, True)}, (
+        f"{replays} answers to replays of 8 ended runs of shop in 4 s: Redis peaked at "
+        f"{peak / mib:.0f} MiB (maxmemory {maxmemory / mib:.0f}); other's new users got "
+        f"(status, resumable): {others}"
     )

@@ -17,7 +17,7 @@ from app.proxy.relay import KEEPALIVE_COMMENT
 from app.runs.readers import READ_COUNT, Follower
 from app.runs.run import ERROR_MESSAGES, Run
 from app.runs.runs import RunRegistry
-from app.runs.store import Entry, RedisRunStore
+from app.runs.store import Entry, RedisRunStore, next_catchup_count
 from app.sessions.backend import StoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -27,20 +27,6 @@ PIECE_BYTES = 64 * 1024
 (waits while the transport is paused above its high-water mark) once more than 64 KiB went
 out since the last drain, so a reader that reads slowly or not at all holds about one or two
 pieces beyond that mark here, never a copy of the whole log it asked for."""
-
-
-CATCHUP_BYTES = 4 * PIECE_BYTES
-"""About what one catch-up `XRANGE` of `follow_remote` reads at most: a reader whose pieces
-wait to drain holds that batch (or one larger entry), not the whole run."""
-
-
-def _next_count(count: int, entries: list[Entry]) -> int:
-    """How many entries the next catch-up `XRANGE` asks for, after a batch of `count` gave
-    `entries`: one when the batch was over `CATCHUP_BYTES`, else twice as many (up to
-    `READ_COUNT`), so a run of small events still goes in few round trips."""
-    if sum(len(entry.data or b"") for entry in entries) > CATCHUP_BYTES:
-        return 1
-    return min(READ_COUNT, count * 2)
 
 
 def _pieces(chunks: Iterable[bytes]) -> Iterator[bytes]:
@@ -161,7 +147,7 @@ async def follow_remote(
     """The same from Redis, for a run pumped by another replica (or ended): what the run's
     follower here holds (app/runs/readers.py), and before that (a resume from further back,
     or an ended run: `follower` None) what `XRANGE` reads, a few entries at a time
-    (`_next_count`); events up to `replay_until` count as replayed."""
+    (`next_catchup_count`); events up to `replay_until` count as replayed."""
     settings = request.app[SETTINGS_KEY]
     keepalive = settings.sse_keepalive_seconds
     wait = min(keepalive, registry.heartbeat)
@@ -174,7 +160,7 @@ async def follow_remote(
             entries: list[Entry] = []
             if follower is None or pos < follower.base:
                 entries = await store.range_after(run_id, pos, count)
-                count = _next_count(count, entries)
+                count = next_catchup_count(count, entries, READ_COUNT)
                 if not entries and follower is None:
                     break  # an ended run read to its end (its entries expired meanwhile)
             else:

@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from app.applications import AppConfig
 from app.counts import decrement, increment
 from app.errors import ApiError
-from app.runs.store import Entry, RedisRunStore
+from app.runs.store import Entry, RedisRunStore, next_catchup_count
 from app.runs.wakeup import Wakeup
 from app.sessions.backend import StoreUnavailable
 
@@ -210,6 +210,9 @@ class Follower:
         self._window_ms = window_ms
         self._retry_seconds = retry_seconds
         self._release = release
+        # Catching up (`_read`): from `after` through gated reads of `_count` entries.
+        self._behind = True
+        self._count = 1
         self._task = asyncio.create_task(self._loop())
 
     def after(self, pos: int) -> list[Entry]:
@@ -249,6 +252,23 @@ class Follower:
             self.bytes -= len(dropped.data or b"")
         self._wakeup.wake()
 
+    async def _read(self, block_ms: int) -> list[Entry]:
+        """The next entries: while behind (at the start, from its first reader's position, or
+        after a large batch), catch-up reads through the store's gate (`range_after`, a few
+        entries at a time); caught up, `XREAD BLOCK` for what comes next (F4: what Redis
+        buffers for this follower is what the pump wrote since its last read, not the run)."""
+        store = self._store
+        if self._behind:
+            entries = await store.range_after(self.run_id, self.pos, self._count)
+            if entries:
+                self._count = next_catchup_count(self._count, entries, READ_COUNT)
+                return entries
+            self._behind = False
+        entries = await store.follow(self.run_id, self.pos, block_ms=block_ms, count=READ_COUNT)
+        if next_catchup_count(READ_COUNT, entries, READ_COUNT) == 1:
+            self._behind, self._count = True, 1
+        return entries
+
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
         store = self._store
@@ -258,16 +278,14 @@ class Follower:
         try:
             while self.readers > 0 and not self.ended:
                 try:
-                    entries = await store.follow(
-                        self.run_id, self.pos, block_ms=block_ms, count=READ_COUNT
-                    )
+                    entries = await self._read(block_ms)
                     now = loop.time()
                     if not entries or now - last_tick >= self._heartbeat:
                         last_tick = now
                         alive = await store.reader_tick(self.run_id, window_ms=self._window_ms)
                         if not entries and not alive:
                             # The end may have been written just before the heartbeat expired.
-                            entries = await store.range_after(self.run_id, self.pos, READ_COUNT)
+                            entries = await store.range_after(self.run_id, self.pos, 1)
                             if not entries:
                                 self.failure = "run_orphaned"
                                 return

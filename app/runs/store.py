@@ -27,6 +27,13 @@ that plus what this replica's own runs of the application hold but have not coun
 `app.runs.http.start_run` relays without resume). A retried `INCRBY` may count twice: the error
 is on the safe side.
 
+Reads of event data are bounded in what Redis must buffer (F4): Redis builds each reply in the
+connection's output buffer, which counts in `used_memory` against `maxmemory`, so 64 readers
+replaying ~4 MiB entries at once took a 96 MiB Redis to 271 MiB (attack-budget-3). Catch-up
+reads (`range_after`: `XRANGE`, a few entries at a time, `next_catchup_count`) pass a gate of
+`catchup_reads` (`RUN_CATCHUP_READS`) in flight per process; a follower catches up through
+them before it blocks (app/runs/readers.py). `meta` never returns event data (`RUN_META`).
+
 Every command goes through `RedisBackend._run` (3 retries, one deadline, `StoreUnavailable`);
 simple ones through the auto-pipeliner. Blocking `XREAD`s use their own bounded client
 (`follow`, one connection per followed run: app/runs/readers.py), so a reader never holds a
@@ -178,10 +185,13 @@ class RedisRunStore:
     """The Redis side of runs (see the module docstring). `follow` may be `backend` itself
     (tests); in production it is a second backend on a small dedicated pool."""
 
-    def __init__(self, backend: RedisBackend, follow: RedisBackend, prefix: str) -> None:
+    def __init__(
+        self, backend: RedisBackend, follow: RedisBackend, prefix: str, *, catchup_reads: int = 4
+    ) -> None:
         self._backend = backend
         self._follow = follow
         self._prefix = prefix
+        self._catchup = asyncio.Semaphore(catchup_reads)
 
     def key(self, run_id: str, kind: str) -> str:
         return f"{self._prefix}run:{{{run_id}}}:{kind}"
@@ -313,10 +323,14 @@ class RedisRunStore:
         return RunMeta(owner, app_id, end, last_seq)
 
     async def range_after(self, run_id: str, after: int, count: int) -> list[Entry]:
-        (raw,) = await self._all(
-            ("XRANGE", self.key(run_id, "e"), f"(0-{after}", "+", "COUNT", count)
-        )
-        return _entries(raw)
+        """`XRANGE`: up to `count` entries after `after`, through the catch-up gate (at most
+        `catchup_reads` in flight in this process, each a reply Redis buffers; callers wait
+        here, not in Redis)."""
+        async with self._catchup:
+            (raw,) = await self._all(
+                ("XRANGE", self.key(run_id, "e"), f"(0-{after}", "+", "COUNT", count)
+            )
+            return _entries(raw)
 
     async def follow(self, run_id: str, after: int, *, block_ms: int, count: int) -> list[Entry]:
         """`XREAD BLOCK`: the entries after `after`, waiting up to `block_ms` for one."""
@@ -345,6 +359,20 @@ class RedisRunStore:
         keys = [self.key(run_id, "m")]
         execute = self._backend.execute
         await self._backend._run(lambda: REQUEST_STOP.run(execute, keys, []))
+
+
+CATCHUP_BYTES = 256 * 1024
+"""About what one catch-up read (`range_after`) returns at most: once a batch held more, the
+next asks for one entry."""
+
+
+def next_catchup_count(count: int, entries: Sequence[Entry], most: int) -> int:
+    """How many entries the next catch-up read asks for, after one of `count` gave
+    `entries`: one when they held over `CATCHUP_BYTES` of events, else twice as many (up to
+    `most`), so a run of small events still goes in few round trips."""
+    if sum(len(entry.data or b"") for entry in entries) > CATCHUP_BYTES:
+        return 1
+    return min(most, count * 2)
 
 
 ENTRY_BYTES = 256 * 1024

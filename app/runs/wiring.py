@@ -28,7 +28,12 @@ def runs_ctx(settings: Settings) -> Callable[[web.Application], AsyncIterator[No
         readers = reader_caps(settings)
         if isinstance(backend, RedisBackend):
             follow = follow_backend(settings, backend, readers.pool_size)
-            store = RedisRunStore(backend, follow, settings.redis_aux_prefix)
+            store = RedisRunStore(
+                backend,
+                follow,
+                settings.redis_aux_prefix,
+                catchup_reads=settings.run_catchup_reads,
+            )
         registry = RunRegistry(settings, store, app[LIFECYCLE_KEY], app[UPSTREAM_KEY].stop, readers)
         app[RUNS_KEY] = registry
         metrics = app.get(METRICS_KEY)
