@@ -39,6 +39,7 @@ plain numbers without a lock, exported exactly as prometheus-client's `Counter`/
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 from collections.abc import Iterator
@@ -53,6 +54,7 @@ from prometheus_client import (
 )
 from prometheus_client.aiohttp import make_aiohttp_handler
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from app import fast_metrics, redis_internals
 from app.keys import METRICS_KEY
@@ -189,6 +191,20 @@ class Metrics:
             self.registry.unregister(self._store_collector)
         self._store_collector = _StoreCollector(backend, cluster_counts=self.cluster_counts)
         self.registry.register(self._store_collector)
+
+
+@contextlib.contextmanager
+def exported(app: web.Application, collector: Collector) -> Iterator[None]:
+    """Export `collector` on `app`'s `/metrics` while the block runs (nothing when the app has
+    no metrics): registered on entry, unregistered on the way out, however the block ends."""
+    metrics = app.get(METRICS_KEY)
+    if metrics is not None:
+        metrics.registry.register(collector)
+    try:
+        yield
+    finally:
+        if metrics is not None:
+            metrics.registry.unregister(collector)
 
 
 def setup_metrics(app: web.Application, *, fast: bool = True) -> RequestMetrics:
