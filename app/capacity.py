@@ -46,6 +46,7 @@ from app.config import IPNetwork
 from app.counts import decrement
 from app.errors import ApiError
 from app.forwarding import client_ip, peer_is_trusted
+from app.metrics import ScrapeCollector
 
 log = logging.getLogger(__name__)
 
@@ -205,17 +206,11 @@ def warn_if_clients_look_alike(request: web.BaseRequest, trusted: Sequence[IPNet
     )
 
 
-class CapacityCollector:
+class CapacityCollector(ScrapeCollector[UpstreamCapacity]):
     """The capacity counters as Prometheus series, read at scrape time."""
 
-    def __init__(self, capacity: UpstreamCapacity) -> None:
-        self._capacity = capacity
-
-    def describe(self) -> list[Metric]:
-        return list(self.collect())
-
     def collect(self) -> Iterator[Metric]:
-        capacity = self._capacity
+        capacity = self.source
         in_use = GaugeMetricFamily(
             "agent_bff_upstream_slots_in_use",
             "Agent requests holding an upstream slot now, by application.",
