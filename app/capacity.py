@@ -50,13 +50,7 @@ from app.metrics import ScrapeCollector
 
 log = logging.getLogger(__name__)
 
-LIMITS = ("application", "client", "session", "pool")
-RETRY_AFTER_SECONDS = 1
-# A flood is refused thousands of times a second: one log line per application and limit at
-# most this often (the access log has every refusal).
-_LOG_INTERVAL_SECONDS = 10.0
-_PROXY_HINT_SECONDS = 60.0
-
+# The limits, each with what a refused client is told when it is full.
 _MESSAGES = {
     "application": "The agent service of this application has all the requests it may "
     "have open; retry shortly.",
@@ -64,6 +58,12 @@ _MESSAGES = {
     "session": "Too many agent requests are open in this session; retry when one has ended.",
     "pool": "All of the gateway's upstream connections are in use; retry shortly.",
 }
+LIMITS = tuple(_MESSAGES)
+RETRY_AFTER_SECONDS = 1
+# A flood is refused thousands of times a second: one log line per application and limit at
+# most this often (the access log has every refusal).
+_LOG_INTERVAL_SECONDS = 10.0
+_PROXY_HINT_SECONDS = 60.0
 
 
 class UpstreamBusy(ApiError):
