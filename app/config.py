@@ -67,7 +67,9 @@ class ConfigError(Exception):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Settings:
-    """Everything the process needs, validated. Build with `Settings.from_env`."""
+    """Everything the process needs, validated. Build with `Settings.from_env`. A field
+    declared `positive(default)` is read from its upper-cased name (`SESSION_TTL_SECONDS`);
+    the others are read one by one in `_parse`."""
 
     host: str = "0.0.0.0"
     port: int = 8080
