@@ -4,8 +4,8 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Sequence
-from typing import TYPE_CHECKING, TypeVar
+from collections.abc import Awaitable, Coroutine, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from app.sessions.backend import CasResult, SessionBackend, StoreUnavailable, TokenBucket
 
@@ -57,8 +57,10 @@ class InstrumentedBackend:
         finally:
             self._done(operation, started, ok)
 
-    async def get_and_touch(self, key: str, ttl: int) -> bytes | None:
-        return await self._timed("get_and_touch", self.backend.get_and_touch(key, ttl))
+    # The two operations of every request (a read; every write) hand back `_timed`'s coroutine
+    # rather than awaiting it in one of their own: one coroutine less a call (about 0.1 us).
+    def get_and_touch(self, key: str, ttl: int) -> Coroutine[Any, Any, bytes | None]:
+        return self._timed("get_and_touch", self.backend.get_and_touch(key, ttl))
 
     async def create(self, key: str, value: bytes, ttl: int) -> bool:
         return await self._timed("create", self.backend.create(key, value, ttl))
@@ -69,9 +71,11 @@ class InstrumentedBackend:
     async def expire(self, key: str, ttl: int) -> None:
         await self._timed("expire", self.backend.expire(key, ttl))
 
-    async def compare_and_set(self, key: str, expected: str, value: bytes, ttl: int) -> CasResult:
+    def compare_and_set(
+        self, key: str, expected: str, value: bytes, ttl: int
+    ) -> Coroutine[Any, Any, CasResult]:
         pending = self.backend.compare_and_set(key, expected, value, ttl)
-        return await self._timed("compare_and_set", pending)
+        return self._timed("compare_and_set", pending)
 
     async def delete_if_revision(self, key: str, expected: str) -> CasResult:
         return await self._timed(
