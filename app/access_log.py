@@ -28,6 +28,7 @@ import json
 import logging
 import re
 import time
+from dataclasses import dataclass
 from json.encoder import encode_basestring_ascii
 
 from aiohttp import web
@@ -51,49 +52,22 @@ _log = logging.getLogger(__name__)
 _perf_counter = time.perf_counter  # a module global: tests pin it to compare lines
 
 
+@dataclass(slots=True, eq=False)
 class _AccessLine:
     """The fields of one access line and its three renderings: the message (text lines and the
     JSON `msg`), the JSON fields, and the whole line as the formatters would write it."""
 
-    __slots__ = (
-        "app_id",
-        "client",
-        "duration",
-        "hashed",
-        "method",
-        "path",
-        "raw_path",
-        "request_id",
-        "sent",
-        "status",
-        "user_agent",
-    )
-
-    def __init__(
-        self,
-        request_id: str | None,
-        app_id: str | None,
-        method: str,
-        path: str,
-        raw_path: str,
-        status: int,
-        duration: float,
-        hashed: str,
-        client: str,
-        sent: int,
-        user_agent: str,
-    ) -> None:
-        self.request_id = request_id
-        self.app_id = app_id
-        self.method = method
-        self.path = path
-        self.raw_path = raw_path
-        self.status = status
-        self.duration = duration
-        self.hashed = hashed
-        self.client = client
-        self.sent = sent
-        self.user_agent = user_agent
+    request_id: str | None
+    app_id: str | None
+    method: str
+    path: str
+    raw_path: str
+    status: int
+    duration: float
+    hashed: str
+    client: str
+    sent: int
+    user_agent: str
 
     def message(self) -> str:
         """Space-separated fields, so the path is the one the browser sent, percent-encoded (a

@@ -46,16 +46,11 @@ from app.config import IPNetwork
 from app.counts import decrement
 from app.errors import ApiError
 from app.forwarding import client_ip, peer_is_trusted
+from app.metrics import ScrapeCollector
 
 log = logging.getLogger(__name__)
 
-LIMITS = ("application", "client", "session", "pool")
-RETRY_AFTER_SECONDS = 1
-# A flood is refused thousands of times a second: one log line per application and limit at
-# most this often (the access log has every refusal).
-_LOG_INTERVAL_SECONDS = 10.0
-_PROXY_HINT_SECONDS = 60.0
-
+# The limits, each with what a refused client is told when it is full.
 _MESSAGES = {
     "application": "The agent service of this application has all the requests it may "
     "have open; retry shortly.",
@@ -63,6 +58,12 @@ _MESSAGES = {
     "session": "Too many agent requests are open in this session; retry when one has ended.",
     "pool": "All of the gateway's upstream connections are in use; retry shortly.",
 }
+LIMITS = tuple(_MESSAGES)
+RETRY_AFTER_SECONDS = 1
+# A flood is refused thousands of times a second: one log line per application and limit at
+# most this often (the access log has every refusal).
+_LOG_INTERVAL_SECONDS = 10.0
+_PROXY_HINT_SECONDS = 60.0
 
 
 class UpstreamBusy(ApiError):
@@ -205,17 +206,11 @@ def warn_if_clients_look_alike(request: web.BaseRequest, trusted: Sequence[IPNet
     )
 
 
-class CapacityCollector:
+class CapacityCollector(ScrapeCollector[UpstreamCapacity]):
     """The capacity counters as Prometheus series, read at scrape time."""
 
-    def __init__(self, capacity: UpstreamCapacity) -> None:
-        self._capacity = capacity
-
-    def describe(self) -> list[Metric]:
-        return list(self.collect())
-
     def collect(self) -> Iterator[Metric]:
-        capacity = self._capacity
+        capacity = self.source
         in_use = GaugeMetricFamily(
             "agent_bff_upstream_slots_in_use",
             "Agent requests holding an upstream slot now, by application.",

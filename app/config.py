@@ -10,8 +10,8 @@ from __future__ import annotations
 import ipaddress
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal, TypeVar
 
 from dotenv import dotenv_values
 
@@ -45,6 +45,18 @@ _SAMESITES: dict[str, SameSite] = {"Lax": "Lax", "Strict": "Strict", "None": "No
 _LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
+_Number = TypeVar("_Number", int, float)
+# `Settings` field metadata: how `_parse` reads the field from the environment.
+_READ = "read"
+
+
+def positive(default: _Number) -> _Number:
+    """Declares a `Settings` field read as a plain positive number: from the variable named as
+    the field in upper case, a whole number when `default` is an int (else seconds, as a
+    float); unset or empty gives `default`, a bad value is a problem (`ConfigError`)."""
+    return field(default=default, metadata={_READ: "positive"})
+
+
 class ConfigError(Exception):
     """Raised with every configuration problem found; each names the variable and the fix."""
 
@@ -55,7 +67,9 @@ class ConfigError(Exception):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Settings:
-    """Everything the process needs, validated. Build with `Settings.from_env`."""
+    """Everything the process needs, validated. Build with `Settings.from_env`. A field
+    declared `positive(default)` is read from its upper-cased name (`SESSION_TTL_SECONDS`);
+    the others are read one by one in `_parse`."""
 
     host: str = "0.0.0.0"
     port: int = 8080
@@ -65,7 +79,7 @@ class Settings:
     # 3 s ... and streams time out. 1024: several such waves, a few hundred KB of kernel memory.
     listen_backlog: int = 1024
     session_store: StoreKind = "memory"
-    session_ttl_seconds: int = 3600
+    session_ttl_seconds: int = positive(3600)
     # Absolute lifetime from creation, however active the session (OWASP/ASVS 7.3.2). 0: off,
     # the default, because the spec keeps active sessions valid as long as they are used.
     session_absolute_seconds: int = 0
@@ -88,18 +102,18 @@ class Settings:
     trusted_proxies: tuple[IPNetwork, ...] = ()
     # Host names served (app/hosts.py, DNS-rebinding defence); empty: any Host.
     allowed_hosts: tuple[str, ...] = ()
-    shutdown_timeout_seconds: float = 30.0
+    shutdown_timeout_seconds: float = positive(30.0)
     # After SIGTERM, idle keep-alive connections stay open this long (app/lifecycle.py).
-    shutdown_idle_grace_seconds: float = 5.0
+    shutdown_idle_grace_seconds: float = positive(5.0)
     # A client connection must deliver a whole request head within this long of opening (or
     # of its previous response); an idle keep-alive connection is closed after it too.
     # Bounds slowloris; keep it above the load balancer's upstream keep-alive (4 s in
     # deploy/nginx.conf) so the balancer, not the gateway, closes idle connections.
-    header_timeout_seconds: float = 15.0
+    header_timeout_seconds: float = positive(15.0)
     # A request body must arrive within this long: the whole body of a session-API request;
     # on agent uploads, the longest pause between body bytes (a slow but moving upload is
     # fine). Past it: 408 `body_timeout`, nothing changed or forwarded further.
-    body_timeout_seconds: float = 30.0
+    body_timeout_seconds: float = positive(30.0)
     log_level: str = "info"
     log_format: Literal["text", "json"] = "text"
     # Salt of the session hash in access lines; empty: random per process (app/logs.py).
@@ -109,13 +123,13 @@ class Settings:
     # off: the public API of prometheus-client, logging and redis-py only.
     fast_paths: bool = True
     # Redis budget: a dead or frozen Redis must answer within about two seconds.
-    redis_op_timeout_seconds: float = 2.0
-    redis_socket_timeout_seconds: float = 0.5
-    redis_connect_timeout_seconds: float = 0.5
-    redis_max_connections: int = 50
-    redis_pool_timeout_seconds: float = 1.0
-    redis_startup_timeout_seconds: float = 5.0
-    redis_health_check_seconds: int = 10
+    redis_op_timeout_seconds: float = positive(2.0)
+    redis_socket_timeout_seconds: float = positive(0.5)
+    redis_connect_timeout_seconds: float = positive(0.5)
+    redis_max_connections: int = positive(50)
+    redis_pool_timeout_seconds: float = positive(1.0)
+    redis_startup_timeout_seconds: float = positive(5.0)
+    redis_health_check_seconds: int = positive(10)
     # TLS for rediss:// (verification on unless REDIS_TLS_VERIFY=false) and Sentinel AUTH.
     redis_tls_ca_file: str | None = None
     redis_tls_cert_file: str | None = None
@@ -123,37 +137,37 @@ class Settings:
     redis_tls_verify: bool = True
     redis_sentinel_password: str | None = field(default=None, repr=False)
     # Memory store bounds.
-    memory_max_sessions: int = 100_000
+    memory_max_sessions: int = positive(100_000)
     # Bytes of session data (plus a fixed per-entry overhead) the memory store holds at most;
     # the least recently used sessions are evicted beyond it (app/sessions/memory.py).
     memory_max_bytes: int = DEFAULT_MEMORY_MAX_BYTES
     # New sessions per client address (app/creation_limit.py); None: unlimited.
     session_create_rate: RateLimit | None = DEFAULT_SESSION_CREATE_RATE
-    memory_sweep_interval_seconds: float = 60.0
+    memory_sweep_interval_seconds: float = positive(60.0)
     # Agent proxy.
-    sse_keepalive_seconds: float = 15.0
-    upstream_pool_size: int = 1000
-    demo_token_delay_seconds: float = 0.05
+    sse_keepalive_seconds: float = positive(15.0)
+    upstream_pool_size: int = positive(1000)
+    demo_token_delay_seconds: float = positive(0.05)
     # Upstream capacity (app/capacity.py): an agent upload's whole body must arrive within
     # this long of the request (an application's `upload_timeout_seconds` wins); past it: 408
     # `body_timeout`, however steadily the bytes drip.
-    upload_timeout_seconds: float = 300.0
+    upload_timeout_seconds: float = positive(300.0)
     # Resumable runs (app/runs/): the pump's heartbeat (stop checks, presence, liveness; a
     # dead pumper is noticed within 4 of them) and the connections blocking reads may hold.
-    run_heartbeat_seconds: float = 0.5
-    run_follow_connections: int = 64
+    run_heartbeat_seconds: float = positive(0.5)
+    run_follow_connections: int = positive(64)
     # Catch-up reads of run events (`XRANGE`) in flight per process: each is a reply Redis
     # buffers against `maxmemory` (app/runs/store.py).
-    run_catchup_reads: int = 4
+    run_catchup_reads: int = positive(4)
     # Resume readers per replica (app/runs/readers.py): open resume streams of one run, and
     # runs one client address may have followed from Redis in one application.
-    run_readers_per_run: int = 8
-    run_follows_per_client: int = 4
+    run_readers_per_run: int = positive(8)
+    run_follows_per_client: int = positive(4)
     # Ended runs this process keeps readable (memory store; on Redis only those whose end
     # could not be recorded there): at most this many, and this many bytes of their events;
     # the oldest ended are forgotten first (app/runs/runs.py).
-    run_ended_max_runs: int = 10_000
-    run_ended_max_bytes: int = 256 * 1024 * 1024
+    run_ended_max_runs: int = positive(10_000)
+    run_ended_max_bytes: int = positive(256 * 1024 * 1024)
 
     @classmethod
     def from_env(
@@ -165,6 +179,23 @@ class Settings:
             env.update({k: v for k, v in dotenv_values(dotenv_path).items() if v is not None})
         env.update(os.environ if environ is None else environ)
         return _parse(env)
+
+
+def _positive_numbers(r: EnvReader) -> dict[str, Any]:
+    """The `positive(...)` fields of `Settings`, by name, read from the environment (bad
+    values recorded in `r.problems`). Each value has its field's type, int or float as its
+    default (`Any`: mypy cannot tell the fields apart by key)."""
+    numbers: dict[str, Any] = {}
+    for f in fields(Settings):
+        if f.metadata.get(_READ) != "positive":
+            continue
+        variable, default = f.name.upper(), f.default
+        if isinstance(default, int):
+            numbers[f.name] = r.positive_int(variable, default)
+        else:
+            assert isinstance(default, float)
+            numbers[f.name] = r.positive_float(variable, default)
+    return numbers
 
 
 def _parse(env: Mapping[str, str]) -> Settings:
@@ -233,11 +264,11 @@ def _parse(env: Mapping[str, str]) -> Settings:
         )
     create_rate = _session_create_rate(env.get("SESSION_CREATE_RATE", ""), r.problems)
     settings = Settings(
+        **_positive_numbers(r),
         host=r.text("HOST", "0.0.0.0"),
         port=port,
         listen_backlog=listen_backlog,
         session_store="redis" if store == "redis" else "memory",
-        session_ttl_seconds=r.positive_int("SESSION_TTL_SECONDS", 3600),
         session_absolute_seconds=r.non_negative_int("SESSION_ABSOLUTE_SECONDS", 0),
         session_encryption_keys=encryption_keys,
         redis_url=redis_url,
@@ -258,41 +289,17 @@ def _parse(env: Mapping[str, str]) -> Settings:
         ),
         trusted_proxies=trusted,
         allowed_hosts=allowed_hosts,
-        shutdown_timeout_seconds=r.positive_float("SHUTDOWN_TIMEOUT_SECONDS", 30.0),
-        shutdown_idle_grace_seconds=r.positive_float("SHUTDOWN_IDLE_GRACE_SECONDS", 5.0),
-        header_timeout_seconds=r.positive_float("HEADER_TIMEOUT_SECONDS", 15.0),
-        body_timeout_seconds=r.positive_float("BODY_TIMEOUT_SECONDS", 30.0),
         log_level=r.choice("LOG_LEVEL", "info", _LOG_LEVELS),
         log_format="json" if r.choice("LOG_FORMAT", "text", ("text", "json")) == "json" else "text",
         log_salt=env.get("LOG_SALT", ""),
         fast_paths=r.choice("FAST_PATHS", "auto", ("auto", "off")) == "auto",
-        redis_op_timeout_seconds=r.positive_float("REDIS_OP_TIMEOUT_SECONDS", 2.0),
-        redis_socket_timeout_seconds=r.positive_float("REDIS_SOCKET_TIMEOUT_SECONDS", 0.5),
-        redis_connect_timeout_seconds=r.positive_float("REDIS_CONNECT_TIMEOUT_SECONDS", 0.5),
-        redis_max_connections=r.positive_int("REDIS_MAX_CONNECTIONS", 50),
-        redis_pool_timeout_seconds=r.positive_float("REDIS_POOL_TIMEOUT_SECONDS", 1.0),
-        redis_startup_timeout_seconds=r.positive_float("REDIS_STARTUP_TIMEOUT_SECONDS", 5.0),
-        redis_health_check_seconds=r.positive_int("REDIS_HEALTH_CHECK_SECONDS", 10),
         redis_tls_ca_file=tls.ca_file,
         redis_tls_cert_file=tls.cert_file,
         redis_tls_key_file=tls.key_file,
         redis_tls_verify=tls.verify,
         redis_sentinel_password=tls.sentinel_password,
-        memory_max_sessions=r.positive_int("MEMORY_MAX_SESSIONS", 100_000),
         memory_max_bytes=memory_max_bytes,
         session_create_rate=create_rate,
-        memory_sweep_interval_seconds=r.positive_float("MEMORY_SWEEP_INTERVAL_SECONDS", 60.0),
-        sse_keepalive_seconds=r.positive_float("SSE_KEEPALIVE_SECONDS", 15.0),
-        upstream_pool_size=r.positive_int("UPSTREAM_POOL_SIZE", 1000),
-        demo_token_delay_seconds=r.positive_float("DEMO_TOKEN_DELAY_SECONDS", 0.05),
-        upload_timeout_seconds=r.positive_float("UPLOAD_TIMEOUT_SECONDS", 300.0),
-        run_heartbeat_seconds=r.positive_float("RUN_HEARTBEAT_SECONDS", 0.5),
-        run_follow_connections=r.positive_int("RUN_FOLLOW_CONNECTIONS", 64),
-        run_catchup_reads=r.positive_int("RUN_CATCHUP_READS", 4),
-        run_readers_per_run=r.positive_int("RUN_READERS_PER_RUN", 8),
-        run_follows_per_client=r.positive_int("RUN_FOLLOWS_PER_CLIENT", 4),
-        run_ended_max_runs=r.positive_int("RUN_ENDED_MAX_RUNS", 10_000),
-        run_ended_max_bytes=r.positive_int("RUN_ENDED_MAX_BYTES", 256 * 1024 * 1024),
     )
     # Upstream capacity: the applications' caps must fit in the pool (app/capacity.py).
     if not app_problems:

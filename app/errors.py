@@ -79,24 +79,21 @@ def error_response(
     return response
 
 
+def _store_refusal(code: str, message: str, retry_after: int) -> ApiError:
+    """A 503 of the session store, with `Retry-After: retry_after`."""
+    return ApiError(503, code, message, headers={"Retry-After": str(retry_after)})
+
+
 def store_full(retry_after: int = 1) -> ApiError:
     """The session store refused a write for lack of memory: 503, the old value is kept."""
-    return ApiError(
-        503,
-        "session_store_full",
-        "The session store is full; the session was not changed.",
-        headers={"Retry-After": str(retry_after)},
-    )
+    message = "The session store is full; the session was not changed."
+    return _store_refusal("session_store_full", message, retry_after)
 
 
 def store_unavailable(retry_after: int = 1) -> ApiError:
     """The session store did not answer in time: 503, the cookie is kept."""
-    return ApiError(
-        503,
-        "session_store_unavailable",
-        "The session store is unavailable; retry shortly.",
-        headers={"Retry-After": str(retry_after)},
-    )
+    message = "The session store is unavailable; retry shortly."
+    return _store_refusal("session_store_unavailable", message, retry_after)
 
 
 def store_error(err: StoreUnavailable) -> ApiError:

@@ -105,22 +105,16 @@ _CellT = TypeVar("_CellT", bound=_Cell)
 
 class _FastFamily(Generic[_CellT]):
     """A labelled family of `kind` kept as plain numbers: one cell per label values
-    (`child(labels)`: create it once, keep it); `collect` adds each cell's samples
-    (`_add_samples`) and its `_created` one when prometheus-client exports those."""
+    (`child(labels)`: create it once, keep it; subclasses make a fresh one with `_new_cell`);
+    `collect` adds each cell's samples (`_add_samples`) and its `_created` one when
+    prometheus-client exports those."""
 
     kind = ""
 
-    def __init__(
-        self,
-        name: str,
-        documentation: str,
-        labelnames: tuple[str, ...],
-        new_cell: Callable[[], _CellT],
-    ) -> None:
+    def __init__(self, name: str, documentation: str, labelnames: tuple[str, ...]) -> None:
         self.name = name
         self.documentation = documentation
         self.labelnames = labelnames
-        self._new_cell = new_cell
         self._cells: dict[tuple[str, ...], _CellT] = {}
 
     def child(self, labels: tuple[str, ...]) -> _CellT:
@@ -142,6 +136,9 @@ class _FastFamily(Generic[_CellT]):
                 metric.add_sample(self.name + "_created", dict(names), cell.created)
         return [metric]
 
+    def _new_cell(self) -> _CellT:
+        raise NotImplementedError
+
     def _add_samples(self, metric: Metric, names: dict[str, str], cell: _CellT) -> None:
         raise NotImplementedError
 
@@ -152,8 +149,8 @@ class FastCounter(_FastFamily[_CounterCell]):
 
     kind = "counter"
 
-    def __init__(self, name: str, documentation: str, labelnames: tuple[str, ...]) -> None:
-        super().__init__(name, documentation, labelnames, _CounterCell)
+    def _new_cell(self) -> _CounterCell:
+        return _CounterCell()
 
     def _add_samples(self, metric: Metric, names: dict[str, str], cell: _CounterCell) -> None:
         metric.add_sample(self.name + "_total", names, cell.value)
@@ -177,9 +174,13 @@ class FastHistogram(_FastFamily[_HistogramCell]):
             raise ValueError("buckets must be sorted and non-negative")
         if bounds[-1] != math.inf:
             bounds.append(math.inf)
-        super().__init__(name, documentation, labelnames, lambda: _HistogramCell(bounds))
+        super().__init__(name, documentation, labelnames)
+        self._bounds = bounds
         # The `le` labels exactly as prometheus-client writes them.
         self._le: list[str] = [floatToGoString(b) for b in bounds]  # type: ignore[no-untyped-call]
+
+    def _new_cell(self) -> _HistogramCell:
+        return _HistogramCell(self._bounds)
 
     def _add_samples(self, metric: Metric, names: dict[str, str], cell: _HistogramCell) -> None:
         total = 0.0
@@ -208,32 +209,20 @@ class _CachedChildren(Generic[_ChildT]):
 
 
 class PublicCounter(_CachedChildren[CounterChild]):
-    """prometheus-client's `Counter`, its labelled children cached (`labels()` costs ~4 us)."""
+    """prometheus-client's `Counter` (`metric`), its labelled children cached (`labels()`
+    costs ~4 us)."""
 
-    def __init__(
-        self,
-        name: str,
-        documentation: str,
-        labelnames: tuple[str, ...],
-        registry: CollectorRegistry,
-    ) -> None:
-        self.metric = Counter(name, documentation, labelnames, registry=registry)
-        super().__init__(self.metric.labels)
+    def __init__(self, metric: Counter) -> None:
+        self.metric = metric
+        super().__init__(metric.labels)
 
 
 class PublicHistogram(_CachedChildren[HistogramChild]):
-    """prometheus-client's `Histogram`, its labelled children cached."""
+    """prometheus-client's `Histogram` (`metric`), its labelled children cached."""
 
-    def __init__(
-        self,
-        name: str,
-        documentation: str,
-        labelnames: tuple[str, ...],
-        buckets: tuple[float, ...],
-        registry: CollectorRegistry,
-    ) -> None:
-        self.metric = Histogram(name, documentation, labelnames, buckets=buckets, registry=registry)
-        super().__init__(self.metric.labels)
+    def __init__(self, metric: Histogram) -> None:
+        self.metric = metric
+        super().__init__(metric.labels)
 
 
 def counter(
@@ -247,7 +236,7 @@ def counter(
     """A labelled counter `name` (full name, without `_total`) in `registry`: `FastCounter`
     when `fast`, else prometheus-client's `Counter`."""
     if not fast:
-        return PublicCounter(name, documentation, labelnames, registry)
+        return PublicCounter(Counter(name, documentation, labelnames, registry=registry))
     family = FastCounter(name, documentation, labelnames)
     registry.register(family)
     return family
@@ -265,7 +254,8 @@ def histogram(
     """A labelled histogram `name` in `registry`: `FastHistogram` when `fast`, else
     prometheus-client's `Histogram`."""
     if not fast:
-        return PublicHistogram(name, documentation, labelnames, buckets, registry)
+        metric = Histogram(name, documentation, labelnames, buckets=buckets, registry=registry)
+        return PublicHistogram(metric)
     family = FastHistogram(name, documentation, labelnames, buckets)
     registry.register(family)
     return family

@@ -39,9 +39,11 @@ plain numbers without a lock, exported exactly as prometheus-client's `Counter`/
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 from collections.abc import Iterator
+from typing import Generic, TypeVar
 
 from aiohttp import web
 from prometheus_client import (
@@ -53,6 +55,7 @@ from prometheus_client import (
 )
 from prometheus_client.aiohttp import make_aiohttp_handler
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from app import fast_metrics, redis_internals
 from app.keys import METRICS_KEY
@@ -60,6 +63,8 @@ from app.request_metrics import RequestMetrics
 from app.sessions.backend import SessionBackend
 from app.sessions.pipelining import CommandPipeliner
 from app.store_metrics import InstrumentedBackend
+
+_SourceT = TypeVar("_SourceT")
 
 NAMESPACE = "agent_bff"
 # Request latency: sub-millisecond memory-store hits up to minutes-long streams.
@@ -191,6 +196,34 @@ class Metrics:
         self.registry.register(self._store_collector)
 
 
+class ScrapeCollector(Generic[_SourceT]):
+    """Series read from `source` at scrape time: subclasses yield them from `collect`;
+    `describe` yields the same series, so that the registry learns their names."""
+
+    def __init__(self, source: _SourceT) -> None:
+        self.source = source
+
+    def describe(self) -> list[Metric]:
+        return list(self.collect())
+
+    def collect(self) -> Iterator[Metric]:
+        raise NotImplementedError
+
+
+@contextlib.contextmanager
+def exported(app: web.Application, collector: Collector) -> Iterator[None]:
+    """Export `collector` on `app`'s `/metrics` while the block runs (nothing when the app has
+    no metrics): registered on entry, unregistered on the way out, however the block ends."""
+    metrics = app.get(METRICS_KEY)
+    if metrics is not None:
+        metrics.registry.register(collector)
+    try:
+        yield
+    finally:
+        if metrics is not None:
+            metrics.registry.unregister(collector)
+
+
 def setup_metrics(app: web.Application, *, fast: bool = True) -> RequestMetrics:
     """Create the app's metrics and `GET /metrics`; the returned `RequestMetrics` goes to the
     gateway middleware (`app.middlewares.setup_gateway`), which counts every request. `fast`:
@@ -246,18 +279,15 @@ def _pool_usage(
     return total_in_use, total_idle, total_bound
 
 
-class _StoreCollector:
+class _StoreCollector(ScrapeCollector[SessionBackend]):
     """Scrape-time gauges of the store: Redis pool usage, or memory-store entries."""
 
     def __init__(self, backend: SessionBackend, *, cluster_counts: bool) -> None:
-        self._backend = backend
+        super().__init__(backend)
         self._cluster_counts = cluster_counts
 
-    def describe(self) -> list[Metric]:
-        return list(self.collect())
-
     def collect(self) -> Iterator[Metric]:
-        client = getattr(self._backend, "client", None)
+        client = getattr(self.source, "client", None)
         if client is not None:
             in_use, idle, bound = _pool_usage(client, cluster_counts=self._cluster_counts)
             if in_use is not None and idle is not None:
@@ -274,7 +304,7 @@ class _StoreCollector:
                 "The pool's bound (REDIS_MAX_CONNECTIONS; per node for a cluster, summed).",
                 value=bound,
             )
-            pipeliner = getattr(self._backend, "pipeliner", None)
+            pipeliner = getattr(self.source, "pipeliner", None)
             if isinstance(pipeliner, CommandPipeliner):
                 yield CounterMetricFamily(
                     f"{NAMESPACE}_redis_pipelined_batches",
@@ -286,13 +316,13 @@ class _StoreCollector:
                     "Commands sent in those batches (divided by the batches: the mean batch).",
                     value=pipeliner.commands,
                 )
-        elif hasattr(self._backend, "__len__"):
+        elif hasattr(self.source, "__len__"):
             yield GaugeMetricFamily(
                 f"{NAMESPACE}_memory_sessions",
                 "Sessions held by the in-process memory store.",
-                value=float(len(self._backend)),  # type: ignore[arg-type]
+                value=float(len(self.source)),  # type: ignore[arg-type]
             )
-            held = getattr(self._backend, "bytes", None)
+            held = getattr(self.source, "bytes", None)
             if isinstance(held, int):
                 yield GaugeMetricFamily(
                     f"{NAMESPACE}_memory_session_bytes",

@@ -3,16 +3,17 @@
 
 from __future__ import annotations
 
-import contextlib
 import time
-from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Coroutine, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from app.sessions.backend import CasResult, SessionBackend, StoreUnavailable, TokenBucket
 
 if TYPE_CHECKING:
     from app.fast_metrics import CounterChild, HistogramChild
     from app.metrics import Metrics
+
+_T = TypeVar("_T")
 
 
 class InstrumentedBackend:
@@ -41,82 +42,62 @@ class InstrumentedBackend:
         error = type(cause).__name__ if cause is not None else "StoreUnavailable"
         self._metrics.store_errors.labels(operation, error).inc()
 
-    @contextlib.contextmanager
-    def _observe(self, operation: str) -> Iterator[None]:
+    async def _timed(self, operation: str, pending: Awaitable[_T]) -> _T:
+        """Await `pending`, the wrapped backend's `operation`: counted ok, or error when it
+        raises (a `StoreUnavailable` counted by its cause too), and timed either way."""
         started = time.perf_counter()
         ok = False
         try:
-            yield
+            result = await pending
             ok = True
+            return result
         except StoreUnavailable as err:
             self._failed(operation, err)
             raise
         finally:
             self._done(operation, started, ok)
 
-    async def get_and_touch(self, key: str, ttl: int) -> bytes | None:
-        # Every request's read: `_observe` inlined (no generator context manager per call).
-        started = time.perf_counter()
-        ok = False
-        try:
-            value = await self.backend.get_and_touch(key, ttl)
-            ok = True
-            return value
-        except StoreUnavailable as err:
-            self._failed("get_and_touch", err)
-            raise
-        finally:
-            self._done("get_and_touch", started, ok)
+    # The two operations of every request (a read; every write) hand back `_timed`'s coroutine
+    # rather than awaiting it in one of their own: one coroutine less a call (about 0.1 us).
+    def get_and_touch(self, key: str, ttl: int) -> Coroutine[Any, Any, bytes | None]:
+        return self._timed("get_and_touch", self.backend.get_and_touch(key, ttl))
 
     async def create(self, key: str, value: bytes, ttl: int) -> bool:
-        with self._observe("create"):
-            return await self.backend.create(key, value, ttl)
+        return await self._timed("create", self.backend.create(key, value, ttl))
 
     async def peek(self, key: str) -> tuple[bytes, float | None] | None:
-        with self._observe("peek"):
-            return await self.backend.peek(key)
+        return await self._timed("peek", self.backend.peek(key))
 
     async def expire(self, key: str, ttl: int) -> None:
-        with self._observe("expire"):
-            await self.backend.expire(key, ttl)
+        await self._timed("expire", self.backend.expire(key, ttl))
 
-    async def compare_and_set(self, key: str, expected: str, value: bytes, ttl: int) -> CasResult:
-        # Every write: inlined like `get_and_touch`.
-        started = time.perf_counter()
-        ok = False
-        try:
-            result = await self.backend.compare_and_set(key, expected, value, ttl)
-            ok = True
-            return result
-        except StoreUnavailable as err:
-            self._failed("compare_and_set", err)
-            raise
-        finally:
-            self._done("compare_and_set", started, ok)
+    def compare_and_set(
+        self, key: str, expected: str, value: bytes, ttl: int
+    ) -> Coroutine[Any, Any, CasResult]:
+        pending = self.backend.compare_and_set(key, expected, value, ttl)
+        return self._timed("compare_and_set", pending)
 
     async def delete_if_revision(self, key: str, expected: str) -> CasResult:
-        with self._observe("delete_if_revision"):
-            return await self.backend.delete_if_revision(key, expected)
+        return await self._timed(
+            "delete_if_revision", self.backend.delete_if_revision(key, expected)
+        )
 
     async def delete_unless_revision(self, key: str, kept: str) -> CasResult:
-        with self._observe("delete_unless_revision"):
-            return await self.backend.delete_unless_revision(key, kept)
+        return await self._timed(
+            "delete_unless_revision", self.backend.delete_unless_revision(key, kept)
+        )
 
     async def replace(self, key: str, value: bytes, ttl: int) -> bytes | None:
-        with self._observe("replace"):
-            return await self.backend.replace(key, value, ttl)
+        return await self._timed("replace", self.backend.replace(key, value, ttl))
 
     async def delete(self, key: str) -> None:
-        with self._observe("delete"):
-            await self.backend.delete(key)
+        await self._timed("delete", self.backend.delete(key))
 
     async def ping(self) -> None:
-        with self._observe("ping"):
-            await self.backend.ping()
+        await self._timed("ping", self.backend.ping())
 
     async def rate_limit(self, buckets: Sequence[TokenBucket]) -> float:
-        with self._observe("rate_limit"):
-            return await self.backend.rate_limit(buckets)
+        return await self._timed("rate_limit", self.backend.rate_limit(buckets))
 
     async def close(self) -> None:
         await self.backend.close()

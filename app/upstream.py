@@ -42,7 +42,8 @@ from app.applications import AppConfig
 from app.capacity import CapacityCollector, UpstreamCapacity
 from app.config import Settings
 from app.demo_agent import start_demo_agent
-from app.keys import LIFECYCLE_KEY, METRICS_KEY, UPSTREAM_KEY
+from app.keys import LIFECYCLE_KEY, UPSTREAM_KEY
+from app.metrics import exported
 
 log = logging.getLogger(__name__)
 
@@ -144,18 +145,13 @@ def upstream_ctx(settings: Settings) -> Callable[[web.Application], AsyncIterato
         session = make_client_session(settings.upstream_pool_size)
         stop = StreamStop(app[LIFECYCLE_KEY].stop_streams)
         capacity = UpstreamCapacity(settings.apps, settings.upstream_pool_size)
-        metrics = app.get(METRICS_KEY)
-        collector = CapacityCollector(capacity)
-        if metrics is not None:
-            metrics.registry.register(collector)
         app[UPSTREAM_KEY] = Upstream(
             session=session, stop=stop, capacity=capacity, demo_base=demo_base
         )
         try:
-            yield
+            with exported(app, CapacityCollector(capacity)):
+                yield
         finally:
-            if metrics is not None:
-                metrics.registry.unregister(collector)
             await stop.close()
             await session.close()
             if demo_runner is not None:

@@ -7,21 +7,16 @@ from collections.abc import Iterator
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from app.metrics import ScrapeCollector
 from app.runs.readers import READER_LIMITS
 from app.runs.runs import RunRegistry
 
 
-class RunsCollector:
+class RunsCollector(ScrapeCollector[RunRegistry]):
     """The run counters as Prometheus series, read at scrape time."""
 
-    def __init__(self, registry: RunRegistry) -> None:
-        self._registry = registry
-
-    def describe(self) -> list[Metric]:
-        return list(self.collect())
-
     def collect(self) -> Iterator[Metric]:
-        registry = self._registry
+        registry = self.source
         counters = registry.counters
         yield GaugeMetricFamily(
             "agent_bff_runs_active", "Resumable runs pumping in this process.", registry.active

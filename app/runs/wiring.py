@@ -8,7 +8,8 @@ from collections.abc import AsyncIterator, Callable
 from aiohttp import web
 
 from app.config import Settings
-from app.keys import BACKEND_KEY, LIFECYCLE_KEY, METRICS_KEY, RUNS_KEY, UPSTREAM_KEY
+from app.keys import BACKEND_KEY, LIFECYCLE_KEY, RUNS_KEY, UPSTREAM_KEY
+from app.metrics import exported
 from app.runs.collector import RunsCollector
 from app.runs.readers import ReaderCaps
 from app.runs.runs import RunRegistry
@@ -36,15 +37,10 @@ def runs_ctx(settings: Settings) -> Callable[[web.Application], AsyncIterator[No
             )
         registry = RunRegistry(settings, store, app[LIFECYCLE_KEY], app[UPSTREAM_KEY].stop, readers)
         app[RUNS_KEY] = registry
-        metrics = app.get(METRICS_KEY)
-        collector = RunsCollector(registry)
-        if metrics is not None:
-            metrics.registry.register(collector)
         try:
-            yield
+            with exported(app, RunsCollector(registry)):
+                yield
         finally:
-            if metrics is not None:
-                metrics.registry.unregister(collector)
             await registry.close()
             if follow is not None and follow is not backend:
                 await follow.close()
