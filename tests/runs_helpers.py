@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
 from collections.abc import Iterator
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
@@ -235,3 +236,18 @@ def redis_at(maxmemory: str, policy: str) -> Iterator[RedisServer]:
     """A redis-server of its own at `maxmemory` with `policy`."""
     with RedisServer(extra_args=["--maxmemory", maxmemory, "--maxmemory-policy", policy]) as server:
         yield server
+
+
+async def other_users(url: str, until: float, counts: dict[tuple[int, bool], int]) -> None:
+    """New users of application `other` (a new cookie jar each), one every 50 ms from 0.5 s
+    on until `until` (monotonic): `counts` by (status, resumable)."""
+    await asyncio.sleep(0.5)
+    while time.monotonic() < until:
+        async with (
+            aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as user,
+            user.post(f"{url}/apps/other/agent/chat", headers=CSRF, json={"message": "hi"}) as r,
+        ):
+            await r.read()
+            key = (r.status, "X-Run-Id" in r.headers)
+            counts[key] = counts.get(key, 0) + 1
+        await asyncio.sleep(0.05)

@@ -31,6 +31,7 @@ from tests.runs_helpers import (
     SseUpstream,
     budget_counted,
     flood_runs,
+    other_users,
     redis_at,
     redis_runs_env,
     run_keys_bytes,
@@ -388,24 +389,10 @@ async def test_resumes_of_an_ended_run_never_take_redis_past_maxmemory(
                         await response.read()
                         resumes[response.status] = resumes.get(response.status, 0) + 1
 
-            async def other_user() -> None:
-                await asyncio.sleep(0.5)
-                while time.monotonic() < until:
-                    async with (
-                        aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as user,
-                        user.post(
-                            f"{gateway.url}/apps/other/agent/chat",
-                            headers=CSRF,
-                            json={"message": "hi"},
-                        ) as response,
-                    ):
-                        await response.read()
-                        key = (response.status, "X-Run-Id" in response.headers)
-                        others[key] = others.get(key, 0) + 1
-                    await asyncio.sleep(0.05)
-
             try:
-                await asyncio.gather(*(resume() for _ in range(96)), other_user())
+                await asyncio.gather(
+                    *(resume() for _ in range(96)), other_users(gateway.url, until, others)
+                )
             finally:
                 polling = False
                 await watcher

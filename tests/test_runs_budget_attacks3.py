@@ -27,6 +27,7 @@ from tests.runs_helpers import (
     CSRF,
     CountingUpstream,
     SseUpstream,
+    other_users,
     redis_at,
     redis_runs_env,
     start_upstreams,
@@ -180,25 +181,10 @@ async def test_resumes_from_the_start_of_ended_runs_never_take_redis_past_maxmem
                         replayed_bytes += len(body)
                         replays[response.status] = replays.get(response.status, 0) + 1
 
-            async def other_user() -> None:
-                await asyncio.sleep(0.5)
-                while time.monotonic() < until:
-                    async with (
-                        aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as user,
-                        user.post(
-                            f"{gateway.url}/apps/other/agent/chat",
-                            headers=CSRF,
-                            json={"message": "hi"},
-                        ) as response,
-                    ):
-                        await response.read()
-                        key = (response.status, "X-Run-Id" in response.headers)
-                        others[key] = others.get(key, 0) + 1
-                    await asyncio.sleep(0.05)
-
             try:
                 await asyncio.gather(
-                    *(replay(run_id) for run_id in run_ids for _ in range(8)), other_user()
+                    *(replay(run_id) for run_id in run_ids for _ in range(8)),
+                    other_users(gateway.url, until, others),
                 )
             finally:
                 polling = False
