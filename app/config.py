@@ -159,6 +159,9 @@ class Settings:
     # Catch-up reads of run events (`XRANGE`) in flight per process: each is a reply Redis
     # buffers against `maxmemory` (app/runs/store.py).
     run_catchup_reads: int = positive(4)
+    # How stale this replica's view of an application's run bytes in Redis may be, and how
+    # long its ended runs' costs wait to be added there together (app/runs/budget.py).
+    run_budget_refresh_seconds: float = positive(0.25)
     # Resume readers per replica (app/runs/readers.py): open resume streams of one run, and
     # runs one client address may have followed from Redis in one application.
     run_readers_per_run: int = positive(8)

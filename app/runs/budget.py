@@ -11,7 +11,15 @@ keys), its events as they arrive.
 
 from __future__ import annotations
 
+import asyncio
+import logging
+from dataclasses import dataclass
+
 from app.runs.log import RunLog
+from app.runs.store import RedisRunStore
+from app.sessions.backend import StoreUnavailable
+
+log = logging.getLogger(__name__)
 
 # Redis's memory for a run beyond its framed bytes (measured on Redis 7.0, `MEMORY USAGE` and
 # `used_memory`, by two outside attacks): the allocator's size classes (up to a quarter more: a
@@ -66,3 +74,150 @@ class UncountedCosts:
             self._by_app[app_id] = left
         else:
             self._by_app.pop(app_id, None)
+
+
+@dataclass(slots=True)
+class _Read:
+    """Redis's counters of one application as last read: their sum, and when the read was
+    sent (loop time)."""
+
+    used: int
+    sent_at: float
+
+
+@dataclass(slots=True)
+class _Cost:
+    """An ended run's cost on its way to its application's counter in Redis."""
+
+    cost: int
+    window_ms: int
+    until: float  # loop time its run's keys expire: counting it after that is pointless
+
+
+class BudgetLedger:
+    """Each application's counter of run bytes in Redis, as this replica knows it: read at
+    most every `refresh` seconds (not once per new run) and added to at most every `refresh`
+    seconds (one atomic `INCRBY`+`PEXPIRE` per application, not one per ended run), so a run
+    costs Redis no budget round trip in the steady state.
+
+    `used` is exact for this replica's own ended runs (a cost counts here from the moment its
+    run's end is recorded until a read sent after Redis counted it has returned) and misses
+    only what other replicas counted since the last read: at most `refresh` seconds of their
+    ended runs (plus their own `refresh` of unsent ones). A cost whose `INCRBY` failed is
+    sent again with the next flush, until its run's keys expired."""
+
+    def __init__(self, *, refresh: float) -> None:
+        self._refresh = refresh
+        self._reads: dict[str, _Read] = {}
+        self._reading: dict[str, asyncio.Task[None]] = {}
+        self._unsent: dict[str, list[_Cost]] = {}
+        # Costs Redis counted (loop time it answered, cost), until a read sent after that.
+        self._sent: dict[str, list[tuple[float, int]]] = {}
+        self._store: RedisRunStore | None = None
+        self._flush_handle: asyncio.TimerHandle | None = None
+        self._flushing: asyncio.Task[None] | None = None
+
+    async def used(self, store: RedisRunStore, app_id: str, *, window_ms: int) -> int:
+        """The bytes `app_id`'s ended runs hold in Redis as far as this replica knows (see
+        the class docstring); reads Redis when the last read is `refresh` seconds old (one
+        read at a time per application: concurrent callers share it). Raises
+        `StoreUnavailable` when that read fails."""
+        loop = asyncio.get_running_loop()
+        read = self._reads.get(app_id)
+        if read is None or loop.time() - read.sent_at >= self._refresh:
+            task = self._reading.get(app_id)
+            if task is None:
+                task = loop.create_task(self._read(store, app_id, window_ms))
+                self._reading[app_id] = task
+            await asyncio.shield(task)
+            read = self._reads[app_id]
+        unsent = sum(item.cost for item in self._unsent.get(app_id, ()))
+        sent = sum(cost for _, cost in self._sent.get(app_id, ()))
+        return read.used + unsent + sent
+
+    async def _read(self, store: RedisRunStore, app_id: str, window_ms: int) -> None:
+        sent_at = asyncio.get_running_loop().time()
+        try:
+            used = await store.budget_used(app_id, window_ms=window_ms)
+        finally:
+            del self._reading[app_id]
+        self._reads[app_id] = _Read(used, sent_at)
+        sent = self._sent.get(app_id)
+        if sent:  # what Redis had counted when this read was sent is in `used` now
+            self._sent[app_id] = [item for item in sent if item[0] >= sent_at]
+
+    def add(
+        self, store: RedisRunStore, app_id: str, cost: int, *, window_ms: int, keep: float
+    ) -> None:
+        """Count an ended run of `app_id` that costs Redis `cost` bytes for `window_ms`; its
+        keys expire within `keep` seconds. Sent to Redis with the next flush."""
+        loop = asyncio.get_running_loop()
+        self._store = store
+        item = _Cost(cost, window_ms, loop.time() + keep)
+        self._unsent.setdefault(app_id, []).append(item)
+        if self._flush_handle is None and self._flushing is None:
+            self._flush_handle = loop.call_later(self._refresh, self._start_flush)
+
+    def _start_flush(self) -> None:
+        self._flush_handle = None
+        self._flushing = asyncio.get_running_loop().create_task(self.flush())
+
+    async def flush(self) -> None:
+        """Send every unsent cost (one `budget_add` per application and window); those that
+        failed stay for the next flush (scheduled again while any is left)."""
+        store, loop = self._store, asyncio.get_running_loop()
+        try:
+            if store is not None:
+                batches = [
+                    (app_id, window_ms, items)
+                    for app_id, costs in self._unsent.items()
+                    for window_ms, items in _by_window(costs).items()
+                ]
+                await asyncio.gather(
+                    *(self._send(store, app_id, ms, items) for app_id, ms, items in batches)
+                )
+        finally:
+            self._flushing = None
+            now = loop.time()
+            for app_id in list(self._unsent):
+                left = [item for item in self._unsent[app_id] if item.until > now]
+                if left:
+                    self._unsent[app_id] = left
+                else:
+                    del self._unsent[app_id]
+            if self._unsent and self._flush_handle is None:
+                self._flush_handle = loop.call_later(self._refresh, self._start_flush)
+
+    async def _send(
+        self, store: RedisRunStore, app_id: str, window_ms: int, items: list[_Cost]
+    ) -> None:
+        try:
+            await store.budget_add(app_id, sum(i.cost for i in items), window_ms=window_ms)
+        except StoreUnavailable as err:
+            log.warning("app %s: its runs' bytes could not be counted yet (%s)", app_id, err)
+            return
+        done = asyncio.get_running_loop().time()
+        unsent = self._unsent.get(app_id, [])
+        sent_ids = {id(item) for item in items}
+        self._unsent[app_id] = [item for item in unsent if id(item) not in sent_ids]
+        self._sent.setdefault(app_id, []).append((done, sum(i.cost for i in items)))
+
+    async def close(self) -> None:
+        """Shutdown: send what is left once (best effort: failures are logged)."""
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        if self._flushing is not None:
+            await asyncio.gather(self._flushing, return_exceptions=True)
+        if self._unsent:
+            await self.flush()
+            if self._flush_handle is not None:
+                self._flush_handle.cancel()
+                self._flush_handle = None
+
+
+def _by_window(costs: list[_Cost]) -> dict[int, list[_Cost]]:
+    grouped: dict[int, list[_Cost]] = {}
+    for item in costs:
+        grouped.setdefault(item.window_ms, []).append(item)
+    return grouped

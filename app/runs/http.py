@@ -107,8 +107,8 @@ async def start_run(
             registry.counters.rate_limited += 1
             return None
         if registry.store is not None:
-            used = await registry.store.budget_used(
-                app.app_id, window_ms=round(app.resume_window_seconds * 1000)
+            used = await registry.budget.used(
+                registry.store, app.app_id, window_ms=round(app.resume_window_seconds * 1000)
             ) + registry.uncounted.get(app.app_id)
             if used >= app.resume_redis_budget_bytes:
                 registry.counters.unresumable += 1

@@ -61,7 +61,7 @@ class Run:
     writer: RunWriter | None = None
     # What this run costs Redis as counted in its registry's `uncounted` (app/runs/budget.py).
     uncounted: int = 0
-    # Its cost was added to its application's Redis counter (at its end).
+    # Its cost was handed to its application's counter (at its end: `BudgetLedger.add`).
     counted: bool = False
 
     def wake(self) -> None:

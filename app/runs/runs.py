@@ -48,7 +48,7 @@ from app.applications import AppConfig
 from app.config import Settings
 from app.lifecycle import Lifecycle
 from app.proxy.fastread import read_available
-from app.runs.budget import UncountedCosts, run_cost
+from app.runs.budget import BudgetLedger, UncountedCosts, run_cost
 from app.runs.log import RunLog
 from app.runs.readers import ReaderCaps
 from app.runs.run import Run, RunCounters, error_event
@@ -95,6 +95,7 @@ class RunRegistry:
         self._ended: OrderedDict[str, int] = OrderedDict()
         self.ended_bytes = 0
         self.uncounted = UncountedCosts()
+        self.budget = BudgetLedger(refresh=settings.run_budget_refresh_seconds)
         stop.subscribe(self._on_shutdown)
 
     @property
@@ -309,10 +310,12 @@ class RunRegistry:
                     ttl_ms=round(run.app.resume_window_seconds * 1000),
                 )
                 recorded = True
-                await self.store.budget_add(
+                self.budget.add(
+                    self.store,
                     run.app.app_id,
                     run_cost(run.log, ENTRY_BYTES),
                     window_ms=round(run.app.resume_window_seconds * 1000),
+                    keep=self.ttl_ms(run.app) / 1000,
                 )
                 run.counted = True
             except StoreUnavailable as err:
@@ -362,6 +365,7 @@ class RunRegistry:
         self._expiry.clear()
         followers = [f for slots in self.readers.apps.values() for f in slots.followers.values()]
         await asyncio.gather(*(follower.close() for follower in followers))
+        await self.budget.close()
 
 
 @contextlib.contextmanager

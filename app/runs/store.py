@@ -19,13 +19,15 @@ Keys (all with the run id as hash tag, so one run's keys share a Redis Cluster s
 Each application's budget of run data (`resume_redis_budget_bytes`, F3): counters
 `{REDIS_AUX_PREFIX}runs:{<applicationId>}:bytes:<slot>`, one per slot of one window
 (`slot = now // window`, this replica's clock), each `INCRBY` the memory a run costs Redis
-(`app.runs.budget.run_cost`) when its end is recorded, expiring two windows after its slot
-began. What the current and the previous slot hold is at least what the application's ended
-runs keep in Redis (an ended run is kept one window after its end); a new run starts only while
-that plus what this replica's own runs of the application hold but have not counted yet
-(`app.runs.budget.UncountedCosts`) is under the budget (`budget_used`; over it,
-`app.runs.http.start_run` relays without resume). A retried `INCRBY` may count twice: the error
-is on the safe side.
+(`app.runs.budget.run_cost`) after its end is recorded (`BUDGET_ADD`, with the TTL: two
+windows after its slot began; a replica adds its ended runs together,
+`app.runs.budget.BudgetLedger`). What the current and the previous slot hold is at least what
+the application's ended runs keep in Redis (an ended run is kept one window after its end); a
+new run starts only while that plus what this replica's own runs of the application hold but
+have not counted yet (`app.runs.budget.UncountedCosts`) is under the budget (`budget_used`,
+read at most every `RUN_BUDGET_REFRESH_SECONDS` per replica and application; over it,
+`app.runs.http.start_run` relays without resume). A retried `INCRBY` may count twice: the
+error is on the safe side.
 
 Reads of event data are bounded in what Redis must buffer (F4): Redis builds each reply in the
 connection's output buffer, which counts in `used_memory` against `maxmemory`, so 64 readers
@@ -93,6 +95,13 @@ if meta == 1 then
   redis.pcall('HSET', KEYS[1], 'x', ARGV[6], 'l', ARGV[7])
 end
 return 1"""
+)
+
+# KEYS: an application's budget counter (slot). ARGV: bytes, TTL ms.
+BUDGET_ADD = LuaScript.of(
+    """local used = redis.call('INCRBY', KEYS[1], ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return used"""
 )
 
 # KEYS: meta. A stop sets the flag only on a run that still has its meta key: an HSET on a key
@@ -218,10 +227,13 @@ class RedisRunStore:
         return sum(int(_text(value)) for value in raw or [] if value is not None)
 
     async def budget_add(self, app_id: str, cost: int, *, window_ms: int) -> None:
-        """Count an ended run of `app_id` that costs Redis `cost` bytes for a window
-        (`app.runs.budget.run_cost`)."""
+        """Count ended runs of `app_id` that cost Redis `cost` bytes for a window
+        (`app.runs.budget.run_cost`), with the counter's TTL in the same script: a counter
+        never exists without one."""
         current, _ = self._budget_keys(app_id, window_ms)
-        await self._all(("INCRBY", current, cost), ("PEXPIRE", current, 2 * max(1, window_ms)))
+        execute = self._backend.execute
+        args = [cost, 2 * max(1, window_ms)]
+        await self._backend._run(lambda: BUDGET_ADD.run(execute, [current], args))
 
     async def create(
         self, run_id: str, meta: RunMeta, *, ttl_ms: int, heartbeat_ms: int, window_ms: int

@@ -1,0 +1,190 @@
+"""The budget ledger (app/runs/budget.py `BudgetLedger`): an application's run bytes in Redis
+read at most every `RUN_BUDGET_REFRESH_SECONDS` and this replica's ended runs added together,
+without ever under-counting this replica's own runs; a failed add is sent again. Unit tests on
+a scripted store, then the real script on redis-server and the round trips a run costs."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import cast
+
+import pytest
+from aiohttp.test_utils import TestServer
+
+from app.runs.budget import RUN_OVERHEAD_BYTES, BudgetLedger
+from app.runs.store import RedisRunStore
+from app.sessions.backend import StoreUnavailable
+from app.sessions.redis import RedisBackend
+from app.sessions.redis_client import RedisOptions, make_client
+from tests.fake_upstream import app_settings, run_gateway
+from tests.redis_server import RedisServer, command_calls
+from tests.runs_helpers import CSRF, CountingUpstream, read_events
+
+WINDOW_MS = 60_000
+
+
+class ScriptedStore:
+    """A Redis counter per application; `failing` makes adds raise `StoreUnavailable`."""
+
+    def __init__(self) -> None:
+        self.counters: dict[str, int] = {}
+        self.reads = 0
+        self.adds: list[tuple[str, int]] = []
+        self.failing = False
+        self.read_gate: asyncio.Event | None = None
+
+    async def budget_used(self, app_id: str, *, window_ms: int) -> int:
+        self.reads += 1
+        value = self.counters.get(app_id, 0)  # what Redis answers; the reply may be slow
+        if self.read_gate is not None:
+            await self.read_gate.wait()
+        return value
+
+    async def budget_add(self, app_id: str, cost: int, *, window_ms: int) -> None:
+        await asyncio.sleep(0)
+        if self.failing:
+            raise StoreUnavailable("ConnectionError: refused")
+        self.adds.append((app_id, cost))
+        self.counters[app_id] = self.counters.get(app_id, 0) + cost
+
+
+def _ledger(refresh: float = 0.05) -> tuple[BudgetLedger, ScriptedStore, RedisRunStore]:
+    scripted = ScriptedStore()
+    return BudgetLedger(refresh=refresh), scripted, cast(RedisRunStore, scripted)
+
+
+async def test_reads_redis_once_per_refresh_and_concurrent_checks_share_the_read() -> None:
+    ledger, scripted, store = _ledger(refresh=0.2)
+    scripted.counters["shop"] = 1000
+    scripted.read_gate = asyncio.Event()
+    checks = [
+        asyncio.create_task(ledger.used(store, "shop", window_ms=WINDOW_MS)) for _ in range(20)
+    ]
+    await asyncio.sleep(0.01)
+    scripted.read_gate.set()
+    assert await asyncio.gather(*checks) == [1000] * 20
+    assert scripted.reads == 1
+    for _ in range(50):
+        assert await ledger.used(store, "shop", window_ms=WINDOW_MS) == 1000
+    assert scripted.reads == 1
+    scripted.counters["shop"] = 3000  # another replica counted runs
+    await asyncio.sleep(0.21)
+    assert await ledger.used(store, "shop", window_ms=WINDOW_MS) == 3000
+    assert scripted.reads == 2
+    assert await ledger.used(store, "other", window_ms=WINDOW_MS) == 0  # its own read
+    assert scripted.reads == 3
+
+
+async def test_own_ended_runs_count_at_once_and_reach_redis_together_never_twice() -> None:
+    ledger, scripted, store = _ledger(refresh=0.1)
+    assert await ledger.used(store, "shop", window_ms=WINDOW_MS) == 0
+    for cost in (100, 200, 300):
+        ledger.add(store, "shop", cost, window_ms=WINDOW_MS, keep=60)
+    # Not in Redis yet, counted here.
+    assert scripted.adds == []
+    assert await ledger.used(store, "shop", window_ms=WINDOW_MS) == 600
+    # A read sent before the flush (its reply without the 600) and answered after it.
+    await asyncio.sleep(0.1)
+    scripted.read_gate = asyncio.Event()
+    check = asyncio.create_task(ledger.used(store, "shop", window_ms=WINDOW_MS))
+    await asyncio.sleep(0.05)  # the flush: one add for the three
+    assert scripted.adds == [("shop", 600)]
+    scripted.read_gate.set()
+    assert await check == 600  # not 0: Redis counted it after that read was sent
+    scripted.read_gate = None
+    await asyncio.sleep(0.1)  # a read sent after the flush sees it in Redis
+    assert await ledger.used(store, "shop", window_ms=WINDOW_MS) == 600  # not 1200
+    assert scripted.adds == [("shop", 600)]
+
+
+async def test_a_failed_add_stays_counted_and_is_sent_again_until_its_keys_expired() -> None:
+    ledger, scripted, store = _ledger(refresh=0.05)
+    scripted.failing = True
+    ledger.add(store, "shop", 500, window_ms=WINDOW_MS, keep=60)
+    ledger.add(store, "shop", 70, window_ms=WINDOW_MS, keep=0.12)  # its keys expire soon
+    await asyncio.sleep(0.08)
+    assert scripted.adds == []
+    assert await ledger.used(store, "shop", window_ms=WINDOW_MS) == 570
+    await asyncio.sleep(0.1)  # the short-lived cost is dropped with its keys
+    assert await ledger.used(store, "shop", window_ms=WINDOW_MS) == 500
+    scripted.failing = False
+    await asyncio.sleep(0.1)
+    assert scripted.adds == [("shop", 500)]
+    await asyncio.sleep(0.06)
+    assert await ledger.used(store, "shop", window_ms=WINDOW_MS) == 500
+
+
+async def test_close_sends_what_is_left() -> None:
+    ledger, scripted, store = _ledger(refresh=30)
+    ledger.add(store, "shop", 123, window_ms=WINDOW_MS, keep=60)
+    ledger.add(store, "other", 7, window_ms=WINDOW_MS, keep=60)
+    await ledger.close()
+    assert sorted(scripted.adds) == [("other", 7), ("shop", 123)]
+
+
+async def test_the_counter_gets_its_ttl_in_the_same_script_on_redis(
+    shared_redis: RedisServer,
+) -> None:
+    backend = RedisBackend(make_client(RedisOptions(url=shared_redis.url)))
+    store = RedisRunStore(backend, backend, "t:")
+    ledger = BudgetLedger(refresh=0.05)
+    try:
+        ledger.add(store, "shop", 4000, window_ms=WINDOW_MS, keep=60)
+        ledger.add(store, "shop", 96, window_ms=WINDOW_MS, keep=60)
+        await asyncio.sleep(0.15)
+        client = shared_redis.client()
+        (key,) = client.keys("t:runs:{shop}:bytes:*")
+        assert int(client.get(key)) == 4096
+        assert 0 < client.pttl(key) <= 2 * WINDOW_MS
+        assert await store.budget_used("shop", window_ms=WINDOW_MS) == 4096
+        assert await ledger.used(store, "shop", window_ms=WINDOW_MS) == 4096
+    finally:
+        await ledger.close()
+        await backend.close()
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[TestServer]:
+    server = TestServer(CountingUpstream(count=5, delay=0).app(), host="127.0.0.1")
+    await server.start_server()
+    try:
+        yield server
+    finally:
+        await server.close()
+
+
+async def test_runs_in_a_row_read_the_budget_once_per_refresh_and_count_together(
+    shared_redis: RedisServer, upstream: TestServer
+) -> None:
+    """Before the ledger each run read the counters (`MGET`) at its start and added its cost
+    (`INCRBY` + `PEXPIRE`) at its end: 10 runs, 10 `MGET`s and 10 `INCRBY`s."""
+    env = {
+        "SESSION_STORE": "redis",
+        "REDIS_URL": shared_redis.url,
+        "RUN_BUDGET_REFRESH_SECONDS": "2",
+    }
+    settings = app_settings(upstream.make_url("/v1"), env, resumable=True)
+    client = shared_redis.client()
+    async with run_gateway(settings) as gw:
+        client.config_resetstat()
+        started = time.monotonic()
+        for _ in range(10):
+            async with gw.client.post(
+                "/apps/shop/agent/chat", headers=CSRF, json={"message": "hi"}
+            ) as response:
+                assert response.status == 200 and "X-Run-Id" in response.headers
+                await read_events(response)
+        took = time.monotonic() - started
+        calls = command_calls(client)
+        # One read per 2 s (plus one if the runs straddled a refresh).
+        assert calls.get("mget", 0) <= 1 + int(took // 2), (calls, took)
+        assert calls.get("incrby", 0) <= int(took // 2) + 1, calls
+        deadline = time.monotonic() + 5
+        while not client.keys(f"{settings.redis_aux_prefix}runs:{{shop}}:bytes:*"):
+            assert time.monotonic() < deadline, "the runs' bytes never reached Redis"
+            await asyncio.sleep(0.05)
+        (key,) = client.keys(f"{settings.redis_aux_prefix}runs:{{shop}}:bytes:*")
+        assert int(client.get(key)) >= 10 * RUN_OVERHEAD_BYTES
+        assert client.pttl(key) > 0
