@@ -1,26 +1,20 @@
 """The budget ledger (app/runs/budget.py `BudgetLedger`): an application's run bytes in Redis
 read at most every `RUN_BUDGET_REFRESH_SECONDS` and this replica's ended runs added together,
 without ever under-counting this replica's own runs; a failed add is sent again. Unit tests on
-a scripted store, then the real script on redis-server and the round trips a run costs."""
+a scripted store, then the real script on redis-server (the round trips a run costs:
+tests/test_runs_round_trips.py)."""
 
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import AsyncIterator
 from typing import cast
 
-import pytest
-from aiohttp.test_utils import TestServer
-
-from app.runs.budget import RUN_OVERHEAD_BYTES, BudgetLedger
+from app.runs.budget import BudgetLedger
 from app.runs.store import RedisRunStore
 from app.sessions.backend import StoreUnavailable
 from app.sessions.redis import RedisBackend
 from app.sessions.redis_client import RedisOptions, make_client
-from tests.fake_upstream import app_settings, run_gateway
-from tests.redis_server import RedisServer, command_calls
-from tests.runs_helpers import CSRF, CountingUpstream, read_events
+from tests.redis_server import RedisServer
 
 WINDOW_MS = 60_000
 
@@ -143,48 +137,3 @@ async def test_the_counter_gets_its_ttl_in_the_same_script_on_redis(
     finally:
         await ledger.close()
         await backend.close()
-
-
-@pytest.fixture
-async def upstream() -> AsyncIterator[TestServer]:
-    server = TestServer(CountingUpstream(count=5, delay=0).app(), host="127.0.0.1")
-    await server.start_server()
-    try:
-        yield server
-    finally:
-        await server.close()
-
-
-async def test_runs_in_a_row_read_the_budget_once_per_refresh_and_count_together(
-    shared_redis: RedisServer, upstream: TestServer
-) -> None:
-    """Before the ledger each run read the counters (`MGET`) at its start and added its cost
-    (`INCRBY` + `PEXPIRE`) at its end: 10 runs, 10 `MGET`s and 10 `INCRBY`s."""
-    env = {
-        "SESSION_STORE": "redis",
-        "REDIS_URL": shared_redis.url,
-        "RUN_BUDGET_REFRESH_SECONDS": "2",
-    }
-    settings = app_settings(upstream.make_url("/v1"), env, resumable=True)
-    client = shared_redis.client()
-    async with run_gateway(settings) as gw:
-        client.config_resetstat()
-        started = time.monotonic()
-        for _ in range(10):
-            async with gw.client.post(
-                "/apps/shop/agent/chat", headers=CSRF, json={"message": "hi"}
-            ) as response:
-                assert response.status == 200 and "X-Run-Id" in response.headers
-                await read_events(response)
-        took = time.monotonic() - started
-        calls = command_calls(client)
-        # One read per 2 s (plus one if the runs straddled a refresh).
-        assert calls.get("mget", 0) <= 1 + int(took // 2), (calls, took)
-        assert calls.get("incrby", 0) <= int(took // 2) + 1, calls
-        deadline = time.monotonic() + 5
-        while not client.keys(f"{settings.redis_aux_prefix}runs:{{shop}}:bytes:*"):
-            assert time.monotonic() < deadline, "the runs' bytes never reached Redis"
-            await asyncio.sleep(0.05)
-        (key,) = client.keys(f"{settings.redis_aux_prefix}runs:{{shop}}:bytes:*")
-        assert int(client.get(key) or 0) >= 10 * RUN_OVERHEAD_BYTES
-        assert client.pttl(key) > 0

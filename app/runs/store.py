@@ -254,12 +254,15 @@ class RedisRunStore:
         first_kept: int,
         *,
         expire_ms: int | None = None,
+        exists: bool = False,
     ) -> None:
         """The consecutive `(seq, framed)` events from `first_kept` on (those before it are
         no longer in the run's log: not written) in one `XADD` per `ENTRY_BYTES` group
         (`_groups`), trimming entries that end below `first_kept` (exactly). `expire_ms`: the
-        stream's TTL, set in the same round trip as each `XADD` (any of them may create the
-        stream: the first, or one after a Redis restart or an eviction)."""
+        stream's TTL, set in the same round trip as each `XADD` that may create the stream.
+        `exists` (the caller created it, with its TTL): each `XADD` is `NOMKSTREAM` alone, and
+        only when the stream is gone (a Redis restart, an eviction) is it written again with
+        its TTL, so a stream never exists without one."""
         key = self.key(run_id, "e")
         for group in _groups(_kept(entries, first_kept)):
             command: tuple[Any, ...] = ("XADD", key)
@@ -267,8 +270,13 @@ class RedisRunStore:
                 command += ("MINID", "=", f"0-{first_kept}")
             data = group[0][1] if len(group) == 1 else b"".join(f for _, f in group)
             command += (f"0-{group[-1][0]}", "f", group[0][0], "d", data)
+            execute = self._backend.execute
+            if exists:
+                nomkstream = ("XADD", key, "NOMKSTREAM", *command[2:])
+                if await self._backend._run(_idempotent_xadd(execute, nomkstream)):
+                    continue
             expire = None if expire_ms is None else ("PEXPIRE", key, expire_ms)
-            await self._backend._run(_idempotent_xadd(self._backend.execute, command, expire))
+            await self._backend._run(_idempotent_xadd(execute, command, expire))
 
     async def tick(self, run_id: str, *, heartbeat_ms: int, ttl_ms: int) -> tuple[bool, int]:
         """The pumper's heartbeat: refresh it and the TTLs; (stop asked for, reader key's
@@ -417,18 +425,20 @@ def _idempotent_xadd(
     execute: Callable[..., Awaitable[Any]],
     command: tuple[Any, ...],
     expire: tuple[Any, ...] | None = None,
-) -> Callable[[], Awaitable[None]]:
-    """One attempt of `command` (an `XADD`), and `expire` in the same round trip if given."""
+) -> Callable[[], Awaitable[bool]]:
+    """One attempt of `command` (an `XADD`), and `expire` in the same round trip if given;
+    whether the entry is in the stream (False: a `NOMKSTREAM` found no stream)."""
 
-    async def send() -> None:
+    async def send() -> bool:
         added = execute(*command)
         expired = None if expire is None else execute(*expire)
         try:
-            await added
+            return await added is not None
         except ResponseError as err:
             # A retry after a lost reply: the entry is there already.
             if _ALREADY_ADDED not in str(err):
                 raise
+            return True
         finally:
             if expired is not None:
                 await expired

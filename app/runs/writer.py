@@ -28,6 +28,9 @@ class RunWriter:
         # after a Redis restart): a run that fails before its next heartbeat leaves no key
         # without a TTL.
         self._ttl_ms = ttl_ms
+        # The stream exists (with its TTL) once the first write returned: later writes are
+        # one `XADD NOMKSTREAM` each, not `XADD` + `PEXPIRE` (RedisRunStore.append).
+        self._created = False
         self._pending: list[tuple[int, bytes]] = []
         self._wake = asyncio.Event()
         self._written = asyncio.Event()
@@ -85,8 +88,13 @@ class RunWriter:
                 while self._pending and not self._closing:
                     batch, self._pending = self._pending, []
                     await self._store.append(
-                        run.run_id, batch, run.log.first_seq, expire_ms=self._ttl_ms
+                        run.run_id,
+                        batch,
+                        run.log.first_seq,
+                        expire_ms=self._ttl_ms,
+                        exists=self._created,
                     )
+                    self._created = True
                     self._written.set()
                 if self._closing:
                     return
