@@ -1,7 +1,7 @@
 """The Redis commands a resumable run costs the gateway, counted by redis-server (`INFO
 commandstats`) through HTTP: the budget's read and count shared by runs
-(app/runs/budget.py `BudgetLedger`), one `XADD NOMKSTREAM` per write once the stream exists
-(app/runs/store.py `append`)."""
+(app/runs/budget.py `BudgetLedger`), one `XADD NOMKSTREAM` per write into the stream the run
+was created with (app/runs/store.py `CREATE_RUN`, `append`)."""
 
 from __future__ import annotations
 
@@ -63,13 +63,13 @@ async def test_runs_in_a_row_read_the_budget_once_per_refresh_and_count_together
         assert client.pttl(key) > 0
 
 
-async def test_a_trickling_run_writes_each_group_in_one_command_once_its_stream_exists(
+async def test_a_trickling_run_writes_each_group_in_one_command(
     shared_redis: RedisServer,
 ) -> None:
     """30 events 10 ms apart: one write each. Before, every write was `XADD` + `PEXPIRE`
-    (30 `PEXPIRE`s); now the first write sets the stream's TTL and the others are
-    `XADD NOMKSTREAM` alone (a stream lost meanwhile is written again with its TTL:
-    tests/test_runs_budget_attacks2.py::test_a_stream_recreated_after_a_redis_restart_gets_its_ttl_at_once)."""
+    (31 `PEXPIRE`s); now the run is created with its empty stream and its TTL, and each write
+    is `XADD NOMKSTREAM` alone (a stream lost meanwhile is written again with its TTL:
+    tests/test_runs_budget_attacks2.py, a stream recreated after a Redis restart)."""
     upstream = CountingUpstream(count=30, delay=0.01)
     server = TestServer(upstream.app(), host="127.0.0.1")
     await server.start_server()
@@ -89,7 +89,7 @@ async def test_a_trickling_run_writes_each_group_in_one_command_once_its_stream_
         await server.close()
     assert len(events) == 31  # 30 and the upstream's end event
     assert calls.get("xadd", 0) >= 20, calls  # the events came one by one
-    # The first write's, and the end's two (in its script: `pexpire` counts those too).
-    assert calls.get("pexpire", 0) <= 3, calls
+    # The creation's two and the end's two (in their scripts: `pexpire` counts those too).
+    assert calls.get("pexpire", 0) <= 4, calls
     key = f"{settings.redis_aux_prefix}run:{{{run_id}}}:e"
     assert 0 < client.pttl(key) <= 5_000 + 4 * 5_000 + 60_000

@@ -3,12 +3,13 @@
 Keys (all with the run id as hash tag, so one run's keys share a Redis Cluster slot):
 - `{REDIS_AUX_PREFIX}run:{<id>}:m`  hash: `o` owner (a hash of the conversation id), `a`
   application id, `stop` (`1`: a stop was asked for).
-- `{...}:e`  stream: one entry per write of the pump, holding the consecutive events it had
-  ready (one, or several when they came in one burst or while the previous write was in
-  flight): entry id `0-<last seq>`, field `f` = its first seq, field `d` = the framed events
-  (each ends with the only blank line in it, so they split again on `\n\n`). A last entry with
-  field `x` = the end reason marks the end. Written only by the pumping replica (one write in
-  flight at a time, so always in order), trimmed with `MINID` to its in-process log's bounds.
+- `{...}:e`  stream (created empty with the run): one entry per write of the pump, holding
+  the consecutive events it had ready (one, or several when they came in one burst or while
+  the previous write was in flight): entry id `0-<last seq>`, field `f` = its first seq,
+  field `d` = the framed events (each ends with the only blank line in it, so they split
+  again on `\n\n`). A last entry with field `x` = the end reason marks the end. Written only
+  by the pumping replica (one write in flight at a time, so always in order), trimmed with
+  `MINID` to its in-process log's bounds.
 - `{...}:h`  the pumper's heartbeat, `PX` = 4 heartbeats, refreshed every heartbeat (left to
   expire at the end). Missing while the run has no end entry: its pumper died.
 - `{...}:r`  readers on other replicas, `PX` = the application's window, refreshed every
@@ -59,11 +60,18 @@ from app.sessions.redis_scripts import LuaScript
 # XADD with an id not above the stream's last one: what a retry after a lost reply meets.
 _ALREADY_ADDED = "equal or smaller than the target stream top item"
 
-# KEYS: meta, heartbeat. ARGV: owner, application id, ttl ms, heartbeat ms.
+# KEYS: meta, heartbeat, events. ARGV: owner, application id, ttl ms, heartbeat ms. The
+# events stream is created empty with its TTL (a consumer group created with `MKSTREAM` and
+# destroyed at once leaves an empty stream of ~380 bytes), so the pump's writes are one
+# `XADD NOMKSTREAM` each, without a `PEXPIRE` (`append`, `exists=True`). A retry after a lost
+# reply finds the stream and creates (and destroys) the group on it.
 CREATE_RUN = LuaScript.of(
     """redis.call('HSET', KEYS[1], 'o', ARGV[1], 'a', ARGV[2])
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 redis.call('SET', KEYS[2], '1', 'PX', ARGV[4])
+redis.pcall('XGROUP', 'CREATE', KEYS[3], 'c', '$', 'MKSTREAM')
+redis.pcall('XGROUP', 'DESTROY', KEYS[3], 'c')
+redis.call('PEXPIRE', KEYS[3], ARGV[3])
 return 1"""
 )
 
@@ -240,9 +248,9 @@ class RedisRunStore:
     ) -> None:
         # No `r` yet: the request that starts the run reads it on this replica, which the
         # pump knows without Redis.
-        # One script call (`CREATE_RUN`): one command to send and parse, not three.
+        # One script call (`CREATE_RUN`): one command to send and parse, not six.
         del window_ms
-        keys = [self.key(run_id, "m"), self.key(run_id, "h")]
+        keys = [self.key(run_id, "m"), self.key(run_id, "h"), self.key(run_id, "e")]
         args = [meta.owner, meta.app_id, ttl_ms, heartbeat_ms]
         execute = self._backend.execute
         await self._backend._run(lambda: CREATE_RUN.run(execute, keys, args))

@@ -28,9 +28,9 @@ class RunWriter:
         # after a Redis restart): a run that fails before its next heartbeat leaves no key
         # without a TTL.
         self._ttl_ms = ttl_ms
-        # The stream exists (with its TTL) once the first write returned: later writes are
-        # one `XADD NOMKSTREAM` each, not `XADD` + `PEXPIRE` (RedisRunStore.append).
-        self._created = False
+        # The run's creation made its stream (with its TTL): each write is one
+        # `XADD NOMKSTREAM`, not `XADD` + `PEXPIRE` (RedisRunStore.append; a stream gone
+        # meanwhile is written again with its TTL).
         self._pending: list[tuple[int, bytes]] = []
         self._wake = asyncio.Event()
         self._written = asyncio.Event()
@@ -92,9 +92,8 @@ class RunWriter:
                         batch,
                         run.log.first_seq,
                         expire_ms=self._ttl_ms,
-                        exists=self._created,
+                        exists=True,
                     )
-                    self._created = True
                     self._written.set()
                 if self._closing:
                     return
