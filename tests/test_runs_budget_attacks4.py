@@ -498,3 +498,165 @@ async def test_readers_that_leave_while_queued_on_the_gate_leak_no_slot(
             await asyncio.sleep(1.0)  # the abandoned handlers finish
             after = min([await replays() for _ in range(2)])
     assert after <= 2 * before + 0.5, f"64 replays: {before:.2f} s before, {after:.2f} s after"
+
+
+class EndlessUpstream(SseUpstream):
+    """`other`'s upstream: a small event every 50 ms, for up to 30 s."""
+
+    async def write_events(self, response: web.StreamResponse) -> None:
+        for i in range(600):
+            await response.write(f"data: {i}\n\n".encode())
+            await asyncio.sleep(0.05)
+
+
+async def test_a_follower_reports_its_pumper_dead_in_time_during_another_apps_replays(
+    tier_system: None, tmp_path: Path, redis: RedisServer
+) -> None:
+    """Attack: replica B follows `other`'s live run pumped by replica A (small events every
+    50 ms) while `shop`'s owner keeps 64 replays of its 8 ended ~4.1 MB runs going on B (as
+    above). A is SIGKILLed. B's follower sees the pumper's heartbeat gone after an empty
+    `XREAD`, then reads the stream once more for an end written meanwhile: `range_after`,
+    through the gate, behind `shop`'s waiters.
+
+    The contract (app/runs/http.py): `event: error` `run_orphaned` within 4 heartbeats plus
+    one; tests/test_runs_replicas.py allows 4 + 2 heartbeats + 1 s (2.5 s at 0.25 s).
+    HOLDS (passes on 9ca2a97) within that tolerance: `run_orphaned` came 1.19 s after A's
+    death alone, 1.03 and 1.77 s during `shop`'s replays (two runs; 1.77 s is past the strict
+    4 + 1 heartbeats = 1.25 s of the docstring: the one gated read after the heartbeat is
+    gone waits behind `shop`'s ~60 readers). Expected: within 2.5 s whatever another
+    application reads."""
+    async with AsyncExitStack() as stack:
+        shop_url, other_url = await start_upstreams(
+            stack, ManyEntriesUpstream(1, 4_100_000).app(), EndlessUpstream().app()
+        )
+        env = redis_runs_env(
+            tmp_path,
+            redis.url,
+            f'[apps.shop]\nupstream = "{shop_url}"\nresumable = true\n'
+            f'[apps.other]\nupstream = "{other_url}"\nresumable = true\n',
+        )
+        with GatewayProcess(env) as b:
+            shop = aiohttp.ClientSession(
+                cookie_jar=aiohttp.CookieJar(unsafe=True),
+                connector=aiohttp.TCPConnector(limit=200),
+            )
+            stack.push_async_callback(shop.close)
+            other = aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True))
+            stack.push_async_callback(other.close)
+            shop_runs = [await _start_run(shop, b.url, "shop") for _ in range(8)]
+
+            async def orphaned_after(flood: bool) -> tuple[float, list[bytes]]:
+                """Follow other's run on B, kill its pumper A: (seconds to the end, last
+                events)."""
+                with GatewayProcess(env) as a:
+                    async with other.post(
+                        f"{a.url}/apps/other/agent/chat", headers=CSRF, json={"message": "x"}
+                    ) as response:
+                        run_id = response.headers["X-Run-Id"]
+                        response.close()
+                    async with other.get(
+                        f"{b.url}/apps/other/runs/{run_id}", headers={"Last-Event-ID": "0"}
+                    ) as response:
+                        assert response.status == 200
+                        await response.content.readany()
+                        flooding = flood
+                        tasks = []
+
+                        async def replay(run_id: str) -> None:
+                            while flooding:
+                                async with shop.get(
+                                    f"{b.url}/apps/shop/runs/{run_id}",
+                                    headers={"Last-Event-ID": "0"},
+                                ) as r:
+                                    await r.read()
+
+                        tasks = [
+                            asyncio.create_task(replay(r)) for r in shop_runs for _ in range(8)
+                        ]
+                        try:
+                            await asyncio.sleep(1.5)
+                            a.kill()
+                            killed = time.monotonic()
+                            body = await asyncio.wait_for(response.read(), 20)
+                            took = time.monotonic() - killed
+                        finally:
+                            flooding = False
+                            await asyncio.wait_for(asyncio.gather(*tasks), 30)
+                events = [e for e in body.split(b"\n\n") if e and not e.startswith(b":")]
+                return took, events[-1:]
+
+            alone = await orphaned_after(False)
+            during = await orphaned_after(True)
+    assert b"run_orphaned" in alone[1][0] and alone[0] < 2.5, alone
+    assert b"run_orphaned" in during[1][0] and during[0] < 2.5, (
+        f"run_orphaned {alone[0]:.2f} s after A's death alone, {during[0]:.2f} s during "
+        f"shop's replays on B ({during[1]})"
+    )
+
+
+class MixedUpstream(SseUpstream):
+    """An upstream whose events switch a follower between catch-up and `XREAD`: small ones
+    (some in bursts of 5 in one write), and ones of 120-300 KB (one over `CATCHUP_BYTES`
+    sends the follower back to the gate; two of 200 KB in one `XREAD` do too), 20 ms apart."""
+
+    SIZES = (10, 300_000, 50, 200_000, 5, 140_000, 120_000, 30, 270_000)
+
+    def __init__(self, rounds: int) -> None:
+        self.rounds = rounds
+
+    async def write_events(self, response: web.StreamResponse) -> None:
+        n = 0
+        await asyncio.sleep(0.3)
+        for r in range(self.rounds):
+            for size in self.SIZES:
+                if size == 5:
+                    burst = b"".join(f"data: {n + k} b\n\n".encode() for k in range(5))
+                    await response.write(burst)
+                    n += 5
+                else:
+                    await response.write(f"data: {n} ".encode() + b"m" * size + b"\n\n")
+                    n += 1
+                await asyncio.sleep(0.02 if r % 2 else 0.005)
+
+
+async def test_followers_switching_between_catchup_and_xread_lose_and_repeat_nothing(
+    tier_system: None, tmp_path: Path, redis: RedisServer
+) -> None:
+    """HOLDS (passes on 9ca2a97): a run pumped on A whose events switch B's follower between
+    gated catch-up reads and `XREAD BLOCK` again and again (small events, bursts, 120-300 KB
+    events, paced and back to back; 6 rounds, 78 events, ~6.2 MB, more than the run's
+    4 MiB: read live, nothing is trimmed before it is read), read on B by a reader from the
+    start and by readers joining later (0.5 and 0.9 s on) from ids 3 and 30 (through the
+    follower's copy, or `XRANGE` first when further back). Each got exactly the events after
+    its id, once each, in order, byte for byte as A's own answer (the reference); 3 runs."""
+    async with AsyncExitStack() as stack:
+        (url,) = await start_upstreams(stack, MixedUpstream(6).app())
+        env = redis_runs_env(
+            tmp_path, redis.url, f'[apps.shop]\nupstream = "{url}"\nresumable = true\n'
+        )
+        with GatewayProcess(env) as a, GatewayProcess(env) as b:
+            http = aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True))
+            stack.push_async_callback(http.close)
+            async with http.post(
+                f"{a.url}/apps/shop/agent/chat", headers=CSRF, json={"message": "x"}
+            ) as first:
+                run_id = first.headers["X-Run-Id"]
+
+                async def read_b(after: int, delay: float) -> list[bytes]:
+                    await asyncio.sleep(delay)
+                    async with http.get(
+                        f"{b.url}/apps/shop/runs/{run_id}",
+                        headers={"Last-Event-ID": str(after)},
+                    ) as response:
+                        assert response.status == 200, response.status
+                        body = await asyncio.wait_for(response.read(), 30)
+                    return [e for e in body.split(b"\n\n") if e and not e.startswith(b":")]
+
+                reference, *readers = await asyncio.gather(
+                    first.read(), read_b(0, 0.0), read_b(3, 0.5), read_b(30, 0.9)
+                )
+    events = [e for e in reference.split(b"\n\n") if e and not e.startswith(b":")]
+    assert len(events) == 6 * (len(MixedUpstream.SIZES) + 4), len(events)
+    for after, got in zip((0, 3, 30), readers, strict=True):
+        ids = [line for e in got for line in e.split(b"\n") if line.startswith(b"id: ")]
+        assert got == events[after:], (after, len(got), ids[:5], ids[-5:])
