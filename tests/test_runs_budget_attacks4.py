@@ -21,6 +21,10 @@ import pytest
 from aiohttp import web
 from yarl import URL
 
+from app.runs.readers import READ_COUNT
+from app.runs.store import CATCHUP_BYTES, RedisRunStore, next_catchup_count
+from app.sessions.redis import RedisBackend
+from app.sessions.redis_client import RedisOptions, make_client
 from tests.gateway_process import GatewayProcess
 from tests.redis_server import RedisServer
 from tests.runs_helpers import CSRF, SseUpstream, redis_at, redis_runs_env, start_upstreams
@@ -660,3 +664,56 @@ async def test_followers_switching_between_catchup_and_xread_lose_and_repeat_not
     for after, got in zip((0, 3, 30), readers, strict=True):
         ids = [line for e in got for line in e.split(b"\n") if line.startswith(b"id: ")]
         assert got == events[after:], (after, len(got), ids[:5], ids[-5:])
+
+
+async def test_a_catchup_read_after_many_small_entries_stays_near_catchup_bytes(
+    tier_integration: None, redis: RedisServer
+) -> None:
+    """Attack: a run whose first 600 events are tiny (each its own stream entry: written one
+    by one, as a paced upstream's are) and whose next 16 are 250 KB each (each its own entry,
+    under `ENTRY_BYTES` and `CATCHUP_BYTES`). A replay reads it as `follow_remote` does:
+    `next_catchup_count` doubles the count while a batch holds at most `CATCHUP_BYTES` (256
+    KiB), so over the tiny entries it reaches `READ_COUNT` (512), and the read after asks
+    for 512 entries and gets every 250 KB entry in one `XRANGE` reply: the whole tail of the
+    run, up to `resume_max_bytes` (4 MiB by default), buffered by Redis for one read.
+
+    The docs (resumable-streams.md, F4): each catch-up read asks for one entry after a batch
+    over 256 KiB, and what reads make Redis buffer is about (`RUN_CATCHUP_READS` + followed
+    runs) x the largest entry (here 250 KB: ~1 MB for the 4 slots of the gate).
+    Measured (9ca2a97): 10 reads; the largest batch held 4.0 MB (all 16 big entries, asked
+    with COUNT 512), 15 times `CATCHUP_BYTES`. With 4 such reads in the gate at once, ~16 MB
+    where the bound says ~1 MB (still within 4 x `resume_max_bytes`; the follower's
+    catch-up count grows the same way). Not taken past `maxmemory` here.
+    Expected: no catch-up read returns more than about `CATCHUP_BYTES` plus one entry (e.g.
+    the count bounded by bytes, not only by the last batch: XRANGE cannot limit bytes, so a
+    count that grows only while the entries read stay small, and shrinks at once, does not
+    help; reading one entry at a time once entries are not tiny does)."""
+    options = RedisOptions(url=redis.url, op_timeout=5.0)
+    backend = RedisBackend(make_client(options), op_timeout=5.0)
+    store = RedisRunStore(backend, backend, "")
+    run_id = "B" * 22
+    try:
+        seq = 0
+        for _ in range(600):
+            seq += 1
+            await store.append(run_id, [(seq, f"data: {seq}\nid: {seq}\n\n".encode())], 1)
+        for _ in range(16):
+            seq += 1
+            big = b"data: " + b"z" * 250_000 + f"\nid: {seq}\n\n".encode()
+            await store.append(run_id, [(seq, big)], 1)
+        pos, count, largest, reads = 0, 1, 0, 0
+        while True:
+            entries = await store.range_after(run_id, pos, count)
+            if not entries:
+                break
+            reads += 1
+            largest = max(largest, sum(len(entry.data or b"") for entry in entries))
+            count = next_catchup_count(count, entries, READ_COUNT)
+            pos = entries[-1].seq
+        assert pos == seq
+    finally:
+        await backend.close()
+    assert largest <= CATCHUP_BYTES + 260_000, (
+        f"replay of 600 tiny + 16 x 250 KB entries in {reads} reads: the largest batch held "
+        f"{largest / 1e6:.1f} MB (CATCHUP_BYTES {CATCHUP_BYTES / 1e6:.2f} MB)"
+    )
