@@ -27,7 +27,15 @@ from app.sessions.redis import RedisBackend
 from app.sessions.redis_client import RedisOptions, make_client
 from tests.gateway_process import GatewayProcess
 from tests.redis_server import RedisServer
-from tests.runs_helpers import CSRF, SseUpstream, redis_at, redis_runs_env, start_upstreams
+from tests.runs_helpers import (
+    CSRF,
+    CountingUpstream,
+    SseUpstream,
+    other_users,
+    redis_at,
+    redis_runs_env,
+    start_upstreams,
+)
 
 pytestmark = pytest.mark.redis_server
 
@@ -77,9 +85,10 @@ async def test_readers_queued_on_the_catchup_gate_fail_fast_when_redis_stalls(
     in no deadline (`range_after` takes the semaphore outside `_run`'s budget), and a reader
     waiting there gets no keep-alive.
 
-    Measured (9ca2a97, one replica, 2 shared cores, 3 runs): the last of the 65 readers got
-    its `event: error` `run_store_unavailable` 11.4-12.8 s after the stall (median 5.9-6.5
-    s, the first 0.7 s); `other`'s reader 2.1-9.3 s after it, queued behind `shop`'s
+    Measured (9ca2a97, one replica, 2 shared cores): the last of the 65 readers got its
+    `event: error` `run_store_unavailable` 11.4-13.1 s after the stall (median 5.9-6.5 s,
+    the first 0.7 s; failed in 6 of 7 runs, passed once in a run of the whole file, not
+    explained); `other`'s reader 1.7-9.3 s after it, queued behind `shop`'s
     readers, receiving nothing meanwhile. One op timeout (1 s) is what a single reader waits.
     With the default `REDIS_OP_TIMEOUT_SECONDS` (2) that is ~25 s for 64 readers, and more
     with more readers (64 per client address, 8 per run: the gate's queue is bounded only by
@@ -200,7 +209,7 @@ async def test_one_applications_replays_do_not_starve_another_applications_repla
     1/65 of it.
 
     Measured (9ca2a97, one replica, 2 shared cores): `other`'s replay took ~0.012 s alone and
-    3.2-3.9 s during the flood (~300 times as long; 1,745-1,867 replays of `shop` answered
+    3.2-8.4 s during the flood (~300 times as long; 1,693-1,867 replays of `shop` answered
     meanwhile; every replay whole: nothing fails, it just crawls; the wait grows with the
     number of `shop`'s readers, 64 per client address).
     Expected: one application's readers cannot take the whole gate (e.g. a share of
@@ -291,7 +300,7 @@ async def test_a_live_follower_of_another_application_keeps_up_during_replays(
     the gate, behind `shop`'s ~60 waiters.
 
     Measured (9ca2a97, 2 shared cores): without `shop`'s replays `other`'s reader on B got
-    all 40 events; with them it got 3 events, then `event: error` `resume_too_old` (442
+    all 40 events; with them it got 1-3 events (3 runs), then `event: error` `resume_too_old` (442
     replays of `shop` answered meanwhile). Paced at 100 ms (3 MB/s): 7 events, then
     `resume_too_old`; at 200 ms (1.5 MB/s, 30 events) it kept up. With
     `RUN_CATCHUP_READS=64` (no gate to speak of) it also failed (1 event): the follower's
@@ -402,7 +411,7 @@ async def test_silent_readers_of_one_event_runs_hold_no_copy_of_the_run_each(
     its silent browser to drain (`follow_remote` holds the batch through `_write_pieces`):
     the gate bounds what Redis buffers, not what the readers hold after it.
 
-    Measured (9ca2a97, one replica): the gateway's RSS grew by 296-299 MiB within 3 s (tests/
+    Measured (9ca2a97, one replica): the gateway's RSS grew by 291-299 MiB within 3 s (tests/
     test_runs_slow_readers.py allows +112 MiB for 48 readers of 512 KiB events; the docs:
     "a reader that reads slowly or not at all holds ... never a copy of the whole log").
     The `run` cap times the runs the budget allows (~11 of 4.1 MB) is all that bounds it;
@@ -716,4 +725,135 @@ async def test_a_catchup_read_after_many_small_entries_stays_near_catchup_bytes(
     assert largest <= CATCHUP_BYTES + 260_000, (
         f"replay of 600 tiny + 16 x 250 KB entries in {reads} reads: the largest batch held "
         f"{largest / 1e6:.1f} MB (CATCHUP_BYTES {CATCHUP_BYTES / 1e6:.2f} MB)"
+    )
+
+
+class TickingBigEventsUpstream(SseUpstream):
+    """`shop`'s upstream: one ~4.1 MB event at each of `ticks` wall-clock ticks 1 s apart from
+    `start` (monotonic, shared by every run: all runs write at once), then the end."""
+
+    def __init__(self, start: float, ticks: int) -> None:
+        self.start = start
+        self.ticks = ticks
+
+    async def write_events(self, response: web.StreamResponse) -> None:
+        for tick in range(self.ticks):
+            await asyncio.sleep(max(0.0, self.start + tick - time.monotonic()))
+            await response.write(f"data: {tick} ".encode() + b"t" * 4_100_000 + b"\n\n")
+
+
+@pytest.fixture
+def redis96(tier_integration: None) -> Iterator[RedisServer]:
+    with redis_at("96mb", "noeviction") as server:
+        yield server
+
+
+async def test_followers_of_big_live_runs_buffer_within_the_documented_bound(
+    tier_system: None, tmp_path: Path, redis96: RedisServer
+) -> None:
+    """Attack: `shop`'s owner starts 16 runs on replica A at once (2 sessions, 8 each: the
+    per-session cap; all pass the budget check, their first event not there yet), whose
+    upstream writes one ~4.1 MB event (within `resume_max_bytes`) every second, all runs at
+    the same instant; each run's stream keeps its last entry (~66 MB for the 16). The owner
+    follows each run on replica B (from 4 loopback addresses: 4 follows per address; B's
+    share is 32 per application). At each tick B's 16 followers' `XREAD BLOCK`s wake with a
+    4.1 MB reply each, at once, ungated: Redis buffers up to 16 x 4.1 MB of replies on top of
+    the 16 streams.
+
+    The docs bound what reads make Redis buffer by (`RUN_CATCHUP_READS` + followed runs) x
+    the largest entry: here (4 + 16) x 4.1 MB = 78 MiB.
+    HOLDS (passes on 9ca2a97) as far as the bound goes: Redis's client buffers
+    (`mem_clients_normal`, polled every 5 ms, the pump's `XADD` query buffers included)
+    peaked at 20.4-20.7 MiB (3 runs). Not shown: that the followers take Redis past
+    `maxmemory`. `used_memory` peaked at 86-102 MiB of 96 MiB over 8 runs (past it in 3; once
+    a run's end was refused, OOM, and its followers got `run_orphaned`; `other`'s users got
+    a 503 in 2), but without followers the runs end `run_limit_reached` at their second tick
+    (nobody reads), so there is no like-for-like control; and the docs size Redis at the
+    budgets x 1.2 (154 MiB for two applications), which 96 MiB is not. Note the bound's
+    default: (4 + 64 follow connections) x 4 MiB = 272 MiB per replica."""
+    async with AsyncExitStack() as stack:
+        start = time.monotonic() + 3.0
+        shop_url, other_url = await start_upstreams(
+            stack, TickingBigEventsUpstream(start, 8).app(), CountingUpstream(3, 0.001).app()
+        )
+        env = redis_runs_env(
+            tmp_path,
+            redis96.url,
+            f'[apps.shop]\nupstream = "{shop_url}"\nresumable = true\n'
+            f'[apps.other]\nupstream = "{other_url}"\nresumable = true\n',
+        )
+        with GatewayProcess(env) as a, GatewayProcess(env) as b:
+            jars = [aiohttp.CookieJar(unsafe=True) for _ in range(2)]
+            owners = [aiohttp.ClientSession(cookie_jar=jar) for jar in jars]
+            for owner in owners:
+                stack.push_async_callback(owner.close)
+
+            async def start_run(j: int) -> str:
+                async with owners[j // 8].post(
+                    f"{a.url}/apps/shop/agent/chat", headers=CSRF, json={"message": "x"}
+                ) as response:
+                    assert response.status == 200, response.status
+                    run_id = response.headers.get("X-Run-Id")
+                    assert run_id is not None, "not resumable"
+                    response.close()
+                    return run_id
+
+            # One run of each session first: it gives the session its conversation (concurrent
+            # first requests would each make their own).
+            first = [await start_run(0), await start_run(8)]
+            rest = await asyncio.gather(*(start_run(j) for j in range(16) if j % 8))
+            run_ids = [first[0], *rest[:7], first[1], *rest[7:]]
+            followers = []
+            for k in range(4):
+                connector = aiohttp.TCPConnector(local_addr=(f"127.0.0.{2 + k}", 0))
+                for jar in jars:
+                    session = aiohttp.ClientSession(
+                        cookie_jar=jar, connector=connector, connector_owner=False
+                    )
+                    stack.push_async_callback(session.close)
+                    followers.append(session)
+                stack.push_async_callback(connector.close)
+            statuses: dict[int, int] = {}
+            errors: list[str] = []
+
+            async def follow(j: int) -> None:
+                session = followers[(j // 4) * 2 + j // 8]
+                async with session.get(
+                    f"{b.url}/apps/shop/runs/{run_ids[j]}", headers={"Last-Event-ID": "0"}
+                ) as response:
+                    statuses[response.status] = statuses.get(response.status, 0) + 1
+                    body = await asyncio.wait_for(response.read(), 30)
+                    errors.extend(
+                        e.decode()[:80] for e in body.split(b"\n\n") if e.startswith(b"event: err")
+                    )
+
+            peak = clients_peak = 0
+            polling = True
+
+            def poll() -> None:
+                nonlocal peak, clients_peak
+                watcher = redis96.client()
+                while polling:
+                    memory = watcher.info("memory")
+                    peak = max(peak, int(memory["used_memory"]))
+                    clients_peak = max(clients_peak, int(memory["mem_clients_normal"]))
+                    time.sleep(0.005)
+
+            watcher = asyncio.get_running_loop().run_in_executor(None, poll)
+            others: dict[tuple[int, bool], int] = {}
+            try:
+                await asyncio.gather(
+                    *(follow(j) for j in range(16)),
+                    other_users(b.url, start + 8.5, others),
+                )
+            finally:
+                polling = False
+                await watcher
+    mib = 2**20
+    assert statuses == {200: 16}, statuses
+    bound = (4 + 16) * 4_100_000
+    assert clients_peak <= bound, (
+        f"16 followers on B of 16 live shop runs writing 4.1 MB each per second: Redis's "
+        f"client buffers peaked at {clients_peak / mib:.0f} MiB (the docs' bound "
+        f"{bound / mib:.0f} MiB), used_memory at {peak / mib:.0f} MiB"
     )
