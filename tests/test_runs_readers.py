@@ -35,7 +35,7 @@ class ScriptedStore:
     async def reader_tick(self, run_id: str, *, window_ms: int) -> bool:
         return self.alive
 
-    async def range_after(self, run_id: str, after: int, count: int) -> list[Entry]:
+    async def range_after(self, run_id: str, after: int, count: int, *, app_id: str) -> list[Entry]:
         return []
 
 
@@ -45,6 +45,7 @@ def _follower(store: ScriptedStore, retry_seconds: float) -> tuple[Follower, lis
         cast(RedisRunStore, store),
         "run",
         0,
+        app_id="shop",
         heartbeat=0.05,
         window_ms=1000,
         retry_seconds=retry_seconds,

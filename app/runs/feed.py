@@ -12,7 +12,7 @@ from collections.abc import Iterable, Iterator
 
 from aiohttp import web
 
-from app.keys import REQUEST_ID_KEY, SETTINGS_KEY
+from app.keys import APP_CONFIG_KEY, REQUEST_ID_KEY, SETTINGS_KEY
 from app.proxy.relay import KEEPALIVE_COMMENT
 from app.runs.readers import READ_COUNT, Follower
 from app.runs.run import ERROR_MESSAGES, Run
@@ -149,6 +149,7 @@ async def follow_remote(
     or an ended run: `follower` None) what `XRANGE` reads, a few entries at a time
     (`next_catchup_count`); events up to `replay_until` count as replayed."""
     settings = request.app[SETTINGS_KEY]
+    app_id = request[APP_CONFIG_KEY].app_id
     keepalive = settings.sse_keepalive_seconds
     wait = min(keepalive, registry.heartbeat)
     loop = asyncio.get_running_loop()
@@ -159,7 +160,7 @@ async def follow_remote(
         while True:
             entries: list[Entry] = []
             if follower is None or pos < follower.base:
-                entries = await store.range_after(run_id, pos, count)
+                entries = await store.range_after(run_id, pos, count, app_id=app_id)
                 count = next_catchup_count(count, entries, READ_COUNT)
                 if not entries and follower is None:
                     break  # an ended run read to its end (its entries expired meanwhile)

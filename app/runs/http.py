@@ -288,6 +288,7 @@ async def _resume_remote(
                 store,
                 run_id,
                 after,
+                app_id=app.app_id,
                 heartbeat=registry.heartbeat,
                 window_ms=window_ms,
                 retry_seconds=2 * settings.redis_op_timeout_seconds,

@@ -188,6 +188,7 @@ class Follower:
         run_id: str,
         after: int,
         *,
+        app_id: str,
         heartbeat: float,
         window_ms: int,
         retry_seconds: float,
@@ -195,6 +196,7 @@ class Follower:
         release: Callable[[], None],
     ) -> None:
         self.run_id = run_id
+        self.app_id = app_id
         self.base = after
         self.pos = after
         self.readers = 0
@@ -259,7 +261,9 @@ class Follower:
         buffers for this follower is what the pump wrote since its last read, not the run)."""
         store = self._store
         if self._behind:
-            entries = await store.range_after(self.run_id, self.pos, self._count)
+            entries = await store.range_after(
+                self.run_id, self.pos, self._count, app_id=self.app_id
+            )
             if entries:
                 self._count = next_catchup_count(self._count, entries, READ_COUNT)
                 return entries
@@ -285,7 +289,9 @@ class Follower:
                         alive = await store.reader_tick(self.run_id, window_ms=self._window_ms)
                         if not entries and not alive:
                             # The end may have been written just before the heartbeat expired.
-                            entries = await store.range_after(self.run_id, self.pos, 1)
+                            entries = await store.range_after(
+                                self.run_id, self.pos, 1, app_id=self.app_id
+                            )
                             if not entries:
                                 self.failure = "run_orphaned"
                                 return

@@ -54,6 +54,7 @@ from typing import Any
 
 from redis.exceptions import ResponseError
 
+from app.runs.catchup import CatchupGate
 from app.sessions.redis import RedisBackend
 from app.sessions.redis_scripts import LuaScript
 
@@ -103,6 +104,27 @@ if meta == 1 then
   redis.pcall('HSET', KEYS[1], 'x', ARGV[6], 'l', ARGV[7])
 end
 return 1"""
+)
+
+# KEYS: events. ARGV: start ('(0-<after>'), most entries, bytes. `XRANGE` one entry at a
+# time, stopping after the entry whose events take the reply past ARGV[3]: a catch-up read
+# whose count grew over tiny entries never returns megabytes of big ones in one reply
+# (attack-replay-7: 16 entries of 250 KB, 4 MB in one reply). Same reply shape as `XRANGE`.
+CATCHUP_RANGE = LuaScript.of(
+    """local out = {}
+local size = 0
+local start = ARGV[1]
+for _ = 1, tonumber(ARGV[2]) do
+  local got = redis.call('XRANGE', KEYS[1], start, '+', 'COUNT', 1)
+  if #got == 0 then break end
+  local entry = got[1]
+  out[#out + 1] = entry
+  local fields = entry[2]
+  for i = 2, #fields, 2 do size = size + #fields[i] end
+  if size > tonumber(ARGV[3]) then break end
+  start = '(' .. entry[1]
+end
+return out"""
 )
 
 # KEYS: an application's budget counter (slot). ARGV: bytes, TTL ms.
@@ -208,7 +230,7 @@ class RedisRunStore:
         self._backend = backend
         self._follow = follow
         self._prefix = prefix
-        self._catchup = asyncio.Semaphore(catchup_reads)
+        self._catchup = CatchupGate(catchup_reads)
 
     def key(self, run_id: str, kind: str) -> str:
         return f"{self._prefix}run:{{{run_id}}}:{kind}"
@@ -350,14 +372,22 @@ class RedisRunStore:
         last_seq = seq if int(reply[3]) else seq - 1
         return RunMeta(owner, app_id, end, last_seq)
 
-    async def range_after(self, run_id: str, after: int, count: int) -> list[Entry]:
-        """`XRANGE`: up to `count` entries after `after`, through the catch-up gate (at most
-        `catchup_reads` in flight in this process, each a reply Redis buffers; callers wait
-        here, not in Redis)."""
-        async with self._catchup:
-            (raw,) = await self._all(
-                ("XRANGE", self.key(run_id, "e"), f"(0-{after}", "+", "COUNT", count)
-            )
+    async def range_after(self, run_id: str, after: int, count: int, *, app_id: str) -> list[Entry]:
+        """Up to `count` entries after `after`, stopping after the entry that takes their
+        events past `CATCHUP_BYTES` (`CATCHUP_RANGE`: what Redis buffers for one read is at
+        most that plus one entry), through the catch-up gate (app/runs/catchup.py: at most
+        `catchup_reads` in flight in this process, shared fairly by the applications; the
+        wait for it and the read share one `REDIS_OP_TIMEOUT_SECONDS`). On the blocking
+        reads' client, so the sessions' pipelined connection never queues behind a replay's
+        megabytes."""
+        follow, budget = self._follow, self._backend.op_timeout
+        deadline = asyncio.get_running_loop().time() + budget
+        async with self._catchup.slot(app_id, wait=budget):
+            left = deadline - asyncio.get_running_loop().time()
+            keys = [self.key(run_id, "e")]
+            args = [f"(0-{after}", count, CATCHUP_BYTES]
+            execute = follow.client.execute_command
+            raw = await follow._run(lambda: CATCHUP_RANGE.run(execute, keys, args), budget=left)
             return _entries(raw)
 
     async def follow(self, run_id: str, after: int, *, block_ms: int, count: int) -> list[Entry]:

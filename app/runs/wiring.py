@@ -28,7 +28,10 @@ def runs_ctx(settings: Settings) -> Callable[[web.Application], AsyncIterator[No
         follow: RedisBackend | None = None
         readers = reader_caps(settings)
         if isinstance(backend, RedisBackend):
-            follow = follow_backend(settings, backend, readers.pool_size)
+            # Blocking reads (one per followed run) and the catch-up reads' gate.
+            follow = follow_backend(
+                settings, backend, readers.pool_size + settings.run_catchup_reads
+            )
             store = RedisRunStore(
                 backend,
                 follow,
@@ -59,8 +62,9 @@ def reader_caps(settings: Settings) -> ReaderCaps:
 
 
 def follow_backend(settings: Settings, backend: RedisBackend, connections: int) -> RedisBackend:
-    """A second client for blocking `XREAD`s: at most `connections` (the sum of the
-    applications' follow shares, app/runs/readers.py), socket and operation deadlines
+    """A second client for blocking `XREAD`s and catch-up reads: at most `connections` (the
+    sum of the applications' follow shares, app/runs/readers.py, and `RUN_CATCHUP_READS`),
+    never the sessions' pipelined connection; socket and operation deadlines
     stretched by one heartbeat (the longest block)."""
     from app.main import redis_options  # the one place Redis options are built
 

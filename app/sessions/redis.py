@@ -119,6 +119,11 @@ class RedisBackend:
         self._backoff_base = backoff_base
         self._backoff_cap = backoff_cap
 
+    @property
+    def op_timeout(self) -> float:
+        """Seconds one operation (all its attempts) may take."""
+        return self._op_timeout
+
     async def _run(
         self, operation: Callable[[], Awaitable[T]], *, budget: float | None = None
     ) -> T:

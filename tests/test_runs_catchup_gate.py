@@ -1,0 +1,78 @@
+"""The catch-up gate (app/runs/catchup.py): permits granted round robin between applications,
+a waiter giving up with its deadline, permits never lost when waiters leave."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from app.runs.catchup import CatchupGate
+from app.sessions.backend import StoreUnavailable
+
+
+async def _hold(gate: CatchupGate, app_id: str, order: list[str], release: asyncio.Event) -> None:
+    async with gate.slot(app_id, wait=5):
+        order.append(app_id)
+        await release.wait()
+
+
+async def test_a_freed_slot_goes_to_the_application_whose_turn_it_is_not_the_longest_queue() -> (
+    None
+):
+    gate = CatchupGate(2)
+    order: list[str] = []
+    release = asyncio.Event()
+    holders = [asyncio.create_task(_hold(gate, "shop", order, release)) for _ in range(2)]
+    await asyncio.sleep(0)
+    # shop queues 20 more readers, then other queues one.
+    shop_waiters = [asyncio.create_task(_hold(gate, "shop", order, release)) for _ in range(20)]
+    await asyncio.sleep(0)
+    other = asyncio.create_task(_hold(gate, "other", order, release))
+    await asyncio.sleep(0)
+    assert gate.waiting == 21
+    release.set()
+    await asyncio.gather(*holders, *shop_waiters, other)
+    # Two holders, then shop's first waiter (it queued first), then other, not after 20.
+    assert order.index("other") <= 4, order
+    assert gate.waiting == 0
+
+
+async def test_a_waiter_gives_up_with_its_deadline_when_no_slot_frees() -> None:
+    gate = CatchupGate(1)
+    release = asyncio.Event()
+    holder = asyncio.create_task(_hold(gate, "shop", [], release))
+    await asyncio.sleep(0)
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    with pytest.raises(StoreUnavailable, match="RUN_CATCHUP_READS"):
+        async with gate.slot("other", wait=0.1):
+            pass
+    assert 0.09 <= loop.time() - began < 1.0
+    assert gate.waiting == 0
+    release.set()
+    await holder
+    async with gate.slot("other", wait=0.1):  # the slot is back
+        pass
+
+
+async def test_waiters_that_leave_lose_no_slot() -> None:
+    gate = CatchupGate(2)
+    release = asyncio.Event()
+    holders = [asyncio.create_task(_hold(gate, "shop", [], release)) for _ in range(2)]
+    await asyncio.sleep(0)
+    waiters = [asyncio.create_task(_hold(gate, "shop", [], release)) for _ in range(10)]
+    await asyncio.sleep(0)
+    for waiter in waiters:
+        waiter.cancel()
+    await asyncio.gather(*waiters, return_exceptions=True)
+    assert gate.waiting == 0
+    # A waiter granted a slot and cancelled in the same turn hands it on.
+    late = asyncio.create_task(_hold(gate, "other", [], release))
+    await asyncio.sleep(0)
+    release.set()
+    late.cancel()
+    await asyncio.gather(*holders, late, return_exceptions=True)
+    async with asyncio.timeout(1):
+        async with gate.slot("a", wait=1), gate.slot("b", wait=1):
+            pass  # both permits are free again
