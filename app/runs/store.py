@@ -55,114 +55,18 @@ from typing import Any
 from redis.exceptions import ResponseError
 
 from app.runs.catchup import CatchupGate
+from app.runs.scripts import (
+    BUDGET_ADD,
+    CATCHUP_RANGE,
+    CREATE_RUN,
+    END_RUN,
+    REQUEST_STOP,
+    RUN_META,
+)
 from app.sessions.redis import RedisBackend
-from app.sessions.redis_scripts import LuaScript
 
 # XADD with an id not above the stream's last one: what a retry after a lost reply meets.
 _ALREADY_ADDED = "equal or smaller than the target stream top item"
-
-# KEYS: meta, heartbeat, events. ARGV: owner, application id, ttl ms, heartbeat ms. The
-# events stream is created empty with its TTL (a consumer group created with `MKSTREAM` and
-# destroyed at once leaves an empty stream of ~380 bytes), so the pump's writes are one
-# `XADD NOMKSTREAM` each, without a `PEXPIRE` (`append`, `exists=True`). A retry after a lost
-# reply finds the stream and creates (and destroys) the group on it.
-CREATE_RUN = LuaScript.of(
-    """redis.call('HSET', KEYS[1], 'o', ARGV[1], 'a', ARGV[2])
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
-redis.call('SET', KEYS[2], '1', 'PX', ARGV[4])
-redis.pcall('XGROUP', 'CREATE', KEYS[3], 'c', '$', 'MKSTREAM')
-redis.pcall('XGROUP', 'DESTROY', KEYS[3], 'c')
-redis.call('PEXPIRE', KEYS[3], ARGV[3])
-return 1"""
-)
-
-# KEYS: meta, events. ARGV: ttl ms, MINID ('' none), entry id, first seq ('' for a bare end
-# marker), data, end reason, last event's seq. The heartbeat key is left to expire: readers see
-# the end first. The end reason and the last seq also go into the meta hash (`x`, `l`; only
-# while it exists), so that `meta` of an ended run never reads the stream. The XADD goes
-# first: at `maxmemory` Redis refuses a script's first write (OOM) but lets a script that has
-# written go on, so a PEXPIRE first would let the XADD past `maxmemory` (attack-budget-2). The
-# TTLs are set whatever the XADD answered (PEXPIRE is never refused), so the run's keys never
-# outlive their window (attack-budget F6).
-END_RUN = LuaScript.of(
-    """local xadd = {'XADD', KEYS[2]}
-if ARGV[2] ~= '' then
-  xadd[#xadd + 1] = 'MINID'; xadd[#xadd + 1] = '='; xadd[#xadd + 1] = ARGV[2]
-end
-xadd[#xadd + 1] = ARGV[3]
-if ARGV[4] ~= '' then
-  xadd[#xadd + 1] = 'f'; xadd[#xadd + 1] = ARGV[4]; xadd[#xadd + 1] = 'd'; xadd[#xadd + 1] = ARGV[5]
-end
-xadd[#xadd + 1] = 'x'; xadd[#xadd + 1] = ARGV[6]
-local added = redis.pcall(unpack(xadd))
-local meta = redis.pcall('PEXPIRE', KEYS[1], ARGV[1])
-redis.pcall('PEXPIRE', KEYS[2], ARGV[1])
-if type(added) == 'table' and added.err and not string.find(added.err, 'equal or smaller') then
-  return added
-end
-if meta == 1 then
-  redis.pcall('HSET', KEYS[1], 'x', ARGV[6], 'l', ARGV[7])
-end
-return 1"""
-)
-
-# KEYS: events. ARGV: start ('(0-<after>'), most entries, bytes. `XRANGE` one entry at a
-# time, stopping after the entry whose events take the reply past ARGV[3]: a catch-up read
-# whose count grew over tiny entries never returns megabytes of big ones in one reply
-# (attack-replay-7: 16 entries of 250 KB, 4 MB in one reply). Same reply shape as `XRANGE`.
-CATCHUP_RANGE = LuaScript.of(
-    """local out = {}
-local size = 0
-local start = ARGV[1]
-for _ = 1, tonumber(ARGV[2]) do
-  local got = redis.call('XRANGE', KEYS[1], start, '+', 'COUNT', 1)
-  if #got == 0 then break end
-  local entry = got[1]
-  out[#out + 1] = entry
-  local fields = entry[2]
-  for i = 2, #fields, 2 do size = size + #fields[i] end
-  if size > tonumber(ARGV[3]) then break end
-  start = '(' .. entry[1]
-end
-return out"""
-)
-
-# KEYS: an application's budget counter (slot). ARGV: bytes, TTL ms.
-BUDGET_ADD = LuaScript.of(
-    """local used = redis.call('INCRBY', KEYS[1], ARGV[1])
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
-return used"""
-)
-
-# KEYS: meta. A stop sets the flag only on a run that still has its meta key: an HSET on a key
-# that just expired would create it again without a TTL (attack-budget-2).
-REQUEST_STOP = LuaScript.of(
-    """if redis.call('EXISTS', KEYS[1]) == 1 then
-  redis.call('HSET', KEYS[1], 'stop', '1')
-  return 1
-end
-return 0"""
-)
-
-# KEYS: meta, events. The meta hash and, of the last entry, only its id, its end reason (false
-# when none) and whether it holds events (1/0): never the entry's data, which may be MiBs that
-# a resume answered 204 does not need (Redis buffers replies: attack-budget-2). An ended run's
-# meta hash has its end (`x`, `l`): the stream is not read at all then.
-RUN_META = LuaScript.of(
-    """local meta = redis.call('HGETALL', KEYS[1])
-for i = 1, #meta, 2 do
-  if meta[i] == 'l' then return {meta} end
-end
-local last = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
-if #last == 0 then return {meta} end
-local fields = last[1][2]
-local reason = false
-local data = 0
-for i = 1, #fields, 2 do
-  if fields[i] == 'x' then reason = fields[i + 1] elseif fields[i] == 'd' then data = 1 end
-end
-return {meta, last[1][1], reason, data}"""
-)
 
 
 @dataclass(frozen=True, slots=True)
