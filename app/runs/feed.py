@@ -35,8 +35,11 @@ def _pieces(chunks: Iterable[bytes]) -> Iterator[bytes]:
     buffered: list[bytes] = []
     size = 0
     for chunk in chunks:
-        for start in range(0, len(chunk), PIECE_BYTES):
-            part = chunk[start : start + PIECE_BYTES]
+        if len(chunk) <= PIECE_BYTES:  # most events: no slice, no copy
+            parts: Iterable[bytes] = (chunk,)
+        else:
+            parts = (chunk[at : at + PIECE_BYTES] for at in range(0, len(chunk), PIECE_BYTES))
+        for part in parts:
             if size + len(part) > PIECE_BYTES and buffered:
                 yield b"".join(buffered)
                 buffered.clear()

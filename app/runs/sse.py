@@ -107,8 +107,8 @@ class SseParser:
             events = self._feed_plain(data)
         else:
             events = self._feed_lines(data)
-        for event in events:
-            self._check(len(event))
+        if events and self._max_held is not None:
+            self._check(max(map(len, events)))
         self._held = sum(len(line) + 1 for line in self._lines) + sum(map(len, self._pieces))
         self._check(self._held)
         return events
