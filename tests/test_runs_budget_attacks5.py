@@ -1,0 +1,212 @@
+"""Fifth attack on resumable runs in Redis (branch attack-gate-8, after a6bf2c3): the catch-up
+gate granted round robin, `CATCHUP_RANGE` (a Lua loop of one-entry `XRANGE`s on the follow
+client), the cached budget ledger (`BudgetLedger`) and runs created with their empty stream.
+
+Each test plays application `shop`'s hostile owner (its own upstream, its own browser clients)
+against a real gateway process and a real redis-server, and measures what it costs Redis or
+another application.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import AsyncExitStack
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from tests.gateway_process import GatewayProcess
+from tests.redis_server import RedisServer
+from tests.runs_helpers import (
+    CSRF,
+    SseUpstream,
+    redis_at,
+    redis_runs_env,
+    start_upstreams,
+)
+
+pytestmark = pytest.mark.redis_server
+
+PREFIX = "agent:aux:"
+
+
+@pytest.fixture
+def redis(tier_integration: None) -> Iterator[RedisServer]:
+    with redis_at("256mb", "noeviction") as server:
+        yield server
+
+
+class TinyEventsUpstream(SseUpstream):
+    """`count` tiny events, one per write, `pace` seconds apart: each its own stream entry
+    (the pump's write of one event is done before the next arrives)."""
+
+    def __init__(self, count: int, pace: float) -> None:
+        self.count = count
+        self.pace = pace
+
+    async def write_events(self, response: web.StreamResponse) -> None:
+        for i in range(self.count):
+            await response.write(f"data: {i}\n\n".encode())
+            await asyncio.sleep(self.pace)
+
+
+async def _start_run(http: aiohttp.ClientSession, url: str, app_id: str) -> str:
+    async with http.post(
+        f"{url}/apps/{app_id}/agent/chat", headers=CSRF, json={"message": "x"}
+    ) as response:
+        await response.read()
+        assert response.status == 200, response.status
+        return response.headers["X-Run-Id"]
+
+
+def _stat_usec(client: object, command: str) -> tuple[int, int]:
+    """(calls, usec) of `command` since the last `CONFIG RESETSTAT`."""
+    stats = client.info("commandstats")  # type: ignore[attr-defined]
+    entry = stats.get(f"cmdstat_{command}", {"calls": 0, "usec": 0})
+    return int(entry["calls"]), int(entry["usec"])
+
+
+class _Prober:
+    """A thread timing a `GET` of a session-like key on its own connection every 5 ms: what
+    any other client of Redis (another application's session request) waits for."""
+
+    def __init__(self, redis: RedisServer) -> None:
+        self._client = redis.client()
+        self._stop = threading.Event()
+        self.samples: list[float] = []
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            began = time.perf_counter()
+            self._client.get("agent:session:probe")
+            self.samples.append(time.perf_counter() - began)
+            time.sleep(0.005)
+
+    def __enter__(self) -> _Prober:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self._client.close()
+
+    def summary(self) -> str:
+        ms = sorted(s * 1000 for s in self.samples)
+        if not ms:
+            return "no samples"
+        p99 = ms[min(len(ms) - 1, int(len(ms) * 0.99))]
+        return f"median {statistics.median(ms):.2f} ms, p99 {p99:.2f} ms, max {ms[-1]:.2f} ms"
+
+
+async def test_a_catchup_read_of_tiny_entries_costs_redis_about_what_an_xrange_does(
+    tier_system: None, tmp_path: Path, redis: RedisServer
+) -> None:
+    """Attack: `shop`'s owner makes 4 runs of 3,000 tiny events, one per upstream write (so
+    ~one stream entry each: ~20 bytes of data), then keeps 16 replays of them from the start
+    going (well within the `run` and `client` reader caps). Each replay is ~14 catch-up reads
+    (`CATCHUP_RANGE`, count 1, 2, 4, ... 512), most of them 512 entries. The script calls
+    `XRANGE ... COUNT 1` once per entry, and each such call seeks the entry's stream node
+    and walks the node's listpack from its master entry to the start id (a node holds up to
+    100 entries, `stream-node-max-entries`): ~50 entries walked per entry returned, all
+    inside one script, during which Redis serves nobody else.
+
+    Measured (a6bf2c3, Redis 7.0.15, one replica, 2 shared cores, a CI run alongside): one
+    `CATCHUP_RANGE` of 512 tiny entries took Redis 2.36-2.50 ms (`usec_per_call`), one
+    `XRANGE ... COUNT 512` of the same entries 0.12 ms. During a 4 s flood by one replica
+    (209 replays of ~3,000-entry runs) Redis spent 3.14 s in 3,135 script calls: 5.01 us per
+    entry replayed vs 0.248 us for a plain XRANGE walk of the same streams (20.2x), i.e.
+    Redis ~78 % busy with one client's replays. Another client's `GET` on its own connection
+    (what any application's session read waits): median 0.07 ms before, 3.76 ms during
+    (p99 3.45 -> 10.7 ms, max 39 ms). Every further replica flooding adds its own 4 reads in
+    flight; each command of everybody else waits behind up to 2.5 ms per queued script, where
+    the XRANGE it replaced held Redis 0.12 ms.
+    Expected: a catch-up read costs Redis within ~4x of what XRANGE costs for the same
+    entries (e.g. an `XRANGE COUNT n` per call, with the size cap applied to whole batches,
+    or a byte-bounded count from the entries' known sizes), so the 256 KiB cap does not buy
+    a 20x CPU amplification for replays of tiny events."""
+    async with AsyncExitStack() as stack:
+        (shop_url,) = await start_upstreams(stack, TinyEventsUpstream(3000, 0.001).app())
+        env = redis_runs_env(
+            tmp_path,
+            redis.url,
+            f'[apps.shop]\nupstream = "{shop_url}"\nresumable = true\nresume_window_seconds = 60\n',
+        )
+        with GatewayProcess(env) as gateway:
+            shop = aiohttp.ClientSession(
+                cookie_jar=aiohttp.CookieJar(unsafe=True),
+                connector=aiohttp.TCPConnector(limit=100),
+            )
+            stack.push_async_callback(shop.close)
+            await _start_run(shop, gateway.url, "shop")  # the session cookie first
+            runs = list(
+                await asyncio.gather(*(_start_run(shop, gateway.url, "shop") for _ in range(4)))
+            )
+            await asyncio.sleep(0.5)  # the ends are recorded
+            client = redis.client()
+            stack.callback(client.close)
+            lengths = {run: int(client.xlen(f"{PREFIX}run:{{{run}}}:e")) for run in runs}
+            assert min(lengths.values()) >= 1000, lengths
+
+            # Baseline: what Redis spends per entry on plain XRANGE walks of the same streams.
+            client.config_resetstat()
+            walked = 0
+            for _ in range(3):
+                for run in runs:
+                    key, start = f"{PREFIX}run:{{{run}}}:e", "-"
+                    while True:
+                        got = client.xrange(key, start, "+", count=512)
+                        if not got:
+                            break
+                        walked += len(got)
+                        last_id = got[-1][0]
+                        assert isinstance(last_id, bytes)
+                        start = "(" + last_id.decode()
+            _, xrange_usec = _stat_usec(client, "xrange")
+            xrange_per_entry = xrange_usec / walked
+
+            with _Prober(redis) as before:
+                await asyncio.sleep(1.0)
+
+            client.config_resetstat()
+            flooding = True
+            entries_replayed = 0
+            replays = 0
+
+            async def flood(run_id: str) -> None:
+                nonlocal entries_replayed, replays
+                while flooding:
+                    async with shop.get(
+                        f"{gateway.url}/apps/shop/runs/{run_id}", headers={"Last-Event-ID": "0"}
+                    ) as response:
+                        body = await response.read()
+                        assert response.status == 200, response.status
+                        assert body.count(b"\n\n") >= 3000, body.count(b"\n\n")
+                        replays += 1
+                        entries_replayed += lengths[run_id]
+
+            with _Prober(redis) as during:
+                tasks = [asyncio.create_task(flood(run)) for run in runs for _ in range(4)]
+                try:
+                    await asyncio.sleep(4.0)
+                finally:
+                    flooding = False
+                    await asyncio.wait_for(asyncio.gather(*tasks), 40)
+            script_calls, script_usec = _stat_usec(client, "evalsha")
+    assert replays > 0 and entries_replayed > 0
+    script_per_entry = script_usec / entries_replayed
+    ratio = script_per_entry / xrange_per_entry
+    assert ratio <= 4, (
+        f"{replays} replays of ~{min(lengths.values())}-{max(lengths.values())}-entry runs: "
+        f"Redis spent {script_usec / 1000:.0f} ms in {script_calls} script calls, "
+        f"{script_per_entry:.2f} us per entry replayed, vs {xrange_per_entry:.3f} us per "
+        f"entry for a plain XRANGE COUNT 512 walk ({ratio:.1f}x; limit 4x). Another "
+        f"client's GET: {before.summary()} before, {during.summary()} during the replays"
+    )
