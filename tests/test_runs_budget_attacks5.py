@@ -210,3 +210,84 @@ async def test_a_catchup_read_of_tiny_entries_costs_redis_about_what_an_xrange_d
         f"entry for a plain XRANGE COUNT 512 walk ({ratio:.1f}x; limit 4x). Another "
         f"client's GET: {before.summary()} before, {during.summary()} during the replays"
     )
+
+
+class OneBigEventUpstream(SseUpstream):
+    """One event of `size` bytes of data at once, then the end: a run that ends at once."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    async def write_events(self, response: web.StreamResponse) -> None:
+        await response.write(b"data: " + b"z" * self.size + b"\n\n")
+
+
+async def _runs_back_to_back(url: str, until: float, kept: list[bool]) -> None:
+    """One client (its own session) starting `shop` runs one after the other until `until`."""
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as client:
+        while time.monotonic() < until:
+            async with client.post(
+                f"{url}/apps/shop/agent/chat", headers=CSRF, json={"message": "hi"}
+            ) as response:
+                await response.read()
+                assert response.status == 200, response.status
+                kept.append("X-Run-Id" in response.headers)
+
+
+async def test_runs_ended_on_two_replicas_stay_near_the_applications_budget(
+    tier_system: None, tmp_path: Path, redis: RedisServer
+) -> None:
+    """Attack: `shop`'s owner runs one client per replica (A and B), each starting runs of one
+    1 MiB event one after the other (each ends at once: ~1.34 MiB of budget), for 3 s, with a
+    budget of 16 MiB (~12 such runs). Each replica counts its own runs exactly but reads the
+    application's Redis counter at most every `RUN_BUDGET_REFRESH_SECONDS` (0.25 s), and the
+    other replica sends its ended runs' costs at most every 0.25 s: a replica misses up to
+    ~0.5 s of the other's ended runs.
+
+    The first check on each replica reads 0 and caches it for 0.25 s; runs of this size end
+    at ~150-190 per second per replica (~250 MiB/s of budget), so each replica fills the whole
+    budget with its own runs (counted exactly) before its next read or the other's flush:
+    "misses only ~0.25 s of other replicas' ended runs" holds, but 0.25 s of one client's
+    ended runs is more than the budget. The overshoot scales with the number of replicas
+    (each fills the budget on its own), not with a bounded error.
+
+    Measured (a6bf2c3, 2 replicas, 2 shared cores, 3 runs): A kept 12 and B 12 (or 11) of
+    ~400-565 runs each; Redis counts 30.8-32.1 MiB for the 16 MiB budget (1.93-2.01x). With
+    the default 64 MiB budget: 88.4 MiB (1.38x, 31 + 35 runs). The same test on 7dda85f^
+    (a fresh counter read per check, an INCRBY per ended run): 17.4 MiB (1.09x, 5 + 8 runs)
+    and, at 64 MiB, 65.6 MiB (1.03x): the cached ledger is a regression.
+    Expected: an application's ended runs in Redis stay within ~1.25x its budget however
+    many replicas its client spreads runs over (e.g. a replica's own uncounted growth since
+    its last read forces a fresh read once it is a fraction of the budget, or ended costs
+    reserved in Redis at once), as before the ledger."""
+    budget = 16 * 1024 * 1024
+    async with AsyncExitStack() as stack:
+        (shop_url,) = await start_upstreams(stack, OneBigEventUpstream(1024 * 1024).app())
+        env = redis_runs_env(
+            tmp_path,
+            redis.url,
+            f'[apps.shop]\nupstream = "{shop_url}"\nresumable = true\n'
+            f"resume_window_seconds = 30\nresume_redis_budget_bytes = {budget}\n",
+        )
+        with GatewayProcess(env) as a, GatewayProcess(env) as b:
+            kept_a: list[bool] = []
+            kept_b: list[bool] = []
+            until = time.monotonic() + 3.0
+            await asyncio.gather(
+                _runs_back_to_back(a.url, until, kept_a),
+                _runs_back_to_back(b.url, until, kept_b),
+            )
+            await asyncio.sleep(1.0)  # the last costs flushed
+            client = redis.client()
+            counted = sum(
+                int(client.get(key) or 0)
+                for key in client.scan_iter(match=b"agent:aux:runs:{shop}:bytes:*", count=1000)
+            )
+            client.close()
+    runs = sum(kept_a) + sum(kept_b)
+    message = (
+        f"A kept {sum(kept_a)} of {len(kept_a)} runs, B {sum(kept_b)} of {len(kept_b)}; "
+        f"Redis counts {counted / 2**20:.1f} MiB of the {budget / 2**20:.0f} MiB budget "
+        f"({counted / budget:.2f}x, {runs} runs)"
+    )
+    assert counted <= budget * 1.25, message
