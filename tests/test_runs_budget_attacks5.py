@@ -291,3 +291,131 @@ async def test_runs_ended_on_two_replicas_stay_near_the_applications_budget(
         f"({counted / budget:.2f}x, {runs} runs)"
     )
     assert counted <= budget * 1.25, message
+
+
+class BySizeUpstream(SseUpstream):
+    """`shop`'s upstream: a request whose message is `big` gets one 4.1 MB event (one stream
+    entry), any other 12 events of 300 KB (12 entries, each over `CATCHUP_BYTES`). Runs
+    are started one at a time."""
+
+    big = False
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        self.big = (await request.json()).get("message") == "big"
+        return await super().chat(request)
+
+    async def write_events(self, response: web.StreamResponse) -> None:
+        if self.big:
+            await response.write(b"data: " + b"b" * 4_100_000 + b"\n\n")
+            return
+        for i in range(12):
+            await response.write(f"data: {i} ".encode() + b"s" * 300_000 + b"\n\n")
+            await asyncio.sleep(0.005)
+
+
+async def _run_as(http: aiohttp.ClientSession, url: str, address: str, message: str) -> str:
+    async with http.post(
+        f"{url}/apps/shop/agent/chat",
+        headers={**CSRF, "X-Forwarded-For": address},
+        json={"message": message},
+    ) as response:
+        await response.read()
+        assert response.status == 200, response.status
+        return response.headers["X-Run-Id"]
+
+
+async def _replay_as(http: aiohttp.ClientSession, url: str, address: str, run_id: str) -> float:
+    """Seconds one whole replay of the user's 12-event run takes (asserted whole)."""
+    began = time.monotonic()
+    async with http.get(
+        f"{url}/apps/shop/runs/{run_id}",
+        headers={"Last-Event-ID": "0", "X-Forwarded-For": address},
+    ) as response:
+        body = await asyncio.wait_for(response.read(), 40)
+        assert response.status == 200 and b"event: error" not in body, (
+            response.status,
+            body[-300:],
+        )
+        assert body.count(b"\n\n") == 12, body.count(b"\n\n")
+    return time.monotonic() - began
+
+
+async def test_one_clients_replays_do_not_starve_another_client_of_the_same_application(
+    tier_system: None, tmp_path: Path, redis: RedisServer
+) -> None:
+    """Attack: one hostile client of `shop` (one address, 203.0.113.7, behind the trusted
+    proxy) keeps 64 replays (its `client` cap) of its 8 ended ~4.1 MB runs going, as
+    attack-replay-7 did against another application. Another user of the same application
+    (another address, 198.51.100.9, its own session) replays its own ended run: 12 entries of
+    300 KB. The gate is granted round robin between applications only; within `shop` it is
+    one FIFO, so the user's 12 reads each queue behind the hostile client's ~60 waiters.
+
+    Measured (a6bf2c3, one replica, 2 shared cores): the user's replay took 0.02 s alone
+    and 7.3-10.3 s during the flood (2 test runs, 4 replays; ~400x; ~1,680 hostile replays
+    answered meanwhile): each of its 12 reads waited ~0.6-0.85 s on average in the FIFO,
+    under the 1 s operation deadline only just (a little more load turns the crawl into
+    `run_store_unavailable`). The fix
+    of a6bf2c3 made exactly this wait bounded between applications (test
+    test_runs_budget_attacks4.py::test_one_applications_replays_do_not_starve_another_
+    applications_replay), but an application's users are not its operator: any one of them
+    gets the whole application's share.
+    Expected: one client address cannot take its application's whole share of the gate from
+    the application's other users (e.g. round robin between client addresses within an
+    application, as between applications): the user's replay within 1 s + 3x its time
+    alone, whole, without `run_store_unavailable`."""
+    async with AsyncExitStack() as stack:
+        (shop_url,) = await start_upstreams(stack, BySizeUpstream().app())
+        env = redis_runs_env(
+            tmp_path, redis.url, f'[apps.shop]\nupstream = "{shop_url}"\nresumable = true\n'
+        )
+        env["TRUSTED_PROXIES"] = "127.0.0.1/32"
+        hostile_ip, user_ip = "203.0.113.7", "198.51.100.9"
+        with GatewayProcess(env) as gateway:
+            hostile = aiohttp.ClientSession(
+                cookie_jar=aiohttp.CookieJar(unsafe=True),
+                connector=aiohttp.TCPConnector(limit=200),
+            )
+            stack.push_async_callback(hostile.close)
+            user = aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True))
+            stack.push_async_callback(user.close)
+            hostile_runs = [
+                await _run_as(hostile, gateway.url, hostile_ip, "big") for _ in range(8)
+            ]
+            user_run = await _run_as(user, gateway.url, user_ip, "small")
+            await asyncio.sleep(0.5)  # the ends are recorded
+            alone = min([await _replay_as(user, gateway.url, user_ip, user_run) for _ in range(3)])
+
+            flooding = True
+            replays = 0
+
+            async def flood(run_id: str) -> None:
+                nonlocal replays
+                while flooding:
+                    async with hostile.get(
+                        f"{gateway.url}/apps/shop/runs/{run_id}",
+                        headers={"Last-Event-ID": "0", "X-Forwarded-For": hostile_ip},
+                    ) as response:
+                        await response.read()
+                        replays += response.status == 200
+
+            tasks = [asyncio.create_task(flood(run)) for run in hostile_runs for _ in range(8)]
+            failures: list[str] = []
+            during: list[float] = []
+            try:
+                await asyncio.sleep(1.5)
+                for _ in range(2):
+                    try:
+                        during.append(await _replay_as(user, gateway.url, user_ip, user_run))
+                    except AssertionError as err:
+                        failures.append(str(err)[-200:])
+            finally:
+                flooding = False
+                await asyncio.wait_for(asyncio.gather(*tasks), 30)
+    limit = 1 + 3 * alone
+    message = (
+        f"the user's replay (12 entries, 3.6 MB): {alone:.2f} s alone; during the hostile "
+        f"client's 64 replays ({replays} of 4.1 MB answered): "
+        f"{[round(d, 1) for d in during]} s, failed {len(failures)}x {failures}; limit "
+        f"{limit:.1f} s"
+    )
+    assert not failures and max(during) <= limit, message
