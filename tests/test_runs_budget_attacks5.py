@@ -419,3 +419,71 @@ async def test_one_clients_replays_do_not_starve_another_client_of_the_same_appl
         f"{limit:.1f} s"
     )
     assert not failures and max(during) <= limit, message
+
+
+def _keys_without_ttl(redis: RedisServer) -> list[bytes]:
+    client = redis.client()
+    try:
+        return [key for key in client.scan_iter(count=1000) if client.pttl(key) == -1]
+    finally:
+        client.close()
+
+
+class TricklingUpstream(SseUpstream):
+    """`count` small events, `pace` seconds apart."""
+
+    def __init__(self, count: int, pace: float) -> None:
+        self.count = count
+        self.pace = pace
+
+    async def write_events(self, response: web.StreamResponse) -> None:
+        for i in range(self.count):
+            await response.write(f"data: {i}\n\n".encode())
+            await asyncio.sleep(self.pace)
+
+
+@pytest.mark.parametrize("loss", ["stream_and_meta_evicted", "redis_restarted_empty"])
+async def test_no_run_key_is_left_without_a_ttl_after_its_stream_is_lost_mid_run(
+    tier_system: None, tmp_path: Path, redis: RedisServer, loss: str
+) -> None:
+    """Attack (passing: holds): with runs created with their stream (`CREATE_RUN`) and written
+    with `XADD NOMKSTREAM`, lose a live run's keys mid-run: (a) its stream and meta hash
+    deleted (what an eviction does), (b) Redis killed and started again empty (no AOF). The
+    pump's next write finds no stream and writes it again with its TTL; the heartbeat
+    refreshes the TTLs; `END_RUN` sets them whatever it wrote and never recreates the meta
+    hash (HSET only on an existing key). A stop asked for after the loss (`REQUEST_STOP`)
+    must not create the meta hash either.
+
+    Measured (a6bf2c3): every key in Redis had a TTL 0.5 s after the loss (the run still
+    pumping) and after the run's end, in both cases."""
+    async with AsyncExitStack() as stack:
+        (url,) = await start_upstreams(stack, TricklingUpstream(50, 0.04).app())
+        env = redis_runs_env(
+            tmp_path, redis.url, f'[apps.shop]\nupstream = "{url}"\nresumable = true\n'
+        )
+        with GatewayProcess(env) as gateway:
+            http = aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True))
+            stack.push_async_callback(http.close)
+            async with http.post(
+                f"{gateway.url}/apps/shop/agent/chat", headers=CSRF, json={"message": "x"}
+            ) as response:
+                assert response.status == 200
+                run_id = response.headers["X-Run-Id"]
+                reading = asyncio.create_task(response.read())
+                await asyncio.sleep(0.8)
+                if loss == "stream_and_meta_evicted":
+                    client = redis.client()
+                    client.delete(f"{PREFIX}run:{{{run_id}}}:e", f"{PREFIX}run:{{{run_id}}}:m")
+                    client.close()
+                else:
+                    redis.restart(kill_first=True)
+                await asyncio.sleep(0.5)
+                during = _keys_without_ttl(redis)
+                async with http.post(
+                    f"{gateway.url}/apps/shop/runs/{run_id}/stop", headers=CSRF
+                ) as stop:
+                    await stop.read()
+                body = await asyncio.wait_for(reading, 20)
+            await asyncio.sleep(0.5)  # the end recorded
+            after = _keys_without_ttl(redis)
+    assert during == [] and after == [], (loss, during, after, body[-200:])
