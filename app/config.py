@@ -159,6 +159,8 @@ class Settings:
     # Catch-up reads of run events (`XRANGE`) in flight per process: each is a reply Redis
     # buffers against `maxmemory` (app/runs/store.py).
     run_catchup_reads: int = positive(4)
+    # How long a catch-up read waits for the gate (a read failing there fails the waiters).
+    run_catchup_wait_seconds: float = positive(10.0)
     # How stale this replica's view of an application's run bytes in Redis may be, and how
     # long its ended runs' costs wait to be added there together (app/runs/budget.py).
     run_budget_refresh_seconds: float = positive(0.25)

@@ -719,7 +719,7 @@ async def test_a_catchup_read_after_many_small_entries_stays_near_catchup_bytes(
             await store.append(run_id, [(seq, big)], 1)
         pos, count, largest, reads = 0, 1, 0, 0
         while True:
-            entries = await store.range_after(run_id, pos, count, app_id="shop")
+            entries = await store.range_after(run_id, pos, count, app_id="shop", client="c")
             if not entries:
                 break
             reads += 1

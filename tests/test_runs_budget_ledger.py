@@ -17,6 +17,7 @@ from app.sessions.redis_client import RedisOptions, make_client
 from tests.redis_server import RedisServer
 
 WINDOW_MS = 60_000
+FAR = 10**12  # a budget these tests never come near
 
 
 class ScriptedStore:
@@ -54,42 +55,43 @@ async def test_reads_redis_once_per_refresh_and_concurrent_checks_share_the_read
     scripted.counters["shop"] = 1000
     scripted.read_gate = asyncio.Event()
     checks = [
-        asyncio.create_task(ledger.used(store, "shop", window_ms=WINDOW_MS)) for _ in range(20)
+        asyncio.create_task(ledger.used(store, "shop", window_ms=WINDOW_MS, budget=FAR))
+        for _ in range(20)
     ]
     await asyncio.sleep(0.01)
     scripted.read_gate.set()
     assert await asyncio.gather(*checks) == [1000] * 20
     assert scripted.reads == 1
     for _ in range(50):
-        assert await ledger.used(store, "shop", window_ms=WINDOW_MS) == 1000
+        assert await ledger.used(store, "shop", window_ms=WINDOW_MS, budget=FAR) == 1000
     assert scripted.reads == 1
     scripted.counters["shop"] = 3000  # another replica counted runs
     await asyncio.sleep(0.21)
-    assert await ledger.used(store, "shop", window_ms=WINDOW_MS) == 3000
+    assert await ledger.used(store, "shop", window_ms=WINDOW_MS, budget=FAR) == 3000
     assert scripted.reads == 2
-    assert await ledger.used(store, "other", window_ms=WINDOW_MS) == 0  # its own read
+    assert await ledger.used(store, "other", window_ms=WINDOW_MS, budget=FAR) == 0  # its own read
     assert scripted.reads == 3
 
 
 async def test_own_ended_runs_count_at_once_and_reach_redis_together_never_twice() -> None:
     ledger, scripted, store = _ledger(refresh=0.1)
-    assert await ledger.used(store, "shop", window_ms=WINDOW_MS) == 0
+    assert await ledger.used(store, "shop", window_ms=WINDOW_MS, budget=FAR) == 0
     for cost in (100, 200, 300):
         ledger.add(store, "shop", cost, window_ms=WINDOW_MS, keep=60)
     # Not in Redis yet, counted here.
     assert scripted.adds == []
-    assert await ledger.used(store, "shop", window_ms=WINDOW_MS) == 600
+    assert await ledger.used(store, "shop", window_ms=WINDOW_MS, budget=FAR) == 600
     # A read sent before the flush (its reply without the 600) and answered after it.
     await asyncio.sleep(0.1)
     scripted.read_gate = asyncio.Event()
-    check = asyncio.create_task(ledger.used(store, "shop", window_ms=WINDOW_MS))
+    check = asyncio.create_task(ledger.used(store, "shop", window_ms=WINDOW_MS, budget=FAR))
     await asyncio.sleep(0.05)  # the flush: one add for the three
     assert scripted.adds == [("shop", 600)]
     scripted.read_gate.set()
     assert await check == 600  # not 0: Redis counted it after that read was sent
     scripted.read_gate = None
     await asyncio.sleep(0.1)  # a read sent after the flush sees it in Redis
-    assert await ledger.used(store, "shop", window_ms=WINDOW_MS) == 600  # not 1200
+    assert await ledger.used(store, "shop", window_ms=WINDOW_MS, budget=FAR) == 600  # not 1200
     assert scripted.adds == [("shop", 600)]
 
 
@@ -100,14 +102,14 @@ async def test_a_failed_add_stays_counted_and_is_sent_again_until_its_keys_expir
     ledger.add(store, "shop", 70, window_ms=WINDOW_MS, keep=0.12)  # its keys expire soon
     await asyncio.sleep(0.08)
     assert scripted.adds == []
-    assert await ledger.used(store, "shop", window_ms=WINDOW_MS) == 570
+    assert await ledger.used(store, "shop", window_ms=WINDOW_MS, budget=FAR) == 570
     await asyncio.sleep(0.1)  # the short-lived cost is dropped with its keys
-    assert await ledger.used(store, "shop", window_ms=WINDOW_MS) == 500
+    assert await ledger.used(store, "shop", window_ms=WINDOW_MS, budget=FAR) == 500
     scripted.failing = False
     await asyncio.sleep(0.1)
     assert scripted.adds == [("shop", 500)]
     await asyncio.sleep(0.06)
-    assert await ledger.used(store, "shop", window_ms=WINDOW_MS) == 500
+    assert await ledger.used(store, "shop", window_ms=WINDOW_MS, budget=FAR) == 500
 
 
 async def test_close_sends_what_is_left() -> None:
@@ -133,7 +135,31 @@ async def test_the_counter_gets_its_ttl_in_the_same_script_on_redis(
         assert int(client.get(key) or 0) == 4096
         assert 0 < client.pttl(key) <= 2 * WINDOW_MS
         assert await store.budget_used("shop", window_ms=WINDOW_MS) == 4096
-        assert await ledger.used(store, "shop", window_ms=WINDOW_MS) == 4096
+        assert await ledger.used(store, "shop", window_ms=WINDOW_MS, budget=FAR) == 4096
     finally:
         await ledger.close()
         await backend.close()
+
+
+async def test_near_its_budget_every_check_reads_redis_and_every_end_is_counted_at_once() -> None:
+    """attack-gate-8: with cached reads and batched counts near the budget, two replicas each
+    filled the whole budget (1.93-2.01x). Near it (a quarter), the ledger does what each run
+    did before it."""
+    ledger, scripted, store = _ledger(refresh=30)
+    budget = 4000
+    scripted.counters["shop"] = 500
+    assert await ledger.used(store, "shop", window_ms=WINDOW_MS, budget=budget) == 500
+    assert await ledger.used(store, "shop", window_ms=WINDOW_MS, budget=budget) == 500
+    assert scripted.reads == 1  # far from it (under 1000): one read per refresh
+    scripted.counters["shop"] = 900  # another replica counted runs
+    # Its own running runs (extra) bring it near: this check reads Redis again.
+    near = {"window_ms": WINDOW_MS, "budget": budget, "extra": 600}
+    assert await ledger.used(store, "shop", **near) == 900
+    assert scripted.reads == 2
+    assert await ledger.used(store, "shop", **near) == 900
+    assert scripted.reads == 3  # near: every check
+    ledger.add(store, "shop", 300, window_ms=WINDOW_MS, keep=60)
+    await asyncio.sleep(0.01)
+    assert scripted.adds == [("shop", 300)]  # at once, not after the 30 s refresh
+    assert await ledger.used(store, "shop", **near) == 1200  # counted once
+    await ledger.close()

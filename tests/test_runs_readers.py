@@ -35,7 +35,9 @@ class ScriptedStore:
     async def reader_tick(self, run_id: str, *, window_ms: int) -> bool:
         return self.alive
 
-    async def range_after(self, run_id: str, after: int, count: int, *, app_id: str) -> list[Entry]:
+    async def range_after(
+        self, run_id: str, after: int, count: int, *, app_id: str, client: str
+    ) -> list[Entry]:
         return []
 
 

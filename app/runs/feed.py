@@ -146,11 +146,13 @@ async def follow_remote(
     registry: RunRegistry,
     follower: Follower | None,
     replay_until: int,
+    client: str,
 ) -> None:
     """The same from Redis, for a run pumped by another replica (or ended): what the run's
     follower here holds (app/runs/readers.py), and before that (a resume from further back,
     or an ended run: `follower` None) what `XRANGE` reads, a few entries at a time
-    (`next_catchup_count`); events up to `replay_until` count as replayed."""
+    (`next_catchup_count`, in the catch-up gate's turn of `client`, the reader's address);
+    events up to `replay_until` count as replayed."""
     settings = request.app[SETTINGS_KEY]
     app_id = request[APP_CONFIG_KEY].app_id
     keepalive = settings.sse_keepalive_seconds
@@ -163,7 +165,7 @@ async def follow_remote(
         while True:
             entries: list[Entry] = []
             if follower is None or pos < follower.base:
-                entries = await store.range_after(run_id, pos, count, app_id=app_id)
+                entries = await store.range_after(run_id, pos, count, app_id=app_id, client=client)
                 count = next_catchup_count(count, entries, READ_COUNT)
                 if not entries and follower is None:
                     break  # an ended run read to its end (its entries expired meanwhile)

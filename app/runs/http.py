@@ -107,9 +107,14 @@ async def start_run(
             registry.counters.rate_limited += 1
             return None
         if registry.store is not None:
-            used = await registry.budget.used(
-                registry.store, app.app_id, window_ms=round(app.resume_window_seconds * 1000)
-            ) + registry.uncounted.get(app.app_id)
+            running = registry.uncounted.get(app.app_id)
+            used = running + await registry.budget.used(
+                registry.store,
+                app.app_id,
+                window_ms=round(app.resume_window_seconds * 1000),
+                budget=app.resume_redis_budget_bytes,
+                extra=running,
+            )
             if used >= app.resume_redis_budget_bytes:
                 registry.counters.unresumable += 1
                 registry.counters.over_budget += 1
@@ -304,7 +309,7 @@ async def _resume_remote(
         response = _event_stream_response(run_id)
         await response.prepare(request)
         await follow_remote(
-            request, response, store, run_id, after, registry, follower, meta.last_seq
+            request, response, store, run_id, after, registry, follower, meta.last_seq, client
         )
         return response
     finally:

@@ -174,6 +174,11 @@ def _refuse(slots: AppReaders, limit: str) -> ReadersBusy:
     return ReadersBusy(limit)
 
 
+# The catch-up gate's client (app/runs/catchup.py) of an application's followers: one turn for
+# all of them, beside each reader address's.
+FOLLOWERS = "(followers)"
+
+
 class Follower:
     """The one blocking reader of a run pumped elsewhere, for every local reader of it (see
     the module docstring). `base`: the entries kept cover the sequence numbers after it;
@@ -262,7 +267,7 @@ class Follower:
         store = self._store
         if self._behind:
             entries = await store.range_after(
-                self.run_id, self.pos, self._count, app_id=self.app_id
+                self.run_id, self.pos, self._count, app_id=self.app_id, client=FOLLOWERS
             )
             if entries:
                 self._count = next_catchup_count(self._count, entries, READ_COUNT)
@@ -290,7 +295,7 @@ class Follower:
                         if not entries and not alive:
                             # The end may have been written just before the heartbeat expired.
                             entries = await store.range_after(
-                                self.run_id, self.pos, 1, app_id=self.app_id
+                                self.run_id, self.pos, 1, app_id=self.app_id, client=FOLLOWERS
                             )
                             if not entries:
                                 self.failure = "run_orphaned"

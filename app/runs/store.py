@@ -129,12 +129,19 @@ class RedisRunStore:
     (tests); in production it is a second backend on a small dedicated pool."""
 
     def __init__(
-        self, backend: RedisBackend, follow: RedisBackend, prefix: str, *, catchup_reads: int = 4
+        self,
+        backend: RedisBackend,
+        follow: RedisBackend,
+        prefix: str,
+        *,
+        catchup_reads: int = 4,
+        catchup_wait: float = 10.0,
     ) -> None:
         self._backend = backend
         self._follow = follow
         self._prefix = prefix
         self._catchup = CatchupGate(catchup_reads)
+        self._catchup_wait = catchup_wait
 
     def key(self, run_id: str, kind: str) -> str:
         return f"{self._prefix}run:{{{run_id}}}:{kind}"
@@ -276,22 +283,24 @@ class RedisRunStore:
         last_seq = seq if int(reply[3]) else seq - 1
         return RunMeta(owner, app_id, end, last_seq)
 
-    async def range_after(self, run_id: str, after: int, count: int, *, app_id: str) -> list[Entry]:
+    async def range_after(
+        self, run_id: str, after: int, count: int, *, app_id: str, client: str
+    ) -> list[Entry]:
         """Up to `count` entries after `after`, stopping after the entry that takes their
         events past `CATCHUP_BYTES` (`CATCHUP_RANGE`: what Redis buffers for one read is at
         most that plus one entry), through the catch-up gate (app/runs/catchup.py: at most
-        `catchup_reads` in flight in this process, shared fairly by the applications; the
-        wait for it and the read share one `REDIS_OP_TIMEOUT_SECONDS`). On the blocking
-        reads' client, so the sessions' pipelined connection never queues behind a replay's
+        `catchup_reads` in flight in this process, shared fairly by the applications and
+        their clients, waiting at most `catchup_wait` seconds). On the blocking reads'
+        client, so the sessions' pipelined connection never queues behind a replay's
         megabytes."""
-        follow, budget = self._follow, self._backend.op_timeout
-        deadline = asyncio.get_running_loop().time() + budget
-        async with self._catchup.slot(app_id, wait=budget):
-            left = deadline - asyncio.get_running_loop().time()
+        follow = self._follow
+        async with self._catchup.slot(app_id, client, wait=self._catchup_wait):
             keys = [self.key(run_id, "e")]
             args = [f"(0-{after}", count, CATCHUP_BYTES]
             execute = follow.client.execute_command
-            raw = await follow._run(lambda: CATCHUP_RANGE.run(execute, keys, args), budget=left)
+            raw = await follow._run(
+                lambda: CATCHUP_RANGE.run(execute, keys, args), budget=self._backend.op_timeout
+            )
             return _entries(raw)
 
     async def follow(self, run_id: str, after: int, *, block_ms: int, count: int) -> list[Entry]:

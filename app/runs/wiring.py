@@ -37,6 +37,7 @@ def runs_ctx(settings: Settings) -> Callable[[web.Application], AsyncIterator[No
                 follow,
                 settings.redis_aux_prefix,
                 catchup_reads=settings.run_catchup_reads,
+                catchup_wait=settings.run_catchup_wait_seconds,
             )
         registry = RunRegistry(settings, store, app[LIFECYCLE_KEY], app[UPSTREAM_KEY].stop, readers)
         app[RUNS_KEY] = registry
