@@ -106,13 +106,6 @@ class _Prober:
         return f"median {statistics.median(ms):.2f} ms, p99 {p99:.2f} ms, max {ms[-1]:.2f} ms"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="open (issue 17): CATCHUP_RANGE reads up to 16 entries per XRANGE call (was 1: "
-    "20x); 9.3x an XRANGE walk measured. Bounding the reply by bytes needs the entries' sizes "
-    "before reading them (e.g. a per-run largest-entry key the pump sets before a bigger entry)",
-)
 async def test_a_catchup_read_of_tiny_entries_costs_redis_about_what_an_xrange_does(
     tier_system: None, tmp_path: Path, redis: RedisServer
 ) -> None:

@@ -59,6 +59,8 @@ class Run:
     waiting: asyncio.Timeout | None = None
     task: asyncio.Task[None] | None = None
     writer: RunWriter | None = None
+    # The largest-entry bucket written to Redis so far (app/runs/store.py `entry_bucket`).
+    entry_bucket: int = 0
     # What this run costs Redis as counted in its registry's `uncounted` (app/runs/budget.py).
     uncounted: int = 0
     # Its cost was handed to its application's counter (at its end: `BudgetLedger.add`).

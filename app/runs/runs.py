@@ -308,6 +308,7 @@ class RunRegistry:
                     end_seq=run.log.next_seq,
                     reason=reason,
                     ttl_ms=round(run.app.resume_window_seconds * 1000),
+                    largest=run.entry_bucket,
                 )
                 recorded = True
                 self.budget.add(

@@ -21,8 +21,9 @@ redis.call('PEXPIRE', KEYS[3], ARGV[3])
 return 1"""
 )
 
-# KEYS: meta, events. ARGV: ttl ms, MINID ('' none), entry id, first seq ('' for a bare end
-# marker), data, end reason, last event's seq. The heartbeat key is left to expire: readers see
+# KEYS: meta, events, largest entry. ARGV: ttl ms, MINID ('' none), entry id, first seq (''
+# for a bare end marker), data, end reason, last event's seq, the run's new largest-entry
+# bucket ('' unchanged: `GROWN_XADD`). The heartbeat key is left to expire: readers see
 # the end first. The end reason and the last seq also go into the meta hash (`x`, `l`; only
 # while it exists), so that `meta` of an ended run never reads the stream. The XADD goes
 # first: at `maxmemory` Redis refuses a script's first write (OOM) but lets a script that has
@@ -42,8 +43,12 @@ xadd[#xadd + 1] = 'x'; xadd[#xadd + 1] = ARGV[6]
 local added = redis.pcall(unpack(xadd))
 local meta = redis.pcall('PEXPIRE', KEYS[1], ARGV[1])
 redis.pcall('PEXPIRE', KEYS[2], ARGV[1])
+redis.pcall('PEXPIRE', KEYS[3], ARGV[1])
 if type(added) == 'table' and added.err and not string.find(added.err, 'equal or smaller') then
   return added
+end
+if ARGV[8] ~= '' then
+  redis.pcall('SET', KEYS[3], ARGV[8], 'PX', ARGV[1])
 end
 if meta == 1 then
   redis.pcall('HSET', KEYS[1], 'x', ARGV[6], 'l', ARGV[7])
@@ -51,9 +56,11 @@ end
 return 1"""
 )
 
-# KEYS: events. ARGV: start ('(0-<after>'), most entries, bytes. `XRANGE`s of a few entries
-# at a time, stopping after the entry whose events take the reply past ARGV[3]: a catch-up
-# read whose count grew over tiny entries never returns megabytes of big ones in one reply
+# KEYS: events. ARGV: start ('(0-<after>'), most entries, bytes. The catch-up read of a run
+# without its largest-entry key (a run from before it, the key lost; with it, a plain `XRANGE`
+# of as many entries as fit: app/runs/store.py `range_after`). `XRANGE`s of a few entries at
+# a time, stopping after the entry whose events take the reply past ARGV[3], so a catch-up read
+# whose count grew over tiny entries never returns megabytes of big ones in one reply
 # (attack-replay-7: 16 entries of 250 KB, 4 MB in one reply). Each `XRANGE` call seeks into
 # its stream node (up to 100 entries) again, so one entry a call cost Redis ~20x the time of
 # one `XRANGE` per entry (attack-gate-8); the batch grows (up to 16) while the entries read
@@ -123,4 +130,24 @@ for i = 1, #fields, 2 do
   if fields[i] == 'x' then reason = fields[i + 1] elseif fields[i] == 'd' then data = 1 end
 end
 return {meta, last[1][1], reason, data}"""
+)
+
+# KEYS: events, largest entry. ARGV: TTL ms, the new largest-entry bucket, then the `XADD`
+# arguments after the key. An entry larger than any before it goes in with the run's new
+# largest-entry bucket, atomically, so a catch-up read (`CATCHUP_RANGE`) never meets an entry
+# larger than the key says. `NOMKSTREAM` first; a stream gone meanwhile is written again with
+# its TTL. The `XADD` goes first (at `maxmemory` a script's first write is refused).
+GROWN_XADD = LuaScript.of(
+    """local args = {}
+for i = 3, #ARGV do args[#args + 1] = ARGV[i] end
+local added = redis.pcall('XADD', KEYS[1], 'NOMKSTREAM', unpack(args))
+if added == false then
+  added = redis.pcall('XADD', KEYS[1], unpack(args))
+  redis.pcall('PEXPIRE', KEYS[1], ARGV[1])
+end
+if type(added) == 'table' and added.err and not string.find(added.err, 'equal or smaller') then
+  return added
+end
+redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[1])
+return 1"""
 )

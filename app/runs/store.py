@@ -10,12 +10,15 @@ Keys (all with the run id as hash tag, so one run's keys share a Redis Cluster s
   again on `\n\n`). A last entry with field `x` = the end reason marks the end. Written only
   by the pumping replica (one write in flight at a time, so always in order), trimmed with
   `MINID` to its in-process log's bounds.
+- `{...}:z`  the largest-entry bucket: no entry of the stream is larger (set with the first
+  entry above it, in one script: `GROWN_XADD`), so a catch-up read takes as many entries as fit
+  in `CATCHUP_BYTES` in one `XRANGE`.
 - `{...}:h`  the pumper's heartbeat, `PX` = 4 heartbeats, refreshed every heartbeat (left to
   expire at the end). Missing while the run has no end entry: its pumper died.
 - `{...}:r`  readers on other replicas, `PX` = the application's window, refreshed every
   heartbeat by each replica following the run (once for all its readers,
   app/runs/readers.py): the pumper's view of "somebody is still reading".
-`m` and `e` expire one window (plus a heartbeat TTL) after the last heartbeat or the end.
+`m`, `e` and `z` expire one window (plus a heartbeat TTL) after the last heartbeat or the end.
 
 Each application's budget of run data (`resume_redis_budget_bytes`, F3): counters
 `{REDIS_AUX_PREFIX}runs:{<applicationId>}:bytes:<slot>`, one per slot of one window
@@ -47,6 +50,7 @@ the pipeliner returns raw RESP2, a cluster client parses it.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -60,6 +64,7 @@ from app.runs.scripts import (
     CATCHUP_RANGE,
     CREATE_RUN,
     END_RUN,
+    GROWN_XADD,
     REQUEST_STOP,
     RUN_META,
 )
@@ -196,39 +201,55 @@ class RedisRunStore:
         *,
         expire_ms: int | None = None,
         exists: bool = False,
-    ) -> None:
+        largest: int = 0,
+    ) -> int:
         """The consecutive `(seq, framed)` events from `first_kept` on (those before it are
         no longer in the run's log: not written) in one `XADD` per `ENTRY_BYTES` group
         (`_groups`), trimming entries that end below `first_kept` (exactly). `expire_ms`: the
         stream's TTL, set in the same round trip as each `XADD` that may create the stream.
         `exists` (the caller created it, with its TTL): each `XADD` is `NOMKSTREAM` alone, and
         only when the stream is gone (a Redis restart, an eviction) is it written again with
-        its TTL, so a stream never exists without one."""
+        its TTL, so a stream never exists without one. `largest`: the run's largest-entry
+        bucket so far (`entry_bucket`); an entry above it goes with the new bucket in one
+        script (`GROWN_XADD`, with `expire_ms`). Returns the run's bucket after these."""
         key = self.key(run_id, "e")
+        execute = self._backend.execute
         for group in _groups(_kept(entries, first_kept)):
-            command: tuple[Any, ...] = ("XADD", key)
+            args: tuple[Any, ...] = ()
             if first_kept > 1:
-                command += ("MINID", "=", f"0-{first_kept}")
+                args += ("MINID", "=", f"0-{first_kept}")
             data = group[0][1] if len(group) == 1 else b"".join(f for _, f in group)
-            command += (f"0-{group[-1][0]}", "f", group[0][0], "d", data)
-            execute = self._backend.execute
+            args += (f"0-{group[-1][0]}", "f", group[0][0], "d", data)
+            bucket = entry_bucket(len(data))
+            if bucket > largest and expire_ms is not None:
+                grown = functools.partial(
+                    GROWN_XADD.run,
+                    execute,
+                    [key, self.key(run_id, "z")],
+                    [expire_ms, bucket, *args],
+                )
+                await self._backend._run(grown)
+                largest = bucket
+                continue
             if exists:
-                nomkstream = ("XADD", key, "NOMKSTREAM", *command[2:])
+                nomkstream = ("XADD", key, "NOMKSTREAM", *args)
                 if await self._backend._run(_idempotent_xadd(execute, nomkstream)):
                     continue
             expire = None if expire_ms is None else ("PEXPIRE", key, expire_ms)
-            await self._backend._run(_idempotent_xadd(execute, command, expire))
+            await self._backend._run(_idempotent_xadd(execute, ("XADD", key, *args), expire))
+        return largest
 
     async def tick(self, run_id: str, *, heartbeat_ms: int, ttl_ms: int) -> tuple[bool, int]:
         """The pumper's heartbeat: refresh it and the TTLs; (stop asked for, reader key's
         milliseconds left: negative when no reader refreshed it within the window)."""
         m = self.key(run_id, "m")
-        _, stop, pttl, _, _ = await self._all(
+        _, stop, pttl, *_ = await self._all(
             ("SET", self.key(run_id, "h"), "1", "PX", heartbeat_ms),
             ("HGET", m, "stop"),
             ("PTTL", self.key(run_id, "r")),
             ("PEXPIRE", m, ttl_ms),
             ("PEXPIRE", self.key(run_id, "e"), ttl_ms),
+            ("PEXPIRE", self.key(run_id, "z"), ttl_ms),
         )
         return stop is not None, int(pttl)
 
@@ -241,25 +262,32 @@ class RedisRunStore:
         end_seq: int,
         reason: str,
         ttl_ms: int,
+        largest: int = 0,
     ) -> None:
         """The run's last events (if any) and its end in one entry, and the keys' TTLs set to
         the window: one script call (`END_RUN`), so the TTLs and the entry go together (the
         TTLs even when Redis refuses the entry). Events beyond the last `ENTRY_BYTES` group go
-        before it (`append`)."""
+        before it (`append`). `largest`: the run's largest-entry bucket so far."""
         groups = _groups(_kept(entries, first_kept))
         if len(groups) > 1:
             earlier = [e for group in groups[:-1] for e in group]
             # With the TTL: these XADDs may create the stream, and one refused at `maxmemory`
             # stops the end before END_RUN sets it (attack-budget-3).
-            await self.append(run_id, earlier, first_kept, expire_ms=ttl_ms)
+            largest = await self.append(
+                run_id, earlier, first_kept, expire_ms=ttl_ms, largest=largest
+            )
         entries = groups[-1] if groups else []
         args: list[Any] = [ttl_ms, f"0-{first_kept}" if first_kept > 1 else ""]
+        grown = ""
         if entries:
             data = b"".join(f for _, f in entries)
             args += [f"0-{entries[-1][0]}", entries[0][0], data, reason, entries[-1][0]]
+            bucket = entry_bucket(len(data))
+            grown = str(bucket) if bucket > largest else ""
         else:
             args += [f"0-{end_seq}", "", "", reason, end_seq - 1]
-        keys = [self.key(run_id, "m"), self.key(run_id, "e")]
+        args.append(grown)
+        keys = [self.key(run_id, "m"), self.key(run_id, "e"), self.key(run_id, "z")]
         execute = self._backend.execute
         await self._backend._run(lambda: END_RUN.run(execute, keys, args))
 
@@ -286,21 +314,39 @@ class RedisRunStore:
     async def range_after(
         self, run_id: str, after: int, count: int, *, app_id: str, client: str
     ) -> list[Entry]:
-        """Up to `count` entries after `after`, stopping after the entry that takes their
-        events past `CATCHUP_BYTES` (`CATCHUP_RANGE`: what Redis buffers for one read is at
-        most that plus one entry), through the catch-up gate (app/runs/catchup.py: at most
-        `catchup_reads` in flight in this process, shared fairly by the applications and
-        their clients, waiting at most `catchup_wait` seconds). On the blocking reads'
-        client, so the sessions' pipelined connection never queues behind a replay's
-        megabytes."""
+        """Up to `count` entries after `after`, about `CATCHUP_BYTES` of them at most, through
+        the catch-up gate (app/runs/catchup.py: at most `catchup_reads` in flight in this
+        process, shared fairly by the applications and their clients, waiting at most
+        `catchup_wait` seconds), on the blocking reads' client (the sessions' pipelined
+        connection never queues behind a replay's megabytes). The run's largest-entry bucket
+        (`z`, no entry is larger) first, then one plain `XRANGE` of as many entries as fit in
+        `CATCHUP_BYTES` (at least one): what Redis buffers is that, plus at most the entries
+        the pump wrote between the two commands (one write in flight per run). Without the
+        bucket, or when fewer than `_PLAIN_READ_ENTRIES` of the largest fit (a run with big
+        entries: one of them would make every read of its small ones one entry long),
+        `CATCHUP_RANGE`. Both commands within one `REDIS_OP_TIMEOUT_SECONDS`."""
         follow = self._follow
+        execute = follow.client.execute_command
         async with self._catchup.slot(app_id, client, wait=self._catchup_wait):
-            keys = [self.key(run_id, "e")]
-            args = [f"(0-{after}", count, CATCHUP_BYTES]
-            execute = follow.client.execute_command
-            raw = await follow._run(
-                lambda: CATCHUP_RANGE.run(execute, keys, args), budget=self._backend.op_timeout
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + self._backend.op_timeout
+            key, start = self.key(run_id, "e"), f"(0-{after}"
+            largest_key = self.key(run_id, "z")
+            raw_largest = await follow._run(
+                lambda: execute("GET", largest_key), budget=self._backend.op_timeout
             )
+            left = deadline - loop.time()
+            fit = 0 if raw_largest is None else CATCHUP_BYTES // max(1, int(_text(raw_largest)))
+            if fit >= _PLAIN_READ_ENTRIES:
+                most = min(count, fit)
+                raw = await follow._run(
+                    lambda: execute("XRANGE", key, start, "+", "COUNT", most), budget=left
+                )
+            else:
+                args = [start, count, CATCHUP_BYTES]
+                raw = await follow._run(
+                    lambda: CATCHUP_RANGE.run(execute, [key], args), budget=left
+                )
             return _entries(raw)
 
     async def follow(self, run_id: str, after: int, *, block_ms: int, count: int) -> list[Entry]:
@@ -344,6 +390,17 @@ def next_catchup_count(count: int, entries: Sequence[Entry], most: int) -> int:
     if sum(len(entry.data or b"") for entry in entries) > CATCHUP_BYTES:
         return 1
     return min(most, count * 2)
+
+
+# Fewer of a run's largest entries than this fit in `CATCHUP_BYTES`: its catch-up reads go
+# through `CATCHUP_RANGE` (bounded by the bytes read, a few entries per `XRANGE`).
+_PLAIN_READ_ENTRIES = 16
+
+
+def entry_bucket(size: int) -> int:
+    """The largest-entry bucket of an entry of `size` bytes: the power of two at or above it,
+    at least 1 KiB (a run's bucket grows a few times at most)."""
+    return max(1024, 1 << max(0, size - 1).bit_length())
 
 
 ENTRY_BYTES = 256 * 1024

@@ -87,12 +87,13 @@ class RunWriter:
                 self._wake.clear()
                 while self._pending and not self._closing:
                     batch, self._pending = self._pending, []
-                    await self._store.append(
+                    run.entry_bucket = await self._store.append(
                         run.run_id,
                         batch,
                         run.log.first_seq,
                         expire_ms=self._ttl_ms,
                         exists=True,
+                        largest=run.entry_bucket,
                     )
                     self._written.set()
                 if self._closing:
