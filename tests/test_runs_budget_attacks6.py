@@ -471,3 +471,89 @@ async def test_one_applications_slow_catchup_reads_do_not_fail_another_applicati
     )
     print(message)
     assert not failures, message
+
+
+async def test_one_client_with_many_ipv6_prefixes_does_not_starve_another_user_of_its_app(
+    tier_system: None, tmp_path: Path, redis: RedisServer
+) -> None:
+    """Attack: attacks5's same-application flood (8 ended 4.1 MB runs of `shop` replayed
+    without pause), but the hostile client comes from 64 IPv6 /64 prefixes of one /56 (what
+    one home connection gets), 2 replays each: 64 turns of `shop` in the gate against the
+    other user's one. Expected (attacks5's bound): the other user's replay of its 12-entry run
+    within 1 s + 3x its time alone, whole (e.g. turns by a coarser prefix, /48 or /56 for
+    IPv6, or by session, or a bounded share per application's client rather than one turn per
+    address).
+
+    Measured (bae4abf, one replica, 2 shared cores, 3 test runs): the user's replay 0.01 s
+    alone, 6.58-7.13 s during the flood (~650x; ~1,420 hostile replays answered, ~8,500
+    refused by the reader caps and retried), whole but as slow as attacks5's one-address
+    flood before the fix (7.3-10.3 s). attacks5's one-address test passes on bae4abf: the
+    turns per address hold against one address, not against one client's 64 addresses."""
+    async with AsyncExitStack() as stack:
+        (shop_url,) = await start_upstreams(stack, BySizeUpstream().app())
+        env = redis_runs_env(
+            tmp_path, redis.url, f'[apps.shop]\nupstream = "{shop_url}"\nresumable = true\n'
+        )
+        env["TRUSTED_PROXIES"] = "127.0.0.1/32"
+        with GatewayProcess(env) as gateway:
+            hostile = aiohttp.ClientSession(
+                cookie_jar=aiohttp.CookieJar(unsafe=True),
+                connector=aiohttp.TCPConnector(limit=300),
+            )
+            stack.push_async_callback(hostile.close)
+            user = aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True))
+            stack.push_async_callback(user.close)
+            runs = [
+                await _run_as(hostile, gateway.url, "shop", "2001:db8:0:1::1", "big")
+                for _ in range(8)
+            ]
+            user_ip = "198.51.100.9"
+            user_run = await _run_as(user, gateway.url, "shop", user_ip, "small")
+            await asyncio.sleep(0.5)
+            alone = min(
+                [(await _replay(user, gateway.url, "shop", user_ip, user_run))[0] for _ in range(3)]
+            )
+            flooding = True
+            replays = 0
+            refused = 0
+
+            async def flood(run_id: str, address: str) -> None:
+                nonlocal replays, refused
+                while flooding:
+                    try:
+                        await _replay(hostile, gateway.url, "shop", address, run_id)
+                    except (AssertionError, aiohttp.ClientError, TimeoutError):
+                        refused += 1
+                        await asyncio.sleep(0.05)
+                        continue
+                    replays += 1
+
+            tasks = [
+                asyncio.create_task(flood(runs[(n + k) % 8], f"2001:db8:0:{n:x}::1"))
+                for n in range(64)
+                for k in range(2)
+            ]
+            failures: list[str] = []
+            during: list[float] = []
+            try:
+                await asyncio.sleep(1.5)
+                for _ in range(2):
+                    try:
+                        took, body = await _replay(user, gateway.url, "shop", user_ip, user_run)
+                    except AssertionError as err:
+                        failures.append(f"status {str(err)[:40]}")
+                        continue
+                    during.append(took)
+                    if b"event: error" in body or body.count(b"\n\n") != 12:
+                        failures.append(body[-120:].decode(errors="replace"))
+            finally:
+                flooding = False
+                await asyncio.wait_for(asyncio.gather(*tasks), 40)
+    limit = 1 + 3 * alone
+    message = (
+        f"the user's replay: {alone:.2f} s alone; during 128 replays from 64 /64s ({replays} "
+        f"answered, {refused} refused): {[round(d, 2) for d in during]} s, failed "
+        f"{len(failures)}x {failures}; limit {limit:.1f} s"
+    )
+    print(message)
+    assert not failures and max(during, default=99.0) <= limit, message
