@@ -118,8 +118,8 @@ async def test_three_replicas_four_clients_each_stay_within_the_claimed_overshoo
     replica is invisible to the others until its end's `INCRBY`: each replica's checks see
     Redis without the other replicas' runs in flight (up to 8 here, ~10.7 MiB).
 
-    Measured (bae4abf, 2 shared cores, 3 runs): kept 21-25 of ~1,100-1,600 runs; Redis counts
-    29.5-33.5 MiB of 16 MiB (1.84-2.09x), over the claimed 1.5x for 3 replicas. For
+    Measured (bae4abf, 2 shared cores, 4 runs): kept 21-26 of ~1,100-1,600 runs; Redis counts
+    29.5-34.8 MiB of 16 MiB (1.84-2.18x), over the claimed 1.5x for 3 replicas. For
     comparison: 1 replica x 4 or x 12 clients: 16.1 MiB (1.00x, exact); 2 replicas x 4
     clients: 22.8 MiB (1.42x, over the claimed 1.25x); 3 replicas x 1 client (the test above,
     passing): 17.4-18.8 MiB (1.09-1.17x).
@@ -301,9 +301,10 @@ async def test_a_catchup_read_holds_about_one_replys_bytes_in_redis(
     reply), here under 24 MB more peak RSS than the writes of the run did.
 
     Measured (bae4abf, one replay, 2 replicas: written on A, replayed on B): redis-server peak
-    RSS 89 -> 224 MiB (+135 MiB for one read returning ~4 MB: the 64 MB `XRANGE` reply in the
-    script's client and its copy as Lua strings), `used_memory_lua` 61.1 MiB afterwards (the
-    garbage stays until Lua's GC), and the script ran 329 ms, blocking Redis for every other
+    RSS 81-89 -> 220-224 MiB (2 runs: +135-139 MiB for one read returning ~4 MB: the 64 MB
+    `XRANGE` reply in the script's client and its copy as Lua strings), `used_memory_lua`
+    61.1 MiB afterwards (the garbage stays until Lua's GC), and the script ran 272-329 ms,
+    blocking Redis for every other
     client (sessions included). With the default `resume_max_bytes` (4 MiB) a run's stream
     holds ~4 MiB at most, so this needs an application allowed large runs (here 80 MiB)."""
     async with AsyncExitStack() as stack:
@@ -485,7 +486,7 @@ async def test_one_client_with_many_ipv6_prefixes_does_not_starve_another_user_o
     address).
 
     Measured (bae4abf, one replica, 2 shared cores, 3 test runs): the user's replay 0.01 s
-    alone, 6.58-7.13 s during the flood (~650x; ~1,420 hostile replays answered, ~8,500
+    alone, 6.22-7.13 s during the flood (~650x; ~1,420 hostile replays answered, ~8,500
     refused by the reader caps and retried), whole but as slow as attacks5's one-address
     flood before the fix (7.3-10.3 s). attacks5's one-address test passes on bae4abf: the
     turns per address hold against one address, not against one client's 64 addresses."""
