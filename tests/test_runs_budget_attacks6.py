@@ -304,8 +304,8 @@ async def test_a_catchup_read_holds_about_one_replys_bytes_in_redis(
     RSS 81-89 -> 220-224 MiB (2 runs: +135-139 MiB for one read returning ~4 MB: the 64 MB
     `XRANGE` reply in the script's client and its copy as Lua strings), `used_memory_lua`
     61.1 MiB afterwards (the garbage stays until Lua's GC), and the script ran 272-329 ms,
-    blocking Redis for every other
-    client (sessions included). With the default `resume_max_bytes` (4 MiB) a run's stream
+    blocking Redis for every other client (sessions included). With the default
+    `resume_max_bytes` (4 MiB) a run's stream
     holds ~4 MiB at most, so this needs an application allowed large runs (here 80 MiB)."""
     async with AsyncExitStack() as stack:
         (shop_url,) = await start_upstreams(stack, TinyThenBigUpstream().app())
