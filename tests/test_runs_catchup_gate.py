@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from app.runs.catchup import CatchupGate
+from app.runs.catchup import CatchupGate, turn_of
 from app.sessions.backend import StoreUnavailable
 
 
@@ -124,3 +124,11 @@ async def test_a_read_failing_in_the_gate_fails_every_waiter_at_once() -> None:
     assert gate.waiting == 0
     async with gate.slot("other", "b", wait=0.1):  # the slot is back
         pass
+
+
+def test_an_ipv6_client_takes_its_turn_by_its_48() -> None:
+    """attack-gate-9: 64 /64s of one /56 held 64 turns of their application."""
+    assert turn_of("2001:db8:1:2::/64") == turn_of("2001:db8:1:ff00::/64") == "2001:db8:1::/48"
+    assert turn_of("2001:db8:2::/64") != turn_of("2001:db8:1::/64")
+    assert turn_of("203.0.113.7") == "203.0.113.7"
+    assert turn_of("not an address") == "not an address"

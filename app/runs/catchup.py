@@ -3,10 +3,12 @@ a reply Redis buffers against `maxmemory` (app/runs/store.py `range_after`).
 
 Granted fairly (attack-replay-7, attack-gate-8): a freed slot goes round robin to the next
 application with waiters, and within it round robin to the next client (a browser's address,
-or a replica's follower of a run), each client's waiters in order. So one application's
-replays (64 readers of 4 MiB runs) delay another application's read by about one read in
-flight, and one client's replays delay another client of the same application the same way
-(they made replays ~300-400 times slower, and a live follower lose its run).
+an IPv6 one by its /48: `turn_of`; or a replica's followers of the application), each
+client's waiters in order. So one application's replays (64 readers of 4 MiB runs) delay
+another application's read by about one read in flight, and one client's replays delay
+another client of the same application the same way (they made replays ~300-650 times
+slower, and a live follower lose its run). A client with many addresses (many /48s) still
+gets as many turns: address fairness stops one address, not a botnet.
 
 A waiter gives up after `wait` seconds (`StoreUnavailable`), and when a read in the gate fails
 with `StoreUnavailable` (Redis stalled, unreachable), every waiter fails with it at once: when
@@ -18,12 +20,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator
 
 from app.sessions.backend import StoreUnavailable
 
 _Waiters = OrderedDict[str, deque[asyncio.Future[None]]]
+
+
+def turn_of(client: str) -> str:
+    """The gate's client for a per-client cap's key (`app.capacity.client_key`): an IPv6
+    client by its /48 (a site; one attacker's /56 held 64 turns of /64s, attack-gate-9), an
+    IPv4 address as it is."""
+    if not client.endswith("/64"):
+        return client
+    try:
+        network = ipaddress.IPv6Network(client)
+    except ValueError:
+        return client
+    return str(network.supernet(new_prefix=48))
 
 
 class CatchupGate:

@@ -56,23 +56,26 @@ end
 return 1"""
 )
 
-# KEYS: events. ARGV: start ('(0-<after>'), most entries, bytes. The catch-up read of a run
-# without its largest-entry key (a run from before it, the key lost; with it, a plain `XRANGE`
-# of as many entries as fit: app/runs/store.py `range_after`). `XRANGE`s of a few entries at
-# a time, stopping after the entry whose events take the reply past ARGV[3], so a catch-up read
-# whose count grew over tiny entries never returns megabytes of big ones in one reply
-# (attack-replay-7: 16 entries of 250 KB, 4 MB in one reply). Each `XRANGE` call seeks into
-# its stream node (up to 100 entries) again, so one entry a call cost Redis ~20x the time of
-# one `XRANGE` per entry (attack-gate-8); the batch grows (up to 16) while the entries read
-# are small enough for it to fit in the bytes left, and is one entry after a big one. Entries
-# read beyond the limit are dropped (the script's memory, not the reply: at most 16 entries).
-# Same reply shape as `XRANGE`.
+# KEYS: events. ARGV: start ('(0-<after>'), most entries, bytes, the run's largest-entry
+# bucket (its `z` key; the largest `resume_max_bytes` allows when it is missing). The catch-up
+# read of a run whose largest entries are too big for a plain `XRANGE` of 16 of them
+# (app/runs/store.py `range_after`): `XRANGE`s of a few entries at a time, stopping after the
+# entry whose events take the reply past ARGV[3] (attack-replay-7: a count grown over tiny
+# entries read 16 entries of 250 KB, 4 MB, in one reply). A batch grows while the entries read
+# are small enough for it to fit in the bytes left, up to as many of the run's largest entries
+# as fit in the bytes (at most 16; one when they are larger): the entries a script holds are
+# about ARGV[3], whatever their sizes (attack-gate-9: 16 of 4 MB read to return one took Redis
+# 135 MiB past its peak and blocked it 0.3 s). Each `XRANGE` call seeks into its stream node
+# again (up to 100 entries): one entry a call costs Redis ~20x the time of a plain walk per
+# entry, the price of a run that mixes tiny and big entries (attack-gate-8). Same reply shape
+# as `XRANGE`.
 CATCHUP_RANGE = LuaScript.of(
     """local out = {}
 local size = 0
 local start = ARGV[1]
 local left = tonumber(ARGV[2])
 local limit = tonumber(ARGV[3])
+local most = math.max(1, math.min(16, math.floor(limit / tonumber(ARGV[4]))))
 local batch = 1
 while left > 0 do
   local got = redis.call('XRANGE', KEYS[1], start, '+', 'COUNT', math.min(batch, left))
@@ -90,7 +93,7 @@ while left > 0 do
     start = '(' .. entry[1]
   end
   if #got < batch then break end
-  batch = math.max(1, math.min(16, math.floor((limit - size) / largest)))
+  batch = math.max(1, math.min(most, math.floor((limit - size) / largest)))
 end
 return out"""
 )

@@ -58,7 +58,7 @@ from typing import Any
 
 from redis.exceptions import ResponseError
 
-from app.runs.catchup import CatchupGate
+from app.runs.catchup import CatchupGate, turn_of
 from app.runs.scripts import (
     BUDGET_ADD,
     CATCHUP_RANGE,
@@ -141,12 +141,16 @@ class RedisRunStore:
         *,
         catchup_reads: int = 4,
         catchup_wait: float = 10.0,
+        max_entry: int = 4 * 1024 * 1024,
     ) -> None:
         self._backend = backend
         self._follow = follow
         self._prefix = prefix
         self._catchup = CatchupGate(catchup_reads)
         self._catchup_wait = catchup_wait
+        # The largest entry a run may have (one event: the largest `resume_max_bytes`), for
+        # a catch-up read of a run without its largest-entry key.
+        self._max_entry = max_entry
 
     def key(self, run_id: str, kind: str) -> str:
         return f"{self._prefix}run:{{{run_id}}}:{kind}"
@@ -327,7 +331,7 @@ class RedisRunStore:
         `CATCHUP_RANGE`. Both commands within one `REDIS_OP_TIMEOUT_SECONDS`."""
         follow = self._follow
         execute = follow.client.execute_command
-        async with self._catchup.slot(app_id, client, wait=self._catchup_wait):
+        async with self._catchup.slot(app_id, turn_of(client), wait=self._catchup_wait):
             loop = asyncio.get_running_loop()
             deadline = loop.time() + self._backend.op_timeout
             key, start = self.key(run_id, "e"), f"(0-{after}"
@@ -343,7 +347,8 @@ class RedisRunStore:
                     lambda: execute("XRANGE", key, start, "+", "COUNT", most), budget=left
                 )
             else:
-                args = [start, count, CATCHUP_BYTES]
+                largest = self._max_entry if raw_largest is None else int(_text(raw_largest))
+                args = [start, count, CATCHUP_BYTES, max(1, largest)]
                 raw = await follow._run(
                     lambda: CATCHUP_RANGE.run(execute, [key], args), budget=left
                 )

@@ -13,7 +13,7 @@ from app.metrics import exported
 from app.runs.collector import RunsCollector
 from app.runs.readers import ReaderCaps
 from app.runs.runs import RunRegistry
-from app.runs.store import RedisRunStore
+from app.runs.store import ENTRY_BYTES, RedisRunStore
 from app.sessions.redis import RedisBackend
 from app.sessions.redis_client import make_client
 
@@ -38,6 +38,8 @@ def runs_ctx(settings: Settings) -> Callable[[web.Application], AsyncIterator[No
                 settings.redis_aux_prefix,
                 catchup_reads=settings.run_catchup_reads,
                 catchup_wait=settings.run_catchup_wait_seconds,
+                max_entry=max((app.resume_max_bytes for app in settings.apps.values()), default=0)
+                + ENTRY_BYTES,
             )
         registry = RunRegistry(settings, store, app[LIFECYCLE_KEY], app[UPSTREAM_KEY].stop, readers)
         app[RUNS_KEY] = registry
