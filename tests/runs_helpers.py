@@ -251,3 +251,38 @@ async def other_users(url: str, until: float, counts: dict[tuple[int, bool], int
             key = (r.status, "X-Run-Id" in r.headers)
             counts[key] = counts.get(key, 0) + 1
         await asyncio.sleep(0.05)
+
+
+class OneBigEventUpstream(SseUpstream):
+    """One event of `size` bytes of data at once (by default ~4.1 MB, within the default
+    `resume_max_bytes`, 4 MiB), then the end: a run whose last stream entry is that event."""
+
+    def __init__(self, size: int = 4_100_000, fill: bytes = b"b") -> None:
+        self.size = size
+        self.fill = fill
+
+    async def write_events(self, response: web.StreamResponse) -> None:
+        await response.write(b"data: " + self.fill * self.size + b"\n\n")
+
+
+async def runs_back_to_back(url: str, until: float, kept: list[bool]) -> None:
+    """One client (its own session) starting `shop` runs one after the other until `until`;
+    `kept` gets whether each was resumable."""
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as client:
+        while time.monotonic() < until:
+            async with client.post(
+                f"{url}/apps/shop/agent/chat", headers=CSRF, json={"message": "hi"}
+            ) as response:
+                await response.read()
+                assert response.status == 200, response.status
+                kept.append("X-Run-Id" in response.headers)
+
+
+async def start_run_of(http: aiohttp.ClientSession, url: str, app_id: str) -> str:
+    """A run of `app_id` read to its end by `http`'s session; its id."""
+    async with http.post(
+        f"{url}/apps/{app_id}/agent/chat", headers=CSRF, json={"message": "x"}
+    ) as response:
+        await response.read()
+        assert response.status == 200, response.status
+        return response.headers["X-Run-Id"]

@@ -28,6 +28,7 @@ from tests.redis_server import RedisServer
 from tests.runs_helpers import (
     CSRF,
     CountingUpstream,
+    OneBigEventUpstream,
     SseUpstream,
     budget_counted,
     flood_runs,
@@ -311,14 +312,6 @@ async def test_a_stop_of_a_run_whose_keys_expire_leaves_no_key_without_ttl(
         f"{len(left)} of {len(runs)} runs left a key without a TTL after the stops sent to B "
         f"({sum(sent.values())} stop requests around their expiry): {left}"
     )
-
-
-class OneBigEventUpstream(SseUpstream):
-    """`shop`'s upstream: one event of ~4.1 MB (within the default `resume_max_bytes`,
-    4 MiB), then the end: a run whose last stream entry is that event."""
-
-    async def write_events(self, response: web.StreamResponse) -> None:
-        await response.write(b"data: " + b"b" * 4_100_000 + b"\n\n")
 
 
 async def test_resumes_of_an_ended_run_never_take_redis_past_maxmemory(

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from aiohttp import web
 from redis import exceptions as redis_errors
 
 from app.runs.store import RedisRunStore, RunMeta
@@ -26,7 +25,7 @@ from tests.redis_server import RedisServer
 from tests.runs_helpers import (
     CSRF,
     CountingUpstream,
-    SseUpstream,
+    OneBigEventUpstream,
     other_users,
     redis_at,
     redis_runs_env,
@@ -109,14 +108,6 @@ async def test_an_end_with_several_groups_refused_at_maxmemory_leaves_no_key_wit
 def redis(tier_integration: None) -> Iterator[RedisServer]:
     with redis_at("96mb", "noeviction") as server:
         yield server
-
-
-class OneBigEventUpstream(SseUpstream):
-    """`shop`'s upstream: one event of ~4.1 MB (within the default `resume_max_bytes`,
-    4 MiB), then the end: a run whose one stream entry is that event."""
-
-    async def write_events(self, response: web.StreamResponse) -> None:
-        await response.write(b"data: " + b"b" * 4_100_000 + b"\n\n")
 
 
 async def test_resumes_from_the_start_of_ended_runs_never_take_redis_past_maxmemory(

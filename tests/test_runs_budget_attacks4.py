@@ -34,6 +34,7 @@ from tests.runs_helpers import (
     other_users,
     redis_at,
     redis_runs_env,
+    start_run_of,
     start_upstreams,
 )
 
@@ -58,15 +59,6 @@ class ManyEntriesUpstream(SseUpstream):
         for i in range(self.count):
             await response.write(b"data: " + bytes([97 + i % 26]) * self.size + b"\n\n")
             await asyncio.sleep(0.005)
-
-
-async def _start_run(http: aiohttp.ClientSession, url: str, app_id: str) -> str:
-    async with http.post(
-        f"{url}/apps/{app_id}/agent/chat", headers=CSRF, json={"message": "x"}
-    ) as response:
-        await response.read()
-        assert response.status == 200, response.status
-        return response.headers["X-Run-Id"]
 
 
 async def test_readers_queued_on_the_catchup_gate_fail_fast_when_redis_stalls(
@@ -119,8 +111,8 @@ async def test_readers_queued_on_the_catchup_gate_fail_fast_when_redis_stalls(
             stack.push_async_callback(shop.close)
             other = aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True))
             stack.push_async_callback(other.close)
-            shop_runs = [await _start_run(shop, gateway.url, "shop") for _ in range(8)]
-            other_run = await _start_run(other, gateway.url, "other")
+            shop_runs = [await start_run_of(shop, gateway.url, "shop") for _ in range(8)]
+            other_run = await start_run_of(other, gateway.url, "other")
             await asyncio.sleep(0.5)  # the ends are recorded
 
             stalled_at: float | None = None
@@ -235,8 +227,8 @@ async def test_one_applications_replays_do_not_starve_another_applications_repla
             stack.push_async_callback(shop.close)
             other = aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True))
             stack.push_async_callback(other.close)
-            shop_runs = [await _start_run(shop, gateway.url, "shop") for _ in range(8)]
-            other_run = await _start_run(other, gateway.url, "other")
+            shop_runs = [await start_run_of(shop, gateway.url, "shop") for _ in range(8)]
+            other_run = await start_run_of(other, gateway.url, "other")
             await asyncio.sleep(0.5)  # the ends are recorded
             alone = min(
                 [await _replay_seconds(other, gateway.url, "other", other_run) for _ in range(3)]
@@ -334,7 +326,7 @@ async def test_a_live_follower_of_another_application_keeps_up_during_replays(
             stack.push_async_callback(shop.close)
             other = aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True))
             stack.push_async_callback(other.close)
-            shop_runs = [await _start_run(shop, b.url, "shop") for _ in range(8)]
+            shop_runs = [await start_run_of(shop, b.url, "shop") for _ in range(8)]
 
             async def follow_other() -> tuple[int, list[str]]:
                 """Start other's run on A, drop it, follow it on B: (events, errors)."""
@@ -435,7 +427,7 @@ async def test_silent_readers_of_one_event_runs_hold_no_copy_of_the_run_each(
             jar = aiohttp.CookieJar(unsafe=True)
             shop = aiohttp.ClientSession(cookie_jar=jar)
             stack.push_async_callback(shop.close)
-            runs = [await _start_run(shop, gateway.url, "shop") for _ in range(8)]
+            runs = [await start_run_of(shop, gateway.url, "shop") for _ in range(8)]
             await asyncio.sleep(0.5)  # the ends are recorded: replays read Redis
             async with shop.get(
                 f"{gateway.url}/apps/shop/runs/{runs[0]}", headers={"Last-Event-ID": "0"}
@@ -482,7 +474,7 @@ async def test_readers_that_leave_while_queued_on_the_gate_leak_no_slot(
             jar = aiohttp.CookieJar(unsafe=True)
             shop = aiohttp.ClientSession(cookie_jar=jar, connector=aiohttp.TCPConnector(limit=200))
             stack.push_async_callback(shop.close)
-            runs = [await _start_run(shop, gateway.url, "shop") for _ in range(8)]
+            runs = [await start_run_of(shop, gateway.url, "shop") for _ in range(8)]
             await asyncio.sleep(0.5)
             cookie = "; ".join(f"{m.key}={m.value}" for m in jar)
 
@@ -563,7 +555,7 @@ async def test_a_follower_reports_its_pumper_dead_in_time_during_another_apps_re
             stack.push_async_callback(shop.close)
             other = aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True))
             stack.push_async_callback(other.close)
-            shop_runs = [await _start_run(shop, b.url, "shop") for _ in range(8)]
+            shop_runs = [await start_run_of(shop, b.url, "shop") for _ in range(8)]
 
             async def orphaned_after(flood: bool) -> tuple[float, list[bytes]]:
                 """Follow other's run on B, kill its pumper A: (seconds to the end, last

@@ -25,9 +25,12 @@ from tests.gateway_process import GatewayProcess
 from tests.redis_server import RedisServer
 from tests.runs_helpers import (
     CSRF,
+    OneBigEventUpstream,
     SseUpstream,
     redis_at,
     redis_runs_env,
+    runs_back_to_back,
+    start_run_of,
     start_upstreams,
 )
 
@@ -54,15 +57,6 @@ class TinyEventsUpstream(SseUpstream):
         for i in range(self.count):
             await response.write(f"data: {i}\n\n".encode())
             await asyncio.sleep(self.pace)
-
-
-async def _start_run(http: aiohttp.ClientSession, url: str, app_id: str) -> str:
-    async with http.post(
-        f"{url}/apps/{app_id}/agent/chat", headers=CSRF, json={"message": "x"}
-    ) as response:
-        await response.read()
-        assert response.status == 200, response.status
-        return response.headers["X-Run-Id"]
 
 
 def _stat_usec(client: object, command: str) -> tuple[int, int]:
@@ -146,9 +140,9 @@ async def test_a_catchup_read_of_tiny_entries_costs_redis_about_what_an_xrange_d
                 connector=aiohttp.TCPConnector(limit=100),
             )
             stack.push_async_callback(shop.close)
-            await _start_run(shop, gateway.url, "shop")  # the session cookie first
+            await start_run_of(shop, gateway.url, "shop")  # the session cookie first
             runs = list(
-                await asyncio.gather(*(_start_run(shop, gateway.url, "shop") for _ in range(4)))
+                await asyncio.gather(*(start_run_of(shop, gateway.url, "shop") for _ in range(4)))
             )
             await asyncio.sleep(0.5)  # the ends are recorded
             client = redis.client()
@@ -213,28 +207,6 @@ async def test_a_catchup_read_of_tiny_entries_costs_redis_about_what_an_xrange_d
     )
 
 
-class OneBigEventUpstream(SseUpstream):
-    """One event of `size` bytes of data at once, then the end: a run that ends at once."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-
-    async def write_events(self, response: web.StreamResponse) -> None:
-        await response.write(b"data: " + b"z" * self.size + b"\n\n")
-
-
-async def _runs_back_to_back(url: str, until: float, kept: list[bool]) -> None:
-    """One client (its own session) starting `shop` runs one after the other until `until`."""
-    async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as client:
-        while time.monotonic() < until:
-            async with client.post(
-                f"{url}/apps/shop/agent/chat", headers=CSRF, json={"message": "hi"}
-            ) as response:
-                await response.read()
-                assert response.status == 200, response.status
-                kept.append("X-Run-Id" in response.headers)
-
-
 async def test_runs_ended_on_two_replicas_stay_near_the_applications_budget(
     tier_system: None, tmp_path: Path, redis: RedisServer
 ) -> None:
@@ -275,8 +247,8 @@ async def test_runs_ended_on_two_replicas_stay_near_the_applications_budget(
             kept_b: list[bool] = []
             until = time.monotonic() + 3.0
             await asyncio.gather(
-                _runs_back_to_back(a.url, until, kept_a),
-                _runs_back_to_back(b.url, until, kept_b),
+                runs_back_to_back(a.url, until, kept_a),
+                runs_back_to_back(b.url, until, kept_b),
             )
             await asyncio.sleep(1.0)  # the last costs flushed
             client = redis.client()

@@ -22,10 +22,12 @@ from tests.gateway_process import GatewayProcess
 from tests.redis_server import RedisServer
 from tests.runs_helpers import (
     CSRF,
+    OneBigEventUpstream,
     SseUpstream,
     budget_counted,
     redis_at,
     redis_runs_env,
+    runs_back_to_back,
     start_upstreams,
 )
 
@@ -36,28 +38,6 @@ pytestmark = pytest.mark.redis_server
 def redis(tier_integration: None) -> Iterator[RedisServer]:
     with redis_at("512mb", "noeviction") as server:
         yield server
-
-
-class OneBigEventUpstream(SseUpstream):
-    """One event of `size` bytes of data at once, then the end: a run that ends at once."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-
-    async def write_events(self, response: web.StreamResponse) -> None:
-        await response.write(b"data: " + b"z" * self.size + b"\n\n")
-
-
-async def _runs_back_to_back(url: str, until: float, kept: list[bool]) -> None:
-    """One client (its own session) starting `shop` runs one after the other until `until`."""
-    async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as client:
-        while time.monotonic() < until:
-            async with client.post(
-                f"{url}/apps/shop/agent/chat", headers=CSRF, json={"message": "hi"}
-            ) as response:
-                await response.read()
-                assert response.status == 200, response.status
-                kept.append("X-Run-Id" in response.headers)
 
 
 async def _fill_budget(
@@ -80,7 +60,7 @@ async def _fill_budget(
             until = time.monotonic() + seconds
             await asyncio.gather(
                 *(
-                    _runs_back_to_back(gateway.url, until, kept[i])
+                    runs_back_to_back(gateway.url, until, kept[i])
                     for i, gateway in enumerate(gateways)
                     for _ in range(clients)
                 )
