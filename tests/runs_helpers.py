@@ -278,11 +278,74 @@ async def runs_back_to_back(url: str, until: float, kept: list[bool]) -> None:
                 kept.append("X-Run-Id" in response.headers)
 
 
-async def start_run_of(http: aiohttp.ClientSession, url: str, app_id: str) -> str:
-    """A run of `app_id` read to its end by `http`'s session; its id."""
+async def start_run_of(
+    http: aiohttp.ClientSession,
+    url: str,
+    app_id: str,
+    *,
+    address: str | None = None,
+    message: str = "x",
+) -> str:
+    """A run of `app_id` read to its end by `http`'s session (from `address` behind the
+    trusted proxy, when given); its id."""
+    headers = dict(CSRF) if address is None else {**CSRF, "X-Forwarded-For": address}
     async with http.post(
-        f"{url}/apps/{app_id}/agent/chat", headers=CSRF, json={"message": "x"}
+        f"{url}/apps/{app_id}/agent/chat", headers=headers, json={"message": message}
     ) as response:
         await response.read()
         assert response.status == 200, response.status
         return response.headers["X-Run-Id"]
+
+
+async def replay(
+    http: aiohttp.ClientSession,
+    url: str,
+    app_id: str,
+    run_id: str,
+    *,
+    address: str | None = None,
+) -> tuple[float, bytes]:
+    """One replay of `run_id` from its start (200 asserted): (seconds it took, its body)."""
+    headers = {"Last-Event-ID": "0"}
+    if address is not None:
+        headers["X-Forwarded-For"] = address
+    began = time.monotonic()
+    async with http.get(f"{url}/apps/{app_id}/runs/{run_id}", headers=headers) as response:
+        body = await asyncio.wait_for(response.read(), 40)
+        assert response.status == 200, response.status
+    return time.monotonic() - began, body
+
+
+async def replay_whole(
+    http: aiohttp.ClientSession,
+    url: str,
+    app_id: str,
+    run_id: str,
+    *,
+    address: str | None = None,
+    events: int = 12,
+) -> float:
+    """Seconds one whole replay of `run_id` (`events` events, no error) takes."""
+    took, body = await replay(http, url, app_id, run_id, address=address)
+    assert b"event: error" not in body, body[-300:]
+    assert body.count(b"\n\n") == events, body.count(b"\n\n")
+    return took
+
+
+class BySizeUpstream(SseUpstream):
+    """A request whose message is `big` gets one 4.1 MB event (one stream entry); any other
+    12 events of 300 KB (12 entries, each over `CATCHUP_BYTES`)."""
+
+    big = False
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        self.big = (await request.json()).get("message") == "big"
+        return await super().chat(request)
+
+    async def write_events(self, response: web.StreamResponse) -> None:
+        if self.big:
+            await response.write(b"data: " + b"b" * 4_100_000 + b"\n\n")
+            return
+        for i in range(12):
+            await response.write(f"data: {i} ".encode() + b"s" * 300_000 + b"\n\n")
+            await asyncio.sleep(0.005)

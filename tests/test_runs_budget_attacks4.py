@@ -34,6 +34,7 @@ from tests.runs_helpers import (
     other_users,
     redis_at,
     redis_runs_env,
+    replay_whole,
     start_run_of,
     start_upstreams,
 )
@@ -175,21 +176,6 @@ async def test_readers_queued_on_the_catchup_gate_fail_fast_when_redis_stalls(
     )
 
 
-async def _replay_seconds(http: aiohttp.ClientSession, url: str, app_id: str, run_id: str) -> float:
-    """Seconds one whole replay of `run_id` from its start takes (asserted whole)."""
-    began = time.monotonic()
-    async with http.get(
-        f"{url}/apps/{app_id}/runs/{run_id}", headers={"Last-Event-ID": "0"}
-    ) as response:
-        body = await asyncio.wait_for(response.read(), 40)
-        assert response.status == 200 and b"event: error" not in body, (
-            response.status,
-            body[-300:],
-        )
-        assert body.count(b"\n\n") == 12, body.count(b"\n\n")
-    return time.monotonic() - began
-
-
 async def test_one_applications_replays_do_not_starve_another_applications_replay(
     tier_system: None, tmp_path: Path, redis: RedisServer
 ) -> None:
@@ -231,7 +217,7 @@ async def test_one_applications_replays_do_not_starve_another_applications_repla
             other_run = await start_run_of(other, gateway.url, "other")
             await asyncio.sleep(0.5)  # the ends are recorded
             alone = min(
-                [await _replay_seconds(other, gateway.url, "other", other_run) for _ in range(3)]
+                [await replay_whole(other, gateway.url, "other", other_run) for _ in range(3)]
             )
 
             flooding = True
@@ -250,7 +236,7 @@ async def test_one_applications_replays_do_not_starve_another_applications_repla
             try:
                 await asyncio.sleep(1.5)
                 during = [
-                    await _replay_seconds(other, gateway.url, "other", other_run) for _ in range(2)
+                    await replay_whole(other, gateway.url, "other", other_run) for _ in range(2)
                 ]
             finally:
                 flooding = False

@@ -25,10 +25,12 @@ from tests.gateway_process import GatewayProcess
 from tests.redis_server import RedisServer
 from tests.runs_helpers import (
     CSRF,
+    BySizeUpstream,
     OneBigEventUpstream,
     SseUpstream,
     redis_at,
     redis_runs_env,
+    replay_whole,
     runs_back_to_back,
     start_run_of,
     start_upstreams,
@@ -266,53 +268,6 @@ async def test_runs_ended_on_two_replicas_stay_near_the_applications_budget(
     assert counted <= budget * 1.25, message
 
 
-class BySizeUpstream(SseUpstream):
-    """`shop`'s upstream: a request whose message is `big` gets one 4.1 MB event (one stream
-    entry), any other 12 events of 300 KB (12 entries, each over `CATCHUP_BYTES`). Runs
-    are started one at a time."""
-
-    big = False
-
-    async def chat(self, request: web.Request) -> web.StreamResponse:
-        self.big = (await request.json()).get("message") == "big"
-        return await super().chat(request)
-
-    async def write_events(self, response: web.StreamResponse) -> None:
-        if self.big:
-            await response.write(b"data: " + b"b" * 4_100_000 + b"\n\n")
-            return
-        for i in range(12):
-            await response.write(f"data: {i} ".encode() + b"s" * 300_000 + b"\n\n")
-            await asyncio.sleep(0.005)
-
-
-async def _run_as(http: aiohttp.ClientSession, url: str, address: str, message: str) -> str:
-    async with http.post(
-        f"{url}/apps/shop/agent/chat",
-        headers={**CSRF, "X-Forwarded-For": address},
-        json={"message": message},
-    ) as response:
-        await response.read()
-        assert response.status == 200, response.status
-        return response.headers["X-Run-Id"]
-
-
-async def _replay_as(http: aiohttp.ClientSession, url: str, address: str, run_id: str) -> float:
-    """Seconds one whole replay of the user's 12-event run takes (asserted whole)."""
-    began = time.monotonic()
-    async with http.get(
-        f"{url}/apps/shop/runs/{run_id}",
-        headers={"Last-Event-ID": "0", "X-Forwarded-For": address},
-    ) as response:
-        body = await asyncio.wait_for(response.read(), 40)
-        assert response.status == 200 and b"event: error" not in body, (
-            response.status,
-            body[-300:],
-        )
-        assert body.count(b"\n\n") == 12, body.count(b"\n\n")
-    return time.monotonic() - began
-
-
 async def test_one_clients_replays_do_not_starve_another_client_of_the_same_application(
     tier_system: None, tmp_path: Path, redis: RedisServer
 ) -> None:
@@ -352,11 +307,19 @@ async def test_one_clients_replays_do_not_starve_another_client_of_the_same_appl
             user = aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True))
             stack.push_async_callback(user.close)
             hostile_runs = [
-                await _run_as(hostile, gateway.url, hostile_ip, "big") for _ in range(8)
+                await start_run_of(hostile, gateway.url, "shop", address=hostile_ip, message="big")
+                for _ in range(8)
             ]
-            user_run = await _run_as(user, gateway.url, user_ip, "small")
+            user_run = await start_run_of(
+                user, gateway.url, "shop", address=user_ip, message="small"
+            )
             await asyncio.sleep(0.5)  # the ends are recorded
-            alone = min([await _replay_as(user, gateway.url, user_ip, user_run) for _ in range(3)])
+            alone = min(
+                [
+                    await replay_whole(user, gateway.url, "shop", user_run, address=user_ip)
+                    for _ in range(3)
+                ]
+            )
 
             flooding = True
             replays = 0
@@ -378,7 +341,9 @@ async def test_one_clients_replays_do_not_starve_another_client_of_the_same_appl
                 await asyncio.sleep(1.5)
                 for _ in range(2):
                     try:
-                        during.append(await _replay_as(user, gateway.url, user_ip, user_run))
+                        during.append(
+                            await replay_whole(user, gateway.url, "shop", user_run, address=user_ip)
+                        )
                     except AssertionError as err:
                         failures.append(str(err)[-200:])
             finally:

@@ -22,12 +22,15 @@ from tests.gateway_process import GatewayProcess
 from tests.redis_server import RedisServer
 from tests.runs_helpers import (
     CSRF,
+    BySizeUpstream,
     OneBigEventUpstream,
     SseUpstream,
     budget_counted,
     redis_at,
     redis_runs_env,
+    replay,
     runs_back_to_back,
+    start_run_of,
     start_upstreams,
 )
 
@@ -121,51 +124,6 @@ async def test_three_replicas_four_clients_each_stay_within_the_claimed_overshoo
     assert counted <= BUDGET * 1.5, message
 
 
-class BySizeUpstream(SseUpstream):
-    """A request whose message is `big` gets one 4.1 MB event (one stream entry); any other
-    12 events of 300 KB (12 entries, each over `CATCHUP_BYTES`)."""
-
-    big = False
-
-    async def chat(self, request: web.Request) -> web.StreamResponse:
-        self.big = (await request.json()).get("message") == "big"
-        return await super().chat(request)
-
-    async def write_events(self, response: web.StreamResponse) -> None:
-        if self.big:
-            await response.write(b"data: " + b"b" * 4_100_000 + b"\n\n")
-            return
-        for i in range(12):
-            await response.write(f"data: {i} ".encode() + b"s" * 300_000 + b"\n\n")
-            await asyncio.sleep(0.005)
-
-
-async def _run_as(
-    http: aiohttp.ClientSession, url: str, app_id: str, address: str, message: str
-) -> str:
-    async with http.post(
-        f"{url}/apps/{app_id}/agent/chat",
-        headers={**CSRF, "X-Forwarded-For": address},
-        json={"message": message},
-    ) as response:
-        await response.read()
-        assert response.status == 200, response.status
-        return response.headers["X-Run-Id"]
-
-
-async def _replay(
-    http: aiohttp.ClientSession, url: str, app_id: str, address: str, run_id: str
-) -> tuple[float, bytes]:
-    began = time.monotonic()
-    async with http.get(
-        f"{url}/apps/{app_id}/runs/{run_id}",
-        headers={"Last-Event-ID": "0", "X-Forwarded-For": address},
-    ) as response:
-        body = await asyncio.wait_for(response.read(), 40)
-        assert response.status == 200, response.status
-    return time.monotonic() - began, body
-
-
 async def test_many_addresses_of_one_application_do_not_cut_another_applications_replays(
     tier_system: None, tmp_path: Path, redis: RedisServer
 ) -> None:
@@ -200,14 +158,19 @@ async def test_many_addresses_of_one_application_do_not_cut_another_applications
             user = aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True))
             stack.push_async_callback(user.close)
             runs = [
-                await _run_as(hostile, gateway.url, "shop", "203.0.113.1", "big") for _ in range(8)
+                await start_run_of(
+                    hostile, gateway.url, "shop", address="203.0.113.1", message="big"
+                )
+                for _ in range(8)
             ]
             user_ip = "198.51.100.9"
-            user_run = await _run_as(user, gateway.url, "other", user_ip, "small")
+            user_run = await start_run_of(
+                user, gateway.url, "other", address=user_ip, message="small"
+            )
             await asyncio.sleep(0.5)
             alone = min(
                 [
-                    (await _replay(user, gateway.url, "other", user_ip, user_run))[0]
+                    (await replay(user, gateway.url, "other", user_run, address=user_ip))[0]
                     for _ in range(2)
                 ]
             )
@@ -219,7 +182,9 @@ async def test_many_addresses_of_one_application_do_not_cut_another_applications
                 nonlocal replays, cut
                 while flooding:
                     try:
-                        _, body = await _replay(hostile, gateway.url, "shop", address, run_id)
+                        _, body = await replay(
+                            hostile, gateway.url, "shop", run_id, address=address
+                        )
                     except (AssertionError, aiohttp.ClientError, TimeoutError):
                         cut += 1
                         continue
@@ -236,7 +201,7 @@ async def test_many_addresses_of_one_application_do_not_cut_another_applications
             try:
                 await asyncio.sleep(1.5)
                 for _ in range(4):
-                    took, body = await _replay(user, gateway.url, "other", user_ip, user_run)
+                    took, body = await replay(user, gateway.url, "other", user_run, address=user_ip)
                     during.append(took)
                     if b"event: error" in body or body.count(b"\n\n") != 12:
                         failures.append(body[-160:].decode(errors="replace"))
@@ -401,14 +366,19 @@ async def test_one_applications_slow_catchup_reads_do_not_fail_another_applicati
             user = aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True))
             stack.push_async_callback(user.close)
             runs = [
-                await _run_as(hostile, gateway.url, "shop", "203.0.113.1", "big") for _ in range(2)
+                await start_run_of(
+                    hostile, gateway.url, "shop", address="203.0.113.1", message="big"
+                )
+                for _ in range(2)
             ]
             user_ip = "198.51.100.9"
-            user_run = await _run_as(user, gateway.url, "other", user_ip, "small")
+            user_run = await start_run_of(
+                user, gateway.url, "other", address=user_ip, message="small"
+            )
             await asyncio.sleep(0.5)
             alone = min(
                 [
-                    (await _replay(user, gateway.url, "other", user_ip, user_run))[0]
+                    (await replay(user, gateway.url, "other", user_run, address=user_ip))[0]
                     for _ in range(2)
                 ]
             )
@@ -420,7 +390,7 @@ async def test_one_applications_slow_catchup_reads_do_not_fail_another_applicati
                 nonlocal replays, cut
                 while flooding:
                     try:
-                        _, body = await _replay(hostile, gateway.url, "shop", address, run)
+                        _, body = await replay(hostile, gateway.url, "shop", run, address=address)
                     except (AssertionError, aiohttp.ClientError, TimeoutError):
                         cut += 1
                         continue
@@ -436,7 +406,9 @@ async def test_one_applications_slow_catchup_reads_do_not_fail_another_applicati
                 await asyncio.sleep(1.0)
                 for _ in range(6):
                     try:
-                        took, body = await _replay(user, gateway.url, "other", user_ip, user_run)
+                        took, body = await replay(
+                            user, gateway.url, "other", user_run, address=user_ip
+                        )
                     except AssertionError as err:
                         failures.append(f"status {err}")
                         continue
@@ -492,14 +464,21 @@ async def test_one_client_with_many_ipv6_prefixes_does_not_starve_another_user_o
             user = aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True))
             stack.push_async_callback(user.close)
             runs = [
-                await _run_as(hostile, gateway.url, "shop", "2001:db8:0:1::1", "big")
+                await start_run_of(
+                    hostile, gateway.url, "shop", address="2001:db8:0:1::1", message="big"
+                )
                 for _ in range(8)
             ]
             user_ip = "198.51.100.9"
-            user_run = await _run_as(user, gateway.url, "shop", user_ip, "small")
+            user_run = await start_run_of(
+                user, gateway.url, "shop", address=user_ip, message="small"
+            )
             await asyncio.sleep(0.5)
             alone = min(
-                [(await _replay(user, gateway.url, "shop", user_ip, user_run))[0] for _ in range(3)]
+                [
+                    (await replay(user, gateway.url, "shop", user_run, address=user_ip))[0]
+                    for _ in range(3)
+                ]
             )
             flooding = True
             replays = 0
@@ -509,7 +488,7 @@ async def test_one_client_with_many_ipv6_prefixes_does_not_starve_another_user_o
                 nonlocal replays, refused
                 while flooding:
                     try:
-                        await _replay(hostile, gateway.url, "shop", address, run_id)
+                        await replay(hostile, gateway.url, "shop", run_id, address=address)
                     except (AssertionError, aiohttp.ClientError, TimeoutError):
                         refused += 1
                         await asyncio.sleep(0.05)
@@ -527,7 +506,9 @@ async def test_one_client_with_many_ipv6_prefixes_does_not_starve_another_user_o
                 await asyncio.sleep(1.5)
                 for _ in range(2):
                     try:
-                        took, body = await _replay(user, gateway.url, "shop", user_ip, user_run)
+                        took, body = await replay(
+                            user, gateway.url, "shop", user_run, address=user_ip
+                        )
                     except AssertionError as err:
                         failures.append(f"status {str(err)[:40]}")
                         continue
