@@ -21,8 +21,9 @@ import pytest
 from aiohttp import web
 from yarl import URL
 
+from app.runs.entries import CATCHUP_BYTES, next_catchup_count
 from app.runs.readers import READ_COUNT
-from app.runs.store import CATCHUP_BYTES, RedisRunStore, next_catchup_count
+from app.runs.store import RedisRunStore
 from app.sessions.redis import RedisBackend
 from app.sessions.redis_client import RedisOptions, make_client
 from tests.gateway_process import GatewayProcess

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import pytest
 
-from app.runs.store import CATCHUP_BYTES, RedisRunStore, entry_bucket
+from app.runs.entries import CATCHUP_BYTES, entry_bucket
+from app.runs.store import RedisRunStore
 from app.sessions.redis import RedisBackend
 from app.sessions.redis_client import RedisOptions, make_client
 from tests.redis_server import RedisServer, command_calls

@@ -8,8 +8,9 @@ from __future__ import annotations
 import asyncio
 from typing import Any, cast
 
+from app.runs.entries import Entry
 from app.runs.readers import Follower
-from app.runs.store import Entry, RedisRunStore
+from app.runs.store import RedisRunStore
 from app.sessions.backend import StoreUnavailable
 
 

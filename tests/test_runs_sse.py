@@ -6,9 +6,9 @@ import random
 
 import pytest
 
+from app.runs.entries import Entry
 from app.runs.log import RunLog
 from app.runs.sse import SseParser, frame
-from app.runs.store import Entry
 
 
 def parse(*chunks: bytes) -> list[bytes]:

@@ -14,10 +14,11 @@ from aiohttp import web
 
 from app.keys import APP_CONFIG_KEY, REQUEST_ID_KEY, SETTINGS_KEY
 from app.proxy.relay import KEEPALIVE_COMMENT
+from app.runs.entries import Entry, next_catchup_count
 from app.runs.readers import READ_COUNT, Follower
 from app.runs.run import ERROR_MESSAGES, Run
 from app.runs.runs import RunRegistry
-from app.runs.store import Entry, RedisRunStore, next_catchup_count
+from app.runs.store import RedisRunStore
 from app.sessions.backend import StoreUnavailable
 
 log = logging.getLogger(__name__)

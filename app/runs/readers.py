@@ -44,7 +44,8 @@ from dataclasses import dataclass, field
 from app.applications import AppConfig
 from app.counts import decrement, increment
 from app.errors import ApiError
-from app.runs.store import Entry, RedisRunStore, next_catchup_count
+from app.runs.entries import Entry, next_catchup_count
+from app.runs.store import RedisRunStore
 from app.runs.wakeup import Wakeup
 from app.sessions.backend import StoreUnavailable
 

@@ -49,11 +49,12 @@ from app.config import Settings
 from app.lifecycle import Lifecycle
 from app.proxy.fastread import read_available
 from app.runs.budget import BudgetLedger, UncountedCosts, run_cost
+from app.runs.entries import ENTRY_BYTES
 from app.runs.log import RunLog
 from app.runs.readers import ReaderCaps
 from app.runs.run import Run, RunCounters, error_event
 from app.runs.sse import FRAME_OVERHEAD, EventTooLarge, SseParser
-from app.runs.store import ENTRY_BYTES, RedisRunStore
+from app.runs.store import RedisRunStore
 from app.runs.writer import RunWriter
 from app.sessions.backend import StoreUnavailable
 from app.upstream import StreamStop

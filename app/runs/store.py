@@ -59,6 +59,17 @@ from typing import Any
 from redis.exceptions import ResponseError
 
 from app.runs.catchup import CatchupGate, turn_of
+from app.runs.entries import (
+    CATCHUP_BYTES,
+    PLAIN_READ_ENTRIES,
+    Entry,
+    entries_of,
+    entry_bucket,
+    groups_of,
+    kept_of,
+    pairs_of,
+    text_of,
+)
 from app.runs.scripts import (
     BUDGET_ADD,
     CATCHUP_RANGE,
@@ -75,58 +86,12 @@ _ALREADY_ADDED = "equal or smaller than the target stream top item"
 
 
 @dataclass(frozen=True, slots=True)
-class Entry:
-    """One stream entry: framed events `first`..`seq` (`data`), the end (`end`), or both."""
-
-    seq: int
-    data: bytes | None = None
-    end: str | None = None
-    first: int = 0
-
-    def after(self, pos: int) -> bytes:
-        """The framed events of this entry after sequence number `pos` (`pos >= first - 1`)."""
-        assert self.data is not None
-        skip = pos + 1 - self.first
-        if skip <= 0:
-            return self.data
-        parts = self.data.split(b"\n\n")[skip:-1]
-        return b"".join(part + b"\n\n" for part in parts)
-
-
-@dataclass(frozen=True, slots=True)
 class RunMeta:
     owner: str
     app_id: str
     end: str | None = None
     # The sequence number of the last event stored (0: none yet).
     last_seq: int = 0
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def _pairs(raw: Any) -> dict[str, Any]:
-    """A hash or an entry's fields, from raw RESP2 (a flat list) or a parsed dict."""
-    if isinstance(raw, dict):
-        return {_text(k): v for k, v in raw.items()}
-    items = list(raw or [])
-    return {_text(items[i]): items[i + 1] for i in range(0, len(items) - 1, 2)}
-
-
-def _entries(raw: Any) -> list[Entry]:
-    """`XRANGE` entries (raw or parsed: `[id, fields]` pairs) as `Entry`s."""
-    out: list[Entry] = []
-    for item in raw or []:
-        entry_id, fields = item[0], _pairs(item[1])
-        seq = int(_text(entry_id).partition("-")[2])
-        end = _text(fields["x"]) if "x" in fields else None
-        if "d" in fields:
-            first = int(_text(fields.get("f", seq)))
-            out.append(Entry(seq, data=bytes(fields["d"]), end=end, first=first))
-        else:
-            out.append(Entry(seq, end=end, first=seq))
-    return out
 
 
 class RedisRunStore:
@@ -174,7 +139,7 @@ class RedisRunStore:
         """The bytes `app_id`'s runs ended in Redis within the last one to two windows."""
         current, previous = self._budget_keys(app_id, window_ms)
         (raw,) = await self._all(("MGET", current, previous))
-        return sum(int(_text(value)) for value in raw or [] if value is not None)
+        return sum(int(text_of(value)) for value in raw or [] if value is not None)
 
     async def budget_add(self, app_id: str, cost: int, *, window_ms: int) -> None:
         """Count ended runs of `app_id` that cost Redis `cost` bytes for a window
@@ -218,7 +183,7 @@ class RedisRunStore:
         script (`GROWN_XADD`, with `expire_ms`). Returns the run's bucket after these."""
         key = self.key(run_id, "e")
         execute = self._backend.execute
-        for group in _groups(_kept(entries, first_kept)):
+        for group in groups_of(kept_of(entries, first_kept)):
             args: tuple[Any, ...] = ()
             if first_kept > 1:
                 args += ("MINID", "=", f"0-{first_kept}")
@@ -272,7 +237,7 @@ class RedisRunStore:
         the window: one script call (`END_RUN`), so the TTLs and the entry go together (the
         TTLs even when Redis refuses the entry). Events beyond the last `ENTRY_BYTES` group go
         before it (`append`). `largest`: the run's largest-entry bucket so far."""
-        groups = _groups(_kept(entries, first_kept))
+        groups = groups_of(kept_of(entries, first_kept))
         if len(groups) > 1:
             earlier = [e for group in groups[:-1] for e in group]
             # With the TTL: these XADDs may create the stream, and one refused at `maxmemory`
@@ -301,16 +266,16 @@ class RedisRunStore:
         keys = [self.key(run_id, "m"), self.key(run_id, "e")]
         execute = self._backend.execute
         reply = list(await self._backend._run(lambda: RUN_META.run(execute, keys, [])))
-        fields = _pairs(reply[0])
+        fields = pairs_of(reply[0])
         if "o" not in fields or "a" not in fields:
             return None
-        owner, app_id = _text(fields["o"]), _text(fields["a"])
+        owner, app_id = text_of(fields["o"]), text_of(fields["a"])
         if "l" in fields and "x" in fields:  # ended (END_RUN)
-            return RunMeta(owner, app_id, _text(fields["x"]), int(_text(fields["l"])))
+            return RunMeta(owner, app_id, text_of(fields["x"]), int(text_of(fields["l"])))
         if len(reply) < 4:
             return RunMeta(owner, app_id)
-        seq = int(_text(reply[1]).partition("-")[2])
-        end = _text(reply[2]) if reply[2] is not None else None
+        seq = int(text_of(reply[1]).partition("-")[2])
+        end = text_of(reply[2]) if reply[2] is not None else None
         # A bare end marker's id is the sequence number after the last event.
         last_seq = seq if int(reply[3]) else seq - 1
         return RunMeta(owner, app_id, end, last_seq)
@@ -326,7 +291,7 @@ class RedisRunStore:
         (`z`, no entry is larger) first, then one plain `XRANGE` of as many entries as fit in
         `CATCHUP_BYTES` (at least one): what Redis buffers is that, plus at most the entries
         the pump wrote between the two commands (one write in flight per run). Without the
-        bucket, or when fewer than `_PLAIN_READ_ENTRIES` of the largest fit (a run with big
+        bucket, or when fewer than `PLAIN_READ_ENTRIES` of the largest fit (a run with big
         entries: one of them would make every read of its small ones one entry long),
         `CATCHUP_RANGE`. Both commands within one `REDIS_OP_TIMEOUT_SECONDS`."""
         follow = self._follow
@@ -340,19 +305,19 @@ class RedisRunStore:
                 lambda: execute("GET", largest_key), budget=self._backend.op_timeout
             )
             left = deadline - loop.time()
-            fit = 0 if raw_largest is None else CATCHUP_BYTES // max(1, int(_text(raw_largest)))
-            if fit >= _PLAIN_READ_ENTRIES:
+            fit = 0 if raw_largest is None else CATCHUP_BYTES // max(1, int(text_of(raw_largest)))
+            if fit >= PLAIN_READ_ENTRIES:
                 most = min(count, fit)
                 raw = await follow._run(
                     lambda: execute("XRANGE", key, start, "+", "COUNT", most), budget=left
                 )
             else:
-                largest = self._max_entry if raw_largest is None else int(_text(raw_largest))
+                largest = self._max_entry if raw_largest is None else int(text_of(raw_largest))
                 args = [start, count, CATCHUP_BYTES, max(1, largest)]
                 raw = await follow._run(
                     lambda: CATCHUP_RANGE.run(execute, [key], args), budget=left
                 )
-            return _entries(raw)
+            return entries_of(raw)
 
     async def follow(self, run_id: str, after: int, *, block_ms: int, count: int) -> list[Entry]:
         """`XREAD BLOCK`: the entries after `after`, waiting up to `block_ms` for one."""
@@ -366,8 +331,8 @@ class RedisRunStore:
         if not raw:
             return []
         if isinstance(raw, dict):  # RESP3-style parse
-            return _entries(next(iter(raw.values()), [[]])[0])
-        return _entries(raw[0][1])
+            return entries_of(next(iter(raw.values()), [[]])[0])
+        return entries_of(raw[0][1])
 
     async def reader_tick(self, run_id: str, *, window_ms: int) -> bool:
         """A reader on another replica is here; True while the pumper's heartbeat lives."""
@@ -381,57 +346,6 @@ class RedisRunStore:
         keys = [self.key(run_id, "m")]
         execute = self._backend.execute
         await self._backend._run(lambda: REQUEST_STOP.run(execute, keys, []))
-
-
-CATCHUP_BYTES = 256 * 1024
-"""About what one catch-up read (`range_after`) returns at most: once a batch held more, the
-next asks for one entry."""
-
-
-def next_catchup_count(count: int, entries: Sequence[Entry], most: int) -> int:
-    """How many entries the next catch-up read asks for, after one of `count` gave
-    `entries`: one when they held over `CATCHUP_BYTES` of events, else twice as many (up to
-    `most`), so a run of small events still goes in few round trips."""
-    if sum(len(entry.data or b"") for entry in entries) > CATCHUP_BYTES:
-        return 1
-    return min(most, count * 2)
-
-
-# Fewer of a run's largest entries than this fit in `CATCHUP_BYTES`: its catch-up reads go
-# through `CATCHUP_RANGE` (bounded by the bytes read, a few entries per `XRANGE`).
-_PLAIN_READ_ENTRIES = 16
-
-
-def entry_bucket(size: int) -> int:
-    """The largest-entry bucket of an entry of `size` bytes: the power of two at or above it,
-    at least 1 KiB (a run's bucket grows a few times at most)."""
-    return max(1024, 1 << max(0, size - 1).bit_length())
-
-
-ENTRY_BYTES = 256 * 1024
-"""About the most bytes of events one stream entry carries (one larger event: its own entry):
-a reader on another replica holds an `XRANGE` batch while it drains to a slow browser
-(app/runs/feed.py), so a burst of events grouped in one commit is never one huge entry."""
-
-
-def _groups(entries: Sequence[tuple[int, bytes]]) -> list[list[tuple[int, bytes]]]:
-    """`entries` in consecutive groups of at most `ENTRY_BYTES` (a larger event alone)."""
-    groups: list[list[tuple[int, bytes]]] = []
-    size = 0
-    for entry in entries:
-        if not groups or size + len(entry[1]) > ENTRY_BYTES:
-            groups.append([])
-            size = 0
-        groups[-1].append(entry)
-        size += len(entry[1])
-    return groups
-
-
-def _kept(entries: Sequence[tuple[int, bytes]], first_kept: int) -> Sequence[tuple[int, bytes]]:
-    """`entries` from sequence number `first_kept` on (the run's log dropped the others)."""
-    if not entries or entries[0][0] >= first_kept:
-        return entries
-    return [entry for entry in entries if entry[0] >= first_kept]
 
 
 def _idempotent_xadd(

@@ -11,9 +11,10 @@ from app.config import Settings
 from app.keys import BACKEND_KEY, LIFECYCLE_KEY, RUNS_KEY, UPSTREAM_KEY
 from app.metrics import exported
 from app.runs.collector import RunsCollector
+from app.runs.entries import ENTRY_BYTES
 from app.runs.readers import ReaderCaps
 from app.runs.runs import RunRegistry
-from app.runs.store import ENTRY_BYTES, RedisRunStore
+from app.runs.store import RedisRunStore
 from app.sessions.redis import RedisBackend
 from app.sessions.redis_client import make_client
 
