@@ -267,6 +267,14 @@ class _SlowEndStore:
     async def budget_add(self, app_id: str, size: int, **kwargs: Any) -> None:
         self.counted.append(size)
 
+    async def budget_reserve(
+        self, app_id: str, *, uncounted: int, budget: int, **kwargs: Any
+    ) -> tuple[bool, int]:
+        return uncounted < budget, 0  # near its budget: what BUDGET_RESERVE decides
+
+    async def budget_publish(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
 
 async def test_a_run_not_recorded_yet_counts_in_the_budget(
     counting: tuple[CountingUpstream, TestServer],

@@ -14,7 +14,9 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
+from typing import NamedTuple
 
+from app.runs.entries import ENTRY_BYTES
 from app.runs.log import RunLog
 from app.runs.store import RedisRunStore
 from app.sessions.backend import StoreUnavailable
@@ -99,6 +101,26 @@ class _Cost:
 # and batched counts throughout, two replicas each filled the whole budget, 1.93-2.01x).
 NEAR_BUDGET_SHARE = 0.25
 
+# Near its budget, a replica publishes what its runs of the application hold uncounted plus
+# this much, and again when they outgrow it (or hold less by twice this): a publish per
+# ~quarter MiB of run data at most, and other replicas' checks are short by no more than this
+# per replica plus what its runs wrote during one round trip.
+FLIGHT_HEADROOM_BYTES = redis_cost(ENTRY_BYTES, 1)
+
+
+class Admission(NamedTuple):
+    """A budget check's answer: whether the run may start, the bytes counted, and what the
+    run counts as from its start (already in `UncountedCosts`; given back by
+    `BudgetLedger.release` when the run does not start after all)."""
+
+    admitted: bool
+    used: int
+    reserved: int
+
+
+# How much an ended run moves its application's typical run cost (an exponential average).
+_TYPICAL_WEIGHT = 1 / 8
+
 
 class BudgetLedger:
     """Each application's counter of run bytes in Redis, as this replica knows it. Far from
@@ -113,14 +135,40 @@ class BudgetLedger:
     budget it misses what other replicas counted since the last read and what they have not
     sent yet; each of them stops batching at `NEAR_BUDGET_SHARE` of the budget by its own
     count, so an application's runs exceed their budget by about that share per other replica
-    at most (plus, as always, its runs in flight). A cost whose `INCRBY` failed is sent again
-    with the next flush, until its run's keys expired."""
+    at most (plus its runs in flight beyond their assumed cost). A cost whose `INCRBY` failed
+    is sent again with the next flush, until its run's keys expired.
 
-    def __init__(self, *, refresh: float) -> None:
+    Runs not ended (`UncountedCosts`) count here from their start, at least as the
+    application's typical run (`admit`, `note_ended`); near the budget they are published in
+    Redis for the other replicas' checks (`note`, `FLIGHT_HEADROOM_BYTES`), refreshed before
+    they expire and withdrawn when the application is far from it again or at `close`."""
+
+    def __init__(
+        self,
+        *,
+        refresh: float,
+        uncounted: UncountedCosts | None = None,
+        flight_ttl_ms: int = 4000,
+    ) -> None:
         self._refresh = refresh
+        # This replica's runs not ended yet (their costs), as the registry keeps them.
+        self._uncounted = uncounted if uncounted is not None else UncountedCosts()
+        self._flight_ttl_ms = flight_ttl_ms
+        # Runs in flight as last published per application (-1: a publish failed), the
+        # publish under way, the applications to publish again after it, refresh timers.
+        self._published: dict[str, int] = {}
+        self._publishing: dict[str, asyncio.Task[None]] = {}
+        self._publish_again: set[str] = set()
+        self._refreshes: dict[str, asyncio.TimerHandle] = {}
+        # Per application, what its runs ended here cost Redis on average (recent ones weigh
+        # more): what a new run is assumed to cost from its start until it costs more.
+        self._typical: dict[str, float] = {}
         self._reads: dict[str, _Read] = {}
         self._reading: dict[str, asyncio.Task[None]] = {}
         self._unsent: dict[str, list[_Cost]] = {}
+        self._unsent_bytes: dict[str, int] = {}  # their sum per application
+        # Each application's budget and window (ms), as last checked.
+        self._budgets: dict[str, tuple[int, int]] = {}
         # Costs Redis counted (loop time it answered, cost), until a read sent after that.
         self._sent: dict[str, list[tuple[float, int]]] = {}
         self._near: set[str] = set()  # applications near their budget (see the docstring)
@@ -152,16 +200,161 @@ class BudgetLedger:
             await asyncio.shield(task)
             read = self._reads[app_id]
         used = self._known(app_id, read)
+        self._budgets[app_id] = (budget, window_ms)
         if used + extra >= near:
-            self._near.add(app_id)
+            self._become_near(app_id)
         else:
             self._near.discard(app_id)
         return used
 
+    def _become_near(self, app_id: str) -> None:
+        """Near its budget: `app_id`'s ended runs not counted yet are sent at once."""
+        if app_id not in self._near:
+            self._near.add(app_id)
+            if app_id in self._unsent:
+                self._schedule(soon=True)
+
+    async def admit(
+        self, store: RedisRunStore, app_id: str, *, window_ms: int, budget: int
+    ) -> Admission:
+        """Whether a new run of `app_id` may keep its events in Redis: what its runs hold
+        there (`used`, plus this replica's runs not ended yet, plus this run's assumed cost:
+        its application's typical run) is under `budget`. An admitted run counts as that
+        assumed cost from now on (runs started together, on this replica or others, near the
+        budget cost nothing visible until their events arrive: attack-gate-9). Near the
+        budget (`NEAR_BUDGET_SHARE`) the check is one step in Redis that also publishes this
+        replica's runs in flight (`RedisRunStore.budget_reserve`), so that checks on other
+        replicas see them; far from it, `used`'s cached read. Raises `StoreUnavailable` when
+        Redis fails (nothing reserved then)."""
+        self._store = store
+        self._budgets[app_id] = (budget, window_ms)
+        reserved = int(self._typical.get(app_id, 0.0))
+        self._uncounted.add(app_id, reserved)
+        try:
+            admitted, used = await self._check(store, app_id, window_ms=window_ms, budget=budget)
+        except BaseException:
+            self.release(app_id, reserved)
+            raise
+        if not admitted:
+            self.release(app_id, reserved)
+        return Admission(admitted, used, reserved if admitted else 0)
+
+    def release(self, app_id: str, reserved: int) -> None:
+        """Give back an admitted run's `reserved` cost: it did not start after all."""
+        if reserved:
+            self._uncounted.add(app_id, -reserved)
+            self.note(app_id)
+
+    def note_ended(self, app_id: str, cost: int) -> None:
+        """A run of `app_id` ended here costing Redis `cost`: its typical run cost moves."""
+        typical = self._typical.get(app_id)
+        if typical is None:
+            self._typical[app_id] = float(cost)
+        else:
+            self._typical[app_id] = typical + (cost - typical) * _TYPICAL_WEIGHT
+
+    async def _check(
+        self, store: RedisRunStore, app_id: str, *, window_ms: int, budget: int
+    ) -> tuple[bool, int]:
+        running = self._uncounted.get(app_id)
+        if app_id not in self._near:
+            used = running + await self.used(
+                store, app_id, window_ms=window_ms, budget=budget, extra=running
+            )
+            if used >= budget or app_id not in self._near:
+                return used < budget, used
+        local = self._local(app_id)
+        publish = local + FLIGHT_HEADROOM_BYTES
+        sent_at = asyncio.get_running_loop().time()
+        admitted, known = await store.budget_reserve(
+            app_id,
+            window_ms=window_ms,
+            uncounted=local,
+            budget=budget,
+            publish=publish,
+            ttl_ms=self._flight_ttl_ms,
+        )
+        self._record_read(app_id, known, sent_at)
+        if admitted:
+            self._published[app_id] = publish
+            self._schedule_refresh(app_id)
+        if known + local < budget * NEAR_BUDGET_SHARE:
+            self._near.discard(app_id)
+            self.note(app_id)
+        return admitted, known + local
+
+    def _local(self, app_id: str) -> int:
+        """What this replica's runs of `app_id` hold in Redis that its counter lacks: those
+        not ended, and the ended ones not sent yet."""
+        return self._uncounted.get(app_id) + self._unsent_bytes.get(app_id, 0)
+
+    def note(self, app_id: str) -> None:
+        """`app_id`'s runs here changed cost: near the budget, publish them again when they
+        outgrew what was published (or shrank well below it); far from it, withdraw what was
+        published. Cheap when there is nothing to do (called per batch of events)."""
+        published = self._published.get(app_id, 0)
+        local = self._local(app_id)
+        if app_id not in self._near:
+            limits, read = self._budgets.get(app_id), self._reads.get(app_id)
+            if limits is None or read is None or read.used + local < limits[0] * NEAR_BUDGET_SHARE:
+                if published:
+                    self._publish(app_id, 0)
+                return
+            self._become_near(app_id)
+        if local > published or published > local + 2 * FLIGHT_HEADROOM_BYTES:
+            self._publish(app_id, local + FLIGHT_HEADROOM_BYTES)
+
+    def _publish(self, app_id: str, flight: int) -> None:
+        store = self._store
+        if store is None:
+            return
+        if app_id in self._publishing:
+            self._publish_again.add(app_id)
+            return
+        self._published[app_id] = flight
+        task = asyncio.get_running_loop().create_task(self._send_flight(store, app_id, flight))
+        self._publishing[app_id] = task
+
+    async def _send_flight(self, store: RedisRunStore, app_id: str, flight: int) -> None:
+        try:
+            _, window_ms = self._budgets.get(app_id, (0, 60_000))
+            await store.budget_publish(
+                app_id, flight, window_ms=window_ms, ttl_ms=self._flight_ttl_ms
+            )
+        except StoreUnavailable as err:
+            log.warning("app %s: its runs in flight could not be published (%s)", app_id, err)
+            self._published[app_id] = -1  # any change publishes again
+        finally:
+            del self._publishing[app_id]
+        if flight > 0:
+            self._schedule_refresh(app_id)
+        elif self._published.get(app_id) == 0:
+            del self._published[app_id]
+        if app_id in self._publish_again:
+            self._publish_again.discard(app_id)
+            self.note(app_id)
+
+    def _schedule_refresh(self, app_id: str) -> None:
+        """Publish `app_id`'s runs in flight again before their field expires."""
+        old = self._refreshes.pop(app_id, None)
+        if old is not None:
+            old.cancel()
+        delay = self._flight_ttl_ms / 3000
+        loop = asyncio.get_running_loop()
+        self._refreshes[app_id] = loop.call_later(delay, self._refresh_flight, app_id)
+
+    def _refresh_flight(self, app_id: str) -> None:
+        self._refreshes.pop(app_id, None)
+        if self._published.get(app_id, 0) == 0:
+            return
+        if app_id in self._near:
+            self._publish(app_id, self._local(app_id) + FLIGHT_HEADROOM_BYTES)
+        else:
+            self._publish(app_id, 0)
+
     def _known(self, app_id: str, read: _Read) -> int:
-        unsent = sum(item.cost for item in self._unsent.get(app_id, ()))
         sent = sum(cost for _, cost in self._sent.get(app_id, ()))
-        return read.used + unsent + sent
+        return read.used + self._unsent_bytes.get(app_id, 0) + sent
 
     async def _read(self, store: RedisRunStore, app_id: str, window_ms: int) -> None:
         sent_at = asyncio.get_running_loop().time()
@@ -169,6 +362,9 @@ class BudgetLedger:
             used = await store.budget_used(app_id, window_ms=window_ms)
         finally:
             del self._reading[app_id]
+        self._record_read(app_id, used, sent_at)
+
+    def _record_read(self, app_id: str, used: int, sent_at: float) -> None:
         self._reads[app_id] = _Read(used, sent_at)
         sent = self._sent.get(app_id)
         if sent:  # what Redis had counted when this read was sent is in `used` now
@@ -183,8 +379,16 @@ class BudgetLedger:
         loop = asyncio.get_running_loop()
         self._store = store
         item = _Cost(cost, window_ms, loop.time() + keep)
-        self._unsent.setdefault(app_id, []).append(item)
+        self._set_unsent(app_id, [*self._unsent.get(app_id, ()), item])
         self._schedule(soon=app_id in self._near)
+
+    def _set_unsent(self, app_id: str, items: list[_Cost]) -> None:
+        if items:
+            self._unsent[app_id] = items
+            self._unsent_bytes[app_id] = sum(item.cost for item in items)
+        else:
+            self._unsent.pop(app_id, None)
+            self._unsent_bytes.pop(app_id, None)
 
     def _schedule(self, *, soon: bool) -> None:
         if self._flushing is not None:
@@ -220,11 +424,9 @@ class BudgetLedger:
             self._flushing = None
             now = loop.time()
             for app_id in list(self._unsent):
-                left = [item for item in self._unsent[app_id] if item.until > now]
-                if left:
-                    self._unsent[app_id] = left
-                else:
-                    del self._unsent[app_id]
+                self._set_unsent(
+                    app_id, [item for item in self._unsent[app_id] if item.until > now]
+                )
             again, self._flush_again = self._flush_again, False
             if self._unsent:
                 self._schedule(soon=again)
@@ -240,11 +442,13 @@ class BudgetLedger:
         done = asyncio.get_running_loop().time()
         unsent = self._unsent.get(app_id, [])
         sent_ids = {id(item) for item in items}
-        self._unsent[app_id] = [item for item in unsent if id(item) not in sent_ids]
+        self._set_unsent(app_id, [item for item in unsent if id(item) not in sent_ids])
         self._sent.setdefault(app_id, []).append((done, sum(i.cost for i in items)))
+        self.note(app_id)
 
     async def close(self) -> None:
-        """Shutdown: send what is left once (best effort: failures are logged)."""
+        """Shutdown: send what is left once and withdraw the runs in flight published (best
+        effort: failures are logged)."""
         if self._flush_handle is not None:
             self._flush_handle.cancel()
             self._flush_handle = None
@@ -255,6 +459,15 @@ class BudgetLedger:
             if self._flush_handle is not None:
                 self._flush_handle.cancel()
                 self._flush_handle = None
+        # Counted first, withdrawn after: never a moment when neither holds them.
+        self._near.clear()
+        await asyncio.gather(*self._publishing.values(), return_exceptions=True)
+        for app_id in [app_id for app_id, flight in self._published.items() if flight]:
+            self._publish(app_id, 0)
+        await asyncio.gather(*self._publishing.values(), return_exceptions=True)
+        for handle in self._refreshes.values():
+            handle.cancel()
+        self._refreshes.clear()
 
 
 def _by_window(costs: list[_Cost]) -> dict[int, list[_Cost]]:

@@ -101,21 +101,20 @@ async def start_run(
     registry = request.app[RUNS_KEY]
     run_id = secrets.token_urlsafe(16)
     owner = owner_of(conversation_id)
+    reserved = 0
     try:
         if not await _client_may_start(exchange):
             registry.counters.unresumable += 1
             registry.counters.rate_limited += 1
             return None
         if registry.store is not None:
-            running = registry.uncounted.get(app.app_id)
-            used = running + await registry.budget.used(
+            admitted, used, reserved = await registry.budget.admit(
                 registry.store,
                 app.app_id,
                 window_ms=round(app.resume_window_seconds * 1000),
                 budget=app.resume_redis_budget_bytes,
-                extra=running,
             )
-            if used >= app.resume_redis_budget_bytes:
+            if not admitted:
                 registry.counters.unresumable += 1
                 registry.counters.over_budget += 1
                 _log_over_budget(app.app_id, used)
@@ -128,10 +127,12 @@ async def start_run(
                 window_ms=round(app.resume_window_seconds * 1000),
             )
     except StoreUnavailable as err:
+        registry.budget.release(app.app_id, reserved)
         registry.counters.unresumable += 1
         log.warning("run not created (%s): relayed without resume (app %s)", err, app.app_id)
         return None
     except BaseException:
+        registry.budget.release(app.app_id, reserved)
         upstream.close()
         raise
     # From here the pump owns the upstream response and the capacity slots (released once,
@@ -144,7 +145,7 @@ async def start_run(
         if slots is not None:
             capacity.leave(slots, client, session_key)
 
-    run = registry.start(run_id, app, owner, upstream, release)
+    run = registry.start(run_id, app, owner, upstream, release, reserved=reserved)
     response.set_status(200)
     headers = browser_response_headers(upstream.headers, exchange.app.relay)
     headers.popall("Content-Length", None)

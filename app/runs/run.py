@@ -61,8 +61,10 @@ class Run:
     writer: RunWriter | None = None
     # The largest-entry bucket written to Redis so far (app/runs/store.py `entry_bucket`).
     entry_bucket: int = 0
-    # What this run costs Redis as counted in its registry's `uncounted` (app/runs/budget.py).
+    # What this run costs Redis as counted in its registry's `uncounted` (app/runs/budget.py):
+    # from its start at least `reserved`, its application's typical run cost here.
     uncounted: int = 0
+    reserved: int = 0
     # Its cost was handed to its application's counter (at its end: `BudgetLedger.add`).
     counted: bool = False
 

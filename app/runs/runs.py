@@ -96,7 +96,13 @@ class RunRegistry:
         self._ended: OrderedDict[str, int] = OrderedDict()
         self.ended_bytes = 0
         self.uncounted = UncountedCosts()
-        self.budget = BudgetLedger(refresh=settings.run_budget_refresh_seconds)
+        # Near an application's budget, its runs in flight here are published in Redis for as
+        # long as a pumper's heartbeat key lives (a dead replica's then count as ended).
+        self.budget = BudgetLedger(
+            refresh=settings.run_budget_refresh_seconds,
+            uncounted=self.uncounted,
+            flight_ttl_ms=self.heartbeat_ms,
+        )
         stop.subscribe(self._on_shutdown)
 
     @property
@@ -118,9 +124,12 @@ class RunRegistry:
         owner: str,
         upstream: aiohttp.ClientResponse,
         release: Callable[[], None],
+        *,
+        reserved: int = 0,
     ) -> Run:
         """Register the run (with one local reader: the request that started it) and start
-        its pump, which from now on owns `upstream` and `release` (the capacity slots)."""
+        its pump, which from now on owns `upstream` and `release` (the capacity slots).
+        `reserved`: what its budget check counted it as (`app.runs.budget.Admission`)."""
         run = Run(
             run_id,
             app,
@@ -130,7 +139,9 @@ class RunRegistry:
         )
         self.runs[run_id] = run
         self.counters.started += 1
-        self._note_cost(run)  # its keys count from now on
+        # It counts from now on: its keys, and at least what its admission reserved.
+        run.uncounted = run.reserved = reserved
+        self._note_cost(run)
         # A pump is a request in flight for the drain: a draining replica keeps pumping.
         self.lifecycle.request_started()
         if self.store is not None:
@@ -216,11 +227,11 @@ class RunRegistry:
 
     def _note_cost(self, run: Run) -> None:
         """Bring `uncounted` of `run`'s application up to what `run` costs Redis now."""
-        cost = run_cost(run.log, ENTRY_BYTES)
+        cost = max(run_cost(run.log, ENTRY_BYTES), run.reserved)
         delta = cost - run.uncounted
         if delta:
             run.uncounted = cost
-            self.uncounted.add(run.app.app_id, delta)
+            self._uncount(run.app.app_id, -delta)
 
     def _settle_cost(self, run: Run) -> None:
         """At the end: `run`'s cost leaves `uncounted` now if Redis counts it (or there is no
@@ -229,10 +240,15 @@ class RunRegistry:
         cost, run.uncounted = run.uncounted, 0
         app_id = run.app.app_id
         if run.counted or self.store is None:
-            self.uncounted.add(app_id, -cost)
+            self._uncount(app_id, cost)
         else:
             loop = asyncio.get_running_loop()
-            loop.call_later(self.ttl_ms(run.app) / 1000, self.uncounted.add, app_id, -cost)
+            loop.call_later(self.ttl_ms(run.app) / 1000, self._uncount, app_id, cost)
+
+    def _uncount(self, app_id: str, cost: int) -> None:
+        """`cost` of `app_id`'s runs here is counted in Redis now (negative: a run grew)."""
+        self.uncounted.add(app_id, -cost)
+        self.budget.note(app_id)
 
     async def _tick(self, run: Run, now: float) -> str | None:
         """The heartbeat: stop asked for, nobody reading for the window, or limits: a reason
@@ -312,10 +328,12 @@ class RunRegistry:
                     largest=run.entry_bucket,
                 )
                 recorded = True
+                cost = run_cost(run.log, ENTRY_BYTES)
+                self.budget.note_ended(run.app.app_id, cost)
                 self.budget.add(
                     self.store,
                     run.app.app_id,
-                    run_cost(run.log, ENTRY_BYTES),
+                    cost,
                     window_ms=round(run.app.resume_window_seconds * 1000),
                     keep=self.ttl_ms(run.app) / 1000,
                 )

@@ -105,6 +105,89 @@ redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return used"""
 )
 
+# An application's runs in flight, per replica (`app.runs.budget.BudgetLedger`): KEYS[3] is a
+# hash of `<replica>` -> the bytes its runs of the application hold in Redis but have not
+# counted yet (plus a headroom), `<replica>:t` -> when that expires (Redis's clock, ms). Shared
+# by the scripts below: `now`; `used` = both budget counters (KEYS[1], KEYS[2]); `others` = the
+# live replicas' runs in flight but ARGV[1]'s (the caller counts its own). A replica that has
+# not refreshed its field in time died: what its runs held counts as ended runs (added to the
+# current counter, ARGV[2] its TTL) -- their keys stay for their window.
+_READ_BUDGET = """local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+local previous = tonumber(redis.call('GET', KEYS[2]) or '0')
+local used = tonumber(redis.call('GET', KEYS[1]) or '0') + previous
+local flight = redis.call('HGETALL', KEYS[3])
+local fields = {}
+for i = 1, #flight, 2 do fields[flight[i]] = flight[i + 1] end
+local others, dead = 0, 0
+for field, value in pairs(fields) do
+  if string.sub(field, -2) ~= ':t' then
+    local expires = tonumber(fields[field .. ':t'] or '0')
+    if expires < now then
+      dead = dead + tonumber(value)
+      redis.call('HDEL', KEYS[3], field, field .. ':t')
+    elseif field ~= ARGV[1] then
+      others = others + tonumber(value)
+    end
+  end
+end
+if dead > 0 then
+  used = redis.call('INCRBY', KEYS[1], dead) + previous
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+"""
+
+# Set ARGV[1]'s field of KEYS[3] to @FLIGHT@ bytes (0: remove) for @TTL@ ms (needs `now`);
+# the hash lives @HASH_TTL@ ms (the field's TTL plus a window: a dead replica's field is still
+# there for a check to count it while its runs' keys last).
+_PUBLISH_FLIGHT = """if tonumber(@FLIGHT@) <= 0 then
+  redis.call('HDEL', KEYS[3], ARGV[1], ARGV[1] .. ':t')
+else
+  redis.call('HSET', KEYS[3], ARGV[1], @FLIGHT@, ARGV[1] .. ':t', now + tonumber(@TTL@))
+  if redis.call('PTTL', KEYS[3]) < tonumber(@HASH_TTL@) then
+    redis.call('PEXPIRE', KEYS[3], @HASH_TTL@)
+  end
+end
+"""
+
+
+def _publish_flight(flight: str, ttl: str, hash_ttl: str) -> str:
+    return (
+        _PUBLISH_FLIGHT.replace("@FLIGHT@", flight)
+        .replace("@TTL@", ttl)
+        .replace("@HASH_TTL@", hash_ttl)
+    )
+
+
+# KEYS: current counter, previous counter, runs in flight. ARGV: replica, counter TTL ms.
+# Returns what the application's runs hold in Redis: ended (counted) + other replicas' in flight.
+BUDGET_READ = LuaScript.of(_READ_BUDGET + "return used + others")
+
+# KEYS: as BUDGET_READ. ARGV: replica, counter TTL ms, what the caller holds uncounted, budget,
+# its new in-flight field, that field's TTL ms, the hash's TTL ms. Admits a run while used +
+# others + uncounted is under the budget, and then publishes the caller's field in the same
+# step: a check on another replica sees it (near the budget,
+# `app.runs.budget.BudgetLedger.admit`). Returns {used + others, 1 admitted / 0 not}.
+BUDGET_RESERVE = LuaScript.of(
+    _READ_BUDGET
+    + """if used + others + tonumber(ARGV[3]) >= tonumber(ARGV[4]) then
+  return {used + others, 0}
+end
+"""
+    + _publish_flight("ARGV[5]", "ARGV[6]", "ARGV[7]")
+    + "return {used + others, 1}"
+)
+
+# KEYS: -, -, runs in flight (KEYS[1..2] unused, kept for one key layout). ARGV: replica, bytes
+# (0: remove), TTL ms, the hash's TTL ms.
+PUBLISH_FLIGHT = LuaScript.of(
+    """local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+"""
+    + _publish_flight("ARGV[2]", "ARGV[3]", "ARGV[4]")
+    + "return 1"
+)
+
 # KEYS: meta. A stop sets the flag only on a run that still has its meta key: an HSET on a key
 # that just expired would create it again without a TTL (attack-budget-2).
 REQUEST_STOP = LuaScript.of(
