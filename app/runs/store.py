@@ -67,6 +67,7 @@ from app.runs.entries import (
     CATCHUP_BYTES,
     PLAIN_READ_ENTRIES,
     Entry,
+    SharedEntries,
     entries_of,
     entry_bucket,
     groups_of,
@@ -123,6 +124,8 @@ class RedisRunStore:
         # The largest entry a run may have (one event: the largest `resume_max_bytes`), for
         # a catch-up read of a run without its largest-entry key.
         self._max_entry = max_entry
+        # The large entries this process's readers hold, shared by the readers of a run.
+        self._shared = SharedEntries()
         # This process among the replicas publishing runs in flight (`budget_publish`).
         self.replica = secrets.token_hex(8)
 
@@ -336,6 +339,9 @@ class RedisRunStore:
         bucket, or when fewer than `PLAIN_READ_ENTRIES` of the largest fit (a run with big
         entries: one of them would make every read of its small ones one entry long),
         `CATCHUP_RANGE`. Both commands within one `REDIS_OP_TIMEOUT_SECONDS`."""
+        held = self._shared.starting_at(run_id, after + 1)
+        if held is not None:  # another reader here holds the next entry: no read, no copy
+            return [held]
         follow = self._follow
         execute = follow.client.execute_command
         async with self._catchup.slot(app_id, turn_of(client), wait=self._catchup_wait):
@@ -359,7 +365,7 @@ class RedisRunStore:
                 raw = await follow._run(
                     lambda: CATCHUP_RANGE.run(execute, [key], args), budget=left
                 )
-            return entries_of(raw)
+            return self._shared.share(run_id, entries_of(raw))
 
     async def follow(self, run_id: str, after: int, *, block_ms: int, count: int) -> list[Entry]:
         """`XREAD BLOCK`: the entries after `after`, waiting up to `block_ms` for one."""
