@@ -153,7 +153,8 @@ async def follow_remote(
     follower here holds (app/runs/readers.py), and before that (a resume from further back,
     or an ended run: `follower` None) what `XRANGE` reads, a few entries at a time
     (`next_catchup_count`, in the catch-up gate's turn of `client`, the reader's address);
-    events up to `replay_until` count as replayed."""
+    events up to `replay_until` (an ended run), or read before the follower's (a live run),
+    count as replayed."""
     settings = request.app[SETTINGS_KEY]
     app_id = request[APP_CONFIG_KEY].app_id
     keepalive = settings.sse_keepalive_seconds
@@ -165,6 +166,7 @@ async def follow_remote(
     try:
         while True:
             entries: list[Entry] = []
+            catching_up = follower is None or pos < follower.base
             if follower is None or pos < follower.base:
                 entries = await store.range_after(run_id, pos, count, app_id=app_id, client=client)
                 count = next_catchup_count(count, entries, READ_COUNT)
@@ -202,7 +204,9 @@ async def follow_remote(
                 if entry.end is not None:
                     ended = True
                     break
-            if before < replay_until:
+            if follower is not None and catching_up:  # a live run: from before its follower
+                registry.counters.replayed_events += pos - before
+            elif before < replay_until:
                 registry.counters.replayed_events += min(pos, replay_until) - before
             if out:
                 await _write_pieces(response, out)

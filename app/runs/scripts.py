@@ -198,26 +198,6 @@ end
 return 0"""
 )
 
-# KEYS: meta, events. The meta hash and, of the last entry, only its id, its end reason (false
-# when none) and whether it holds events (1/0): never the entry's data, which may be MiBs that
-# a resume answered 204 does not need (Redis buffers replies: attack-budget-2). An ended run's
-# meta hash has its end (`x`, `l`): the stream is not read at all then.
-RUN_META = LuaScript.of(
-    """local meta = redis.call('HGETALL', KEYS[1])
-for i = 1, #meta, 2 do
-  if meta[i] == 'l' then return {meta} end
-end
-local last = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
-if #last == 0 then return {meta} end
-local fields = last[1][2]
-local reason = false
-local data = 0
-for i = 1, #fields, 2 do
-  if fields[i] == 'x' then reason = fields[i + 1] elseif fields[i] == 'd' then data = 1 end
-end
-return {meta, last[1][1], reason, data}"""
-)
-
 # KEYS: events, largest entry. ARGV: TTL ms, the new largest-entry bucket, then the `XADD`
 # arguments after the key. An entry larger than any before it goes in with the run's new
 # largest-entry bucket, atomically, so a catch-up read (`CATCHUP_RANGE`) never meets an entry
