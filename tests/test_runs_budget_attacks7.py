@@ -682,13 +682,6 @@ def test_forwarded_address_variants_take_one_turn_per_client(forwarded: str, tur
     assert _turn_behind_proxy(forwarded) == turn
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="finding: a session SET NX retried after a lost reply finds its own key and "
-    "answers 'taken' (False); 3 such ids make a new user's request a 500 ('could not "
-    "allocate a unique session id'), 3 of 60 new users during the resume flood probes",
-)
 async def test_a_session_create_whose_reply_was_lost_is_not_taken_for_a_collision(
     tier_integration: None, redis: RedisServer
 ) -> None:
@@ -710,7 +703,9 @@ async def test_a_session_create_whose_reply_was_lost_is_not_taken_for_a_collisio
     script) and compare the previous value with the one sent on a retry, as `replace` does
     for rotation's tombstones; or raise `StoreUnavailable` instead of `RuntimeError` in
     app/sessions/storage.py `_create` when an attempt was
-    retried."""
+    retried.
+    Fixed (session 8): a retried `create` that finds the key holding its value answers
+    True (a `GET` on the retry only)."""
     backend = RedisBackend(
         make_client(RedisOptions(url=redis.url, socket_timeout=0.25, op_timeout=2.0)),
         op_timeout=2.0,
