@@ -80,12 +80,6 @@ async def _start_and_leave(http: aiohttp.ClientSession, url: str, address: str) 
     return run_id
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="finding: the follow caps count IPv6 by /64 while the gate counts /48: 4 /64s of "
-    "one /56 held all 16 follows of the share, the other user got 503 follow 3 times of 3",
-)
 async def test_one_ipv6_56_does_not_take_its_applications_whole_follow_share(
     tier_system: None, tmp_path: Path, redis: RedisServer
 ) -> None:
@@ -106,7 +100,9 @@ async def test_one_ipv6_56_does_not_take_its_applications_whole_follow_share(
     (same arithmetic, not run here).
     Suggested fix: count `follow_client` (and the `client` reader cap) by `turn_of`'s /48,
     as the gate does (app/runs/http.py `resume_run` / app/runs/readers.py
-    `ReaderCaps.follower`)."""
+    `ReaderCaps.follower`).
+    Fixed (session 8): the reader caps and `resume_runs_per_client` count an IPv6 client by
+    its /48 (`turn_of`), as the gate does."""
     upstream = CountingUpstream(count=600, delay=0.05)  # 30 s runs
     async with AsyncExitStack() as stack:
         (shop_url,) = await start_upstreams(stack, upstream.app())

@@ -38,6 +38,7 @@ from app.keys import APP_CONFIG_KEY, RUNS_KEY, SETTINGS_KEY, STORAGE_APP_KEY, UP
 from app.proxy.exchange import Exchange
 from app.proxy.headers import PROXIED_RESPONSE_HEADERS, browser_response_headers
 from app.ratelimit import token_bucket
+from app.runs.catchup import turn_of
 from app.runs.feed import follow_local, follow_remote
 from app.runs.readers import Follower
 from app.runs.run import owner_of
@@ -81,7 +82,7 @@ async def _client_may_start(exchange: Exchange) -> bool:
         return True
     request = exchange.request
     settings = request.app[SETTINGS_KEY]
-    address = exchange.client_key or client_key(request, settings.trusted_proxies)
+    address = turn_of(exchange.client_key or client_key(request, settings.trusted_proxies))
     key = f"{settings.redis_aux_prefix}rl:{{{exchange.app.app_id}}}:runs:{address}"
     store = request.app[STORAGE_APP_KEY].backend
     wait = await store.rate_limit([token_bucket(key, rate)])
@@ -235,7 +236,9 @@ async def resume_run(request: web.Request) -> web.StreamResponse:
     if owner is None or not app.resumable:  # (a replica configured otherwise)
         raise _not_found()
     caps = registry.readers
-    client = client_key(request, request.app[SETTINGS_KEY].trusted_proxies)
+    # A client of the reader caps: an IPv4 address, an IPv6 one by its /48 (a /56 is what
+    # one home gets: its /64s held a whole application's follow share, attack-10).
+    client = turn_of(client_key(request, request.app[SETTINGS_KEY].trusted_proxies))
     if run is not None:
         if run.owner != owner or run.app.app_id != app.app_id:
             raise _not_found()
