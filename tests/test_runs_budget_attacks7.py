@@ -32,6 +32,7 @@ from unittest import mock
 
 import aiohttp
 import pytest
+import redis.asyncio as aioredis
 from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 
@@ -370,12 +371,6 @@ def _stores(redis: RedisServer) -> tuple[RedisBackend, RedisBackend, RedisRunSto
     return backend, follow, RedisRunStore(backend, follow, "t:")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="finding: a plain catch-up XRANGE sized by a bucket read one command earlier "
-    "returned 16 entries, 4.0 MB, when the pump's burst landed between the GET and the XRANGE",
-)
 async def test_a_burst_between_the_bucket_read_and_the_xrange_does_not_make_a_huge_read(
     tier_integration: None, redis: RedisServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -395,7 +390,9 @@ async def test_a_burst_between_the_bucket_read_and_the_xrange_does_not_make_a_hu
 
     Measured (2ee68c0): one read returned 16 entries, 4,000,256 bytes (7.6x the claim; with
     an application allowing larger runs, up to the run's whole stream, as many entries as
-    the count, 256, that the stale bucket allowed)."""
+    the count, 256, that the stale bucket allowed).
+    Fixed (session 8): the plain read `WATCH`es the bucket, and a write that grew it aborts
+    the `XRANGE` (`MULTI`/`EXEC`); the script then reads the bucket with the entries."""
     backend, follow, store = _stores(redis)
     run_id = "R" * 22
     try:
@@ -416,6 +413,20 @@ async def test_a_burst_between_the_bucket_read_and_the_xrange_does_not_make_a_hu
             return reply
 
         monkeypatch.setattr(follow.client, "execute_command", racing)
+        # The plain read since the fix: `WATCH` + `GET` on a pipeline, then `MULTI`/`EXEC`.
+        watched_get = aioredis.client.Pipeline.immediate_execute_command
+
+        async def racing_watched(pipe: Any, *args: Any, **kwargs: Any) -> Any:
+            nonlocal raced, largest
+            reply = await watched_get(pipe, *args, **kwargs)  # type: ignore[no-untyped-call]
+            if args[0] == "GET" and not raced:
+                raced = True
+                largest = await store.append(
+                    run_id, burst, 1, expire_ms=TTL_MS, exists=True, largest=largest
+                )
+            return reply
+
+        monkeypatch.setattr(aioredis.client.Pipeline, "immediate_execute_command", racing_watched)
         entries = await store.range_after(run_id, 300, 512, app_id="shop", client="c")
     finally:
         await backend.close()

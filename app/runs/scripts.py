@@ -56,9 +56,10 @@ end
 return 1"""
 )
 
-# KEYS: events. ARGV: start ('(0-<after>'), most entries, bytes, the run's largest-entry
-# bucket (its `z` key; the largest `resume_max_bytes` allows when it is missing). The catch-up
-# read of a run whose largest entries are too big for a plain `XRANGE` of 16 of them
+# KEYS: events, largest-entry bucket. ARGV: start ('(0-<after>'), most entries, bytes, the
+# largest entry `resume_max_bytes` allows (when the bucket is missing), the fewest of the
+# largest entries a plain `XRANGE` reads. The catch-up read of a run whose largest entries are
+# too big for a plain `XRANGE` of 16 of them
 # (app/runs/store.py `range_after`): `XRANGE`s of a few entries at a time, stopping after the
 # entry whose events take the reply past ARGV[3] (attack-replay-7: a count grown over tiny
 # entries read 16 entries of 250 KB, 4 MB, in one reply). A batch grows while the entries read
@@ -69,13 +70,24 @@ return 1"""
 # again (up to 100 entries): one entry a call costs Redis ~20x the time of a plain walk per
 # entry, the price of a run that mixes tiny and big entries (attack-gate-8). Same reply shape
 # as `XRANGE`.
+#
+# KEYS[2] is the run's largest-entry bucket, read in the same step as the entries: a burst the
+# pump wrote between a bucket read and a plain `XRANGE` sized by it came back in one reply of
+# 16 entries, 4.0 MB (attack-10). With the bucket known and ARGV[5] or more of the largest
+# fitting in ARGV[3], one `XRANGE` of as many as fit (a plain walk: runs of small entries).
 CATCHUP_RANGE = LuaScript.of(
-    """local out = {}
-local size = 0
-local start = ARGV[1]
+    """local start = ARGV[1]
 local left = tonumber(ARGV[2])
 local limit = tonumber(ARGV[3])
-local most = math.max(1, math.min(16, math.floor(limit / tonumber(ARGV[4]))))
+local bucket = redis.call('GET', KEYS[2])
+local largest_known = math.max(1, tonumber(bucket or ARGV[4]))
+local fit = math.floor(limit / largest_known)
+if bucket and fit >= tonumber(ARGV[5]) then
+  return redis.call('XRANGE', KEYS[1], start, '+', 'COUNT', math.min(left, fit))
+end
+local out = {}
+local size = 0
+local most = math.max(1, math.min(16, fit))
 local batch = 1
 while left > 0 do
   local got = redis.call('XRANGE', KEYS[1], start, '+', 'COUNT', math.min(batch, left))

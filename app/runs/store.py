@@ -53,6 +53,7 @@ the pipeliner returns raw RESP2, a cluster client parses it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import secrets
 import time
@@ -60,7 +61,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from redis.exceptions import ResponseError
+import redis.asyncio as aioredis
+from redis.exceptions import ResponseError, WatchError
 
 from app.runs.catchup import CatchupGate, turn_of
 from app.runs.entries import (
@@ -327,39 +329,27 @@ class RedisRunStore:
         the catch-up gate (app/runs/catchup.py: at most `catchup_reads` in flight in this
         process, shared fairly by the applications and their clients, waiting at most
         `catchup_wait` seconds), on the blocking reads' client (the sessions' pipelined
-        connection never queues behind a replay's megabytes). The run's largest-entry bucket
-        (`z`, no entry is larger) first, then one plain `XRANGE` of as many entries as fit in
-        `CATCHUP_BYTES` (at least one): what Redis buffers is that, plus at most the entries
-        the pump wrote between the two commands (one write in flight per run). Without the
-        bucket, or when fewer than `PLAIN_READ_ENTRIES` of the largest fit (a run with big
-        entries: one of them would make every read of its small ones one entry long),
-        `CATCHUP_RANGE`. Both commands within one `REDIS_OP_TIMEOUT_SECONDS`."""
+        connection never queues behind a replay's megabytes). One script, `CATCHUP_RANGE`,
+        reads the run's largest-entry bucket (`z`, no entry is larger) and, with it, one
+        `XRANGE` of as many entries as fit in `CATCHUP_BYTES` (at least one) when
+        `PLAIN_READ_ENTRIES` of the largest fit; else (no bucket, or a run with big entries:
+        one of them would make every read of its small ones one entry long) a few entries
+        per `XRANGE`, stopping past `CATCHUP_BYTES`. A reader whose next entry another
+        reader here holds gets it without a read (`SharedEntries`)."""
         held = self._shared.starting_at(run_id, after + 1)
         if held is not None:  # another reader here holds the next entry: no read, no copy
             return [held]
         follow = self._follow
         execute = follow.client.execute_command
         async with self._catchup.slot(app_id, turn_of(client), wait=self._catchup_wait):
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + self._backend.op_timeout
-            key, start = self.key(run_id, "e"), f"(0-{after}"
-            largest_key = self.key(run_id, "z")
-            raw_largest = await follow._run(
-                lambda: execute("GET", largest_key), budget=self._backend.op_timeout
-            )
-            left = deadline - loop.time()
-            fit = 0 if raw_largest is None else CATCHUP_BYTES // max(1, int(text_of(raw_largest)))
-            if fit >= PLAIN_READ_ENTRIES:
-                most = min(count, fit)
-                raw = await follow._run(
-                    lambda: execute("XRANGE", key, start, "+", "COUNT", most), budget=left
-                )
-            else:
-                largest = self._max_entry if raw_largest is None else int(text_of(raw_largest))
-                args = [start, count, CATCHUP_BYTES, max(1, largest)]
-                raw = await follow._run(
-                    lambda: CATCHUP_RANGE.run(execute, [key], args), budget=left
-                )
+            keys = [self.key(run_id, "e"), self.key(run_id, "z")]
+            args = [f"(0-{after}", count, CATCHUP_BYTES, self._max_entry, PLAIN_READ_ENTRIES]
+            client_ = follow.client
+            if isinstance(client_, aioredis.Redis):
+                read = functools.partial(_watched_catchup, client_, keys, args)
+            else:  # a cluster client has no WATCH: the script (atomic, Lua's copies)
+                read = functools.partial(CATCHUP_RANGE.run, execute, keys, args)
+            raw = await follow._run(read, budget=self._backend.op_timeout)
             return self._shared.share(run_id, entries_of(raw))
 
     async def follow(self, run_id: str, after: int, *, block_ms: int, count: int) -> list[Entry]:
@@ -389,6 +379,29 @@ class RedisRunStore:
         keys = [self.key(run_id, "m")]
         execute = self._backend.execute
         await self._backend._run(lambda: REQUEST_STOP.run(execute, keys, []))
+
+
+async def _watched_catchup(client: aioredis.Redis, keys: list[str], args: list[Any]) -> Any:
+    """`CATCHUP_RANGE`'s read without a script when it is one `XRANGE` (a run of small
+    entries): `WATCH` the run's largest-entry bucket, `GET` it, and when `PLAIN_READ_ENTRIES`
+    of the largest fit, `XRANGE` as many as fit in `MULTI`; a write that grew the bucket
+    meanwhile aborts it (nothing read: a burst between a bucket read and an `XRANGE` sized by
+    it came back as 16 entries, 4.0 MB, attack-10) and the script reads instead. In a script
+    the same `XRANGE` costs Redis ~7x (each entry copied into Lua and back: attack-gate-8's
+    bound is 4x)."""
+    events, bucket_key = keys
+    start, count, limit, _, plain = args
+    async with client.pipeline(transaction=True) as pipe:
+        await pipe.watch(bucket_key)
+        bucket = await pipe.get(bucket_key)
+        fit = 0 if bucket is None else limit // max(1, int(text_of(bucket)))
+        if fit >= plain:
+            pipe.multi()  # type: ignore[no-untyped-call]  # (redis-py leaves it untyped)
+            pipe.execute_command("XRANGE", events, start, "+", "COUNT", min(count, fit))
+            with contextlib.suppress(WatchError):
+                (raw,) = await pipe.execute()
+                return raw
+    return await CATCHUP_RANGE.run(client.execute_command, keys, args)
 
 
 def _idempotent_xadd(
