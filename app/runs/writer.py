@@ -7,6 +7,7 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING
 
+from app.runs.entries import kept_of
 from app.runs.store import RedisRunStore
 from app.sessions.backend import StoreUnavailable
 
@@ -32,6 +33,7 @@ class RunWriter:
         # `XADD NOMKSTREAM`, not `XADD` + `PEXPIRE` (RedisRunStore.append; a stream gone
         # meanwhile is written again with its TTL).
         self._pending: list[tuple[int, bytes]] = []
+        self._pending_bytes = 0
         self._wake = asyncio.Event()
         self._written = asyncio.Event()
         self._closing = False
@@ -45,8 +47,21 @@ class RunWriter:
     def backlog(self) -> int:
         return len(self._pending)
 
-    def add(self, entries: list[tuple[int, bytes]]) -> None:
-        self._pending.extend(entries)
+    @property
+    def backlog_bytes(self) -> int:
+        return self._pending_bytes
+
+    def add(self, entries: list[tuple[int, bytes]], first_kept: int = 0) -> None:
+        """Queue `entries` (framed events by sequence number) for the next write; those
+        before `first_kept`, which the run's log has dropped, leave the queue (Redis would
+        trim them at once, and held here they are copies the log no longer bounds)."""
+        pending = self._pending
+        pending.extend(entries)
+        self._pending_bytes += sum(len(entry[1]) for entry in entries)
+        if pending and pending[0][0] < first_kept:
+            kept = kept_of(pending, first_kept)
+            self._pending = list(kept)
+            self._pending_bytes = sum(len(entry[1]) for entry in kept)
         if self._task is not None:
             self._wake.set()
         elif not self._starting:
@@ -77,6 +92,7 @@ class RunWriter:
             self._wake.set()
             await asyncio.gather(self._task, return_exceptions=True)
         pending, self._pending = self._pending, []
+        self._pending_bytes = 0
         return pending
 
     async def _loop(self) -> None:
@@ -87,6 +103,7 @@ class RunWriter:
                 self._wake.clear()
                 while self._pending and not self._closing:
                     batch, self._pending = self._pending, []
+                    self._pending_bytes = 0
                     run.entry_bucket = await self._store.append(
                         run.run_id,
                         batch,
