@@ -27,7 +27,7 @@ import time
 from collections.abc import Iterator
 from contextlib import AsyncExitStack
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from unittest import mock
 
 import aiohttp
@@ -39,7 +39,7 @@ from aiohttp.test_utils import make_mocked_request
 from app.capacity import client_key
 from app.runs.catchup import CatchupGate, turn_of
 from app.runs.entries import CATCHUP_BYTES, next_catchup_count
-from app.runs.readers import FOLLOWERS
+from app.runs.readers import Follower
 from app.runs.store import RedisRunStore
 from app.sessions.redis import RedisBackend
 from app.sessions.redis_client import RedisOptions, make_client
@@ -292,13 +292,22 @@ async def _grants_per_victim_read(
     return others / max(1, counted.count(victim) - 1), order[:30]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="finding: a replica's followers of an application share ONE gate turn, so one "
-    "client's 4 followers (RUN_FOLLOWS_PER_CLIENT) + its replays take 9 slots per slot of "
-    "another user's follower (its replays vs another user's replay: 2.1)",
-)
+def _follower_of(client: str) -> Follower:
+    """A follower made for a reader at `client`, as app/runs/http.py makes one (not started)."""
+    return Follower(
+        cast(RedisRunStore, None),
+        "run",
+        0,
+        app_id="shop",
+        client=client,
+        heartbeat=1.0,
+        window_ms=1000,
+        retry_seconds=1.0,
+        max_bytes=1 << 20,
+        release=lambda: None,
+    )
+
+
 async def test_one_clients_followers_do_not_take_another_users_follower_turns() -> None:
     """Attack (on the gate itself, app/runs/catchup.py): round 3 gave a replica's followers
     of an application one turn together (`FOLLOWERS`, app/runs/readers.py), beside each
@@ -321,12 +330,15 @@ async def test_one_clients_followers_do_not_take_another_users_follower_turns() 
     followers' turn, a live follower of big events waits ~64 x 2 reads per read.
     Suggested fix: charge a follower's gated reads to its first reader's `turn_of` client
     (`Follower(..., client=...)` in app/runs/http.py `_resume_remote`, used by
-    `Follower._read`) or round robin by run inside `FOLLOWERS` with a weight of one client."""
+    `Follower._read`) or round robin by run inside `FOLLOWERS` with a weight of one client.
+    Fixed (session 8): a follower's reads take its first reader's turns (`Follower.client`;
+    its use by `Follower._read`: tests/test_runs_readers.py); the readers below are the
+    followers' gate clients as made for the attacker's address and the user's."""
     gate = CatchupGate(1)
     hostile = "203.0.113.1"
     readers = [(f"replay{i}", hostile) for i in range(8)]
-    readers += [(f"follower{i}", FOLLOWERS) for i in range(4)]
-    readers.append(("victim", FOLLOWERS))
+    readers += [(f"follower{i}", _follower_of(hostile).client) for i in range(4)]
+    readers.append(("victim", _follower_of("198.51.100.9").client))
     per_read, order = await _grants_per_victim_read(gate, readers, "victim", victim_reads=10)
     # For comparison: the same replays against another user's replay (its own address).
     baseline, _ = await _grants_per_victim_read(

@@ -21,6 +21,7 @@ class ScriptedStore:
         self.script = script
         self.alive = alive
         self.follows = 0
+        self.catchup_clients: list[str] = []
 
     async def follow(self, run_id: str, after: int, *, block_ms: int, count: int) -> list[Entry]:
         self.follows += 1
@@ -39,6 +40,7 @@ class ScriptedStore:
     async def range_after(
         self, run_id: str, after: int, count: int, *, app_id: str, client: str
     ) -> list[Entry]:
+        self.catchup_clients.append(client)
         return []
 
 
@@ -49,6 +51,7 @@ def _follower(store: ScriptedStore, retry_seconds: float) -> tuple[Follower, lis
         "run",
         0,
         app_id="shop",
+        client="198.51.100.9",
         heartbeat=0.05,
         window_ms=1000,
         retry_seconds=retry_seconds,
@@ -100,3 +103,14 @@ async def test_the_follower_stops_when_its_last_reader_leaves() -> None:
     await _until(lambda: follower.done)
     assert follower.failure is None and not follower.ended
     assert released == [1]
+
+
+async def test_the_followers_catchup_reads_take_its_readers_turns_in_the_gate() -> None:
+    """attack-10: a replica's followers of an application sharing one turn let one client's
+    followers and replays take 9 slots per slot of another user's follower."""
+    store = ScriptedStore([])
+    follower, _ = _follower(store, retry_seconds=5.0)
+    await _until(lambda: store.follows > 0)  # caught up: from its catch-up read to XREAD
+    follower.readers = 0
+    await _until(lambda: follower.done)
+    assert store.catchup_clients and set(store.catchup_clients) == {"198.51.100.9"}

@@ -3,7 +3,7 @@ a reply Redis buffers against `maxmemory` (app/runs/store.py `range_after`).
 
 Granted fairly (attack-replay-7, attack-gate-8): a freed slot goes round robin to the next
 application with waiters, and within it round robin to the next client (a browser's address,
-an IPv6 one by its /48: `turn_of`; or a replica's followers of the application), each
+an IPv6 one by its /48: `turn_of`; a follower's reads are its first reader's), each
 client's waiters in order. So one application's replays (64 readers of 4 MiB runs) delay
 another application's read by about one read in flight, and one client's replays delay
 another client of the same application the same way (they made replays ~300-650 times

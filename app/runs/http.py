@@ -298,6 +298,7 @@ async def _resume_remote(
                 run_id,
                 after,
                 app_id=app.app_id,
+                client=client,
                 heartbeat=registry.heartbeat,
                 window_ms=window_ms,
                 retry_seconds=2 * settings.redis_op_timeout_seconds,

@@ -175,18 +175,16 @@ def _refuse(slots: AppReaders, limit: str) -> ReadersBusy:
     return ReadersBusy(limit)
 
 
-# The catch-up gate's client (app/runs/catchup.py) of an application's followers: one turn for
-# all of them, beside each reader address's.
-FOLLOWERS = "(followers)"
-
-
 class Follower:
     """The one blocking reader of a run pumped elsewhere, for every local reader of it (see
     the module docstring). `base`: the entries kept cover the sequence numbers after it;
     `pos`: the last sequence number read; `failure`: `run_orphaned` or `run_store_unavailable`
     once it gave up; `ended`: the run's end was read; `done`: it reads no more. It keeps at
     most `MIRROR_ENTRIES` entries and `max_bytes` of events (the application's
-    `resume_max_bytes`)."""
+    `resume_max_bytes`). Its catch-up reads take the gate's turns (app/runs/catchup.py) of
+    `client`, the address of the reader that made it: a run's readers are one session's (a
+    replica's followers of an application sharing one turn let one client's followers and
+    replays take 9 slots per slot of another user's follower: attack-10)."""
 
     def __init__(
         self,
@@ -195,6 +193,7 @@ class Follower:
         after: int,
         *,
         app_id: str,
+        client: str,
         heartbeat: float,
         window_ms: int,
         retry_seconds: float,
@@ -203,6 +202,7 @@ class Follower:
     ) -> None:
         self.run_id = run_id
         self.app_id = app_id
+        self.client = client
         self.base = after
         self.pos = after
         self.readers = 0
@@ -268,7 +268,7 @@ class Follower:
         store = self._store
         if self._behind:
             entries = await store.range_after(
-                self.run_id, self.pos, self._count, app_id=self.app_id, client=FOLLOWERS
+                self.run_id, self.pos, self._count, app_id=self.app_id, client=self.client
             )
             if entries:
                 self._count = next_catchup_count(self._count, entries, READ_COUNT)
@@ -296,7 +296,7 @@ class Follower:
                         if not entries and not alive:
                             # The end may have been written just before the heartbeat expired.
                             entries = await store.range_after(
-                                self.run_id, self.pos, 1, app_id=self.app_id, client=FOLLOWERS
+                                self.run_id, self.pos, 1, app_id=self.app_id, client=self.client
                             )
                             if not entries:
                                 self.failure = "run_orphaned"
