@@ -9,6 +9,7 @@ from __future__ import annotations
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
+from operator import itemgetter
 from typing import Any
 
 
@@ -92,6 +93,8 @@ a reader on another replica holds an `XRANGE` batch while it drains to a slow br
 
 def groups_of(entries: Sequence[tuple[int, bytes]]) -> list[list[tuple[int, bytes]]]:
     """`entries` in consecutive groups of at most `ENTRY_BYTES` (a larger event alone)."""
+    if sum(map(len, map(itemgetter(1), entries))) <= ENTRY_BYTES:  # most writes: one group
+        return [list(entries)] if entries else []
     groups: list[list[tuple[int, bytes]]] = []
     size = 0
     for entry in entries:

@@ -56,6 +56,13 @@ async def _write_pieces(
 ) -> None:
     """Write `chunks` to `response` in drained pieces (`_pieces`); with `eof`, the last piece
     goes with the end of the response in one send."""
+    if isinstance(chunks, list) and sum(map(len, chunks)) <= PIECE_BYTES:  # one piece
+        data = b"".join(chunks)
+        if eof:
+            await response.write_eof(data)
+        elif data:
+            await response.write(data)
+        return
     last: bytes | None = None
     for piece in _pieces(chunks):
         if last is not None:

@@ -225,7 +225,7 @@ class RunRegistry:
             appended = run.log.extend(events)
             self._note_cost(run)
             if writer is not None:
-                writer.add(appended, run.log.first_seq)
+                writer.add(appended, run.log.first_seq, run.log.added_bytes)
                 if writer.backlog > WRITE_BACKLOG or writer.backlog_bytes > WRITE_BACKLOG_BYTES:
                     await writer.drained()
 

@@ -149,6 +149,10 @@ class SseParser:
         return events
 
 
+FRAME = b"%s\nid: %d\n\n"
+"""`FRAME % (event, seq)` is `frame(seq, event)` (for loops that frame many)."""
+
+
 def frame(seq: int, event: bytes) -> bytes:
     """`event` as sent to a browser: its lines, the gateway's `id:` last, a blank line."""
-    return b"%s\nid: %d\n\n" % (event, seq)
+    return FRAME % (event, seq)

@@ -59,6 +59,7 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from operator import itemgetter
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -233,7 +234,7 @@ class RedisRunStore:
             args: tuple[Any, ...] = ()
             if first_kept > 1:
                 args += ("MINID", "=", f"0-{first_kept}")
-            data = group[0][1] if len(group) == 1 else b"".join(f for _, f in group)
+            data = group[0][1] if len(group) == 1 else b"".join(map(itemgetter(1), group))
             args += (f"0-{group[-1][0]}", "f", group[0][0], "d", data)
             bucket = entry_bucket(len(data))
             if bucket > largest and expire_ms is not None:
@@ -295,7 +296,7 @@ class RedisRunStore:
         args: list[Any] = [ttl_ms, f"0-{first_kept}" if first_kept > 1 else ""]
         grown = ""
         if entries:
-            data = b"".join(f for _, f in entries)
+            data = b"".join(map(itemgetter(1), entries))
             args += [f"0-{entries[-1][0]}", entries[0][0], data, reason, entries[-1][0]]
             bucket = entry_bucket(len(data))
             grown = str(bucket) if bucket > largest else ""

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Sequence
+from operator import itemgetter
 from typing import TYPE_CHECKING
 
 from app.runs.entries import kept_of
@@ -51,17 +53,20 @@ class RunWriter:
     def backlog_bytes(self) -> int:
         return self._pending_bytes
 
-    def add(self, entries: list[tuple[int, bytes]], first_kept: int = 0) -> None:
-        """Queue `entries` (framed events by sequence number) for the next write; those
-        before `first_kept`, which the run's log has dropped, leave the queue (Redis would
-        trim them at once, and held here they are copies the log no longer bounds)."""
+    def add(
+        self, entries: list[tuple[int, bytes]], first_kept: int = 0, size: int | None = None
+    ) -> None:
+        """Queue `entries` (framed events by sequence number; `size` their bytes, when the
+        caller knows it) for the next write; those before `first_kept`, which the run's log
+        has dropped, leave the queue (Redis would trim them at once, and held here they are
+        copies the log no longer bounds)."""
         pending = self._pending
         pending.extend(entries)
-        self._pending_bytes += sum(len(entry[1]) for entry in entries)
+        self._pending_bytes += _size(entries) if size is None else size
         if pending and pending[0][0] < first_kept:
             kept = kept_of(pending, first_kept)
             self._pending = list(kept)
-            self._pending_bytes = sum(len(entry[1]) for entry in kept)
+            self._pending_bytes = _size(kept)
         if self._task is not None:
             self._wake.set()
         elif not self._starting:
@@ -120,3 +125,7 @@ class RunWriter:
             self.failed = err
             self._written.set()
             run.wake()
+
+
+def _size(entries: Sequence[tuple[int, bytes]]) -> int:
+    return sum(map(len, map(itemgetter(1), entries)))
