@@ -39,7 +39,7 @@ from aiohttp.test_utils import make_mocked_request
 from app.capacity import client_key
 from app.runs.catchup import CatchupGate, turn_of
 from app.runs.entries import CATCHUP_BYTES, next_catchup_count
-from app.runs.readers import Follower
+from app.runs.readers import Follower, FollowTiming
 from app.runs.store import RedisRunStore
 from app.sessions.redis import RedisBackend
 from app.sessions.redis_client import RedisOptions, make_client
@@ -300,10 +300,7 @@ def _follower_of(client: str) -> Follower:
         0,
         app_id="shop",
         client=client,
-        heartbeat=1.0,
-        window_ms=1000,
-        retry_seconds=1.0,
-        max_bytes=1 << 20,
+        timing=FollowTiming(heartbeat=1.0, window_ms=1000, retry_seconds=1.0, max_bytes=1 << 20),
         release=lambda: None,
     )
 

@@ -9,7 +9,7 @@ import asyncio
 from typing import Any, cast
 
 from app.runs.entries import Entry
-from app.runs.readers import Follower
+from app.runs.readers import Follower, FollowTiming
 from app.runs.store import RedisRunStore
 from app.sessions.backend import StoreUnavailable
 
@@ -52,10 +52,9 @@ def _follower(store: ScriptedStore, retry_seconds: float) -> tuple[Follower, lis
         0,
         app_id="shop",
         client="198.51.100.9",
-        heartbeat=0.05,
-        window_ms=1000,
-        retry_seconds=retry_seconds,
-        max_bytes=1 << 20,
+        timing=FollowTiming(
+            heartbeat=0.05, window_ms=1000, retry_seconds=retry_seconds, max_bytes=1 << 20
+        ),
         release=lambda: released.append(1),
     )
     follower.readers = 1

@@ -40,7 +40,7 @@ from app.proxy.headers import PROXIED_RESPONSE_HEADERS, browser_response_headers
 from app.ratelimit import token_bucket
 from app.runs.catchup import turn_of
 from app.runs.feed import follow_local, follow_remote
-from app.runs.readers import Follower
+from app.runs.readers import Follower, FollowTiming
 from app.runs.run import owner_of
 from app.runs.runs import RunRegistry, reading
 from app.runs.store import RedisRunStore, RunMeta
@@ -299,10 +299,12 @@ async def _resume_remote(
                 after,
                 app_id=app.app_id,
                 client=client,
-                heartbeat=registry.heartbeat,
-                window_ms=window_ms,
-                retry_seconds=2 * settings.redis_op_timeout_seconds,
-                max_bytes=app.resume_max_bytes,
+                timing=FollowTiming(
+                    heartbeat=registry.heartbeat,
+                    window_ms=window_ms,
+                    retry_seconds=2 * settings.redis_op_timeout_seconds,
+                    max_bytes=app.resume_max_bytes,
+                ),
                 release=release,
             )
 

@@ -175,6 +175,18 @@ def _refuse(slots: AppReaders, limit: str) -> ReadersBusy:
     return ReadersBusy(limit)
 
 
+@dataclass(frozen=True, slots=True)
+class FollowTiming:
+    """How a follower reads: `XREAD BLOCK` up to `heartbeat` seconds (and the pumper's
+    heartbeat checked as often), the readers' presence key set for `window_ms`, failed reads
+    retried for `retry_seconds`, at most `max_bytes` of events kept."""
+
+    heartbeat: float
+    window_ms: int
+    retry_seconds: float
+    max_bytes: int
+
+
 class Follower:
     """The one blocking reader of a run pumped elsewhere, for every local reader of it (see
     the module docstring). `base`: the entries kept cover the sequence numbers after it;
@@ -194,10 +206,7 @@ class Follower:
         *,
         app_id: str,
         client: str,
-        heartbeat: float,
-        window_ms: int,
-        retry_seconds: float,
-        max_bytes: int,
+        timing: FollowTiming,
         release: Callable[[], None],
     ) -> None:
         self.run_id = run_id
@@ -210,13 +219,10 @@ class Follower:
         self.ended = False
         self.done = False
         self.bytes = 0
-        self._max_bytes = max_bytes
         self._store = store
         self._entries: deque[Entry] = deque()
         self._wakeup = Wakeup()
-        self._heartbeat = heartbeat
-        self._window_ms = window_ms
-        self._retry_seconds = retry_seconds
+        self._timing = timing
         self._release = release
         # Catching up (`_read`): from `after` through gated reads of `_count` entries.
         self._behind = True
@@ -253,7 +259,7 @@ class Follower:
         # The last entry stays: it is one `ENTRY_BYTES` group of events (each within
         # `max_bytes`, the pump's parser ends a run before), or the end.
         while len(self._entries) > 1 and (
-            len(self._entries) > MIRROR_ENTRIES or self.bytes > self._max_bytes
+            len(self._entries) > MIRROR_ENTRIES or self.bytes > self._timing.max_bytes
         ):
             dropped = self._entries.popleft()
             self.base = dropped.seq
@@ -282,7 +288,7 @@ class Follower:
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
         store = self._store
-        block_ms = max(1, round(self._heartbeat * 1000))
+        block_ms = max(1, round(self._timing.heartbeat * 1000))
         last_tick = loop.time()
         failing_since: float | None = None
         try:
@@ -290,9 +296,11 @@ class Follower:
                 try:
                     entries = await self._read(block_ms)
                     now = loop.time()
-                    if not entries or now - last_tick >= self._heartbeat:
+                    if not entries or now - last_tick >= self._timing.heartbeat:
                         last_tick = now
-                        alive = await store.reader_tick(self.run_id, window_ms=self._window_ms)
+                        alive = await store.reader_tick(
+                            self.run_id, window_ms=self._timing.window_ms
+                        )
                         if not entries and not alive:
                             # The end may have been written just before the heartbeat expired.
                             entries = await store.range_after(
@@ -307,7 +315,7 @@ class Follower:
                     if failing_since is None:
                         failing_since = now
                         log.warning("run %s: following failed (%s); retrying", self.run_id, err)
-                    if now - failing_since >= self._retry_seconds:
+                    if now - failing_since >= self._timing.retry_seconds:
                         self.failure = "run_store_unavailable"
                         return
                     await asyncio.sleep(_RETRY_PAUSE_SECONDS)
