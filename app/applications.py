@@ -110,7 +110,7 @@ class AppConfig:
     # Bytes of the application's ended runs kept in Redis (one to two windows) past which its new
     # runs are relayed without resume: one application never fills Redis for the others (F3).
     resume_redis_budget_bytes: int = 64 * 1024 * 1024
-    # Runs one client address (IPv6 by /64) may start (None: no limit); past it its answers are
+    # Runs one client address (IPv6 by /48) may start (None: no limit); past it its answers are
     # relayed without resume (app/runs/http.py).
     resume_runs_per_client: RateLimit | None = None
 

@@ -1,10 +1,10 @@
 """Runs in flight near an application's budget (app/runs/budget.py `BudgetLedger.admit`,
-`note`; app/runs/store.py `budget_reserve`, `budget_publish`; app/runs/scripts.py
-`BUDGET_READ`): each replica publishes what its runs hold uncounted, checks on other replicas
-see it, a dead replica's runs count as ended, and a new run counts from its start as much as
-its application's runs usually cost (attack-gate-9: 3 replicas x 4 clients kept 1.84-2.18x of
-the budget; tests/test_runs_budget_attacks6.py). Two stores on one redis-server play two
-replicas."""
+`may_write`, `reserve_growth`, `note`; app/runs/store.py `budget_reserve`,
+`budget_publish`; app/runs/scripts.py `BUDGET_READ`): each replica publishes what its runs
+hold uncounted, checks on other replicas see it, a dead replica's runs count as ended, and a
+new run counts from its start as much as its application's runs usually cost (attack-gate-9:
+3 replicas x 4 clients kept 1.84-2.18x of the budget; tests/test_runs_budget_attacks6.py).
+Two stores on one redis-server play two replicas."""
 
 from __future__ import annotations
 
@@ -101,31 +101,37 @@ async def test_a_replica_that_stops_publishing_has_its_runs_counted_as_ended(
         assert await b.budget_used("shop", window_ms=WINDOW_MS) == 5000  # counted once
 
 
-async def test_near_the_budget_the_ledger_publishes_growth_and_withdraws_at_close(
+async def test_near_the_budget_growth_is_published_before_it_is_written_and_withdrawn_at_close(
     shared_redis: RedisServer,
 ) -> None:
     async with _replicas(shared_redis, 2) as (a, b):
         uncounted = UncountedCosts()
         ledger = BudgetLedger(refresh=30, uncounted=uncounted, flight_ttl_ms=10_000)
-        budget = 8 * FLIGHT_HEADROOM_BYTES
+        headroom = FLIGHT_HEADROOM_BYTES
+        budget = 32 * headroom  # near at 8 headrooms; the headroom is within a sixteenth
         check = {"window_ms": WINDOW_MS, "budget": budget}
         uncounted.add("shop", 100)
         assert await ledger.admit(a, "shop", **check) == (True, 100, 0)
         assert await b.budget_used("shop", window_ms=WINDOW_MS) == 0  # far: nothing published
-        uncounted.add("shop", 2 * FLIGHT_HEADROOM_BYTES)  # a quarter: near
-        held = 2 * FLIGHT_HEADROOM_BYTES + 100
+        assert ledger.may_write("shop") is True  # far: from its own view, no round trip
+        uncounted.add("shop", 8 * headroom)  # a quarter: near
+        held = 8 * headroom + 100
         assert await ledger.admit(a, "shop", **check) == (True, held, 0)
-        assert await b.budget_used("shop", window_ms=WINDOW_MS) == held + FLIGHT_HEADROOM_BYTES
-        uncounted.add("shop", 2 * FLIGHT_HEADROOM_BYTES)  # its runs grew past it
-        ledger.note("shop")
-        await asyncio.sleep(0.05)
-        grown = held + 3 * FLIGHT_HEADROOM_BYTES
-        assert await b.budget_used("shop", window_ms=WINDOW_MS) == grown
-        # B's runs bring the application to its budget: A admits no more.
-        local = held + 2 * FLIGHT_HEADROOM_BYTES
+        assert await b.budget_used("shop", window_ms=WINDOW_MS) == held + headroom
+        uncounted.add("shop", headroom // 2)  # within what it published: no round trip
+        assert ledger.may_write("shop") is True
+        uncounted.add("shop", headroom)  # past it: Redis decides, and publishes it first
+        assert ledger.may_write("shop") is None
+        assert await ledger.reserve_growth(a, "shop")
+        local = held + headroom + headroom // 2
+        assert await b.budget_used("shop", window_ms=WINDOW_MS) == local + headroom
+        # B's runs bring the application to its budget: A admits no more, nor grows.
         await b.budget_publish("shop", budget - local, window_ms=WINDOW_MS, ttl_ms=10_000)
         admitted, used, _ = await ledger.admit(a, "shop", **check)
         assert not admitted and used >= budget
+        uncounted.add("shop", 2 * headroom)
+        assert ledger.may_write("shop") is None
+        assert not await ledger.reserve_growth(a, "shop")
         await ledger.close()
         assert await b.budget_used("shop", window_ms=WINDOW_MS) == 0
 

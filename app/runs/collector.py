@@ -41,6 +41,13 @@ class RunsCollector(ScrapeCollector[RunRegistry]):
                 counters.over_budget,
             ),
             (
+                "agent_bff_runs_cut_over_budget",
+                "Runs whose events stopped going to Redis mid-way (resumable from then on only "
+                "where they run): their growth took the application over "
+                "resume_redis_budget_bytes.",
+                counters.cut_over_budget,
+            ),
+            (
                 "agent_bff_runs_rate_limited",
                 "Resumable streams relayed without a run: their client address was over the "
                 "application's resume_runs_per_client.",

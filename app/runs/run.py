@@ -28,6 +28,8 @@ ERROR_MESSAGES = {
     "run_orphaned": "The instance running this answer is gone; the rest of it is lost.",
     "resume_too_old": "Events after your Last-Event-ID were dropped (the run's limits); "
     "this run cannot be resumed from there.",
+    "run_over_budget": "This answer outgrew what its application may keep for resuming: it "
+    "goes on where it started, but cannot be resumed elsewhere from here.",
 }
 
 
@@ -67,6 +69,9 @@ class Run:
     reserved: int = 0
     # Its cost was handed to its application's counter (at its end: `BudgetLedger.add`).
     counted: bool = False
+    # Its events go to Redis; False once its growth took its application over its budget
+    # (`RunRegistry._stop_keeping`): it goes on in this process only, as on the memory store.
+    kept: bool = True
 
     def wake(self) -> None:
         """Cut the pump's current wait short (a stop, the shutdown)."""
@@ -83,6 +88,9 @@ class RunCounters:
     over_budget: int = 0
     # Of those, the runs relayed without resume because their client was over its run rate.
     rate_limited: int = 0
+    # Runs whose events stopped going to Redis mid-way: their growth took their application
+    # over its budget.
+    cut_over_budget: int = 0
     resumes: int = 0
     replayed_events: int = 0
     orphaned: int = 0

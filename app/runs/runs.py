@@ -49,7 +49,7 @@ from app.applications import AppConfig
 from app.config import Settings
 from app.lifecycle import Lifecycle
 from app.proxy.fastread import read_available
-from app.runs.budget import BudgetLedger, UncountedCosts, run_cost
+from app.runs.budget import BudgetLedger, UncountedCosts, redis_cost, run_cost
 from app.runs.entries import ENTRY_BYTES
 from app.runs.log import RunLog
 from app.runs.readers import ReaderCaps
@@ -225,12 +225,67 @@ class RunRegistry:
             appended = run.log.extend(events)
             self._note_cost(run)
             if writer is not None:
+                budget = self.budget
+                may = budget.may_write(run.app.app_id)
+                if may is None:
+                    try:
+                        may = await budget.reserve_growth(writer.store, run.app.app_id)
+                    except StoreUnavailable as err:
+                        log.warning("run %s: the run store failed (%s)", run.run_id, err)
+                        return "run_store_unavailable"
+                if not may:
+                    await self._stop_keeping(run, writer)
+                    writer = None
+            if writer is not None:
                 writer.add(appended, run.log.first_seq, run.log.added_bytes)
                 if writer.backlog > WRITE_BACKLOG or writer.backlog_bytes > WRITE_BACKLOG_BYTES:
                     await writer.drained()
 
+    async def _stop_keeping(self, run: Run, writer: RunWriter) -> None:
+        """`run`'s growth took its application over its budget (`BudgetLedger.may_write`): its
+        events stop going to Redis. What was written stays, then an `event: error`
+        `run_over_budget` (without an `id:`, so a browser's Last-Event-ID stays the last event
+        it got) and the end, so a resume elsewhere learns it; the run goes on in this process
+        for its readers here (a resume here still gets every event). Without this, runs
+        started together each counted as the typical run and overran a 16 MiB budget 3.9x
+        (attack-11): the budget now bounds what runs write, not only which start."""
+        run.writer, run.kept = None, False
+        await writer.finish()  # what it had not written stays unwritten
+        store, app = writer.store, run.app
+        self.counters.cut_over_budget += 1
+        log.warning(
+            "run %s: its application %s is over resume_redis_budget_bytes; its events stop "
+            "going to Redis after %d",
+            run.run_id,
+            app.app_id,
+            writer.written_seq,
+        )
+        seq = writer.written_seq + 1
+        cut = error_event("run_over_budget", run.run_id) + b"\n\n"
+        # What it wrote (each write at most a new entry), then the cut's entry.
+        cost = redis_cost(writer.written_bytes + len(cut), writer.written_events + 1)
+        window_ms = round(app.resume_window_seconds * 1000)
+        try:
+            await store.end(
+                run.run_id,
+                [(seq, cut)],
+                min(run.log.first_seq, seq),
+                end_seq=seq + 1,
+                reason="run_over_budget",
+                ttl_ms=window_ms,
+                largest=run.entry_bucket,
+            )
+            self.budget.add(store, app.app_id, cost, window_ms=window_ms, keep=window_ms / 1000)
+            run.counted = True
+        except StoreUnavailable as err:
+            log.warning("run %s: its cut could not be recorded (%s)", run.run_id, err)
+        self._settle_cost(run)
+
     def _note_cost(self, run: Run) -> None:
-        """Bring `uncounted` of `run`'s application up to what `run` costs Redis now."""
+        """Bring `uncounted` of `run`'s application up to what `run` costs Redis now (nothing
+        once its events no longer go there)."""
+        if not run.kept:
+            return
         cost = max(run_cost(run.log, ENTRY_BYTES), run.reserved)
         delta = cost - run.uncounted
         if delta:
@@ -260,7 +315,7 @@ class RunRegistry:
         window = run.app.resume_window_seconds
         attached = run.local_readers > 0
         remote_present = False
-        if self.store is not None:
+        if self.store is not None and run.kept:
             try:
                 stop, pttl = await self.store.tick(
                     run.run_id, heartbeat_ms=self.heartbeat_ms, ttl_ms=self.ttl_ms(run.app)
@@ -320,7 +375,7 @@ class RunRegistry:
                 reason = "run_store_unavailable"
         entries += last
         recorded = False
-        if self.store is not None and reason != "run_store_unavailable":
+        if self.store is not None and reason != "run_store_unavailable" and run.kept:
             try:
                 await self.store.end(
                     run.run_id,

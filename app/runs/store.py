@@ -63,6 +63,7 @@ from operator import itemgetter
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError, WatchError
 
 from app.runs.catchup import CatchupGate, turn_of
@@ -393,8 +394,13 @@ async def _watched_catchup(client: aioredis.Redis, keys: list[str], args: list[A
     events, bucket_key = keys
     start, count, limit, _, plain = args
     async with client.pipeline(transaction=True) as pipe:
-        await pipe.watch(bucket_key)
-        bucket = await pipe.get(bucket_key)
+        try:
+            await pipe.watch(bucket_key)
+            bucket = await pipe.get(bucket_key)
+        except WatchError as err:
+            # redis-py's word for a connection error while watching: retried as one
+            # (attack-11: Redis stalls there cut replays with `run_store_unavailable`).
+            raise RedisConnectionError(f"while watching the bucket: {err}") from err
         fit = 0 if bucket is None else limit // max(1, int(text_of(bucket)))
         if fit >= plain:
             pipe.multi()  # type: ignore[no-untyped-call]  # (redis-py leaves it untyped)

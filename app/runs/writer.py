@@ -25,6 +25,7 @@ class RunWriter:
     the store's error once a write failed (nothing more is written then)."""
 
     def __init__(self, store: RedisRunStore, run: Run, *, ttl_ms: int) -> None:
+        self.store = store
         self._store = store
         self._run = run
         # The stream's TTL, set with every write (any may create the stream: the first, or one
@@ -40,6 +41,10 @@ class RunWriter:
         self._written = asyncio.Event()
         self._closing = False
         self.failed: StoreUnavailable | None = None
+        # The last event written to Redis; how many were, and their framed bytes.
+        self.written_seq = 0
+        self.written_events = 0
+        self.written_bytes = 0
         # Started one loop turn after the first `add` (`_start`): a run whose events and end
         # arrive together (one burst) writes them with its end and never needs the task.
         self._task: asyncio.Task[None] | None = None
@@ -117,6 +122,9 @@ class RunWriter:
                         exists=True,
                         largest=run.entry_bucket,
                     )
+                    self.written_seq = batch[-1][0]
+                    self.written_events += len(batch)
+                    self.written_bytes += _size(batch)
                     self._written.set()
                 if self._closing:
                     return
