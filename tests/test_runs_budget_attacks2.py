@@ -22,7 +22,7 @@ import pytest
 from aiohttp import web
 from redis import exceptions as redis_errors
 
-from app.runs.budget import RUN_OVERHEAD_BYTES
+from app.runs.costs import RUN_OVERHEAD_BYTES
 from tests.gateway_process import GatewayProcess
 from tests.redis_server import RedisServer
 from tests.runs_helpers import (

@@ -16,7 +16,8 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from app.keys import RUNS_KEY
-from app.runs.budget import FLIGHT_HEADROOM_BYTES, BudgetLedger, UncountedCosts
+from app.runs.budget import FLIGHT_HEADROOM_BYTES, BudgetLedger
+from app.runs.costs import UncountedCosts
 from app.runs.store import RedisRunStore
 from app.sessions.redis import RedisBackend
 from app.sessions.redis_client import RedisOptions, make_client

@@ -16,6 +16,10 @@ from aiohttp.test_utils import TestServer
 from app.applications import parse_rate_limit
 from app.keys import RUNS_KEY, UPSTREAM_KEY
 from app.proxy.headers import PROXIED_CSP
+from app.runs.costs import run_cost
+from app.runs.entries import ENTRY_BYTES
+from app.runs.log import RunLog
+from app.runs.sse import SseParser
 from app.runs.store import RedisRunStore
 from app.sessions.backend import StoreUnavailable
 from tests.fake_upstream import RunningGateway, app_settings, run_gateway
@@ -248,6 +252,7 @@ class _SlowEndStore:
     def __init__(self) -> None:
         self.recorded = asyncio.Event()
         self.counted: list[int] = []
+        self.cut: list[str] = []
 
     async def budget_used(self, *args: Any, **kwargs: Any) -> int:
         return 0
@@ -261,7 +266,10 @@ class _SlowEndStore:
     async def tick(self, *args: Any, **kwargs: Any) -> tuple[bool, int]:
         return False, 1000
 
-    async def end(self, *args: Any, **kwargs: Any) -> None:
+    async def end(self, *args: Any, reason: str, **kwargs: Any) -> None:
+        if reason == "run_over_budget":  # a cut: recorded at once
+            self.cut.append(reason)
+            return
         await self.recorded.wait()
 
     async def budget_add(self, app_id: str, size: int, **kwargs: Any) -> None:
@@ -276,27 +284,39 @@ class _SlowEndStore:
         return None
 
 
+def _run_cost(upstream: CountingUpstream) -> int:
+    """What one of `upstream`'s answers costs a run's budget (`run_cost` of its events)."""
+    log = RunLog(max_events=10_000, max_bytes=1 << 30)
+    body = b"".join(upstream.event(i) for i in range(upstream.count))
+    log.extend(SseParser().feed(body + b"event: done\ndata: {}\n\n"))
+    return run_cost(log, ENTRY_BYTES)
+
+
 async def test_a_run_not_recorded_yet_counts_in_the_budget(
     counting: tuple[CountingUpstream, TestServer],
 ) -> None:
     """A client starts its next run as soon as the last answer arrived, before that run's end
-    reached Redis: the replica adds its own uncounted runs, so the budget is not overrun."""
-    _, server = counting
-    async with _gateway(server, resume_redis_budget_bytes=1) as gw:
+    reached Redis: the replica adds its own uncounted runs, so the budget is not overrun: the
+    next run, admitted (nothing is counted in Redis yet), stops going to Redis once its events
+    would take the application over (`run_over_budget`), and its browser still gets them."""
+    upstream, server = counting
+    budget = _run_cost(upstream) * 3 // 2  # one run fits, two do not
+    async with _gateway(server, resume_redis_budget_bytes=budget) as gw:
         registry = gw.app[RUNS_KEY]
         store = _SlowEndStore()
         registry.store = cast(RedisRunStore, store)
-        run_ids = []
+        bodies = []
         for _ in range(2):
             async with gw.client.post(CHAT, headers=CSRF, json={"message": "hi"}) as response:
-                assert response.status == 200
-                run_ids.append(response.headers.get("X-Run-Id"))
-                await response.read()
-        assert run_ids[0] is not None and run_ids[1] is None
-        assert registry.counters.over_budget == 1 and registry.uncounted.get("shop") > 0
-        store.recorded.set()
-        await _wait_for(lambda: store.counted)
-        assert registry.uncounted.get("shop") == 0 and store.counted[0] > 0
+                assert response.status == 200 and "X-Run-Id" in response.headers
+                bodies.append(await response.read())
+        # The cut run's browser got every event, as the first one's did.
+        assert bodies[0] == bodies[1] and bodies[0].endswith(b"\nid: %d\n\n" % (upstream.count + 1))
+        assert registry.counters.cut_over_budget == 1 and store.cut == ["run_over_budget"]
+        assert registry.uncounted.get("shop") > 0
+        store.recorded.set()  # the first run's end: counted too (the cut was at once)
+        await _wait_for(lambda: len(store.counted) == 2)
+        assert registry.uncounted.get("shop") == 0 and min(store.counted) > 0
 
 
 async def test_run_store_down_at_the_start_relays_without_resume(

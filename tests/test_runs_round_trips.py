@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 import pytest
 from aiohttp.test_utils import TestServer
 
-from app.runs.budget import RUN_OVERHEAD_BYTES
+from app.runs.costs import RUN_OVERHEAD_BYTES
 from tests.fake_upstream import app_settings, run_gateway
 from tests.redis_server import RedisServer, command_calls
 from tests.runs_helpers import CSRF, CountingUpstream, read_events

@@ -1,4 +1,6 @@
 """The run registry and the pump: a resumable agent stream keeps going without its browser.
+(Over ~400 lines, on purpose: a run's start, pump, heartbeat, cut and end change its state
+together, in one class; its Redis side, budget, log and readers live in their own modules.)
 
 A run starts when an application with `resumable = true` answers an agent request with an
 event stream (`app.runs.http.start_run`). From then on a pump task of this process owns the
@@ -49,7 +51,8 @@ from app.applications import AppConfig
 from app.config import Settings
 from app.lifecycle import Lifecycle
 from app.proxy.fastread import read_available
-from app.runs.budget import BudgetLedger, UncountedCosts, redis_cost, run_cost
+from app.runs.budget import BudgetLedger
+from app.runs.costs import UncountedCosts, redis_cost, run_cost
 from app.runs.entries import ENTRY_BYTES
 from app.runs.log import RunLog
 from app.runs.readers import ReaderCaps

@@ -1,4 +1,6 @@
 """Runs in Redis, so that a reader on any replica can replay and follow a run pumped elsewhere.
+(Over ~400 lines, on purpose: one class, one method per command or script a run sends; the
+scripts, the entry format and the catch-up gate live in scripts.py, entries.py, catchup.py.)
 
 Keys (all with the run id as hash tag, so one run's keys share a Redis Cluster slot):
 - `{REDIS_AUX_PREFIX}run:{<id>}:m`  hash: `o` owner (a hash of the conversation id), `a`
@@ -23,12 +25,12 @@ Keys (all with the run id as hash tag, so one run's keys share a Redis Cluster s
 Each application's budget of run data (`resume_redis_budget_bytes`, F3): counters
 `{REDIS_AUX_PREFIX}runs:{<applicationId>}:bytes:<slot>`, one per slot of one window
 (`slot = now // window`, this replica's clock), each `INCRBY` the memory a run costs Redis
-(`app.runs.budget.run_cost`) after its end is recorded (`BUDGET_ADD`, with the TTL: two
+(`app.runs.costs.run_cost`) after its end is recorded (`BUDGET_ADD`, with the TTL: two
 windows after its slot began; a replica adds its ended runs together,
 `app.runs.budget.BudgetLedger`). What the current and the previous slot hold is at least what
 the application's ended runs keep in Redis (an ended run is kept one window after its end); a
 new run starts only while that plus what this replica's own runs of the application hold but
-have not counted yet (`app.runs.budget.UncountedCosts`) is under the budget (`budget_used`,
+have not counted yet (`app.runs.costs.UncountedCosts`) is under the budget (`budget_used`,
 read at most every `RUN_BUDGET_REFRESH_SECONDS` per replica and application; over it,
 `app.runs.http.start_run` relays without resume). A retried `INCRBY` may count twice: the
 error is on the safe side. Near its budget, each replica also publishes what its runs of the
@@ -191,7 +193,7 @@ class RedisRunStore:
 
     async def budget_add(self, app_id: str, cost: int, *, window_ms: int) -> None:
         """Count ended runs of `app_id` that cost Redis `cost` bytes for a window
-        (`app.runs.budget.run_cost`), with the counter's TTL in the same script: a counter
+        (`app.runs.costs.run_cost`), with the counter's TTL in the same script: a counter
         never exists without one."""
         current = self._budget_keys(app_id, window_ms)[0]
         execute = self._backend.execute
