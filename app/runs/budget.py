@@ -284,10 +284,10 @@ class BudgetLedger:
         return self._uncounted.get(app_id) + self._unsent_bytes.get(app_id, 0)
 
     def note(self, app_id: str) -> None:
-        """`app_id`'s runs here changed cost: on coming near the budget, publish them; near
-        it, publish them again when they shrank well below what was published (their growth:
-        `reserve_growth`); far from it, withdraw what was published. Cheap when there is
-        nothing to do (called per batch of events)."""
+        """`app_id`'s runs here changed cost: whether it came near its budget; near it,
+        publish them again when they shrank well below what was published (their growth goes
+        through `reserve_growth`, before it is written); far from it, withdraw what was
+        published. Cheap when there is nothing to do (called per batch of events)."""
         published = self._published.get(app_id, 0)
         local = self._local(app_id)
         if app_id not in self._near:
@@ -296,8 +296,10 @@ class BudgetLedger:
                 if published:
                     self._publish(app_id, 0)
                 return
+            # Nothing published here: what its runs hold goes to Redis through
+            # `reserve_growth` first (publishing it unchecked let one batch from far to 1.61x
+            # the budget be written, attack-12).
             self._become_near(app_id)
-            self._publish(app_id, local + self._headroom(app_id))
         elif published > local + 2 * self._headroom(app_id):
             # Growth is published by `reserve_growth` (before it is written); this shrinks.
             self._publish(app_id, local + self._headroom(app_id))
@@ -349,9 +351,11 @@ class BudgetLedger:
         self._refreshes.pop(app_id, None)
         if self._published.get(app_id, 0) == 0:
             return
-        local = self._local(app_id)
-        if app_id in self._near and local > 0:
-            self._publish(app_id, local + self._headroom(app_id))
+        if app_id in self._near and self._local(app_id) > 0:
+            # The same value: growth past it goes through `reserve_growth` (a refresh that
+            # added a headroom let a slowly growing run write 2.23x its budget unchecked,
+            # attack-12).
+            self._publish(app_id, self._published[app_id])
         else:
             self._near.discard(app_id)
             self._publish(app_id, 0)

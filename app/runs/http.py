@@ -41,7 +41,7 @@ from app.ratelimit import token_bucket
 from app.runs.catchup import turn_of
 from app.runs.feed import follow_local, follow_remote
 from app.runs.readers import Follower, FollowTiming
-from app.runs.run import owner_of
+from app.runs.run import CUT_REASON, error_event, owner_of
 from app.runs.runs import RunRegistry, reading
 from app.runs.store import RedisRunStore, RunMeta
 from app.sessions.backend import StoreUnavailable
@@ -261,6 +261,11 @@ async def resume_run(request: web.Request) -> web.StreamResponse:
     meta = await store.meta(run_id)
     if meta is None or meta.owner != owner or meta.app_id != app.app_id:
         raise _not_found()
+    if meta.end == CUT_REASON and after >= meta.last_seq:
+        # Cut over its budget: Redis ends at its cut (`last_seq`, the error's place), but its
+        # browser got more from the replica running it. Past the cut, this replica can only
+        # say so (a 204 there made EventSource stop and lose the rest silently: attack-12).
+        return await _cut_answer(request, run_id)
     # Only an ended run's last id is final: a live run's events reach its browser before
     # they reach Redis, so a browser resuming at once may have seen more than Redis holds.
     if meta.end is not None and after > meta.last_seq:
@@ -272,6 +277,14 @@ async def resume_run(request: web.Request) -> web.StreamResponse:
         return await _resume_remote(request, registry, store, run_id, after, meta, client)
     finally:
         caps.leave(app.app_id, run_id, client)
+
+
+async def _cut_answer(request: web.Request, run_id: str) -> web.StreamResponse:
+    """An event stream of the one `event: error` `run_over_budget` (no `id:`), then its end."""
+    response = _event_stream_response(run_id)
+    await response.prepare(request)
+    await response.write_eof(error_event(CUT_REASON, run_id) + b"\n\n")
+    return response
 
 
 async def _resume_remote(
@@ -357,7 +370,7 @@ async def stop_run(request: web.Request) -> web.Response:
         meta = await registry.store.meta(run_id)
         if meta is None or meta.owner != owner or meta.app_id != app.app_id:
             raise _not_found()
-        if meta.end is None:
+        if meta.end is None or meta.end == CUT_REASON:  # a cut run still pumps (attack-12)
             await registry.store.request_stop(run_id)
         else:
             state = "ended"

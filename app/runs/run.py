@@ -33,6 +33,10 @@ ERROR_MESSAGES = {
 }
 
 
+# The end a run cut over its application's budget has in Redis (`RunRegistry._stop_keeping`).
+CUT_REASON = "run_over_budget"
+
+
 def owner_of(conversation_id: str) -> str:
     """What binds a run to its session: a hash of the session's conversation id (stable
     across session id rotations, never stored in clear next to the run)."""

@@ -56,7 +56,7 @@ from app.runs.costs import UncountedCosts, redis_cost, run_cost
 from app.runs.entries import ENTRY_BYTES
 from app.runs.log import RunLog
 from app.runs.readers import ReaderCaps
-from app.runs.run import Run, RunCounters, error_event
+from app.runs.run import CUT_REASON, Run, RunCounters, error_event
 from app.runs.sse import FRAME_OVERHEAD, EventTooLarge, SseParser
 from app.runs.store import RedisRunStore
 from app.runs.writer import RunWriter
@@ -264,7 +264,7 @@ class RunRegistry:
             writer.written_seq,
         )
         seq = writer.written_seq + 1
-        cut = error_event("run_over_budget", run.run_id) + b"\n\n"
+        cut = error_event(CUT_REASON, run.run_id) + b"\n\n"
         # What it wrote (each write at most a new entry), then the cut's entry.
         cost = redis_cost(writer.written_bytes + len(cut), writer.written_events + 1)
         window_ms = round(app.resume_window_seconds * 1000)
@@ -274,7 +274,7 @@ class RunRegistry:
                 [(seq, cut)],
                 min(run.log.first_seq, seq),
                 end_seq=seq + 1,
-                reason="run_over_budget",
+                reason=CUT_REASON,
                 ttl_ms=window_ms,
                 largest=run.entry_bucket,
             )
@@ -318,10 +318,13 @@ class RunRegistry:
         window = run.app.resume_window_seconds
         attached = run.local_readers > 0
         remote_present = False
-        if self.store is not None and run.kept:
+        if self.store is not None:
             try:
                 stop, pttl = await self.store.tick(
-                    run.run_id, heartbeat_ms=self.heartbeat_ms, ttl_ms=self.ttl_ms(run.app)
+                    run.run_id,
+                    heartbeat_ms=self.heartbeat_ms,
+                    ttl_ms=self.ttl_ms(run.app),
+                    keys=run.kept,  # a cut run: its stop flag still read (attack-12)
                 )
             except StoreUnavailable as err:
                 log.warning("run %s: heartbeat failed (%s)", run.run_id, err)

@@ -258,18 +258,22 @@ class RedisRunStore:
             await self._backend._run(_idempotent_xadd(execute, ("XADD", key, *args), expire))
         return largest
 
-    async def tick(self, run_id: str, *, heartbeat_ms: int, ttl_ms: int) -> tuple[bool, int]:
-        """The pumper's heartbeat: refresh it and the TTLs; (stop asked for, reader key's
-        milliseconds left: negative when no reader refreshed it within the window)."""
+    async def tick(
+        self, run_id: str, *, heartbeat_ms: int, ttl_ms: int, keys: bool = True
+    ) -> tuple[bool, int]:
+        """The pumper's heartbeat: refresh it and (with `keys`) the TTLs; (stop asked for,
+        reader key's milliseconds left: negative when no reader refreshed it within the
+        window). A run cut over its budget ticks without `keys`: what it wrote expires with
+        its count."""
         m = self.key(run_id, "m")
-        _, stop, pttl, *_ = await self._all(
+        commands: list[tuple[Any, ...]] = [
             ("SET", self.key(run_id, "h"), "1", "PX", heartbeat_ms),
             ("HGET", m, "stop"),
             ("PTTL", self.key(run_id, "r")),
-            ("PEXPIRE", m, ttl_ms),
-            ("PEXPIRE", self.key(run_id, "e"), ttl_ms),
-            ("PEXPIRE", self.key(run_id, "z"), ttl_ms),
-        )
+        ]
+        if keys:
+            commands += [("PEXPIRE", self.key(run_id, kind), ttl_ms) for kind in "mez"]
+        _, stop, pttl, *_ = await self._all(*commands)
         return stop is not None, int(pttl)
 
     async def end(
