@@ -214,20 +214,7 @@ class BudgetLedger:
             if used >= budget or app_id not in self._near:
                 return used < budget, used
         local = self._local(app_id)
-        publish = local + self._headroom(app_id)
-        sent_at = asyncio.get_running_loop().time()
-        admitted, known = await store.budget_reserve(
-            app_id,
-            window_ms=window_ms,
-            uncounted=local,
-            budget=budget,
-            publish=publish,
-            ttl_ms=self._flight_ttl_ms,
-        )
-        self._record_read(app_id, known, sent_at)
-        if admitted:
-            self._published[app_id] = publish
-            self._schedule_refresh(app_id)
+        admitted, known = await self._reserve(store, app_id, local)
         if known + local < budget * NEAR_BUDGET_SHARE:
             self._near.discard(app_id)
             self.note(app_id)
@@ -253,8 +240,14 @@ class BudgetLedger:
         budget Redis arbitrates what runs write, not only which start (attack-11: replicas
         each judging from their own view let 12 runs started together on 3 fresh replicas
         keep 1.3-2.3x). False: over it. Raises `StoreUnavailable`."""
+        admitted, _ = await self._reserve(store, app_id, self._local(app_id))
+        return admitted
+
+    async def _reserve(self, store: RedisRunStore, app_id: str, local: int) -> tuple[bool, int]:
+        """`budget_reserve` of `local` (what this replica holds uncounted) with the headroom;
+        the read recorded, the field as published when admitted. (admitted, what Redis
+        knows)."""
         budget, window_ms = self._budgets[app_id]
-        local = self._local(app_id)
         publish = local + self._headroom(app_id)
         sent_at = asyncio.get_running_loop().time()
         admitted, known = await store.budget_reserve(
@@ -269,7 +262,7 @@ class BudgetLedger:
         if admitted:
             self._published[app_id] = max(publish, self._published.get(app_id, 0))
             self._schedule_refresh(app_id)
-        return admitted
+        return admitted, known
 
     def _headroom(self, app_id: str) -> int:
         """What a replica publishes beyond its runs' costs: `FLIGHT_HEADROOM_BYTES`, at most a
