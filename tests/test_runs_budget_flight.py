@@ -95,11 +95,37 @@ async def test_a_replica_that_stops_publishing_has_its_runs_counted_as_ended(
         await asyncio.sleep(0.2)
         assert await b.budget_used("shop", window_ms=WINDOW_MS) == 5000
         client = shared_redis.client()
-        assert client.hgetall(FLIGHT_KEY) == {}
+        flight = client.hgetall(FLIGHT_KEY)
+        assert a.replica.encode() not in flight  # its field is gone; a tombstone remembers
+        assert flight[f"{a.replica}:d".encode()] == b"5000"
         (counter,) = client.keys("t:runs:{shop}:bytes:*")
         assert int(client.get(counter) or 0) == 5000
         assert 0 < client.pttl(counter) <= 2 * WINDOW_MS
         assert await b.budget_used("shop", window_ms=WINDOW_MS) == 5000  # counted once
+
+
+async def test_a_paused_replica_coming_back_takes_its_runs_back_from_the_dead_count(
+    shared_redis: RedisServer,
+) -> None:
+    """SIGSTOP past the field's TTL: counted as a dead replica's ended runs, then alive again;
+    its next publish (or its runs' count at their end) takes that amount back, so they are
+    not counted twice (attack-11: one run 2.06x)."""
+    async with _replicas(shared_redis, 2) as (a, b):
+        await a.budget_publish("shop", 5000, window_ms=WINDOW_MS, ttl_ms=100)
+        await asyncio.sleep(0.2)
+        assert await b.budget_used("shop", window_ms=WINDOW_MS) == 5000  # taken for dead
+        await a.budget_publish("shop", 6000, window_ms=WINDOW_MS, ttl_ms=10_000)  # back
+        assert await b.budget_used("shop", window_ms=WINDOW_MS) == 6000  # in flight, once
+        await a.budget_add("shop", 6000, window_ms=WINDOW_MS)  # its run ended: counted
+        await a.budget_publish("shop", 0, window_ms=WINDOW_MS, ttl_ms=10_000)
+        assert await b.budget_used("shop", window_ms=WINDOW_MS) == 6000
+        # Paused again, then its run's end counted without a publish first: taken back too.
+        await a.budget_publish("shop", 3000, window_ms=WINDOW_MS, ttl_ms=100)
+        await asyncio.sleep(0.2)
+        assert await b.budget_used("shop", window_ms=WINDOW_MS) == 9000
+        await a.budget_add("shop", 3000, window_ms=WINDOW_MS)
+        assert await b.budget_used("shop", window_ms=WINDOW_MS) == 9000
+        assert shared_redis.client().hgetall(FLIGHT_KEY) == {}
 
 
 async def test_near_the_budget_growth_is_published_before_it_is_written_and_withdrawn_at_close(

@@ -110,12 +110,6 @@ end
 return out"""
 )
 
-# KEYS: an application's budget counter (slot). ARGV: bytes, TTL ms.
-BUDGET_ADD = LuaScript.of(
-    """local used = redis.call('INCRBY', KEYS[1], ARGV[1])
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
-return used"""
-)
 
 # An application's runs in flight, per replica (`app.runs.budget.BudgetLedger`): KEYS[3] is a
 # hash of `<replica>` -> the bytes its runs of the application hold in Redis but have not
@@ -123,7 +117,10 @@ return used"""
 # by the scripts below: `now`; `used` = both budget counters (KEYS[1], KEYS[2]); `others` = the
 # live replicas' runs in flight but ARGV[1]'s (the caller counts its own). A replica that has
 # not refreshed its field in time died: what its runs held counts as ended runs (added to the
-# current counter, ARGV[2] its TTL) -- their keys stay for their window.
+# current counter, ARGV[2] its TTL) -- their keys stay for their window -- and a tombstone
+# `<replica>:d` keeps that amount (until `:t`, two windows): a replica that was only paused
+# takes it back from the counters with its next publish or count (`_TAKE_BACK`), so its runs
+# are not counted twice (attack-11: a SIGSTOP past the TTL counted one run 2.06x).
 _READ_BUDGET = """local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 local previous = tonumber(redis.call('GET', KEYS[2]) or '0')
@@ -133,11 +130,19 @@ local fields = {}
 for i = 1, #flight, 2 do fields[flight[i]] = flight[i + 1] end
 local others, dead = 0, 0
 for field, value in pairs(fields) do
-  if string.sub(field, -2) ~= ':t' then
+  local suffix = string.sub(field, -2)
+  if suffix == ':d' then
+    local replica = string.sub(field, 1, -3)
+    if fields[replica] == nil and tonumber(fields[replica .. ':t'] or '0') < now then
+      redis.call('HDEL', KEYS[3], field, replica .. ':t')
+    end
+  elseif suffix ~= ':t' then
     local expires = tonumber(fields[field .. ':t'] or '0')
     if expires < now then
       dead = dead + tonumber(value)
-      redis.call('HDEL', KEYS[3], field, field .. ':t')
+      redis.call('HDEL', KEYS[3], field)
+      redis.call('HINCRBY', KEYS[3], field .. ':d', value)
+      redis.call('HSET', KEYS[3], field .. ':t', now + tonumber(ARGV[2]))
     elseif field ~= ARGV[1] then
       others = others + tonumber(value)
     end
@@ -152,7 +157,22 @@ end
 # Set ARGV[1]'s field of KEYS[3] to @FLIGHT@ bytes (0: remove) for @TTL@ ms (needs `now`);
 # the hash lives @HASH_TTL@ ms (the field's TTL plus a window: a dead replica's field is still
 # there for a check to count it while its runs' keys last).
-_PUBLISH_FLIGHT = """if tonumber(@FLIGHT@) <= 0 then
+_TAKE_BACK = """local tomb = tonumber(redis.call('HGET', KEYS[3], ARGV[1] .. ':d') or '0')
+if tomb > 0 then
+  redis.call('HDEL', KEYS[3], ARGV[1] .. ':d', ARGV[1] .. ':t')
+  for _, key in ipairs({KEYS[1], KEYS[2]}) do
+    local take = math.min(tomb, tonumber(redis.call('GET', key) or '0'))
+    if take > 0 then
+      redis.call('DECRBY', key, take)
+      tomb = tomb - take
+    end
+  end
+end
+"""
+
+_PUBLISH_FLIGHT = (
+    _TAKE_BACK
+    + """if tonumber(@FLIGHT@) <= 0 then
   redis.call('HDEL', KEYS[3], ARGV[1], ARGV[1] .. ':t')
 else
   redis.call('HSET', KEYS[3], ARGV[1], @FLIGHT@, ARGV[1] .. ':t', now + tonumber(@TTL@))
@@ -161,6 +181,17 @@ else
   end
 end
 """
+)
+
+
+# KEYS: an application's budget counters (current slot, previous), runs in flight. ARGV:
+# replica, bytes, TTL ms. A paused replica's tombstone is taken back first (`_TAKE_BACK`).
+BUDGET_ADD = LuaScript.of(
+    _TAKE_BACK
+    + """local used = redis.call('INCRBY', KEYS[1], ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return used"""
+)
 
 
 def _publish_flight(flight: str, ttl: str, hash_ttl: str) -> str:

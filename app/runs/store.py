@@ -195,10 +195,10 @@ class RedisRunStore:
         """Count ended runs of `app_id` that cost Redis `cost` bytes for a window
         (`app.runs.costs.run_cost`), with the counter's TTL in the same script: a counter
         never exists without one."""
-        current = self._budget_keys(app_id, window_ms)[0]
+        keys = self._budget_keys(app_id, window_ms)
         execute = self._backend.execute
-        args = [cost, 2 * max(1, window_ms)]
-        await self._backend._run(lambda: BUDGET_ADD.run(execute, [current], args))
+        args = [self.replica, cost, 2 * max(1, window_ms)]
+        await self._backend._run(lambda: BUDGET_ADD.run(execute, keys, args))
 
     async def create(
         self, run_id: str, meta: RunMeta, *, ttl_ms: int, heartbeat_ms: int, window_ms: int
