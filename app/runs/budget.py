@@ -107,6 +107,9 @@ class BudgetLedger:
         # Runs in flight as last published per application (-1: a publish failed), the
         # publish under way, the applications to publish again after it, refresh timers.
         self._published: dict[str, int] = {}
+        # The last value Redis accepted per application: what a refresh re-sends (a failed
+        # publish's -1 re-sent withdrew runs still in flight, attack-13).
+        self._confirmed: dict[str, int] = {}
         self._publishing: dict[str, asyncio.Task[None]] = {}
         self._publish_again: set[str] = set()
         self._refreshes: dict[str, asyncio.TimerHandle] = {}
@@ -261,6 +264,7 @@ class BudgetLedger:
         self._record_read(app_id, known, sent_at)
         if admitted:
             self._published[app_id] = max(publish, self._published.get(app_id, 0))
+            self._confirmed[app_id] = self._published[app_id]
             self._schedule_refresh(app_id)
         return admitted, known
 
@@ -317,6 +321,9 @@ class BudgetLedger:
         except StoreUnavailable as err:
             log.warning("app %s: its runs in flight could not be published (%s)", app_id, err)
             self._published[app_id] = -1  # any change publishes again
+            flight = self._confirmed.get(app_id, 0)  # what Redis holds: keep it alive
+        else:
+            self._confirmed[app_id] = flight
         finally:
             del self._publishing[app_id]
         if flight > 0:
@@ -345,10 +352,10 @@ class BudgetLedger:
         if self._published.get(app_id, 0) == 0:
             return
         if app_id in self._near and self._local(app_id) > 0:
-            # The same value: growth past it goes through `reserve_growth` (a refresh that
-            # added a headroom let a slowly growing run write 2.23x its budget unchecked,
-            # attack-12).
-            self._publish(app_id, self._published[app_id])
+            # What Redis accepted last: growth past it goes through `reserve_growth` (a
+            # refresh that added a headroom let a slowly growing run write 2.23x its budget
+            # unchecked, attack-12).
+            self._publish(app_id, self._confirmed.get(app_id, 0))
         else:
             self._near.discard(app_id)
             self._publish(app_id, 0)

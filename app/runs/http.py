@@ -370,7 +370,7 @@ async def stop_run(request: web.Request) -> web.Response:
         meta = await registry.store.meta(run_id)
         if meta is None or meta.owner != owner or meta.app_id != app.app_id:
             raise _not_found()
-        if meta.end is None or meta.end == CUT_REASON:  # a cut run still pumps (attack-12)
+        if meta.end is None or (meta.end == CUT_REASON and not meta.finished):  # (attack-12)
             await registry.store.request_stop(run_id)
         else:
             state = "ended"

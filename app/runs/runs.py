@@ -381,6 +381,11 @@ class RunRegistry:
                 reason = "run_store_unavailable"
         entries += last
         recorded = False
+        if self.store is not None and not run.kept:
+            try:
+                await self.store.mark_finished(run.run_id)
+            except StoreUnavailable as err:
+                log.warning("run %s: its end could not be recorded (%s)", run.run_id, err)
         if self.store is not None and reason != "run_store_unavailable" and run.kept:
             try:
                 await self.store.end(

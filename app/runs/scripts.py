@@ -231,6 +231,15 @@ local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
     + "return 1"
 )
 
+# KEYS: meta. A cut run's end where it ran (`f`), only while the meta exists.
+MARK_FINISHED = LuaScript.of(
+    """if redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('HSET', KEYS[1], 'f', '1')
+  return 1
+end
+return 0"""
+)
+
 # KEYS: meta. A stop sets the flag only on a run that still has its meta key: an HSET on a key
 # that just expired would create it again without a TTL (attack-budget-2).
 REQUEST_STOP = LuaScript.of(

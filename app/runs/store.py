@@ -89,6 +89,7 @@ from app.runs.scripts import (
     CREATE_RUN,
     END_RUN,
     GROWN_XADD,
+    MARK_FINISHED,
     PUBLISH_FLIGHT,
     REQUEST_STOP,
 )
@@ -105,6 +106,8 @@ class RunMeta:
     end: str | None = None
     # The sequence number of the last event stored (0: none yet).
     last_seq: int = 0
+    # A run cut over its budget (`end` run_over_budget) that has ended since where it ran.
+    finished: bool = False
 
 
 class RedisRunStore:
@@ -263,16 +266,19 @@ class RedisRunStore:
     ) -> tuple[bool, int]:
         """The pumper's heartbeat: refresh it and (with `keys`) the TTLs; (stop asked for,
         reader key's milliseconds left: negative when no reader refreshed it within the
-        window). A run cut over its budget ticks without `keys`: what it wrote expires with
-        its count."""
+        window). A run cut over its budget ticks without `keys`: its meta lives on, what it
+        wrote expires with its count."""
         m = self.key(run_id, "m")
         commands: list[tuple[Any, ...]] = [
             ("SET", self.key(run_id, "h"), "1", "PX", heartbeat_ms),
             ("HGET", m, "stop"),
             ("PTTL", self.key(run_id, "r")),
         ]
-        if keys:
-            commands += [("PEXPIRE", self.key(run_id, kind), ttl_ms) for kind in "mez"]
+        # A cut run keeps its meta (its owner, for a stop or resume elsewhere: attack-13),
+        # not its events.
+        commands += [
+            ("PEXPIRE", self.key(run_id, kind), ttl_ms) for kind in "mez"[: 3 if keys else 1]
+        ]
         _, stop, pttl, *_ = await self._all(*commands)
         return stop is not None, int(pttl)
 
@@ -327,7 +333,8 @@ class RedisRunStore:
             return None
         owner, app_id = text_of(fields["o"]), text_of(fields["a"])
         if "l" in fields and "x" in fields:  # ended (END_RUN)
-            return RunMeta(owner, app_id, text_of(fields["x"]), int(text_of(fields["l"])))
+            end, last = text_of(fields["x"]), int(text_of(fields["l"]))
+            return RunMeta(owner, app_id, end, last, finished="f" in fields)
         return RunMeta(owner, app_id)
 
     async def range_after(
@@ -382,6 +389,14 @@ class RedisRunStore:
             ("EXISTS", self.key(run_id, "h")),
         )
         return bool(int(alive))
+
+    async def mark_finished(self, run_id: str) -> None:
+        """A cut run ended where it ran: its meta says so (a stop elsewhere answered
+        `stopping` for ever: attack-13), if the meta still exists (never made again without
+        its TTL: `REQUEST_STOP`'s rule)."""
+        keys = [self.key(run_id, "m")]
+        execute = self._backend.execute
+        await self._backend._run(lambda: MARK_FINISHED.run(execute, keys, []))
 
     async def request_stop(self, run_id: str) -> None:
         keys = [self.key(run_id, "m")]
