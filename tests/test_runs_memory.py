@@ -253,6 +253,7 @@ class _SlowEndStore:
         self.recorded = asyncio.Event()
         self.counted: list[int] = []
         self.cut: list[str] = []
+        self.finished: list[str] = []
 
     async def budget_used(self, *args: Any, **kwargs: Any) -> int:
         return 0
@@ -282,6 +283,9 @@ class _SlowEndStore:
 
     async def budget_publish(self, *args: Any, **kwargs: Any) -> None:
         return None
+
+    async def mark_finished(self, run_id: str) -> None:
+        self.finished.append(run_id)
 
 
 def _run_cost(upstream: CountingUpstream) -> int:
@@ -313,6 +317,7 @@ async def test_a_run_not_recorded_yet_counts_in_the_budget(
         # The cut run's browser got every event, as the first one's did.
         assert bodies[0] == bodies[1] and bodies[0].endswith(b"\nid: %d\n\n" % (upstream.count + 1))
         assert registry.counters.cut_over_budget == 1 and store.cut == ["run_over_budget"]
+        await _wait_for(lambda: len(store.finished) == 1)  # its end where it ran, on its meta
         assert registry.uncounted.get("shop") > 0
         store.recorded.set()  # the first run's end: counted too (the cut was at once)
         await _wait_for(lambda: len(store.counted) == 2)
