@@ -302,11 +302,6 @@ class _ScriptedStore:
         self.added += cost
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a failed shrink publish makes the refresh re-send the old, larger flight for "
-    "ever: a 200 KB run counted and still in flight, 200 KB (20 % of the budget) twice",
-)
 async def test_a_failed_shrink_publish_does_not_keep_ended_runs_in_flight() -> None:
     """Attack: near a 1 MB budget a replica has two runs: a 200 KB one that ends and a 10 KB
     agent run that then thinks (no events) for minutes. The end is counted (`budget_add`),
@@ -645,11 +640,6 @@ class _LateStore(_ScriptedStore):
         self.flights.append(("publish", flight))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a refresh applied after a growth's reservation overwrites it, and _confirmed "
-    "follows replies, not Redis: a 500 KB run stays published as 162.5 KB (1.34x admissible)",
-)
 async def test_a_refresh_landing_after_a_reservation_does_not_hide_the_growth() -> None:
     """Attack: near a 1 MB budget (400 KB counted) a run holds 100 KB, published 162.5 KB.
     Its refresh re-sends `_confirmed` (162.5 KB) and that command is slow to land (retried

@@ -104,9 +104,13 @@ class BudgetLedger:
         # This replica's runs not ended yet (their costs), as the registry keeps them.
         self._uncounted = uncounted if uncounted is not None else UncountedCosts()
         self._flight_ttl_ms = flight_ttl_ms
-        # Runs in flight as last published per application (-1: a publish failed), the
+        # Runs in flight as last sent to Redis per application (-1: a publish failed), the
         # publish under way, the applications to publish again after it, refresh timers.
+        # One flight write at a time per application (`_flight_locks`: a publish and a
+        # reservation, each valued when it is sent), so Redis gets them in the order they
+        # were valued (a refresh retried after a reservation overwrote it, attack-14).
         self._published: dict[str, int] = {}
+        self._flight_locks: dict[str, asyncio.Lock] = {}
         # The last value Redis accepted per application: what a refresh re-sends (a failed
         # publish's -1 re-sent withdrew runs still in flight, attack-13).
         self._confirmed: dict[str, int] = {}
@@ -216,8 +220,9 @@ class BudgetLedger:
             )
             if used >= budget or app_id not in self._near:
                 return used < budget, used
-        local = self._local(app_id)
-        admitted, known = await self._reserve(store, app_id, local)
+        async with self._flight_lock(app_id):
+            local = self._local(app_id)
+            admitted, known = await self._reserve(store, app_id, local)
         if known + local < budget * NEAR_BUDGET_SHARE:
             self._near.discard(app_id)
             self.note(app_id)
@@ -243,13 +248,23 @@ class BudgetLedger:
         budget Redis arbitrates what runs write, not only which start (attack-11: replicas
         each judging from their own view let 12 runs started together on 3 fresh replicas
         keep 1.3-2.3x). False: over it. Raises `StoreUnavailable`."""
-        admitted, _ = await self._reserve(store, app_id, self._local(app_id))
+        async with self._flight_lock(app_id):
+            local = self._local(app_id)
+            if 0 <= local <= self._published.get(app_id, 0):
+                return True  # another run's reservation, waited for, covers it
+            admitted, _ = await self._reserve(store, app_id, local)
         return admitted
+
+    def _flight_lock(self, app_id: str) -> asyncio.Lock:
+        lock = self._flight_locks.get(app_id)
+        if lock is None:
+            lock = self._flight_locks[app_id] = asyncio.Lock()
+        return lock
 
     async def _reserve(self, store: RedisRunStore, app_id: str, local: int) -> tuple[bool, int]:
         """`budget_reserve` of `local` (what this replica holds uncounted) with the headroom;
         the read recorded, the field as published when admitted. (admitted, what Redis
-        knows)."""
+        knows). Called with the application's flight lock held."""
         budget, window_ms = self._budgets[app_id]
         publish = local + self._headroom(app_id)
         sent_at = asyncio.get_running_loop().time()
@@ -263,8 +278,7 @@ class BudgetLedger:
         )
         self._record_read(app_id, known, sent_at)
         if admitted:
-            self._published[app_id] = max(publish, self._published.get(app_id, 0))
-            self._confirmed[app_id] = self._published[app_id]
+            self._published[app_id] = self._confirmed[app_id] = publish
             self._schedule_refresh(app_id)
         return admitted, known
 
@@ -291,7 +305,7 @@ class BudgetLedger:
             limits, read = self._budgets.get(app_id), self._reads.get(app_id)
             if limits is None or read is None or read.used + local < limits[0] * NEAR_BUDGET_SHARE:
                 if published:
-                    self._publish(app_id, 0)
+                    self._publish(app_id, withdraw=True)
                 return
             # Nothing published here: what its runs hold goes to Redis through
             # `reserve_growth` first (publishing it unchecked let one batch from far to 1.61x
@@ -299,31 +313,48 @@ class BudgetLedger:
             self._become_near(app_id)
         elif published > local + 2 * self._headroom(app_id):
             # Growth is published by `reserve_growth` (before it is written); this shrinks.
-            self._publish(app_id, local + self._headroom(app_id))
+            self._publish(app_id, withdraw=False)
 
-    def _publish(self, app_id: str, flight: int) -> None:
+    def _publish(self, app_id: str, *, withdraw: bool) -> None:
+        """Send `app_id`'s runs in flight again (`_flight_value`), or withdraw them."""
         store = self._store
         if store is None:
             return
         if app_id in self._publishing:
             self._publish_again.add(app_id)
             return
-        self._published[app_id] = flight
-        task = asyncio.get_running_loop().create_task(self._send_flight(store, app_id, flight))
-        self._publishing[app_id] = task
+        send = self._send_flight(store, app_id, withdraw=withdraw)
+        self._publishing[app_id] = asyncio.get_running_loop().create_task(send)
 
-    async def _send_flight(self, store: RedisRunStore, app_id: str, flight: int) -> None:
+    def _flight_value(self, app_id: str) -> int:
+        """What a publish sends (valued when it is sent): what this replica's runs hold plus
+        the headroom, never more than what Redis accepted last -- growth goes through
+        `reserve_growth` (a refresh that added a headroom let a slowly growing run write 2.23x
+        its budget unchecked, attack-12) -- and never a failed publish's -1 (a withdrawal of
+        runs still in flight, attack-13). So a refresh after a failed shrink shrinks (it
+        re-sent the old value for ever: an ended run counted twice, attack-14)."""
+        local = self._local(app_id) + self._headroom(app_id)
+        return min(self._confirmed.get(app_id, 0), local)
+
+    async def _send_flight(self, store: RedisRunStore, app_id: str, *, withdraw: bool) -> None:
+        flight = 0
         try:
-            _, window_ms = self._budgets.get(app_id, (0, 60_000))
-            await store.budget_publish(
-                app_id, flight, window_ms=window_ms, ttl_ms=self._flight_ttl_ms
-            )
-        except StoreUnavailable as err:
-            log.warning("app %s: its runs in flight could not be published (%s)", app_id, err)
-            self._published[app_id] = -1  # any change publishes again
-            flight = self._confirmed.get(app_id, 0)  # what Redis holds: keep it alive
-        else:
-            self._confirmed[app_id] = flight
+            async with self._flight_lock(app_id):
+                flight = 0 if withdraw else self._flight_value(app_id)
+                self._published[app_id] = flight
+                _, window_ms = self._budgets.get(app_id, (0, 60_000))
+                try:
+                    await store.budget_publish(
+                        app_id, flight, window_ms=window_ms, ttl_ms=self._flight_ttl_ms
+                    )
+                except StoreUnavailable as err:
+                    log.warning(
+                        "app %s: its runs in flight could not be published (%s)", app_id, err
+                    )
+                    self._published[app_id] = -1  # any change publishes again
+                    flight = self._confirmed.get(app_id, 0)  # what Redis holds: keep it alive
+                else:
+                    self._confirmed[app_id] = flight
         finally:
             del self._publishing[app_id]
         if flight > 0:
@@ -352,13 +383,10 @@ class BudgetLedger:
         if self._published.get(app_id, 0) == 0:
             return
         if app_id in self._near and self._local(app_id) > 0:
-            # What Redis accepted last: growth past it goes through `reserve_growth` (a
-            # refresh that added a headroom let a slowly growing run write 2.23x its budget
-            # unchecked, attack-12).
-            self._publish(app_id, self._confirmed.get(app_id, 0))
+            self._publish(app_id, withdraw=False)  # `_flight_value`
         else:
             self._near.discard(app_id)
-            self._publish(app_id, 0)
+            self._publish(app_id, withdraw=True)
 
     def _known(self, app_id: str, read: _Read) -> int:
         sent = sum(cost for _, cost in self._sent.get(app_id, ()))
@@ -471,7 +499,7 @@ class BudgetLedger:
         self._near.clear()
         await asyncio.gather(*self._publishing.values(), return_exceptions=True)
         for app_id in [app_id for app_id, flight in self._published.items() if flight]:
-            self._publish(app_id, 0)
+            self._publish(app_id, withdraw=True)
         await asyncio.gather(*self._publishing.values(), return_exceptions=True)
         for handle in self._refreshes.values():
             handle.cancel()
