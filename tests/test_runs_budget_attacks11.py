@@ -146,11 +146,6 @@ async def test_a_paused_replica_coming_back_in_the_next_slot_takes_its_runs_back
         assert not any(field.endswith(b":d") for field in flight), flight
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the tombstone is taken back from the current counter, not the slot it went to: "
-    "one slot later another replica's ended run of 50 KB counts 10 KB (0.56x of what is held)",
-)
 async def test_a_tombstone_taken_back_in_the_next_slot_does_not_uncount_other_runs(
     tier_integration: None, redis: RedisServer
 ) -> None:
@@ -188,11 +183,6 @@ async def test_a_tombstone_taken_back_in_the_next_slot_does_not_uncount_other_ru
         assert later >= held, (later, held)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the tombstone dies with the flight hash (its TTL: a field's TTL + one window), "
-    "not after two windows: A paused 1.3 windows comes back counted twice (1.83x)",
-)
 async def test_a_tombstone_lasts_its_two_windows(
     tier_integration: None, redis: RedisServer
 ) -> None:

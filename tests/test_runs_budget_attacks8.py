@@ -230,9 +230,10 @@ FLIGHT_KEY = "agent:aux:runs:{shop}:flight"
 
 
 def _flight(redis: RedisServer) -> dict[str, int]:
-    """`shop`'s runs in flight as published: replica -> bytes (the expiry fields left out)."""
+    """`shop`'s runs in flight as published: replica -> bytes (the expiry fields and a
+    tombstone's counter key left out)."""
     raw = cast(dict[bytes, bytes], redis.client().hgetall(FLIGHT_KEY))
-    return {k.decode(): int(v) for k, v in raw.items() if not k.endswith(b":t")}
+    return {k.decode(): int(v) for k, v in raw.items() if not k.endswith((b":t", b":s"))}
 
 
 async def _wait_for(predicate: Callable[[], bool], timeout: float) -> bool:

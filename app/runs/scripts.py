@@ -118,9 +118,12 @@ return out"""
 # live replicas' runs in flight but ARGV[1]'s (the caller counts its own). A replica that has
 # not refreshed its field in time died: what its runs held counts as ended runs (added to the
 # current counter, ARGV[2] its TTL) -- their keys stay for their window -- and a tombstone
-# `<replica>:d` keeps that amount (until `:t`, two windows): a replica that was only paused
-# takes it back from the counters with its next publish or count (`_TAKE_BACK`), so its runs
-# are not counted twice (attack-11: a SIGSTOP past the TTL counted one run 2.06x).
+# `<replica>:d` keeps that amount and `<replica>:s` the counter it went to (until `:t`, two
+# windows, the hash kept at least that long): a replica that was only paused takes it back
+# from that counter, while it is counted, with its next publish or count (`_TAKE_BACK`), so
+# its runs are not counted twice (attack-11: a SIGSTOP past the TTL counted one run 2.06x;
+# attack-14: taken back from the current counter one slot later, it uncounted another
+# replica's ended run; dying with the hash after one window, it was not taken back: 1.83x).
 _READ_BUDGET = """local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 local previous = tonumber(redis.call('GET', KEYS[2]) or '0')
@@ -134,15 +137,20 @@ for field, value in pairs(fields) do
   if suffix == ':d' then
     local replica = string.sub(field, 1, -3)
     if fields[replica] == nil and tonumber(fields[replica .. ':t'] or '0') < now then
-      redis.call('HDEL', KEYS[3], field, replica .. ':t')
+      redis.call('HDEL', KEYS[3], field, replica .. ':t', replica .. ':s')
     end
-  elseif suffix ~= ':t' then
+  elseif suffix ~= ':t' and suffix ~= ':s' then
     local expires = tonumber(fields[field .. ':t'] or '0')
     if expires < now then
+      -- (a replica's field exists only after its publish took its tombstone back: one
+      -- tombstone per replica at a time)
       dead = dead + tonumber(value)
       redis.call('HDEL', KEYS[3], field)
-      redis.call('HINCRBY', KEYS[3], field .. ':d', value)
+      redis.call('HSET', KEYS[3], field .. ':d', value, field .. ':s', KEYS[1])
       redis.call('HSET', KEYS[3], field .. ':t', now + tonumber(ARGV[2]))
+      if redis.call('PTTL', KEYS[3]) < tonumber(ARGV[2]) then
+        redis.call('PEXPIRE', KEYS[3], ARGV[2])
+      end
     elseif field ~= ARGV[1] then
       others = others + tonumber(value)
     end
@@ -159,12 +167,14 @@ end
 # there for a check to count it while its runs' keys last).
 _TAKE_BACK = """local tomb = tonumber(redis.call('HGET', KEYS[3], ARGV[1] .. ':d') or '0')
 if tomb > 0 then
-  redis.call('HDEL', KEYS[3], ARGV[1] .. ':d', ARGV[1] .. ':t')
+  local counter = redis.call('HGET', KEYS[3], ARGV[1] .. ':s')
+  redis.call('HDEL', KEYS[3], ARGV[1] .. ':d', ARGV[1] .. ':t', ARGV[1] .. ':s')
   for _, key in ipairs({KEYS[1], KEYS[2]}) do
-    local take = math.min(tomb, tonumber(redis.call('GET', key) or '0'))
-    if take > 0 then
-      redis.call('DECRBY', key, take)
-      tomb = tomb - take
+    if key == counter then
+      local take = math.min(tomb, tonumber(redis.call('GET', key) or '0'))
+      if take > 0 then
+        redis.call('DECRBY', key, take)
+      end
     end
   end
 end
