@@ -178,7 +178,12 @@ async def follow_remote(
                 entries = await store.range_after(run_id, pos, count, app_id=app_id, client=client)
                 count = next_catchup_count(count, entries, READ_COUNT)
                 if not entries and follower is None:
-                    break  # an ended run read to its end (its entries expired meanwhile)
+                    if pos < replay_until:
+                        # Its events expired before its meta (a run cut over its budget keeps
+                        # its meta while it pumps on elsewhere): a 200 with no event made
+                        # EventSource reconnect for ever (attack-14).
+                        await response.write(_error_event(request, "resume_too_old"))
+                    break  # an ended run read to its end
             else:
                 entries = follower.after(pos)
             if not entries:

@@ -370,9 +370,13 @@ async def stop_run(request: web.Request) -> web.Response:
         meta = await registry.store.meta(run_id)
         if meta is None or meta.owner != owner or meta.app_id != app.app_id:
             raise _not_found()
-        if meta.end is None or (meta.end == CUT_REASON and not meta.finished):  # (attack-12)
+        # A run cut over its budget has an end in Redis but may pump on where it runs
+        # (attack-12): until its finish is recorded -- or, that record lost (attack-14) or
+        # its replica dead, until its heartbeat key is gone.
+        cut = meta.end == CUT_REASON and not meta.finished
+        if meta.end is None:
             await registry.store.request_stop(run_id)
-        else:
+        elif not cut or not await registry.store.request_stop(run_id, if_pumping=True):
             state = "ended"
     else:
         raise _not_found()

@@ -76,6 +76,9 @@ class Run:
     # Its events go to Redis; False once its growth took its application over its budget
     # (`RunRegistry._stop_keeping`): it goes on in this process only, as on the memory store.
     kept: bool = True
+    # A cut whose record in Redis failed, retried with its ticks and at its end: (the cut's
+    # sequence number, the first kept, its cost).
+    cut_pending: tuple[int, int, int] | None = None
 
     def wake(self) -> None:
         """Cut the pump's current wait short (a stop, the shutdown)."""

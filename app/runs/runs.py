@@ -264,25 +264,39 @@ class RunRegistry:
             writer.written_seq,
         )
         seq = writer.written_seq + 1
-        cut = error_event(CUT_REASON, run.run_id) + b"\n\n"
         # What it wrote (each write at most a new entry), then the cut's entry.
-        cost = redis_cost(writer.written_bytes + len(cut), writer.written_events + 1)
-        window_ms = round(app.resume_window_seconds * 1000)
+        cut_bytes = len(error_event(CUT_REASON, run.run_id)) + 2
+        cost = redis_cost(writer.written_bytes + cut_bytes, writer.written_events + 1)
+        run.cut_pending = (seq, min(run.log.first_seq, seq), cost)
+        if await self._record_cut(run, store):
+            self._settle_cost(run)
+        # else its cost stays uncounted here until the cut is recorded (`_tick`, `_end`).
+
+    async def _record_cut(self, run: Run, store: RedisRunStore) -> bool:
+        """Record `run.cut_pending` in Redis: the cut's `event: error` and the end (a reader
+        elsewhere followed a cut run whose record failed as a live one, with no end, for as
+        long as it pumped here: attack-14), its cost counted. Whether it is recorded now."""
+        if run.cut_pending is None:
+            return True
+        seq, first_kept, cost = run.cut_pending
+        window_ms = round(run.app.resume_window_seconds * 1000)
         try:
             await store.end(
                 run.run_id,
-                [(seq, cut)],
-                min(run.log.first_seq, seq),
+                [(seq, error_event(CUT_REASON, run.run_id) + b"\n\n")],
+                first_kept,
                 end_seq=seq + 1,
                 reason=CUT_REASON,
                 ttl_ms=window_ms,
                 largest=run.entry_bucket,
             )
-            self.budget.add(store, app.app_id, cost, window_ms=window_ms, keep=window_ms / 1000)
-            run.counted = True
         except StoreUnavailable as err:
             log.warning("run %s: its cut could not be recorded (%s)", run.run_id, err)
-        self._settle_cost(run)
+            return False
+        run.cut_pending = None
+        self.budget.add(store, run.app.app_id, cost, window_ms=window_ms, keep=window_ms / 1000)
+        run.counted = True
+        return True
 
     def _note_cost(self, run: Run) -> None:
         """Bring `uncounted` of `run`'s application up to what `run` costs Redis now (nothing
@@ -319,6 +333,8 @@ class RunRegistry:
         attached = run.local_readers > 0
         remote_present = False
         if self.store is not None:
+            if run.cut_pending is not None and await self._record_cut(run, self.store):
+                self._settle_cost(run)
             try:
                 stop, pttl = await self.store.tick(
                     run.run_id,
@@ -383,6 +399,7 @@ class RunRegistry:
         recorded = False
         if self.store is not None and not run.kept:
             try:
+                await self._record_cut(run, self.store)  # (when its record failed so far)
                 await self.store.mark_finished(run.run_id)
             except StoreUnavailable as err:
                 log.warning("run %s: its end could not be recorded (%s)", run.run_id, err)

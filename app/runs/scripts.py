@@ -250,10 +250,12 @@ end
 return 0"""
 )
 
-# KEYS: meta. A stop sets the flag only on a run that still has its meta key: an HSET on a key
-# that just expired would create it again without a TTL (attack-budget-2).
+# KEYS: meta, heartbeat. ARGV: '1' when only a pumping run is to be stopped (its heartbeat
+# key alive), else ''. A stop sets the flag only on a run that still has its meta key: an HSET
+# on a key that just expired would create it again without a TTL (attack-budget-2). 1: set.
 REQUEST_STOP = LuaScript.of(
-    """if redis.call('EXISTS', KEYS[1]) == 1 then
+    """if redis.call('EXISTS', KEYS[1]) == 1
+    and (ARGV[1] == '' or redis.call('EXISTS', KEYS[2]) == 1) then
   redis.call('HSET', KEYS[1], 'stop', '1')
   return 1
 end
