@@ -16,8 +16,8 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import Iterator
-from contextlib import AsyncExitStack
+from collections.abc import AsyncIterator, Iterator
+from contextlib import AsyncExitStack, ExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +25,7 @@ import aiohttp
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from tests.gateway_process import GatewayProcess
 from tests.redis_server import RedisServer
 
 
@@ -163,6 +164,90 @@ class SseUpstream:
 
     async def write_events(self, response: web.StreamResponse) -> None:
         raise NotImplementedError
+
+
+# The cut-run attacks (tests/test_runs_budget_attacks9.py, 10, 11): an application `shop` of a
+# small Redis budget fed ~8 KB events, resumed and stopped on either of two gateways.
+PADDED_EVENT_PAD = 8000
+SHOP_BUDGET = 256 * 1024
+
+
+class PaddedUpstream(SseUpstream):
+    """`count` events `event: token` / `data: {"n": i, "pad": ...}` of ~8 KB, `delay` apart
+    (one write each), then `event: done`. `cancelled`: the gateway hung up on it;
+    `finished`: it wrote everything."""
+
+    def __init__(self, delay: float = 0.01, count: int = 80) -> None:
+        self.delay = delay
+        self.count = count
+        self.cancelled = asyncio.Event()
+        self.finished = asyncio.Event()
+
+    async def write_events(self, response: web.StreamResponse) -> None:
+        try:
+            for i in range(self.count):
+                payload = json.dumps({"n": i, "pad": "p" * PADDED_EVENT_PAD})
+                await response.write(f"event: token\ndata: {payload}\n\n".encode())
+                await asyncio.sleep(self.delay)
+            await response.write(b"event: done\ndata: {}\n\n")
+            self.finished.set()
+        except (asyncio.CancelledError, ConnectionError):
+            self.cancelled.set()
+            raise
+
+
+def shop_env(
+    tmp_path: Path, redis: RedisServer, upstream: str, window: float = 30, budget: int = SHOP_BUDGET
+) -> dict[str, str]:
+    """A gateway process's environment (`redis_runs_env`) with one resumable application
+    `shop` of `upstream`, its window and Redis budget."""
+    return redis_runs_env(
+        tmp_path,
+        redis.url,
+        f'[apps.shop]\nupstream = "{upstream}"\nresumable = true\n'
+        f"resume_window_seconds = {window}\nresume_redis_budget_bytes = {budget}\n",
+    )
+
+
+async def resume_shop_run(
+    http: aiohttp.ClientSession, url: str, run_id: str, after: int
+) -> tuple[int, list[bytes], str]:
+    """A resume of `shop`'s run `run_id` on `url` after `after`: (status, events, body when
+    not an event stream)."""
+    async with http.get(
+        f"{url}/apps/shop/runs/{run_id}", headers={"Last-Event-ID": str(after)}
+    ) as response:
+        if response.content_type != "text/event-stream":
+            return response.status, [], (await response.read()).decode(errors="replace")
+        events = await asyncio.wait_for(read_events(response), 20)
+        return response.status, events, ""
+
+
+async def stop_shop_run(http: aiohttp.ClientSession, url: str, run_id: str) -> tuple[int, str]:
+    """`stop` of `shop`'s run `run_id` on `url`: (status, body)."""
+    async with http.post(f"{url}/apps/shop/runs/{run_id}/stop", headers=CSRF) as stopped:
+        return stopped.status, await stopped.text()
+
+
+@asynccontextmanager
+async def two_shop_gateways(
+    tmp_path: Path,
+    redis: RedisServer,
+    upstream: SseUpstream,
+    window: float = 30,
+    budget: int = SHOP_BUDGET,
+) -> AsyncIterator[tuple[GatewayProcess, GatewayProcess, aiohttp.ClientSession]]:
+    """Two gateway processes A and B (`shop_env`) on `redis` in front of `upstream`, and one
+    browser for both (a client session with its cookie jar). On the way out the session
+    closes, then the processes stop (SIGTERM: they flush their budget counts), then the
+    upstream."""
+    async with AsyncExitStack() as stack:
+        (upstream_url,) = await start_upstreams(stack, upstream.app())
+        env = shop_env(tmp_path, redis, upstream_url, window, budget)
+        with ExitStack() as processes:
+            a, b = (processes.enter_context(GatewayProcess(env)) for _ in range(2))
+            async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as http:
+                yield a, b, http
 
 
 def run_keys_bytes(redis: RedisServer, app_id: str) -> tuple[int, int]:

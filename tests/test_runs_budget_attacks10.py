@@ -28,91 +28,34 @@ import asyncio
 import json
 import time
 from collections.abc import Iterator
-from contextlib import AsyncExitStack, ExitStack
 from pathlib import Path
 from typing import cast
 
-import aiohttp
 import pytest
-from aiohttp import web
 
 from app.runs.budget import BudgetLedger
 from app.runs.costs import UncountedCosts
 from app.runs.store import RedisRunStore
 from app.sessions.backend import StoreUnavailable
-from tests.gateway_process import GatewayProcess
 from tests.redis_server import RedisServer
 from tests.runs_helpers import (
     CSRF,
-    SseUpstream,
+    PaddedUpstream,
     error_code,
     read_events,
     redis_at,
-    redis_runs_env,
-    start_upstreams,
+    resume_shop_run,
+    stop_shop_run,
+    two_shop_gateways,
 )
 
 pytestmark = pytest.mark.redis_server
-
-KIB = 1024
-BUDGET = 256 * KIB
-PAD = 8000
 
 
 @pytest.fixture
 def redis(tier_integration: None) -> Iterator[RedisServer]:
     with redis_at("256mb", "noeviction") as server:
         yield server
-
-
-class PaddedUpstream(SseUpstream):
-    """`count` events of ~8 KB, `delay` apart, then `event: done`. `cancelled`: the gateway
-    hung up on it; `finished`: it wrote everything."""
-
-    def __init__(self, delay: float = 0.01, count: int = 80) -> None:
-        self.delay = delay
-        self.count = count
-        self.cancelled = asyncio.Event()
-        self.finished = asyncio.Event()
-
-    async def write_events(self, response: web.StreamResponse) -> None:
-        try:
-            for i in range(self.count):
-                payload = json.dumps({"n": i, "pad": "p" * PAD})
-                await response.write(f"event: token\ndata: {payload}\n\n".encode())
-                await asyncio.sleep(self.delay)
-            await response.write(b"event: done\ndata: {}\n\n")
-            self.finished.set()
-        except (asyncio.CancelledError, ConnectionError):
-            self.cancelled.set()
-            raise
-
-
-def _env(tmp_path: Path, redis: RedisServer, upstream: str, window: float) -> dict[str, str]:
-    return redis_runs_env(
-        tmp_path,
-        redis.url,
-        f'[apps.shop]\nupstream = "{upstream}"\nresumable = true\n'
-        f"resume_window_seconds = {window}\nresume_redis_budget_bytes = {BUDGET}\n",
-    )
-
-
-async def _resume(
-    http: aiohttp.ClientSession, url: str, run_id: str, after: int
-) -> tuple[int, list[bytes], str]:
-    """A resume of `run_id` on `url` after `after`: (status, events, body when not a stream)."""
-    async with http.get(
-        f"{url}/apps/shop/runs/{run_id}", headers={"Last-Event-ID": str(after)}
-    ) as response:
-        if response.content_type != "text/event-stream":
-            return response.status, [], (await response.read()).decode(errors="replace")
-        events = await asyncio.wait_for(read_events(response), 20)
-        return response.status, events, ""
-
-
-async def _stop(http: aiohttp.ClientSession, url: str, run_id: str) -> tuple[int, str]:
-    async with http.post(f"{url}/apps/shop/runs/{run_id}/stop", headers=CSRF) as stopped:
-        return stopped.status, await stopped.text()
 
 
 async def _stopped_within(upstream: PaddedUpstream, seconds: float) -> bool:
@@ -139,41 +82,35 @@ async def test_a_cut_run_outliving_its_keys_can_still_be_stopped_through_another
     whose meta expired.
     Fixed (session 8): a cut run's tick keeps its meta key alive (not its events)."""
     upstream = PaddedUpstream(delay=0.1, count=400)
-    async with AsyncExitStack() as stack:
-        (upstream_url,) = await start_upstreams(stack, upstream.app())
-        env = _env(tmp_path, redis, upstream_url, window=3)
-        with ExitStack() as processes:
-            a, b = (processes.enter_context(GatewayProcess(env)) for _ in range(2))
-            jar = aiohttp.CookieJar(unsafe=True)
-            async with aiohttp.ClientSession(cookie_jar=jar) as http:
-                async with http.post(
-                    f"{a.url}/apps/shop/agent/chat", headers=CSRF, json={"message": "go"}
-                ) as response:
-                    run_id = response.headers["X-Run-Id"]
-                    got = await asyncio.wait_for(read_events(response, 45), 30)
-                    status, written, body = await _resume(http, b.url, run_id, 0)
-                    assert status == 200, (status, body)
-                    assert error_code(written[-1]) == "run_over_budget", written[-1][:200]
-                    cut_at = len(written) - 1
-                    # Past one window (3 s) plus a heartbeat, the browser on A reading on.
-                    began = time.monotonic()
-                    while time.monotonic() - began < 4.5:
-                        got += await asyncio.wait_for(read_events(response, 5), 10)
-                    assert not upstream.cancelled.is_set() and not upstream.finished.is_set()
-                    resumed, events, resume_body = await _resume(http, b.url, run_id, len(got))
-                    stop_status, stop_body = await _stop(http, b.url, run_id)
-                    with_b = await _stopped_within(upstream, 5.0)
-                    if not with_b:
-                        assert (await _stop(http, a.url, run_id))[0] == 202
-                        assert await _stopped_within(upstream, 5.0)
-                print(
-                    f"cut at {cut_at}, {len(got)} read on A; resume on B: {resumed} "
-                    f"{resume_body[:80]!r}; stop on B: {stop_status} {stop_body[:80]!r}; "
-                    f"upstream cancelled by it: {with_b}"
-                )
-                assert stop_status == 202 and with_b, (stop_status, stop_body)
-                assert resumed == 200 and events, (resumed, resume_body)
-                assert error_code(events[-1]) == "run_over_budget"
+    async with two_shop_gateways(tmp_path, redis, upstream, window=3) as (a, b, http):
+        async with http.post(
+            f"{a.url}/apps/shop/agent/chat", headers=CSRF, json={"message": "go"}
+        ) as response:
+            run_id = response.headers["X-Run-Id"]
+            got = await asyncio.wait_for(read_events(response, 45), 30)
+            status, written, body = await resume_shop_run(http, b.url, run_id, 0)
+            assert status == 200, (status, body)
+            assert error_code(written[-1]) == "run_over_budget", written[-1][:200]
+            cut_at = len(written) - 1
+            # Past one window (3 s) plus a heartbeat, the browser on A reading on.
+            began = time.monotonic()
+            while time.monotonic() - began < 4.5:
+                got += await asyncio.wait_for(read_events(response, 5), 10)
+            assert not upstream.cancelled.is_set() and not upstream.finished.is_set()
+            resumed, events, resume_body = await resume_shop_run(http, b.url, run_id, len(got))
+            stop_status, stop_body = await stop_shop_run(http, b.url, run_id)
+            with_b = await _stopped_within(upstream, 5.0)
+            if not with_b:
+                assert (await stop_shop_run(http, a.url, run_id))[0] == 202
+                assert await _stopped_within(upstream, 5.0)
+        print(
+            f"cut at {cut_at}, {len(got)} read on A; resume on B: {resumed} "
+            f"{resume_body[:80]!r}; stop on B: {stop_status} {stop_body[:80]!r}; "
+            f"upstream cancelled by it: {with_b}"
+        )
+        assert stop_status == 202 and with_b, (stop_status, stop_body)
+        assert resumed == 200 and events, (resumed, resume_body)
+        assert error_code(events[-1]) == "run_over_budget"
 
 
 async def test_a_cut_run_that_finished_answers_stop_elsewhere_with_ended(
@@ -192,31 +129,25 @@ async def test_a_cut_run_that_finished_answers_stop_elsewhere_with_ended(
     Fixed (session 8): a cut run's end where it ran is recorded on its meta (`f`,
     `MARK_FINISHED`) and `stop_run` answers `ended` for it."""
     upstream = PaddedUpstream()
-    async with AsyncExitStack() as stack:
-        (upstream_url,) = await start_upstreams(stack, upstream.app())
-        env = _env(tmp_path, redis, upstream_url, window=30)
-        with ExitStack() as processes:
-            a, b = (processes.enter_context(GatewayProcess(env)) for _ in range(2))
-            jar = aiohttp.CookieJar(unsafe=True)
-            async with aiohttp.ClientSession(cookie_jar=jar) as http:
-                async with http.post(
-                    f"{a.url}/apps/shop/agent/chat", headers=CSRF, json={"message": "go"}
-                ) as response:
-                    run_id = response.headers["X-Run-Id"]
-                    first = await asyncio.wait_for(read_events(response), 30)
-                assert upstream.finished.is_set()
-                status, written, body = await _resume(http, b.url, run_id, 0)
-                assert status == 200, (status, body)
-                assert error_code(written[-1]) == "run_over_budget"
-                await asyncio.sleep(1.0)  # several heartbeats after the end
-                resumed, past, _ = await _resume(http, b.url, run_id, len(first))
-                assert resumed == 200 and len(past) == 1, (resumed, past)
-                assert error_code(past[0]) == "run_over_budget"
-                on_a = await _stop(http, a.url, run_id)
-                on_b = await _stop(http, b.url, run_id)
-                print(f"{len(first)} events, cut at {len(written) - 1}; stop A {on_a}, B {on_b}")
-                assert on_b[0] == 202
-                assert json.loads(on_b[1])["run"]["state"] == "ended", (on_a, on_b)
+    async with two_shop_gateways(tmp_path, redis, upstream, window=30) as (a, b, http):
+        async with http.post(
+            f"{a.url}/apps/shop/agent/chat", headers=CSRF, json={"message": "go"}
+        ) as response:
+            run_id = response.headers["X-Run-Id"]
+            first = await asyncio.wait_for(read_events(response), 30)
+        assert upstream.finished.is_set()
+        status, written, body = await resume_shop_run(http, b.url, run_id, 0)
+        assert status == 200, (status, body)
+        assert error_code(written[-1]) == "run_over_budget"
+        await asyncio.sleep(1.0)  # several heartbeats after the end
+        resumed, past, _ = await resume_shop_run(http, b.url, run_id, len(first))
+        assert resumed == 200 and len(past) == 1, (resumed, past)
+        assert error_code(past[0]) == "run_over_budget"
+        on_a = await stop_shop_run(http, a.url, run_id)
+        on_b = await stop_shop_run(http, b.url, run_id)
+        print(f"{len(first)} events, cut at {len(written) - 1}; stop A {on_a}, B {on_b}")
+        assert on_b[0] == 202
+        assert json.loads(on_b[1])["run"]["state"] == "ended", (on_a, on_b)
 
 
 class _FlakyStore:

@@ -34,13 +34,12 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator, Iterator
-from contextlib import AsyncExitStack, ExitStack, asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import cast
 
 import aiohttp
 import pytest
-from aiohttp import web
 
 from app.runs.budget import BudgetLedger
 from app.runs.costs import UncountedCosts
@@ -48,23 +47,23 @@ from app.runs.store import RedisRunStore
 from app.sessions.backend import StoreUnavailable
 from app.sessions.redis import RedisBackend
 from app.sessions.redis_client import RedisOptions, make_client
-from tests.gateway_process import GatewayProcess
 from tests.redis_server import RedisServer
 from tests.runs_helpers import (
     CSRF,
-    SseUpstream,
+    PaddedUpstream,
     error_code,
     read_events,
     redis_at,
-    redis_runs_env,
+    resume_shop_run,
     start_upstreams,
+    stop_shop_run,
+    two_shop_gateways,
 )
 
 pytestmark = pytest.mark.redis_server
 
 KIB = 1024
 BUDGET = 256 * KIB
-PAD = 8000
 FLIGHT_KEY = "t:runs:{shop}:flight"
 
 
@@ -365,56 +364,6 @@ async def test_failed_refreshes_never_send_less_than_the_runs_hold() -> None:
 # -- cut runs on two gateway processes -------------------------------------------------------
 
 
-class PaddedUpstream(SseUpstream):
-    """`count` events of ~8 KB, `delay` apart, then `event: done`. `cancelled`: the gateway
-    hung up on it; `finished`: it wrote everything."""
-
-    def __init__(self, delay: float = 0.01, count: int = 80) -> None:
-        self.delay = delay
-        self.count = count
-        self.cancelled = asyncio.Event()
-        self.finished = asyncio.Event()
-
-    async def write_events(self, response: web.StreamResponse) -> None:
-        try:
-            for i in range(self.count):
-                payload = json.dumps({"n": i, "pad": "p" * PAD})
-                await response.write(f"event: token\ndata: {payload}\n\n".encode())
-                await asyncio.sleep(self.delay)
-            await response.write(b"event: done\ndata: {}\n\n")
-            self.finished.set()
-        except (asyncio.CancelledError, ConnectionError):
-            self.cancelled.set()
-            raise
-
-
-def _env(tmp_path: Path, redis: RedisServer, upstream: str, window: float) -> dict[str, str]:
-    return redis_runs_env(
-        tmp_path,
-        redis.url,
-        f'[apps.shop]\nupstream = "{upstream}"\nresumable = true\n'
-        f"resume_window_seconds = {window}\nresume_redis_budget_bytes = {BUDGET}\n",
-    )
-
-
-async def _resume(
-    http: aiohttp.ClientSession, url: str, run_id: str, after: int
-) -> tuple[int, list[bytes], str]:
-    """A resume of `run_id` on `url` after `after`: (status, events, body when not a stream)."""
-    async with http.get(
-        f"{url}/apps/shop/runs/{run_id}", headers={"Last-Event-ID": str(after)}
-    ) as response:
-        if response.content_type != "text/event-stream":
-            return response.status, [], (await response.read()).decode(errors="replace")
-        events = await asyncio.wait_for(read_events(response), 20)
-        return response.status, events, ""
-
-
-async def _stop(http: aiohttp.ClientSession, url: str, run_id: str) -> tuple[int, str]:
-    async with http.post(f"{url}/apps/shop/runs/{run_id}/stop", headers=CSRF) as stopped:
-        return stopped.status, await stopped.text()
-
-
 async def test_a_resume_elsewhere_from_before_the_cut_past_the_window_is_told_why(
     tier_system: None, tmp_path: Path, redis: RedisServer
 ) -> None:
@@ -431,40 +380,34 @@ async def test_a_resume_elsewhere_from_before_the_cut_past_the_window_is_told_wh
     error (`_cut_answer`); or `follow_remote`: an ended run whose first read is empty while
     `after < replay_until` gets `resume_too_old`."""
     upstream = PaddedUpstream(delay=0.1, count=400)
-    async with AsyncExitStack() as stack:
-        (upstream_url,) = await start_upstreams(stack, upstream.app())
-        env = _env(tmp_path, redis, upstream_url, window=3)
-        with ExitStack() as processes:
-            a, b = (processes.enter_context(GatewayProcess(env)) for _ in range(2))
-            jar = aiohttp.CookieJar(unsafe=True)
-            async with aiohttp.ClientSession(cookie_jar=jar) as http:
-                async with http.post(
-                    f"{a.url}/apps/shop/agent/chat", headers=CSRF, json={"message": "go"}
-                ) as response:
-                    run_id = response.headers["X-Run-Id"]
-                    got = await asyncio.wait_for(read_events(response, 45), 30)
-                    status, written, body = await _resume(http, b.url, run_id, 0)
-                    assert status == 200, (status, body)
-                    assert error_code(written[-1]) == "run_over_budget", written[-1][:200]
-                    cut_at = len(written) - 1
-                    began = time.monotonic()
-                    while time.monotonic() - began < 4.5:  # past the window + a heartbeat
-                        got += await asyncio.wait_for(read_events(response, 5), 10)
-                    assert not upstream.cancelled.is_set() and not upstream.finished.is_set()
-                    answers = [await _resume(http, b.url, run_id, after) for after in (0, 3)]
-                    at_cut = await _resume(http, b.url, run_id, cut_at)
-                    stopped = await _stop(http, b.url, run_id)
-                    await asyncio.wait_for(upstream.cancelled.wait(), 5)
-                print(
-                    f"cut at {cut_at}, {len(got)} read on A; resumes on B from 0 and 3: "
-                    f"{[(s, len(e), body[:60]) for s, e, body in answers]}; from the cut: "
-                    f"{at_cut[0]} {[error_code(e) for e in at_cut[1]]}; stop on B {stopped}"
-                )
-                assert stopped[0] == 202
-                for status, events, body in [*answers, at_cut]:
-                    assert status != 500, body
-                    assert events, (status, body)
-                    assert error_code(events[-1]) in {"run_over_budget", "resume_too_old"}
+    async with two_shop_gateways(tmp_path, redis, upstream, window=3) as (a, b, http):
+        async with http.post(
+            f"{a.url}/apps/shop/agent/chat", headers=CSRF, json={"message": "go"}
+        ) as response:
+            run_id = response.headers["X-Run-Id"]
+            got = await asyncio.wait_for(read_events(response, 45), 30)
+            status, written, body = await resume_shop_run(http, b.url, run_id, 0)
+            assert status == 200, (status, body)
+            assert error_code(written[-1]) == "run_over_budget", written[-1][:200]
+            cut_at = len(written) - 1
+            began = time.monotonic()
+            while time.monotonic() - began < 4.5:  # past the window + a heartbeat
+                got += await asyncio.wait_for(read_events(response, 5), 10)
+            assert not upstream.cancelled.is_set() and not upstream.finished.is_set()
+            answers = [await resume_shop_run(http, b.url, run_id, after) for after in (0, 3)]
+            at_cut = await resume_shop_run(http, b.url, run_id, cut_at)
+            stopped = await stop_shop_run(http, b.url, run_id)
+            await asyncio.wait_for(upstream.cancelled.wait(), 5)
+        print(
+            f"cut at {cut_at}, {len(got)} read on A; resumes on B from 0 and 3: "
+            f"{[(s, len(e), body[:60]) for s, e, body in answers]}; from the cut: "
+            f"{at_cut[0]} {[error_code(e) for e in at_cut[1]]}; stop on B {stopped}"
+        )
+        assert stopped[0] == 202
+        for status, events, body in [*answers, at_cut]:
+            assert status != 500, body
+            assert events, (status, body)
+            assert error_code(events[-1]) in {"run_over_budget", "resume_too_old"}
 
 
 async def test_a_cut_run_that_finished_past_its_window_answers_stop_elsewhere_ended(
@@ -475,32 +418,26 @@ async def test_a_cut_run_that_finished_past_its_window_answers_stop_elsewhere_en
     `ended` (`MARK_FINISHED` on the kept meta) and writes no stop flag; a resume on B past
     the cut gets the cut's error; no 404 while the meta lives."""
     upstream = PaddedUpstream(delay=0.05, count=120)
-    async with AsyncExitStack() as stack:
-        (upstream_url,) = await start_upstreams(stack, upstream.app())
-        env = _env(tmp_path, redis, upstream_url, window=2)
-        with ExitStack() as processes:
-            a, b = (processes.enter_context(GatewayProcess(env)) for _ in range(2))
-            jar = aiohttp.CookieJar(unsafe=True)
-            async with aiohttp.ClientSession(cookie_jar=jar) as http:
-                async with http.post(
-                    f"{a.url}/apps/shop/agent/chat", headers=CSRF, json={"message": "go"}
-                ) as response:
-                    run_id = response.headers["X-Run-Id"]
-                    got = await asyncio.wait_for(read_events(response), 30)
-                assert upstream.finished.is_set()
-                await asyncio.sleep(0.5)  # a couple of heartbeats after the end
-                on_b = await _stop(http, b.url, run_id)
-                resumed, past, body = await _resume(http, b.url, run_id, len(got) - 1)
-                client = redis.client()
-                metas = [k for k in client.scan_iter(match=f"*run:{{{run_id}}}:m".encode())]
-                fields = client.hgetall(metas[0]) if metas else {}
-                print(
-                    f"{len(got)} events on A; stop on B {on_b}; resume on B past the cut "
-                    f"{resumed} {[error_code(e) for e in past]} {body[:60]!r}; meta {fields}"
-                )
-                assert on_b[0] == 202 and json.loads(on_b[1])["run"]["state"] == "ended", on_b
-                assert fields.get(b"f") == b"1" and b"stop" not in fields, fields
-                assert resumed == 200 and error_code(past[-1]) == "run_over_budget"
+    async with two_shop_gateways(tmp_path, redis, upstream, window=2) as (a, b, http):
+        async with http.post(
+            f"{a.url}/apps/shop/agent/chat", headers=CSRF, json={"message": "go"}
+        ) as response:
+            run_id = response.headers["X-Run-Id"]
+            got = await asyncio.wait_for(read_events(response), 30)
+        assert upstream.finished.is_set()
+        await asyncio.sleep(0.5)  # a couple of heartbeats after the end
+        on_b = await stop_shop_run(http, b.url, run_id)
+        resumed, past, body = await resume_shop_run(http, b.url, run_id, len(got) - 1)
+        client = redis.client()
+        metas = [k for k in client.scan_iter(match=f"*run:{{{run_id}}}:m".encode())]
+        fields = client.hgetall(metas[0]) if metas else {}
+        print(
+            f"{len(got)} events on A; stop on B {on_b}; resume on B past the cut "
+            f"{resumed} {[error_code(e) for e in past]} {body[:60]!r}; meta {fields}"
+        )
+        assert on_b[0] == 202 and json.loads(on_b[1])["run"]["state"] == "ended", on_b
+        assert fields.get(b"f") == b"1" and b"stop" not in fields, fields
+        assert resumed == 200 and error_code(past[-1]) == "run_over_budget"
 
 
 async def _read_for(response: aiohttp.ClientResponse, seconds: float) -> tuple[list[bytes], bool]:
@@ -587,7 +524,7 @@ async def test_a_cut_not_recorded_is_learnt_by_readers_elsewhere(
                 status = resumed.status
                 events, ended = await _read_for(resumed, 8.0)
             live = not upstream.finished.is_set() and not upstream.cancelled.is_set()
-            stopped = await _stop(http, str(b.url), run_id)
+            stopped = await stop_shop_run(http, str(b.url), run_id)
             await asyncio.wait_for(upstream.cancelled.wait(), 5)
         codes = [error_code(e) for e in events if error_code(e)]
         print(
@@ -702,10 +639,10 @@ async def test_a_cut_run_whose_finish_was_not_recorded_answers_stop_elsewhere_en
             got = await asyncio.wait_for(read_events(response), 30)
         assert upstream.finished.is_set()
         await asyncio.sleep(1.5)  # six heartbeats: its heartbeat key is gone
-        on_a = await _stop(http, str(a.url), run_id)
+        on_a = await stop_shop_run(http, str(a.url), run_id)
         on_b = []
         for _ in range(3):
-            on_b.append(await _stop(http, str(b.url), run_id))
+            on_b.append(await stop_shop_run(http, str(b.url), run_id))
             await asyncio.sleep(0.5)
         states = [json.loads(body)["run"]["state"] for _, body in on_b]
         print(f"{len(got)} events on A, finish not recorded ({failed}); A: {on_a}; B: {states}")
@@ -722,30 +659,24 @@ async def test_a_cut_run_whose_replica_died_is_still_told_apart_elsewhere(
     gets the cut's error, a resume from 0 replays what was written then the cut's error (no
     hang on a run whose pumper is gone), a stop answers 202 (no 500, no 404)."""
     upstream = PaddedUpstream(delay=0.1, count=400)
-    async with AsyncExitStack() as stack:
-        (upstream_url,) = await start_upstreams(stack, upstream.app())
-        env = _env(tmp_path, redis, upstream_url, window=30)
-        with ExitStack() as processes:
-            a, b = (processes.enter_context(GatewayProcess(env)) for _ in range(2))
-            jar = aiohttp.CookieJar(unsafe=True)
-            async with aiohttp.ClientSession(cookie_jar=jar) as http:
-                async with http.post(
-                    f"{a.url}/apps/shop/agent/chat", headers=CSRF, json={"message": "go"}
-                ) as response:
-                    run_id = response.headers["X-Run-Id"]
-                    got = await asyncio.wait_for(read_events(response, 40), 30)
-                    a.kill()
-                await asyncio.sleep(1.5)  # its heartbeat key expires (4 heartbeats)
-                past = await _resume(http, b.url, run_id, len(got))
-                whole = await _resume(http, b.url, run_id, 0)
-                stopped = await _stop(http, b.url, run_id)
-        print(
-            f"{len(got)} read on A before SIGKILL; on B: past the cut {past[0]} "
-            f"{[error_code(e) for e in past[1]]}; from 0 {whole[0]}, {len(whole[1])} events, "
-            f"last {error_code(whole[1][-1]) if whole[1] else None}; stop {stopped}"
-        )
-        assert past[0] == 200 and [error_code(e) for e in past[1]] == ["run_over_budget"]
-        assert whole[0] == 200 and len(whole[1]) > 1
-        assert error_code(whole[1][-1]) == "run_over_budget"
-        assert all(error_code(e) is None for e in whole[1][:-1])
-        assert stopped[0] == 202, stopped
+    async with two_shop_gateways(tmp_path, redis, upstream, window=30) as (a, b, http):
+        async with http.post(
+            f"{a.url}/apps/shop/agent/chat", headers=CSRF, json={"message": "go"}
+        ) as response:
+            run_id = response.headers["X-Run-Id"]
+            got = await asyncio.wait_for(read_events(response, 40), 30)
+            a.kill()
+        await asyncio.sleep(1.5)  # its heartbeat key expires (4 heartbeats)
+        past = await resume_shop_run(http, b.url, run_id, len(got))
+        whole = await resume_shop_run(http, b.url, run_id, 0)
+        stopped = await stop_shop_run(http, b.url, run_id)
+    print(
+        f"{len(got)} read on A before SIGKILL; on B: past the cut {past[0]} "
+        f"{[error_code(e) for e in past[1]]}; from 0 {whole[0]}, {len(whole[1])} events, "
+        f"last {error_code(whole[1][-1]) if whole[1] else None}; stop {stopped}"
+    )
+    assert past[0] == 200 and [error_code(e) for e in past[1]] == ["run_over_budget"]
+    assert whole[0] == 200 and len(whole[1]) > 1
+    assert error_code(whole[1][-1]) == "run_over_budget"
+    assert all(error_code(e) is None for e in whole[1][:-1])
+    assert stopped[0] == 202, stopped

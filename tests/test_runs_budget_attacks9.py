@@ -43,14 +43,17 @@ from tests.gateway_process import GatewayProcess
 from tests.redis_server import RedisServer
 from tests.runs_helpers import (
     CSRF,
+    PaddedUpstream,
     SseUpstream,
     budget_counted,
     error_code,
     event_id,
     read_events,
     redis_at,
-    redis_runs_env,
+    resume_shop_run,
+    shop_env,
     start_upstreams,
+    two_shop_gateways,
 )
 
 pytestmark = pytest.mark.redis_server
@@ -58,7 +61,6 @@ pytestmark = pytest.mark.redis_server
 KIB = 1024
 BUDGET = 256 * KIB
 EVENTS = 80
-PAD = 8000
 
 
 @pytest.fixture
@@ -67,68 +69,12 @@ def redis(tier_integration: None) -> Iterator[RedisServer]:
         yield server
 
 
-class PaddedUpstream(SseUpstream):
-    """`EVENTS` events `event: token` / `data: {"n": i, "pad": ...}` of ~8 KB, `delay` apart
-    (one write each), then `event: done`. `cancelled`: the gateway hung up on it."""
-
-    def __init__(self, delay: float = 0.01, count: int = EVENTS) -> None:
-        self.delay = delay
-        self.count = count
-        self.cancelled = asyncio.Event()
-        self.finished = asyncio.Event()
-
-    @staticmethod
-    def n_of(event: bytes) -> int | None:
-        for line in event.split(b"\n"):
-            if line.startswith(b"data: ") and b'"n"' in line:
-                value = json.loads(line[6:])["n"]
-                assert isinstance(value, int)
-                return value
-        return None
-
-    async def write_events(self, response: web.StreamResponse) -> None:
-        try:
-            for i in range(self.count):
-                payload = json.dumps({"n": i, "pad": "p" * PAD})
-                await response.write(f"event: token\ndata: {payload}\n\n".encode())
-                await asyncio.sleep(self.delay)
-            await response.write(b"event: done\ndata: {}\n\n")
-            self.finished.set()
-        except (asyncio.CancelledError, ConnectionError):
-            self.cancelled.set()
-            raise
-
-
-def _env(
-    tmp_path: Path, redis: RedisServer, upstream: str, window: float = 30, budget: int = BUDGET
-) -> dict[str, str]:
-    return redis_runs_env(
-        tmp_path,
-        redis.url,
-        f'[apps.shop]\nupstream = "{upstream}"\nresumable = true\n'
-        f"resume_window_seconds = {window}\nresume_redis_budget_bytes = {budget}\n",
-    )
-
-
 def _ids(events: list[bytes]) -> list[int | None]:
     out: list[int | None] = []
     for event in events:
         has_id = any(line.startswith(b"id: ") for line in event.split(b"\n"))
         out.append(event_id(event) if has_id else None)
     return out
-
-
-async def _resume(
-    http: aiohttp.ClientSession, url: str, run_id: str, after: int
-) -> tuple[int, list[bytes], str]:
-    """A resume of `run_id` on `url` after `after`: (status, events, body when not a stream)."""
-    async with http.get(
-        f"{url}/apps/shop/runs/{run_id}", headers={"Last-Event-ID": str(after)}
-    ) as response:
-        if response.content_type != "text/event-stream":
-            return response.status, [], (await response.read()).decode(errors="replace")
-        events = await asyncio.wait_for(read_events(response), 20)
-        return response.status, events, ""
 
 
 async def _metric(http: aiohttp.ClientSession, url: str, name: str) -> float:
@@ -153,7 +99,7 @@ async def _cut_run(http: aiohttp.ClientSession, url: str) -> tuple[str, list[byt
 
 async def _written(http: aiohttp.ClientSession, url: str, run_id: str) -> list[bytes]:
     """What another replica replays of `run_id` from its start (Redis' copy)."""
-    status, events, body = await _resume(http, url, run_id, 0)
+    status, events, body = await resume_shop_run(http, url, run_id, 0)
     assert status == 200, (status, body)
     return events
 
@@ -169,43 +115,37 @@ async def test_a_cut_run_resumes_exactly_once_on_either_replica_before_the_cut(
     got every event (ids 1..81, no error); `agent_bff_runs_cut_over_budget` is 1 on A; the
     budget counts the written part once (not the whole run, not twice, not zero)."""
     upstream = PaddedUpstream()
-    async with AsyncExitStack() as stack:
-        (upstream_url,) = await start_upstreams(stack, upstream.app())
-        env = _env(tmp_path, redis, upstream_url)
-        with ExitStack() as processes:
-            a, b = (processes.enter_context(GatewayProcess(env)) for _ in range(2))
-            jar = aiohttp.CookieJar(unsafe=True)
-            async with aiohttp.ClientSession(cookie_jar=jar) as http:
-                run_id, first = await _cut_run(http, a.url)
-                assert _ids(first) == list(range(1, EVENTS + 2)), _ids(first)[-5:]
-                assert all(error_code(e) is None for e in first)
-                written = await _written(http, b.url, run_id)
-                assert written, "nothing replayed on B"
-                assert error_code(written[-1]) == "run_over_budget", written[-1][:200]
-                assert _ids(written)[-1] is None, written[-1][:200]
-                cut_at = len(written) - 1
-                assert 0 < cut_at < EVENTS, cut_at
-                assert _ids(written[:-1]) == list(range(1, cut_at + 1))
-                assert written[:-1] == first[:cut_at]
-                status, before, _ = await _resume(http, b.url, run_id, cut_at - 1)
-                assert status == 200
-                assert before[0] == first[cut_at - 1]
-                assert error_code(before[-1]) == "run_over_budget" and len(before) == 2
-                status, rest, _ = await _resume(http, a.url, run_id, cut_at)
-                assert status == 200
-                assert rest == first[cut_at:], (len(rest), len(first) - cut_at)
-                cuts = await _metric(http, a.url, "agent_bff_runs_cut_over_budget_total")
-                if cuts < 0:
-                    cuts = await _metric(http, a.url, "agent_bff_runs_cut_over_budget")
-                await asyncio.sleep(0.5)
-                counted = budget_counted(redis, "shop")
-                written_bytes = sum(len(e) for e in written)
-                print(
-                    f"cut after {cut_at} of {EVENTS + 1} events; Redis counts {counted} B for "
-                    f"{written_bytes} B written; budget {BUDGET}; cut metric {cuts}"
-                )
-                assert cuts == 1, cuts
-                assert written_bytes <= counted <= BUDGET * 1.5, (counted, written_bytes)
+    async with two_shop_gateways(tmp_path, redis, upstream) as (a, b, http):
+        run_id, first = await _cut_run(http, a.url)
+        assert _ids(first) == list(range(1, EVENTS + 2)), _ids(first)[-5:]
+        assert all(error_code(e) is None for e in first)
+        written = await _written(http, b.url, run_id)
+        assert written, "nothing replayed on B"
+        assert error_code(written[-1]) == "run_over_budget", written[-1][:200]
+        assert _ids(written)[-1] is None, written[-1][:200]
+        cut_at = len(written) - 1
+        assert 0 < cut_at < EVENTS, cut_at
+        assert _ids(written[:-1]) == list(range(1, cut_at + 1))
+        assert written[:-1] == first[:cut_at]
+        status, before, _ = await resume_shop_run(http, b.url, run_id, cut_at - 1)
+        assert status == 200
+        assert before[0] == first[cut_at - 1]
+        assert error_code(before[-1]) == "run_over_budget" and len(before) == 2
+        status, rest, _ = await resume_shop_run(http, a.url, run_id, cut_at)
+        assert status == 200
+        assert rest == first[cut_at:], (len(rest), len(first) - cut_at)
+        cuts = await _metric(http, a.url, "agent_bff_runs_cut_over_budget_total")
+        if cuts < 0:
+            cuts = await _metric(http, a.url, "agent_bff_runs_cut_over_budget")
+        await asyncio.sleep(0.5)
+        counted = budget_counted(redis, "shop")
+        written_bytes = sum(len(e) for e in written)
+        print(
+            f"cut after {cut_at} of {EVENTS + 1} events; Redis counts {counted} B for "
+            f"{written_bytes} B written; budget {BUDGET}; cut metric {cuts}"
+        )
+        assert cuts == 1, cuts
+        assert written_bytes <= counted <= BUDGET * 1.5, (counted, written_bytes)
 
 
 async def test_a_resume_elsewhere_past_the_cut_learns_the_run_was_cut(
@@ -227,25 +167,19 @@ async def test_a_resume_elsewhere_past_the_cut_learns_the_run_was_cut(
     Fixed (session 8): a resume at or past the cut on another replica is an event stream of
     the `run_over_budget` error (`app/runs/http.py` `_cut_answer`)."""
     upstream = PaddedUpstream()
-    async with AsyncExitStack() as stack:
-        (upstream_url,) = await start_upstreams(stack, upstream.app())
-        env = _env(tmp_path, redis, upstream_url)
-        with ExitStack() as processes:
-            a, b = (processes.enter_context(GatewayProcess(env)) for _ in range(2))
-            jar = aiohttp.CookieJar(unsafe=True)
-            async with aiohttp.ClientSession(cookie_jar=jar) as http:
-                run_id, first = await _cut_run(http, a.url)
-                written = await _written(http, b.url, run_id)
-                assert error_code(written[-1]) == "run_over_budget"
-                cut_at = len(written) - 1
-                outcomes: dict[int, tuple[int, str | None, str]] = {}
-                for after in (cut_at + 1, cut_at + 2, cut_at + 20):
-                    status, events, body = await _resume(http, b.url, run_id, after)
-                    code = error_code(events[-1]) if events else None
-                    outcomes[after] = (status, code, body[:80])
-                print(f"cut at W={cut_at} of {len(first)}: resumes on B {outcomes}")
-                for after, (status, code, body) in outcomes.items():
-                    assert (status, code) == (200, "run_over_budget"), (after, status, body)
+    async with two_shop_gateways(tmp_path, redis, upstream) as (a, b, http):
+        run_id, first = await _cut_run(http, a.url)
+        written = await _written(http, b.url, run_id)
+        assert error_code(written[-1]) == "run_over_budget"
+        cut_at = len(written) - 1
+        outcomes: dict[int, tuple[int, str | None, str]] = {}
+        for after in (cut_at + 1, cut_at + 2, cut_at + 20):
+            status, events, body = await resume_shop_run(http, b.url, run_id, after)
+            code = error_code(events[-1]) if events else None
+            outcomes[after] = (status, code, body[:80])
+        print(f"cut at W={cut_at} of {len(first)}: resumes on B {outcomes}")
+        for after, (status, code, body) in outcomes.items():
+            assert (status, code) == (200, "run_over_budget"), (after, status, body)
 
 
 async def test_a_cut_run_can_be_stopped_through_any_replica(
@@ -266,43 +200,35 @@ async def test_a_cut_run_can_be_stopped_through_any_replica(
     Fixed (session 8): a cut run still ticks (heartbeat and stop flag, not its keys' TTLs)
     and `stop` sets the flag on a cut run."""
     upstream = PaddedUpstream(delay=0.1, count=400)
-    async with AsyncExitStack() as stack:
-        (upstream_url,) = await start_upstreams(stack, upstream.app())
-        env = _env(tmp_path, redis, upstream_url)
-        with ExitStack() as processes:
-            a, b = (processes.enter_context(GatewayProcess(env)) for _ in range(2))
-            jar = aiohttp.CookieJar(unsafe=True)
-            async with aiohttp.ClientSession(cookie_jar=jar) as http:
-                async with http.post(
-                    f"{a.url}/apps/shop/agent/chat", headers=CSRF, json={"message": "go"}
-                ) as response:
-                    run_id = response.headers["X-Run-Id"]
-                    # ~360 KB read: past the cut (~256 KiB)
-                    got = await asyncio.wait_for(read_events(response, 45), 30)
-                    written = await _written(http, b.url, run_id)
-                    assert error_code(written[-1]) == "run_over_budget", written[-1][:200]
-                    async with http.post(
-                        f"{b.url}/apps/shop/runs/{run_id}/stop", headers=CSRF
-                    ) as stopped:
-                        stop_status, stop_body = stopped.status, await stopped.text()
-                    began = time.monotonic()
-                    with_b = await _stopped_within(upstream, 5.0)
-                    more = len(await asyncio.wait_for(read_events(response, 20), 10))
-                    b_seconds = time.monotonic() - began
-                    began = time.monotonic()
-                    async with http.post(
-                        f"{a.url}/apps/shop/runs/{run_id}/stop", headers=CSRF
-                    ) as stopped_a:
-                        assert stopped_a.status == 202
-                    with_a = await _stopped_within(upstream, 5.0)
-                    a_seconds = time.monotonic() - began
-                print(
-                    f"{len(got)} events read, cut at {len(written) - 1}; stop on B: "
-                    f"{stop_status} {stop_body}; upstream cancelled: {with_b} "
-                    f"({b_seconds:.1f} s, {more} more events reached A's browser); stop on "
-                    f"A: cancelled {with_a} in {a_seconds:.2f} s"
-                )
-                assert with_b, (stop_status, stop_body, more)
+    async with two_shop_gateways(tmp_path, redis, upstream) as (a, b, http):
+        async with http.post(
+            f"{a.url}/apps/shop/agent/chat", headers=CSRF, json={"message": "go"}
+        ) as response:
+            run_id = response.headers["X-Run-Id"]
+            # ~360 KB read: past the cut (~256 KiB)
+            got = await asyncio.wait_for(read_events(response, 45), 30)
+            written = await _written(http, b.url, run_id)
+            assert error_code(written[-1]) == "run_over_budget", written[-1][:200]
+            async with http.post(f"{b.url}/apps/shop/runs/{run_id}/stop", headers=CSRF) as stopped:
+                stop_status, stop_body = stopped.status, await stopped.text()
+            began = time.monotonic()
+            with_b = await _stopped_within(upstream, 5.0)
+            more = len(await asyncio.wait_for(read_events(response, 20), 10))
+            b_seconds = time.monotonic() - began
+            began = time.monotonic()
+            async with http.post(
+                f"{a.url}/apps/shop/runs/{run_id}/stop", headers=CSRF
+            ) as stopped_a:
+                assert stopped_a.status == 202
+            with_a = await _stopped_within(upstream, 5.0)
+            a_seconds = time.monotonic() - began
+        print(
+            f"{len(got)} events read, cut at {len(written) - 1}; stop on B: "
+            f"{stop_status} {stop_body}; upstream cancelled: {with_b} "
+            f"({b_seconds:.1f} s, {more} more events reached A's browser); stop on "
+            f"A: cancelled {with_a} in {a_seconds:.2f} s"
+        )
+        assert with_b, (stop_status, stop_body, more)
 
 
 async def _stopped_within(upstream: PaddedUpstream | BigOnSignalUpstream, seconds: float) -> bool:
@@ -361,26 +287,20 @@ async def test_a_slowly_growing_run_is_cut_at_the_budget(
     Fixed (session 8): a refresh republishes what was published, no more: growth past it
     goes through `reserve_growth`."""
     upstream = SlowGrowthUpstream(count=260, size=1500, delay=0.1)
-    async with AsyncExitStack() as stack:
-        (upstream_url,) = await start_upstreams(stack, upstream.app())
-        env = _env(tmp_path, redis, upstream_url)
-        with ExitStack() as processes:
-            a, b = (processes.enter_context(GatewayProcess(env)) for _ in range(2))
-            jar = aiohttp.CookieJar(unsafe=True)
-            async with aiohttp.ClientSession(cookie_jar=jar) as http:
-                run_id, first = await _cut_run(http, a.url)
-                await asyncio.sleep(0.5)
-                written = await _written(http, b.url, run_id)
-                cuts = await _metric(http, a.url, "agent_bff_runs_cut_over_budget_total")
-            counted = budget_counted(redis, "shop")
-            written_bytes = sum(len(e) for e in written)
-            cut = error_code(written[-1]) == "run_over_budget" if written else False
-            print(
-                f"{len(first)} events sent, {len(written)} in Redis ({written_bytes / KIB:.0f} "
-                f"KiB), cut: {cut} (metric {cuts}); Redis counts {counted / KIB:.0f} KiB of "
-                f"{BUDGET / KIB:.0f} KiB ({counted / BUDGET:.2f}x)"
-            )
-            assert cut and counted <= BUDGET * 1.25, (cut, counted)
+    async with two_shop_gateways(tmp_path, redis, upstream) as (a, b, http):
+        run_id, first = await _cut_run(http, a.url)
+        await asyncio.sleep(0.5)
+        written = await _written(http, b.url, run_id)
+        cuts = await _metric(http, a.url, "agent_bff_runs_cut_over_budget_total")
+        counted = budget_counted(redis, "shop")
+        written_bytes = sum(len(e) for e in written)
+        cut = error_code(written[-1]) == "run_over_budget" if written else False
+        print(
+            f"{len(first)} events sent, {len(written)} in Redis ({written_bytes / KIB:.0f} "
+            f"KiB), cut: {cut} (metric {cuts}); Redis counts {counted / KIB:.0f} KiB of "
+            f"{BUDGET / KIB:.0f} KiB ({counted / BUDGET:.2f}x)"
+        )
+        assert cut and counted <= BUDGET * 1.25, (cut, counted)
 
 
 async def test_a_live_reader_elsewhere_at_the_cut_gets_each_written_event_once_then_the_error(
@@ -392,31 +312,25 @@ async def test_a_live_reader_elsewhere_at_the_cut_gets_each_written_event_once_t
     then one `event: error` `run_over_budget` without an `id:`, and its stream ends; W is
     what a later replay on B shows, and A's first response got every event."""
     upstream = PaddedUpstream(delay=0.03)
-    async with AsyncExitStack() as stack:
-        (upstream_url,) = await start_upstreams(stack, upstream.app())
-        env = _env(tmp_path, redis, upstream_url)
-        with ExitStack() as processes:
-            a, b = (processes.enter_context(GatewayProcess(env)) for _ in range(2))
-            jar = aiohttp.CookieJar(unsafe=True)
-            async with aiohttp.ClientSession(cookie_jar=jar) as http:
-                async with http.post(
-                    f"{a.url}/apps/shop/agent/chat", headers=CSRF, json={"message": "go"}
-                ) as response:
-                    run_id = response.headers["X-Run-Id"]
-                    head = await asyncio.wait_for(read_events(response, 3), 10)
-                    await asyncio.sleep(0.2)  # the first three are in Redis
-                    status, live, _ = await _resume(http, b.url, run_id, 3)
-                    tail = await asyncio.wait_for(read_events(response), 30)
-                first = head + tail
-                written = await _written(http, b.url, run_id)
-            cut_at = len(written) - 1
-            print(f"cut at W={cut_at} of {len(first)}; B's live reader got {len(live)} events")
-            assert status == 200
-            assert _ids(first) == list(range(1, EVENTS + 2))
-            assert error_code(written[-1]) == "run_over_budget"
-            assert error_code(live[-1]) == "run_over_budget" and _ids(live)[-1] is None
-            assert _ids(live[:-1]) == list(range(4, cut_at + 1)), _ids(live)
-            assert live[:-1] == first[3:cut_at]
+    async with two_shop_gateways(tmp_path, redis, upstream) as (a, b, http):
+        async with http.post(
+            f"{a.url}/apps/shop/agent/chat", headers=CSRF, json={"message": "go"}
+        ) as response:
+            run_id = response.headers["X-Run-Id"]
+            head = await asyncio.wait_for(read_events(response, 3), 10)
+            await asyncio.sleep(0.2)  # the first three are in Redis
+            status, live, _ = await resume_shop_run(http, b.url, run_id, 3)
+            tail = await asyncio.wait_for(read_events(response), 30)
+        first = head + tail
+        written = await _written(http, b.url, run_id)
+        cut_at = len(written) - 1
+        print(f"cut at W={cut_at} of {len(first)}; B's live reader got {len(live)} events")
+        assert status == 200
+        assert _ids(first) == list(range(1, EVENTS + 2))
+        assert error_code(written[-1]) == "run_over_budget"
+        assert error_code(live[-1]) == "run_over_budget" and _ids(live)[-1] is None
+        assert _ids(live[:-1]) == list(range(4, cut_at + 1)), _ids(live)
+        assert live[:-1] == first[3:cut_at]
 
 
 async def test_a_cut_run_left_by_its_browser_ends_after_its_window(
@@ -430,7 +344,7 @@ async def test_a_cut_run_left_by_its_browser_ends_after_its_window(
     upstream = PaddedUpstream(delay=0.1, count=400)
     async with AsyncExitStack() as stack:
         (upstream_url,) = await start_upstreams(stack, upstream.app())
-        env = _env(tmp_path, redis, upstream_url, window=2)
+        env = shop_env(tmp_path, redis, upstream_url, window=2)
         with GatewayProcess(env) as a:
             jar = aiohttp.CookieJar(unsafe=True)
             async with aiohttp.ClientSession(cookie_jar=jar) as http:
@@ -461,25 +375,19 @@ async def test_a_budget_smaller_than_a_run_cuts_it_at_once_and_loses_nothing_loc
     error), its first response gets all 11 events, a replay elsewhere is the written ones
     then `run_over_budget`, and Redis counts one cut run's cost."""
     upstream = PaddedUpstream(delay=0.01, count=10)
-    async with AsyncExitStack() as stack:
-        (upstream_url,) = await start_upstreams(stack, upstream.app())
-        env = _env(tmp_path, redis, upstream_url, budget=budget)
-        with ExitStack() as processes:
-            a, b = (processes.enter_context(GatewayProcess(env)) for _ in range(2))
-            jar = aiohttp.CookieJar(unsafe=True)
-            async with aiohttp.ClientSession(cookie_jar=jar) as http:
-                run_id, first = await _cut_run(http, a.url)
-                written = await _written(http, b.url, run_id)
-            counted = budget_counted(redis, "shop")
-            print(
-                f"budget {budget}: first response {len(first)} events; Redis has "
-                f"{len(written) - 1} then {error_code(written[-1])}; counts {counted} B"
-            )
-            assert _ids(first) == list(range(1, 12))
-            assert error_code(written[-1]) == "run_over_budget"
-            assert written[:-1] == first[: len(written) - 1]
-            assert sum(len(e) for e in written[:-1]) <= max(budget, 0)
-            assert 0 < counted <= 16 * KIB
+    async with two_shop_gateways(tmp_path, redis, upstream, budget=budget) as (a, b, http):
+        run_id, first = await _cut_run(http, a.url)
+        written = await _written(http, b.url, run_id)
+        counted = budget_counted(redis, "shop")
+        print(
+            f"budget {budget}: first response {len(first)} events; Redis has "
+            f"{len(written) - 1} then {error_code(written[-1])}; counts {counted} B"
+        )
+        assert _ids(first) == list(range(1, 12))
+        assert error_code(written[-1]) == "run_over_budget"
+        assert written[:-1] == first[: len(written) - 1]
+        assert sum(len(e) for e in written[:-1]) <= max(budget, 0)
+        assert 0 < counted <= 16 * KIB
 
 
 class BigOnSignalUpstream(SseUpstream):
@@ -532,7 +440,7 @@ async def test_a_stop_asked_just_before_the_cut_still_stops_the_run(
             with ExitStack() as processes:
                 # A Redis of its own each time: nothing of the last attempt counts.
                 redis = processes.enter_context(redis_at("256mb", "noeviction"))
-                env = _env(tmp_path, redis, upstream_url)
+                env = shop_env(tmp_path, redis, upstream_url)
                 a, b = (processes.enter_context(GatewayProcess(env)) for _ in range(2))
                 jar = aiohttp.CookieJar(unsafe=True)
                 async with (
@@ -596,22 +504,16 @@ async def test_one_batch_from_far_to_over_the_budget_is_cut(
     Fixed (session 8): coming near publishes nothing by itself: the batch goes through
     `reserve_growth` before it is written."""
     upstream = SmallThenBigUpstream()
-    async with AsyncExitStack() as stack:
-        (upstream_url,) = await start_upstreams(stack, upstream.app())
-        env = _env(tmp_path, redis, upstream_url)
-        with ExitStack() as processes:
-            a, b = (processes.enter_context(GatewayProcess(env)) for _ in range(2))
-            jar = aiohttp.CookieJar(unsafe=True)
-            async with aiohttp.ClientSession(cookie_jar=jar) as http:
-                run_id, first = await _cut_run(http, a.url)
-                await asyncio.sleep(0.5)
-                written = await _written(http, b.url, run_id)
-            counted = budget_counted(redis, "shop")
-            codes = [error_code(e) for e in written]
-            big_kept = any(len(e) > 250_000 for e in written)
-            print(
-                f"{len(first)} events; Redis has {len(written)}, the big one: {big_kept}, "
-                f"last {codes[-1]}; counts {counted} B ({counted / BUDGET:.2f}x)"
-            )
-            assert _ids(first) == list(range(1, 13))
-            assert not big_kept and codes[-1] == "run_over_budget", (big_kept, codes[-1])
+    async with two_shop_gateways(tmp_path, redis, upstream) as (a, b, http):
+        run_id, first = await _cut_run(http, a.url)
+        await asyncio.sleep(0.5)
+        written = await _written(http, b.url, run_id)
+        counted = budget_counted(redis, "shop")
+        codes = [error_code(e) for e in written]
+        big_kept = any(len(e) > 250_000 for e in written)
+        print(
+            f"{len(first)} events; Redis has {len(written)}, the big one: {big_kept}, "
+            f"last {codes[-1]}; counts {counted} B ({counted / BUDGET:.2f}x)"
+        )
+        assert _ids(first) == list(range(1, 13))
+        assert not big_kept and codes[-1] == "run_over_budget", (big_kept, codes[-1])
