@@ -163,3 +163,48 @@ async def test_near_its_budget_every_check_reads_redis_and_every_end_is_counted_
     assert scripted.adds == [("shop", 300)]  # at once, not after the 30 s refresh
     assert await ledger.used(store, "shop", **near) == 1200  # counted once
     await ledger.close()
+
+
+class StallingReserveStore(ScriptedStore):
+    """Near its budget every check is a `budget_reserve`; each stalls `stall` seconds, then
+    fails (a frozen Redis: the op timeout, retries spent)."""
+
+    def __init__(self, stall: float) -> None:
+        super().__init__()
+        self.stall = stall
+        self.reserves = 0
+
+    async def budget_reserve(
+        self,
+        app_id: str,
+        *,
+        window_ms: int,
+        uncounted: int,
+        budget: int,
+        publish: int,
+        ttl_ms: int,
+    ) -> tuple[bool, int]:
+        self.reserves += 1
+        await asyncio.sleep(self.stall)
+        raise StoreUnavailable("TimeoutError: no reply")
+
+
+async def test_checks_queued_behind_a_failed_flight_write_fail_with_it_not_one_by_one() -> None:
+    """Near the budget, a replica's checks of one application take turns (their flight writes
+    must reach Redis in order); when the one in flight fails (a frozen Redis), those waiting
+    fail with it at once (the run relayed without resume), instead of each waiting for the
+    timeouts of all before it: 10 checks cost one stall, not ten."""
+    scripted = StallingReserveStore(stall=0.2)
+    ledger, store = BudgetLedger(refresh=60.0), cast(RedisRunStore, scripted)
+    scripted.counters["shop"] = 600  # of a budget of 1000: near it
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    checks = [
+        asyncio.create_task(ledger.admit(store, "shop", window_ms=WINDOW_MS, budget=1000))
+        for _ in range(10)
+    ]
+    results = await asyncio.gather(*checks, return_exceptions=True)
+    took = loop.time() - began
+    assert all(isinstance(result, StoreUnavailable) for result in results), results
+    assert scripted.reserves == 1, scripted.reserves
+    assert took < 1.0, took  # one stall (0.2 s), where one by one would take 2 s

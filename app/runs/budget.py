@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -111,6 +113,9 @@ class BudgetLedger:
         # were valued (a refresh retried after a reservation overwrote it, attack-14).
         self._published: dict[str, int] = {}
         self._flight_locks: dict[str, asyncio.Lock] = {}
+        # Flight writes that failed per application: the checks waiting behind one fail with
+        # it (a stalled Redis would otherwise answer N queued checks in N timeouts).
+        self._flight_failures: dict[str, int] = {}
         # The last value Redis accepted per application: what a refresh re-sends (a failed
         # publish's -1 re-sent withdrew runs still in flight, attack-13).
         self._confirmed: dict[str, int] = {}
@@ -220,7 +225,7 @@ class BudgetLedger:
             )
             if used >= budget or app_id not in self._near:
                 return used < budget, used
-        async with self._flight_lock(app_id):
+        async with self._flight_turn(app_id):
             local = self._local(app_id)
             admitted, known = await self._reserve(store, app_id, local)
         if known + local < budget * NEAR_BUDGET_SHARE:
@@ -248,7 +253,7 @@ class BudgetLedger:
         budget Redis arbitrates what runs write, not only which start (attack-11: replicas
         each judging from their own view let 12 runs started together on 3 fresh replicas
         keep 1.3-2.3x). False: over it. Raises `StoreUnavailable`."""
-        async with self._flight_lock(app_id):
+        async with self._flight_turn(app_id):
             local = self._local(app_id)
             if 0 <= local <= self._published.get(app_id, 0):
                 return True  # another run's reservation, waited for, covers it
@@ -260,6 +265,21 @@ class BudgetLedger:
         if lock is None:
             lock = self._flight_locks[app_id] = asyncio.Lock()
         return lock
+
+    @asynccontextmanager
+    async def _flight_turn(self, app_id: str) -> AsyncIterator[None]:
+        """A check's turn among `app_id`'s flight writes (the lock); `StoreUnavailable` at once
+        when a flight write failed while it waited (each waits for one in flight at most, not
+        for every one queued before it), and counted as a failure when the check fails."""
+        failures = self._flight_failures.get(app_id, 0)
+        async with self._flight_lock(app_id):
+            if self._flight_failures.get(app_id, 0) != failures:
+                raise StoreUnavailable("a budget write of this application failed meanwhile")
+            try:
+                yield
+            except StoreUnavailable:
+                self._flight_failures[app_id] = self._flight_failures.get(app_id, 0) + 1
+                raise
 
     async def _reserve(self, store: RedisRunStore, app_id: str, local: int) -> tuple[bool, int]:
         """`budget_reserve` of `local` (what this replica holds uncounted) with the headroom;
@@ -351,6 +371,7 @@ class BudgetLedger:
                     log.warning(
                         "app %s: its runs in flight could not be published (%s)", app_id, err
                     )
+                    self._flight_failures[app_id] = self._flight_failures.get(app_id, 0) + 1
                     self._published[app_id] = -1  # any change publishes again
                     flight = self._confirmed.get(app_id, 0)  # what Redis holds: keep it alive
                 else:
