@@ -1,0 +1,375 @@
+"""Twelfth attack on resumable runs (branch attack-15, on main at cb164ad): session 9's fixes
+for attack-14's findings -- the paused-replica tombstone remembers its counter (`<replica>:s`)
+and lives two windows; one flight write at a time per application (`_flight_locks`), valued
+when sent, `reserve_growth`'s shortcut after the lock; a cut whose record failed is retried
+(`run.cut_pending`, `_record_cut`); `resume_too_old` for an ended run's empty first read; a
+stop elsewhere on a cut run answers `ended` once its heartbeat key is gone (`if_pumping`).
+
+Findings (strict xfails; each test's docstring has its figures and a fix idea):
+- a paused replica's first growth check after it was taken for dead is refused: the refused
+  `BUDGET_RESERVE` does not take its tombstone back, so its own runs count twice (the dead
+  share in the counter plus its `uncounted`): refused at 0.65x the budget, its run cut;
+- a cut run whose replica stalled past its heartbeat key's TTL: a stop elsewhere answers
+  `ended` and sets no flag, the run pumps on for ever once the replica is back;
+- reservations queued behind the flight lock on a stalled Redis each wait their own full
+  deadline: the k-th pump (and a new run's admission) learns after k deadlines.
+Held (plain tests): a cut record that landed with its reply lost is retried without a second
+entry or a second count; ended runs (done, error-ended) resumed elsewhere from 0 or their
+middle are never told `resume_too_old`; a tombstone whose counter was flushed takes nothing
+back.
+
+Harnesses as in tests/test_runs_budget_attacks11.py: `RedisRunStore`s on a redis-server of
+the test's own, a fake store driving `BudgetLedger`, real gateway processes (SIGSTOP), and
+in-process gateways (`run_gateway`) with a patched store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import AsyncExitStack, ExitStack, asynccontextmanager
+from pathlib import Path
+from typing import cast
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from app.runs.budget import BudgetLedger
+from app.runs.costs import UncountedCosts
+from app.runs.scripts import BUDGET_READ
+from app.runs.store import RedisRunStore
+from app.sessions.backend import StoreUnavailable
+from app.sessions.redis import RedisBackend
+from app.sessions.redis_client import RedisOptions, make_client
+from tests.gateway_process import GatewayProcess
+from tests.redis_server import RedisServer
+from tests.runs_helpers import (
+    CSRF,
+    SseUpstream,
+    budget_counted,
+    error_code,
+    read_events,
+    redis_at,
+    redis_runs_env,
+    start_upstreams,
+)
+
+pytestmark = pytest.mark.redis_server
+
+KIB = 1024
+BUDGET = 256 * KIB
+PAD = 8000
+FLIGHT_KEY = "t:runs:{shop}:flight"
+
+
+@pytest.fixture
+def redis(tier_integration: None) -> Iterator[RedisServer]:
+    with redis_at("256mb", "noeviction") as server:
+        yield server
+
+
+@asynccontextmanager
+async def _replicas(redis: RedisServer, count: int) -> AsyncIterator[list[RedisRunStore]]:
+    """`count` run stores on `redis`, each its own replica."""
+    backends = [RedisBackend(make_client(RedisOptions(url=redis.url))) for _ in range(count)]
+    try:
+        yield [RedisRunStore(backend, backend, "t:") for backend in backends]
+    finally:
+        for backend in backends:
+            await backend.close()
+
+
+def _flight(redis: RedisServer) -> dict[bytes, bytes]:
+    return cast(dict[bytes, bytes], redis.client().hgetall(FLIGHT_KEY))
+
+
+# -- 1. the tombstone and a refused reservation ---------------------------------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a refused BUDGET_RESERVE keeps the caller's tombstone in the counter: a paused "
+    "replica's growth refused (its run cut) at 0.65x the budget",
+)
+async def test_a_paused_replica_s_growth_check_is_not_refused_by_its_own_tombstone(
+    tier_integration: None, redis: RedisServer
+) -> None:
+    """Attack: replica A near a 256 KiB budget holds a 150 KB run, published (through its
+    reservation) as 150 KB + the 16 KiB headroom. A's event loop stalls past its field's TTL
+    (a GC pause, a SIGSTOP, a CPU-starved container); B's check meanwhile takes A for dead:
+    166 KB go into the current counter, the tombstone `<A>:d` keeps them. A comes back and its
+    run gets 20 KB more: `may_write` is None (170 KB > 166 KB published), `reserve_growth`
+    sends `BUDGET_RESERVE` with `uncounted` = 170 KB -- and the script reads the counter with
+    A's 166 KB still in it (`_TAKE_BACK` is in `_publish_flight`, after the check, so a
+    refused reservation never takes back): 166 + 170 = 336 KB >= 262 KB, refused, and the
+    pump cuts its run (`_stop_keeping`) while the application's runs hold 170 KB, 0.65x the
+    budget. Every admission on A is refused the same way until a refresh's publish happens
+    to take the tombstone back. (The pump runs first after a stall: its read is woken by I/O,
+    the overdue refresh timer only creates a task, which then waits for the flight lock the
+    pump took: this test calls `reserve_growth` at once, as the pump would.) Expected: the
+    growth is admitted. Fix (app/runs/scripts.py `BUDGET_RESERVE`): run `_TAKE_BACK` before
+    the check (the caller counts its own runs in ARGV[3]); a refused caller's field then
+    needs publishing too (its runs are still there), e.g. at `min(old field, ARGV[3])`."""
+    window = 60_000
+    uncounted = UncountedCosts()
+    ledger = BudgetLedger(refresh=60.0, uncounted=uncounted, flight_ttl_ms=300)
+    async with _replicas(redis, 2) as (a, b):
+        uncounted.add("shop", 150_000)
+        admission = await ledger.admit(a, "shop", window_ms=window, budget=BUDGET)
+        assert admission.admitted
+        published = int(_flight(redis)[a.replica.encode()])
+        # A stalls (its loop blocked) past its field's TTL; B's check runs meanwhile.
+        time.sleep(0.5)
+        keys = b._budget_keys("shop", window)
+        seen_by_b = int(
+            redis.client().eval(BUDGET_READ.source, 3, *keys, b.replica, 2 * window)  # type: ignore[no-untyped-call]
+        )
+        tomb = _flight(redis).get(f"{a.replica}:d".encode())
+        # A is back: its run grows past what it published.
+        uncounted.add("shop", 20_000)
+        held = uncounted.get("shop")
+        may = ledger.may_write("shop")
+        admitted = await ledger.reserve_growth(a, "shop")
+        await asyncio.sleep(0.2)  # the overdue refresh takes the tombstone back, late
+        after = await b.budget_used("shop", window_ms=window)
+        await ledger.close()
+        print(
+            f"A published {published}; B took it for dead: reads {seen_by_b}, tombstone "
+            f"{tomb!r}; A back holding {held} ({held / BUDGET:.2f}x the budget): may_write "
+            f"{may}, reserve_growth {admitted}; B reads {after} once the refresh took it back"
+        )
+        assert seen_by_b == published and tomb == str(published).encode()
+        assert may is None
+        assert admitted, f"refused at {held / BUDGET:.2f}x the budget"
+
+
+# -- 2. the flight lock on a stalled Redis --------------------------------------------------
+
+
+class _StallingStore:
+    """What `BudgetLedger` asks of a run store, near a 1 MB budget (400 KB counted), every
+    reservation admitted; once `stall` is set, each reservation and publish takes `deadline`
+    seconds and raises `StoreUnavailable` (a frozen Redis: each command waits out its
+    deadline)."""
+
+    def __init__(self, deadline: float) -> None:
+        self.deadline = deadline
+        self.stall = False
+        self.calls = 0
+
+    async def _stalled(self) -> None:
+        if self.stall:
+            self.calls += 1
+            await asyncio.sleep(self.deadline)
+            raise StoreUnavailable(f"TimeoutError: no answer within {self.deadline} s")
+
+    async def budget_used(self, app_id: str, *, window_ms: int) -> int:
+        await self._stalled()
+        return 400_000
+
+    async def budget_reserve(
+        self,
+        app_id: str,
+        *,
+        window_ms: int,
+        uncounted: int,
+        budget: int,
+        publish: int,
+        ttl_ms: int,
+    ) -> tuple[bool, int]:
+        await self._stalled()
+        return True, 400_000
+
+    async def budget_publish(
+        self, app_id: str, flight: int, *, window_ms: int, ttl_ms: int
+    ) -> None:
+        await self._stalled()
+
+    async def budget_add(self, app_id: str, cost: int, *, window_ms: int) -> None:
+        await self._stalled()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="queued flight-lock waiters each wait a full deadline: the 6th pump learns after "
+    "~6 deadlines, an admission after ~7",
+)
+async def test_reservations_queued_on_a_frozen_redis_fail_within_a_deadline() -> None:
+    """Attack: near a 1 MB budget, six runs of one application on A each get an event past
+    what A published (a burst: `may_write` None for each) just as Redis freezes. Each pump
+    calls `reserve_growth`, which now waits for the application's flight lock: the first
+    reservation waits out its deadline (`StoreUnavailable`), then the second -- valued after
+    the lock, still uncovered -- sends its own and waits out its own deadline, and so on; a
+    new run's admission of the application (`admit`, near: `_reserve` under the lock) queues
+    behind them all. With the production deadline (`REDIS_OP_TIMEOUT_SECONDS` 2 s) and
+    heartbeat (0.5 s: its key lives 2 s) the k-th pump neither ticks nor reads its upstream
+    for 2k seconds -- its heartbeat key gone after the first, so readers elsewhere take it for
+    orphaned and a stop elsewhere on a cut run answers `ended` -- and a browser's start waits
+    7 deadlines (14 s) for a relay without resume. Before the lock each failed after one deadline.
+    Expected: every waiter learns within two deadlines. Fix (app/runs/budget.py): waiters
+    that queued behind a reservation or publish that failed fail with it (a failure
+    generation read before and after the lock), or bound the wait for the lock by the
+    deadline (`asyncio.timeout` around the acquire: `StoreUnavailable`)."""
+    deadline = 0.3
+    uncounted = UncountedCosts()
+    ledger = BudgetLedger(refresh=60.0, uncounted=uncounted, flight_ttl_ms=60_000)
+    store = _StallingStore(deadline)
+    redis_store = cast(RedisRunStore, store)
+    uncounted.add("shop", 100_000)
+    assert (await ledger.admit(redis_store, "shop", window_ms=60_000, budget=1_000_000)).admitted
+    store.stall = True
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    learnt: list[float] = []
+
+    async def pump() -> None:
+        uncounted.add("shop", 80_000)  # its burst, past what was published
+        assert ledger.may_write("shop") is None
+        try:
+            await ledger.reserve_growth(redis_store, "shop")
+        except StoreUnavailable:
+            learnt.append(loop.time() - began)
+
+    async def start() -> float:
+        await asyncio.sleep(0.01)
+        try:
+            await ledger.admit(redis_store, "shop", window_ms=60_000, budget=1_000_000)
+        except StoreUnavailable:
+            pass
+        return loop.time() - began
+
+    pumps = [asyncio.create_task(pump()) for _ in range(6)]
+    started = await asyncio.wait_for(start(), 30)
+    await asyncio.wait_for(asyncio.gather(*pumps), 30)
+    store.stall = False
+    await ledger.close()
+    print(
+        f"deadline {deadline} s: pumps learnt after {[round(t, 2) for t in sorted(learnt)]} s, "
+        f"the admission after {started:.2f} s ({started / deadline:.1f} deadlines); "
+        f"{store.calls} stalled calls"
+    )
+    assert len(learnt) == 6
+    assert max(learnt) <= 2 * deadline + 0.2, learnt
+    assert started <= 2 * deadline + 0.2, started
+
+
+# -- 3. a stop elsewhere on a cut run whose replica stalled -----------------------------------
+
+
+class PaddedUpstream(SseUpstream):
+    """`count` events of ~8 KB, `delay` apart, then `event: done`. `cancelled`: the gateway
+    hung up on it; `finished`: it wrote everything."""
+
+    def __init__(self, delay: float = 0.01, count: int = 80) -> None:
+        self.delay = delay
+        self.count = count
+        self.cancelled = asyncio.Event()
+        self.finished = asyncio.Event()
+
+    async def write_events(self, response: web.StreamResponse) -> None:
+        try:
+            for i in range(self.count):
+                payload = json.dumps({"n": i, "pad": "p" * PAD})
+                await response.write(f"event: token\ndata: {payload}\n\n".encode())
+                await asyncio.sleep(self.delay)
+            await response.write(b"event: done\ndata: {}\n\n")
+            self.finished.set()
+        except (asyncio.CancelledError, ConnectionError):
+            self.cancelled.set()
+            raise
+
+
+def _env(tmp_path: Path, redis: RedisServer, upstream: str, window: float) -> dict[str, str]:
+    return redis_runs_env(
+        tmp_path,
+        redis.url,
+        f'[apps.shop]\nupstream = "{upstream}"\nresumable = true\n'
+        f"resume_window_seconds = {window}\nresume_redis_budget_bytes = {BUDGET}\n",
+    )
+
+
+async def _resume(
+    http: aiohttp.ClientSession, url: str, run_id: str, after: int
+) -> tuple[int, list[bytes], str]:
+    """A resume of `run_id` on `url` after `after`: (status, events, body when not a stream)."""
+    async with http.get(
+        f"{url}/apps/shop/runs/{run_id}", headers={"Last-Event-ID": str(after)}
+    ) as response:
+        if response.content_type != "text/event-stream":
+            return response.status, [], (await response.read()).decode(errors="replace")
+        events = await asyncio.wait_for(read_events(response), 20)
+        return response.status, events, ""
+
+
+async def _stop(http: aiohttp.ClientSession, url: str, run_id: str) -> tuple[int, str]:
+    async with http.post(f"{url}/apps/shop/runs/{run_id}/stop", headers=CSRF) as stopped:
+        return stopped.status, await stopped.text()
+
+
+async def _drain(response: aiohttp.ClientResponse) -> int:
+    """Read `response` to its end (the browser on A keeps reading); events read."""
+    return len(await read_events(response))
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a stop elsewhere on a cut run whose replica stalled past its heartbeat TTL answers "
+    "ended and is lost: the run pumps on (the stop never lands)",
+)
+async def test_a_stop_elsewhere_on_a_cut_run_of_a_stalled_replica_is_not_lost(
+    tier_system: None, tmp_path: Path, redis: RedisServer
+) -> None:
+    """Attack: a run of a 256 KiB budget is cut over it on A and pumps on there (an agent's
+    long answer, ~40 s). A's process stalls 1.6 s (SIGSTOP here: a GC pause, a blocked event
+    loop, a CPU-throttled container, a VM migration) -- longer than its heartbeat key's TTL
+    (4 heartbeats, 1 s here; 2 s with the defaults). The user presses stop; the stop lands on
+    B: the meta says cut, not finished, and `REQUEST_STOP` with `if_pumping` finds no
+    heartbeat key, so B answers 202 `ended` and writes no flag. A thaws, its next tick sets
+    its heartbeat again, reads no stop flag and pumps on for the rest of the answer: the
+    user's stop is lost (and the UI was told `ended` while the run goes on). A kept run in the
+    same place gets its flag (`meta.end` None) and stops at A's next tick. Expected: the run
+    stops within a few heartbeats of A thawing. Fix (app/runs/scripts.py `REQUEST_STOP`):
+    with `if_pumping`, set the flag whenever the meta exists and not `f` (a flag on a dead
+    run's meta is harmless, it expires with it) and return only whether the heartbeat key
+    exists, for the answer."""
+    upstream = PaddedUpstream(delay=0.1, count=400)
+    async with AsyncExitStack() as stack:
+        (upstream_url,) = await start_upstreams(stack, upstream.app())
+        env = _env(tmp_path, redis, upstream_url, window=30)
+        with ExitStack() as processes:
+            a, b = (processes.enter_context(GatewayProcess(env)) for _ in range(2))
+            jar = aiohttp.CookieJar(unsafe=True)
+            async with aiohttp.ClientSession(cookie_jar=jar) as http:
+                async with http.post(
+                    f"{a.url}/apps/shop/agent/chat", headers=CSRF, json={"message": "go"}
+                ) as response:
+                    run_id = response.headers["X-Run-Id"]
+                    got = await asyncio.wait_for(read_events(response, 45), 30)
+                    status, written, _ = await _resume(http, b.url, run_id, len(got))
+                    assert status == 200 and error_code(written[-1]) == "run_over_budget"
+                    a.signal(signal.SIGSTOP)
+                    try:
+                        await asyncio.sleep(1.6)  # past the heartbeat key's TTL (1 s)
+                        on_b = await _stop(http, b.url, run_id)
+                    finally:
+                        a.signal(signal.SIGCONT)
+                    reading = asyncio.create_task(_drain(response))
+                    try:
+                        await asyncio.wait_for(upstream.cancelled.wait(), 4)
+                    except TimeoutError:
+                        pass
+                    stopped = upstream.cancelled.is_set()
+                    pumping = not stopped and not upstream.finished.is_set()
+                    await _stop(http, a.url, run_id)  # (cleanup: stop it where it runs)
+                    more = await asyncio.wait_for(reading, 10)
+                print(
+                    f"cut after ~{len(got)} events on A; A stalled 1.6 s; stop on B: {on_b}; "
+                    f"4 s after A thawed: stopped {stopped}, still pumping {pumping} "
+                    f"({more} more events read on A)"
+                )
+                assert on_b[0] == 202
+                assert stopped, "the stop on B was lost: the cut run pumps on"
