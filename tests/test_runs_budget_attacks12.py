@@ -604,3 +604,115 @@ async def test_a_withdrawal_decided_before_a_growth_does_not_hide_it() -> None:
     )
     assert grown
     assert holds >= held, (holds, held)
+
+
+# -- held: the lock is per application; a tombstone's counter gone ----------------------------
+
+
+class _PerAppStallStore(_StallingStore):
+    """A `_StallingStore` whose stall hits one application only (`stalled_app`)."""
+
+    def __init__(self, deadline: float, stalled_app: str) -> None:
+        super().__init__(deadline)
+        self.stalled_app = stalled_app
+
+    async def budget_reserve(
+        self,
+        app_id: str,
+        *,
+        window_ms: int,
+        uncounted: int,
+        budget: int,
+        publish: int,
+        ttl_ms: int,
+    ) -> tuple[bool, int]:
+        if app_id == self.stalled_app:
+            await self._stalled()
+        return True, 400_000
+
+
+async def test_a_stalled_application_does_not_hold_up_another_s_reservations() -> None:
+    """Attack: the flight lock is per application: with one application's reservations stuck
+    on a slow script (its flight hash's slot on a frozen Cluster node, say), another
+    application's growth and admissions on the same replica. Held: the other application's
+    reservation answers at once, while the stuck one's queue waits."""
+    deadline = 0.5
+    uncounted = UncountedCosts()
+    ledger = BudgetLedger(refresh=60.0, uncounted=uncounted, flight_ttl_ms=60_000)
+    store = _PerAppStallStore(deadline, "slow")
+    redis_store = cast(RedisRunStore, store)
+    for app_id in ("slow", "shop"):
+        uncounted.add(app_id, 100_000)
+        admission = await ledger.admit(redis_store, app_id, window_ms=60_000, budget=1_000_000)
+        assert admission.admitted
+    store.stall = True
+    loop = asyncio.get_running_loop()
+    uncounted.add("slow", 200_000)
+    stuck = [asyncio.create_task(ledger.reserve_growth(redis_store, "slow")) for _ in range(3)]
+    await asyncio.sleep(0.05)
+    began = loop.time()
+    uncounted.add("shop", 200_000)
+    assert ledger.may_write("shop") is None
+    assert await asyncio.wait_for(ledger.reserve_growth(redis_store, "shop"), 5)
+    other = loop.time() - began
+    admission = await asyncio.wait_for(
+        ledger.admit(redis_store, "shop", window_ms=60_000, budget=1_000_000), 5
+    )
+    other_admit = loop.time() - began
+    results = await asyncio.gather(*stuck, return_exceptions=True)
+    store.stall = False
+    await ledger.close()
+    print(
+        f"'slow' stuck ({[type(r).__name__ for r in results]}); 'shop' growth answered after "
+        f"{other * 1000:.0f} ms, an admission after {other_admit * 1000:.0f} ms"
+    )
+    assert admission.admitted
+    assert other_admit < deadline / 2, other_admit
+
+
+async def test_a_tombstone_whose_counter_is_gone_takes_nothing_from_another(
+    tier_integration: None, redis: RedisServer
+) -> None:
+    """Attack: A (40 KB in flight) is taken for dead in slot s (40 KB into slot s's counter,
+    the tombstone names it); slot s's counter is then lost (evicted, deleted by an operator);
+    in slot s+1 B's run ends (50 KB into slot s+1's counter) and A comes back. Held: A's
+    take-back finds its counter empty and takes nothing from slot s+1's: B's run still counts
+    whole, next to A's runs in flight, and the tombstone is gone."""
+    window = 1000
+    async with _replicas(redis, 2) as (a, b):
+        slot = await _at_slot_offset(window, 600)
+        await a.budget_publish("shop", 40_000, window_ms=window, ttl_ms=100)
+        await asyncio.sleep(0.15)
+        assert await b.budget_used("shop", window_ms=window) == 40_000  # dead, in slot s
+        tomb_counter = _flight(redis).get(f"{a.replica}:s".encode())
+        redis.client().delete(f"t:runs:{{shop}}:bytes:{slot}")
+        await _until_slot(window, slot + 1, 100)
+        await b.budget_add("shop", 50_000, window_ms=window)
+        await a.budget_publish("shop", 40_000, window_ms=window, ttl_ms=10_000)  # back
+        used = await b.budget_used("shop", window_ms=window)
+        flight = _flight(redis)
+        print(f"tombstone's counter {tomb_counter!r} deleted; A back: B reads {used}; {flight}")
+        assert tomb_counter == f"t:runs:{{shop}}:bytes:{slot}".encode()
+        assert used == 90_000, used
+        assert not any(field.endswith((b":d", b":s")) for field in flight), flight
+
+
+async def _at_slot_offset(window_ms: int, offset_ms: int) -> int:
+    """Sleep until `offset_ms` into a budget slot of `window_ms` (the stores' own clock),
+    at least 50 ms ahead; that slot's number."""
+    now = time.time() * 1000
+    slot, into = divmod(now, window_ms)
+    wait = offset_ms - into
+    if wait < 50:
+        wait += window_ms
+        slot += 1
+    await asyncio.sleep(wait / 1000)
+    return int(slot)
+
+
+async def _until_slot(window_ms: int, slot: int, offset_ms: int) -> None:
+    """Sleep until `offset_ms` into slot `slot`."""
+    wait = slot * window_ms + offset_ms - time.time() * 1000
+    if wait > 0:
+        await asyncio.sleep(wait / 1000)
+    assert int(time.time() * 1000) // window_ms == slot, "slept past the slot"
