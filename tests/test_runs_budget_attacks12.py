@@ -6,17 +6,22 @@ when sent, `reserve_growth`'s shortcut after the lock; a cut whose record failed
 stop elsewhere on a cut run answers `ended` once its heartbeat key is gone (`if_pumping`).
 
 Findings (strict xfails; each test's docstring has its figures and a fix idea):
-- a paused replica's first growth check after it was taken for dead is refused: the refused
+- a paused replica's first growth check after it was taken for dead is refused: a refused
   `BUDGET_RESERVE` does not take its tombstone back, so its own runs count twice (the dead
-  share in the counter plus its `uncounted`): refused at 0.65x the budget, its run cut;
+  share in the counter plus its `uncounted`): refused at 0.65x the budget (ledger on Redis);
+  through two gateway processes (SIGSTOP 1.5 s) its run is cut at 0.60x, 3 tries of 3;
+- reservations queued behind the flight lock on a frozen Redis each wait their own full
+  deadline: the 6th pump learns after 6 deadlines, a new run's admission after 7;
+- a withdrawal decided far from the budget (`_check` after a reservation) is sent after a
+  growth's reservation that came in before its first step: Redis holds 0 of the replica's
+  320 KB in flight, and nothing restores it until the run's next batch (1.32x admissible);
 - a cut run whose replica stalled past its heartbeat key's TTL: a stop elsewhere answers
-  `ended` and sets no flag, the run pumps on for ever once the replica is back;
-- reservations queued behind the flight lock on a stalled Redis each wait their own full
-  deadline: the k-th pump (and a new run's admission) learns after k deadlines.
-Held (plain tests): a cut record that landed with its reply lost is retried without a second
-entry or a second count; ended runs (done, error-ended) resumed elsewhere from 0 or their
-middle are never told `resume_too_old`; a tombstone whose counter was flushed takes nothing
-back.
+  `ended` and sets no flag; the run pumps on once the replica is back (the stop is lost).
+Held (plain tests): a cut record that landed with its replies lost twice is retried without
+a second entry or a second count; ended runs (bare end marker, end with events, an error
+end) resumed elsewhere from 0, their middle or one before the end are never told
+`resume_too_old`; a stalled application's flight lock does not hold up another's; a
+tombstone whose counter was deleted takes nothing from another counter.
 
 Harnesses as in tests/test_runs_budget_attacks11.py: `RedisRunStore`s on a redis-server of
 the test's own, a fake store driving `BudgetLedger`, real gateway processes (SIGSTOP), and
