@@ -9,7 +9,7 @@ Findings (strict xfails; each test's docstring has its figures and a fix idea):
 - a paused replica's first growth check after it was taken for dead is refused: a refused
   `BUDGET_RESERVE` does not take its tombstone back, so its own runs count twice (the dead
   share in the counter plus its `uncounted`): refused at 0.65x the budget (ledger on Redis);
-  through two gateway processes (SIGSTOP 1.5 s) its run is cut at 0.60x, 3 tries of 3;
+  through two gateway processes (SIGSTOP 1.5 s) its run is cut at 0.60x, 7 tries of 7;
 - reservations queued behind the flight lock on a frozen Redis each wait their own full
   deadline: the 6th pump learns after 6 deadlines, a new run's admission after 7;
 - a withdrawal decided far from the budget (`_check` after a reservation) is sent after a
@@ -783,7 +783,7 @@ async def test_a_run_on_a_replica_thawed_after_its_death_is_not_cut_by_its_tombs
     tombstone `<A>:d`, `<A>:s`). The agent's next 10 events queue at A's socket; A thaws:
     its pump reads them, `may_write` is None and `reserve_growth`'s `BUDGET_RESERVE` counts
     A's run twice (175 KB dead + its ~230 KB uncounted): refused, the run is cut after 15
-    events, ~0.60x the budget (3 tries of 3; with 10 + 8 events the overdue refresh took the
+    events, ~0.60x the budget (7 tries of 7; with 10 + 8 events the overdue refresh took the
     tombstone back first). Nothing else competes (B's run: one tiny event): its growth
     would be cut at ~23 events, where it reaches the budget. Expected: not cut before 20
     events. Fix: as in the first finding (`BUDGET_RESERVE` takes the caller's tombstone back
