@@ -325,7 +325,7 @@ class BudgetLedger:
             limits, read = self._budgets.get(app_id), self._reads.get(app_id)
             if limits is None or read is None or read.used + local < limits[0] * NEAR_BUDGET_SHARE:
                 if published:
-                    self._publish(app_id, withdraw=True)
+                    self._publish(app_id)  # a withdrawal (`_flight_value`)
                 return
             # Nothing published here: what its runs hold goes to Redis through
             # `reserve_growth` first (publishing it unchecked let one batch from far to 1.61x
@@ -333,34 +333,39 @@ class BudgetLedger:
             self._become_near(app_id)
         elif published > local + 2 * self._headroom(app_id):
             # Growth is published by `reserve_growth` (before it is written); this shrinks.
-            self._publish(app_id, withdraw=False)
+            self._publish(app_id)
 
-    def _publish(self, app_id: str, *, withdraw: bool) -> None:
-        """Send `app_id`'s runs in flight again (`_flight_value`), or withdraw them."""
+    def _publish(self, app_id: str) -> None:
+        """Send `app_id`'s runs in flight again, or withdraw them (`_flight_value`)."""
         store = self._store
         if store is None:
             return
         if app_id in self._publishing:
             self._publish_again.add(app_id)
             return
-        send = self._send_flight(store, app_id, withdraw=withdraw)
+        send = self._send_flight(store, app_id)
         self._publishing[app_id] = asyncio.get_running_loop().create_task(send)
 
     def _flight_value(self, app_id: str) -> int:
-        """What a publish sends (valued when it is sent): what this replica's runs hold plus
-        the headroom, never more than what Redis accepted last -- growth goes through
-        `reserve_growth` (a refresh that added a headroom let a slowly growing run write 2.23x
-        its budget unchecked, attack-12) -- and never a failed publish's -1 (a withdrawal of
-        runs still in flight, attack-13). So a refresh after a failed shrink shrinks (it
-        re-sent the old value for ever: an ended run counted twice, attack-14)."""
-        local = self._local(app_id) + self._headroom(app_id)
-        return min(self._confirmed.get(app_id, 0), local)
+        """What a publish sends, valued when it is sent (a withdrawal decided far from the
+        budget, sent after another run's growth was reserved, withdrew it: attack-15): 0 (a
+        withdrawal) when the application is far from its budget or nothing of it is uncounted
+        here; else what this replica's runs hold plus the headroom, never more than what Redis
+        accepted last -- growth goes through `reserve_growth` (a refresh that added a headroom
+        let a slowly growing run write 2.23x its budget unchecked, attack-12) -- and never a
+        failed publish's -1 (a withdrawal of runs still in flight, attack-13). So a refresh
+        after a failed shrink shrinks (it re-sent the old value for ever: an ended run counted
+        twice, attack-14)."""
+        local = self._local(app_id)
+        if app_id not in self._near or local <= 0:
+            return 0
+        return min(self._confirmed.get(app_id, 0), local + self._headroom(app_id))
 
-    async def _send_flight(self, store: RedisRunStore, app_id: str, *, withdraw: bool) -> None:
+    async def _send_flight(self, store: RedisRunStore, app_id: str) -> None:
         flight = 0
         try:
             async with self._flight_lock(app_id):
-                flight = 0 if withdraw else self._flight_value(app_id)
+                flight = self._flight_value(app_id)
                 self._published[app_id] = flight
                 _, window_ms = self._budgets.get(app_id, (0, 60_000))
                 try:
@@ -403,11 +408,9 @@ class BudgetLedger:
         self._refreshes.pop(app_id, None)
         if self._published.get(app_id, 0) == 0:
             return
-        if app_id in self._near and self._local(app_id) > 0:
-            self._publish(app_id, withdraw=False)  # `_flight_value`
-        else:
+        if app_id not in self._near or self._local(app_id) <= 0:
             self._near.discard(app_id)
-            self._publish(app_id, withdraw=True)
+        self._publish(app_id)  # again, or a withdrawal (`_flight_value`)
 
     def _known(self, app_id: str, read: _Read) -> int:
         sent = sum(cost for _, cost in self._sent.get(app_id, ()))
@@ -520,7 +523,7 @@ class BudgetLedger:
         self._near.clear()
         await asyncio.gather(*self._publishing.values(), return_exceptions=True)
         for app_id in [app_id for app_id, flight in self._published.items() if flight]:
-            self._publish(app_id, withdraw=True)
+            self._publish(app_id)  # far from every budget now: a withdrawal
         await asyncio.gather(*self._publishing.values(), return_exceptions=True)
         for handle in self._refreshes.values():
             handle.cancel()

@@ -371,12 +371,13 @@ async def stop_run(request: web.Request) -> web.Response:
         if meta is None or meta.owner != owner or meta.app_id != app.app_id:
             raise _not_found()
         # A run cut over its budget has an end in Redis but may pump on where it runs
-        # (attack-12): until its finish is recorded -- or, that record lost (attack-14) or
-        # its replica dead, until its heartbeat key is gone.
+        # (attack-12): its flag is set until its finish is recorded, and it is `stopping`
+        # while its heartbeat key lives (that finish lost, attack-14, or its replica dead:
+        # `ended`; a stalled replica reads the flag when it wakes, attack-15).
         cut = meta.end == CUT_REASON and not meta.finished
         if meta.end is None:
             await registry.store.request_stop(run_id)
-        elif not cut or not await registry.store.request_stop(run_id, if_pumping=True):
+        elif not cut or not await registry.store.request_stop(run_id):
             state = "ended"
     else:
         raise _not_found()

@@ -160,6 +160,16 @@ if dead > 0 then
   used = redis.call('INCRBY', KEYS[1], dead) + previous
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
 end
+-- The caller's own tombstone is not in its view: it counts its runs itself (a replica back
+-- from a pause had its growth refused, its run cut, at 0.65x the budget: attack-15). Redis
+-- keeps it, for the others, until the caller's next publish takes it back.
+local mine = tonumber(redis.call('HGET', KEYS[3], ARGV[1] .. ':d') or '0')
+if mine > 0 then
+  local counter = redis.call('HGET', KEYS[3], ARGV[1] .. ':s')
+  if counter == KEYS[1] or counter == KEYS[2] then
+    used = used - math.min(mine, tonumber(redis.call('GET', counter) or '0'))
+  end
+end
 """
 
 # Set ARGV[1]'s field of KEYS[3] to @FLIGHT@ bytes (0: remove) for @TTL@ ms (needs `now`);
@@ -250,14 +260,14 @@ end
 return 0"""
 )
 
-# KEYS: meta, heartbeat. ARGV: '1' when only a pumping run is to be stopped (its heartbeat
-# key alive), else ''. A stop sets the flag only on a run that still has its meta key: an HSET
-# on a key that just expired would create it again without a TTL (attack-budget-2). 1: set.
+# KEYS: meta, heartbeat. A stop sets the flag only on a run that still has its meta key: an
+# HSET on a key that just expired would create it again without a TTL (attack-budget-2).
+# Returns 0: no meta; 1: set, the run's heartbeat key alive; 2: set, its heartbeat key gone
+# (its replica ended it, died, or is stalled: the flag waits for its next tick, attack-15).
 REQUEST_STOP = LuaScript.of(
-    """if redis.call('EXISTS', KEYS[1]) == 1
-    and (ARGV[1] == '' or redis.call('EXISTS', KEYS[2]) == 1) then
+    """if redis.call('EXISTS', KEYS[1]) == 1 then
   redis.call('HSET', KEYS[1], 'stop', '1')
-  return 1
+  return 2 - redis.call('EXISTS', KEYS[2])
 end
 return 0"""
 )

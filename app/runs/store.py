@@ -398,12 +398,13 @@ class RedisRunStore:
         execute = self._backend.execute
         await self._backend._run(lambda: MARK_FINISHED.run(execute, keys, []))
 
-    async def request_stop(self, run_id: str, *, if_pumping: bool = False) -> bool:
+    async def request_stop(self, run_id: str) -> bool:
         """Ask the run's pumper to stop (the `stop` field of its meta, read every heartbeat),
-        if its meta exists and, with `if_pumping`, its heartbeat key too; whether it was."""
+        if its meta exists; whether its heartbeat key is alive (a replica pumps it)."""
         keys = [self.key(run_id, "m"), self.key(run_id, "h")]
-        execute, args = self._backend.execute, ["1" if if_pumping else ""]
-        return bool(await self._backend._run(lambda: REQUEST_STOP.run(execute, keys, args)))
+        execute = self._backend.execute
+        answer: int = await self._backend._run(lambda: REQUEST_STOP.run(execute, keys, []))
+        return answer == 1
 
 
 async def _watched_catchup(client: aioredis.Redis, keys: list[str], args: list[Any]) -> Any:
