@@ -1,10 +1,11 @@
 """Each application's budget of run data in Redis (`resume_redis_budget_bytes`, F3): this
 replica's ledger of it (`BudgetLedger`; what a run costs: app/runs/costs.py).
 
-One class over ~400 lines, on purpose: its reads, its batched counts and the runs in flight it
-publishes share one invariant (what Redis counts plus what this replica holds uncounted is
-what the application's runs hold), which its methods keep together; split, each part would
-need the others' state.
+One class over ~400 lines (~540), on purpose: its reads, its batched counts and the runs in
+flight it publishes share one invariant (what Redis counts plus what this replica holds
+uncounted is what the application's runs hold), which its methods keep together; split, each
+part would need the others' state (a publish is valued from the runs' costs, the nearness and
+the last read; a check's reservation is a publish).
 
 The counters themselves live in Redis (`app.runs.store.RedisRunStore.budget_used` /
 `budget_add`): a run's cost is added when its end is recorded. Until then it is only known
