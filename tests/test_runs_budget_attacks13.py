@@ -1,0 +1,245 @@
+"""Thirteenth attack on resumable runs (branch attack-16, on main at de418c2): session 10's
+fixes for attack-15's findings -- a replica's own tombstone left out of its own budget view
+(`_READ_BUDGET`), a flight publish valued at send time, withdrawing when the application is
+not near (`_flight_value`), checks queued behind a failed flight write failing with it
+(`_flight_turn`), and a stop elsewhere on a cut run always setting its flag (`REQUEST_STOP`).
+
+Findings (strict xfails; each test's docstring has its figures):
+- a far-path check's read, in flight while a run's burst made the application near and
+  reserved its growth, takes the application out of `_near` with the run's pre-burst cost;
+  the next refresh withdraws the field (0 in Redis while the run holds 620 KB), and another
+  replica admits 900 KB more: 1.52x the budget;
+- `close()` withdraws the runs in flight even when its flush of the ended runs failed: their
+  bytes are counted nowhere (the field left to expire would have been counted as dead).
+Held (plain tests): a replica's own tombstone is left out of its own view only, the others
+still count it, and its next publish takes it back exactly once; a stop elsewhere on another
+session's cut run is a 404 and sets no flag.
+
+Harnesses as in tests/test_runs_budget_attacks12.py: `RedisRunStore`s on a redis-server of
+the test's own driving `BudgetLedger`s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from typing import cast
+
+import pytest
+
+from app.runs.budget import BudgetLedger
+from app.runs.costs import UncountedCosts
+from app.runs.store import RedisRunStore
+from app.sessions.backend import StoreUnavailable
+from app.sessions.redis import RedisBackend
+from app.sessions.redis_client import RedisOptions, make_client
+from tests.redis_server import RedisServer
+from tests.runs_helpers import budget_counted, redis_at
+
+pytestmark = pytest.mark.redis_server
+
+BUDGET = 1_000_000
+WINDOW = 60_000
+FLIGHT_KEY = "t:runs:{shop}:flight"
+
+
+@pytest.fixture
+def redis(tier_integration: None) -> Iterator[RedisServer]:
+    with redis_at("256mb", "noeviction") as server:
+        yield server
+
+
+@asynccontextmanager
+async def _replicas(redis: RedisServer, count: int) -> AsyncIterator[list[RedisRunStore]]:
+    """`count` run stores on `redis`, each its own replica."""
+    backends = [RedisBackend(make_client(RedisOptions(url=redis.url))) for _ in range(count)]
+    try:
+        yield [RedisRunStore(backend, backend, "t:") for backend in backends]
+    finally:
+        for backend in backends:
+            await backend.close()
+
+
+def _flight(redis: RedisServer) -> dict[bytes, bytes]:
+    return cast(dict[bytes, bytes], redis.client().hgetall(FLIGHT_KEY))
+
+
+def _field(redis: RedisServer, store: RedisRunStore) -> int:
+    return int(_flight(redis).get(store.replica.encode(), b"0"))
+
+
+# -- 1. a far-path read in flight across a burst takes the application out of `_near` ---------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a far read's stale `extra` drops `_near`: 620 KB in flight withdrawn, 1.52x",
+)
+async def test_a_far_read_in_flight_across_a_burst_does_not_withdraw_the_burst(
+    tier_integration: None, monkeypatch: pytest.MonkeyPatch, redis: RedisServer
+) -> None:
+    """Attack: replica A, far from a 1 MB budget (nothing counted), runs R (20 KB so far). A
+    new run X's check takes the far path: `_check` reads `running` (20 KB) and `used()` sends
+    a fresh read (the cached one is `refresh` seconds old). While that read is in flight R's
+    pump gets a 600 KB burst: `note` makes the application near, `may_write` is None and
+    `reserve_growth` publishes 620 KB + the headroom in Redis (admitted). X's read comes
+    back: `used()` judges nearness with the `extra` read BEFORE the await (20 KB): 0 + 20 KB
+    under a quarter of the budget, so `_near.discard`. Nothing calls `note` after it (`_check`
+    returns), so at the field's next refresh `_flight_value` finds the application not near
+    and sends 0: Redis holds nothing of A's 620 KB, until R's next batch (an agent calling a
+    tool, thinking: minutes). B's check meanwhile admits a 900 KB run: 1.52x the budget.
+    Expected: Redis holds at least what A's runs hold. Fix (app/runs/budget.py `used`/`_check`):
+    judge nearness with `extra` valued after the read (`self._uncounted.get(app_id)`), or
+    call `note(app_id)` after a discard (it re-adds `_near` from the current local)."""
+    uncounted_a, uncounted_b = UncountedCosts(), UncountedCosts()
+    ledger_a = BudgetLedger(refresh=0.05, uncounted=uncounted_a, flight_ttl_ms=300)
+    ledger_b = BudgetLedger(refresh=0.05, uncounted=uncounted_b, flight_ttl_ms=300)
+    async with _replicas(redis, 2) as (a, b):
+        uncounted_a.add("shop", 20_000)  # R, started far from the budget
+        assert (await ledger_a.admit(a, "shop", window_ms=WINDOW, budget=BUDGET)).admitted
+        await asyncio.sleep(0.1)  # A's cached read is older than `refresh`
+        real_used = a.budget_used
+        replied = asyncio.Event()
+        in_flight = asyncio.Event()
+
+        async def slow_read(app_id: str, *, window_ms: int) -> int:
+            used = await real_used(app_id, window_ms=window_ms)
+            in_flight.set()
+            await replied.wait()  # its reply on its way (a busy loop, a slow network)
+            return used
+
+        monkeypatch.setattr(a, "budget_used", slow_read)
+        x = asyncio.create_task(ledger_a.admit(a, "shop", window_ms=WINDOW, budget=BUDGET))
+        await asyncio.wait_for(in_flight.wait(), 5)
+        # R's burst, while X's read is in flight.
+        uncounted_a.add("shop", 600_000)
+        ledger_a.note("shop")
+        may = ledger_a.may_write("shop")
+        grown = await ledger_a.reserve_growth(a, "shop") if may is None else may
+        reserved = _field(redis, a)
+        replied.set()
+        x_admitted = (await asyncio.wait_for(x, 5)).admitted
+        await asyncio.sleep(0.5)  # ~5 refresh periods, no batch of R's (it thinks)
+        held = uncounted_a.get("shop")
+        holds = _field(redis, a)
+        b_sees = await b.budget_used("shop", window_ms=WINDOW)
+        uncounted_b.add("shop", 900_000)
+        b_admitted = (await ledger_b.admit(b, "shop", window_ms=WINDOW, budget=BUDGET)).admitted
+        total = held + (900_000 if b_admitted else 0)
+        await ledger_a.close()
+        await ledger_b.close()
+        print(
+            f"R's growth: may_write {may} -> reserve_growth {grown}, field {reserved}; X "
+            f"admitted {x_admitted}; 0.5 s later A's runs hold {held}, Redis holds {holds} "
+            f"of them; B sees {b_sees}, admits a 900 KB run: {b_admitted} -> the "
+            f"application's runs hold {total} ({total / BUDGET:.2f}x the budget)"
+        )
+        assert grown and reserved >= 620_000
+        assert holds >= held, f"Redis holds {holds} of A's {held}: {total / BUDGET:.2f}x"
+
+
+# -- 2. close() withdraws after a failed flush ---------------------------------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="close() withdraws after a failed flush: an ended 400 KB run counted nowhere",
+)
+async def test_close_does_not_withdraw_runs_it_could_not_count(
+    tier_integration: None, monkeypatch: pytest.MonkeyPatch, redis: RedisServer
+) -> None:
+    """Attack: near a 1 MB budget, A's run (400 KB) is published in Redis (its reservation).
+    The run ends just as A shuts down; its cost goes to `unsent` and the flush's `budget_add`
+    fails (a blip, or an OOM: at `maxmemory` Redis refuses the `INCRBY` but not the `HDEL`
+    of a withdrawal). `close()` -- whose comment says "counted first, withdrawn after:
+    never a moment when neither holds them" -- withdraws A's field anyway: the run's 400 KB
+    stay in Redis for their window, in no counter and no field, while B admits 900 KB: 1.3x.
+    Left alone, A's field would have expired and been counted as a dead replica's runs by
+    the next read. Expected: after `close()`, what Redis knows of the application (B's view)
+    covers A's ended run. Fix (app/runs/budget.py `close`): withdraw only the applications
+    with nothing left in `_unsent` (else leave the field to expire: counted as dead)."""
+    uncounted = UncountedCosts()
+    ledger = BudgetLedger(refresh=60.0, uncounted=uncounted, flight_ttl_ms=300)
+    async with _replicas(redis, 2) as (a, b):
+        uncounted.add("shop", 400_000)
+        assert (await ledger.admit(a, "shop", window_ms=WINDOW, budget=BUDGET)).admitted
+        published = _field(redis, a)
+        failed: list[int] = []
+
+        async def refused_add(app_id: str, cost: int, *, window_ms: int) -> None:
+            failed.append(cost)
+            raise StoreUnavailable("OOM command not allowed when used memory > 'maxmemory'")
+
+        monkeypatch.setattr(a, "budget_add", refused_add)
+        # The run ends (`_record_end`: counted via `add`, then `_settle_cost`), at shutdown.
+        ledger.add(a, "shop", 400_000, window_ms=WINDOW, keep=WINDOW / 1000)
+        uncounted.add("shop", -400_000)
+        ledger.note("shop")
+        await asyncio.wait_for(ledger.close(), 10)
+        await asyncio.sleep(0.5)  # past the field's TTL: had it stayed, it counts as dead
+        b_sees = await b.budget_used("shop", window_ms=WINDOW)
+        counted = budget_counted(redis, "shop")
+        print(
+            f"A published {published}; its run ended (400000), budget_add failed "
+            f"{len(failed)} times; after close() Redis holds field {_field(redis, a)}, "
+            f"counters {counted}: B sees {b_sees} -> B may admit {BUDGET - b_sees} more "
+            f"({(BUDGET - b_sees + 400_000) / BUDGET:.2f}x)"
+        )
+        assert failed
+        assert b_sees >= 400_000, f"A's ended 400 KB counted nowhere; B sees {b_sees}"
+
+
+# -- held: a replica's own tombstone ---------------------------------------------------------
+
+
+async def test_a_replica_s_own_tombstone_is_left_out_of_its_view_only(
+    tier_integration: None, redis: RedisServer
+) -> None:
+    """Attack on `_READ_BUDGET`'s own-tombstone subtraction: A (150 KB in flight, field
+    150 KB + headroom) is taken for dead by B (the counter gets its field); B's run ends
+    meanwhile (300 KB into the same counter); A's own read, a refused reservation (asking
+    for far more than the budget: refused, so no take-back) repeated 20 times, then A's
+    publish. Held: A's view leaves out exactly its tombstone (300 KB of B's); B's view keeps
+    A's tombstone until A's publish; refused reservations take nothing back (the counter
+    unchanged); the publish takes back the tombstone once: the counter is B's 300 KB."""
+    async with _replicas(redis, 2) as (a, b):
+        ok, _ = await a.budget_reserve(
+            "shop",
+            window_ms=WINDOW,
+            uncounted=150_000,
+            budget=BUDGET,
+            publish=166_000,
+            ttl_ms=100,
+        )
+        assert ok
+        await asyncio.sleep(0.2)
+        b_dead = await b.budget_used("shop", window_ms=WINDOW)  # A taken for dead
+        await b.budget_add("shop", 300_000, window_ms=WINDOW)
+        a_view = await a.budget_used("shop", window_ms=WINDOW)
+        refused = [
+            await a.budget_reserve(
+                "shop",
+                window_ms=WINDOW,
+                uncounted=BUDGET,
+                budget=BUDGET,
+                publish=BUDGET,
+                ttl_ms=10_000,
+            )
+            for _ in range(20)
+        ]
+        b_view = await b.budget_used("shop", window_ms=WINDOW)
+        counted_before = budget_counted(redis, "shop")
+        await a.budget_publish("shop", 150_000, window_ms=WINDOW, ttl_ms=10_000)
+        counted_after = budget_counted(redis, "shop")
+        b_after = await b.budget_used("shop", window_ms=WINDOW)
+        print(
+            f"B took A for dead: {b_dead}; A's own view {a_view}; 20 refused reservations: "
+            f"{set(refused)}; B's view {b_view}, counters {counted_before}; after A's "
+            f"publish: counters {counted_after}, B sees {b_after}"
+        )
+        assert b_dead == 166_000
+        assert a_view == 300_000
+        assert all(r == (False, 300_000) for r in refused)
+        assert b_view == 466_000 and counted_before == 466_000
+        assert counted_after == 300_000 and b_after == 450_000
