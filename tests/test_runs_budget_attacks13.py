@@ -23,10 +23,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
+from pathlib import Path
 from typing import cast
 
+import aiohttp
 import pytest
+from aiohttp import web
 
 from app.runs.budget import BudgetLedger
 from app.runs.costs import UncountedCosts
@@ -35,7 +38,17 @@ from app.sessions.backend import StoreUnavailable
 from app.sessions.redis import RedisBackend
 from app.sessions.redis_client import RedisOptions, make_client
 from tests.redis_server import RedisServer
-from tests.runs_helpers import budget_counted, redis_at
+from tests.runs_helpers import (
+    CSRF,
+    PaddedUpstream,
+    budget_counted,
+    error_code,
+    read_events,
+    redis_at,
+    resume_shop_run,
+    stop_shop_run,
+    two_shop_gateways,
+)
 
 pytestmark = pytest.mark.redis_server
 
@@ -351,3 +364,70 @@ async def test_a_replica_s_own_tombstone_is_left_out_of_its_view_only(
         assert all(r == (False, 300_000) for r in refused)
         assert b_view == 466_000 and counted_before == 466_000
         assert counted_after == 300_000 and b_after == 450_000
+
+
+# -- held: a stop elsewhere on another session's cut run -------------------------------------
+
+
+class _FirstLongUpstream(PaddedUpstream):
+    """A `PaddedUpstream` for its first request; any later one: one small event, `done`."""
+
+    def __init__(self, delay: float, count: int) -> None:
+        super().__init__(delay, count)
+        self.requests = 0
+
+    async def write_events(self, response: web.StreamResponse) -> None:
+        self.requests += 1
+        if self.requests == 1:
+            await super().write_events(response)
+            return
+        await response.write(b'event: token\ndata: {"n": 0}\n\n')
+        await response.write(b"event: done\ndata: {}\n\n")
+
+
+def _meta_of(redis: RedisServer, run_id: str) -> dict[bytes, bytes]:
+    client = redis.client()
+    keys = list(client.scan_iter(match=f"*run:{{{run_id}}}:m".encode()))
+    return cast(dict[bytes, bytes], client.hgetall(keys[0])) if keys else {}
+
+
+async def test_a_stop_elsewhere_on_another_session_s_cut_run_is_refused(
+    tier_system: None, tmp_path: Path, redis: RedisServer
+) -> None:
+    """Attack on `stop_run`'s cut branch (the flag now set whatever the heartbeat key says):
+    a run of a 256 KiB budget is cut over it on A and pumps on; another browser (its own
+    session, its own conversation) posts a stop of that run id on B, then its owner does.
+    Held: the other session gets 404 and the run's meta gets no `stop` flag (the run pumps
+    on); the owner's stop on B answers `stopping` and the run stops within a few heartbeats."""
+    upstream = _FirstLongUpstream(delay=0.1, count=300)
+    async with (
+        two_shop_gateways(tmp_path, redis, upstream) as (a, b, http),
+        http.post(
+            f"{a.url}/apps/shop/agent/chat", headers=CSRF, json={"message": "go"}
+        ) as response,
+    ):
+        run_id = response.headers["X-Run-Id"]
+        got = await asyncio.wait_for(read_events(response, 45), 30)
+        status, written, _ = await resume_shop_run(http, b.url, run_id, len(got))
+        assert status == 200 and error_code(written[-1]) == "run_over_budget"
+        jar = aiohttp.CookieJar(unsafe=True)
+        async with aiohttp.ClientSession(cookie_jar=jar) as other:
+            async with other.post(
+                f"{b.url}/apps/shop/agent/chat", headers=CSRF, json={"message": "hi"}
+            ) as mine:
+                await asyncio.wait_for(read_events(mine), 10)
+            stranger = await stop_shop_run(other, b.url, run_id)
+        flag_after_stranger = b"stop" in _meta_of(redis, run_id)
+        await asyncio.sleep(1.0)
+        pumping = not upstream.cancelled.is_set()
+        owner = await stop_shop_run(http, b.url, run_id)
+        with suppress(TimeoutError):
+            await asyncio.wait_for(upstream.cancelled.wait(), 5)
+        print(
+            f"cut after ~{len(got)} events; a stranger's stop on B: {stranger}, flag set "
+            f"{flag_after_stranger}, still pumping 1 s later {pumping}; the owner's stop "
+            f"on B: {owner}; stopped {upstream.cancelled.is_set()}"
+        )
+        assert stranger[0] == 404 and not flag_after_stranger and pumping
+        assert owner[0] == 202 and '"stopping"' in owner[1]
+        assert upstream.cancelled.is_set()
