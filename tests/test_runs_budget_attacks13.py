@@ -366,6 +366,50 @@ async def test_a_replica_s_own_tombstone_is_left_out_of_its_view_only(
         assert counted_after == 300_000 and b_after == 450_000
 
 
+# -- 4. a stop elsewhere on a dead replica's live run ---------------------------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a stop of a SIGKILLed replica's run answers `stopping`; a resume there: run_orphaned",
+)
+async def test_a_stop_elsewhere_on_a_dead_replica_s_run_answers_ended(
+    tier_system: None, tmp_path: Path, redis: RedisServer
+) -> None:
+    """Attack on `stop_run`'s answer (its cut branch now answers from the heartbeat key, the
+    live branch does not): a kept run (far within a 16 MiB budget) pumps on A; A is
+    SIGKILLed. Past 4 heartbeats (its key gone) a resume on B is told `run_orphaned` -- and a
+    stop on B answers 202 `stopping`, a state that never ends: nothing pumps the run, no
+    `run_stopped` ever comes, the flag waits in the meta for its window. The same stop of a
+    cut run answers `ended` once its heartbeat key is gone (attack-15's fix). Expected:
+    `ended`, as the resume says. Fix (app/runs/http.py `stop_run`): answer from
+    `request_stop`'s result in the live branch too (`stopping` only while the heartbeat key
+    lives)."""
+    upstream = _FirstLongUpstream(delay=0.2, count=150)
+    async with two_shop_gateways(tmp_path, redis, upstream, budget=16 * 1024 * 1024) as (
+        a,
+        b,
+        http,
+    ):
+        async with http.post(
+            f"{a.url}/apps/shop/agent/chat", headers=CSRF, json={"message": "go"}
+        ) as response:
+            run_id = response.headers["X-Run-Id"]
+            got = await asyncio.wait_for(read_events(response, 3), 10)
+            a.kill()
+        await asyncio.sleep(1.5)  # past 4 heartbeats of 0.25 s: its key gone
+        status, events, _ = await resume_shop_run(http, b.url, run_id, len(got))
+        resumed = error_code(events[-1]) if events else None
+        stopped = await stop_shop_run(http, b.url, run_id)
+        print(
+            f"A SIGKILLed after {len(got)} events; 1.5 s later a resume on B: {status} "
+            f"{resumed}; a stop on B: {stopped}"
+        )
+        assert status == 200 and resumed == "run_orphaned"
+        assert stopped[0] == 202
+        assert '"ended"' in stopped[1], stopped
+
+
 # -- held: a stop elsewhere on another session's cut run -------------------------------------
 
 
