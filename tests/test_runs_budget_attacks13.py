@@ -6,14 +6,24 @@ not near (`_flight_value`), checks queued behind a failed flight write failing w
 
 Findings (strict xfails; each test's docstring has its figures):
 - a far-path check's read, in flight while a run's burst made the application near and
-  reserved its growth, takes the application out of `_near` with the run's pre-burst cost;
-  the next refresh withdraws the field (0 in Redis while the run holds 620 KB), and another
-  replica admits 900 KB more: 1.52x the budget;
-- `close()` withdraws the runs in flight even when its flush of the ended runs failed: their
-  bytes are counted nowhere (the field left to expire would have been counted as dead).
+  reserved its growth, takes the application out of `_near` with the run's pre-burst cost
+  (`used`'s `extra`, valued before the await); the next refresh withdraws the field (0 in
+  Redis while the run holds 620 KB), and another replica admits 900 KB more: 1.52x;
+- `close()` withdraws the runs in flight even when its flush of the ended runs failed: an
+  ended 400 KB run is counted nowhere (B sees 0; left alone, the field would have expired
+  and been counted as a dead replica's);
+- one timed-out background refresh publish fails every check queued behind it: 6 pumps end
+  their runs with `run_store_unavailable` (upstreams closed) and a new run is relayed
+  without resume, while Redis answers again at once (0 reservations sent);
+- `BUDGET_ADD` takes a paused replica's whole tombstone back without publishing its field:
+  its runs still in flight (400 KB) are counted nowhere until its next refresh; B reads
+  100 KB and may admit 900 KB: 1.4x;
+- a stop elsewhere on a SIGKILLed replica's live run answers `stopping` (for ever) while a
+  resume there is told `run_orphaned` (the cut branch answers `ended` in the same case).
 Held (plain tests): a replica's own tombstone is left out of its own view only, the others
-still count it, and its next publish takes it back exactly once; a stop elsewhere on another
-session's cut run is a 404 and sets no flag.
+still count it, 20 refused reservations take nothing back and its publish takes it back
+once; a stranger's stop on a cut run elsewhere is a 404 and sets no flag, the owner's
+answers `stopping` and stops it.
 
 Harnesses as in tests/test_runs_budget_attacks12.py: `RedisRunStore`s on a redis-server of
 the test's own driving `BudgetLedger`s.
