@@ -376,6 +376,38 @@ async def test_a_replica_s_own_tombstone_is_left_out_of_its_view_only(
         assert counted_after == 300_000 and b_after == 450_000
 
 
+async def test_checks_after_a_failed_publish_are_not_failed_by_it() -> None:
+    """Attack on `_flight_turn`'s failure generation: a background refresh fails (0.3 s
+    timeout); pumps whose bursts come after it failed (Redis answers again), and a new run's
+    admission. Held: none of them fails for the old failure (each reservation sent)."""
+    uncounted = UncountedCosts()
+    ledger = BudgetLedger(refresh=60.0, uncounted=uncounted, flight_ttl_ms=600)
+    store = _BlipStore(stall=0.3)
+    redis_store = cast(RedisRunStore, store)
+    uncounted.add("shop", 100_000)
+    assert (await ledger.admit(redis_store, "shop", window_ms=WINDOW, budget=BUDGET)).admitted
+    store.blip = True
+    await asyncio.wait_for(store.publishing.wait(), 5)
+    while not store.publishes:  # until the refresh has failed
+        await asyncio.sleep(0.01)
+    reserves_before = store.reserves
+    outcomes: list[bool] = []
+    for _ in range(3):
+        uncounted.add("shop", 200_000)
+        assert ledger.may_write("shop") is None
+        outcomes.append(await asyncio.wait_for(ledger.reserve_growth(redis_store, "shop"), 5))
+    admission = await asyncio.wait_for(
+        ledger.admit(redis_store, "shop", window_ms=WINDOW, budget=BUDGET), 5
+    )
+    reserves = store.reserves - reserves_before
+    await ledger.close()
+    print(
+        f"after the failed refresh {store.publishes[:1]}: growths {outcomes}, a new run "
+        f"admitted {admission.admitted}; {reserves} reservations sent"
+    )
+    assert outcomes == [True] * 3 and admission.admitted and reserves == 4
+
+
 # -- 5. a count takes the tombstone back without publishing the runs still in flight --------
 
 
