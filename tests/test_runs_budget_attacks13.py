@@ -1,10 +1,10 @@
-"""Thirteenth attack on resumable runs (branch attack-16, on main at de418c2): session 10's
+"""Thirteenth attack on resumable runs (branch attack-16, on main at de418c2): session 9's
 fixes for attack-15's findings -- a replica's own tombstone left out of its own budget view
 (`_READ_BUDGET`), a flight publish valued at send time, withdrawing when the application is
 not near (`_flight_value`), checks queued behind a failed flight write failing with it
 (`_flight_turn`), and a stop elsewhere on a cut run always setting its flag (`REQUEST_STOP`).
 
-Findings (strict xfails; each test's docstring has its figures):
+Findings (strict xfails when found, all fixed in session 9; each test's docstring has its figures):
 - a far-path check's read, in flight while a run's burst made the application near and
   reserved its growth, takes the application out of `_near` with the run's pre-burst cost
   (`used`'s `extra`, valued before the await); the next refresh withdraws the field (0 in
@@ -95,10 +95,6 @@ def _field(redis: RedisServer, store: RedisRunStore) -> int:
 # -- 1. a far-path read in flight across a burst takes the application out of `_near` ---------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a far read's stale `extra` drops `_near`: 620 KB in flight withdrawn, 1.52x",
-)
 async def test_a_far_read_in_flight_across_a_burst_does_not_withdraw_the_burst(
     tier_integration: None, monkeypatch: pytest.MonkeyPatch, redis: RedisServer
 ) -> None:
@@ -165,10 +161,6 @@ async def test_a_far_read_in_flight_across_a_burst_does_not_withdraw_the_burst(
 # -- 2. close() withdraws after a failed flush ---------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="close() withdraws after a failed flush: an ended 400 KB run counted nowhere",
-)
 async def test_close_does_not_withdraw_runs_it_could_not_count(
     tier_integration: None, monkeypatch: pytest.MonkeyPatch, redis: RedisServer
 ) -> None:
@@ -262,10 +254,6 @@ class _BlipStore:
         await asyncio.sleep(0.01)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="one timed-out background refresh fails the 6 pumps and the admission queued behind it",
-)
 async def test_a_failed_background_refresh_does_not_fail_the_checks_behind_it() -> None:
     """Attack on `_flight_turn`'s fail-together: near a 1 MB budget, A's runs are published;
     the field's refresh (`_refresh_flight`, a background write nobody waits for: its failure
@@ -411,10 +399,6 @@ async def test_checks_after_a_failed_publish_are_not_failed_by_it() -> None:
 # -- 5. a count takes the tombstone back without publishing the runs still in flight --------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUDGET_ADD takes a tombstone back, no field: 400 KB in flight counted nowhere, 1.4x",
-)
 async def test_a_count_does_not_take_back_a_tombstone_of_runs_still_in_flight(
     tier_integration: None, monkeypatch: pytest.MonkeyPatch, redis: RedisServer
 ) -> None:
@@ -479,10 +463,6 @@ async def test_a_count_does_not_take_back_a_tombstone_of_runs_still_in_flight(
 # -- 4. a stop elsewhere on a dead replica's live run ---------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a stop of a SIGKILLed replica's run answers `stopping`; a resume there: run_orphaned",
-)
 async def test_a_stop_elsewhere_on_a_dead_replica_s_run_answers_ended(
     tier_system: None, tmp_path: Path, redis: RedisServer
 ) -> None:

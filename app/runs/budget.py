@@ -114,8 +114,8 @@ class BudgetLedger:
         # were valued (a refresh retried after a reservation overwrote it, attack-14).
         self._published: dict[str, int] = {}
         self._flight_locks: dict[str, asyncio.Lock] = {}
-        # Flight writes that failed per application: the checks waiting behind one fail with
-        # it (a stalled Redis would otherwise answer N queued checks in N timeouts).
+        # Checks (reservations) that failed per application: the checks waiting behind one
+        # fail with it (a stalled Redis would otherwise answer N queued checks in N timeouts).
         self._flight_failures: dict[str, int] = {}
         # The last value Redis accepted per application: what a refresh re-sends (a failed
         # publish's -1 re-sent withdrew runs still in flight, attack-13).
@@ -162,6 +162,9 @@ class BudgetLedger:
                 self._reading[app_id] = task
             await asyncio.shield(task)
             read = self._reads[app_id]
+            # Valued again after the read: a burst meanwhile made the application near (a
+            # far answer to a read sent before it dropped its published runs, attack-16).
+            extra = max(extra, self._uncounted.get(app_id))
         used = self._known(app_id, read)
         self._budgets[app_id] = (budget, window_ms)
         if used + extra >= near:
@@ -270,7 +273,7 @@ class BudgetLedger:
     @asynccontextmanager
     async def _flight_turn(self, app_id: str) -> AsyncIterator[None]:
         """A check's turn among `app_id`'s flight writes (the lock); `StoreUnavailable` at once
-        when a flight write failed while it waited (each waits for one in flight at most, not
+        when a check failed while it waited (each waits for a publish and a check at most, not
         for every one queued before it), and counted as a failure when the check fails."""
         failures = self._flight_failures.get(app_id, 0)
         async with self._flight_lock(app_id):
@@ -377,7 +380,9 @@ class BudgetLedger:
                     log.warning(
                         "app %s: its runs in flight could not be published (%s)", app_id, err
                     )
-                    self._flight_failures[app_id] = self._flight_failures.get(app_id, 0) + 1
+                    # (not a failure the checks waiting behind it share: a background
+                    # refresh that timed out failed every pump queued behind it, while Redis
+                    # answered again, attack-16; a frozen Redis fails the next check anyway)
                     self._published[app_id] = -1  # any change publishes again
                     flight = self._confirmed.get(app_id, 0)  # what Redis holds: keep it alive
                 else:
@@ -523,8 +528,11 @@ class BudgetLedger:
         # Counted first, withdrawn after: never a moment when neither holds them.
         self._near.clear()
         await asyncio.gather(*self._publishing.values(), return_exceptions=True)
-        for app_id in [app_id for app_id, flight in self._published.items() if flight]:
-            self._publish(app_id)  # far from every budget now: a withdrawal
+        # Not the applications whose ended runs could not be counted: their field expires
+        # and counts as a dead replica's runs (withdrawn, they counted nowhere: attack-16).
+        for app_id, flight in list(self._published.items()):
+            if flight and app_id not in self._unsent:
+                self._publish(app_id)  # far from every budget now: a withdrawal
         await asyncio.gather(*self._publishing.values(), return_exceptions=True)
         for handle in self._refreshes.values():
             handle.cancel()

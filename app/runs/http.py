@@ -374,10 +374,10 @@ async def stop_run(request: web.Request) -> web.Response:
         # (attack-12): its flag is set until its finish is recorded, and it is `stopping`
         # while its heartbeat key lives (that finish lost, attack-14, or its replica dead:
         # `ended`; a stalled replica reads the flag when it wakes, attack-15).
-        cut = meta.end == CUT_REASON and not meta.finished
-        if meta.end is None:
-            await registry.store.request_stop(run_id)
-        elif not cut or not await registry.store.request_stop(run_id):
+        # So is a live run whose heartbeat key is gone: its replica died (a resume gets
+        # `run_orphaned`) or stalls (it reads the flag when it wakes; attack-16).
+        pumping = meta.end is None or (meta.end == CUT_REASON and not meta.finished)
+        if not pumping or not await registry.store.request_stop(run_id):
             state = "ended"
     else:
         raise _not_found()

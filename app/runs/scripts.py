@@ -178,10 +178,15 @@ end
 _TAKE_BACK = """local tomb = tonumber(redis.call('HGET', KEYS[3], ARGV[1] .. ':d') or '0')
 if tomb > 0 then
   local counter = redis.call('HGET', KEYS[3], ARGV[1] .. ':s')
-  redis.call('HDEL', KEYS[3], ARGV[1] .. ':d', ARGV[1] .. ':t', ARGV[1] .. ':s')
+  local back = math.min(tomb, @BACK@)
+  if back < tomb then
+    redis.call('HSET', KEYS[3], ARGV[1] .. ':d', tomb - back)
+  else
+    redis.call('HDEL', KEYS[3], ARGV[1] .. ':d', ARGV[1] .. ':t', ARGV[1] .. ':s')
+  end
   for _, key in ipairs({KEYS[1], KEYS[2]}) do
     if key == counter then
-      local take = math.min(tomb, tonumber(redis.call('GET', key) or '0'))
+      local take = math.min(back, tonumber(redis.call('GET', key) or '0'))
       if take > 0 then
         redis.call('DECRBY', key, take)
       end
@@ -190,8 +195,11 @@ if tomb > 0 then
 end
 """
 
+# A publish takes the whole tombstone back (its field holds its runs again); a count of ended
+# runs only what it counts (its runs still in flight stay in the tombstone until its next
+# publish: taken back whole by a count, they counted nowhere, attack-16).
 _PUBLISH_FLIGHT = (
-    _TAKE_BACK
+    _TAKE_BACK.replace("@BACK@", "tomb")
     + """if tonumber(@FLIGHT@) <= 0 then
   redis.call('HDEL', KEYS[3], ARGV[1], ARGV[1] .. ':t')
 else
@@ -207,7 +215,7 @@ end
 # KEYS: an application's budget counters (current slot, previous), runs in flight. ARGV:
 # replica, bytes, TTL ms. A paused replica's tombstone is taken back first (`_TAKE_BACK`).
 BUDGET_ADD = LuaScript.of(
-    _TAKE_BACK
+    _TAKE_BACK.replace("@BACK@", "tonumber(ARGV[2])")
     + """local used = redis.call('INCRBY', KEYS[1], ARGV[2])
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return used"""
