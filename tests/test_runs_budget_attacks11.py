@@ -129,7 +129,7 @@ async def test_a_paused_replica_coming_back_in_the_next_slot_takes_its_runs_back
     while B's runs go on; A comes back within the same slot and publishes again. Held: what
     every check reads is B's ended runs plus A's runs in flight, once (the tombstone taken
     back from the slot it was added to, and gone)."""
-    window = 4000
+    window = 2000
     async with _replicas(redis, 2) as (a, b):
         await _at_slot_offset(window, 100)
         await a.budget_publish("shop", 40_000, window_ms=window, ttl_ms=100)
@@ -221,7 +221,7 @@ async def test_a_replica_paused_twice_is_counted_once_each_time(
     ended runs rather than a publish), B publishing runs of its own, paused too and back.
     Held: after each comeback, what is counted is each replica's runs once; no tombstone
     left over."""
-    window = 10_000
+    window = 2000
     async with _replicas(redis, 2) as (a, b):
         await _at_slot_offset(window, 100)
         await b.budget_publish("shop", 7000, window_ms=window, ttl_ms=100)
