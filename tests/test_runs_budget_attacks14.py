@@ -21,10 +21,13 @@ the test's own driving `BudgetLedger`s.
 from __future__ import annotations
 
 import asyncio
+import signal
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
+from pathlib import Path
 from typing import cast
 
+import aiohttp
 import pytest
 
 from app.runs.budget import BudgetLedger
@@ -34,7 +37,15 @@ from app.sessions.backend import StoreUnavailable
 from app.sessions.redis import RedisBackend
 from app.sessions.redis_client import RedisOptions, make_client
 from tests.redis_server import RedisServer
-from tests.runs_helpers import budget_counted, redis_at
+from tests.runs_helpers import (
+    CSRF,
+    PaddedUpstream,
+    budget_counted,
+    read_events,
+    redis_at,
+    stop_shop_run,
+    two_shop_gateways,
+)
 
 pytestmark = pytest.mark.redis_server
 
@@ -277,3 +288,56 @@ async def test_counts_after_a_pause_take_back_their_share_only(
         for cost, seen, _ in views:
             assert 500_000 <= seen <= 500_000 + headroom, f"after {cost}: B sees {seen}"
         assert b_later == 500_000, f"B sees {b_later} once A's runs all ended and counted"
+
+
+# -- held: a stop elsewhere on a stalled replica's live run ----------------------------------
+
+
+async def _drain(response: aiohttp.ClientResponse) -> int:
+    count = 0
+    with suppress(aiohttp.ClientError, TimeoutError):
+        async for line in response.content:
+            count += line.startswith(b"event:")
+    return count
+
+
+async def test_a_stop_answered_ended_on_a_stalled_replica_s_live_run_stops_it(
+    tier_system: None, tmp_path: Path, redis: RedisServer
+) -> None:
+    """Attack on `stop_run`'s live branch (`ended` once the heartbeat key is gone): a kept
+    run (a 16 MiB budget) pumps on A; A's process stalls 1.6 s (SIGSTOP: a GC pause, a
+    blocked loop), past its heartbeat key's TTL (1 s). A stop on B answers `ended` -- which a
+    UI takes as final: it stops showing the run as live. Held if that is not a lie for long:
+    A, thawed, reads the flag at its next heartbeat and ends the run (the upstream hung up
+    on within a few heartbeats), rather than pumping it on to its end."""
+    upstream = PaddedUpstream(delay=0.1, count=400)
+    async with (
+        two_shop_gateways(tmp_path, redis, upstream, budget=16 * 1024 * 1024) as (a, b, http),
+        http.post(
+            f"{a.url}/apps/shop/agent/chat", headers=CSRF, json={"message": "go"}
+        ) as response,
+    ):
+        run_id = response.headers["X-Run-Id"]
+        got = await asyncio.wait_for(read_events(response, 5), 10)
+        a.signal(signal.SIGSTOP)
+        try:
+            await asyncio.sleep(1.6)  # past the heartbeat key's TTL (1 s)
+            on_b = await asyncio.wait_for(stop_shop_run(http, b.url, run_id), 5)
+        finally:
+            a.signal(signal.SIGCONT)
+        loop = asyncio.get_running_loop()
+        thawed = loop.time()
+        reading = asyncio.create_task(_drain(response))
+        with suppress(TimeoutError):
+            await asyncio.wait_for(upstream.cancelled.wait(), 4)
+        took = loop.time() - thawed
+        stopped = upstream.cancelled.is_set()
+        if not stopped:
+            await stop_shop_run(http, a.url, run_id)  # (cleanup: stop it where it runs)
+        more = await asyncio.wait_for(reading, 10)
+        print(
+            f"{len(got)} events on A; A stalled 1.6 s; stop on B: {on_b}; A thawed: upstream "
+            f"hung up on {stopped} after {took:.2f} s ({more} more events read on A)"
+        )
+        assert on_b[0] == 202 and '"ended"' in on_b[1], on_b
+        assert stopped, "`ended` answered, yet the run pumps on"
