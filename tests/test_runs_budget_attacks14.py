@@ -1,11 +1,11 @@
-"""Fourteenth attack on resumable runs (branch attack-17, on main at a3d6154): session 10's
+"""Fourteenth attack on resumable runs (branch attack-17, on main at a3d6154): session 9's
 fixes for attack-16's findings -- `used()` judging nearness with the runs' cost after its
 read, `close()` keeping the field of an application whose ended runs it could not count, a
 failed background publish no longer failing the checks behind it (`_flight_turn`), a count
 taking back only its share of a paused replica's tombstone (`_TAKE_BACK` in `BUDGET_ADD`),
 and a stop elsewhere on a live run answering by its heartbeat key.
 
-Findings (strict xfails; each test's docstring has its figures):
+Findings (strict xfails when found, both fixed in session 9; each test's docstring has its figures):
 - `close()` withdraws the runs in flight of an application whose runs' END could not be
   recorded at shutdown (`_record_end`'s `store.end` failed: nothing goes to `_unsent`, the
   run's cost stays in `UncountedCosts` until its keys expire): its 400 KB stay in Redis in
@@ -88,11 +88,6 @@ def _field(redis: RedisServer, store: RedisRunStore) -> int:
 # -- 1. close() withdraws runs whose end could not be recorded --------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="close() withdraws the field of runs whose end record failed at shutdown "
-    "(uncounted 400 KB, _unsent empty): B sees 0, 1.4x",
-)
 async def test_close_does_not_withdraw_runs_whose_end_was_not_recorded(
     tier_integration: None, redis: RedisServer
 ) -> None:
@@ -139,11 +134,6 @@ async def test_close_does_not_withdraw_runs_whose_end_was_not_recorded(
 # -- 2. close() leaves a stale field that counts as dead twice what is uncounted ------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="close() leaves the field at its last confirmed value (562.5 KB) for 100 KB "
-    "uncounted: counted dead, B sees 962.5 KB for 500 KB held, admits 37.5 KB of 500 KB free",
-)
 async def test_close_does_not_leave_a_field_above_what_it_could_not_count(
     tier_integration: None, monkeypatch: pytest.MonkeyPatch, redis: RedisServer
 ) -> None:

@@ -117,6 +117,7 @@ class BudgetLedger:
         # Checks (reservations) that failed per application: the checks waiting behind one
         # fail with it (a stalled Redis would otherwise answer N queued checks in N timeouts).
         self._flight_failures: dict[str, int] = {}
+        self._closing = False  # shutdown: the last publish is what the runs hold (`close`)
         # The last value Redis accepted per application: what a refresh re-sends (a failed
         # publish's -1 re-sent withdrew runs still in flight, attack-13).
         self._confirmed: dict[str, int] = {}
@@ -359,8 +360,10 @@ class BudgetLedger:
         let a slowly growing run write 2.23x its budget unchecked, attack-12) -- and never a
         failed publish's -1 (a withdrawal of runs still in flight, attack-13). So a refresh
         after a failed shrink shrinks (it re-sent the old value for ever: an ended run counted
-        twice, attack-14)."""
+        twice, attack-14). At shutdown (`close`): what the runs hold uncounted, no more."""
         local = self._local(app_id)
+        if self._closing:
+            return max(local, 0)
         if app_id not in self._near or local <= 0:
             return 0
         return min(self._confirmed.get(app_id, 0), local + self._headroom(app_id))
@@ -528,11 +531,14 @@ class BudgetLedger:
         # Counted first, withdrawn after: never a moment when neither holds them.
         self._near.clear()
         await asyncio.gather(*self._publishing.values(), return_exceptions=True)
-        # Not the applications whose ended runs could not be counted: their field expires
-        # and counts as a dead replica's runs (withdrawn, they counted nowhere: attack-16).
+        # The last publish is what the runs hold uncounted, no headroom: 0 (a withdrawal)
+        # when everything was counted; else their field expires and counts as a dead
+        # replica's runs (withdrawn, ended runs whose count or end failed counted nowhere,
+        # attack-16/17; left as it was, the headroom and counted runs counted twice).
+        self._closing = True
         for app_id, flight in list(self._published.items()):
-            if flight and app_id not in self._unsent:
-                self._publish(app_id)  # far from every budget now: a withdrawal
+            if flight:
+                self._publish(app_id)
         await asyncio.gather(*self._publishing.values(), return_exceptions=True)
         for handle in self._refreshes.values():
             handle.cancel()
