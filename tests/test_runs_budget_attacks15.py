@@ -15,6 +15,9 @@ Findings (strict xfails; each docstring has its figures):
   keeps the old value, headroom included (462.5 KB), and counts as a dead replica's on top
   of the 400 KB counted: B sees 862.5 KB for 400 KB held (137.5 KB of 600 KB free
   admissible).
+- A refresh timer firing during `close()`'s last publish (a slow Redis) makes `note` start
+  another publish `close()` does not await, whose refresh outlives `close()`: the closed
+  ledger publishes on (8 publishes in the second after), its field never expiring.
 - A count at shutdown that lands with its reply lost stays in `_unsent`, so the last
   publish sends it as uncounted too: 400 KB counted + 400 KB field counted as dead, B sees
   800 KB for 400 KB held (200 KB of 600 KB free admissible).
@@ -249,6 +252,68 @@ async def test_close_does_not_count_twice_a_count_whose_reply_was_lost(
         )
         assert landed == [400_000]
         assert b_sees <= published, f"B sees {b_sees}"
+
+
+# -- 4. a refresh timer during close()'s publish keeps the closed ledger publishing ---------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a refresh firing during close()'s slow publish starts a publish close() does not "
+    "await; its refresh outlives close(): 8 publishes in the 1 s after, the field never expires",
+)
+async def test_closed_ledger_publishes_nothing_after_close(
+    tier_integration: None, monkeypatch: pytest.MonkeyPatch, redis: RedisServer
+) -> None:
+    """Attack on `close()`'s last publish (awaited once, timers cancelled after it): near a
+    1 MB budget, A's runs hold 100 KB uncounted (a 300 KB reservation, then a 200 KB run
+    ended and counted: its field shrank to 162.5 KB, a refresh timer every 100 ms). At
+    shutdown Redis answers slowly (150 ms a publish): the refresh timer fires during the last
+    publish (`_publish_again`); when it returns, `note` -- `_near` cleared, far by its read
+    -- starts another publish that `close()` does not wait for, and that one schedules a
+    refresh after `close()` cancelled them: the closed ledger publishes on, renewing its
+    field for as long as the loop lives (the field never expires into a dead replica's
+    count; on a gateway, publishes on a closed Redis client). Expected: nothing published
+    after `close()` returned."""
+    uncounted = UncountedCosts()
+    ledger = BudgetLedger(refresh=60.0, uncounted=uncounted, flight_ttl_ms=300)
+    async with _replicas(redis, 2) as (a, b):
+        uncounted.add("shop", 300_000)
+        assert (await ledger.admit(a, "shop", window_ms=WINDOW, budget=BUDGET)).admitted
+        ledger.add(a, "shop", 200_000, window_ms=WINDOW, keep=WINDOW / 1000)
+        uncounted.add("shop", -200_000)
+        ledger.note("shop")
+        await asyncio.sleep(0.03)  # counted, the field shrunk
+        shrunk = _field(redis, a)
+        real_publish = a.budget_publish
+        sent: list[tuple[str, int]] = []
+        closed = False
+
+        async def slow_publish(app_id: str, flight: int, *, window_ms: int, ttl_ms: int) -> None:
+            sent.append(("after" if closed else "during", flight))
+            if ledger._closing and not closed:
+                await asyncio.sleep(0.15)
+            await real_publish(app_id, flight, window_ms=window_ms, ttl_ms=ttl_ms)
+
+        monkeypatch.setattr(a, "budget_publish", slow_publish)
+        await asyncio.sleep(0.06)  # the refresh timer is due during close()'s publish
+        await asyncio.wait_for(ledger.close(), 10)
+        closed = True
+        after_close = _field(redis, a)
+        await asyncio.sleep(1.0)  # three field TTLs
+        late = [flight for when, flight in sent if when == "after"]
+        alive = _field(redis, a)
+        b_sees = await b.budget_used("shop", window_ms=WINDOW)
+        pending = [t for t in asyncio.all_tasks() if "_send_flight" in repr(t)]
+        print(
+            f"field shrunk to {shrunk}; publishes {sent[:4]}...; after close() field "
+            f"{after_close}; {len(late)} publishes after close() returned; 1 s later field "
+            f"{alive}, B sees {b_sees}, pending publishes {len(pending)}"
+        )
+        for handle in list(ledger._refreshes.values()):
+            handle.cancel()
+        assert shrunk == 162_500
+        assert late == [], f"{len(late)} publishes after close()"
 
 
 # -- held: near the budget, a failed count at shutdown is counted once, no headroom ---------
