@@ -1,9 +1,15 @@
-"""Fifteenth attack on resumable runs (branch attack-18, on main at 85d53f9): session 10's
+"""Fifteenth attack on resumable runs (branch attack-18, on main at 85d53f9): session 9's
 `BudgetLedger.close()` -- the last publish at shutdown is what the replica's runs hold
 uncounted (`_flight_value` when `_closing`: `max(_local, 0)`, no headroom), 0 a withdrawal,
 for every application with a published field.
 
-Findings (strict xfails; each docstring has its figures):
+Findings (strict xfails when found; each docstring has its figures). Fixed in session 9: the
+first (every application with anything uncounted gets its last publish) and the third (a
+closed ledger does nothing more). Open, both over-counting for the counter's two windows after
+a Redis failure at shutdown (resume refused while budget is free; never over the budget): the
+second and the fourth -- a count and the field's update are two commands, and a count whose
+reply was lost cannot be told from one that failed (fixing it needs the count and the field
+in one script, and counts Redis can recognise again).
 - `close()` publishes only the applications with a published field (`_published`). An
   application far from its budget (never near: nothing ever published) whose ended runs'
   counts fail at shutdown (`_unsent` left), or whose runs' ends could not be recorded (their
@@ -85,11 +91,6 @@ async def _add_down(app_id: str, cost: int, *, window_ms: int) -> None:
 # -- 1. a never-near application's uncounted bytes at shutdown count nowhere ------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="close() publishes only apps with a field: 3 far replicas' 720 KB uncounted at "
-    "shutdown count nowhere, B sees 0 and may admit 1 MB: 1.72x",
-)
 async def test_close_counts_a_far_applications_uncounted_bytes_somewhere(
     tier_integration: None, monkeypatch: pytest.MonkeyPatch, redis: RedisServer
 ) -> None:
@@ -257,11 +258,6 @@ async def test_close_does_not_count_twice_a_count_whose_reply_was_lost(
 # -- 4. a refresh timer during close()'s publish keeps the closed ledger publishing ---------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a refresh firing during close()'s slow publish starts a publish close() does not "
-    "await; its refresh outlives close(): 8 publishes in the 1 s after, the field never expires",
-)
 async def test_closed_ledger_publishes_nothing_after_close(
     tier_integration: None, monkeypatch: pytest.MonkeyPatch, redis: RedisServer
 ) -> None:

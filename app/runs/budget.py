@@ -323,7 +323,10 @@ class BudgetLedger:
         """`app_id`'s runs here changed cost: whether it came near its budget; near it,
         publish them again when they shrank well below what was published (their growth goes
         through `reserve_growth`, before it is written); far from it, withdraw what was
-        published. Cheap when there is nothing to do (called per batch of events)."""
+        published. Cheap when there is nothing to do (called per batch of events). Nothing
+        once closed (`close` sent the last publish)."""
+        if self._closing:
+            return
         published = self._published.get(app_id, 0)
         local = self._local(app_id)
         if app_id not in self._near:
@@ -398,10 +401,15 @@ class BudgetLedger:
             del self._published[app_id]
         if app_id in self._publish_again:
             self._publish_again.discard(app_id)
-            self.note(app_id)
+            if self._closing:
+                self._publish(app_id)  # the last publish, valued now
+            else:
+                self.note(app_id)
 
     def _schedule_refresh(self, app_id: str) -> None:
         """Publish `app_id`'s runs in flight again before their field expires."""
+        if self._closing:
+            return
         old = self._refreshes.pop(app_id, None)
         if old is not None:
             old.cancel()
@@ -415,7 +423,7 @@ class BudgetLedger:
         headroom for ever, refusing small runs of a small budget: attack-11) or the
         application is far from its budget. The next check decides nearness afresh."""
         self._refreshes.pop(app_id, None)
-        if self._published.get(app_id, 0) == 0:
+        if self._closing or self._published.get(app_id, 0) == 0:
             return
         if app_id not in self._near or self._local(app_id) <= 0:
             self._near.discard(app_id)
@@ -530,16 +538,21 @@ class BudgetLedger:
                 self._flush_handle = None
         # Counted first, withdrawn after: never a moment when neither holds them.
         self._near.clear()
-        await asyncio.gather(*self._publishing.values(), return_exceptions=True)
+        while self._publishing:
+            await asyncio.gather(*self._publishing.values(), return_exceptions=True)
         # The last publish is what the runs hold uncounted, no headroom: 0 (a withdrawal)
         # when everything was counted; else their field expires and counts as a dead
-        # replica's runs (withdrawn, ended runs whose count or end failed counted nowhere,
-        # attack-16/17; left as it was, the headroom and counted runs counted twice).
+        # replica's runs -- also for an application far from its budget, which published
+        # nothing so far (withdrawn or never published, ended runs whose count or end failed
+        # counted nowhere, attack-16/17/18: 1.72x after a rolling restart in a blip; left as
+        # it was, the headroom and counted runs counted twice). Then nothing more: no note,
+        # no refresh (a closed ledger went on publishing, attack-18).
         self._closing = True
-        for app_id, flight in list(self._published.items()):
-            if flight:
-                self._publish(app_id)
-        await asyncio.gather(*self._publishing.values(), return_exceptions=True)
+        kept = set(self._uncounted.apps()) | set(self._unsent)
+        for app_id in {app for app, flight in self._published.items() if flight} | kept:
+            self._publish(app_id)
+        while self._publishing:
+            await asyncio.gather(*self._publishing.values(), return_exceptions=True)
         for handle in self._refreshes.values():
             handle.cancel()
         self._refreshes.clear()

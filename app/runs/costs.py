@@ -52,6 +52,10 @@ class UncountedCosts:
     def get(self, app_id: str) -> int:
         return self._by_app.get(app_id, 0)
 
+    def apps(self) -> list[str]:
+        """The applications with an uncounted cost."""
+        return list(self._by_app)
+
     def add(self, app_id: str, delta: int) -> None:
         """Add `delta` (negative: remove) to `app_id`'s uncounted cost."""
         left = self._by_app.get(app_id, 0) + delta
