@@ -159,6 +159,17 @@ async def test_near_the_budget_growth_is_published_before_it_is_written_and_with
         uncounted.add("shop", 2 * headroom)
         assert ledger.may_write("shop") is None
         assert not await ledger.reserve_growth(a, "shop")
+        await b.budget_publish("shop", 0, window_ms=WINDOW_MS, ttl_ms=10_000)
+        # A shuts down with its runs not ended (their end not recorded): its last publish is
+        # what they hold, no headroom, to expire and count as a dead replica's runs.
+        await ledger.close()
+        assert await b.budget_used("shop", window_ms=WINDOW_MS) == uncounted.get("shop")
+        # Once they are counted, a shutdown withdraws (nothing held uncounted).
+        ledger = BudgetLedger(refresh=30, uncounted=uncounted, flight_ttl_ms=10_000)
+        assert (await ledger.admit(a, "shop", **check)).admitted  # near: published
+        held = uncounted.get("shop")
+        assert await b.budget_used("shop", window_ms=WINDOW_MS) == held + headroom
+        uncounted.add("shop", -held)
         await ledger.close()
         assert await b.budget_used("shop", window_ms=WINDOW_MS) == 0
 
