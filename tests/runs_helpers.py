@@ -25,6 +25,9 @@ import aiohttp
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from app.runs.store import RedisRunStore
+from app.sessions.redis import RedisBackend
+from app.sessions.redis_client import RedisOptions, make_client
 from tests.gateway_process import GatewayProcess
 from tests.redis_server import RedisServer
 
@@ -248,6 +251,18 @@ async def two_shop_gateways(
             a, b = (processes.enter_context(GatewayProcess(env)) for _ in range(2))
             async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as http:
                 yield a, b, http
+
+
+@asynccontextmanager
+async def run_stores(redis: RedisServer, count: int) -> AsyncIterator[list[RedisRunStore]]:
+    """`count` run stores (key prefix `t:`) on `redis`, each its own replica (its own client
+    and replica token): the budget scripts of several replicas, without gateways."""
+    backends = [RedisBackend(make_client(RedisOptions(url=redis.url))) for _ in range(count)]
+    try:
+        yield [RedisRunStore(backend, backend, "t:") for backend in backends]
+    finally:
+        for backend in backends:
+            await backend.close()
 
 
 def run_keys_bytes(redis: RedisServer, app_id: str) -> tuple[int, int]:

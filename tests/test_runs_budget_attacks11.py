@@ -33,8 +33,8 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Iterator
-from contextlib import AsyncExitStack, asynccontextmanager
+from collections.abc import Iterator
+from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import cast
 
@@ -45,8 +45,6 @@ from app.runs.budget import BudgetLedger
 from app.runs.costs import UncountedCosts
 from app.runs.store import RedisRunStore
 from app.sessions.backend import StoreUnavailable
-from app.sessions.redis import RedisBackend
-from app.sessions.redis_client import RedisOptions, make_client
 from tests.redis_server import RedisServer
 from tests.runs_helpers import (
     CSRF,
@@ -55,6 +53,7 @@ from tests.runs_helpers import (
     read_events,
     redis_at,
     resume_shop_run,
+    run_stores,
     start_upstreams,
     stop_shop_run,
     two_shop_gateways,
@@ -74,17 +73,6 @@ def redis(tier_integration: None) -> Iterator[RedisServer]:
 
 
 # -- two replicas' run stores on one redis-server --------------------------------------------
-
-
-@asynccontextmanager
-async def _replicas(redis: RedisServer, count: int) -> AsyncIterator[list[RedisRunStore]]:
-    """`count` run stores on `redis`, each its own replica."""
-    backends = [RedisBackend(make_client(RedisOptions(url=redis.url))) for _ in range(count)]
-    try:
-        yield [RedisRunStore(backend, backend, "t:") for backend in backends]
-    finally:
-        for backend in backends:
-            await backend.close()
 
 
 async def _at_slot_offset(window_ms: int, offset_ms: int) -> int:
@@ -130,7 +118,7 @@ async def test_a_paused_replica_coming_back_in_the_next_slot_takes_its_runs_back
     every check reads is B's ended runs plus A's runs in flight, once (the tombstone taken
     back from the slot it was added to, and gone)."""
     window = 2000
-    async with _replicas(redis, 2) as (a, b):
+    async with run_stores(redis, 2) as (a, b):
         await _at_slot_offset(window, 100)
         await a.budget_publish("shop", 40_000, window_ms=window, ttl_ms=100)
         await asyncio.sleep(0.2)
@@ -161,7 +149,7 @@ async def test_a_tombstone_taken_back_in_the_next_slot_does_not_uncount_other_ru
     `<slot>:<bytes>` or the counter key) and take back only from that counter (nothing when
     it is no longer current or previous)."""
     window = 1000
-    async with _replicas(redis, 2) as (a, b):
+    async with run_stores(redis, 2) as (a, b):
         slot = await _at_slot_offset(window, 700)
         await a.budget_publish("shop", 40_000, window_ms=window, ttl_ms=100)
         await asyncio.sleep(0.15)
@@ -195,7 +183,7 @@ async def test_a_tombstone_lasts_its_two_windows(
     replica is taken for dead, extend the hash to the tombstone's life (PEXPIRE to at least
     two windows), or keep tombstones in a key of their own with that TTL."""
     window = 2000
-    async with _replicas(redis, 2) as (a, b):
+    async with run_stores(redis, 2) as (a, b):
         slot = await _at_slot_offset(window, 60)
         await a.budget_publish("shop", 50_000, window_ms=window, ttl_ms=100)
         await asyncio.sleep(0.2)
@@ -222,7 +210,7 @@ async def test_a_replica_paused_twice_is_counted_once_each_time(
     Held: after each comeback, what is counted is each replica's runs once; no tombstone
     left over."""
     window = 2000
-    async with _replicas(redis, 2) as (a, b):
+    async with run_stores(redis, 2) as (a, b):
         await _at_slot_offset(window, 100)
         await b.budget_publish("shop", 7000, window_ms=window, ttl_ms=100)
         await a.budget_publish("shop", 5000, window_ms=window, ttl_ms=100)

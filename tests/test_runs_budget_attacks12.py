@@ -35,8 +35,8 @@ import asyncio
 import json
 import signal
 import time
-from collections.abc import AsyncIterator, Iterator
-from contextlib import AsyncExitStack, ExitStack, asynccontextmanager, suppress
+from collections.abc import Iterator
+from contextlib import AsyncExitStack, ExitStack, suppress
 from pathlib import Path
 from typing import cast
 
@@ -49,8 +49,6 @@ from app.runs.costs import UncountedCosts
 from app.runs.scripts import BUDGET_READ
 from app.runs.store import RedisRunStore
 from app.sessions.backend import StoreUnavailable
-from app.sessions.redis import RedisBackend
-from app.sessions.redis_client import RedisOptions, make_client
 from tests.gateway_process import GatewayProcess
 from tests.redis_server import RedisServer
 from tests.runs_helpers import (
@@ -61,6 +59,7 @@ from tests.runs_helpers import (
     read_events,
     redis_at,
     redis_runs_env,
+    run_stores,
     start_upstreams,
 )
 
@@ -76,17 +75,6 @@ FLIGHT_KEY = "t:runs:{shop}:flight"
 def redis(tier_integration: None) -> Iterator[RedisServer]:
     with redis_at("256mb", "noeviction") as server:
         yield server
-
-
-@asynccontextmanager
-async def _replicas(redis: RedisServer, count: int) -> AsyncIterator[list[RedisRunStore]]:
-    """`count` run stores on `redis`, each its own replica."""
-    backends = [RedisBackend(make_client(RedisOptions(url=redis.url))) for _ in range(count)]
-    try:
-        yield [RedisRunStore(backend, backend, "t:") for backend in backends]
-    finally:
-        for backend in backends:
-            await backend.close()
 
 
 def _flight(redis: RedisServer) -> dict[bytes, bytes]:
@@ -118,7 +106,7 @@ async def test_a_paused_replica_s_growth_check_is_not_refused_by_its_own_tombsto
     window = 60_000
     uncounted = UncountedCosts()
     ledger = BudgetLedger(refresh=60.0, uncounted=uncounted, flight_ttl_ms=300)
-    async with _replicas(redis, 2) as (a, b):
+    async with run_stores(redis, 2) as (a, b):
         uncounted.add("shop", 150_000)
         admission = await ledger.admit(a, "shop", window_ms=window, budget=BUDGET)
         assert admission.admitted
@@ -665,7 +653,7 @@ async def test_a_tombstone_whose_counter_is_gone_takes_nothing_from_another(
     take-back finds its counter empty and takes nothing from slot s+1's: B's run still counts
     whole, next to A's runs in flight, and the tombstone is gone."""
     window = 1000
-    async with _replicas(redis, 2) as (a, b):
+    async with run_stores(redis, 2) as (a, b):
         slot = await _at_slot_offset(window, 600)
         await a.budget_publish("shop", 40_000, window_ms=window, ttl_ms=100)
         await asyncio.sleep(0.15)

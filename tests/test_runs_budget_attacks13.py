@@ -32,8 +32,8 @@ the test's own driving `BudgetLedger`s.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, suppress
+from collections.abc import Iterator
+from contextlib import suppress
 from pathlib import Path
 from typing import cast
 
@@ -45,8 +45,6 @@ from app.runs.budget import BudgetLedger
 from app.runs.costs import UncountedCosts
 from app.runs.store import RedisRunStore
 from app.sessions.backend import StoreUnavailable
-from app.sessions.redis import RedisBackend
-from app.sessions.redis_client import RedisOptions, make_client
 from tests.redis_server import RedisServer
 from tests.runs_helpers import (
     CSRF,
@@ -56,6 +54,7 @@ from tests.runs_helpers import (
     read_events,
     redis_at,
     resume_shop_run,
+    run_stores,
     stop_shop_run,
     two_shop_gateways,
 )
@@ -71,17 +70,6 @@ FLIGHT_KEY = "t:runs:{shop}:flight"
 def redis(tier_integration: None) -> Iterator[RedisServer]:
     with redis_at("256mb", "noeviction") as server:
         yield server
-
-
-@asynccontextmanager
-async def _replicas(redis: RedisServer, count: int) -> AsyncIterator[list[RedisRunStore]]:
-    """`count` run stores on `redis`, each its own replica."""
-    backends = [RedisBackend(make_client(RedisOptions(url=redis.url))) for _ in range(count)]
-    try:
-        yield [RedisRunStore(backend, backend, "t:") for backend in backends]
-    finally:
-        for backend in backends:
-            await backend.close()
 
 
 def _flight(redis: RedisServer) -> dict[bytes, bytes]:
@@ -114,7 +102,7 @@ async def test_a_far_read_in_flight_across_a_burst_does_not_withdraw_the_burst(
     uncounted_a, uncounted_b = UncountedCosts(), UncountedCosts()
     ledger_a = BudgetLedger(refresh=0.05, uncounted=uncounted_a, flight_ttl_ms=300)
     ledger_b = BudgetLedger(refresh=0.05, uncounted=uncounted_b, flight_ttl_ms=300)
-    async with _replicas(redis, 2) as (a, b):
+    async with run_stores(redis, 2) as (a, b):
         uncounted_a.add("shop", 20_000)  # R, started far from the budget
         assert (await ledger_a.admit(a, "shop", window_ms=WINDOW, budget=BUDGET)).admitted
         await asyncio.sleep(0.1)  # A's cached read is older than `refresh`
@@ -176,7 +164,7 @@ async def test_close_does_not_withdraw_runs_it_could_not_count(
     with nothing left in `_unsent` (else leave the field to expire: counted as dead)."""
     uncounted = UncountedCosts()
     ledger = BudgetLedger(refresh=60.0, uncounted=uncounted, flight_ttl_ms=300)
-    async with _replicas(redis, 2) as (a, b):
+    async with run_stores(redis, 2) as (a, b):
         uncounted.add("shop", 400_000)
         assert (await ledger.admit(a, "shop", window_ms=WINDOW, budget=BUDGET)).admitted
         published = _field(redis, a)
@@ -322,7 +310,7 @@ async def test_a_replica_s_own_tombstone_is_left_out_of_its_view_only(
     publish. Held: A's view leaves out exactly its tombstone (300 KB of B's); B's view keeps
     A's tombstone until A's publish; refused reservations take nothing back (the counter
     unchanged); the publish takes back the tombstone once: the counter is B's 300 KB."""
-    async with _replicas(redis, 2) as (a, b):
+    async with run_stores(redis, 2) as (a, b):
         ok, _ = await a.budget_reserve(
             "shop",
             window_ms=WINDOW,
@@ -417,7 +405,7 @@ async def test_a_count_does_not_take_back_a_tombstone_of_runs_still_in_flight(
     field from the tombstone minus the count, with a short TTL, in the same step."""
     uncounted = UncountedCosts()
     ledger = BudgetLedger(refresh=60.0, uncounted=uncounted, flight_ttl_ms=1500)
-    async with _replicas(redis, 2) as (a, b):
+    async with run_stores(redis, 2) as (a, b):
         uncounted.add("shop", 500_000)
         assert (await ledger.admit(a, "shop", window_ms=WINDOW, budget=BUDGET)).admitted
         published = _field(redis, a)

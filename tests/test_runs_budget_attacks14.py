@@ -28,8 +28,8 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, suppress
+from collections.abc import Iterator
+from contextlib import suppress
 from pathlib import Path
 from typing import cast
 
@@ -40,8 +40,6 @@ from app.runs.budget import BudgetLedger
 from app.runs.costs import UncountedCosts
 from app.runs.store import RedisRunStore
 from app.sessions.backend import StoreUnavailable
-from app.sessions.redis import RedisBackend
-from app.sessions.redis_client import RedisOptions, make_client
 from tests.redis_server import RedisServer
 from tests.runs_helpers import (
     CSRF,
@@ -49,6 +47,7 @@ from tests.runs_helpers import (
     budget_counted,
     read_events,
     redis_at,
+    run_stores,
     stop_shop_run,
     two_shop_gateways,
 )
@@ -64,17 +63,6 @@ FLIGHT_KEY = "t:runs:{shop}:flight"
 def redis(tier_integration: None) -> Iterator[RedisServer]:
     with redis_at("256mb", "noeviction") as server:
         yield server
-
-
-@asynccontextmanager
-async def _replicas(redis: RedisServer, count: int) -> AsyncIterator[list[RedisRunStore]]:
-    """`count` run stores on `redis`, each its own replica."""
-    backends = [RedisBackend(make_client(RedisOptions(url=redis.url))) for _ in range(count)]
-    try:
-        yield [RedisRunStore(backend, backend, "t:") for backend in backends]
-    finally:
-        for backend in backends:
-            await backend.close()
 
 
 def _flight(redis: RedisServer) -> dict[bytes, bytes]:
@@ -110,7 +98,7 @@ async def test_close_does_not_withdraw_runs_whose_end_was_not_recorded(
     `_unsent` is empty."""
     uncounted = UncountedCosts()
     ledger = BudgetLedger(refresh=60.0, uncounted=uncounted, flight_ttl_ms=300)
-    async with _replicas(redis, 2) as (a, b):
+    async with run_stores(redis, 2) as (a, b):
         uncounted.add("shop", 400_000)  # the run's cost (`_note_cost`)
         assert (await ledger.admit(a, "shop", window_ms=WINDOW, budget=BUDGET)).admitted
         published = _field(redis, a)
@@ -152,7 +140,7 @@ async def test_close_does_not_leave_a_field_above_what_it_could_not_count(
     uncounted: the unsent counts and the runs not ended), instead of leaving the old value."""
     uncounted = UncountedCosts()
     ledger = BudgetLedger(refresh=60.0, uncounted=uncounted, flight_ttl_ms=300)
-    async with _replicas(redis, 2) as (a, b):
+    async with run_stores(redis, 2) as (a, b):
         uncounted.add("shop", 500_000)
         assert (await ledger.admit(a, "shop", window_ms=WINDOW, budget=BUDGET)).admitted
         published = _field(redis, a)
@@ -320,7 +308,7 @@ async def test_counts_after_a_pause_take_back_their_share_only(
     refresh (a withdrawal: nothing left in flight) B sees exactly 500 KB."""
     uncounted = UncountedCosts()
     ledger = BudgetLedger(refresh=60.0, uncounted=uncounted, flight_ttl_ms=600)
-    async with _replicas(redis, 2) as (a, b):
+    async with run_stores(redis, 2) as (a, b):
         uncounted.add("shop", 500_000)
         assert (await ledger.admit(a, "shop", window_ms=WINDOW, budget=BUDGET)).admitted
         published = _field(redis, a)

@@ -37,8 +37,7 @@ the test's own driving `BudgetLedger`s.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Iterator
 from typing import cast
 
 import pytest
@@ -47,10 +46,8 @@ from app.runs.budget import BudgetLedger
 from app.runs.costs import UncountedCosts
 from app.runs.store import RedisRunStore
 from app.sessions.backend import StoreUnavailable
-from app.sessions.redis import RedisBackend
-from app.sessions.redis_client import RedisOptions, make_client
 from tests.redis_server import RedisServer
-from tests.runs_helpers import budget_counted, redis_at
+from tests.runs_helpers import budget_counted, redis_at, run_stores
 
 pytestmark = pytest.mark.redis_server
 
@@ -63,17 +60,6 @@ FLIGHT_KEY = "t:runs:{shop}:flight"
 def redis(tier_integration: None) -> Iterator[RedisServer]:
     with redis_at("256mb", "noeviction") as server:
         yield server
-
-
-@asynccontextmanager
-async def _replicas(redis: RedisServer, count: int) -> AsyncIterator[list[RedisRunStore]]:
-    """`count` run stores on `redis`, each its own replica."""
-    backends = [RedisBackend(make_client(RedisOptions(url=redis.url))) for _ in range(count)]
-    try:
-        yield [RedisRunStore(backend, backend, "t:") for backend in backends]
-    finally:
-        for backend in backends:
-            await backend.close()
 
 
 def _flight(redis: RedisServer) -> dict[bytes, bytes]:
@@ -108,7 +94,7 @@ async def test_close_counts_a_far_applications_uncounted_bytes_somewhere(
     closes, B's view covers the 720 KB. Fix (app/runs/budget.py `close`): publish the last
     value for every application with `_local(app_id) > 0` too (not only those in
     `_published`), so it expires and counts as a dead replica's."""
-    async with _replicas(redis, 4) as (a1, a2, a3, b):
+    async with run_stores(redis, 4) as (a1, a2, a3, b):
         ledgers: list[tuple[RedisRunStore, BudgetLedger, UncountedCosts]] = []
         for store in (a1, a2, a3):
             uncounted = UncountedCosts()
@@ -167,7 +153,7 @@ async def test_close_does_not_count_twice_a_run_counted_before_a_failed_withdraw
     and the withdrawal land or fail together."""
     uncounted = UncountedCosts()
     ledger = BudgetLedger(refresh=60.0, uncounted=uncounted, flight_ttl_ms=300)
-    async with _replicas(redis, 2) as (a, b):
+    async with run_stores(redis, 2) as (a, b):
         uncounted.add("shop", 400_000)
         assert (await ledger.admit(a, "shop", window_ms=WINDOW, budget=BUDGET)).admitted
         published = _field(redis, a)
@@ -223,7 +209,7 @@ async def test_close_does_not_count_twice_a_count_whose_reply_was_lost(
     count and the field in one step (`BUDGET_ADD` lowering the field by what it counts)."""
     uncounted = UncountedCosts()
     ledger = BudgetLedger(refresh=60.0, uncounted=uncounted, flight_ttl_ms=300)
-    async with _replicas(redis, 2) as (a, b):
+    async with run_stores(redis, 2) as (a, b):
         uncounted.add("shop", 400_000)
         assert (await ledger.admit(a, "shop", window_ms=WINDOW, budget=BUDGET)).admitted
         published = _field(redis, a)
@@ -273,7 +259,7 @@ async def test_closed_ledger_publishes_nothing_after_close(
     after `close()` returned."""
     uncounted = UncountedCosts()
     ledger = BudgetLedger(refresh=60.0, uncounted=uncounted, flight_ttl_ms=300)
-    async with _replicas(redis, 2) as (a, b):
+    async with run_stores(redis, 2) as (a, b):
         uncounted.add("shop", 300_000)
         assert (await ledger.admit(a, "shop", window_ms=WINDOW, budget=BUDGET)).admitted
         ledger.add(a, "shop", 200_000, window_ms=WINDOW, keep=WINDOW / 1000)
@@ -324,7 +310,7 @@ async def test_close_leaves_exactly_what_is_uncounted_near_the_budget(
     the closing publish kept the headroom (462.5 KB) or withdrew the field (0)."""
     uncounted = UncountedCosts()
     ledger = BudgetLedger(refresh=60.0, uncounted=uncounted, flight_ttl_ms=300)
-    async with _replicas(redis, 2) as (a, b):
+    async with run_stores(redis, 2) as (a, b):
         uncounted.add("shop", 400_000)
         assert (await ledger.admit(a, "shop", window_ms=WINDOW, budget=BUDGET)).admitted
         published = _field(redis, a)

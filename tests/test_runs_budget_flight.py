@@ -9,8 +9,6 @@ Two stores on one redis-server play two replicas."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 
 from aiohttp import web
 from aiohttp.test_utils import TestServer
@@ -18,12 +16,9 @@ from aiohttp.test_utils import TestServer
 from app.keys import RUNS_KEY
 from app.runs.budget import FLIGHT_HEADROOM_BYTES, BudgetLedger
 from app.runs.costs import UncountedCosts
-from app.runs.store import RedisRunStore
-from app.sessions.redis import RedisBackend
-from app.sessions.redis_client import RedisOptions, make_client
 from tests.fake_upstream import app_settings, run_gateway
 from tests.redis_server import RedisServer
-from tests.runs_helpers import CSRF, OneBigEventUpstream, read_events
+from tests.runs_helpers import CSRF, OneBigEventUpstream, read_events, run_stores
 
 WINDOW_MS = 60_000
 FLIGHT_KEY = "t:runs:{shop}:flight"
@@ -40,21 +35,10 @@ class HeldBigEvent(OneBigEventUpstream):
         await super().write_events(response)
 
 
-@asynccontextmanager
-async def _replicas(redis: RedisServer, count: int) -> AsyncIterator[list[RedisRunStore]]:
-    """`count` run stores on `redis`, each its own replica."""
-    backends = [RedisBackend(make_client(RedisOptions(url=redis.url))) for _ in range(count)]
-    try:
-        yield [RedisRunStore(backend, backend, "t:") for backend in backends]
-    finally:
-        for backend in backends:
-            await backend.close()
-
-
 async def test_a_replica_sees_the_others_runs_in_flight_not_its_own(
     shared_redis: RedisServer,
 ) -> None:
-    async with _replicas(shared_redis, 2) as (a, b):
+    async with run_stores(shared_redis, 2) as (a, b):
         await a.budget_publish("shop", 5000, window_ms=WINDOW_MS, ttl_ms=10_000)
         assert await b.budget_used("shop", window_ms=WINDOW_MS) == 5000
         assert await a.budget_used("shop", window_ms=WINDOW_MS) == 0  # it counts its own
@@ -69,7 +53,7 @@ async def test_a_replica_sees_the_others_runs_in_flight_not_its_own(
 async def test_reserve_admits_under_the_budget_and_publishes_only_then(
     shared_redis: RedisServer,
 ) -> None:
-    async with _replicas(shared_redis, 2) as (a, b):
+    async with run_stores(shared_redis, 2) as (a, b):
         await a.budget_publish("shop", 5000, window_ms=WINDOW_MS, ttl_ms=10_000)
         reserve = {"window_ms": WINDOW_MS, "publish": 1500, "ttl_ms": 10_000}
         # 5000 in flight on A + 1000 uncounted on B: not under 6000.
@@ -90,7 +74,7 @@ async def test_a_replica_that_stops_publishing_has_its_runs_counted_as_ended(
     shared_redis: RedisServer,
 ) -> None:
     """SIGKILL: its runs' keys stay for their window, but it will never count them."""
-    async with _replicas(shared_redis, 2) as (a, b):
+    async with run_stores(shared_redis, 2) as (a, b):
         await a.budget_publish("shop", 5000, window_ms=WINDOW_MS, ttl_ms=100)
         await asyncio.sleep(0.2)
         assert await b.budget_used("shop", window_ms=WINDOW_MS) == 5000
@@ -110,7 +94,7 @@ async def test_a_paused_replica_coming_back_takes_its_runs_back_from_the_dead_co
     """SIGSTOP past the field's TTL: counted as a dead replica's ended runs, then alive again;
     its next publish (or its runs' count at their end) takes that amount back, so they are
     not counted twice (attack-11: one run 2.06x)."""
-    async with _replicas(shared_redis, 2) as (a, b):
+    async with run_stores(shared_redis, 2) as (a, b):
         await a.budget_publish("shop", 5000, window_ms=WINDOW_MS, ttl_ms=100)
         await asyncio.sleep(0.2)
         assert await b.budget_used("shop", window_ms=WINDOW_MS) == 5000  # taken for dead
@@ -131,7 +115,7 @@ async def test_a_paused_replica_coming_back_takes_its_runs_back_from_the_dead_co
 async def test_near_the_budget_growth_is_published_before_it_is_written_and_withdrawn_at_close(
     shared_redis: RedisServer,
 ) -> None:
-    async with _replicas(shared_redis, 2) as (a, b):
+    async with run_stores(shared_redis, 2) as (a, b):
         uncounted = UncountedCosts()
         ledger = BudgetLedger(refresh=30, uncounted=uncounted, flight_ttl_ms=10_000)
         headroom = FLIGHT_HEADROOM_BYTES
