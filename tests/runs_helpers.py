@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import AsyncExitStack, ExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import aiohttp
 from aiohttp import web
@@ -263,6 +264,36 @@ async def run_stores(redis: RedisServer, count: int) -> AsyncIterator[list[Redis
     finally:
         for backend in backends:
             await backend.close()
+
+
+# The budget keys of `run_stores`' application `shop` (key prefix `t:`).
+STORES_FLIGHT_KEY = "t:runs:{shop}:flight"
+
+
+def flight_fields(redis: RedisServer) -> dict[bytes, bytes]:
+    """`shop`'s runs in flight hash (`run_stores`): replica fields, `:t`, `:d`, `:s`."""
+    return cast(dict[bytes, bytes], redis.client().hgetall(STORES_FLIGHT_KEY))
+
+
+async def at_slot_offset(window_ms: int, offset_ms: int) -> int:
+    """Sleep until `offset_ms` into a budget slot of `window_ms` (the stores' own clock,
+    `RedisRunStore._budget_keys`), at least 50 ms ahead; that slot's number."""
+    now = time.time() * 1000
+    slot, into = divmod(now, window_ms)
+    wait = offset_ms - into
+    if wait < 50:
+        wait += window_ms
+        slot += 1
+    await asyncio.sleep(wait / 1000)
+    return int(slot)
+
+
+async def until_slot(window_ms: int, slot: int, offset_ms: int) -> None:
+    """Sleep until `offset_ms` into slot `slot`."""
+    wait = slot * window_ms + offset_ms - time.time() * 1000
+    if wait > 0:
+        await asyncio.sleep(wait / 1000)
+    assert int(time.time() * 1000) // window_ms == slot, "slept past the slot"
 
 
 def run_keys_bytes(redis: RedisServer, app_id: str) -> tuple[int, int]:

@@ -48,8 +48,11 @@ from app.sessions.backend import StoreUnavailable
 from tests.redis_server import RedisServer
 from tests.runs_helpers import (
     CSRF,
+    STORES_FLIGHT_KEY,
     PaddedUpstream,
+    at_slot_offset,
     error_code,
+    flight_fields,
     read_events,
     redis_at,
     resume_shop_run,
@@ -57,13 +60,14 @@ from tests.runs_helpers import (
     start_upstreams,
     stop_shop_run,
     two_shop_gateways,
+    until_slot,
 )
 
 pytestmark = pytest.mark.redis_server
 
 KIB = 1024
 BUDGET = 256 * KIB
-FLIGHT_KEY = "t:runs:{shop}:flight"
+FLIGHT_KEY = STORES_FLIGHT_KEY
 
 
 @pytest.fixture
@@ -73,32 +77,6 @@ def redis(tier_integration: None) -> Iterator[RedisServer]:
 
 
 # -- two replicas' run stores on one redis-server --------------------------------------------
-
-
-async def _at_slot_offset(window_ms: int, offset_ms: int) -> int:
-    """Sleep until `offset_ms` into a budget slot of `window_ms` (the stores' own clock,
-    `RedisRunStore._budget_keys`), at least 50 ms ahead; that slot's number."""
-    while True:
-        now = time.time() * 1000
-        slot, into = divmod(now, window_ms)
-        wait = offset_ms - into
-        if wait < 50:
-            wait += window_ms
-            slot += 1
-        await asyncio.sleep(wait / 1000)
-        return int(slot)
-
-
-async def _until_slot(window_ms: int, slot: int, offset_ms: int) -> None:
-    """Sleep until `offset_ms` into slot `slot`."""
-    wait = slot * window_ms + offset_ms - time.time() * 1000
-    if wait > 0:
-        await asyncio.sleep(wait / 1000)
-    assert int(time.time() * 1000) // window_ms == slot, "slept past the slot"
-
-
-def _flight(redis: RedisServer) -> dict[bytes, bytes]:
-    return cast(dict[bytes, bytes], redis.client().hgetall(FLIGHT_KEY))
 
 
 def _counters(redis: RedisServer) -> dict[int, int]:
@@ -119,7 +97,7 @@ async def test_a_paused_replica_coming_back_in_the_next_slot_takes_its_runs_back
     back from the slot it was added to, and gone)."""
     window = 2000
     async with run_stores(redis, 2) as (a, b):
-        await _at_slot_offset(window, 100)
+        await at_slot_offset(window, 100)
         await a.budget_publish("shop", 40_000, window_ms=window, ttl_ms=100)
         await asyncio.sleep(0.2)
         assert await b.budget_used("shop", window_ms=window) == 40_000  # taken for dead
@@ -127,7 +105,7 @@ async def test_a_paused_replica_coming_back_in_the_next_slot_takes_its_runs_back
         assert await b.budget_used("shop", window_ms=window) == 90_000
         await a.budget_publish("shop", 40_000, window_ms=window, ttl_ms=10_000)  # back
         used = await b.budget_used("shop", window_ms=window)
-        flight = _flight(redis)
+        flight = flight_fields(redis)
         print(f"after A came back: B reads {used}; counters {_counters(redis)}; {flight}")
         assert used == 90_000
         assert not any(field.endswith(b":d") for field in flight), flight
@@ -150,16 +128,16 @@ async def test_a_tombstone_taken_back_in_the_next_slot_does_not_uncount_other_ru
     it is no longer current or previous)."""
     window = 1000
     async with run_stores(redis, 2) as (a, b):
-        slot = await _at_slot_offset(window, 700)
+        slot = await at_slot_offset(window, 700)
         await a.budget_publish("shop", 40_000, window_ms=window, ttl_ms=100)
         await asyncio.sleep(0.15)
         assert await b.budget_used("shop", window_ms=window) == 40_000  # dead, in slot s
-        await _until_slot(window, slot + 1, 100)
+        await until_slot(window, slot + 1, 100)
         await b.budget_add("shop", 50_000, window_ms=window)  # B's run ends in slot s+1
         await a.budget_publish("shop", 40_000, window_ms=window, ttl_ms=10_000)  # A back
         within = await b.budget_used("shop", window_ms=window)
         counters = _counters(redis)
-        await _until_slot(window, slot + 2, 100)
+        await until_slot(window, slot + 2, 100)
         later = await b.budget_used("shop", window_ms=window)
         held = 50_000 + 40_000  # B's ended run (in its window) + A's runs in flight
         print(
@@ -184,13 +162,13 @@ async def test_a_tombstone_lasts_its_two_windows(
     two windows), or keep tombstones in a key of their own with that TTL."""
     window = 2000
     async with run_stores(redis, 2) as (a, b):
-        slot = await _at_slot_offset(window, 60)
+        slot = await at_slot_offset(window, 60)
         await a.budget_publish("shop", 50_000, window_ms=window, ttl_ms=100)
         await asyncio.sleep(0.2)
         assert await b.budget_used("shop", window_ms=window) == 50_000  # dead
         client = redis.client()
         tomb = client.hget(FLIGHT_KEY, f"{a.replica}:d")
-        await _until_slot(window, slot + 1, 600)  # 1.3 windows after the pause
+        await until_slot(window, slot + 1, 600)  # 1.3 windows after the pause
         gone = client.hget(FLIGHT_KEY, f"{a.replica}:d")
         await a.budget_publish("shop", 60_000, window_ms=window, ttl_ms=10_000)
         used = await b.budget_used("shop", window_ms=window)
@@ -211,7 +189,7 @@ async def test_a_replica_paused_twice_is_counted_once_each_time(
     left over."""
     window = 2000
     async with run_stores(redis, 2) as (a, b):
-        await _at_slot_offset(window, 100)
+        await at_slot_offset(window, 100)
         await b.budget_publish("shop", 7000, window_ms=window, ttl_ms=100)
         await a.budget_publish("shop", 5000, window_ms=window, ttl_ms=100)
         await asyncio.sleep(0.2)
@@ -225,7 +203,7 @@ async def test_a_replica_paused_twice_is_counted_once_each_time(
         again = await b.budget_used("shop", window_ms=window)  # A dead again
         await a.budget_add("shop", 5000, window_ms=window)  # its run ended: counted
         end = await b.budget_used("shop", window_ms=window)
-        flight = _flight(redis)
+        flight = flight_fields(redis)
         print(f"reads: {first} {back} {again} {end}; counters {_counters(redis)}; {flight}")
         # A's own view leaves out its own tombstone (it counts its runs itself, session 9):
         # B's 7000; the counter holds both (12000) for the others.

@@ -53,14 +53,18 @@ from tests.gateway_process import GatewayProcess
 from tests.redis_server import RedisServer
 from tests.runs_helpers import (
     CSRF,
+    PaddedUpstream,
     SseUpstream,
+    at_slot_offset,
     budget_counted,
     error_code,
+    flight_fields,
     read_events,
     redis_at,
     redis_runs_env,
     run_stores,
     start_upstreams,
+    until_slot,
 )
 
 pytestmark = pytest.mark.redis_server
@@ -68,17 +72,12 @@ pytestmark = pytest.mark.redis_server
 KIB = 1024
 BUDGET = 256 * KIB
 PAD = 8000
-FLIGHT_KEY = "t:runs:{shop}:flight"
 
 
 @pytest.fixture
 def redis(tier_integration: None) -> Iterator[RedisServer]:
     with redis_at("256mb", "noeviction") as server:
         yield server
-
-
-def _flight(redis: RedisServer) -> dict[bytes, bytes]:
-    return cast(dict[bytes, bytes], redis.client().hgetall(FLIGHT_KEY))
 
 
 # -- 1. the tombstone and a refused reservation ---------------------------------------------
@@ -110,12 +109,12 @@ async def test_a_paused_replica_s_growth_check_is_not_refused_by_its_own_tombsto
         uncounted.add("shop", 150_000)
         admission = await ledger.admit(a, "shop", window_ms=window, budget=BUDGET)
         assert admission.admitted
-        published = int(_flight(redis)[a.replica.encode()])
+        published = int(flight_fields(redis)[a.replica.encode()])
         # A stalls (its loop blocked) past its field's TTL; B's check runs meanwhile.
         time.sleep(0.5)
         keys = b._budget_keys("shop", window)
         seen_by_b = int(redis.client().eval(BUDGET_READ.source, 3, *keys, b.replica, 2 * window))
-        tomb = _flight(redis).get(f"{a.replica}:d".encode())
+        tomb = flight_fields(redis).get(f"{a.replica}:d".encode())
         # A is back: its run grows past what it published.
         uncounted.add("shop", 20_000)
         held = uncounted.get("shop")
@@ -238,29 +237,6 @@ async def test_reservations_queued_on_a_frozen_redis_fail_within_a_deadline() ->
 
 
 # -- 3. a stop elsewhere on a cut run whose replica stalled -----------------------------------
-
-
-class PaddedUpstream(SseUpstream):
-    """`count` events of ~8 KB, `delay` apart, then `event: done`. `cancelled`: the gateway
-    hung up on it; `finished`: it wrote everything."""
-
-    def __init__(self, delay: float = 0.01, count: int = 80) -> None:
-        self.delay = delay
-        self.count = count
-        self.cancelled = asyncio.Event()
-        self.finished = asyncio.Event()
-
-    async def write_events(self, response: web.StreamResponse) -> None:
-        try:
-            for i in range(self.count):
-                payload = json.dumps({"n": i, "pad": "p" * PAD})
-                await response.write(f"event: token\ndata: {payload}\n\n".encode())
-                await asyncio.sleep(self.delay)
-            await response.write(b"event: done\ndata: {}\n\n")
-            self.finished.set()
-        except (asyncio.CancelledError, ConnectionError):
-            self.cancelled.set()
-            raise
 
 
 def _env(tmp_path: Path, redis: RedisServer, upstream: str, window: float) -> dict[str, str]:
@@ -654,42 +630,21 @@ async def test_a_tombstone_whose_counter_is_gone_takes_nothing_from_another(
     whole, next to A's runs in flight, and the tombstone is gone."""
     window = 1000
     async with run_stores(redis, 2) as (a, b):
-        slot = await _at_slot_offset(window, 600)
+        slot = await at_slot_offset(window, 600)
         await a.budget_publish("shop", 40_000, window_ms=window, ttl_ms=100)
         await asyncio.sleep(0.15)
         assert await b.budget_used("shop", window_ms=window) == 40_000  # dead, in slot s
-        tomb_counter = _flight(redis).get(f"{a.replica}:s".encode())
+        tomb_counter = flight_fields(redis).get(f"{a.replica}:s".encode())
         redis.client().delete(f"t:runs:{{shop}}:bytes:{slot}")
-        await _until_slot(window, slot + 1, 100)
+        await until_slot(window, slot + 1, 100)
         await b.budget_add("shop", 50_000, window_ms=window)
         await a.budget_publish("shop", 40_000, window_ms=window, ttl_ms=10_000)  # back
         used = await b.budget_used("shop", window_ms=window)
-        flight = _flight(redis)
+        flight = flight_fields(redis)
         print(f"tombstone's counter {tomb_counter!r} deleted; A back: B reads {used}; {flight}")
         assert tomb_counter == f"t:runs:{{shop}}:bytes:{slot}".encode()
         assert used == 90_000, used
         assert not any(field.endswith((b":d", b":s")) for field in flight), flight
-
-
-async def _at_slot_offset(window_ms: int, offset_ms: int) -> int:
-    """Sleep until `offset_ms` into a budget slot of `window_ms` (the stores' own clock),
-    at least 50 ms ahead; that slot's number."""
-    now = time.time() * 1000
-    slot, into = divmod(now, window_ms)
-    wait = offset_ms - into
-    if wait < 50:
-        wait += window_ms
-        slot += 1
-    await asyncio.sleep(wait / 1000)
-    return int(slot)
-
-
-async def _until_slot(window_ms: int, slot: int, offset_ms: int) -> None:
-    """Sleep until `offset_ms` into slot `slot`."""
-    wait = slot * window_ms + offset_ms - time.time() * 1000
-    if wait > 0:
-        await asyncio.sleep(wait / 1000)
-    assert int(time.time() * 1000) // window_ms == slot, "slept past the slot"
 
 
 class _GatedUpstream(SseUpstream):

@@ -51,6 +51,7 @@ from tests.runs_helpers import (
     PaddedUpstream,
     budget_counted,
     error_code,
+    flight_fields,
     read_events,
     redis_at,
     resume_shop_run,
@@ -63,7 +64,6 @@ pytestmark = pytest.mark.redis_server
 
 BUDGET = 1_000_000
 WINDOW = 60_000
-FLIGHT_KEY = "t:runs:{shop}:flight"
 
 
 @pytest.fixture
@@ -72,12 +72,8 @@ def redis(tier_integration: None) -> Iterator[RedisServer]:
         yield server
 
 
-def _flight(redis: RedisServer) -> dict[bytes, bytes]:
-    return cast(dict[bytes, bytes], redis.client().hgetall(FLIGHT_KEY))
-
-
 def _field(redis: RedisServer, store: RedisRunStore) -> int:
-    return int(_flight(redis).get(store.replica.encode(), b"0"))
+    return int(flight_fields(redis).get(store.replica.encode(), b"0"))
 
 
 # -- 1. a far-path read in flight across a burst takes the application out of `_near` ---------
@@ -432,7 +428,7 @@ async def test_a_count_does_not_take_back_a_tombstone_of_runs_still_in_flight(
         while "shop" in ledger._unsent and loop.time() < deadline:  # the count landed
             await asyncio.sleep(0.002)
         b_after = await b.budget_used("shop", window_ms=WINDOW)
-        flight = _flight(redis)
+        flight = flight_fields(redis)
         held = uncounted.get("shop")
         await asyncio.sleep(0.6)  # A's next refresh
         b_later = await b.budget_used("shop", window_ms=WINDOW)

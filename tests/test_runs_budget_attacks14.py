@@ -45,6 +45,7 @@ from tests.runs_helpers import (
     CSRF,
     PaddedUpstream,
     budget_counted,
+    flight_fields,
     read_events,
     redis_at,
     run_stores,
@@ -56,7 +57,6 @@ pytestmark = pytest.mark.redis_server
 
 BUDGET = 1_000_000
 WINDOW = 60_000
-FLIGHT_KEY = "t:runs:{shop}:flight"
 
 
 @pytest.fixture
@@ -65,12 +65,8 @@ def redis(tier_integration: None) -> Iterator[RedisServer]:
         yield server
 
 
-def _flight(redis: RedisServer) -> dict[bytes, bytes]:
-    return cast(dict[bytes, bytes], redis.client().hgetall(FLIGHT_KEY))
-
-
 def _field(redis: RedisServer, store: RedisRunStore) -> int:
-    return int(_flight(redis).get(store.replica.encode(), b"0"))
+    return int(flight_fields(redis).get(store.replica.encode(), b"0"))
 
 
 # -- 1. close() withdraws runs whose end could not be recorded --------------------------------
@@ -336,10 +332,12 @@ async def test_counts_after_a_pause_take_back_their_share_only(
             deadline = loop.time() + 2
             while "shop" in ledger._unsent and loop.time() < deadline:  # the count landed
                 await asyncio.sleep(0.001)
-            views.append((cost, await b.budget_used("shop", window_ms=WINDOW), _flight(redis)))
+            views.append(
+                (cost, await b.budget_used("shop", window_ms=WINDOW), flight_fields(redis))
+            )
         await asyncio.sleep(0.5)  # A's next refresh: a withdrawal
         b_later = await b.budget_used("shop", window_ms=WINDOW)
-        later_flight = _flight(redis)
+        later_flight = flight_fields(redis)
         await ledger.close()
         print(
             f"A published {published} (headroom {headroom}); {len(failed)} refreshes failed; "

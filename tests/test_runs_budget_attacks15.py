@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
-from typing import cast
 
 import pytest
 
@@ -47,13 +46,12 @@ from app.runs.costs import UncountedCosts
 from app.runs.store import RedisRunStore
 from app.sessions.backend import StoreUnavailable
 from tests.redis_server import RedisServer
-from tests.runs_helpers import budget_counted, redis_at, run_stores
+from tests.runs_helpers import budget_counted, flight_fields, redis_at, run_stores
 
 pytestmark = pytest.mark.redis_server
 
 BUDGET = 1_000_000
 WINDOW = 60_000
-FLIGHT_KEY = "t:runs:{shop}:flight"
 
 
 @pytest.fixture
@@ -62,12 +60,8 @@ def redis(tier_integration: None) -> Iterator[RedisServer]:
         yield server
 
 
-def _flight(redis: RedisServer) -> dict[bytes, bytes]:
-    return cast(dict[bytes, bytes], redis.client().hgetall(FLIGHT_KEY))
-
-
 def _field(redis: RedisServer, store: RedisRunStore) -> int:
-    return int(_flight(redis).get(store.replica.encode(), b"0"))
+    return int(flight_fields(redis).get(store.replica.encode(), b"0"))
 
 
 async def _add_down(app_id: str, cost: int, *, window_ms: int) -> None:

@@ -260,7 +260,7 @@ class BudgetLedger:
         keep 1.3-2.3x). False: over it. Raises `StoreUnavailable`."""
         async with self._flight_turn(app_id):
             local = self._local(app_id)
-            if 0 <= local <= self._published.get(app_id, 0):
+            if local <= self._published.get(app_id, 0):
                 return True  # another run's reservation, waited for, covers it
             admitted, _ = await self._reserve(store, app_id, local)
         return admitted
