@@ -480,3 +480,37 @@ class BySizeUpstream(SseUpstream):
         for i in range(12):
             await response.write(f"data: {i} ".encode() + b"s" * 300_000 + b"\n\n")
             await asyncio.sleep(0.005)
+
+
+WHOLE_EVENTS = 5
+
+
+class WholeUpstream:
+    """An agent whose whole answer goes out in one write with its length: it has all arrived
+    when the gateway's run starts (`RunRegistry.start_ended`). `tail`: bytes after the last
+    event (an unfinished event: the pump's way)."""
+
+    def __init__(self, *, tail: bytes = b"", delay: float = 0.0) -> None:
+        self.tail = tail
+        self.delay = delay
+
+    def body(self) -> bytes:
+        events = b"".join(CountingUpstream.event(i) for i in range(WHOLE_EVENTS))
+        return events + b"event: done\ndata: {}\n\n" + self.tail
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_post("/v1/chat", self.chat)
+        return app
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        if not self.delay:
+            return web.Response(body=self.body(), content_type="text/event-stream")
+        # The same answer, event by event: the run is pumped (the way before).
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for event in self.body().split(b"\n\n")[:-1]:
+            await response.write(event + b"\n\n")
+            await asyncio.sleep(self.delay)
+        await response.write_eof()
+        return response

@@ -64,11 +64,15 @@ def test_bench_smoke_runs_every_row(tmp_path: Path) -> None:
     assert "gateway Redis read / stock RedisStorage read" in names
     assert "(cost) SSE with rate limits / without" in names
     # Resumable runs: the row really writes runs to Redis, and both figures are reported.
-    # Every stream of the row is a run (one `CREATE_RUN`: one `XGROUP CREATE`), none relayed
-    # without resume for its application's budget (the row once measured a mix).
-    resumable = rows["sse_gateway_resumable"]["redis_commands_by_name"]
-    assert resumable["xadd"] >= 1
-    assert resumable["xgroup|create"] >= 0.99, resumable
+    # Every stream of the row is a run (the gateway's `agent_bff_runs_started_total`), none
+    # relayed without resume for its application's budget (the row once measured a mix).
+    resumable = rows["sse_gateway_resumable"]
+    assert resumable["redis_commands_by_name"]["xadd"] >= 1
+    counts = resumable["run_counts"]
+    assert counts["started"] >= 0.99 * resumable["requests"], counts
+    assert counts["unresumable"] == 0, counts
+    share = [r for r in results["ratios"] if r["name"].startswith("share of the resumable")]
+    assert share and share[0]["met"], share
     assert "gateway CPU per stream: resumable run (Redis) / plain relay" in names
     memory = results["resumable_memory"]
     assert memory["complete"] == memory["runs"] and memory["bytes_per_run"] > 10_000

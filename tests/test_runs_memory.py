@@ -25,6 +25,7 @@ from app.sessions.backend import StoreUnavailable
 from tests.fake_upstream import RunningGateway, app_settings, run_gateway
 from tests.runs_helpers import (
     CountingUpstream,
+    WholeUpstream,
     error_code,
     event_id,
     event_kind,
@@ -234,6 +235,9 @@ class _FailingStore:
     async def create(self, *args: Any, **kwargs: Any) -> None:
         raise StoreUnavailable("ConnectionError: refused")
 
+    async def create_ended(self, *args: Any, **kwargs: Any) -> None:
+        raise StoreUnavailable("ConnectionError: refused")
+
 
 class _OverBudgetStore:
     """The application's ended runs hold more than its `resume_redis_budget_bytes`."""
@@ -338,6 +342,28 @@ async def test_run_store_down_at_the_start_relays_without_resume(
         expected = b"".join(CountingUpstream.event(i) for i in range(upstream.count))
         assert body == expected + b"event: done\ndata: {}\n\n"  # today's byte-exact relay
         assert registry.counters.unresumable == 1 and not registry.runs
+
+
+async def test_run_store_down_when_the_whole_answer_had_arrived_relays_it_byte_exact() -> None:
+    """The answer was all there at the start (taken from the upstream to create the run
+    ended, `RunRegistry.start_ended`) and Redis failed: relayed as above, byte for byte."""
+    upstream = WholeUpstream()
+    server = TestServer(upstream.app(), host="127.0.0.1")
+    await server.start_server()
+    try:
+        async with _gateway(server) as gw:
+            registry = gw.app[RUNS_KEY]
+            registry.store = cast(RedisRunStore, _FailingStore())
+            async with gw.client.post(CHAT, headers=CSRF, json={"message": "hi"}) as response:
+                assert response.status == 200
+                assert "X-Run-Id" not in response.headers
+                body = await response.read()
+            assert body == upstream.body()
+            counters = registry.counters
+            assert counters.unresumable == 1 and counters.whole == 0 and not registry.runs
+            assert registry.uncounted.get("shop") == 0  # what it reserved, given back
+    finally:
+        await server.close()
 
 
 async def test_an_application_over_its_redis_budget_relays_without_resume(

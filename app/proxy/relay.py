@@ -167,13 +167,14 @@ async def _stream(
 
     stop.subscribe(on_stop)
     last_data = last_write = loop.time()
+    taken, exchange.taken = exchange.taken, b""
     try:
         while True:
             if stop.is_set:
                 return ShuttingDown(), "shutdown timeout"
             chunk: bytes | None
             try:
-                chunk = take_buffered(content, READ_CHUNK_BYTES)
+                chunk, taken = taken or take_buffered(content, READ_CHUNK_BYTES), b""
                 wait = not chunk and not content.is_eof()
             except _UPSTREAM_ERRORS as err:
                 return _broke_off(exchange, err)

@@ -29,6 +29,12 @@ class RunsCollector(ScrapeCollector[RunRegistry]):
         for name, text, value in (
             ("agent_bff_runs_started", "Resumable runs started here.", counters.started),
             (
+                "agent_bff_runs_created_ended",
+                "Of those, runs whose whole answer had arrived when they started (created "
+                "ended, in one Redis command, with no pump).",
+                counters.whole,
+            ),
+            (
                 "agent_bff_runs_unresumable",
                 "Resumable streams relayed without a run (the run store failed at start, or "
                 "the application was over resume_redis_budget_bytes).",

@@ -26,6 +26,7 @@ import logging
 import math
 import re
 import secrets
+import sys
 import time
 from collections.abc import Awaitable, Callable
 
@@ -36,12 +37,13 @@ from app.capacity import client_key
 from app.errors import ApiError, store_error
 from app.keys import APP_CONFIG_KEY, RUNS_KEY, SETTINGS_KEY, STORAGE_APP_KEY, UPSTREAM_KEY
 from app.proxy.exchange import Exchange
+from app.proxy.fastread import take_buffered
 from app.proxy.headers import PROXIED_RESPONSE_HEADERS, browser_response_headers
 from app.ratelimit import token_bucket
 from app.runs.catchup import turn_of
 from app.runs.feed import follow_local, follow_remote
 from app.runs.readers import Follower, FollowTiming
-from app.runs.run import CUT_REASON, error_event, owner_of
+from app.runs.run import CUT_REASON, Run, error_event, owner_of
 from app.runs.runs import RunRegistry, reading
 from app.runs.store import RedisRunStore, RunMeta
 from app.sessions.backend import StoreUnavailable
@@ -103,6 +105,7 @@ async def start_run(
     run_id = secrets.token_urlsafe(16)
     owner = owner_of(conversation_id)
     reserved = 0
+    body = b""  # the upstream's body, when it had all arrived (taken from it)
     try:
         if not await _client_may_start(exchange):
             registry.counters.unresumable += 1
@@ -120,6 +123,12 @@ async def start_run(
                 registry.counters.over_budget += 1
                 _log_over_budget(app.app_id, used)
                 return None
+            if upstream.content.is_eof():  # the whole answer is here already
+                body = take_buffered(upstream.content, sys.maxsize)
+                ended = await registry.start_ended(run_id, app, owner, body, reserved=reserved)
+                if ended is not None:
+                    upstream.release()
+                    return await _answer_ended(exchange, response, upstream, ended)
             await registry.store.create(
                 run_id,
                 RunMeta(owner, app.app_id),
@@ -131,6 +140,7 @@ async def start_run(
         registry.budget.release(app.app_id, reserved)
         registry.counters.unresumable += 1
         log.warning("run not created (%s): relayed without resume (app %s)", err, app.app_id)
+        exchange.taken = body
         return None
     except BaseException:
         registry.budget.release(app.app_id, reserved)
@@ -146,17 +156,45 @@ async def start_run(
         if slots is not None:
             capacity.leave(slots, client, session_key)
 
-    run = registry.start(run_id, app, owner, upstream, release, reserved=reserved)
-    response.set_status(200)
-    headers = browser_response_headers(upstream.headers, exchange.app.relay)
-    headers.popall("Content-Length", None)
-    response.headers.extend(headers)
-    _stream_headers(response, run_id)
+    run = registry.start(run_id, app, owner, upstream, release, reserved=reserved, first=body)
+    _run_headers(exchange, response, upstream, run_id)
     try:
         await follow_local(request, response, run, 0, registry)
     finally:
         run.local_readers -= 1  # `registry.start` counted this request as its first reader
     return response
+
+
+async def _answer_ended(
+    exchange: Exchange,
+    response: web.StreamResponse,
+    upstream: aiohttp.ClientResponse,
+    run: Run,
+) -> web.StreamResponse:
+    """The answer of a run created ended (`RunRegistry.start_ended`): its capacity slots go
+    back at once, its events and the end of the response go out with the head."""
+    slots, exchange.slots = exchange.slots, None
+    if slots is not None:
+        request = exchange.request
+        request.app[UPSTREAM_KEY].capacity.leave(slots, exchange.client_key, exchange.session_key)
+    _run_headers(exchange, response, upstream, run.run_id)
+    await follow_local(exchange.request, response, run, 0, exchange.request.app[RUNS_KEY])
+    return response
+
+
+def _run_headers(
+    exchange: Exchange,
+    response: web.StreamResponse,
+    upstream: aiohttp.ClientResponse,
+    run_id: str,
+) -> None:
+    """The head of a run's first response: the upstream's headers as relayed, no length, and
+    the run's id."""
+    response.set_status(200)
+    headers = browser_response_headers(upstream.headers, exchange.app.relay)
+    headers.popall("Content-Length", None)
+    response.headers.extend(headers)
+    _stream_headers(response, run_id)
 
 
 def _stream_headers(response: web.StreamResponse, run_id: str) -> None:

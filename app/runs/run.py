@@ -90,6 +90,8 @@ class Run:
 @dataclass(slots=True)
 class RunCounters:
     started: int = 0
+    # Of those, the runs created ended: their whole answer had arrived when they started.
+    whole: int = 0
     unresumable: int = 0
     # Of those, the runs relayed without resume because their application was over its budget.
     over_budget: int = 0

@@ -58,7 +58,7 @@ from app.runs.log import RunLog
 from app.runs.readers import ReaderCaps
 from app.runs.run import CUT_REASON, Run, RunCounters, error_event
 from app.runs.sse import FRAME_OVERHEAD, EventTooLarge, SseParser
-from app.runs.store import RedisRunStore
+from app.runs.store import RedisRunStore, RunMeta
 from app.runs.writer import RunWriter
 from app.sessions.backend import StoreUnavailable
 from app.upstream import StreamStop
@@ -133,10 +133,13 @@ class RunRegistry:
         release: Callable[[], None],
         *,
         reserved: int = 0,
+        first: bytes = b"",
     ) -> Run:
         """Register the run (with one local reader: the request that started it) and start
         its pump, which from now on owns `upstream` and `release` (the capacity slots).
-        `reserved`: what its budget check counted it as (`app.runs.budget.Admission`)."""
+        `reserved`: what its budget check counted it as (`app.runs.budget.Admission`);
+        `first`: bytes of the upstream's body already taken from it (the pump takes them
+        first)."""
         run = Run(
             run_id,
             app,
@@ -153,7 +156,61 @@ class RunRegistry:
         self.lifecycle.request_started()
         if self.store is not None:
             run.writer = RunWriter(self.store, run, ttl_ms=self.ttl_ms(app))
-        run.task = asyncio.create_task(self._pump(run, upstream, release))
+        run.task = asyncio.create_task(self._pump(run, upstream, release, first))
+        return run
+
+    async def start_ended(
+        self,
+        run_id: str,
+        app: AppConfig,
+        owner: str,
+        body: bytes,
+        *,
+        reserved: int = 0,
+    ) -> Run | None:
+        """A run whose whole answer (`body`, the upstream's complete response body) had
+        arrived when it started: created already ended, its events and its end in one Redis
+        command (`RedisRunStore.create_ended`), with no pump. The same run as `start` then the
+        pump would make (the same events, ids, end and budget count), one round trip and two
+        tasks less. None, with nothing changed, when the pump's way is needed: memory store,
+        an event over the run's limits, an unfinished last event, more than one stream entry
+        or what the budget allows without asking Redis. Raises `StoreUnavailable` when the
+        write failed (nothing counted then but `reserved`, which the caller gives back)."""
+        store = self.store
+        if store is None:
+            return None
+        parser = SseParser(max_held=max(app.resume_max_bytes - FRAME_OVERHEAD, 0))
+        try:
+            events = parser.feed(body)
+        except EventTooLarge:
+            return None
+        log = RunLog(max_events=app.resume_max_events, max_bytes=app.resume_max_bytes)
+        entries = log.extend(events) if events else []
+        if parser.mid_event or log.first_seq != 1 or log.bytes > ENTRY_BYTES:
+            return None
+        run = Run(run_id, app, owner, log)
+        run.uncounted = run.reserved = reserved
+        self._note_cost(run)
+        if self.budget.may_write(app.app_id) is not True:
+            self._uncount(app.app_id, run.uncounted - reserved)
+            return None
+        log.close("done")
+        window_ms = round(app.resume_window_seconds * 1000)
+        try:
+            await store.create_ended(
+                run_id, RunMeta(owner, app.app_id), entries, reason="done", ttl_ms=window_ms
+            )
+        except BaseException:
+            self._uncount(app.app_id, run.uncounted - reserved)
+            raise
+        self.counters.started += 1
+        self.counters.whole += 1
+        self.counters.ended["done"] = self.counters.ended.get("done", 0) + 1
+        cost = run_cost(log, ENTRY_BYTES)
+        self.budget.note_ended(app.app_id, cost)
+        self.budget.add(store, app.app_id, cost, window_ms=window_ms, keep=self.ttl_ms(app) / 1000)
+        run.counted = True
+        self._settle_cost(run)
         return run
 
     def _on_shutdown(self) -> None:
@@ -161,11 +218,15 @@ class RunRegistry:
             run.wake()
 
     async def _pump(
-        self, run: Run, upstream: aiohttp.ClientResponse, release: Callable[[], None]
+        self,
+        run: Run,
+        upstream: aiohttp.ClientResponse,
+        release: Callable[[], None],
+        first: bytes,
     ) -> None:
         reason = "done"
         try:
-            reason = await self._pump_events(run, upstream)
+            reason = await self._pump_events(run, upstream, first)
         except asyncio.CancelledError:
             reason = "shutting_down"
             raise
@@ -180,7 +241,7 @@ class RunRegistry:
                 self.lifecycle.request_finished()
                 await self._end(run, reason)
 
-    async def _pump_events(self, run: Run, upstream: aiohttp.ClientResponse) -> str:
+    async def _pump_events(self, run: Run, upstream: aiohttp.ClientResponse, first: bytes) -> str:
         loop = asyncio.get_running_loop()
         content = upstream.content
         # An event must fit the run's log once framed (`resume_max_bytes`).
@@ -203,21 +264,24 @@ class RunRegistry:
                     return ended
                 next_tick = now + self.heartbeat
                 continue
-            try:
-                async with asyncio.timeout_at(min(last_data + idle, next_tick)) as waiting:
-                    run.waiting = waiting
-                    try:
-                        chunk = await read_available(content, READ_CHUNK_BYTES)
-                    finally:
-                        run.waiting = None
-            except TimeoutError:
-                if loop.time() >= last_data + idle:
-                    return "upstream_idle_timeout"
-                continue
-            except (aiohttp.ClientError, OSError, RuntimeError):
-                return "upstream_stream_error"
-            if not chunk:
-                return "done"
+            if first:
+                chunk, first = first, b""
+            else:
+                try:
+                    async with asyncio.timeout_at(min(last_data + idle, next_tick)) as waiting:
+                        run.waiting = waiting
+                        try:
+                            chunk = await read_available(content, READ_CHUNK_BYTES)
+                        finally:
+                            run.waiting = None
+                except TimeoutError:
+                    if loop.time() >= last_data + idle:
+                        return "upstream_idle_timeout"
+                    continue
+                except (aiohttp.ClientError, OSError, RuntimeError):
+                    return "upstream_stream_error"
+                if not chunk:
+                    return "done"
             last_data = loop.time()
             try:
                 events = parser.feed(chunk)

@@ -21,6 +21,36 @@ redis.call('PEXPIRE', KEYS[3], ARGV[3])
 return 1"""
 )
 
+# KEYS: meta, events, largest entry. ARGV: ttl ms (the window), entry id, first seq ('' for
+# a bare end marker), data, end reason, last event's seq, the largest-entry bucket ('' none),
+# owner, application id. A run whose whole answer had arrived when it started
+# (`RunRegistry.start_ended`): created ended, its events and its end in one entry, in one
+# command instead of `CREATE_RUN` then `END_RUN`. The XADD goes first (at `maxmemory` Redis
+# refuses it and nothing is written: the caller relays the answer without resume). A retry
+# after a lost reply finds the meta hash and writes nothing again (the run id is new: nothing
+# else made it). No heartbeat key: the meta's end (`x`, `l`) says it ended.
+CREATE_ENDED = LuaScript.of(
+    """if redis.call('EXISTS', KEYS[1]) == 1 then
+  return 1
+end
+local xadd = {'XADD', KEYS[2], ARGV[2]}
+if ARGV[3] ~= '' then
+  xadd[#xadd + 1] = 'f'; xadd[#xadd + 1] = ARGV[3]; xadd[#xadd + 1] = 'd'; xadd[#xadd + 1] = ARGV[4]
+end
+xadd[#xadd + 1] = 'x'; xadd[#xadd + 1] = ARGV[5]
+local added = redis.pcall(unpack(xadd))
+if type(added) == 'table' and added.err then
+  return added
+end
+redis.call('PEXPIRE', KEYS[2], ARGV[1])
+redis.call('HSET', KEYS[1], 'o', ARGV[8], 'a', ARGV[9], 'x', ARGV[5], 'l', ARGV[6])
+redis.call('PEXPIRE', KEYS[1], ARGV[1])
+if ARGV[7] ~= '' then
+  redis.call('SET', KEYS[3], ARGV[7], 'PX', ARGV[1])
+end
+return 1"""
+)
+
 # KEYS: meta, events, largest entry. ARGV: ttl ms, MINID ('' none), entry id, first seq (''
 # for a bare end marker), data, end reason, last event's seq, the run's new largest-entry
 # bucket ('' unchanged: `GROWN_XADD`). The heartbeat key is left to expire: readers see

@@ -86,6 +86,7 @@ from app.runs.scripts import (
     BUDGET_READ,
     BUDGET_RESERVE,
     CATCHUP_RANGE,
+    CREATE_ENDED,
     CREATE_RUN,
     END_RUN,
     GROWN_XADD,
@@ -214,6 +215,30 @@ class RedisRunStore:
         args = [meta.owner, meta.app_id, ttl_ms, heartbeat_ms]
         execute = self._backend.execute
         await self._backend._run(lambda: CREATE_RUN.run(execute, keys, args))
+
+    async def create_ended(
+        self,
+        run_id: str,
+        meta: RunMeta,
+        entries: Sequence[tuple[int, bytes]],
+        *,
+        reason: str,
+        ttl_ms: int,
+    ) -> None:
+        """Create a run already ended: `entries` (its consecutive framed events from 1, at most
+        `ENTRY_BYTES` of them: one entry) and its end `reason` in one entry, the keys' TTLs
+        set to the window (`ttl_ms`); one script call (`CREATE_ENDED`)."""
+        if entries:
+            data = b"".join(map(itemgetter(1), entries))
+            last = entries[-1][0]
+            args: list[Any] = [ttl_ms, f"0-{last}", entries[0][0], data, reason, last]
+            args.append(entry_bucket(len(data)))
+        else:
+            args = [ttl_ms, "0-1", "", "", reason, 0, ""]
+        args += [meta.owner, meta.app_id]
+        keys = [self.key(run_id, "m"), self.key(run_id, "e"), self.key(run_id, "z")]
+        execute = self._backend.execute
+        await self._backend._run(lambda: CREATE_ENDED.run(execute, keys, args))
 
     async def append(
         self,

@@ -3,7 +3,9 @@ the server CPU and Redis commands it cost, and the optional py-spy profile of a 
 
 from __future__ import annotations
 
+import re
 import statistics
+import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -217,6 +219,8 @@ class RowResult:
     cpu_us: list[float] = field(default_factory=list)  # server CPU per request, per run
     # The row's own server only (without the stub behind a proxy), per request, per run.
     own_cpu_us: list[float] = field(default_factory=list)
+    # A gateway's run counters (`run_counts`) over the row's runs, summed.
+    run_counts: dict[str, float] = field(default_factory=dict)
 
     def median(self, get: Callable[[WrkResult], float]) -> float:
         return statistics.median(get(r) for r in self.runs) if self.runs else 0.0
@@ -237,6 +241,7 @@ class RowResult:
             if self.redis_commands
             else None,
             "redis_commands_by_name": self.commands,
+            "run_counts": self.run_counts,
             "cpu_us_per_request": round(statistics.median(self.cpu_us), 1) if self.cpu_us else None,
             "cpu_us_runs": [round(x, 1) for x in self.cpu_us],
             "own_cpu_us_per_request": round(statistics.median(self.own_cpu_us), 1)
@@ -256,8 +261,21 @@ def session_commands(client: redis.Redis) -> dict[str, int]:
     return calls
 
 
+_RUN_COUNTER = re.compile(r"^agent_bff_runs_(\w+)_total (\S+)$", re.MULTILINE)
+
+
+def run_counts(url: str) -> dict[str, float]:
+    """A gateway's run counters from its `/metrics` (`agent_bff_runs_<name>_total`: started,
+    unresumable, created_ended ...), by name; {} when it has none."""
+    with urllib.request.urlopen(url + "/metrics", timeout=5) as reply:  # noqa: S310 (loopback)
+        text = reply.read().decode()
+    return {name: float(value) for name, value in _RUN_COUNTER.findall(text)}
+
+
 def run_row(lab: Lab, row: Row, script: Path, seconds: float, result: RowResult | None) -> None:
     o = lab.options
+    gateway = row.server.startswith("gw")
+    counts_before = run_counts(lab.urls[row.server]) if gateway else {}
     client = lab.redis() if row.redis else None
     if client is not None:
         client.config_resetstat()
@@ -290,6 +308,10 @@ def run_row(lab: Lab, row: Row, script: Path, seconds: float, result: RowResult 
             result.commands = {k: round(v / res.requests, 3) for k, v in sorted(calls.items())}
     if result is not None:
         result.runs.append(res)
+        if gateway:
+            for name, value in run_counts(lab.urls[row.server]).items():
+                change = value - counts_before.get(name, 0.0)
+                result.run_counts[name] = result.run_counts.get(name, 0.0) + change
 
 
 def profile_rows(
