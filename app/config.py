@@ -119,8 +119,9 @@ class Settings:
     # Salt of the session hash in access lines; empty: random per process (app/logs.py).
     log_salt: str = field(default="", repr=False)
     # FAST_PATHS=auto: the fenced fast paths (app/fast_metrics.py, the access log's own
-    # formatting in app/logs.py, app/redis_internals.py) where their start-up self-checks pass;
-    # off: the public API of prometheus-client, logging and redis-py only.
+    # formatting in app/access_log.py, app/redis_internals.py, app/proxy/fastread.py) where
+    # their start-up self-checks pass; off: the public API of prometheus-client, logging,
+    # redis-py and aiohttp only.
     fast_paths: bool = True
     # Redis budget: a dead or frozen Redis must answer within about two seconds.
     redis_op_timeout_seconds: float = positive(2.0)

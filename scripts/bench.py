@@ -4,7 +4,7 @@
 
     .venv/bin/python scripts/bench.py [--smoke] [--json results.json]
 
-See `app/loadkit/bench.py` for the layout, rows and targets.
+See the `app/loadkit/bench/` package for the layout, rows and targets.
 """
 
 import sys

@@ -238,6 +238,9 @@ class _FailingStore:
     async def create_ended(self, *args: Any, **kwargs: Any) -> None:
         raise StoreUnavailable("ConnectionError: refused")
 
+    async def meta(self, run_id: str) -> None:
+        return None  # (asked after a failed write: nothing was written)
+
 
 class _OverBudgetStore:
     """The application's ended runs hold more than its `resume_redis_budget_bytes`."""

@@ -125,7 +125,9 @@ async def start_run(
                 return None
             if upstream.content.is_eof():  # the whole answer is here already
                 body = take_buffered(upstream.content, sys.maxsize)
-                ended = await registry.start_ended(run_id, app, owner, body, reserved=reserved)
+                held, reserved = reserved, 0  # `start_ended` settles it, unless it declines
+                ended = await registry.start_ended(run_id, app, owner, body, reserved=held)
+                reserved = held
                 if ended is not None:
                     upstream.release()
                     return await _answer_ended(exchange, response, upstream, ended)

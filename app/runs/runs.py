@@ -60,7 +60,7 @@ from app.runs.run import CUT_REASON, Run, RunCounters, error_event
 from app.runs.sse import FRAME_OVERHEAD, EventTooLarge, SseParser
 from app.runs.store import RedisRunStore, RunMeta
 from app.runs.writer import RunWriter
-from app.sessions.backend import StoreUnavailable
+from app.sessions.backend import StoreFull, StoreUnavailable
 from app.upstream import StreamStop
 
 log = logging.getLogger(__name__)
@@ -174,8 +174,11 @@ class RunRegistry:
         pump would make (the same events, ids, end and budget count), one round trip and two
         tasks less. None, with nothing changed, when the pump's way is needed: memory store,
         an event over the run's limits, an unfinished last event, more than one stream entry
-        or what the budget allows without asking Redis. Raises `StoreUnavailable` when the
-        write failed (nothing counted then but `reserved`, which the caller gives back)."""
+        or what the budget allows without asking Redis (`reserved` is the caller's again).
+        Raises `StoreUnavailable` when the write failed; `reserved` and the run's cost are
+        then settled here: given back at once when Redis refused the write for lack of memory
+        (nothing written), else once its keys would have expired (the script may have run
+        with its reply lost: attack-19 found that run counted nowhere)."""
         store = self.store
         if store is None:
             return None
@@ -200,8 +203,21 @@ class RunRegistry:
             await store.create_ended(
                 run_id, RunMeta(owner, app.app_id), entries, reason="done", ttl_ms=window_ms
             )
+        except StoreFull:
+            self._uncount(app.app_id, run.uncounted)  # refused: nothing was written
+            raise
+        except StoreUnavailable:
+            landed = await self._created(store, run_id)
+            if landed is False:
+                self._uncount(app.app_id, run.uncounted)
+                raise
+            if landed is None:
+                self._uncount_later(app, run.uncounted)
+                raise
+            # It was created, its reply lost: the run it is (a relay without resume would
+            # leave its keys for the window, counted nowhere: attack-19).
         except BaseException:
-            self._uncount(app.app_id, run.uncounted - reserved)
+            self._uncount_later(app, run.uncounted)
             raise
         self.counters.started += 1
         self.counters.whole += 1
@@ -212,6 +228,20 @@ class RunRegistry:
         run.counted = True
         self._settle_cost(run)
         return run
+
+    @staticmethod
+    async def _created(store: RedisRunStore, run_id: str) -> bool | None:
+        """Whether `run_id`'s meta exists in Redis (None: Redis did not say)."""
+        try:
+            return await store.meta(run_id) is not None
+        except StoreUnavailable:
+            return None
+
+    def _uncount_later(self, app: AppConfig, cost: int) -> None:
+        """`cost` of `app`'s runs leaves `uncounted` once the keys of a run whose write may
+        have landed would have expired."""
+        loop = asyncio.get_running_loop()
+        loop.call_later(self.ttl_ms(app) / 1000, self._uncount, app.app_id, cost)
 
     def _on_shutdown(self) -> None:
         for run in self.runs.values():
