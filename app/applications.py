@@ -111,7 +111,7 @@ class AppConfig:
     # runs are relayed without resume: one application never fills Redis for the others (F3).
     resume_redis_budget_bytes: int = 64 * 1024 * 1024
     # Runs one client address (IPv6 by /48) may start (None: no limit); past it its answers are
-    # relayed without resume (app/runs/http.py).
+    # relayed without resume (app/runs/start.py).
     resume_runs_per_client: RateLimit | None = None
 
     @property

@@ -1,6 +1,6 @@
 """Attacks on the per-application budget of resumable-run data in Redis
 (`resume_redis_budget_bytes`, app/runs/budget.py, app/runs/store.py budget_used/budget_add,
-app/runs/http.py start_run).
+app/runs/start.py start_run).
 
 Each test plays application `shop`'s hostile upstream and anonymous browser clients against
 real gateway processes and a real redis-server, and asserts the safe outcome: what `shop`'s

@@ -53,6 +53,7 @@ from tests.runs_helpers import (
     resume_shop_run,
     shop_env,
     start_upstreams,
+    stop_shop_run,
     two_shop_gateways,
 )
 
@@ -287,11 +288,24 @@ async def test_a_slowly_growing_run_is_cut_at_the_budget(
     Fixed (session 8): a refresh republishes what was published, no more: growth past it
     goes through `reserve_growth`."""
     upstream = SlowGrowthUpstream(count=260, size=1500, delay=0.1)
+    cut_metric = "agent_bff_runs_cut_over_budget_total"
     async with two_shop_gateways(tmp_path, redis, upstream) as (a, b, http):
-        run_id, first = await _cut_run(http, a.url)
-        await asyncio.sleep(0.5)
-        written = await _written(http, b.url, run_id)
-        cuts = await _metric(http, a.url, "agent_bff_runs_cut_over_budget_total")
+        async with http.post(
+            f"{a.url}/apps/shop/agent/chat", headers=CSRF, json={"message": "go"}
+        ) as response:
+            assert response.status == 200, response.status
+            run_id = response.headers["X-Run-Id"]
+            reading = asyncio.create_task(asyncio.wait_for(read_events(response), 30))
+            # Read until the cut (the run's cut part is counted when it is cut), or its end
+            # (never cut: the finding). Then the rest need not be streamed: it is stopped.
+            while not reading.done() and await _metric(http, a.url, cut_metric) < 1:
+                await asyncio.sleep(0.2)
+            await asyncio.sleep(0.5)
+            written = await _written(http, b.url, run_id)
+            cuts = await _metric(http, a.url, cut_metric)
+            if not reading.done():
+                await stop_shop_run(http, a.url, run_id)
+            first = await reading
         counted = budget_counted(redis, "shop")
         written_bytes = sum(len(e) for e in written)
         cut = error_code(written[-1]) == "run_over_budget" if written else False

@@ -46,7 +46,7 @@ class Exchange:
     client_key: str | None = None
     session_key: str | None = None
     upload_deadline: float = math.inf
-    # Bytes of the upstream's body already taken from it (app/runs/http.py `start_run`, when
+    # Bytes of the upstream's body already taken from it (app/runs/start.py `start_run`, when
     # no run could start): the relay sends them first.
     taken: bytes = b""
 

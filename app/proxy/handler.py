@@ -38,7 +38,7 @@ from app.proxy.relay import relay
 from app.proxy.urls import build_upstream_url
 from app.proxy.watch import DisconnectWatch
 from app.ratelimit import enforce_rate_limits
-from app.runs.http import start_run
+from app.runs.start import start_run
 from app.sessions.backend import StoreUnavailable
 from app.sessions.middleware import get_session, rotate_session, update_session
 from app.sessions.stored_session import StoredSession

@@ -1,9 +1,10 @@
 """The run registry and the pump: a resumable agent stream keeps going without its browser.
-(Over ~400 lines, on purpose: a run's start, pump, heartbeat, cut and end change its state
+(Over ~400 lines, on purpose: a run's start -- or its creation already ended, when its whole
+answer is there -- pump, heartbeat, cut and end change its state and its budget cost
 together, in one class; its Redis side, budget, log and readers live in their own modules.)
 
 A run starts when an application with `resumable = true` answers an agent request with an
-event stream (`app.runs.http.start_run`). From then on a pump task of this process owns the
+event stream (`app.runs.start.start_run`). From then on a pump task of this process owns the
 upstream response and its capacity slots: it reads the upstream, splits it into events
 (`SseParser`), appends each to the run's in-process log (readers here are woken at once) and,
 with `SESSION_STORE=redis`, to the run's Redis stream (readers on other replicas,

@@ -32,7 +32,7 @@ the application's ended runs keep in Redis (an ended run is kept one window afte
 new run starts only while that plus what this replica's own runs of the application hold but
 have not counted yet (`app.runs.costs.UncountedCosts`) is under the budget (`budget_used`,
 read at most every `RUN_BUDGET_REFRESH_SECONDS` per replica and application; over it,
-`app.runs.http.start_run` relays without resume). A retried `INCRBY` may count twice: the
+`app.runs.start.start_run` relays without resume). A retried `INCRBY` may count twice: the
 error is on the safe side. Near its budget, each replica also publishes what its runs of the
 application hold uncounted in `{REDIS_AUX_PREFIX}runs:{<applicationId>}:flight` (a hash: a
 field per replica, with its expiry), so that other replicas' checks see runs still pumping

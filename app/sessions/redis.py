@@ -1,4 +1,7 @@
 """Redis session backend: one client per process for any topology, every parameter explicit.
+(Just over ~400 lines, on purpose: one method per store operation of the contract in
+app/sessions/backend.py, and the one retry loop they all go through; the client, the URL and
+the retry rules live in redis_client.py, redis_url.py and redis_retry.py.)
 
 `REDIS_URL` picks the topology (`parse_redis_url`):
 - `redis://` / `rediss://` (TLS): one server, a bounded blocking pool.
