@@ -587,3 +587,19 @@ async def test_a_failing_disconnect_poll_never_stops_the_others(
     assert "disconnect watch failed" in caplog.text
     wheel.discard(cast(watch.DisconnectWatch, healthy))
     assert wheel.handle is None
+
+
+async def test_the_reads_take_what_arrived_before_an_error_then_raise_it() -> None:
+    """The connection failed after bytes arrived (a reset right after an answer): aiohttp's
+    public reads raise the stored error and drop them; the fast reads take them first (a run
+    lost every event of such an answer: tests/test_runs_whole_attacks2.py)."""
+    _, payload = _fed(EVENTS)
+    payload.set_exception(aiohttp.ClientPayloadError("reset"))
+    assert take_buffered(payload, READ_CHUNK_BYTES) == b"".join(EVENTS)
+    with pytest.raises(aiohttp.ClientPayloadError):
+        take_buffered(payload, READ_CHUNK_BYTES)
+    _, payload = _fed(EVENTS)
+    payload.set_exception(aiohttp.ClientPayloadError("reset"))
+    assert await read_available(payload, READ_CHUNK_BYTES) == b"".join(EVENTS)
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await read_available(payload, READ_CHUNK_BYTES)

@@ -8,6 +8,10 @@ Two fast paths, each with aiohttp's public API as the other path:
   arrives in bursts. Here the buffer is joined at once and the connection resumed once, after
   it, through `StreamReader` fields (`_buffer`, `_size`, `_cursor`, `_protocol` ...). Public
   path: `content.read_nowait(limit)` and `await content.read(limit)`.
+  One behaviour beyond speed: bytes that arrived before the connection failed are taken
+  before the error is raised (aiohttp's public reads raise a stored error first and drop them:
+  a run whose upstream sent its answer and was reset at once lost every event, attack-20;
+  the public path keeps aiohttp's behaviour).
 - waits (`can_wake`, `wait_readable`, `wake`): a wait for bytes that another callback can end
   early, so a relay needs no timer per wait (app/proxy/relay.py `_Alarm`). Public path: the
   relay waits with `read` under `asyncio.timeout`.
@@ -140,13 +144,14 @@ def take_buffered(content: aiohttp.StreamReader, limit: int) -> bytes:
 
     Bytes that resuming the connection feeds (a paused parser's backlog) are left for the next
     call instead of joining this one. Anything unusual (the public path, another reader class,
-    an error, a pending waiter, more than `limit` bytes, a single chunk) takes aiohttp's own
-    `read_nowait`.
+    an error with nothing buffered, a pending waiter, more than `limit` bytes, a single chunk)
+    takes aiohttp's own `read_nowait`. Bytes that arrived before a stored error are taken
+    before it is raised (module docstring).
     """
     if (
         not ACTIVE
         or type(content) is not aiohttp.StreamReader  # e.g. the empty body of a HEAD answer
-        or content._exception is not None
+        or (content._exception is not None and not content._buffer)
         or content._waiter is not None
     ):
         return content.read_nowait(limit)
@@ -183,8 +188,13 @@ async def read_available(content: aiohttp.StreamReader, limit: int) -> bytes:
     """`await content.read(limit)`: wait until `content` has bytes (or its end), then take them
     like `take_buffered` (one join, not one step per HTTP chunk that arrived meanwhile). Waits
     with aiohttp's own `_wait` and takes without an error check, exactly as `read` does; the
-    public path, another reader class or a stored error takes `read` itself."""
-    if not ACTIVE or type(content) is not aiohttp.StreamReader or content._exception is not None:
+    public path, another reader class or a stored error with nothing buffered takes `read`
+    itself."""
+    if not ACTIVE or type(content) is not aiohttp.StreamReader:
+        return await content.read(limit)
+    if content._exception is not None:
+        if content._buffer:  # what arrived before the error, first (module docstring)
+            return _join_buffered(content, limit)
         return await content.read(limit)
     while not content._buffer and not content._eof:
         await content._wait("read")

@@ -208,7 +208,11 @@ class RunRegistry:
             self._uncount(app.app_id, run.uncounted)  # refused: nothing was written
             raise
         except StoreUnavailable:
-            landed = await self._created(store, run_id)
+            try:
+                landed = await self._created(store, run_id)
+            except BaseException:  # cancelled while asking (attack-20: counted for ever)
+                self._uncount_later(app, run.uncounted)
+                raise
             if landed is False:
                 self._uncount(app.app_id, run.uncounted)
                 raise
