@@ -5,15 +5,11 @@ for every application with a published field.
 
 Findings (strict xfails when found; each docstring has its figures). Fixed in session 9: the
 first (every application with anything uncounted gets its last publish) and the third (a
-closed ledger does nothing more). Fixed in session 10, both over-counting for the counter's
-two windows after a Redis failure at shutdown (resume refused while budget is free; never
-over the budget): the second and the fourth -- a count and the field's update were two
-commands, and a count whose reply was lost could not be told from one that failed. Now a
-count lowers the replica's field in the same script (`BUDGET_ADD`) and a publish never sets
-more than the field holds (`PUBLISH_FLIGHT`): a lost count's runs, still uncounted in the
-ledger, are capped by the field the count lowered. Left: an application far from its budget
-(no field) whose count's reply was lost and whose later counts fail at shutdown is still
-published whole by the last publish (counted twice for two windows, on the safe side).
+closed ledger does nothing more). Open, both over-counting for the counter's two windows after
+a Redis failure at shutdown (resume refused while budget is free; never over the budget): the
+second and the fourth -- a count and the field's update are two commands, and a count whose
+reply was lost cannot be told from one that failed (fixing it needs the count and the field
+in one script, and counts Redis can recognise again).
 - `close()` publishes only the applications with a published field (`_published`). An
   application far from its budget (never near: nothing ever published) whose ended runs'
   counts fail at shutdown (`_unsent` left), or whose runs' ends could not be recorded (their
@@ -130,6 +126,11 @@ async def test_close_counts_a_far_applications_uncounted_bytes_somewhere(
 # -- 2. a count that landed, a withdrawal that failed: counted twice ------------------------
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="count landed, withdrawal failed at shutdown: the old field (462.5 KB, headroom "
+    "incl.) counts as dead on top of the 400 KB counted: B sees 862.5 KB for 400 KB held",
+)
 async def test_close_does_not_count_twice_a_run_counted_before_a_failed_withdrawal(
     tier_integration: None, monkeypatch: pytest.MonkeyPatch, redis: RedisServer
 ) -> None:
@@ -182,6 +183,11 @@ async def test_close_does_not_count_twice_a_run_counted_before_a_failed_withdraw
 # -- 3. a count that landed with its reply lost at shutdown: counted twice ------------------
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="a count landing with its reply lost at shutdown is also published as uncounted: "
+    "400 KB counted + 400 KB field counted as dead: B sees 800 KB for 400 KB held",
+)
 async def test_close_does_not_count_twice_a_count_whose_reply_was_lost(
     tier_integration: None, monkeypatch: pytest.MonkeyPatch, redis: RedisServer
 ) -> None:

@@ -18,14 +18,7 @@ from app.runs.budget import FLIGHT_HEADROOM_BYTES, BudgetLedger
 from app.runs.costs import UncountedCosts
 from tests.fake_upstream import app_settings, run_gateway
 from tests.redis_server import RedisServer
-from tests.runs_helpers import (
-    CSRF,
-    STORES_FLIGHT_KEY,
-    OneBigEventUpstream,
-    flight_fields,
-    read_events,
-    run_stores,
-)
+from tests.runs_helpers import CSRF, OneBigEventUpstream, read_events, run_stores
 
 WINDOW_MS = 60_000
 FLIGHT_KEY = "t:runs:{shop}:flight"
@@ -152,12 +145,9 @@ async def test_near_the_budget_growth_is_published_before_it_is_written_and_with
         assert not await ledger.reserve_growth(a, "shop")
         await b.budget_publish("shop", 0, window_ms=WINDOW_MS, ttl_ms=10_000)
         # A shuts down with its runs not ended (their end not recorded): its last publish is
-        # what they hold, no headroom, to expire and count as a dead replica's runs -- at most
-        # what its field holds (the refused growth above was never written: PUBLISH_FLIGHT).
-        field = await b.budget_used("shop", window_ms=WINDOW_MS)
-        assert field == local + headroom < uncounted.get("shop")
+        # what they hold, no headroom, to expire and count as a dead replica's runs.
         await ledger.close()
-        assert await b.budget_used("shop", window_ms=WINDOW_MS) == field
+        assert await b.budget_used("shop", window_ms=WINDOW_MS) == uncounted.get("shop")
         # Once they are counted, a shutdown withdraws (nothing held uncounted).
         ledger = BudgetLedger(refresh=30, uncounted=uncounted, flight_ttl_ms=10_000)
         assert (await ledger.admit(a, "shop", **check)).admitted  # near: published
@@ -201,29 +191,3 @@ async def test_a_run_counts_from_its_start_as_much_as_its_applications_runs_usua
                 await read_events(response)
     finally:
         await server.close()
-
-
-async def test_a_count_lowers_its_replicas_field_and_a_publish_never_raises_one(
-    shared_redis: RedisServer,
-) -> None:
-    """`BUDGET_ADD` takes what it counts out of the counting replica's published runs in
-    flight (the count and that withdrawal in one step); `PUBLISH_FLIGHT` sets at most what
-    the field holds (growth goes through `BUDGET_RESERVE`), so a publish valued before a count
-    landed -- or after a count whose reply was lost -- cannot count the runs twice. Without a
-    field, a publish sets its value."""
-    async with run_stores(shared_redis, 2) as (a, b):
-        used = {"window_ms": WINDOW_MS}
-        shared_redis.client().delete(STORES_FLIGHT_KEY, *shared_redis.client().keys("t:runs:*"))
-        await a.budget_publish("shop", 500_000, window_ms=WINDOW_MS, ttl_ms=10_000)
-        assert await b.budget_used("shop", **used) == 500_000
-        await a.budget_add("shop", 400_000, **used)  # 400 KB of those ended, counted
-        assert flight_fields(shared_redis)[a.replica.encode()] == b"100000"
-        assert await b.budget_used("shop", **used) == 500_000  # counted once, not twice
-        await a.budget_publish("shop", 500_000, window_ms=WINDOW_MS, ttl_ms=10_000)
-        assert await b.budget_used("shop", **used) == 500_000  # (not raised back)
-        await a.budget_publish("shop", 60_000, window_ms=WINDOW_MS, ttl_ms=10_000)
-        assert await b.budget_used("shop", **used) == 460_000
-        await a.budget_add("shop", 70_000, **used)  # more than the field: removed
-        assert a.replica.encode() not in flight_fields(shared_redis)
-        await a.budget_publish("shop", 30_000, window_ms=WINDOW_MS, ttl_ms=10_000)
-        assert await b.budget_used("shop", **used) == 500_000  # set: no field to cap it

@@ -406,14 +406,6 @@ class BudgetLedger:
             else:
                 self.note(app_id)
 
-    def _lower_published(self, app_id: str, cost: int) -> None:
-        """A count of `cost` lowers this replica's published field in Redis in the same step
-        (`BUDGET_ADD`): so does the ledger's view of it, or runs here could grow by `cost`
-        unchecked while Redis shows them `cost` less."""
-        published = self._published.get(app_id, 0)
-        if published > 0:
-            self._published[app_id] = max(0, published - cost)
-
     def _schedule_refresh(self, app_id: str) -> None:
         """Publish `app_id`'s runs in flight again before their field expires."""
         if self._closing:
@@ -519,14 +511,11 @@ class BudgetLedger:
     async def _send(
         self, store: RedisRunStore, app_id: str, window_ms: int, items: list[_Cost]
     ) -> None:
-        cost = sum(i.cost for i in items)
         try:
-            await store.budget_add(app_id, cost, window_ms=window_ms)
+            await store.budget_add(app_id, sum(i.cost for i in items), window_ms=window_ms)
         except StoreUnavailable as err:
             log.warning("app %s: its runs' bytes could not be counted yet (%s)", app_id, err)
-            self._lower_published(app_id, cost)  # (it may have landed: growth asks again)
             return
-        self._lower_published(app_id, cost)
         done = asyncio.get_running_loop().time()
         unsent = self._unsent.get(app_id, [])
         sent_ids = {id(item) for item in items}

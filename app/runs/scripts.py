@@ -244,23 +244,10 @@ end
 
 # KEYS: an application's budget counters (current slot, previous), runs in flight. ARGV:
 # replica, bytes, TTL ms. A paused replica's tombstone is taken back first (`_TAKE_BACK`).
-# The runs counted leave the replica's published runs in flight in the same step (its field
-# lowered by what is counted, removed at 0): a count and the withdrawal of what it counts
-# land or fail together (counted, then a failed withdrawal at shutdown, the old field counted
-# as a dead replica's on top: 862.5 KB seen for 400 KB held, attack-18).
 BUDGET_ADD = LuaScript.of(
     _TAKE_BACK.replace("@BACK@", "tonumber(ARGV[2])")
     + """local used = redis.call('INCRBY', KEYS[1], ARGV[2])
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
-local field = redis.call('HGET', KEYS[3], ARGV[1])
-if field then
-  local left = tonumber(field) - tonumber(ARGV[2])
-  if left > 0 then
-    redis.call('HSET', KEYS[3], ARGV[1], left)
-  else
-    redis.call('HDEL', KEYS[3], ARGV[1], ARGV[1] .. ':t')
-  end
-end
 return used"""
 )
 
@@ -293,23 +280,13 @@ end
 )
 
 # KEYS: -, -, runs in flight (KEYS[1..2] unused, kept for one key layout). ARGV: replica, bytes
-# (0: remove), TTL ms, the hash's TTL ms. Never more than the replica's field holds when it has
-# one: growth is published by `BUDGET_RESERVE`, checked, and a count lowers the field
-# (`BUDGET_ADD`), so a field lower than what a publish carries means runs counted since it was
-# valued -- a count whose reply was lost, whose runs the ledger still holds uncounted: sent as
-# they are, they counted twice (800 KB seen for 400 KB held, attack-18). Without a field (none
-# published, or a tombstone) the value is set. Returns the value set.
+# (0: remove), TTL ms, the hash's TTL ms.
 PUBLISH_FLIGHT = LuaScript.of(
     """local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
-local flight = tonumber(ARGV[2])
-local field = redis.call('HGET', KEYS[3], ARGV[1])
-if field and tonumber(field) < flight then
-  flight = tonumber(field)
-end
 """
-    + _publish_flight("flight", "ARGV[3]", "ARGV[4]")
-    + "return flight"
+    + _publish_flight("ARGV[2]", "ARGV[3]", "ARGV[4]")
+    + "return 1"
 )
 
 # KEYS: meta. A cut run's end where it ran (`f`), only while the meta exists.
