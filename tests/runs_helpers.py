@@ -275,6 +275,11 @@ def flight_fields(redis: RedisServer) -> dict[bytes, bytes]:
     return cast(dict[bytes, bytes], redis.client().hgetall(STORES_FLIGHT_KEY))
 
 
+def replica_field(redis: RedisServer, store: RedisRunStore) -> int:
+    """`store`'s (one replica's) published runs in flight in `shop`'s hash (0: none)."""
+    return int(flight_fields(redis).get(store.replica.encode(), b"0"))
+
+
 async def at_slot_offset(window_ms: int, offset_ms: int) -> int:
     """Sleep until `offset_ms` into a budget slot of `window_ms` (the stores' own clock,
     `RedisRunStore._budget_keys`), at least 50 ms ahead; that slot's number."""

@@ -54,6 +54,7 @@ from tests.runs_helpers import (
     flight_fields,
     read_events,
     redis_at,
+    replica_field,
     resume_shop_run,
     run_stores,
     stop_shop_run,
@@ -70,10 +71,6 @@ WINDOW = 60_000
 def redis(tier_integration: None) -> Iterator[RedisServer]:
     with redis_at("256mb", "noeviction") as server:
         yield server
-
-
-def _field(redis: RedisServer, store: RedisRunStore) -> int:
-    return int(flight_fields(redis).get(store.replica.encode(), b"0"))
 
 
 # -- 1. a far-path read in flight across a burst takes the application out of `_near` ---------
@@ -120,12 +117,12 @@ async def test_a_far_read_in_flight_across_a_burst_does_not_withdraw_the_burst(
         ledger_a.note("shop")
         may = ledger_a.may_write("shop")
         grown = await ledger_a.reserve_growth(a, "shop") if may is None else may
-        reserved = _field(redis, a)
+        reserved = replica_field(redis, a)
         replied.set()
         x_admitted = (await asyncio.wait_for(x, 5)).admitted
         await asyncio.sleep(0.5)  # ~5 refresh periods, no batch of R's (it thinks)
         held = uncounted_a.get("shop")
-        holds = _field(redis, a)
+        holds = replica_field(redis, a)
         b_sees = await b.budget_used("shop", window_ms=WINDOW)
         uncounted_b.add("shop", 900_000)
         b_admitted = (await ledger_b.admit(b, "shop", window_ms=WINDOW, budget=BUDGET)).admitted
@@ -163,7 +160,7 @@ async def test_close_does_not_withdraw_runs_it_could_not_count(
     async with run_stores(redis, 2) as (a, b):
         uncounted.add("shop", 400_000)
         assert (await ledger.admit(a, "shop", window_ms=WINDOW, budget=BUDGET)).admitted
-        published = _field(redis, a)
+        published = replica_field(redis, a)
         failed: list[int] = []
 
         async def refused_add(app_id: str, cost: int, *, window_ms: int) -> None:
@@ -181,7 +178,7 @@ async def test_close_does_not_withdraw_runs_it_could_not_count(
         counted = budget_counted(redis, "shop")
         print(
             f"A published {published}; its run ended (400000), budget_add failed "
-            f"{len(failed)} times; after close() Redis holds field {_field(redis, a)}, "
+            f"{len(failed)} times; after close() Redis holds field {replica_field(redis, a)}, "
             f"counters {counted}: B sees {b_sees} -> B may admit {BUDGET - b_sees} more "
             f"({(BUDGET - b_sees + 400_000) / BUDGET:.2f}x)"
         )
@@ -404,7 +401,7 @@ async def test_a_count_does_not_take_back_a_tombstone_of_runs_still_in_flight(
     async with run_stores(redis, 2) as (a, b):
         uncounted.add("shop", 500_000)
         assert (await ledger.admit(a, "shop", window_ms=WINDOW, budget=BUDGET)).admitted
-        published = _field(redis, a)
+        published = replica_field(redis, a)
         real_publish = a.budget_publish
         failed: list[int] = []
 

@@ -48,6 +48,7 @@ from tests.runs_helpers import (
     flight_fields,
     read_events,
     redis_at,
+    replica_field,
     run_stores,
     stop_shop_run,
     two_shop_gateways,
@@ -63,10 +64,6 @@ WINDOW = 60_000
 def redis(tier_integration: None) -> Iterator[RedisServer]:
     with redis_at("256mb", "noeviction") as server:
         yield server
-
-
-def _field(redis: RedisServer, store: RedisRunStore) -> int:
-    return int(flight_fields(redis).get(store.replica.encode(), b"0"))
 
 
 # -- 1. close() withdraws runs whose end could not be recorded --------------------------------
@@ -97,12 +94,12 @@ async def test_close_does_not_withdraw_runs_whose_end_was_not_recorded(
     async with run_stores(redis, 2) as (a, b):
         uncounted.add("shop", 400_000)  # the run's cost (`_note_cost`)
         assert (await ledger.admit(a, "shop", window_ms=WINDOW, budget=BUDGET)).admitted
-        published = _field(redis, a)
+        published = replica_field(redis, a)
         # Shutdown: `_record_end`'s `store.end` raised StoreUnavailable -> no `add`, and
         # `_settle_cost` defers the uncount by the run's TTL (the cost stays uncounted here).
         local = ledger._local("shop")
         await asyncio.wait_for(ledger.close(), 10)
-        after_close = _field(redis, a)
+        after_close = replica_field(redis, a)
         await asyncio.sleep(0.5)  # past the field's TTL: had it stayed, it counts as dead
         b_sees = await b.budget_used("shop", window_ms=WINDOW)
         counted = budget_counted(redis, "shop")
@@ -139,7 +136,7 @@ async def test_close_does_not_leave_a_field_above_what_it_could_not_count(
     async with run_stores(redis, 2) as (a, b):
         uncounted.add("shop", 500_000)
         assert (await ledger.admit(a, "shop", window_ms=WINDOW, budget=BUDGET)).admitted
-        published = _field(redis, a)
+        published = replica_field(redis, a)
         real_publish, real_add = a.budget_publish, a.budget_add
         failed: list[str] = []
 
@@ -169,7 +166,7 @@ async def test_close_does_not_leave_a_field_above_what_it_could_not_count(
         await asyncio.sleep(0.02)
         monkeypatch.setattr(a, "budget_publish", real_publish)  # the blip is over for these
         await asyncio.wait_for(ledger.close(), 10)
-        after_close = _field(redis, a)
+        after_close = replica_field(redis, a)
         monkeypatch.setattr(a, "budget_add", real_add)
         await asyncio.sleep(0.5)  # past the field's TTL: counted as dead
         b_sees = await b.budget_used("shop", window_ms=WINDOW)
@@ -307,7 +304,7 @@ async def test_counts_after_a_pause_take_back_their_share_only(
     async with run_stores(redis, 2) as (a, b):
         uncounted.add("shop", 500_000)
         assert (await ledger.admit(a, "shop", window_ms=WINDOW, budget=BUDGET)).admitted
-        published = _field(redis, a)
+        published = replica_field(redis, a)
         headroom = published - 500_000
         real_publish = a.budget_publish
         failed: list[int] = []

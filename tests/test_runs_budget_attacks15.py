@@ -46,7 +46,7 @@ from app.runs.costs import UncountedCosts
 from app.runs.store import RedisRunStore
 from app.sessions.backend import StoreUnavailable
 from tests.redis_server import RedisServer
-from tests.runs_helpers import budget_counted, flight_fields, redis_at, run_stores
+from tests.runs_helpers import budget_counted, redis_at, replica_field, run_stores
 
 pytestmark = pytest.mark.redis_server
 
@@ -58,10 +58,6 @@ WINDOW = 60_000
 def redis(tier_integration: None) -> Iterator[RedisServer]:
     with redis_at("256mb", "noeviction") as server:
         yield server
-
-
-def _field(redis: RedisServer, store: RedisRunStore) -> int:
-    return int(flight_fields(redis).get(store.replica.encode(), b"0"))
 
 
 async def _add_down(app_id: str, cost: int, *, window_ms: int) -> None:
@@ -105,11 +101,11 @@ async def test_close_counts_a_far_applications_uncounted_bytes_somewhere(
         # A3's end failed: `_settle_cost` keeps its 240 KB in `UncountedCosts`.
         locals_ = [ledger._local("shop") for _, ledger, _ in ledgers]
         near = [("shop" in ledger._near) for _, ledger, _ in ledgers]
-        published = [_field(redis, store) for store, _, _ in ledgers]
+        published = [replica_field(redis, store) for store, _, _ in ledgers]
         for store, ledger, _ in ledgers:
             monkeypatch.setattr(store, "budget_add", _add_down)  # the blip: counts fail
             await asyncio.wait_for(ledger.close(), 10)
-        fields = [_field(redis, store) for store, _, _ in ledgers]
+        fields = [replica_field(redis, store) for store, _, _ in ledgers]
         await asyncio.sleep(0.5)  # past any field's TTL: counted as dead
         b_sees = await b.budget_used("shop", window_ms=WINDOW)
         counted = budget_counted(redis, "shop")
@@ -150,7 +146,7 @@ async def test_close_does_not_count_twice_a_run_counted_before_a_failed_withdraw
     async with run_stores(redis, 2) as (a, b):
         uncounted.add("shop", 400_000)
         assert (await ledger.admit(a, "shop", window_ms=WINDOW, budget=BUDGET)).admitted
-        published = _field(redis, a)
+        published = replica_field(redis, a)
         failed: list[int] = []
 
         async def publish_down(app_id: str, flight: int, *, window_ms: int, ttl_ms: int) -> None:
@@ -168,7 +164,7 @@ async def test_close_does_not_count_twice_a_run_counted_before_a_failed_withdraw
         await asyncio.sleep(0.02)
         counted_before = budget_counted(redis, "shop")
         await asyncio.wait_for(ledger.close(), 10)
-        after_close = _field(redis, a)
+        after_close = replica_field(redis, a)
         await asyncio.sleep(0.5)  # past the field's TTL: counted as dead
         b_sees = await b.budget_used("shop", window_ms=WINDOW)
         print(
@@ -206,7 +202,7 @@ async def test_close_does_not_count_twice_a_count_whose_reply_was_lost(
     async with run_stores(redis, 2) as (a, b):
         uncounted.add("shop", 400_000)
         assert (await ledger.admit(a, "shop", window_ms=WINDOW, budget=BUDGET)).admitted
-        published = _field(redis, a)
+        published = replica_field(redis, a)
         real_add = a.budget_add
         landed: list[int] = []
 
@@ -222,7 +218,7 @@ async def test_close_does_not_count_twice_a_count_whose_reply_was_lost(
         ledger.note("shop")
         await asyncio.sleep(0.05)  # the count (near: at once) landed, its reply lost
         await asyncio.wait_for(ledger.close(), 10)
-        after_close = _field(redis, a)
+        after_close = replica_field(redis, a)
         counted = budget_counted(redis, "shop")
         await asyncio.sleep(0.5)  # past the field's TTL: counted as dead
         b_sees = await b.budget_used("shop", window_ms=WINDOW)
@@ -260,7 +256,7 @@ async def test_closed_ledger_publishes_nothing_after_close(
         uncounted.add("shop", -200_000)
         ledger.note("shop")
         await asyncio.sleep(0.03)  # counted, the field shrunk
-        shrunk = _field(redis, a)
+        shrunk = replica_field(redis, a)
         real_publish = a.budget_publish
         sent: list[tuple[str, int]] = []
         closed = False
@@ -275,10 +271,10 @@ async def test_closed_ledger_publishes_nothing_after_close(
         await asyncio.sleep(0.06)  # the refresh timer is due during close()'s publish
         await asyncio.wait_for(ledger.close(), 10)
         closed = True
-        after_close = _field(redis, a)
+        after_close = replica_field(redis, a)
         await asyncio.sleep(1.0)  # three field TTLs
         late = [flight for when, flight in sent if when == "after"]
-        alive = _field(redis, a)
+        alive = replica_field(redis, a)
         b_sees = await b.budget_used("shop", window_ms=WINDOW)
         pending = [t for t in asyncio.all_tasks() if "_send_flight" in repr(t)]
         print(
@@ -307,14 +303,14 @@ async def test_close_leaves_exactly_what_is_uncounted_near_the_budget(
     async with run_stores(redis, 2) as (a, b):
         uncounted.add("shop", 400_000)
         assert (await ledger.admit(a, "shop", window_ms=WINDOW, budget=BUDGET)).admitted
-        published = _field(redis, a)
+        published = replica_field(redis, a)
         monkeypatch.setattr(a, "budget_add", _add_down)
         ledger.add(a, "shop", 400_000, window_ms=WINDOW, keep=WINDOW / 1000)
         uncounted.add("shop", -400_000)
         ledger.note("shop")
         await asyncio.sleep(0.02)  # the count (near: at once) failed
         await asyncio.wait_for(ledger.close(), 10)
-        after_close = _field(redis, a)
+        after_close = replica_field(redis, a)
         await asyncio.sleep(0.5)
         b_sees = await b.budget_used("shop", window_ms=WINDOW)
         print(

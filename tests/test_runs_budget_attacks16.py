@@ -36,10 +36,9 @@ import pytest
 
 from app.runs.budget import BudgetLedger
 from app.runs.costs import UncountedCosts
-from app.runs.store import RedisRunStore
 from app.sessions.backend import StoreUnavailable
 from tests.redis_server import RedisServer
-from tests.runs_helpers import budget_counted, flight_fields, redis_at, run_stores
+from tests.runs_helpers import budget_counted, redis_at, replica_field, run_stores
 
 pytestmark = pytest.mark.redis_server
 
@@ -52,10 +51,6 @@ HEADROOM = BUDGET // 16  # `_headroom`: min(FLIGHT_HEADROOM_BYTES, budget // 16)
 def redis(tier_integration: None) -> Iterator[RedisServer]:
     with redis_at("256mb", "noeviction") as server:
         yield server
-
-
-def _field(redis: RedisServer, store: RedisRunStore) -> int:
-    return int(flight_fields(redis).get(store.replica.encode(), b"0"))
 
 
 def _grow(ledger: BudgetLedger, uncounted: UncountedCosts) -> int:
@@ -109,7 +104,7 @@ async def test_refresh_after_counts_keeps_the_field_covering_what_runs_write(
         uncounted.add("shop", 100_000 + sum(short))  # G and eight short runs in flight
         admission = await ledger.admit(a, "shop", window_ms=WINDOW, budget=BUDGET)
         assert admission.admitted
-        reserved = _field(redis, a)
+        reserved = replica_field(redis, a)
         written = 0
         for cost in short:
             ledger.add(a, "shop", cost, window_ms=WINDOW, keep=WINDOW / 1000)
@@ -121,7 +116,7 @@ async def test_refresh_after_counts_keeps_the_field_covering_what_runs_write(
             written += _grow(ledger, uncounted)
         await asyncio.sleep(0.15)
         held = budget_counted(redis, "shop") + ledger._local("shop")
-        field, published = _field(redis, a), ledger._published.get("shop")
+        field, published = replica_field(redis, a), ledger._published.get("shop")
         b_sees = await b.budget_used("shop", window_ms=WINDOW)
         for handle in list(ledger._refreshes.values()):
             handle.cancel()
@@ -183,7 +178,7 @@ async def test_a_reservation_replied_after_a_count_keeps_the_field_covering_grow
         await _counted(ledger)
         grown = _grow(ledger, uncounted)  # G grows as far as `may_write` allows
         held = budget_counted(redis, "shop") + ledger._local("shop")
-        field, published = _field(redis, a), ledger._published.get("shop")
+        field, published = replica_field(redis, a), ledger._published.get("shop")
         b_sees = await b.budget_used("shop", window_ms=WINDOW)
         for handle in list(ledger._refreshes.values()):
             handle.cancel()
@@ -227,7 +222,7 @@ async def test_a_paused_replica_counting_then_publishing_is_counted_once(
         ledger._refresh_flight("shop")  # the refresh timer fires at last
         await asyncio.sleep(0.05)
         after_publish = await b.budget_used("shop", window_ms=WINDOW)
-        field = _field(redis, a)
+        field = replica_field(redis, a)
         for handle in list(ledger._refreshes.values()):
             handle.cancel()
         print(
@@ -280,7 +275,7 @@ async def test_close_publishes_what_is_uncounted_over_a_stale_field(
 
         monkeypatch.setattr(a, "budget_publish", publish_in_blip)
         assert (await ledger.admit(a, "shop", window_ms=window, budget=BUDGET)).admitted
-        stale = _field(redis, a)
+        stale = replica_field(redis, a)
         await asyncio.sleep(0.01)  # the withdrawal (far now) fails
         far = "shop" not in ledger._near
         uncounted.add("shop", 190_000)  # G grows far from the budget: no round trip
@@ -288,7 +283,7 @@ async def test_close_publishes_what_is_uncounted_over_a_stale_field(
         ledger.note("shop")
         held = ledger._local("shop")  # G's end cannot be recorded: uncounted at shutdown
         await asyncio.wait_for(ledger.close(), 10)
-        after_close = _field(redis, a)
+        after_close = replica_field(redis, a)
         await asyncio.sleep(0.5)  # past the field's TTL: counted as a dead replica's
         b_sees = await b.budget_used("shop", window_ms=window)
         print(
