@@ -188,17 +188,17 @@ class RunRegistry:
             events = parser.feed(body)
         except EventTooLarge:
             return None
-        log = RunLog(max_events=app.resume_max_events, max_bytes=app.resume_max_bytes)
-        entries = log.extend(events) if events else []
-        if parser.mid_event or log.first_seq != 1 or log.bytes > ENTRY_BYTES:
+        run_log = RunLog(max_events=app.resume_max_events, max_bytes=app.resume_max_bytes)
+        entries = run_log.extend(events) if events else []
+        if parser.mid_event or run_log.first_seq != 1 or run_log.bytes > ENTRY_BYTES:
             return None
-        run = Run(run_id, app, owner, log)
+        run = Run(run_id, app, owner, run_log)
         run.uncounted = run.reserved = reserved
         self._note_cost(run)
         if self.budget.may_write(app.app_id) is not True:
             self._uncount(app.app_id, run.uncounted - reserved)
             return None
-        log.close("done")
+        run_log.close("done")
         window_ms = round(app.resume_window_seconds * 1000)
         try:
             await store.create_ended(
@@ -227,7 +227,7 @@ class RunRegistry:
         self.counters.started += 1
         self.counters.whole += 1
         self.counters.ended["done"] = self.counters.ended.get("done", 0) + 1
-        cost = run_cost(log, ENTRY_BYTES)
+        cost = run_cost(run_log, ENTRY_BYTES)
         self.budget.note_ended(app.app_id, cost)
         self.budget.add(store, app.app_id, cost, window_ms=window_ms, keep=self.ttl_ms(app) / 1000)
         run.counted = True
