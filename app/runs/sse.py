@@ -18,7 +18,13 @@ always the gateway's sequence number.
 
 from __future__ import annotations
 
+import re
+
 _BOM = b"\xef\xbb\xbf"
+# A comment line or a blank line beyond the one ending an event: not the plain shape
+# (`_feed_plain`). One regex pass: `b"\n:" in` and `b"\n\n\n" in` took 10 + 7 us on an 11 KB
+# burst of 51 events (the pattern's first byte on every line), this 4.7 us (timeit).
+_NOT_PLAIN = re.compile(rb"\n(?::|\n\n)")
 # What `frame` adds to an event at most: `\nid: <seq>\n\n` with a 64-bit sequence number.
 FRAME_OVERHEAD = 32
 
@@ -99,8 +105,7 @@ class SseParser:
         self._pieces = []
         if (
             self._shortcut
-            and b"\n\n\n" not in data
-            and b"\n:" not in data
+            and _NOT_PLAIN.search(data) is None
             and data[:1] not in (b"\n", b":")
             and not self._lines
         ):
