@@ -11,6 +11,8 @@ and a raw HTTP/1.1 client for request targets no well-behaved client would send.
 - `raw_request(url, target, ...)`: one request over a plain socket, target bytes exactly as given.
 - `sse_events(text)`: parse an event stream into `(event, data)` pairs (comments kept as
   `(":", text)`).
+- `raw_upstream(head, body, ...)`: an upstream answering exact bytes, then closing or
+  resetting its connection (answers no aiohttp server would send: cut, lying, close-delimited).
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import contextlib
 import dataclasses
 import json
 import re
+import socket
+import struct
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -286,3 +290,39 @@ def _unchunk(data: bytes) -> bytes:
         out += rest[:size]
         data = rest[size + 2 :]
     return out
+
+
+@contextlib.asynccontextmanager
+async def raw_upstream(
+    head: bytes, body: bytes, *, late: bool = False, reset: bool = False
+) -> AsyncIterator[str]:
+    """An upstream (its base URL, `/v1`) that reads each request whole, answers `head` and
+    `body` byte for byte (in one write, or the body 50 ms after the head when `late`), then
+    closes its connection, or resets it (`reset`: SO_LINGER 0, an RST)."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        request = await reader.readuntil(b"\r\n\r\n")
+        length = re.search(rb"(?i)\r\ncontent-length: *(\d+)", request)
+        if length is not None:
+            await reader.readexactly(int(length.group(1)))
+        if late:
+            writer.write(head)
+            await writer.drain()
+            await asyncio.sleep(0.05)
+            writer.write(body)
+            await writer.drain()
+            await asyncio.sleep(0.05)
+        else:
+            writer.write(head + body)
+            await writer.drain()
+        if reset:
+            sock = writer.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        server.close()

@@ -30,8 +30,6 @@ from __future__ import annotations
 import asyncio
 import gzip
 import re
-import socket
-import struct
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -40,7 +38,7 @@ from typing import Any
 import pytest
 
 from app.keys import RUNS_KEY
-from tests.fake_upstream import RunningGateway, app_settings, run_gateway
+from tests.fake_upstream import RunningGateway, app_settings, raw_upstream, run_gateway
 from tests.redis_server import RedisServer
 
 EVENTS = b'event: token\ndata: {"n": 1}\n\n' * 3 + b"event: done\ndata: {}\n\n"
@@ -108,39 +106,6 @@ CUTS = {
 }
 
 
-@asynccontextmanager
-async def _raw_upstream(cut: Cut, *, late: bool) -> AsyncIterator[str]:
-    """An upstream that reads the whole request, answers `cut.head` and `cut.body` (in one
-    write, or the body 50 ms after the head when `late`) and cuts its connection."""
-
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        head = await reader.readuntil(b"\r\n\r\n")
-        length = re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)
-        if length is not None:
-            await reader.readexactly(int(length.group(1)))
-        if late:
-            writer.write(cut.head)
-            await writer.drain()
-            await asyncio.sleep(0.05)
-            writer.write(cut.body)
-            await writer.drain()
-            await asyncio.sleep(0.05)
-        else:
-            writer.write(cut.head + cut.body)
-            await writer.drain()
-        if cut.reset:
-            sock = writer.get_extra_info("socket")
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        writer.close()
-
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        server.close()
-
-
 @dataclass
 class Seen:
     status: int
@@ -205,7 +170,7 @@ async def _through(
     name: str, *, late: bool, redis: RedisServer | None = None, env: dict[str, str] | None = None
 ) -> Seen:
     async with (
-        _raw_upstream(CUTS[name], late=late) as url,
+        raw_upstream(CUTS[name].head, CUTS[name].body, late=late, reset=CUTS[name].reset) as url,
         _gateway(url, redis, env or {}, resumable=redis is not None) as gw,
     ):
         seen = await _browse(gw)

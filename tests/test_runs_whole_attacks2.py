@@ -31,7 +31,7 @@ from aiohttp.test_utils import TestServer
 from app.keys import RUNS_KEY, SETTINGS_KEY, UPSTREAM_KEY
 from app.runs.store import RedisRunStore
 from app.sessions.backend import StoreUnavailable
-from tests.fake_upstream import RunningGateway, app_settings, run_gateway
+from tests.fake_upstream import RunningGateway, app_settings, raw_upstream, run_gateway
 from tests.redis_server import RedisServer
 from tests.runs_helpers import CSRF, WholeUpstream
 
@@ -197,33 +197,11 @@ WITH_IDS = b"".join(
 @asynccontextmanager
 async def _raw_upstream(raw: bytes, *, late: bool = False) -> AsyncIterator[str]:
     """An upstream answering `raw` bytes (the head first and the rest 50 ms later when
-    `late`), then closing its connection (a reset for "reset" answers: an abort)."""
-    abort = b"Transfer-Encoding: chunked" in raw and not raw.endswith(b"0\r\nX-T: v\r\n\r\n")
-
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.readuntil(b"\r\n\r\n")
-        if late:
-            head, _, body = raw.partition(b"\r\n\r\n")
-            writer.write(head + b"\r\n\r\n")
-            await writer.drain()
-            await asyncio.sleep(0.05)
-            writer.write(body)
-            await writer.drain()
-            await asyncio.sleep(0.05)
-        else:
-            writer.write(raw)
-            await writer.drain()
-        if abort:
-            writer.transport.abort()
-        else:
-            writer.close()
-
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        server.close()
+    `late`), then closing its connection (a reset for "reset" answers)."""
+    head, _, body = raw.partition(b"\r\n\r\n")
+    reset = b"Transfer-Encoding: chunked" in raw and not raw.endswith(b"0\r\nX-T: v\r\n\r\n")
+    async with raw_upstream(head + b"\r\n\r\n", body, late=late, reset=reset) as url:
+        yield url
 
 
 async def _served(
