@@ -387,7 +387,7 @@ async def test_silent_readers_of_one_event_runs_hold_no_copy_of_the_run_each(
     readers per run (the `run` cap) of 8 such ended runs (within its budget) from the start,
     64 connections with a 4 KiB receive buffer that never read. The gate lets 4 `XRANGE`s
     through at a time, but each reader keeps the entry it read (4.1 MB) while it waits for
-    its silent browser to drain (`follow_remote` holds the batch through `_write_pieces`):
+    its silent browser to drain (`follow_remote` holds the batch through `write_pieces`):
     the gate bounds what Redis buffers, not what the readers hold after it.
 
     Measured (9ca2a97, one replica): the gateway's RSS grew by 291-299 MiB within 3 s (tests/

@@ -209,11 +209,11 @@ async def test_creating_a_run_ended_again_after_a_lost_reply_writes_nothing_twic
     """A retry of `CREATE_ENDED` (its reply lost, the backend sends it again) finds the run
     and succeeds without a second entry (an `XADD` at the same id would be refused: the
     answer then relayed without resume while its run stays in Redis, uncounted)."""
-    entries = [(1, b"data: a\nid: 1\n\n"), (2, b"data: b\nid: 2\n\n")]
+    framed = b"data: a\nid: 1\n\ndata: b\nid: 2\n\n"
     async with run_stores(shared_redis, 1) as (store,):
         for _ in range(2):
             await store.create_ended(
-                "r" * 22, RunMeta("owner", "shop"), entries, reason="done", ttl_ms=60_000
+                "r" * 22, RunMeta("owner", "shop"), framed, 2, reason="done", ttl_ms=60_000
             )
         meta = await store.meta("r" * 22)
         read = await store.range_after("r" * 22, 0, 16, app_id="shop", client="c")

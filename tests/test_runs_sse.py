@@ -8,7 +8,7 @@ import pytest
 
 from app.runs.entries import Entry
 from app.runs.log import RunLog
-from app.runs.sse import SseParser, frame
+from app.runs.sse import EventTooLarge, SseParser, frame, frame_whole
 
 
 def parse(*chunks: bytes) -> list[bytes]:
@@ -113,3 +113,67 @@ def test_the_plain_stream_shortcut_parses_exactly_as_the_line_loop(seed: int) ->
     fast_events = [event for chunk in chunks for event in fast.feed(chunk)]
     assert fast_events == [event for chunk in chunks for event in reference.feed(chunk)]
     assert fast.mid_event == reference.mid_event
+
+
+def _framed_by_the_parser(stream: bytes, max_held: int | None = None) -> bytes | None:
+    """What the parser and `frame` make of a whole stream, as `frame_whole` must (None: the
+    last event unfinished, or an event over `max_held`)."""
+    parser = SseParser(shortcut=False, max_held=max_held)
+    try:
+        events = parser.feed(stream)
+    except EventTooLarge:
+        return None
+    if parser.mid_event:
+        return None
+    return b"".join(frame(seq, event) for seq, event in enumerate(events, 1))
+
+
+@pytest.mark.parametrize("seed", range(200))
+def test_framing_a_whole_stream_at_once_is_exactly_the_parser_then_frame(seed: int) -> None:
+    """Random whole streams (the hostile shapes above, `%` bytes, events from 1 to 1500 so
+    past the made-once id lines, an unfinished last event, a small `max_event`): where
+    `frame_whole` answers, its bytes and count are the parser's then `frame`'s exactly; it
+    declines only off the plain shape, and answers for every plain one."""
+    rng = random.Random(seed)
+    lines_from = [b"data: x", b"event: e", b"id: 3", b"data:", b"retry: 9", b"data: %d %s"]
+    plain = rng.random() < 0.6
+    if not plain:
+        lines_from += [b": c", b":", b""]
+    pieces = [b"\xef\xbb\xbf" if not plain and rng.random() < 0.2 else b""]
+    count = rng.choice([1, 2, 7, 51, 1023, 1024, 1025, 1500])
+    for _ in range(count):
+        lines = [rng.choice(lines_from) for _ in range(rng.randint(1, 4))]
+        end = b"\n" if plain else rng.choice([b"\n", b"\n", b"\r\n", b"\r"])
+        inner = end if plain else rng.choice([end, b"\r", b"\n"])  # mixed line ends
+        pieces.append(inner.join(lines) + end + end)
+    if not plain and rng.random() < 0.3:
+        pieces.append(b"data: unfinished\n")
+    stream = b"".join(pieces)
+    max_held = rng.choice([None, None, 12, 40])
+    limit = max_held if max_held is not None else len(stream)
+    expected = _framed_by_the_parser(stream, max_held)
+    got = frame_whole(stream, max_event=limit)
+    if got is not None:
+        assert got == (expected, expected.count(b"\n\n") if expected else 0)
+    else:
+        assert not (plain and expected is not None), "a plain stream within the limit declined"
+
+
+def test_frame_whole_declines_what_only_the_parser_may_decide() -> None:
+    ok = b"data: a\n\ndata: b\n\n"
+    assert frame_whole(ok, max_event=100) == (b"data: a\nid: 1\n\ndata: b\nid: 2\n\n", 2)
+    for other in (
+        b"data: a\n\ndata: b\n",  # unfinished last event
+        b"data: a\r\n\r\n",  # CR line ends
+        b"data: a\rdata: b\n\n",  # a CR line end inside an LF stream
+        b"\xef\xbb\xbfdata: a\n\n",  # byte order mark
+        b": hi\ndata: a\n\n",  # comment first
+        b"data: a\n: hi\n\n",  # comment line
+        b"data: a\n\n\ndata: b\n\n",  # an extra blank line
+        b"\ndata: a\n\n",  # a blank line first
+        b"\n\n",
+        b"",
+    ):
+        assert frame_whole(other, max_event=100) is None, other
+    assert frame_whole(ok, max_event=6) is None  # "data: a" is 7 bytes
+    assert frame_whole(ok, max_event=7) is not None

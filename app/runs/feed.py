@@ -51,7 +51,7 @@ def _pieces(chunks: Iterable[bytes]) -> Iterator[bytes]:
         yield b"".join(buffered)
 
 
-async def _write_pieces(
+async def write_pieces(
     response: web.StreamResponse, chunks: Iterable[bytes], *, eof: bool = False
 ) -> None:
     """Write `chunks` to `response` in drained pieces (`_pieces`); with `eof`, the last piece
@@ -127,9 +127,9 @@ async def follow_local(
                 pos += len(chunks)
                 if run.log.end is not None and pos == run.log.next_seq - 1:
                     # The last events and the end of the response in one send.
-                    await _write_pieces(response, chunks, eof=True)
+                    await write_pieces(response, chunks, eof=True)
                     return
-                await _write_pieces(response, chunks)
+                await write_pieces(response, chunks)
                 last_write = loop.time()
                 continue
             if run.log.end is not None:
@@ -221,7 +221,7 @@ async def follow_remote(
             elif before < replay_until:
                 registry.counters.replayed_events += min(pos, replay_until) - before
             if out:
-                await _write_pieces(response, out)
+                await write_pieces(response, out)
                 last_write = loop.time()
             if ended:
                 break

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -58,7 +59,7 @@ from app.runs.entries import ENTRY_BYTES
 from app.runs.log import RunLog
 from app.runs.readers import ReaderCaps
 from app.runs.run import CUT_REASON, Run, RunCounters, error_event
-from app.runs.sse import FRAME_OVERHEAD, EventTooLarge, SseParser
+from app.runs.sse import FRAME, FRAME_OVERHEAD, EventTooLarge, SseParser, frame_whole
 from app.runs.store import RedisRunStore, RunMeta
 from app.runs.writer import RunWriter
 from app.sessions.backend import StoreFull, StoreUnavailable
@@ -78,6 +79,23 @@ _CLOSE_SECONDS = 2.0
 # held 242-292 MiB, ~24 MiB each with `resume_max_bytes` 4 MiB).
 WRITE_BACKLOG = 1024
 WRITE_BACKLOG_BYTES = 1024 * 1024
+
+
+def _framed_whole(body: bytes, *, max_held: int) -> tuple[bytes, int] | None:
+    """`body`'s events framed from 1 and joined, and their count (`frame_whole`, or for any
+    other shape the parser's way: the same bytes); None when an event is over `max_held` or
+    the last one is unfinished."""
+    framed = frame_whole(body, max_event=max_held)
+    if framed is not None:
+        return framed
+    parser = SseParser(max_held=max_held)
+    try:
+        events = parser.feed(body)
+    except EventTooLarge:
+        return None
+    if parser.mid_event:
+        return None
+    return b"".join([FRAME % pair for pair in zip(events, itertools.count(1))]), len(events)
 
 
 class RunRegistry:
@@ -168,71 +186,69 @@ class RunRegistry:
         body: bytes,
         *,
         reserved: int = 0,
-    ) -> Run | None:
+    ) -> bytes | None:
         """A run whose whole answer (`body`, the upstream's complete response body) had
         arrived when it started: created already ended, its events and its end in one Redis
-        command (`RedisRunStore.create_ended`), with no pump. The same run as `start` then the
-        pump would make (the same events, ids, end and budget count), one round trip and two
-        tasks less. None, with nothing changed, when the pump's way is needed: memory store,
-        an event over the run's limits, an unfinished last event, more than one stream entry
-        or what the budget allows without asking Redis (`reserved` is the caller's again).
-        Raises `StoreUnavailable` when the write failed; `reserved` and the run's cost are
-        then settled here: given back at once when Redis refused the write for lack of memory
-        (nothing written), else once its keys would have expired (the script may have run
-        with its reply lost: attack-19 found that run counted nowhere)."""
+        command (`RedisRunStore.create_ended`), with no pump; returns its events as framed for
+        the browser (all of them: what its first response sends). The same run as `start` then
+        the pump would make (the same events, ids, end and budget count), one round trip and
+        two tasks less. None, with nothing changed, when the pump's way is needed: memory
+        store, an event over the run's limits, an unfinished last event, more than one stream
+        entry or what the budget allows without asking Redis (`reserved` is the caller's
+        again). Raises `StoreUnavailable` when the write failed; `reserved` and the run's cost
+        are then settled here: given back at once when Redis refused the write for lack of
+        memory (nothing written), else once its keys would have expired (the script may have
+        run with its reply lost: attack-19 found that run counted nowhere)."""
         store = self.store
         if store is None:
             return None
-        parser = SseParser(max_held=max(app.resume_max_bytes - FRAME_OVERHEAD, 0))
-        try:
-            events = parser.feed(body)
-        except EventTooLarge:
+        framed = _framed_whole(body, max_held=max(app.resume_max_bytes - FRAME_OVERHEAD, 0))
+        if framed is None:
             return None
-        run_log = RunLog(max_events=app.resume_max_events, max_bytes=app.resume_max_bytes)
-        entries = run_log.extend(events) if events else []
-        if parser.mid_event or run_log.first_seq != 1 or run_log.bytes > ENTRY_BYTES:
+        data, count = framed
+        size = len(data)
+        if count > app.resume_max_events or size > app.resume_max_bytes or size > ENTRY_BYTES:
+            return None  # the log would drop its first events: the pump's way
+        app_id = app.app_id
+        exact = redis_cost(size, count)  # `run_cost` of a log that kept every event
+        cost = max(exact, reserved)
+        if cost != reserved:
+            self._uncount(app_id, reserved - cost)  # the caller's reservation grows to it
+        if self.budget.may_write(app_id) is not True:
+            self._uncount(app_id, cost - reserved)
             return None
-        run = Run(run_id, app, owner, run_log)
-        run.uncounted = run.reserved = reserved
-        self._note_cost(run)
-        if self.budget.may_write(app.app_id) is not True:
-            self._uncount(app.app_id, run.uncounted - reserved)
-            return None
-        run_log.close("done")
         window_ms = round(app.resume_window_seconds * 1000)
         try:
             await store.create_ended(
-                run_id, RunMeta(owner, app.app_id), entries, reason="done", ttl_ms=window_ms
+                run_id, RunMeta(owner, app_id), data, count, reason="done", ttl_ms=window_ms
             )
         except StoreFull:
-            self._uncount(app.app_id, run.uncounted)  # refused: nothing was written
+            self._uncount(app_id, cost)  # refused: nothing was written
             raise
         except StoreUnavailable:
             try:
                 landed = await self._created(store, run_id)
             except BaseException:  # cancelled while asking (attack-20: counted for ever)
-                self._uncount_later(app, run.uncounted)
+                self._uncount_later(app, cost)
                 raise
             if landed is False:
-                self._uncount(app.app_id, run.uncounted)
+                self._uncount(app_id, cost)
                 raise
             if landed is None:
-                self._uncount_later(app, run.uncounted)
+                self._uncount_later(app, cost)
                 raise
             # It was created, its reply lost: the run it is (a relay without resume would
             # leave its keys for the window, counted nowhere: attack-19).
         except BaseException:
-            self._uncount_later(app, run.uncounted)
+            self._uncount_later(app, cost)
             raise
         self.counters.started += 1
         self.counters.whole += 1
         self.counters.ended["done"] = self.counters.ended.get("done", 0) + 1
-        cost = run_cost(run_log, ENTRY_BYTES)
-        self.budget.note_ended(app.app_id, cost)
-        self.budget.add(store, app.app_id, cost, window_ms=window_ms, keep=self.ttl_ms(app) / 1000)
-        run.counted = True
-        self._settle_cost(run)
-        return run
+        self.budget.note_ended(app_id, exact)
+        self.budget.add(store, app_id, exact, window_ms=window_ms, keep=self.ttl_ms(app) / 1000)
+        self._uncount(app_id, cost)  # counted now
+        return data
 
     @staticmethod
     async def _created(store: RedisRunStore, run_id: str) -> bool | None:

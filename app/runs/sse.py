@@ -25,6 +25,9 @@ _BOM = b"\xef\xbb\xbf"
 # (`_feed_plain`). One regex pass: `b"\n:" in` and `b"\n\n\n" in` took 10 + 7 us on an 11 KB
 # burst of 51 events (the pattern's first byte on every line), this 4.7 us (timeit).
 _NOT_PLAIN = re.compile(rb"\n(?::|\n\n)")
+# Where the events of the plain shape end. Split with a regex: `bytes.split(b"\n\n")` took
+# 10.6 us on an 11 KB burst, this 7.2 us (its search skips on the first byte).
+_EVENT_END = re.compile(rb"\n\n")
 # What `frame` adds to an event at most: `\nid: <seq>\n\n` with a 64-bit sequence number.
 FRAME_OVERHEAD = 32
 
@@ -161,3 +164,43 @@ FRAME = b"%s\nid: %d\n\n"
 def frame(seq: int, event: bytes) -> bytes:
     """`event` as sent to a browser: its lines, the gateway's `id:` last, a blank line."""
     return FRAME % (event, seq)
+
+
+# What `frame` adds after the events 1, 2, ... of a run (`frame_whole`), made once.
+_ID_LINES = [b"\nid: %d\n\n" % seq for seq in range(1, 1025)]
+
+
+def _id_lines(count: int) -> list[bytes]:
+    if count <= len(_ID_LINES):
+        return _ID_LINES[:count]
+    return _ID_LINES + [b"\nid: %d\n\n" % seq for seq in range(len(_ID_LINES) + 1, count + 1)]
+
+
+def frame_whole(stream: bytes, *, max_event: int) -> tuple[bytes, int] | None:
+    """A whole event stream (all of it, ended) of the plain shape (`SseParser._feed_plain`'s:
+    LF line ends, no byte order mark, no comment line, no blank line beyond the one ending each
+    event) whose last event is complete: its events framed from sequence number 1 and joined,
+    and their count; exactly `b"".join(frame(seq, e) for seq, e in enumerate(events, 1))` for
+    the events `SseParser().feed(stream)` returns. None for any other shape, or an event over
+    `max_event` bytes (the parser's `max_held`): then the caller takes the parser's way.
+
+    For an agent's answer that arrived whole: one split and one join in C instead of a step per
+    event (an 11 KB burst of 51 events: 18 us instead of 38 us for the parser and the framing,
+    timeit, session 11)."""
+    if (
+        len(stream) < 3
+        or stream[-2:] != b"\n\n"
+        or stream[:1] in (b"\n", b":", _BOM[:1])
+        or b"\r" in stream
+        or _NOT_PLAIN.search(stream) is not None
+    ):
+        return None
+    events = _EVENT_END.split(stream)
+    events.pop()  # the empty piece after the last event's end
+    if len(stream) > max_event and max(map(len, events)) > max_event:
+        return None
+    count = len(events)
+    parts: list[bytes] = [b""] * (2 * count)
+    parts[0::2] = events
+    parts[1::2] = _id_lines(count)
+    return b"".join(parts), count

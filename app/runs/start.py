@@ -26,9 +26,9 @@ from app.proxy.fastread import take_buffered
 from app.proxy.headers import browser_response_headers
 from app.ratelimit import token_bucket
 from app.runs.catchup import turn_of
-from app.runs.feed import follow_local
+from app.runs.feed import follow_local, write_pieces
 from app.runs.http import stream_headers
-from app.runs.run import Run, owner_of
+from app.runs.run import owner_of
 from app.runs.store import RunMeta
 from app.sessions.backend import StoreUnavailable
 
@@ -109,7 +109,7 @@ async def start_run(
                 reserved = held
                 if ended is not None:
                     upstream.release()
-                    return await _answer_ended(exchange, response, upstream, ended)
+                    return await _answer_ended(exchange, response, upstream, run_id, ended)
             await registry.store.create(
                 run_id,
                 RunMeta(owner, app.app_id),
@@ -150,16 +150,22 @@ async def _answer_ended(
     exchange: Exchange,
     response: web.StreamResponse,
     upstream: aiohttp.ClientResponse,
-    run: Run,
+    run_id: str,
+    framed: bytes,
 ) -> web.StreamResponse:
     """The answer of a run created ended (`RunRegistry.start_ended`): its capacity slots go
-    back at once, its events and the end of the response go out with the head."""
+    back at once, its events (`framed`) and the end of the response go out with the head
+    (what `follow_local` sends for a run that has ended, without its waits)."""
+    request = exchange.request
     slots, exchange.slots = exchange.slots, None
     if slots is not None:
-        request = exchange.request
         request.app[UPSTREAM_KEY].capacity.leave(slots, exchange.client_key, exchange.session_key)
-    _run_headers(exchange, response, upstream, run.run_id)
-    await follow_local(exchange.request, response, run, 0, exchange.request.app[RUNS_KEY])
+    _run_headers(exchange, response, upstream, run_id)
+    try:
+        await response.prepare(request)
+        await write_pieces(response, [framed], eof=True)
+    except ConnectionError:
+        pass  # the browser left: the run stays readable for its window
     return response
 
 

@@ -220,19 +220,18 @@ class RedisRunStore:
         self,
         run_id: str,
         meta: RunMeta,
-        entries: Sequence[tuple[int, bytes]],
+        framed: bytes,
+        count: int,
         *,
         reason: str,
         ttl_ms: int,
     ) -> None:
-        """Create a run already ended: `entries` (its consecutive framed events from 1, at most
-        `ENTRY_BYTES` of them: one entry) and its end `reason` in one entry, the keys' TTLs
-        set to the window (`ttl_ms`); one script call (`CREATE_ENDED`)."""
-        if entries:
-            data = b"".join(map(itemgetter(1), entries))
-            last = entries[-1][0]
-            args: list[Any] = [ttl_ms, f"0-{last}", entries[0][0], data, reason, last]
-            args.append(entry_bucket(len(data)))
+        """Create a run already ended: its `count` events from 1, `framed` (joined, at most
+        `ENTRY_BYTES`: one entry), and its end `reason` in one entry, the keys' TTLs set to the
+        window (`ttl_ms`); one script call (`CREATE_ENDED`)."""
+        if count:
+            args: list[Any] = [ttl_ms, f"0-{count}", 1, framed, reason, count]
+            args.append(entry_bucket(len(framed)))
         else:
             args = [ttl_ms, "0-1", "", "", reason, 0, ""]
         args += [meta.owner, meta.app_id]
