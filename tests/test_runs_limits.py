@@ -228,6 +228,32 @@ def test_the_parser_raises_past_max_held_for_an_unfinished_line_and_for_held_lin
     assert not fits.mid_event and fits.held_bytes == 0
 
 
+@pytest.mark.parametrize("cut", [1, 2, 3, 50, 99, 100, 101])
+def test_an_event_of_exactly_max_held_fits_wherever_its_bytes_are_cut(cut: int) -> None:
+    """The unfinished event counts as the event it would be if it ended now (attack-23: its
+    last LF counted, so an event of `max_held` bytes whose blank line came in the next read
+    was refused, kept when whole)."""
+    event = b"data: a\ndata: " + b"b" * 86  # 100 bytes
+    stream = event + b"\n\n"
+    parser = SseParser(max_held=100)
+    assert parser.feed(stream[:cut]) + parser.feed(stream[cut:]) == [event]
+    over = SseParser(max_held=99)
+    with pytest.raises(EventTooLarge):
+        over.feed(stream[:cut])
+        over.feed(stream[cut:])
+
+
+def test_the_events_before_an_oversized_one_come_with_the_error() -> None:
+    parser = SseParser(max_held=20)
+    with pytest.raises(EventTooLarge) as raised:
+        parser.feed(b"data: a\n\ndata: b\n\ndata: " + b"c" * 30 + b"\n\ndata: d\n\n")
+    assert raised.value.events == [b"data: a", b"data: b"]
+    held = SseParser(max_held=20)
+    with pytest.raises(EventTooLarge) as raised:
+        held.feed(b"data: a\n\ndata: " + b"c" * 30)  # the big one unfinished
+    assert raised.value.events == [b"data: a"]
+
+
 def test_the_run_log_keeps_no_more_than_max_bytes_even_of_one_event() -> None:
     log = RunLog(max_events=100, max_bytes=1000)
     log.append(b"data: small")

@@ -334,30 +334,43 @@ class RunRegistry:
                 if not chunk:
                     return "done"
             last_data = loop.time()
+            too_large = False
             try:
                 events = parser.feed(chunk)
-            except EventTooLarge:
+            except EventTooLarge as err:
+                # The events the chunk completed before the one too large are the run's.
+                events, too_large = err.events, True
+            if events:
+                failed = await self._take(run, events)
+                if failed is not None:
+                    return failed
+                writer = run.writer
+            if too_large:
                 return "upstream_event_too_large"
-            if not events:
-                continue
-            appended = run.log.extend(events)
-            self._note_cost(run)
-            if writer is not None:
-                budget = self.budget
-                may = budget.may_write(run.app.app_id)
-                if may is None:
-                    try:
-                        may = await budget.reserve_growth(writer.store, run.app.app_id)
-                    except StoreUnavailable as err:
-                        log.warning("run %s: the run store failed (%s)", run.run_id, err)
-                        return "run_store_unavailable"
-                if not may:
-                    await self._stop_keeping(run, writer)
-                    writer = None
-            if writer is not None:
-                writer.add(appended, run.log.first_seq, run.log.added_bytes)
-                if writer.backlog > WRITE_BACKLOG or writer.backlog_bytes > WRITE_BACKLOG_BYTES:
-                    await writer.drained()
+
+    async def _take(self, run: Run, events: list[bytes]) -> str | None:
+        """`events` into `run`'s log, then to its writer (when its application's budget allows,
+        else the run stops keeping them in Redis: `_stop_keeping`; the pump waits while the
+        writer's backlog is over its bounds). None, or why the run ends (Redis failed)."""
+        appended = run.log.extend(events)
+        self._note_cost(run)
+        writer = run.writer
+        if writer is None:
+            return None
+        may = self.budget.may_write(run.app.app_id)
+        if may is None:
+            try:
+                may = await self.budget.reserve_growth(writer.store, run.app.app_id)
+            except StoreUnavailable as err:
+                log.warning("run %s: the run store failed (%s)", run.run_id, err)
+                return "run_store_unavailable"
+        if not may:
+            await self._stop_keeping(run, writer)
+            return None
+        writer.add(appended, run.log.first_seq, run.log.added_bytes)
+        if writer.backlog > WRITE_BACKLOG or writer.backlog_bytes > WRITE_BACKLOG_BYTES:
+            await writer.drained()
+        return None
 
     async def _stop_keeping(self, run: Run, writer: RunWriter) -> None:
         """`run`'s growth took its application over its budget (`BudgetLedger.may_write`): its

@@ -33,7 +33,13 @@ FRAME_OVERHEAD = 32
 
 
 class EventTooLarge(Exception):
-    """The upstream's current event outgrew the parser's `max_held` bytes."""
+    """The upstream's current event outgrew the parser's `max_held` bytes. `events`: the
+    complete events the same chunk brought before it (theirs to keep: attack-23 found them
+    lost when they arrived in the same read as the oversized one)."""
+
+    def __init__(self, message: str, events: list[bytes] | None = None) -> None:
+        super().__init__(message)
+        self.events: list[bytes] = events or []
 
 
 class SseParser:
@@ -57,7 +63,7 @@ class SseParser:
     def __init__(self, *, shortcut: bool = True, max_held: int | None = None) -> None:
         # The unfinished last line, in pieces (no line end, no CR in them).
         self._pieces: list[bytes] = []
-        # Bytes in `_pieces` plus `_lines` (with their separators).
+        # The size of the unfinished event as it would end now (`_held_now`; with `max_held`).
         self._held = 0
         self._lines: list[bytes] = []
         self._skip_lf = False
@@ -73,7 +79,7 @@ class SseParser:
 
     @property
     def held_bytes(self) -> int:
-        """Bytes of the unfinished event held (its complete lines and its last line)."""
+        """The size of the unfinished event held, as it would end now (with `max_held`)."""
         return self._held
 
     def feed(self, chunk: bytes) -> list[bytes]:
@@ -97,6 +103,8 @@ class SseParser:
             chunk = data[len(_BOM) :] if data.startswith(_BOM) else data
         if b"\n" not in chunk and b"\r" not in chunk:
             # No line end: only the new bytes are scanned, the line grows by one piece.
+            if not self._pieces and self._lines:
+                self._held += 1  # the LF after the last complete line now belongs to it
             self._pieces.append(chunk)
             self._held += len(chunk)
             self._check(self._held)
@@ -115,15 +123,27 @@ class SseParser:
             events = self._feed_plain(data)
         else:
             events = self._feed_lines(data)
-        if events and self._max_held is not None:
-            self._check(max(map(len, events)))
-        self._held = sum(len(line) + 1 for line in self._lines) + sum(map(len, self._pieces))
-        self._check(self._held)
+        if self._max_held is None:
+            return events
+        if events and max(map(len, events)) > self._max_held:
+            at = next(i for i, event in enumerate(events) if len(event) > self._max_held)
+            self._check(len(events[at]), events[:at])
+        self._held = self._held_now()
+        self._check(self._held, events)
         return events
 
-    def _check(self, size: int) -> None:
+    def _held_now(self) -> int:
+        """The size of the unfinished event as it would end now: its complete lines joined
+        with LF, then its last line (without it, no LF after the last complete line: an
+        event of exactly `max_held` bytes counted one over when its blank line came in the
+        next read, attack-23)."""
+        pieces = sum(map(len, self._pieces))
+        lines = sum(map(len, self._lines)) + len(self._lines)
+        return lines + pieces if pieces or not self._lines else lines - 1
+
+    def _check(self, size: int, events: list[bytes] | None = None) -> None:
         if self._max_held is not None and size > self._max_held:
-            raise EventTooLarge(f"an upstream event outgrew {self._max_held} bytes")
+            raise EventTooLarge(f"an upstream event outgrew {self._max_held} bytes", events)
 
     def _feed_lines(self, data: bytes) -> list[bytes]:
         """`feed` for `data` (LF line ends only): one step per line."""
