@@ -1,12 +1,12 @@
 """Twenty-third attack on resumable runs (branch attack-23, on main at 93a146a): the whole
-answer framed in one split and one join (`frame_whole`, `_framed_whole`), `start_ended`'s cost
+answer framed in one split and one join (`frame_whole`, `frame_stream`), `start_ended`'s cost
 kept in plain ints, `_answer_ended` writing the framed bytes itself (no `follow_local`).
 
 Every gateway runs in this process on the test's own Redis (`shared_redis`); the upstreams
 are aiohttp test servers or raw asyncio servers on loopback.
 
 What was tried:
-- `frame_whole` / `_framed_whole` against `SseParser().feed(body)` then `frame` on 60000
+- `frame_whole` / `frame_stream` against `SseParser().feed(body)` then `frame` on 60000
   random hostile bodies (LF/CR runs, `:` and ` :`, `%`, `%d`, NUL, a BOM and its first byte
   alone, non-UTF-8, unfinished last events, `max_event` from 0 up) and on 1..2100 events
   (the made-once id lines end at 1024).
@@ -28,7 +28,7 @@ What was tried:
   raised ConnectionError), and while `CREATE_ENDED` is in flight (the prepare and write then
   meet a reset connection: ClientConnectionResetError).
 
-Held (plain tests): `frame_whole` and `_framed_whole` matched the parser's bytes and count on
+Held (plain tests): `frame_whole` and `frame_stream` matched the parser's bytes and count on
 every body (a mutated id-line cache was caught by 8 of these tests); each hostile or sized body
 made the same run both ways; on OOM the budget settled to exactly the first run's count
 whatever the sizes; a browser leaving mid-write or before the head gave no logged error,
@@ -68,8 +68,7 @@ from aiohttp.test_utils import TestServer
 from app.keys import RUNS_KEY, SETTINGS_KEY, UPSTREAM_KEY
 from app.runs import start
 from app.runs.feed import write_pieces
-from app.runs.runs import _framed_whole
-from app.runs.sse import EventTooLarge, SseParser, frame, frame_whole
+from app.runs.sse import EventTooLarge, SseParser, frame, frame_stream, frame_whole
 from app.runs.store import RedisRunStore
 from tests.fake_upstream import RunningGateway, app_settings, run_gateway
 from tests.redis_server import RedisServer
@@ -126,7 +125,7 @@ def test_frame_whole_is_the_parser_then_frame_on_random_hostile_bodies(seed: int
     """Attack: 10000 random bodies per seed from hostile pieces (line-end runs, `:` and ` :`,
     CR, `%` formats, NUL, BOM bytes, non-UTF-8), half ending with a blank line, `max_event`
     0, 1, 3, 7, 12, 100 or the body's length. Measured: wherever `frame_whole` answers, and
-    always for `_framed_whole` (its fallback included), the bytes and count are the parser's
+    always for `frame_stream` (its fallback included), the bytes and count are the parser's
     then `frame`'s exactly. Expected: that (held)."""
     rng = random.Random(seed)
     answered = 0
@@ -140,7 +139,7 @@ def test_frame_whole_is_the_parser_then_frame_on_random_hostile_bodies(seed: int
         if got is not None:
             answered += 1
             assert got == expected, (stream, limit)
-        assert _framed_whole(stream, max_held=limit) == expected, (stream, limit)
+        assert frame_stream(stream, max_held=limit) == expected, (stream, limit)
     assert answered > 200  # the plain shape was exercised, not only the declines
 
 

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -59,7 +58,7 @@ from app.runs.entries import ENTRY_BYTES
 from app.runs.log import RunLog
 from app.runs.readers import ReaderCaps
 from app.runs.run import CUT_REASON, Run, RunCounters, error_event
-from app.runs.sse import FRAME, FRAME_OVERHEAD, EventTooLarge, SseParser, frame_whole
+from app.runs.sse import FRAME_OVERHEAD, EventTooLarge, SseParser, frame_stream
 from app.runs.store import RedisRunStore, RunMeta
 from app.runs.writer import RunWriter
 from app.sessions.backend import StoreFull, StoreUnavailable
@@ -79,23 +78,6 @@ _CLOSE_SECONDS = 2.0
 # held 242-292 MiB, ~24 MiB each with `resume_max_bytes` 4 MiB).
 WRITE_BACKLOG = 1024
 WRITE_BACKLOG_BYTES = 1024 * 1024
-
-
-def _framed_whole(body: bytes, *, max_held: int) -> tuple[bytes, int] | None:
-    """`body`'s events framed from 1 and joined, and their count (`frame_whole`, or for any
-    other shape the parser's way: the same bytes); None when an event is over `max_held` or
-    the last one is unfinished."""
-    framed = frame_whole(body, max_event=max_held)
-    if framed is not None:
-        return framed
-    parser = SseParser(max_held=max_held)
-    try:
-        events = parser.feed(body)
-    except EventTooLarge:
-        return None
-    if parser.mid_event:
-        return None
-    return b"".join([FRAME % pair for pair in zip(events, itertools.count(1))]), len(events)
 
 
 class RunRegistry:
@@ -202,7 +184,7 @@ class RunRegistry:
         store = self.store
         if store is None:
             return None
-        framed = _framed_whole(body, max_held=max(app.resume_max_bytes - FRAME_OVERHEAD, 0))
+        framed = frame_stream(body, max_held=max(app.resume_max_bytes - FRAME_OVERHEAD, 0))
         if framed is None:
             return None
         data, count = framed

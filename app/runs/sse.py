@@ -18,6 +18,7 @@ always the gateway's sequence number.
 
 from __future__ import annotations
 
+import itertools
 import re
 
 _BOM = b"\xef\xbb\xbf"
@@ -224,3 +225,20 @@ def frame_whole(stream: bytes, *, max_event: int) -> tuple[bytes, int] | None:
     parts[0::2] = events
     parts[1::2] = _id_lines(count)
     return b"".join(parts), count
+
+
+def frame_stream(stream: bytes, *, max_held: int) -> tuple[bytes, int] | None:
+    """A whole event stream of any shape, framed from 1 and joined, and its event count:
+    `frame_whole`'s answer, or the parser's (the same bytes, slower). None when an event is
+    over `max_held` bytes or the last one is unfinished."""
+    framed = frame_whole(stream, max_event=max_held)
+    if framed is not None:
+        return framed
+    parser = SseParser(max_held=max_held)
+    try:
+        events = parser.feed(stream)
+    except EventTooLarge:
+        return None
+    if parser.mid_event:
+        return None
+    return b"".join([FRAME % pair for pair in zip(events, itertools.count(1))]), len(events)
