@@ -26,6 +26,7 @@ import aiohttp
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from app.runs.sse import EventTooLarge, SseParser, frame
 from app.runs.store import RedisRunStore
 from app.sessions.redis import RedisBackend
 from app.sessions.redis_client import RedisOptions, make_client
@@ -519,3 +520,17 @@ class WholeUpstream:
             await asyncio.sleep(self.delay)
         await response.write_eof()
         return response
+
+
+def framed_by_the_parser(stream: bytes, max_held: int) -> tuple[bytes, int] | None:
+    """The general way to frame a whole stream, the oracle of `frame_whole` and
+    `frame_stream`: the HTML-standard parser (its line loop, no shortcut), then `frame` for
+    each event from 1; None when the last event is unfinished or one is over `max_held`."""
+    parser = SseParser(shortcut=False, max_held=max_held)
+    try:
+        events = parser.feed(stream)
+    except EventTooLarge:
+        return None
+    if parser.mid_event:
+        return None
+    return b"".join(frame(seq, event) for seq, event in enumerate(events, 1)), len(events)

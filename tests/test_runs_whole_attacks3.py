@@ -68,29 +68,17 @@ from aiohttp.test_utils import TestServer
 from app.keys import RUNS_KEY, SETTINGS_KEY, UPSTREAM_KEY
 from app.runs import start
 from app.runs.feed import write_pieces
-from app.runs.sse import EventTooLarge, SseParser, frame, frame_stream, frame_whole
+from app.runs.sse import frame_stream, frame_whole
 from app.runs.store import RedisRunStore
 from tests.fake_upstream import RunningGateway, app_settings, run_gateway
 from tests.redis_server import RedisServer
-from tests.runs_helpers import CSRF
+from tests.runs_helpers import CSRF, framed_by_the_parser
 from tests.test_runs_whole_attacks import BodyUpstream, _observe, _same_run
 
 pytestmark = pytest.mark.redis_server
 
 
 # -- 1. frame_whole against the parser -------------------------------------------------------
-
-
-def _by_the_parser(stream: bytes, max_held: int) -> tuple[bytes, int] | None:
-    """The general way: the HTML-standard parser (line loop, no shortcut), then `frame`."""
-    parser = SseParser(shortcut=False, max_held=max_held)
-    try:
-        events = parser.feed(stream)
-    except EventTooLarge:
-        return None
-    if parser.mid_event:
-        return None
-    return b"".join(frame(seq, event) for seq, event in enumerate(events, 1)), len(events)
 
 
 _ALPHABET = [
@@ -134,7 +122,7 @@ def test_frame_whole_is_the_parser_then_frame_on_random_hostile_bodies(seed: int
         if rng.random() < 0.5:
             stream += b"\n\n"
         limit = rng.choice([0, 1, 3, 7, 12, 100, len(stream)])
-        expected = _by_the_parser(stream, limit)
+        expected = framed_by_the_parser(stream, limit)
         got = frame_whole(stream, max_event=limit)
         if got is not None:
             answered += 1
@@ -151,7 +139,7 @@ def test_frame_whole_numbers_events_past_the_made_once_id_lines(count: int) -> N
     stream = b"".join(b"data: %%d %%s %d\n\n" % i for i in range(count))
     got = frame_whole(stream, max_event=len(stream))
     assert got is not None
-    assert got == _by_the_parser(stream, len(stream))
+    assert got == framed_by_the_parser(stream, len(stream))
     assert got[0].endswith(b"\nid: %d\n\n" % count) and got[1] == count
 
 
@@ -200,7 +188,7 @@ HOSTILE: dict[str, tuple[bytes, bool, tuple[str, ...]]] = {
 
 
 def _framed_size(body: bytes) -> int:
-    framed = _by_the_parser(body, len(body))
+    framed = framed_by_the_parser(body, len(body))
     assert framed is not None
     return len(framed[0])
 
@@ -535,7 +523,7 @@ async def _browser_leaves(
     client = redis.client()
     loop = asyncio.get_running_loop()
     caplog.set_level(logging.WARNING)
-    framed = _by_the_parser(BIG_WHOLE, 1 << 30)
+    framed = framed_by_the_parser(BIG_WHOLE, 1 << 30)
     assert framed is not None
     expected, count = framed
     try:
