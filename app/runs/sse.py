@@ -157,17 +157,24 @@ class SseParser:
         lines = data.split(b"\n")
         self._hold_last_line(lines.pop())
         events: list[bytes] = []
-        before = self._event  # the event's lines from earlier reads
+        # The event's lines from earlier reads (only this name holds them: released as soon
+        # as they are copied into their event, one copy, so a read peaks at about 2x
+        # `max_held`, not 3x: attack-25).
+        before, self._event = self._event, bytearray()
         held: list[bytes] = []  # its lines from this one
         for line in lines:
             if line:
                 if line[:1] != b":":
                     held.append(line)
             elif held or before:
-                event = b"\n".join(held)
-                if before:
-                    event = bytes(before) + event if held else bytes(before[:-1])
-                    before = bytearray()
+                if not before:
+                    event = b"\n".join(held)
+                elif held:
+                    event = b"".join((before, b"\n".join(held)))
+                else:
+                    del before[-1]
+                    event = bytes(before)
+                before = bytearray()
                 events.append(event)
                 held = []
         if held:
