@@ -83,7 +83,7 @@ from app.runs.run import CUT_REASON, error_event
 from app.runs.sse import EventTooLarge, SseParser, frame
 from app.runs.store import RedisRunStore
 from app.sessions.backend import StoreUnavailable
-from tests.fake_upstream import RunningGateway, app_settings, run_gateway
+from tests.fake_upstream import RunningGateway, app_settings, raw_server, run_gateway
 from tests.redis_server import RedisServer
 from tests.runs_helpers import CSRF, error_code, event_id, read_events
 from tests.test_runs_whole_attacks3 import _split_upstream
@@ -526,12 +526,8 @@ async def _bodies_upstream(bodies: list[bytes]) -> AsyncIterator[str]:
             await writer.drain()
         writer.close()
 
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    try:
-        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1"
-    finally:
-        server.close()
-        await server.wait_closed()
+    async with raw_server(handle) as url:
+        yield url
 
 
 @dataclasses.dataclass
@@ -680,12 +676,8 @@ async def _comment_upstream(
                 await asyncio.sleep(0.02)
         writer.close()
 
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    try:
-        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1"
-    finally:
-        server.close()
-        await server.wait_closed()
+    async with raw_server(handle) as url:
+        yield url
 
 
 async def _worst_lag(*, fill: bool) -> float:

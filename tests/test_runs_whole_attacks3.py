@@ -70,7 +70,7 @@ from app.runs import start
 from app.runs.feed import write_pieces
 from app.runs.sse import frame_stream, frame_whole
 from app.runs.store import RedisRunStore
-from tests.fake_upstream import RunningGateway, app_settings, run_gateway
+from tests.fake_upstream import RunningGateway, app_settings, raw_server, run_gateway
 from tests.redis_server import RedisServer
 from tests.runs_helpers import CSRF, framed_by_the_parser
 from tests.test_runs_whole_attacks import BodyUpstream, _observe, _same_run
@@ -294,14 +294,11 @@ async def _split_upstream(pieces: list[bytes]) -> AsyncIterator[str]:
             with contextlib.suppress(ConnectionError):
                 await writer.wait_closed()
 
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        server.close()
-        await asyncio.wait_for(asyncio.gather(*handlers, return_exceptions=True), 5)
-        await server.wait_closed()
+    async with raw_server(handle) as url:
+        try:
+            yield url
+        finally:
+            await asyncio.wait_for(asyncio.gather(*handlers, return_exceptions=True), 5)
 
 
 async def _first_response(redis: RedisServer, url: str) -> tuple[int, bytes, int]:
