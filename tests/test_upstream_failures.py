@@ -87,8 +87,10 @@ async def rig(aiohttp_server: AiohttpServer) -> AsyncIterator[Rig]:
     upstream = await serve_upstream(aiohttp_server)
     upstream.fake.on("/v1/ok", ok)
     async with FaultProxy(upstream.server.port or 0) as proxy:
+        # Short enough for the timeout rows (U2, U3) to be quick, long enough that a loop
+        # stall on a busy CI machine is not a 504 in the setup's own request (seen at 0.5 s).
         settings = app_settings(
-            f"{proxy.url}/v1", connect_timeout_seconds=0.5, idle_timeout_seconds=0.25
+            f"{proxy.url}/v1", connect_timeout_seconds=1.5, idle_timeout_seconds=0.75
         )
         async with run_gateway(settings) as gw:
             rig = Rig(upstream=upstream, proxy=proxy, gw=gw)
