@@ -579,3 +579,32 @@ def test_timeline_and_hdr_round_trip(memory_gateway_url: str) -> None:
         if row["ok"]:
             decoded: Any = HdrHistogram.decode(row["hdr"])
             assert decoded.get_total_count() == row["ok"]
+
+
+def test_free_port_never_hands_out_a_port_twice(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kernel may bind port 0 to the port it gave the socket just closed (seen:
+    `scripts/cluster` started Redis and nginx on one port): free_port skips a port it has
+    handed out already."""
+    from app.loadkit import ports
+
+    given = iter([41000, 41000, 41000, 41001, 41000, 41002])
+
+    class Bound:
+        def __init__(self, *args: object) -> None:
+            self.port = next(given)
+
+        def __enter__(self) -> Bound:
+            return self
+
+        def __exit__(self, *args: object) -> None:
+            pass
+
+        def bind(self, address: tuple[str, int]) -> None:
+            pass
+
+        def getsockname(self) -> tuple[str, int]:
+            return ("127.0.0.1", self.port)
+
+    monkeypatch.setattr(ports, "_HANDED_OUT", set())
+    monkeypatch.setattr(ports.socket, "socket", Bound)
+    assert [ports.free_port() for _ in range(3)] == [41000, 41001, 41002]
