@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -606,5 +607,5 @@ def test_free_port_never_hands_out_a_port_twice(monkeypatch: pytest.MonkeyPatch)
             return ("127.0.0.1", self.port)
 
     monkeypatch.setattr(ports, "_HANDED_OUT", set())
-    monkeypatch.setattr(ports.socket, "socket", Bound)
+    monkeypatch.setattr(socket, "socket", Bound)
     assert [ports.free_port() for _ in range(3)] == [41000, 41001, 41002]
