@@ -20,6 +20,7 @@ BENCH = REPO_ROOT / "scripts" / "bench.py"
 
 
 @pytest.mark.system
+@pytest.mark.serial
 def test_bench_smoke_runs_every_row(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     proc = subprocess.run(

@@ -338,6 +338,7 @@ async def test_a_session_created_through_the_lb_is_the_same_on_every_replica(
             assert response.status == 403
 
 
+@pytest.mark.serial
 async def test_rolling_restart_under_load_fails_nothing_and_loses_no_session(
     cluster: Cluster,
 ) -> None:

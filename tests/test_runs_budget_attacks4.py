@@ -177,6 +177,7 @@ async def test_readers_queued_on_the_catchup_gate_fail_fast_when_redis_stalls(
     )
 
 
+@pytest.mark.serial
 async def test_one_applications_replays_do_not_starve_another_applications_replay(
     tier_system: None, tmp_path: Path, redis: RedisServer
 ) -> None:
@@ -267,6 +268,7 @@ class PacedUpstream(SseUpstream):
             await asyncio.sleep(self.delay)
 
 
+@pytest.mark.serial
 async def test_a_live_follower_of_another_application_keeps_up_during_replays(
     tier_system: None, tmp_path: Path, redis: RedisServer
 ) -> None:
@@ -505,6 +507,7 @@ class EndlessUpstream(SseUpstream):
             await asyncio.sleep(0.05)
 
 
+@pytest.mark.serial
 async def test_a_follower_reports_its_pumper_dead_in_time_during_another_apps_replays(
     tier_system: None, tmp_path: Path, redis: RedisServer
 ) -> None:

@@ -102,6 +102,7 @@ class _Prober:
         return f"median {statistics.median(ms):.2f} ms, p99 {p99:.2f} ms, max {ms[-1]:.2f} ms"
 
 
+@pytest.mark.serial
 async def test_a_catchup_read_of_tiny_entries_costs_redis_about_what_an_xrange_does(
     tier_system: None, tmp_path: Path, redis: RedisServer
 ) -> None:
@@ -268,6 +269,7 @@ async def test_runs_ended_on_two_replicas_stay_near_the_applications_budget(
     assert counted <= budget * 1.25, message
 
 
+@pytest.mark.serial
 async def test_one_clients_replays_do_not_starve_another_client_of_the_same_application(
     tier_system: None, tmp_path: Path, redis: RedisServer
 ) -> None:

@@ -121,6 +121,7 @@ async def test_three_replicas_four_clients_each_stay_within_the_claimed_overshoo
     assert counted <= BUDGET * 1.5, message
 
 
+@pytest.mark.serial
 async def test_many_addresses_of_one_application_do_not_cut_another_applications_replays(
     tier_system: None, tmp_path: Path, redis: RedisServer
 ) -> None:
@@ -320,6 +321,7 @@ class TinyThenBigOrSmallUpstream(TinyThenBigUpstream):
             await asyncio.sleep(0.005)
 
 
+@pytest.mark.serial
 async def test_one_applications_slow_catchup_reads_do_not_fail_another_applications_reads(
     tier_system: None, tmp_path: Path, redis: RedisServer
 ) -> None:
@@ -430,6 +432,7 @@ async def test_one_applications_slow_catchup_reads_do_not_fail_another_applicati
     assert not failures, message
 
 
+@pytest.mark.serial
 async def test_one_client_with_many_ipv6_prefixes_does_not_starve_another_user_of_its_app(
     tier_system: None, tmp_path: Path, redis: RedisServer
 ) -> None:

@@ -572,6 +572,7 @@ async def _resume_flood(
     return statistics.median(took), float(stats.get("usec_per_call", 0.0)), answered
 
 
+@pytest.mark.serial
 async def test_a_resume_flood_of_a_live_run_does_not_slow_other_applications(
     tier_system: None, tmp_path: Path, redis: RedisServer
 ) -> None:

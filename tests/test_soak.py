@@ -23,6 +23,7 @@ SOAK = REPO_ROOT / "scripts" / "soak.py"
 
 @pytest.mark.redis_server
 @pytest.mark.system
+@pytest.mark.serial
 def test_a_short_soak_loses_no_session_under_redis_and_replica_crashes(tmp_path: Path) -> None:
     report_path = tmp_path / "soak.json"
     done = subprocess.run(
