@@ -42,8 +42,10 @@ Broke (minor, memory, not correctness):
   per completed event): at the 4 MiB default ~12 MiB per run for a moment instead of ~8.
   Mended in the same session for the first two shapes (`_feed_lines` takes the held lines
   out of the parser, copies them once into their event and drops them: ~2x); the long held
-  last line completed after earlier lines is still ~3x (strict xfail: the joined read, its
-  split line and the event exist at once).
+  last line completed after earlier lines stayed ~3x (the joined read, its split line and
+  the event at once) until session 12: a held line of 64 KiB or more (`_MOVED_LINE_BYTES`)
+  now moves into the event without being joined with the read (~2x; the differential runs
+  with every held line moved too).
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ from collections.abc import Iterable, Sequence
 
 import pytest
 
+from app.runs import sse
 from app.runs.sse import EventTooLarge, SseParser
 from tests.fake_upstream import app_settings, run_gateway
 from tests.redis_server import RedisServer
@@ -318,6 +321,27 @@ def test_hand_made_edges_at_every_chunking_match_the_reference(max_held: int | N
                 assert got == expected, (stream, cuts, shortcut)
 
 
+@pytest.mark.parametrize("seed", range(2))
+def test_every_chunking_matches_the_reference_when_every_held_line_moves(
+    monkeypatch: pytest.MonkeyPatch, seed: int
+) -> None:
+    """The same differential with `_MOVED_LINE_BYTES` at 1: every held line ended by a read
+    moves into the event (`_end_held_line`) instead of only those of 64 KiB or more, and the
+    hand-made edges at every 2-split."""
+    monkeypatch.setattr(sse, "_MOVED_LINE_BYTES", 1)
+    rng = random.Random(2600 + seed)
+    compared, refused = _differential((_stream(rng) for _ in range(500)), rng)
+    assert compared > 15_000 and refused > 50, (compared, refused)
+    for stream in EDGES:
+        ref = _Reference(stream)
+        for max_held in (None, 7, 16):
+            expected = ref.outcome(max_held)
+            for cut in range(len(stream) + 1):
+                for shortcut in (True, False):
+                    got = _check_chunks(stream, [cut], max_held, ref, shortcut=shortcut)
+                    assert got == expected, (stream, cut, shortcut)
+
+
 def test_a_colon_inside_a_line_is_never_a_comment() -> None:
     """Attack: `:` after the first byte of a line (`data: a:b`, `x:`, `a:`), cut right before
     and after each `:`, and a chunk that starts with `:` in the middle of a line."""
@@ -445,16 +469,7 @@ def test_completing_an_event_in_one_read_peaks_near_its_size() -> None:
     [
         "blank_line_late",
         "last_line_late",
-        pytest.param(
-            "long_line_late",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="a long last line held in `_line` after an earlier line, completed by "
-                "the blank line: still ~3.0x max_held for that read (the joined read, its "
-                "split line and the event it ends exist at once); the other two shapes were "
-                "3.0x and are ~2x since `_feed_lines` copies the held lines once and drops them",
-            ),
-        ),
+        "long_line_late",
     ],
 )
 def test_completing_a_held_event_peaks_at_most_about_twice_max_held(shape: str) -> None:
