@@ -26,10 +26,12 @@ import aiohttp
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from app.config import Settings
 from app.runs.sse import EventTooLarge, SseParser, frame
 from app.runs.store import RedisRunStore
 from app.sessions.redis import RedisBackend
 from app.sessions.redis_client import RedisOptions, make_client
+from tests.fake_upstream import run_gateway
 from tests.gateway_process import GatewayProcess
 from tests.redis_server import RedisServer
 
@@ -83,6 +85,17 @@ async def read_events(response: aiohttp.ClientResponse, limit: int | None = None
         *complete, buffer = buffer.split(b"\n\n")
         events.extend(e for e in complete if e and not e.startswith(b":"))
     return events if limit is None else events[:limit]
+
+
+async def events_of_one_run(settings: Settings) -> list[bytes]:
+    """The events a browser gets for one agent request to `shop` through a gateway served with
+    `settings` (in process): 200 asserted, then every event to the response's end."""
+    async with (
+        run_gateway(settings) as gw,
+        gw.client.post("/apps/shop/agent/chat", headers=CSRF, json={"message": "hi"}) as response,
+    ):
+        assert response.status == 200
+        return await read_events(response)
 
 
 def event_id(event: bytes) -> int:

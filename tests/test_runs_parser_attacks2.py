@@ -59,9 +59,9 @@ import pytest
 
 from app.runs import sse
 from app.runs.sse import EventTooLarge, SseParser
-from tests.fake_upstream import app_settings, run_gateway
+from tests.fake_upstream import app_settings
 from tests.redis_server import RedisServer
-from tests.runs_helpers import CSRF, event_id, read_events
+from tests.runs_helpers import event_id, events_of_one_run
 from tests.test_runs_whole_attacks3 import _split_upstream
 
 pytestmark = pytest.mark.redis_server
@@ -439,13 +439,16 @@ def test_many_events_spanning_reads_hold_about_their_bytes() -> None:
     assert peak <= 3 * 25 * 2100 + 64 * 1024, peak
 
 
-def _completing_peak(setup: list[bytes], final: bytes) -> tuple[float, int]:
+def _completing_peak(
+    setup: Sequence[bytes], final: bytes, max_held: int = MIB
+) -> tuple[float, int]:
     """The peak traced memory (in `max_held`s, over the empty parser) of the read `final`
-    after `setup`, and the size of the event it returns."""
+    after `setup`, and the size of the event it returns (the inputs are made before tracing:
+    a read is the caller's)."""
     tracemalloc.start()
     try:
         base = tracemalloc.get_traced_memory()[0]
-        parser = SseParser(max_held=MIB)
+        parser = SseParser(max_held=max_held)
         for chunk in setup:
             parser.feed(chunk)
         tracemalloc.reset_peak()
@@ -453,7 +456,7 @@ def _completing_peak(setup: list[bytes], final: bytes) -> tuple[float, int]:
         peak = tracemalloc.get_traced_memory()[1] - base
     finally:
         tracemalloc.stop()
-    return peak / MIB, len(events[0])
+    return peak / max_held, len(events[0])
 
 
 def test_completing_an_event_in_one_read_peaks_near_its_size() -> None:
@@ -537,13 +540,6 @@ async def test_hostile_chunkings_through_the_gateway_give_the_reference_s_events
         env |= {"SESSION_STORE": "redis", "REDIS_URL": shared_redis.url}
     async with _split_upstream(pieces) as url:
         settings = app_settings(url, env, resumable=True, resume_max_bytes=4096)
-        async with (
-            run_gateway(settings) as gw,
-            gw.client.post(
-                "/apps/shop/agent/chat", headers=CSRF, json={"message": "hi"}
-            ) as response,
-        ):
-            assert response.status == 200
-            got = await read_events(response)
+        got = await events_of_one_run(settings)
     assert [e.rsplit(b"\nid: ", 1)[0] for e in got] == expected, pieces
     assert [event_id(e) for e in got] == list(range(1, len(expected) + 1))

@@ -53,16 +53,16 @@ from __future__ import annotations
 
 import random
 import time
-import tracemalloc
 from collections.abc import Callable, Iterator, Sequence
 
 import pytest
 
 from app.runs import sse
 from app.runs.sse import EventTooLarge, SseParser
-from tests.fake_upstream import app_settings, run_gateway
-from tests.runs_helpers import CSRF, event_id, read_events
+from tests.fake_upstream import app_settings
+from tests.runs_helpers import event_id, events_of_one_run
 from tests.test_runs_parser_attacks2 import _check_chunks, _Reference
+from tests.test_runs_parser_attacks2 import _completing_peak as completing_peak
 from tests.test_runs_whole_attacks3 import _split_upstream
 
 _BOM = b"\xef\xbb\xbf"
@@ -251,21 +251,10 @@ def test_a_read_ending_at_a_moved_line_s_end_holds_the_right_state() -> None:
 
 
 def _completing_peak(setup: Sequence[bytes], final: bytes, max_held: int) -> float:
-    """The peak traced memory (in `max_held`s, over the empty parser) of the read `final`
-    after `setup` (the inputs are made before tracing: a read is the caller's)."""
-    tracemalloc.start()
-    try:
-        base = tracemalloc.get_traced_memory()[0]
-        parser = SseParser(max_held=max_held)
-        for chunk in setup:
-            parser.feed(chunk)
-        tracemalloc.reset_peak()
-        events = parser.feed(final)
-        peak = tracemalloc.get_traced_memory()[1] - base
-    finally:
-        tracemalloc.stop()
-    assert events and len(events[0]) > max_held - 64 * KIB
-    return peak / max_held
+    """attack-25's measure (tests/test_runs_parser_attacks2.py), the event checked whole."""
+    peak, size = completing_peak(setup, final, max_held)
+    assert size > max_held - 64 * KIB
+    return peak
 
 
 def _reads(data: bytes, size: int = 64 * KIB) -> list[bytes]:
@@ -395,14 +384,7 @@ async def test_long_lines_through_the_gateway_give_the_reference_s_events(
     assert (status == "too_large") == (case == "too_large") and expected
     async with _split_upstream(pieces) as url:
         settings = app_settings(url, {}, resumable=True, resume_max_bytes=limit)
-        async with (
-            run_gateway(settings) as gw,
-            gw.client.post(
-                "/apps/shop/agent/chat", headers=CSRF, json={"message": "hi"}
-            ) as response,
-        ):
-            assert response.status == 200
-            got = await read_events(response)
+        got = await events_of_one_run(settings)
     errors = [e for e in got if e.startswith(b"event: error\n")]
     assert len(errors) == (case == "too_large")
     assert all(b'"upstream_event_too_large"' in e for e in errors)
